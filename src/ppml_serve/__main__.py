@@ -1,0 +1,3 @@
+from ppml_serve.cli.main import main
+
+main()

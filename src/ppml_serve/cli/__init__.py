@@ -1,0 +1,1 @@
+"""Command line: wires settings to the parts. Nothing imports this package."""

@@ -1,0 +1,174 @@
+"""httpx-based clients; ``Client`` and ``AsyncClient`` share request building and decoding."""
+
+from __future__ import annotations
+
+import json
+import ssl
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+
+from ppml_serve.codecs.tensors import datatype_name, numpy_dtype
+
+Arrays = dict[str, np.ndarray[Any, Any]]
+
+
+class ClientError(Exception):
+    """The server answered with an error; ``status`` is the HTTP status code."""
+
+    def __init__(self, status: int, message: str) -> None:
+        super().__init__(f"{status}: {message}")
+        self.status = status
+        self.message = message
+
+
+def _tls(ca_file: str | Path | None, verify: bool) -> ssl.SSLContext | bool:
+    if not verify:
+        return False
+    context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    return context
+
+
+def _encode(inputs: Arrays) -> tuple[bytes, dict[str, str]]:
+    described = []
+    chunks = []
+    for name, array in inputs.items():
+        array = np.ascontiguousarray(array)
+        described.append({"name": name, "datatype": datatype_name(array.dtype),
+                          "shape": list(array.shape),
+                          "parameters": {"binary_data_size": array.nbytes}})
+        chunks.append(array.tobytes())
+    header = json.dumps({"inputs": described, "parameters": {"binary_data_output": True}},
+                        separators=(",", ":")).encode()
+    return header + b"".join(chunks), {
+        "Inference-Header-Content-Length": str(len(header)),
+        "Content-Type": "application/octet-stream",
+    }
+
+
+def _decode(response: httpx.Response) -> Arrays:
+    _raise_for_status(response)
+    body = response.content
+    header_size = int(response.headers.get("inference-header-content-length", len(body)))
+    document = json.loads(body[:header_size])
+    offset = header_size
+    outputs: Arrays = {}
+    for item in document["outputs"]:
+        dtype = numpy_dtype(item["datatype"])
+        shape = tuple(item["shape"])
+        size = item.get("parameters", {}).get("binary_data_size")
+        if size is None:
+            outputs[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(shape)
+        else:
+            outputs[item["name"]] = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize,
+                                                  offset=offset).reshape(shape)
+            offset += size
+    return outputs
+
+
+def _raise_for_status(response: httpx.Response) -> None:
+    if response.is_success:
+        return
+    try:
+        message = str(response.json().get("error", response.text))
+    except ValueError:
+        message = response.text
+    raise ClientError(response.status_code, message)
+
+
+class _Base:
+    def __init__(self, api_key: str | None) -> None:
+        self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        self._input_names: dict[str, str] = {}
+
+    def __repr__(self) -> str:  # never show the API key
+        return f"{type(self).__name__}()"
+
+    def _named(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays | None:
+        if isinstance(inputs, dict):
+            return inputs
+        if model in self._input_names:
+            return {self._input_names[model]: inputs}
+        return None
+
+    def _remember(self, model: str, metadata: dict[str, Any]) -> None:
+        if len(metadata["inputs"]) != 1:
+            raise ValueError(f"model {model!r} has several inputs: pass a dict of arrays")
+        self._input_names[model] = metadata["inputs"][0]["name"]
+
+
+class Client(_Base):
+    """Synchronous client. ``infer`` takes an array (single-input models) or a dict."""
+
+    def __init__(self, url: str, api_key: str | None = None, ca_file: str | Path | None = None,
+                 verify: bool = True, timeout_s: float = 60.0) -> None:
+        super().__init__(api_key)
+        self._http = httpx.Client(base_url=url, verify=_tls(ca_file, verify), timeout=timeout_s,
+                                  headers=self._headers)
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self._http.close()
+
+    def ready(self) -> bool:
+        return self._http.get("/v2/health/ready").status_code == 200
+
+    def metadata(self, model: str) -> dict[str, Any]:
+        response = self._http.get(f"/v2/models/{model}")
+        _raise_for_status(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    def infer(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays:
+        named = self._named(model, inputs)
+        if named is None:
+            self._remember(model, self.metadata(model))
+            named = self._named(model, inputs)
+        body, headers = _encode(named or {})
+        return _decode(self._http.post(f"/v2/models/{model}/infer", content=body,
+                                       headers=headers))
+
+
+class AsyncClient(_Base):
+    """asyncio client with the same API as ``Client``."""
+
+    def __init__(self, url: str, api_key: str | None = None, ca_file: str | Path | None = None,
+                 verify: bool = True, timeout_s: float = 60.0) -> None:
+        super().__init__(api_key)
+        self._http = httpx.AsyncClient(base_url=url, verify=_tls(ca_file, verify),
+                                       timeout=timeout_s, headers=self._headers)
+
+    async def __aenter__(self) -> AsyncClient:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    async def close(self) -> None:
+        await self._http.aclose()
+
+    async def ready(self) -> bool:
+        return (await self._http.get("/v2/health/ready")).status_code == 200
+
+    async def metadata(self, model: str) -> dict[str, Any]:
+        response = await self._http.get(f"/v2/models/{model}")
+        _raise_for_status(response)
+        result: dict[str, Any] = response.json()
+        return result
+
+    async def infer(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays:
+        named = self._named(model, inputs)
+        if named is None:
+            self._remember(model, await self.metadata(model))
+            named = self._named(model, inputs)
+        body, headers = _encode(named or {})
+        return _decode(await self._http.post(f"/v2/models/{model}/infer", content=body,
+                                             headers=headers))

@@ -1,0 +1,121 @@
+"""Datatypes and tensor specs shared by the gateway, the worker and the engines."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from ppml_serve.errors import InvalidInput
+
+# KServe v2 datatype names. BYTES (variable-length strings) is not supported.
+_DATATYPES: dict[str, np.dtype[Any]] = {
+    "BOOL": np.dtype(np.bool_),
+    "UINT8": np.dtype(np.uint8),
+    "UINT16": np.dtype(np.uint16),
+    "UINT32": np.dtype(np.uint32),
+    "UINT64": np.dtype(np.uint64),
+    "INT8": np.dtype(np.int8),
+    "INT16": np.dtype(np.int16),
+    "INT32": np.dtype(np.int32),
+    "INT64": np.dtype(np.int64),
+    "FP16": np.dtype(np.float16),
+    "FP32": np.dtype(np.float32),
+    "FP64": np.dtype(np.float64),
+}
+_NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
+
+
+def numpy_dtype(datatype: str, where: str = "tensor") -> np.dtype[Any]:
+    """The numpy dtype of a v2 datatype name; ``InvalidInput`` for unknown or unsupported ones."""
+    try:
+        return _DATATYPES[datatype]
+    except KeyError:
+        supported = ", ".join(_DATATYPES)
+        raise InvalidInput(
+            f"{where}: unsupported datatype {datatype!r} (supported: {supported})"
+        ) from None
+
+
+def datatype_name(dtype: np.dtype[Any]) -> str:
+    """The v2 datatype name of a numpy dtype (native byte order)."""
+    try:
+        return _NAMES[np.dtype(dtype).newbyteorder("=")]
+    except KeyError:
+        raise InvalidInput(f"unsupported numpy dtype {dtype}") from None
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A declared model input or output; ``-1`` in ``shape`` matches any size."""
+
+    name: str
+    datatype: str
+    shape: tuple[int, ...]
+
+    def as_json(self) -> dict[str, Any]:
+        return {"name": self.name, "datatype": self.datatype, "shape": list(self.shape)}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> TensorSpec:
+        return cls(str(data["name"]), str(data["datatype"]), tuple(int(d) for d in data["shape"]))
+
+    def check(self, array: np.ndarray[Any, Any]) -> None:
+        """Raise ``InvalidInput`` naming this input if ``array`` does not fit the spec."""
+        actual = datatype_name(array.dtype)
+        if actual != self.datatype:
+            raise InvalidInput(
+                f"input {self.name!r}: datatype {actual} does not match the model's {self.datatype}"
+            )
+        if len(array.shape) != len(self.shape) or any(
+            want not in (-1, got) for want, got in zip(self.shape, array.shape, strict=True)
+        ):
+            raise InvalidInput(
+                f"input {self.name!r}: shape {list(array.shape)} does not match the model's "
+                f"{list(self.shape)} (-1 = any size)"
+            )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a model accepts and returns, as published by its workers."""
+
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+    platform: str = "onnxruntime"
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "platform": self.platform,
+            "inputs": [spec.as_json() for spec in self.inputs],
+            "outputs": [spec.as_json() for spec in self.outputs],
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> ModelSpec:
+        return cls(
+            name=str(data["name"]),
+            platform=str(data.get("platform", "onnxruntime")),
+            inputs=tuple(TensorSpec.from_json(item) for item in data["inputs"]),
+            outputs=tuple(TensorSpec.from_json(item) for item in data["outputs"]),
+        )
+
+    def check_inputs(self, inputs: dict[str, np.ndarray[Any, Any]]) -> None:
+        """Every declared input present with the right dtype and shape, nothing else."""
+        declared = {spec.name for spec in self.inputs}
+        for name in inputs:
+            if name not in declared:
+                raise InvalidInput(
+                    f"input {name!r} is not an input of model {self.name!r} "
+                    f"(expected: {', '.join(sorted(declared))})"
+                )
+        for spec in self.inputs:
+            if spec.name not in inputs:
+                raise InvalidInput(f"input {spec.name!r} is missing")
+            spec.check(inputs[spec.name])
+        batch_sizes = {array.shape[0] for array in inputs.values() if array.ndim}
+        if len(batch_sizes) > 1:
+            raise InvalidInput("inputs disagree on the batch size (first dimension)")

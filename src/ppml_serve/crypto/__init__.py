@@ -1,0 +1,1 @@
+"""Cryptography: record envelopes, key management (kms/), TLS material."""

@@ -1,0 +1,61 @@
+"""ONNX Runtime engine (CPU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import onnxruntime as ort
+
+from ppml_serve.codecs.tensors import ModelSpec, TensorSpec
+from ppml_serve.errors import EngineError
+
+_ORT_TYPES = {
+    "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
+    "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
+    "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
+    "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+}
+
+
+def _spec(node: Any) -> TensorSpec:
+    datatype = _ORT_TYPES.get(node.type)
+    if datatype is None:
+        raise EngineError(f"tensor {node.name!r} has unsupported type {node.type}")
+    shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
+    return TensorSpec(node.name, datatype, shape)
+
+
+class OnnxRuntimeEngine:
+    """One ONNX Runtime session; ``threads`` = 0 lets ORT use every core."""
+
+    def __init__(self, name: str, model: bytes, threads: int = 0) -> None:
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.log_severity_level = 3
+        try:
+            self._session = ort.InferenceSession(model, options,
+                                                 providers=["CPUExecutionProvider"])
+        except Exception as exc:  # ORT raises its own untyped errors
+            raise EngineError(f"model {name!r} could not be loaded by ONNX Runtime: "
+                              f"{type(exc).__name__}") from None
+        self._spec = ModelSpec(
+            name=name,
+            inputs=tuple(_spec(node) for node in self._session.get_inputs()),
+            outputs=tuple(_spec(node) for node in self._session.get_outputs()),
+            platform="onnxruntime",
+        )
+        self._output_names = [spec.name for spec in self._spec.outputs]
+
+    @property
+    def spec(self) -> ModelSpec:
+        return self._spec
+
+    def infer(self, inputs: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        try:
+            results = self._session.run(self._output_names, inputs)
+        except Exception as exc:
+            raise EngineError(f"model {self._spec.name!r} failed: {type(exc).__name__}") from None
+        return dict(zip(self._output_names, results, strict=True))

@@ -1,0 +1,1 @@
+"""The HTTPS gateway: KServe v2 REST in front of the encrypted queue."""

@@ -1,0 +1,184 @@
+"""The ASGI app: thin KServe v2 routes over ``DataPlane``; errors become ``{"error": ...}``."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from ppml_serve import __version__
+from ppml_serve.codecs.v2 import HEADER_LENGTH
+from ppml_serve.errors import (
+    DeadlineExceeded,
+    Forbidden,
+    InvalidInput,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    PPMLError,
+    Unauthorized,
+)
+from ppml_serve.gateway.auth import ApiKeyStore
+from ppml_serve.gateway.dataplane import DataPlane
+
+log = logging.getLogger("ppml_serve.gateway")
+
+_STATUS: tuple[tuple[type[PPMLError], int], ...] = (
+    (InvalidInput, 400),
+    (Unauthorized, 401),
+    (Forbidden, 403),
+    (ModelNotFound, 404),
+    (PayloadTooLarge, 413),
+    (Overloaded, 429),
+    (NotReady, 503),
+    (DeadlineExceeded, 504),
+)
+
+
+def error_response(exc: PPMLError) -> JSONResponse:
+    status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+    headers = {}
+    if isinstance(exc, Unauthorized):
+        headers["WWW-Authenticate"] = "Bearer"
+    if isinstance(exc, Overloaded):
+        headers["Retry-After"] = str(exc.retry_after_s)
+    if status == 500:
+        log.error("request failed: %s: %s", type(exc).__name__, exc)
+    return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.requests = Counter("ppml_requests", "Inference requests by model and status",
+                                ["model", "status"], registry=self.registry)
+        self.latency = Histogram("ppml_request_seconds", "Inference latency at the gateway",
+                                 ["model"], registry=self.registry,
+                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                          0.5, 1, 2.5, 5, 10, 30))
+        self.batch_size = Histogram("ppml_batch_size", "Size of the worker batch each answer "
+                                    "came from", registry=self.registry,
+                                    buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+
+
+async def _read_body(request: Request, limit: int) -> bytes:
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
+               metrics: Metrics, secure: bool = True) -> Starlette:
+    """Build the app; ``dataplane`` is started and stopped with the app's lifespan."""
+
+    def authenticated(model_route: bool = True) -> Callable[
+        [Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]
+    ]:
+        def wrap(handler: Callable[[Request], Awaitable[Response]]
+                 ) -> Callable[[Request], Awaitable[Response]]:
+            async def endpoint(request: Request) -> Response:
+                try:
+                    principal = keys.authenticate(request.headers.get("authorization"))
+                    if model_route:
+                        principal.authorize(request.path_params["model"])
+                    return await handler(request)
+                except PPMLError as exc:
+                    return error_response(exc)
+            return endpoint
+        return wrap
+
+    async def server_metadata(request: Request) -> Response:
+        return JSONResponse({
+            "name": "ppml-serve", "version": __version__,
+            "extensions": ["binary_tensor_data"],
+            "security": {"payload_encryption": "AES-256-GCM" if secure else "OFF (insecure)"},
+        })
+
+    async def live(request: Request) -> Response:
+        return JSONResponse({"live": True})
+
+    async def ready(request: Request) -> Response:
+        is_ready = await dataplane.ready()
+        return JSONResponse({"ready": is_ready}, status_code=200 if is_ready else 503)
+
+    @authenticated()
+    async def model_metadata(request: Request) -> Response:
+        spec = await dataplane.spec(request.path_params["model"])
+        document = spec.as_json()
+        document["versions"] = ["1"]
+        return JSONResponse(document)
+
+    @authenticated()
+    async def model_ready(request: Request) -> Response:
+        model = request.path_params["model"]
+        is_ready = await dataplane.model_ready(model)
+        return JSONResponse({"name": model, "ready": is_ready},
+                            status_code=200 if is_ready else 503)
+
+    @authenticated()
+    async def infer(request: Request) -> Response:
+        model = request.path_params["model"]
+        started = time.perf_counter()
+        status = "error"
+        try:
+            body = await _read_body(request, max_request_bytes)
+            payload, header_length = await dataplane.infer(
+                model, body, request.headers.get(HEADER_LENGTH))
+            status = "ok"
+        finally:
+            metrics.requests.labels(model, status).inc()
+            metrics.latency.labels(model).observe(time.perf_counter() - started)
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
+
+    async def metrics_endpoint(request: Request) -> Response:
+        return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await dataplane.start()
+        try:
+            yield
+        finally:
+            await dataplane.stop()
+
+    async def not_found(request: Request, exc: Any) -> Response:
+        return JSONResponse({"error": "no such endpoint"}, status_code=404)
+
+    async def method_not_allowed(request: Request, exc: Any) -> Response:
+        return JSONResponse({"error": "method not allowed"}, status_code=405)
+
+    routes = [
+        Route("/v2", server_metadata),
+        Route("/v2/health/live", live),
+        Route("/v2/health/ready", ready),
+        Route("/v2/models/{model}", model_metadata),
+        Route("/v2/models/{model}/versions/{version}", model_metadata),
+        Route("/v2/models/{model}/ready", model_ready),
+        Route("/v2/models/{model}/versions/{version}/ready", model_ready),
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/metrics", metrics_endpoint),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan,
+                     exception_handlers={404: not_found, 405: method_not_allowed})

@@ -1,0 +1,180 @@
+"""What the gateway does with a request, free of HTTP: validate, seal, enqueue, await, open."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from ppml_serve.codecs import record
+from ppml_serve.codecs.tensors import ModelSpec
+from ppml_serve.codecs.v2 import InferRequest, check_outputs, encode_response, parse_request
+from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
+from ppml_serve.errors import (
+    DeadlineExceeded,
+    EngineError,
+    IntegrityError,
+    InvalidInput,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    ProtocolError,
+)
+from ppml_serve.queue.broker import ReplyMessage
+from ppml_serve.queue.redis_streams import RedisGatewayBroker
+from ppml_serve.settings import GatewaySettings
+
+log = logging.getLogger("ppml_serve.gateway")
+
+_WORKER_ERRORS: dict[str, type[Exception]] = {
+    "invalid_input": InvalidInput,
+    "integrity": IntegrityError,
+    "protocol": ProtocolError,
+    "engine": EngineError,
+    "dead_letter": EngineError,
+}
+
+
+@dataclass
+class _Cached:
+    value: Any
+    expires: float
+
+
+class DataPlane:
+    """One per gateway process; owns the reply reader and the table of waiting requests."""
+
+    def __init__(self, broker: RedisGatewayBroker, sealer: Sealer, settings: GatewaySettings,
+                 worker_max_age_s: float, on_batch: Any = None) -> None:
+        self._broker = broker
+        self._sealer = sealer
+        self._settings = settings
+        self._worker_max_age_s = worker_max_age_s
+        self._waiting: dict[str, asyncio.Future[ReplyMessage]] = {}
+        self._cache: dict[str, _Cached] = {}
+        self._reader: asyncio.Task[None] | None = None
+        self._on_batch = on_batch
+
+    async def start(self) -> None:
+        await self._broker.ping()
+        self._reader = asyncio.create_task(self._read_replies(), name="reply-reader")
+
+    async def stop(self) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        for future in self._waiting.values():
+            if not future.done():
+                future.set_exception(NotReady("gateway is shutting down"))
+        await self._broker.close()
+
+    async def _read_replies(self) -> None:
+        while True:
+            try:
+                messages = await self._broker.read_replies(block_ms=1000)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("reading replies failed (%s); retrying", type(exc).__name__)
+                await asyncio.sleep(0.5)
+                continue
+            for message in messages:
+                future = self._waiting.get(message.request_id)
+                if future is not None and not future.done():
+                    future.set_result(message)
+                if self._on_batch is not None and message.ok:
+                    self._on_batch(message.batch_size)
+
+    async def _cached(self, key: str, ttl_s: float, load: Any) -> Any:
+        now = time.monotonic()
+        entry = self._cache.get(key)
+        if entry is None or entry.expires < now:
+            entry = _Cached(await load(), now + ttl_s)
+            self._cache[key] = entry
+        return entry.value
+
+    async def models(self, refresh: bool = False) -> dict[str, ModelSpec]:
+        if refresh:
+            self._cache.pop("models", None)
+
+        async def load() -> dict[str, ModelSpec]:
+            table = await self._broker.models()
+            return {name: ModelSpec.from_json(json.loads(spec)) for name, spec in table.items()}
+
+        result: dict[str, ModelSpec] = await self._cached("models", 2.0, load)
+        return result
+
+    async def spec(self, model: str) -> ModelSpec:
+        models = await self.models()
+        if model not in models:
+            models = await self.models(refresh=True)
+        if model not in models:
+            raise ModelNotFound(f"model {model!r} is not served here")
+        return models[model]
+
+    async def model_ready(self, model: str) -> bool:
+        await self.spec(model)
+
+        async def load() -> bool:
+            return await self._broker.live_workers(model, self._worker_max_age_s) > 0
+
+        ready: bool = await self._cached(f"ready:{model}", 0.5, load)
+        return ready
+
+    async def ready(self) -> bool:
+        try:
+            await self._broker.ping()
+            models = await self.models()
+        except NotReady:
+            return False
+        return bool(models) and all([await self.model_ready(name) for name in models])
+
+    async def _check_backlog(self, model: str) -> None:
+        backlog: int = await self._cached(f"backlog:{model}", 0.1,
+                                          lambda: self._broker.backlog(model))
+        if backlog >= self._settings.max_queue_length:
+            raise Overloaded(f"model {model!r} has {backlog} queued requests; retry later")
+
+    async def infer(self, model: str, body: bytes,
+                    header_length: str | None) -> tuple[bytes, int | None]:
+        spec = await self.spec(model)
+        request = parse_request(body, header_length)
+        spec.check_inputs(request.inputs)
+        check_outputs(request, spec)
+        if not await self.model_ready(model):
+            raise NotReady(f"model {model!r} has no live worker")
+        await self._check_backlog(model)
+        outputs, batch_size = await self._round_trip(model, request)
+        return encode_response(model, request, outputs)
+
+    async def _round_trip(self, model: str, request: InferRequest) -> tuple[Any, int]:
+        request_id = uuid.uuid4().hex
+        sealed = self._sealer.seal(record.pack(request.inputs),
+                                   associated_data(model, request_id, REQUEST))
+        timeout = self._settings.request_timeout_s
+        future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
+        self._waiting[request_id] = future
+        try:
+            await self._broker.enqueue(model, request_id, sealed,
+                                       int((time.time() + timeout) * 1000))
+            message = await asyncio.wait_for(future, timeout)
+        except asyncio.TimeoutError:
+            raise DeadlineExceeded(f"no answer from model {model!r} within {timeout:g} s") from None
+        finally:
+            self._waiting.pop(request_id, None)
+        try:
+            plaintext = self._sealer.open(message.body, associated_data(model, request_id, REPLY))
+        except IntegrityError:
+            log.error("reply for request %s refused: record failed authentication", request_id)
+            raise
+        if not message.ok:
+            problem = json.loads(plaintext)
+            raise _WORKER_ERRORS.get(problem.get("kind"), EngineError)(str(problem.get("error")))
+        _, outputs = record.unpack(plaintext)
+        return outputs, message.batch_size

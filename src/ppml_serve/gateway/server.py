@@ -1,0 +1,40 @@
+"""Assemble and run a gateway process: settings -> broker, sealer, keys -> app -> uvicorn."""
+
+from __future__ import annotations
+
+import uuid
+
+import uvicorn
+
+from ppml_serve.crypto.sealer import make_sealer
+from ppml_serve.gateway.app import Metrics, create_app
+from ppml_serve.gateway.auth import ApiKeyStore
+from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.queue.redis_streams import Keys, RedisGatewayBroker, connect_async
+from ppml_serve.settings import Settings
+
+
+def build_gateway(settings: Settings) -> uvicorn.Server:
+    """Everything is checked here, before the port opens, so errors surface at start."""
+    keys = ApiKeyStore.load(settings.api_keys_file)
+    sealer = make_sealer(settings)
+    url = settings.redis_url()
+    ca_file = settings.ca_file
+    client = connect_async(url, ca_file, max_connections=256)
+    reader = connect_async(url, ca_file)
+    broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex)
+    metrics = Metrics()
+    dataplane = DataPlane(broker, sealer, settings.gateway,
+                          worker_max_age_s=max(3 * settings.worker.heartbeat_s, 1.0),
+                          on_batch=metrics.batch_size.observe)
+    app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
+                     secure=settings.security.encrypt_payloads)
+    tls = {} if settings.gateway.plaintext_http else {
+        "ssl_certfile": str(settings.server_cert_file),
+        "ssl_keyfile": str(settings.server_key_file),
+    }
+    config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
+                            loop="uvloop", http="httptools", log_level="warning",
+                            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                            **tls)
+    return uvicorn.Server(config)

@@ -1,0 +1,1 @@
+"""The request/reply queue: the broker contract and its Redis Streams implementation."""

@@ -1,0 +1,110 @@
+"""A managed ``redis-server`` child process: TLS only, ACL users, loopback, data in a folder.
+
+Passwords go into a 0600 config file, never onto the command line.
+"""
+
+from __future__ import annotations
+
+import secrets
+import shutil
+import socket
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import quote
+
+from pydantic import SecretStr
+
+from ppml_serve.crypto.kms.local import write_private
+from ppml_serve.errors import ConfigError, NotReady
+from ppml_serve.queue.redis_streams import ping_sync
+
+SERVICE_USER = "ppml"
+
+
+@dataclass
+class ManagedRedis:
+    """Settings of a managed Redis; ``url`` and ``admin_url`` carry passwords."""
+
+    directory: Path
+    port: int
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    prefix: str = "ppml"
+    url: SecretStr = field(init=False, repr=False)
+    admin_url: SecretStr = field(init=False, repr=False)
+    process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+
+    def write_config(self) -> Path:
+        """Write redis.conf (0600) with fresh passwords; return its path."""
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        service_password = secrets.token_urlsafe(32)
+        admin_password = secrets.token_urlsafe(32)
+        lines = [
+            "bind 127.0.0.1",
+            "port 0",
+            f"tls-port {self.port}",
+            f"tls-cert-file {self.cert_file.resolve()}",
+            f"tls-key-file {self.key_file.resolve()}",
+            f"tls-ca-cert-file {self.ca_file.resolve()}",
+            "tls-auth-clients no",
+            "tls-protocols \"TLSv1.2 TLSv1.3\"",
+            f"dir {self.directory.resolve()}",
+            "appendonly yes",
+            "appendfsync everysec",
+            "save \"\"",
+            "protected-mode yes",
+            "loglevel warning",
+            f"logfile {(self.directory / 'redis.log').resolve()}",
+            "maxmemory-policy noeviction",
+            "user default off",
+            # The service user reaches only its own keys and cannot run admin commands.
+            f"user {SERVICE_USER} on >{service_password} ~{self.prefix}:* resetchannels "
+            "+@all -@dangerous +info",
+            f"user admin on >{admin_password} ~* &* +@all",
+        ]
+        path = self.directory / "redis.conf"
+        write_private(path, ("\n".join(lines) + "\n").encode())
+        self.url = SecretStr(
+            f"rediss://{SERVICE_USER}:{quote(service_password)}@127.0.0.1:{self.port}/0")
+        self.admin_url = SecretStr(f"rediss://admin:{quote(admin_password)}@127.0.0.1:{self.port}/0")
+        return path
+
+    def start(self, timeout_s: float = 15.0) -> None:
+        binary = shutil.which("redis-server")
+        if binary is None:
+            raise ConfigError("redis-server not found on PATH; install it "
+                              "(Debian: apt-get install redis-server)")
+        config = self.write_config()
+        self.process = subprocess.Popen([binary, str(config)], stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + timeout_s
+        while True:
+            if self.process.poll() is not None:
+                raise NotReady(f"redis-server exited with code {self.process.returncode}; "
+                               f"see {self.directory / 'redis.log'}")
+            try:
+                ping_sync(self.url, self.ca_file)
+                return
+            except NotReady:
+                if time.monotonic() > deadline:
+                    self.stop()
+                    raise
+                time.sleep(0.05)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        self.process.terminate()
+        try:
+            self.process.wait(timeout_s)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])

@@ -1,0 +1,197 @@
+"""Typed settings: defaults < YAML file (``--config``) < ``PPML_*`` environment < CLI flags.
+
+Nested sections use ``__`` in environment names, e.g. ``PPML_WORKER__MAX_BATCH_SIZE=8``.
+Secrets are ``SecretStr`` so that they never show up in reprs or logs.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    YamlConfigSettingsSource,
+)
+
+from ppml_serve.errors import ConfigError
+
+MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RedisSettings(_Section):
+    url: SecretStr | None = None
+    """``rediss://USER:PASSWORD@HOST:PORT/DB``. Prefer ``url_file`` so that the password
+    stays out of process listings and shell history."""
+    url_file: Path | None = None
+    """File holding the Redis URL (mode 0600). Default: ``STATE_DIR/redis.url``."""
+    ca_file: Path | None = None
+    """CA bundle that signed the Redis server certificate. Default: ``STATE_DIR/ca.pem``."""
+    allow_plaintext: bool = False
+    """Allow ``redis://`` (no TLS). Only for benchmarking the cost of TLS."""
+    prefix: str = "ppml"
+    """Prefix of every key ppml-serve creates; the ACL user needs ``~PREFIX:*``."""
+
+
+class GatewaySettings(_Section):
+    host: str = "127.0.0.1"
+    """Interface the HTTPS gateway binds to."""
+    port: int = Field(8443, ge=0, le=65535)
+    """TCP port of the HTTPS gateway (0 picks a free one)."""
+    cert_file: Path | None = None
+    """Server certificate (PEM). Default: the dev certificate in the state directory."""
+    key_file: Path | None = None
+    """Server private key (PEM). Default: the dev key in the state directory."""
+    api_keys_file: Path | None = None
+    """JSON file of hashed API keys. Default: ``STATE_DIR/api-keys.json``."""
+    max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)
+    """Largest accepted request body; larger ones get 413."""
+    request_timeout_s: float = Field(30.0, gt=0)
+    """How long a request waits for its answer before 504."""
+    max_queue_length: int = Field(10_000, ge=1)
+    """Backlog of a model's request stream above which new requests get 429."""
+    reply_stream_maxlen: int = Field(10_000, ge=100)
+    """Approximate length a gateway's reply stream is trimmed to."""
+    plaintext_http: bool = False
+    """Serve plain HTTP instead of HTTPS. Only for benchmarking the cost of TLS."""
+
+
+class WorkerSettings(_Section):
+    max_batch_size: int = Field(16, ge=1, le=4096)
+    """Most requests run in one engine call."""
+    max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000)
+    """Longest wait for a batch to fill once its first request has arrived."""
+    engine_threads: int = Field(0, ge=0, le=256)
+    """Threads per engine call; 0 lets the engine use every core."""
+    claim_idle_ms: int = Field(30_000, ge=100)
+    """A request pending this long on a silent worker is reclaimed by another."""
+    max_deliveries: int = Field(3, ge=1, le=100)
+    """A request delivered more often than this goes to the dead-letter stream."""
+    heartbeat_s: float = Field(2.0, gt=0, le=60)
+    """How often a worker announces itself (and reclaims stalled requests)."""
+
+
+class SecuritySettings(_Section):
+    encrypt_payloads: bool = True
+    """Seal every record that enters Redis with AES-256-GCM. Off only for benchmarks."""
+    kms_dir: Path | None = None
+    """Directory of the local KMS. Default: ``STATE_DIR/kms``."""
+
+
+class Settings(BaseSettings):
+    """All settings of a ppml-serve process."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="PPML_", env_nested_delimiter="__", extra="forbid", validate_default=True
+    )
+
+    state_dir: Path = Path(".ppml-serve")
+    """Holds the dev CA and certificates, API keys, KMS material and the managed Redis."""
+    models: dict[str, Path] = Field(default_factory=dict)
+    """Models to serve: NAME -> path of an ONNX file."""
+    redis: RedisSettings = Field(default_factory=RedisSettings)
+    gateway: GatewaySettings = Field(default_factory=GatewaySettings)
+    worker: WorkerSettings = Field(default_factory=WorkerSettings)
+    security: SecuritySettings = Field(default_factory=SecuritySettings)
+
+    @field_validator("models")
+    @classmethod
+    def _model_names(cls, value: dict[str, Path]) -> dict[str, Path]:
+        for name in value:
+            if not MODEL_NAME.match(name):
+                raise ValueError(
+                    f"model name {name!r} must be 1-64 letters, digits, '_', '.' or '-'"
+                )
+        return value
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, env_settings, YamlConfigSettingsSource(settings_cls))
+
+    # Paths derived from the state directory when not set explicitly.
+    @property
+    def ca_file(self) -> Path:
+        return self.redis.ca_file or self.state_dir / "ca.pem"
+
+    @property
+    def redis_url_file(self) -> Path:
+        return self.redis.url_file or self.state_dir / "redis.url"
+
+    @property
+    def kms_dir(self) -> Path:
+        return self.security.kms_dir or self.state_dir / "kms"
+
+    @property
+    def api_keys_file(self) -> Path:
+        return self.gateway.api_keys_file or self.state_dir / "api-keys.json"
+
+    @property
+    def server_cert_file(self) -> Path:
+        return self.gateway.cert_file or self.state_dir / "server.pem"
+
+    @property
+    def server_key_file(self) -> Path:
+        return self.gateway.key_file or self.state_dir / "server-key.pem"
+
+    def redis_url(self) -> SecretStr:
+        """The Redis URL from ``redis.url`` or its file; a readable error if neither exists."""
+        if self.redis.url is not None:
+            url = self.redis.url
+        else:
+            path = self.redis_url_file
+            try:
+                url = SecretStr(path.read_text().strip())
+            except OSError as exc:
+                raise ConfigError(
+                    f"redis.url_file: cannot read {path} ({exc.strerror}); set PPML_REDIS__URL "
+                    "or run 'ppml-serve up' to create a managed Redis"
+                ) from None
+        scheme = url.get_secret_value().split(":", 1)[0]
+        if scheme not in ("rediss", "redis"):
+            raise ConfigError("redis.url: must start with rediss:// (or redis:// for benchmarks)")
+        if scheme == "redis" and not self.redis.allow_plaintext:
+            raise ConfigError(
+                "redis.url: plaintext redis:// refused; use rediss:// "
+                "(or set redis.allow_plaintext for a benchmark)"
+            )
+        return url
+
+
+def _describe(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        where = ".".join(str(part) for part in item["loc"]) or "settings"
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            message = "unknown setting"
+        lines.append(f"{where}: {message}")
+    return "invalid settings:\n  " + "\n  ".join(lines)
+
+
+def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings:
+    """Build settings; every validation problem becomes one ``ConfigError`` naming settings."""
+    if config_file is not None and not config_file.is_file():
+        raise ConfigError(f"--config: no such file: {config_file}")
+
+    class FileSettings(Settings):
+        model_config = SettingsConfigDict(yaml_file=config_file)
+
+    try:
+        return FileSettings(**overrides)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None

@@ -1,0 +1,1 @@
+"""The inference worker: consume, batch, open, infer, seal, reply, ack."""

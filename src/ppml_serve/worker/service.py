@@ -1,0 +1,180 @@
+"""The worker loop: a reader thread feeds a batcher; the main thread opens, infers and replies.
+
+A reader thread is needed because a blocking XREADGROUP cannot time out in the few
+milliseconds a batch may wait (Redis resolves blocking timeouts to ~100 ms).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+
+from ppml_serve.codecs import record
+from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
+from ppml_serve.engines.base import Engine
+from ppml_serve.errors import EngineError, IntegrityError, InvalidInput, ProtocolError
+from ppml_serve.queue.broker import Delivery, Reply
+from ppml_serve.queue.redis_streams import RedisWorkerBroker
+from ppml_serve.settings import WorkerSettings
+from ppml_serve.worker.batching import Item, run_batched
+
+log = logging.getLogger("ppml_serve.worker")
+
+_ERROR_KINDS: tuple[tuple[type[Exception], str], ...] = (
+    (IntegrityError, "integrity"),
+    (InvalidInput, "invalid_input"),
+    (ProtocolError, "protocol"),
+    (EngineError, "engine"),
+)
+
+
+@dataclass
+class _Work:
+    delivery: Delivery
+    item: Item | None = None
+    error: Exception | None = None
+
+
+def error_body(kind: str, message: str) -> bytes:
+    return json.dumps({"kind": kind, "error": message}).encode()
+
+
+class Worker:
+    """Serves one model from its request stream until ``stop`` is called."""
+
+    def __init__(self, model: str, engine: Engine, broker: RedisWorkerBroker,
+                 reader_broker: RedisWorkerBroker, sealer: Sealer,
+                 settings: WorkerSettings) -> None:
+        self._model = model
+        self._engine = engine
+        self._broker = broker
+        self._reader_broker = reader_broker
+        self._sealer = sealer
+        self._settings = settings
+        self._inbox: queue.Queue[Delivery] = queue.Queue(maxsize=settings.max_batch_size)
+        self._stopping = threading.Event()
+        self.batches_served = 0
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        self._broker.ensure_group()
+        self._broker.publish(json.dumps(self._engine.spec.as_json()))
+        reader = threading.Thread(target=self._read_loop, name="stream-reader", daemon=True)
+        reader.start()
+        log.info("worker serving model %r", self._model)
+        next_beat = 0.0
+        try:
+            while not self._stopping.is_set():
+                if time.monotonic() >= next_beat:
+                    self._broker.heartbeat()
+                    self._reclaim()
+                    next_beat = time.monotonic() + self._settings.heartbeat_s
+                batch = self._collect(timeout_s=min(0.5, self._settings.heartbeat_s))
+                if batch:
+                    self.process(batch)
+            reader.join(timeout=5)
+            leftovers: list[Delivery] = []
+            while not self._inbox.empty():
+                leftovers.append(self._inbox.get_nowait())
+            if leftovers:
+                self.process(leftovers)  # answer what was taken rather than wait for reclaim
+        finally:
+            self._broker.leave()
+            log.info("worker for model %r stopped", self._model)
+
+    def _read_loop(self) -> None:
+        while not self._stopping.is_set():
+            try:
+                deliveries = self._reader_broker.read(self._settings.max_batch_size, 500)
+            except Exception as exc:  # connection trouble: retry, never die silently
+                log.warning("reading requests failed (%s); retrying", type(exc).__name__)
+                time.sleep(0.5)
+                continue
+            for delivery in deliveries:
+                self._inbox.put(delivery)
+
+    def _collect(self, timeout_s: float) -> list[Delivery]:
+        try:
+            batch = [self._inbox.get(timeout=timeout_s)]
+        except queue.Empty:
+            return []
+        deadline = time.monotonic() + self._settings.max_batch_delay_ms / 1000
+        while len(batch) < self._settings.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                if remaining <= 0:
+                    batch.append(self._inbox.get_nowait())
+                else:
+                    batch.append(self._inbox.get(timeout=remaining))
+            except queue.Empty:
+                break
+        return batch
+
+    def _reclaim(self) -> None:
+        try:
+            claimed = self._broker.reclaim(self._settings.claim_idle_ms,
+                                           self._settings.max_batch_size)
+        except Exception as exc:
+            log.warning("reclaiming stalled requests failed (%s)", type(exc).__name__)
+            return
+        if not claimed:
+            return
+        log.info("reclaimed %d stalled request(s)", len(claimed))
+        fresh = []
+        for delivery in claimed:
+            if delivery.deliveries > self._settings.max_deliveries:
+                reason = f"delivered {delivery.deliveries} times without an answer"
+                log.error("request %s moved to the dead-letter stream: %s",
+                          delivery.request_id, reason)
+                self._broker.dead_letter(
+                    self._error_reply(delivery, "dead_letter",
+                                      "the request failed repeatedly and was set aside"),
+                    reason)
+            else:
+                fresh.append(delivery)
+        if fresh:
+            self.process(fresh)
+
+    def _error_reply(self, delivery: Delivery, kind: str, message: str) -> Reply:
+        aad = associated_data(self._model, delivery.request_id, REPLY)
+        return Reply(delivery, False, self._sealer.seal(error_body(kind, message), aad))
+
+    def process(self, deliveries: list[Delivery]) -> None:
+        """Answer every delivery: outputs for good items, an error for each bad one."""
+        now_ms = int(time.time() * 1000)
+        expired = [d for d in deliveries if d.deadline_ms and d.deadline_ms < now_ms]
+        if expired:
+            self._broker.drop(expired)
+        work = [_Work(d) for d in deliveries if d not in expired]
+        for entry in work:
+            try:
+                aad = associated_data(self._model, entry.delivery.request_id, REQUEST)
+                _, inputs = record.unpack(self._sealer.open(entry.delivery.body, aad))
+                self._engine.spec.check_inputs(inputs)
+                entry.item = Item(inputs)
+            except (IntegrityError, InvalidInput, ProtocolError) as exc:
+                if isinstance(exc, IntegrityError):
+                    log.warning("request %s refused: record failed authentication",
+                                entry.delivery.request_id)
+                entry.error = exc
+        items = [entry.item for entry in work if entry.item is not None]
+        run_batched(items, self._engine.infer, self._settings.max_batch_size * 64)
+        replies = [self._reply(entry) for entry in work]
+        self._broker.finish(replies)
+        self.batches_served += 1
+
+    def _reply(self, entry: _Work) -> Reply:
+        error = entry.error or (entry.item.error if entry.item else None)
+        if error is not None or entry.item is None or entry.item.outputs is None:
+            kind = next((k for t, k in _ERROR_KINDS if isinstance(error, t)), "engine")
+            return self._error_reply(entry.delivery, kind, str(error or "no output"))
+        aad = associated_data(self._model, entry.delivery.request_id, REPLY)
+        body = self._sealer.seal(record.pack(entry.item.outputs), aad)
+        return Reply(entry.delivery, True, body, entry.item.batch_size)
+
