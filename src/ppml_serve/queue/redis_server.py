@@ -52,6 +52,7 @@ class ManagedRedis:
             "tls-auth-clients no",
             "tls-protocols \"TLSv1.2 TLSv1.3\"",
             f"dir {self.directory.resolve()}",
+            f"pidfile {(self.directory / 'redis.pid').resolve()}",
             "appendonly yes",
             "appendfsync everysec",
             "save \"\"",
@@ -78,7 +79,9 @@ class ManagedRedis:
             raise ConfigError("redis-server not found on PATH; install it "
                               "(Debian: apt-get install redis-server)")
         config = self.write_config()
-        self.process = subprocess.Popen([binary, str(config)], stdin=subprocess.DEVNULL)
+        # Own session: a Ctrl-C meant for the supervisor must not stop Redis before the others.
+        self.process = subprocess.Popen([binary, str(config)], stdin=subprocess.DEVNULL,
+                                        start_new_session=True)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:

@@ -118,7 +118,10 @@ class RedisWorkerBroker:
         self._client.zadd(self._keys.workers(self._model), {self._consumer: time.time()})
 
     def leave(self) -> None:
-        self._client.zrem(self._keys.workers(self._model), self._consumer)
+        try:
+            self._client.zrem(self._keys.workers(self._model), self._consumer)
+        except (redis.RedisError, OSError):
+            pass  # Redis already gone: the heartbeat entry simply ages out
 
     def read(self, count: int, block_ms: int) -> list[Delivery]:
         response = self._client.xreadgroup(GROUP, self._consumer, {self._stream: ">"},
@@ -202,6 +205,8 @@ class RedisGatewayBroker:
     async def close(self) -> None:
         try:
             await self._client.delete(self.reply_stream)
+        except (redis.RedisError, OSError):
+            pass  # Redis already gone: the stream is left to its MAXLEN
         finally:
             await self._client.aclose()
             await self._reader.aclose()

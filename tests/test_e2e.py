@@ -1,0 +1,310 @@
+"""End to end through HTTPS gateway, TLS Redis Streams and worker processes."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import signal
+import threading
+import time
+from typing import Any
+
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from ppml_serve.client import AsyncClient, Client, ClientError
+from ppml_serve.codecs import record
+from ppml_serve.crypto.envelope import REPLY, REQUEST, associated_data
+from ppml_serve.crypto.kms.local import LocalKMS
+from ppml_serve.engines import load_engine
+from ppml_serve.models import demo_model_path, demo_samples
+
+from .conftest import MAX_REQUEST_BYTES, Stack
+
+IMAGES, LABELS = demo_samples()
+
+
+def local_predictions(images: np.ndarray) -> np.ndarray:
+    """The same model run in-process: what every answer through the pipeline must equal."""
+    engine = load_engine("demo", demo_model_path().read_bytes())
+    return engine.infer({"image": images})["probabilities"].argmax(axis=1)
+
+
+def client_for(stack: Stack) -> Client:
+    return Client(stack.url, api_key=stack.api_key, ca_file=stack.ca_file)
+
+
+def test_json_inference_classifies_digits(stack: Stack) -> None:
+    body = {"id": "req-1", "inputs": [{"name": "image", "datatype": "UINT8", "shape": [4, 8, 8],
+                                       "data": IMAGES[:4].ravel().tolist()}]}
+    with stack.http() as http:
+        response = http.post("/v2/models/demo/infer", json=body)
+    assert response.status_code == 200, response.text
+    document = response.json()
+    assert document["id"] == "req-1"
+    (output,) = document["outputs"]
+    assert output["name"] == "probabilities" and output["shape"] == [4, 10]
+    probabilities = np.asarray(output["data"], dtype=np.float32).reshape(4, 10)
+    assert (probabilities.argmax(axis=1) == local_predictions(IMAGES[:4])).all()
+
+
+def test_binary_inference_with_project_client(stack: Stack) -> None:
+    with client_for(stack) as client:
+        outputs = client.infer("demo", IMAGES[:32])
+    assert outputs["probabilities"].shape == (32, 10)
+    accuracy = (outputs["probabilities"].argmax(axis=1) == LABELS[:32]).mean()
+    assert accuracy >= 0.9
+
+
+async def test_async_client(stack: Stack) -> None:
+    async with AsyncClient(stack.url, api_key=stack.api_key, ca_file=stack.ca_file) as client:
+        results = await asyncio.gather(*(client.infer("demo", IMAGES[i:i + 1])
+                                         for i in range(16)))
+    predicted = [int(result["probabilities"].argmax()) for result in results]
+    assert predicted == local_predictions(IMAGES[:16]).tolist()
+
+
+@pytest.mark.parametrize("binary", [True, False])
+def test_tritonclient_over_tls(stack: Stack, binary: bool) -> None:
+    client = triton.InferenceServerClient(
+        url=stack.url.removeprefix("https://"), ssl=True,
+        ssl_options={"ca_certs": str(stack.ca_file)})
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    try:
+        assert client.is_server_live()
+        metadata = client.get_model_metadata("demo", headers=headers)
+        assert metadata["inputs"][0]["name"] == "image"
+        tensor = triton.InferInput("image", [3, 8, 8], "UINT8")
+        tensor.set_data_from_numpy(IMAGES[:3], binary_data=binary)
+        wanted = triton.InferRequestedOutput("probabilities", binary_data=binary)
+        result = client.infer("demo", [tensor], outputs=[wanted], headers=headers)
+        probabilities = result.as_numpy("probabilities")
+    finally:
+        client.close()
+    assert probabilities.shape == (3, 10)
+    assert (probabilities.argmax(axis=1) == local_predictions(IMAGES[:3])).all()
+
+
+def _batch_counts(stack: Stack) -> tuple[float, float]:
+    with stack.http() as http:
+        text = http.get("/metrics").text
+    singles = float(re.search(r'ppml_batch_size_bucket\{le="1.0"\} (\S+)', text).group(1))
+    total = float(re.search(r"ppml_batch_size_count (\S+)", text).group(1))
+    return singles, total
+
+
+async def test_concurrent_requests_are_batched(stack: Stack) -> None:
+    singles_before, total_before = _batch_counts(stack)
+    async with AsyncClient(stack.url, api_key=stack.api_key, ca_file=stack.ca_file) as client:
+        await asyncio.gather(*(client.infer("demo", IMAGES[i % 64:i % 64 + 1])
+                               for i in range(200)))
+    singles, total = _batch_counts(stack)
+    assert total - total_before == 200
+    assert (total - total_before) - (singles - singles_before) > 0, "no batch larger than 1"
+
+
+def test_redis_never_sees_plaintext(stack: Stack) -> None:
+    marker = b"SECRET-PATIENT-7f3a9c"
+    image = np.frombuffer((marker * 4)[:64], dtype=np.uint8).reshape(1, 8, 8)
+    admin = stack.admin()
+    captured: list[str] = []
+    started = threading.Event()
+
+    def capture() -> None:
+        with admin.monitor() as monitor:
+            started.set()
+            for command in monitor.listen():
+                captured.append(command["command"])
+                if "ppml:reply" in command["command"] and "XADD" in command["command"].upper():
+                    return
+
+    thread = threading.Thread(target=capture, daemon=True)
+    thread.start()
+    started.wait(5)
+    time.sleep(0.2)
+    with client_for(stack) as client:
+        client.infer("demo", image)
+    thread.join(10)
+    commands = "\n".join(captured)
+    assert "ppml:req:demo" in commands, "MONITOR did not capture the request"
+    assert marker.decode() not in commands
+    assert marker.hex() not in commands.replace("\\x", "")
+    for file in (stack.settings.state_dir / "redis").rglob("*"):
+        if file.is_file():
+            assert marker not in file.read_bytes(), f"plaintext marker found in {file}"
+
+
+def _sealed_request(stack: Stack, request_id: str) -> bytes:
+    keyring = LocalKMS(stack.settings.kms_dir).keyring()
+    return keyring.seal(record.pack({"image": IMAGES[:1]}),
+                        associated_data("demo", request_id, REQUEST))
+
+
+def _await_replies(stack: Stack, stream: str, count: int) -> dict[str, dict[bytes, bytes]]:
+    admin = stack.admin()
+    replies: dict[str, dict[bytes, bytes]] = {}
+    deadline = time.monotonic() + 20
+    while len(replies) < count and time.monotonic() < deadline:
+        for _, entries in admin.xread({stream: "0-0"}, block=500) or []:
+            for _, fields in entries:
+                replies[fields[b"id"].decode()] = fields
+    return replies
+
+
+def test_tampered_record_is_refused_and_batch_mates_answered(stack: Stack) -> None:
+    admin = stack.admin()
+    stream = "ppml:reply:test-tamper"
+    good = _sealed_request(stack, "good-1")
+    bad = bytearray(_sealed_request(stack, "bad-1"))
+    bad[-20] ^= 0x01
+    swapped = _sealed_request(stack, "other-id")  # a valid record moved to another request
+    deadline = str(int(time.time() * 1000) + 60_000)
+    pipe = admin.pipeline(transaction=False)
+    for request_id, body in (("good-1", good), ("bad-1", bytes(bad)), ("swap-1", swapped)):
+        pipe.xadd("ppml:req:demo", {"id": request_id, "reply": stream, "body": body,
+                                    "deadline": deadline})
+    pipe.execute()
+    replies = _await_replies(stack, stream, 3)
+    keyring = LocalKMS(stack.settings.kms_dir).keyring()
+
+    def opened(request_id: str) -> bytes:
+        return keyring.open(replies[request_id][b"body"],
+                            associated_data("demo", request_id, REPLY))
+
+    assert replies["good-1"][b"ok"] == b"1"
+    _, outputs = record.unpack(opened("good-1"))
+    assert int(outputs["probabilities"].argmax()) == local_predictions(IMAGES[:1])[0]
+    for request_id in ("bad-1", "swap-1"):
+        assert replies[request_id][b"ok"] == b"0"
+        assert json.loads(opened(request_id))["kind"] == "integrity"
+
+
+def test_poison_request_goes_to_dead_letter_with_error_answer(stack: Stack) -> None:
+    admin = stack.admin()
+    stream = "ppml:reply:test-dead"
+    # A consumer that takes the request and never answers, as a crashing worker would; in one
+    # transaction so that no live worker reads it first. RETRYCOUNT makes it look delivered
+    # many times already.
+    pipe = admin.pipeline(transaction=True)
+    pipe.xadd("ppml:req:demo", {"id": "poison-1", "reply": stream,
+                                "body": _sealed_request(stack, "poison-1"),
+                                "deadline": str(int(time.time() * 1000) + 60_000)})
+    pipe.xreadgroup("workers", "ghost", {"ppml:req:demo": ">"}, count=1)
+    entry_id = pipe.execute()[0]
+    admin.xclaim("ppml:req:demo", "workers", "ghost", 0, [entry_id], retrycount=5)
+    replies = _await_replies(stack, stream, 1)
+    assert replies["poison-1"][b"ok"] == b"0"
+    keyring = LocalKMS(stack.settings.kms_dir).keyring()
+    problem = json.loads(keyring.open(replies["poison-1"][b"body"],
+                                      associated_data("demo", "poison-1", REPLY)))
+    assert problem["kind"] == "dead_letter"
+    dead = admin.xrange("ppml:dead:demo")
+    assert any(fields[b"id"] == b"poison-1" for _, fields in dead)
+
+
+@pytest.mark.parametrize("api_key", [None, "ppml_wrong-key"])
+def test_missing_or_wrong_api_key_is_401(stack: Stack, api_key: str | None) -> None:
+    with stack.http(api_key=api_key) as http:
+        response = http.post("/v2/models/demo/infer", json={"inputs": []})
+        metadata = http.get("/v2/models/demo")
+    assert response.status_code == 401
+    assert response.json() == {"error": "missing or invalid API key"}
+    assert metadata.status_code == 401
+
+
+def _infer_json(stack: Stack, model: str, inputs: list[dict[str, Any]]) -> Any:
+    with stack.http() as http:
+        return http.post(f"/v2/models/{model}/infer", json={"inputs": inputs})
+
+
+def test_wrong_shape_or_dtype_is_400_naming_the_input(stack: Stack) -> None:
+    shape = _infer_json(stack, "demo", [{"name": "image", "datatype": "UINT8",
+                                         "shape": [1, 9, 9], "data": [0] * 81}])
+    dtype = _infer_json(stack, "demo", [{"name": "image", "datatype": "FP32",
+                                         "shape": [1, 8, 8], "data": [0.0] * 64}])
+    unknown = _infer_json(stack, "demo", [{"name": "pixels", "datatype": "UINT8",
+                                           "shape": [1, 8, 8], "data": [0] * 64}])
+    for response in (shape, dtype, unknown):
+        assert response.status_code == 400
+    assert "'image'" in shape.json()["error"] and "shape" in shape.json()["error"]
+    assert "'image'" in dtype.json()["error"] and "FP32" in dtype.json()["error"]
+    assert "'pixels'" in unknown.json()["error"]
+
+
+def test_malformed_body_is_400(stack: Stack) -> None:
+    with stack.http() as http:
+        response = http.post("/v2/models/demo/infer", content=b"{not json")
+    assert response.status_code == 400
+    assert response.json() == {"error": "request body is not valid JSON"}
+
+
+def test_unknown_model_is_404(stack: Stack) -> None:
+    response = _infer_json(stack, "no-such-model", [{"name": "image", "datatype": "UINT8",
+                                                     "shape": [1, 8, 8], "data": [0] * 64}])
+    assert response.status_code == 404
+    assert "no-such-model" in response.json()["error"]
+
+
+def test_oversized_body_is_413(stack: Stack) -> None:
+    with stack.http() as http:
+        response = http.post("/v2/models/demo/infer", content=b"x" * (MAX_REQUEST_BYTES + 1))
+    assert response.status_code == 413
+
+
+def test_health_and_metadata(stack: Stack) -> None:
+    with stack.http(api_key=None) as http:
+        assert http.get("/v2/health/live").json() == {"live": True}
+        assert http.get("/v2/health/ready").status_code == 200
+        server = http.get("/v2").json()
+    assert server["extensions"] == ["binary_tensor_data"]
+    with stack.http() as http:
+        assert http.get("/v2/models/demo/ready").json() == {"name": "demo", "ready": True}
+
+
+def test_killed_worker_loses_no_request(stack: Stack) -> None:
+    """SIGKILL a worker while it holds requests; another worker reclaims and answers them."""
+    victim = stack.workers[0]
+    admin = stack.admin()
+    results: list[Any] = []
+
+    async def load() -> None:
+        async with AsyncClient(stack.url, api_key=stack.api_key, ca_file=stack.ca_file) as client:
+            semaphore = asyncio.Semaphore(24)
+
+            async def one(index: int) -> None:
+                async with semaphore:
+                    output = await client.infer("demo", IMAGES[index % 64:index % 64 + 1])
+                    results.append((index, int(output["probabilities"].argmax())))
+
+            await asyncio.gather(*(one(i) for i in range(300)))
+
+    thread = threading.Thread(target=lambda: asyncio.run(load()))
+    thread.start()
+    killed_with_pending = False
+    deadline = time.monotonic() + 20
+    while time.monotonic() < deadline and thread.is_alive():
+        consumers = admin.xinfo_consumers("ppml:req:demo", "workers")
+        mine = [c for c in consumers if f"-{victim.pid}-".encode() in c["name"]
+                or f"-{victim.pid}-" in str(c["name"])]
+        if mine and mine[0]["pending"] > 0:
+            victim.send_signal(signal.SIGKILL)
+            killed_with_pending = True
+            break
+        time.sleep(0.005)
+    thread.join(60)
+    victim.wait(5)
+    stack.workers.remove(victim)
+    stack.start_worker()
+    assert killed_with_pending, "the worker never held a request to lose"
+    assert len(results) == 300
+    expected = local_predictions(IMAGES[:64])
+    assert all(predicted == expected[index % 64] for index, predicted in results)
+
+
+def test_client_error_carries_status(stack: Stack) -> None:
+    with Client(stack.url, api_key="ppml_wrong", ca_file=stack.ca_file) as client, \
+            pytest.raises(ClientError) as caught:
+        client.infer("demo", IMAGES[:1])
+    assert caught.value.status == 401
