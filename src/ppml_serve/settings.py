@@ -10,6 +10,8 @@ import re
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import (
     BaseSettings,
@@ -195,3 +197,7 @@ def load_settings(config_file: Path | None = None, **overrides: Any) -> Settings
         return FileSettings(**overrides)
     except ValidationError as exc:
         raise ConfigError(_describe(exc)) from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark is not None else ""
+        raise ConfigError(f"--config: {config_file} is not valid YAML{where}") from None

@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Set up everything a fresh machine needs, then run the service or the tests.
+#   ./dev.sh up [ppml-serve up options]   serve the demo model (managed TLS Redis, dev certs, local KMS)
+#   ./dev.sh test [pytest options]         ruff, mypy and the test suite (starts its own servers)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+VENV=${PPML_VENV:-.venv}
+
+need_redis() {
+    if command -v redis-server >/dev/null 2>&1; then return; fi
+    echo "installing redis-server (Debian package)..." >&2
+    local sudo=""
+    if [ "$(id -u)" -ne 0 ]; then sudo="sudo"; fi
+    $sudo apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
+}
+
+need_venv() {
+    if [ ! -x "$VENV/bin/python" ]; then
+        python3 -m venv "$VENV"
+    fi
+    if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
+        echo "installing ppml-serve and its dependencies into $VENV..." >&2
+        "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+        "$VENV/bin/python" -m pip install -q -e '.[dev]'
+        touch "$VENV/.installed"
+    fi
+}
+
+command=${1:-}
+shift || true
+case "$command" in
+    up)
+        need_redis
+        need_venv
+        exec "$VENV/bin/ppml-serve" up "$@"
+        ;;
+    test)
+        need_redis
+        need_venv
+        "$VENV/bin/ruff" check src tests scripts
+        "$VENV/bin/mypy"
+        exec "$VENV/bin/python" -m pytest "$@"
+        ;;
+    *)
+        sed -n '2,4p' "$0" >&2
+        exit 2
+        ;;
+esac

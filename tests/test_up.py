@@ -1,0 +1,77 @@
+"""``ppml-serve up`` starts everything, answers, and stops leaving no process behind."""
+
+from __future__ import annotations
+
+import os
+import selectors
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from ppml_serve.queue.redis_server import free_port
+
+
+def _processes_mentioning(text: str) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if text in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def test_up_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ppml_serve", "up", "--state-dir", str(state),
+         "--port", str(free_port()), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+    )
+    assert process.stdout is not None
+    lines: list[str] = []
+    selector = selectors.DefaultSelector()
+    selector.register(process.stdout, selectors.EVENT_READ)
+    deadline = time.monotonic() + 90
+    try:
+        while time.monotonic() < deadline and not any("self-check" in x for x in lines):
+            if selector.select(timeout=1):
+                line = process.stdout.readline().decode()
+                if not line:
+                    break
+                lines.append(line)
+        output = "".join(lines)
+        assert any(line.startswith("ready https://127.0.0.1:") for line in lines), output
+        assert "8/8 correct" in output or "7/8 correct" in output, output
+        for name in ("api-key", "redis.url", "ca-key.pem", "server-key.pem"):
+            assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
+        assert (state / "ca.pem").exists()
+        assert (state / "redis.url").read_text().startswith("rediss://ppml:")
+        redis_pid = int((state / "redis" / "redis.pid").read_text())
+        children = _processes_mentioning(str(state))
+        assert len(children) >= 3  # supervisor, worker, gateway
+        assert _alive(redis_pid)
+        secret = (state / "redis.url").read_text().split(":")[2].split("@")[0]
+        assert not _processes_mentioning(secret), "Redis password visible in a command line"
+    finally:
+        process.send_signal(signal.SIGTERM)
+        remaining, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, remaining.decode()
+    time.sleep(0.5)
+    assert not _processes_mentioning(str(state)), "a child process outlived 'up'"
+    assert not _alive(redis_pid), "redis-server outlived 'up'"
