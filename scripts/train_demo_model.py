@@ -92,7 +92,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "demo.onnx").write_bytes(buffer.getvalue())
     np.savez(args.out_dir / "demo-samples.npz", images=x_test, labels=y_test)
-    metrics = {"dataset": "sklearn digits (8x8)", "test_images": int(len(y_test)),
+    metrics = {"dataset": "sklearn digits (8x8)", "test_images": len(y_test),
                "test_accuracy": round(accuracy, 4), "epochs": args.epochs, "seed": 0}
     (args.out_dir / "demo.json").write_text(json.dumps(metrics, indent=2) + "\n")
 

@@ -97,9 +97,9 @@ def test_trailing_binary_data_refused() -> None:
 
 
 def test_spec_checks_name_dtype_shape_and_missing() -> None:
-    with pytest.raises(InvalidInput, match="'image'.*FP32"):
+    with pytest.raises(InvalidInput, match=r"'image'.*FP32"):
         SPEC.check_inputs({"image": np.zeros((1, 8, 8), np.float32)})
-    with pytest.raises(InvalidInput, match="'image'.*shape"):
+    with pytest.raises(InvalidInput, match=r"'image'.*shape"):
         SPEC.check_inputs({"image": np.zeros((1, 8), np.uint8)})
     with pytest.raises(InvalidInput, match="'image' is missing"):
         SPEC.check_inputs({})

@@ -94,12 +94,13 @@ def test_local_kms_refuses_swapped_wrapped_keys(tmp_path: Path) -> None:
 
     document = json.loads(table)
     keys = document["keys"]
-    keys[first]["wrapped"], keys[second]["wrapped"] = keys[second]["wrapped"], keys[first]["wrapped"]
+    keys[first]["wrapped"], keys[second]["wrapped"] = (keys[second]["wrapped"],
+                                                       keys[first]["wrapped"])
     (tmp_path / "kms" / "data-keys.json").write_text(json.dumps(document))
     with pytest.raises(IntegrityError):
         LocalKMS(tmp_path / "kms").unwrap(first)
 
 
 def test_missing_kms_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="keys init|ppml-serve up"):
+    with pytest.raises(ConfigError, match=r"keys init|ppml-serve up"):
         LocalKMS(tmp_path / "nothing")

@@ -48,7 +48,7 @@ def test_invalid_yaml(tmp_path: Path) -> None:
 
 
 def test_bad_model_name() -> None:
-    with pytest.raises(ConfigError, match="models: .*model name"):
+    with pytest.raises(ConfigError, match=r"models: .*model name"):
         load_settings(models={"bad name!": "x.onnx"})
 
 
@@ -65,5 +65,5 @@ def test_redis_url_secret_never_in_repr_and_plaintext_refused(
 
 
 def test_missing_redis_url_file_is_explained(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="redis.url_file: cannot read"):
+    with pytest.raises(ConfigError, match=r"redis\.url_file: cannot read"):
         load_settings(state_dir=tmp_path).redis_url()

@@ -70,8 +70,10 @@ def wait_ready(url: str, ca_file: Path, children: list[Child], timeout_s: float)
             try:
                 if client.ready():
                     return
-            except Exception:  # the port is not open yet
-                pass
+            except OSError:
+                log.debug("gateway not answering yet")
+            except Exception as exc:  # httpx wraps connection refusals in its own errors
+                log.debug("gateway not answering yet (%s)", type(exc).__name__)
             time.sleep(0.2)
     raise NotReady(f"the service did not become ready within {timeout_s:g} s")
 

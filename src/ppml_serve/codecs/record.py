@@ -34,7 +34,7 @@ def pack(tensors: dict[str, np.ndarray[Any, Any]], meta: dict[str, Any] | None =
         },
         separators=(",", ":"),
     ).encode()
-    parts = [_PREFIX.pack(_MAGIC, len(header)), header]
+    parts: list[bytes | memoryview] = [_PREFIX.pack(_MAGIC, len(header)), header]
     parts.extend(array.data.cast("B") if array.size else b"" for array in arrays)
     return b"".join(parts)
 

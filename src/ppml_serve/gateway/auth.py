@@ -18,7 +18,7 @@ from pathlib import Path
 from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.errors import ConfigError, Forbidden, Unauthorized
 
-TOKEN_PREFIX = "ppml_"
+TOKEN_PREFIX = "ppml_"  # noqa: S105 - a marker that makes leaked keys easy to scan for
 
 
 @dataclass(frozen=True)

@@ -150,10 +150,10 @@ class DataPlane:
         if not await self.model_ready(model):
             raise NotReady(f"model {model!r} has no live worker")
         await self._check_backlog(model)
-        outputs, batch_size = await self._round_trip(model, request)
+        outputs = await self._round_trip(model, request)
         return encode_response(model, request, outputs)
 
-    async def _round_trip(self, model: str, request: InferRequest) -> tuple[Any, int]:
+    async def _round_trip(self, model: str, request: InferRequest) -> dict[str, Any]:
         request_id = uuid.uuid4().hex
         sealed = self._sealer.seal(record.pack(request.inputs),
                                    associated_data(model, request_id, REQUEST))
@@ -177,4 +177,4 @@ class DataPlane:
             problem = json.loads(plaintext)
             raise _WORKER_ERRORS.get(problem.get("kind"), EngineError)(str(problem.get("error")))
         _, outputs = record.unpack(plaintext)
-        return outputs, message.batch_size
+        return outputs

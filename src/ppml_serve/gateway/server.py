@@ -29,12 +29,10 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                           on_batch=metrics.batch_size.observe)
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads)
-    tls = {} if settings.gateway.plaintext_http else {
-        "ssl_certfile": str(settings.server_cert_file),
-        "ssl_keyfile": str(settings.server_key_file),
-    }
+    secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
                             loop="uvloop", http="httptools", log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5,
-                            **tls)
+                            ssl_certfile=str(settings.server_cert_file) if secure_http else None,
+                            ssl_keyfile=str(settings.server_key_file) if secure_http else None)
     return uvicorn.Server(config)

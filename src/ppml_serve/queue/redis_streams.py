@@ -15,6 +15,7 @@ Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -118,13 +119,12 @@ class RedisWorkerBroker:
         self._client.zadd(self._keys.workers(self._model), {self._consumer: time.time()})
 
     def leave(self) -> None:
-        try:
+        # If Redis is already gone, the heartbeat entry simply ages out.
+        with contextlib.suppress(redis.RedisError, OSError):
             self._client.zrem(self._keys.workers(self._model), self._consumer)
-        except (redis.RedisError, OSError):
-            pass  # Redis already gone: the heartbeat entry simply ages out
 
     def read(self, count: int, block_ms: int) -> list[Delivery]:
-        response = self._client.xreadgroup(GROUP, self._consumer, {self._stream: ">"},
+        response: Any = self._client.xreadgroup(GROUP, self._consumer, {self._stream: ">"},
                                            count=count, block=block_ms)
         if not response:
             return []
@@ -157,7 +157,7 @@ class RedisWorkerBroker:
             pipe.execute()
 
     def reclaim(self, min_idle_ms: int, count: int) -> list[Delivery]:
-        response = self._client.xautoclaim(self._stream, GROUP, self._consumer,
+        response: Any = self._client.xautoclaim(self._stream, GROUP, self._consumer,
                                            min_idle_time=min_idle_ms, start_id="0-0",
                                            count=count)
         entries = [(entry_id, fields) for entry_id, fields in response[1] if fields]
@@ -167,6 +167,7 @@ class RedisWorkerBroker:
         for entry_id, _ in entries:
             pipe.xpending_range(self._stream, GROUP, min=entry_id, max=entry_id, count=1)
         counts = []
+        pending: Any
         for pending in pipe.execute():
             counts.append(int(pending[0]["times_delivered"]) if pending else 1)
         return [_delivery(entry_id, fields, deliveries)
@@ -228,7 +229,7 @@ class RedisGatewayBroker:
         return int(await self._client.xlen(self._keys.requests(model)))
 
     async def models(self) -> dict[str, str]:
-        table = await self._client.hgetall(self._keys.models)
+        table: Any = await self._client.hgetall(self._keys.models)
         return {_str(name): spec.decode() for name, spec in table.items()}
 
     async def live_workers(self, model: str, max_age_s: float) -> int:
@@ -236,7 +237,7 @@ class RedisGatewayBroker:
                                              time.time() - max_age_s, "+inf"))
 
     async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]:
-        response = await self._reader.xread({self.reply_stream: self._last_reply_id},
+        response: Any = await self._reader.xread({self.reply_stream: self._last_reply_id},
                                             count=count, block=block_ms)
         messages: list[ReplyMessage] = []
         for _, entries in response or []:

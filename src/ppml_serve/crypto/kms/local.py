@@ -62,7 +62,8 @@ class LocalKMS:
                 "run 'ppml-serve keys init' or 'ppml-serve up'"
             ) from None
         except ValueError:
-            raise ConfigError(f"security.kms_dir: {directory / DATA_KEYS_FILE} is corrupt") from None
+            raise ConfigError(
+                f"security.kms_dir: {directory / DATA_KEYS_FILE} is corrupt") from None
         if len(primary) != KEY_SIZE:
             raise ConfigError(f"security.kms_dir: {directory / PRIMARY_FILE} is not a 256-bit key")
         self._primary = AESGCM(primary)
