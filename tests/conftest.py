@@ -16,11 +16,11 @@ import pytest
 import redis
 import yaml
 
-from ppml_serve.cli.state import prepare_state, read_api_key
 from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.models import demo_model_path
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
 from ppml_serve.settings import Settings, load_settings
+from ppml_serve.state import prepare_state, read_api_key
 
 MAX_REQUEST_BYTES = 1 << 20
 

@@ -82,6 +82,24 @@ def build_parser() -> argparse.ArgumentParser:
     _common(redis)
     redis.add_argument("--port", type=int, default=6380, help="TLS port (default 6380)")
 
+    bench = commands.add_parser(
+        "bench", help="measure throughput and latency: pipeline vs raw engine",
+        description="Starts its own service per configuration (managed Redis, workers, "
+        "gateway), drives a closed-loop HTTPS load at each concurrency, and measures the raw "
+        "engine alone (same model, precision and threads) in the same run.")
+    bench.add_argument("--model", action="append", type=_model_pair, default=[],
+                       metavar="NAME=PATH", help="model(s) to measure (default: the demo model)")
+    bench.add_argument("--configs", default="secure,plain",
+                       help="comma list of: secure (TLS + AES-GCM), plain (neither)")
+    bench.add_argument("--concurrency", default="1,8,32", help="comma list of concurrencies")
+    bench.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
+    bench.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each")
+    bench.add_argument("--items", type=int, default=1, help="items (batch rows) per request")
+    bench.add_argument("--workers", type=int, default=1, help="worker processes")
+    bench.add_argument("--json", type=Path, help="write the runs as JSON here")
+    bench.add_argument("--plot", type=Path, help="write a PNG throughput chart here")
+    _worker_options(bench)
+
     init = commands.add_parser("init", help="create the state directory without starting")
     _common(init)
 
@@ -141,10 +159,13 @@ def run(args: argparse.Namespace) -> int:
         models = {} if args.no_demo else {DEMO_NAME: demo_model_path()}
         models.update(base.models)
         models.update(dict(args.model))
-        return run_up(_settings(args, models=models), args.workers, args.config)
+        return run_up(_settings(args, models=models), args.workers, args.log_level)
+
+    if args.command == "bench":
+        return _bench(args)
 
     if args.command == "init":
-        from ppml_serve.cli.state import prepare_state
+        from ppml_serve.state import prepare_state
 
         settings = _settings(args)
         prepare_state(settings)
@@ -172,9 +193,9 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "redis":
         import threading
 
-        from ppml_serve.cli.state import prepare_state
         from ppml_serve.crypto.kms.local import write_private
         from ppml_serve.queue.redis_server import ManagedRedis
+        from ppml_serve.state import prepare_state
 
         settings = _settings(args)
         prepare_state(settings)
@@ -211,6 +232,64 @@ def run(args: argparse.Namespace) -> int:
         print(f"active data key is now {key_id}; restart gateways and workers to use it")
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands
+
+
+def _int_list(text: str, flag: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise PPMLError(f"{flag}: expected a comma list of integers, got {text!r}") from None
+    if not values or any(value < 1 for value in values):
+        raise PPMLError(f"{flag}: values must be positive integers")
+    return values
+
+
+def _bench(args: argparse.Namespace) -> int:
+    import json
+
+    from tqdm import tqdm
+
+    from ppml_serve.bench.runner import BenchConfig, BenchOptions, run_benchmark, summarize
+    from ppml_serve.models import DEMO_NAME, demo_model_path
+
+    kinds = [kind.strip() for kind in args.configs.split(",") if kind.strip()]
+    unknown = set(kinds) - {"secure", "plain"}
+    if unknown or not kinds:
+        raise PPMLError(f"--configs: unknown configuration(s) {sorted(unknown)}; "
+                        "use secure and/or plain")
+    models = args.model or [(DEMO_NAME, demo_model_path())]
+    configs = [BenchConfig(f"{name}-{kind}", name, path, secure=kind == "secure")
+               for name, path in models for kind in kinds]
+    options = BenchOptions(
+        concurrencies=_int_list(args.concurrency, "--concurrency"),
+        duration_s=args.duration, warmup_s=args.warmup, items_per_request=args.items,
+        workers=args.workers, max_batch_size=args.max_batch_size or 16,
+        max_batch_delay_ms=args.max_batch_delay_ms if args.max_batch_delay_ms is not None
+        else 2.0, threads=args.threads or 0)
+    steps = len(configs) * (len(options.concurrencies) + (1 if options.max_batch_size == 1 else 2))
+    with tqdm(total=steps, unit="run", file=sys.stderr) as bar:
+        def step(description: str) -> None:
+            if bar.n or bar.desc:
+                bar.update(1)
+            bar.set_description(description)
+
+        runs = run_benchmark(configs, options, step)
+        bar.update(1)
+    header = f"{'name':<22} {'mode':<8} {'conc':>4} {'items/s':>9} {'p50 ms':>8} {'p99 ms':>8} err"
+    print(header)
+    for run in runs:
+        print(f"{run['name']:<22} {run['mode']:<8} {run['concurrency']:>4} "
+              f"{run['throughput']:>9.1f} {run['p50_ms']:>8.2f} {run['p99_ms']:>8.2f} "
+              f"{run['errors']}")
+    for line in summarize(runs):
+        print(line)
+    if args.json:
+        args.json.write_text(json.dumps(runs, indent=2) + "\n")
+    if args.plot:
+        from ppml_serve.bench.plot import plot
+
+        plot(runs, args.plot)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ def _tls(ca_file: str | Path | None, verify: bool) -> ssl.SSLContext | bool:
     return context
 
 
-def _encode(inputs: Arrays) -> tuple[bytes, dict[str, str]]:
+def encode_inputs(inputs: Arrays) -> tuple[bytes, dict[str, str]]:
     described = []
     chunks = []
     for name, array in inputs.items():
@@ -132,7 +132,7 @@ class Client(_Base):
         if named is None:
             self._remember(model, self.metadata(model))
             named = self._named(model, inputs)
-        body, headers = _encode(named or {})
+        body, headers = encode_inputs(named or {})
         return _decode(self._http.post(f"/v2/models/{model}/infer", content=body,
                                        headers=headers))
 
@@ -169,6 +169,6 @@ class AsyncClient(_Base):
         if named is None:
             self._remember(model, await self.metadata(model))
             named = self._named(model, inputs)
-        body, headers = _encode(named or {})
+        body, headers = encode_inputs(named or {})
         return _decode(await self._http.post(f"/v2/models/{model}/infer", content=body,
                                              headers=headers))

@@ -33,6 +33,8 @@ class ManagedRedis:
     key_file: Path
     ca_file: Path
     prefix: str = "ppml"
+    tls: bool = True
+    """Off only to measure what TLS costs (benchmarks)."""
     url: SecretStr = field(init=False, repr=False)
     admin_url: SecretStr = field(init=False, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -44,13 +46,19 @@ class ManagedRedis:
         admin_password = secrets.token_urlsafe(32)
         lines = [
             "bind 127.0.0.1",
-            "port 0",
-            f"tls-port {self.port}",
-            f"tls-cert-file {self.cert_file.resolve()}",
-            f"tls-key-file {self.key_file.resolve()}",
-            f"tls-ca-cert-file {self.ca_file.resolve()}",
-            "tls-auth-clients no",
-            "tls-protocols \"TLSv1.2 TLSv1.3\"",
+            *(
+                [
+                    "port 0",
+                    f"tls-port {self.port}",
+                    f"tls-cert-file {self.cert_file.resolve()}",
+                    f"tls-key-file {self.key_file.resolve()}",
+                    f"tls-ca-cert-file {self.ca_file.resolve()}",
+                    "tls-auth-clients no",
+                    'tls-protocols "TLSv1.2 TLSv1.3"',
+                ]
+                if self.tls
+                else [f"port {self.port}"]
+            ),
             f"dir {self.directory.resolve()}",
             f"pidfile {(self.directory / 'redis.pid').resolve()}",
             "appendonly yes",
@@ -68,9 +76,11 @@ class ManagedRedis:
         ]
         path = self.directory / "redis.conf"
         write_private(path, ("\n".join(lines) + "\n").encode())
+        scheme = "rediss" if self.tls else "redis"
         self.url = SecretStr(
-            f"rediss://{SERVICE_USER}:{quote(service_password)}@127.0.0.1:{self.port}/0")
-        self.admin_url = SecretStr(f"rediss://admin:{quote(admin_password)}@127.0.0.1:{self.port}/0")
+            f"{scheme}://{SERVICE_USER}:{quote(service_password)}@127.0.0.1:{self.port}/0")
+        self.admin_url = SecretStr(
+            f"{scheme}://admin:{quote(admin_password)}@127.0.0.1:{self.port}/0")
         return path
 
     def start(self, timeout_s: float = 15.0) -> None:

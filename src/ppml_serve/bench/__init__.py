@@ -1,0 +1,1 @@
+"""Benchmarks: closed-loop load through the pipeline, and the raw engine as the reference."""
