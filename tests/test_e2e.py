@@ -17,7 +17,6 @@ import tritonclient.http as triton
 from ppml_serve.client import AsyncClient, Client, ClientError
 from ppml_serve.codecs import record
 from ppml_serve.crypto.envelope import REPLY, REQUEST, associated_data
-from ppml_serve.crypto.kms.local import LocalKMS
 from ppml_serve.engines import load_engine
 from ppml_serve.models import demo_model_path, demo_samples
 
@@ -137,7 +136,7 @@ def test_redis_never_sees_plaintext(stack: Stack) -> None:
 
 
 def _sealed_request(stack: Stack, request_id: str) -> bytes:
-    keyring = LocalKMS(stack.settings.kms_dir).keyring()
+    keyring = stack.keyring()
     return keyring.seal(record.pack({"image": IMAGES[:1]}),
                         associated_data("demo", request_id, REQUEST))
 
@@ -167,7 +166,7 @@ def test_tampered_record_is_refused_and_batch_mates_answered(stack: Stack) -> No
                                     "deadline": deadline})
     pipe.execute()
     replies = _await_replies(stack, stream, 3)
-    keyring = LocalKMS(stack.settings.kms_dir).keyring()
+    keyring = stack.keyring()
 
     def opened(request_id: str) -> bytes:
         return keyring.open(replies[request_id][b"body"],
@@ -196,7 +195,7 @@ def test_poison_request_goes_to_dead_letter_with_error_answer(stack: Stack) -> N
     admin.xclaim("ppml:req:demo", "workers", "ghost", 0, [entry_id], retrycount=5)
     replies = _await_replies(stack, stream, 1)
     assert replies["poison-1"][b"ok"] == b"0"
-    keyring = LocalKMS(stack.settings.kms_dir).keyring()
+    keyring = stack.keyring()
     problem = json.loads(keyring.open(replies["poison-1"][b"body"],
                                       associated_data("demo", "poison-1", REPLY)))
     assert problem["kind"] == "dead_letter"
@@ -266,6 +265,8 @@ def test_health_and_metadata(stack: Stack) -> None:
 def test_killed_worker_loses_no_request(stack: Stack) -> None:
     """SIGKILL a worker while it holds requests; another worker reclaims and answers them."""
     victim = stack.workers[0]
+    assert victim.process is not None
+    pid = victim.process.pid
     admin = stack.admin()
     results: list[Any] = []
 
@@ -286,17 +287,15 @@ def test_killed_worker_loses_no_request(stack: Stack) -> None:
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and thread.is_alive():
         consumers = admin.xinfo_consumers("ppml:req:demo", "workers")
-        mine = [c for c in consumers if f"-{victim.pid}-".encode() in c["name"]
-                or f"-{victim.pid}-" in str(c["name"])]
+        mine = [c for c in consumers if f"-{pid}-" in str(c["name"])]
         if mine and mine[0]["pending"] > 0:
-            victim.send_signal(signal.SIGKILL)
+            victim.process.send_signal(signal.SIGKILL)
             killed_with_pending = True
             break
         time.sleep(0.005)
     thread.join(60)
     victim.wait(5)
-    stack.workers.remove(victim)
-    stack.start_worker()
+    stack.replace_worker(victim)
     assert killed_with_pending, "the worker never held a request to lose"
     assert len(results) == 300
     expected = local_predictions(IMAGES[:64])

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import os
 import stat
 from pathlib import Path
 
 import pytest
+from pydantic import SecretStr
 
 from ppml_serve.crypto.envelope import REPLY, REQUEST, Keyring, PlaintextSealer, associated_data
+from ppml_serve.crypto.keystore import DataKeyTable
 from ppml_serve.crypto.kms.local import LocalKMS
 from ppml_serve.errors import ConfigError, IntegrityError
 
@@ -70,37 +73,56 @@ def test_plaintext_sealer_is_labelled_insecure() -> None:
     assert "INSECURE" in repr(PlaintextSealer())
 
 
-def test_local_kms_files_rotation_and_old_records(tmp_path: Path) -> None:
-    kms = LocalKMS.create(tmp_path / "kms")
-    for name in ("primary.key", "data-keys.json"):
-        assert stat.S_IMODE((tmp_path / "kms" / name).stat().st_mode) == 0o600
-    old = kms.keyring()
-    sealed = old.seal(b"before rotation", AAD)
-    new_id = kms.rotate()
-    reopened = LocalKMS(tmp_path / "kms").keyring()
-    assert reopened.active_key_id == new_id != old.active_key_id
-    assert reopened.open(sealed, AAD) == b"before rotation"
-    assert reopened.seal(b"x", AAD)[4:4 + len(new_id)] == new_id.encode()
-    with pytest.raises(ConfigError):
-        LocalKMS.create(tmp_path / "kms")
+PASSPHRASE = SecretStr("correct horse battery staple")
 
 
-def test_local_kms_refuses_swapped_wrapped_keys(tmp_path: Path) -> None:
-    kms = LocalKMS.create(tmp_path / "kms")
-    kms.rotate()
-    table = (tmp_path / "kms" / "data-keys.json").read_text()
-    first, second = kms.key_ids
-    import json
+def test_local_kms_file_is_passphrase_protected(tmp_path: Path) -> None:
+    kms = LocalKMS.create(tmp_path / "kms", PASSPHRASE)
+    path = tmp_path / "kms" / "primary-keys.json"
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    document = json.loads(path.read_text())
+    assert document["kdf"] == "scrypt" and document["scrypt"]["n"] >= 2**14
+    key = kms.generate_data_key()
+    assert LocalKMS(tmp_path / "kms", PASSPHRASE).unwrap(key.wrapped) == key.plaintext
+    with pytest.raises(ConfigError, match="wrong passphrase"):
+        LocalKMS(tmp_path / "kms", SecretStr("wrong"))
+    with pytest.raises(ConfigError, match="already holds a KMS"):
+        LocalKMS.create(tmp_path / "kms", PASSPHRASE)
 
-    document = json.loads(table)
-    keys = document["keys"]
-    keys[first]["wrapped"], keys[second]["wrapped"] = (keys[second]["wrapped"],
-                                                       keys[first]["wrapped"])
-    (tmp_path / "kms" / "data-keys.json").write_text(json.dumps(document))
-    with pytest.raises(IntegrityError):
-        LocalKMS(tmp_path / "kms").unwrap(first)
+
+def test_rotation_keeps_old_wrapped_keys_and_records_usable(tmp_path: Path) -> None:
+    kms = LocalKMS.create(tmp_path / "kms", PASSPHRASE)
+    table = DataKeyTable.create(tmp_path / "kms" / "data-keys.json", kms)
+    old_key = kms.generate_data_key()
+    sealed = table.keyring(kms).seal(b"before rotation", AAD)
+    assert kms.rotate().endswith("v2")
+    new_id = table.rotate(kms)
+    reopened = LocalKMS(tmp_path / "kms", PASSPHRASE)
+    keyring = DataKeyTable.load(tmp_path / "kms" / "data-keys.json").keyring(reopened)
+    assert keyring.active_key_id == new_id
+    assert keyring.open(sealed, AAD) == b"before rotation"
+    assert reopened.unwrap(old_key.wrapped) == old_key.plaintext
+    assert reopened.generate_data_key().wrapped != old_key.wrapped
+    assert reopened.describe()[reopened.default_key_id] == {"versions": [1, 2], "current": 2}
+
+
+def test_tampered_wrapped_key_refused(tmp_path: Path) -> None:
+    kms = LocalKMS.create(tmp_path / "kms", PASSPHRASE)
+    wrapped = bytearray(kms.generate_data_key().wrapped)
+    for position in (0, 5, len(wrapped) - 1):
+        tampered = bytearray(wrapped)
+        tampered[position] ^= 1
+        with pytest.raises(IntegrityError):
+            kms.unwrap(bytes(tampered))
+
+
+def test_kms_repr_and_errors_hold_no_secrets(tmp_path: Path) -> None:
+    kms = LocalKMS.create(tmp_path / "kms", PASSPHRASE)
+    key = kms.generate_data_key()
+    assert key.plaintext.hex() not in repr(key) and "plaintext" not in repr(key)
+    assert PASSPHRASE.get_secret_value() not in repr(kms)
 
 
 def test_missing_kms_is_a_config_error(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"keys init|ppml-serve up"):
-        LocalKMS(tmp_path / "nothing")
+    with pytest.raises(ConfigError, match=r"ppml-serve init|ppml-serve up"):
+        LocalKMS(tmp_path / "nothing", PASSPHRASE)

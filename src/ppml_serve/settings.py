@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
@@ -80,11 +80,42 @@ class WorkerSettings(_Section):
     """How often a worker announces itself (and reclaims stalled requests)."""
 
 
+class KeyBrokerSettings(_Section):
+    host: str = "127.0.0.1"
+    """Interface the key broker binds to."""
+    port: int = Field(8444, ge=0, le=65535)
+    """HTTPS port of the key broker."""
+    jwks_file: Path | None = None
+    """Signing keys (JWKS) of the attestation service whose tokens the ``jwt`` verifier accepts."""
+    jwt_issuer: str | None = None
+    """Expected ``iss`` of attestation tokens (e.g. https://NAME.REGION.attest.azure.net)."""
+
+
 class SecuritySettings(_Section):
     encrypt_payloads: bool = True
     """Seal every record that enters Redis with AES-256-GCM. Off only for benchmarks."""
+    kms: Literal["local", "aws"] = "local"
+    """Where primary keys live: the local passphrase-protected file, or AWS KMS."""
     kms_dir: Path | None = None
-    """Directory of the local KMS. Default: ``STATE_DIR/kms``."""
+    """Local KMS key file and the wrapped record data keys. Default: ``STATE_DIR/kms``."""
+    kms_passphrase_file: Path | None = None
+    """File with the local KMS passphrase (or set ``PPML_KMS_PASSPHRASE``).
+    Default: ``STATE_DIR/kms-passphrase``, created by ``init``/``up`` for development."""
+    aws_kms_key_id: str | None = None
+    """AWS KMS key id or ARN of the primary key (``kms: aws``)."""
+    aws_region: str = "us-east-1"
+    """AWS region of the KMS (``kms: aws``)."""
+    aws_endpoint_url: str | None = None
+    """Override the AWS KMS endpoint (a VPC endpoint, or a local emulator in tests)."""
+    keybroker_url: str | None = None
+    """HTTPS URL of the key broker that releases keys to attested workers.
+    Default: ``STATE_DIR/keybroker.url``, written by ``up``."""
+    policy_file: Path | None = None
+    """Key-release policy (YAML) of the key broker. Default: ``STATE_DIR/policy.yaml``;
+    without one, the strict production policy applies (simulated attestation refused)."""
+    attestation: Literal["simulated", "none"] = "simulated"
+    """Attestation provider of the worker. ``simulated`` signs evidence with a local platform
+    key and gives NO hardware protection (development only)."""
 
 
 class Settings(BaseSettings):
@@ -102,6 +133,7 @@ class Settings(BaseSettings):
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
+    keybroker: KeyBrokerSettings = Field(default_factory=KeyBrokerSettings)
 
     @field_validator("models")
     @classmethod
@@ -136,6 +168,28 @@ class Settings(BaseSettings):
     @property
     def kms_dir(self) -> Path:
         return self.security.kms_dir or self.state_dir / "kms"
+
+    @property
+    def kms_passphrase_file(self) -> Path:
+        return self.security.kms_passphrase_file or self.state_dir / "kms-passphrase"
+
+    @property
+    def policy_file(self) -> Path:
+        return self.security.policy_file or self.state_dir / "policy.yaml"
+
+    @property
+    def attestation_dir(self) -> Path:
+        return self.state_dir / "attestation"
+
+    def keybroker_url(self) -> str:
+        if self.security.keybroker_url:
+            return self.security.keybroker_url
+        path = self.state_dir / "keybroker.url"
+        try:
+            return path.read_text().strip()
+        except OSError:
+            raise ConfigError(f"security.keybroker_url: not set and {path} does not exist; "
+                              "start 'ppml-serve keybroker' or 'ppml-serve up'") from None
 
     @property
     def api_keys_file(self) -> Path:

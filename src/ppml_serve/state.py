@@ -1,11 +1,15 @@
-"""The state directory of the embedded default: dev PKI, API key, local KMS."""
+"""The state directory of the embedded default: dev PKI, API key, KMS, attestation keys."""
 
 from __future__ import annotations
 
 import os
+import secrets
 from pathlib import Path
 
-from ppml_serve.crypto.kms.local import LocalKMS, write_private
+from ppml_serve.crypto.attestation.simulated import ensure_platform_key
+from ppml_serve.crypto.keys import PASSPHRASE_ENV, kms_passphrase, open_kms
+from ppml_serve.crypto.keystore import DATA_KEYS_FILE, DataKeyTable
+from ppml_serve.crypto.kms.local import PRIMARY_FILE, LocalKMS, write_private
 from ppml_serve.crypto.tls import ensure_dev_pki
 from ppml_serve.gateway.auth import add_api_key
 from ppml_serve.settings import Settings
@@ -17,8 +21,16 @@ def prepare_state(settings: Settings) -> None:
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     ensure_dev_pki(state)
-    if settings.security.encrypt_payloads:
-        LocalKMS.open_or_create(settings.kms_dir)
+    if settings.security.kms == "local" and not (settings.kms_dir / PRIMARY_FILE).exists():
+        if not os.environ.get(PASSPHRASE_ENV) and not settings.kms_passphrase_file.exists():
+            # Development default only: production supplies the passphrase from elsewhere.
+            write_private(settings.kms_passphrase_file, secrets.token_urlsafe(32).encode())
+        LocalKMS.create(settings.kms_dir, kms_passphrase(settings))
+    if not (settings.kms_dir / DATA_KEYS_FILE).exists():
+        settings.kms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        DataKeyTable.create(settings.kms_dir / DATA_KEYS_FILE, open_kms(settings))
+    if settings.security.attestation == "simulated":
+        ensure_platform_key(settings.attestation_dir)
     key_file = state / "api-key"
     if not key_file.exists() or not settings.api_keys_file.exists():
         token = add_api_key(settings.api_keys_file, "default", ["*"])

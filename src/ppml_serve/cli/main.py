@@ -109,8 +109,44 @@ def build_parser() -> argparse.ArgumentParser:
     _common(add)
     add.add_argument("--name", required=True, help="who the key is for")
     add.add_argument("--models", nargs="+", default=["*"], help="models it may use (* = all)")
-    rotate = key_commands.add_parser("rotate", help="new active data key; old ones still open")
+    rotate = key_commands.add_parser(
+        "rotate", help="new primary key version and record data key; old ones still open")
     _common(rotate)
+
+    model = commands.add_parser("model", help="encrypt, inspect or decrypt model files")
+    model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
+    encrypt = model_commands.add_parser("encrypt", help="encrypt a model file with a KMS key",
+                                        description="Writes an AES-256-GCM encrypted model; "
+                                        "workers decrypt it in memory only.")
+    _common(encrypt)
+    encrypt.add_argument("input", type=Path, help="plaintext model (ONNX)")
+    encrypt.add_argument("output", type=Path, help="encrypted model to write")
+    encrypt.add_argument("--key-id", help="KMS primary key id (default: the KMS default)")
+    encrypt.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    decrypt = model_commands.add_parser("decrypt", help="write the plaintext model (owner only)")
+    _common(decrypt)
+    decrypt.add_argument("input", type=Path)
+    decrypt.add_argument("output", type=Path)
+    decrypt.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    inspect = model_commands.add_parser("inspect", help="show an encrypted model's header")
+    inspect.add_argument("file", type=Path)
+
+    attest = commands.add_parser("attest", help="attestation helpers")
+    attest_commands = attest.add_subparsers(dest="attest_command", required=True,
+                                            metavar="ACTION")
+    measure = attest_commands.add_parser(
+        "measure", help="print the measurement a worker would report (for the policy file)")
+    _common(measure)
+    measure.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH")
+    _worker_options(measure)
+
+    keybroker = commands.add_parser(
+        "keybroker", help="run the key broker (releases keys to attested workers)",
+        description="Serves HTTPS on keybroker.host:keybroker.port; checks worker evidence "
+        "against security.policy_file and releases keys sealed to the worker.")
+    _common(keybroker)
+    keybroker.add_argument("--port", type=int, dest="keybroker_port",
+                           help="HTTPS port (default 8444)")
     return parser
 
 
@@ -181,11 +217,16 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "worker":
+        from ppml_serve.crypto.attestation.base import AttestationRefused
         from ppml_serve.worker.runner import build_worker
 
         exit_when_orphaned()
         name, path = args.model
-        worker = build_worker(_settings(args), name, path)
+        try:
+            worker = build_worker(_settings(args), name, path)
+        except AttestationRefused as exc:
+            print(f"error: no keys released, serving nothing: {exc}", file=sys.stderr)
+            return 3
         _stop_on_signals(worker.stop)
         worker.run()
         return 0
@@ -226,10 +267,33 @@ def run(args: argparse.Namespace) -> int:
             print(f"stored its hash in {settings.api_keys_file}; the key is not kept anywhere",
                   file=sys.stderr)
             return 0
-        from ppml_serve.crypto.kms.local import LocalKMS
+        from ppml_serve.cli.model_commands import keys_rotate
 
-        key_id = LocalKMS(settings.kms_dir).rotate()
-        print(f"active data key is now {key_id}; restart gateways and workers to use it")
+        return keys_rotate(settings)
+
+    if args.command == "model":
+        from ppml_serve.cli import model_commands
+
+        if args.model_command == "inspect":
+            return model_commands.model_inspect(args)
+        if args.model_command == "encrypt":
+            return model_commands.model_encrypt(_settings(args), args)
+        return model_commands.model_decrypt(_settings(args), args)
+
+    if args.command == "attest":
+        from ppml_serve.cli.model_commands import attest_measure
+
+        name, path = args.model
+        return attest_measure(_settings(args), name, path)
+
+    if args.command == "keybroker":
+        from ppml_serve.keybroker.server import build_keybroker_server
+
+        exit_when_orphaned()
+        settings = _settings(args)
+        if args.keybroker_port is not None:
+            settings.keybroker.port = args.keybroker_port
+        build_keybroker_server(settings).run()
         return 0
     raise AssertionError(args.command)  # argparse rejects unknown commands
 

@@ -151,6 +151,25 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         return Response(payload, media_type="application/octet-stream",
                         headers={"Inference-Header-Content-Length": str(header_length)})
 
+    @authenticated()
+    async def attestation(request: Request) -> Response:
+        model = request.path_params["model"]
+        return JSONResponse({"model": model, "workers": await dataplane.attestations(model)})
+
+    @authenticated()
+    async def infer_sealed(request: Request) -> Response:
+        model = request.path_params["model"]
+        started = time.perf_counter()
+        status = "error"
+        try:
+            body = await _read_body(request, max_request_bytes)
+            payload = await dataplane.infer_sealed(model, body)
+            status = "ok"
+        finally:
+            metrics.requests.labels(model, status).inc()
+            metrics.latency.labels(model).observe(time.perf_counter() - started)
+        return Response(payload, media_type="application/octet-stream")
+
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -178,6 +197,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/attestation", attestation),
+        Route("/v2/models/{model}/infer-sealed", infer_sealed, methods=["POST"]),
         Route("/metrics", metrics_endpoint),
     ]
     return Starlette(routes=routes, lifespan=lifespan,

@@ -50,7 +50,8 @@ class DataPlane:
     """One per gateway process; owns the reply reader and the table of waiting requests."""
 
     def __init__(self, broker: RedisGatewayBroker, sealer: Sealer, settings: GatewaySettings,
-                 worker_max_age_s: float, on_batch: Any = None) -> None:
+                 worker_max_age_s: float, on_batch: Any = None,
+                 configured_models: set[str] | None = None) -> None:
         self._broker = broker
         self._sealer = sealer
         self._settings = settings
@@ -59,6 +60,7 @@ class DataPlane:
         self._cache: dict[str, _Cached] = {}
         self._reader: asyncio.Task[None] | None = None
         self._on_batch = on_batch
+        self._configured = configured_models or set()
 
     async def start(self) -> None:
         await self._broker.ping()
@@ -115,6 +117,8 @@ class DataPlane:
         if model not in models:
             models = await self.models(refresh=True)
         if model not in models:
+            if model in self._configured:
+                raise NotReady(f"model {model!r} has no worker that holds its keys")
             raise ModelNotFound(f"model {model!r} is not served here")
         return models[model]
 
@@ -132,6 +136,8 @@ class DataPlane:
             await self._broker.ping()
             models = await self.models()
         except NotReady:
+            return False
+        if self._configured - set(models):
             return False
         return bool(models) and all([await self.model_ready(name) for name in models])
 
@@ -153,16 +159,33 @@ class DataPlane:
         outputs = await self._round_trip(model, request)
         return encode_response(model, request, outputs)
 
+    async def attestations(self, model: str) -> list[dict[str, Any]]:
+        await self.spec(model)
+        return [json.loads(item) for item in await self._broker.attestations(model)]
+
+    async def infer_sealed(self, model: str, blob: bytes) -> bytes:
+        """End-to-end mode: ``blob`` is sealed by the client to the workers' key; the gateway
+        only wraps it for the queue and hands back the equally opaque answer."""
+        await self.spec(model)
+        if not await self.model_ready(model):
+            raise NotReady(f"model {model!r} has no live worker")
+        await self._check_backlog(model)
+        return await self._exchange(model, blob, mode="e2e")
+
     async def _round_trip(self, model: str, request: InferRequest) -> dict[str, Any]:
+        plaintext = await self._exchange(model, record.pack(request.inputs))
+        _, outputs = record.unpack(plaintext)
+        return outputs
+
+    async def _exchange(self, model: str, payload: bytes, mode: str = "") -> bytes:
         request_id = uuid.uuid4().hex
-        sealed = self._sealer.seal(record.pack(request.inputs),
-                                   associated_data(model, request_id, REQUEST))
+        sealed = self._sealer.seal(payload, associated_data(model, request_id, REQUEST))
         timeout = self._settings.request_timeout_s
         future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
             await self._broker.enqueue(model, request_id, sealed,
-                                       int((time.time() + timeout) * 1000))
+                                       int((time.time() + timeout) * 1000), mode)
             message = await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"no answer from model {model!r} within {timeout:g} s") from None
@@ -176,5 +199,4 @@ class DataPlane:
         if not message.ok:
             problem = json.loads(plaintext)
             raise _WORKER_ERRORS.get(problem.get("kind"), EngineError)(str(problem.get("error")))
-        _, outputs = record.unpack(plaintext)
-        return outputs
+        return plaintext

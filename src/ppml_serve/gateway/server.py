@@ -6,7 +6,7 @@ import uuid
 
 import uvicorn
 
-from ppml_serve.crypto.sealer import make_sealer
+from ppml_serve.crypto.keys import make_sealer
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
@@ -26,7 +26,8 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     metrics = Metrics()
     dataplane = DataPlane(broker, sealer, settings.gateway,
                           worker_max_age_s=max(3 * settings.worker.heartbeat_s, 1.0),
-                          on_batch=metrics.batch_size.observe)
+                          on_batch=metrics.batch_size.observe,
+                          configured_models=set(settings.models))
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads)
     secure_http = not settings.gateway.plaintext_http

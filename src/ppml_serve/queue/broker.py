@@ -30,6 +30,8 @@ class Delivery:
     body: bytes = field(repr=False)
     deadline_ms: int
     deliveries: int = 1
+    mode: str = ""
+    """``e2e`` when the body holds a request sealed by the client to the workers' key."""
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ Key layout (PREFIX defaults to ``ppml``)::
     PREFIX:dead:MODEL       dead-letter stream: the request's fields plus reason, deliveries
     PREFIX:models           hash MODEL -> model spec JSON (inputs/outputs), set by workers
     PREFIX:workers:MODEL    sorted set worker-id -> last heartbeat (unix seconds)
+    PREFIX:attest:MODEL     hash worker-id -> attestation JSON (public key + evidence)
 
 Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
 """
@@ -54,6 +55,9 @@ class Keys:
     def workers(self, model: str) -> str:
         return f"{self.prefix}:workers:{model}"
 
+    def attestations(self, model: str) -> str:
+        return f"{self.prefix}:attest:{model}"
+
 
 def _connection_options(url: SecretStr, ca_file: Path | None) -> dict[str, Any]:
     options: dict[str, Any] = {"health_check_interval": 30}
@@ -86,6 +90,7 @@ def _delivery(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) 
         body=fields.get(b"body", b""),
         deadline_ms=int(fields.get(b"deadline", b"0") or 0),
         deliveries=deliveries,
+        mode=_str(fields.get(b"mode", b"")),
     )
 
 
@@ -118,10 +123,16 @@ class RedisWorkerBroker:
     def heartbeat(self) -> None:
         self._client.zadd(self._keys.workers(self._model), {self._consumer: time.time()})
 
+    def publish_attestation(self, document: str) -> None:
+        self._client.hset(self._keys.attestations(self._model), self._consumer, document)
+
     def leave(self) -> None:
         # If Redis is already gone, the heartbeat entry simply ages out.
         with contextlib.suppress(redis.RedisError, OSError):
-            self._client.zrem(self._keys.workers(self._model), self._consumer)
+            pipe = self._client.pipeline(transaction=False)
+            pipe.zrem(self._keys.workers(self._model), self._consumer)
+            pipe.hdel(self._keys.attestations(self._model), self._consumer)
+            pipe.execute()
 
     def read(self, count: int, block_ms: int) -> list[Delivery]:
         response: Any = self._client.xreadgroup(GROUP, self._consumer, {self._stream: ">"},
@@ -178,7 +189,7 @@ class RedisWorkerBroker:
         self._client.xadd(
             self._keys.dead_letters(self._model),
             {"id": delivery.request_id, "reply": delivery.reply_to, "body": delivery.body,
-             "deadline": str(delivery.deadline_ms), "reason": reason,
+             "deadline": str(delivery.deadline_ms), "mode": delivery.mode, "reason": reason,
              "deliveries": str(delivery.deliveries)},
             maxlen=DEAD_LETTER_MAXLEN, approximate=True,
         )
@@ -212,13 +223,14 @@ class RedisGatewayBroker:
             await self._client.aclose()
             await self._reader.aclose()
 
-    async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int) -> None:
+    async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
+                      mode: str = "") -> None:
+        fields: dict[Any, Any] = {"id": request_id, "reply": self.reply_stream, "body": body,
+                  "deadline": str(deadline_ms)}
+        if mode:
+            fields["mode"] = mode
         try:
-            await self._client.xadd(
-                self._keys.requests(model),
-                {"id": request_id, "reply": self.reply_stream, "body": body,
-                 "deadline": str(deadline_ms)},
-            )
+            await self._client.xadd(self._keys.requests(model), fields)
         except redis.ResponseError as exc:
             # Redis at maxmemory with noeviction refuses writes: overloaded, nothing dropped.
             raise NotReady(f"queue refused the request: {str(exc).split(' ', 1)[0]}") from None
@@ -231,6 +243,10 @@ class RedisGatewayBroker:
     async def models(self) -> dict[str, str]:
         table: Any = await self._client.hgetall(self._keys.models)
         return {_str(name): spec.decode() for name, spec in table.items()}
+
+    async def attestations(self, model: str) -> list[str]:
+        table: Any = await self._client.hgetall(self._keys.attestations(model))
+        return [value.decode() for value in table.values()]
 
     async def live_workers(self, model: str, max_age_s: float) -> int:
         return int(await self._client.zcount(self._keys.workers(model),

@@ -1,34 +1,92 @@
-"""Assemble a worker process from settings: model bytes -> engine; brokers; sealer."""
+"""Assemble a worker process: attest, obtain keys, decrypt the model in memory, serve."""
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
 import socket
 import uuid
 from pathlib import Path
+from typing import Any
 
-from ppml_serve.crypto.sealer import make_sealer
+from ppml_serve.crypto.attestation.base import AttestationRefused, Provider
+from ppml_serve.crypto.attestation.measurement import Measurement, measure
+from ppml_serve.crypto.attestation.simulated import SimulatedProvider
+from ppml_serve.crypto.e2e import WorkerKey
+from ppml_serve.crypto.envelope import Keyring, PlaintextSealer, Sealer
+from ppml_serve.crypto.model_file import decrypt_model, is_encrypted, read_header
 from ppml_serve.engines import load_engine
 from ppml_serve.errors import ConfigError
+from ppml_serve.keybroker.client import ReleasedKeys, obtain_keys
 from ppml_serve.queue.redis_streams import Keys, RedisWorkerBroker, connect
 from ppml_serve.settings import Settings
 from ppml_serve.worker.service import Worker
 
+log = logging.getLogger("ppml_serve.worker")
 
-def read_model(path: Path) -> bytes:
+
+def measured_config(settings: Settings) -> dict[str, Any]:
+    """The configuration that is part of a worker's measurement."""
+    return {"worker": settings.worker.model_dump(mode="json", exclude={"heartbeat_s"}),
+            "encrypt_payloads": settings.security.encrypt_payloads}
+
+
+def worker_measurement(settings: Settings, model: str, path: Path) -> Measurement:
     try:
-        return path.read_bytes()
+        if is_encrypted(path):
+            with path.open("rb") as handle:
+                digest = read_header(handle, str(path)).sha256
+        else:
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
     except OSError as exc:
         raise ConfigError(f"models: cannot read model file {path} ({exc.strerror})") from None
+    return measure(model, digest, measured_config(settings))
+
+
+def attestation_provider(settings: Settings) -> Provider:
+    if settings.security.attestation == "simulated":
+        log.warning("attestation is SIMULATED: no hardware protection (development only)")
+        return SimulatedProvider(settings.attestation_dir)
+    raise ConfigError("security.attestation: 'none' cannot obtain keys; encrypted models and "
+                      "payloads need an attestation provider")
 
 
 def build_worker(settings: Settings, model: str, path: Path) -> Worker:
-    sealer = make_sealer(settings)
-    engine = load_engine(model, read_model(path), threads=settings.worker.engine_threads)
+    encrypted = is_encrypted(path)
+    released: ReleasedKeys | None = None
+    provider: Provider | None = None
+    measurement = worker_measurement(settings, model, path)
+    if encrypted or settings.security.encrypt_payloads:
+        provider = attestation_provider(settings)
+        model_key = None
+        if encrypted:
+            with path.open("rb") as handle:
+                model_key = read_header(handle, str(path)).wrapped_key
+        try:
+            released = obtain_keys(settings.keybroker_url(), settings.ca_file, provider,
+                                   measurement.value, model, model_key)
+        except AttestationRefused as exc:
+            log.error("no keys for model %r: %s", model, exc)
+            raise
+        log.info("keys released for model %r (measurement %s…)", model, measurement.value[:16])
+    if encrypted:
+        if released is None or released.model_key is None:
+            raise AttestationRefused("the key broker released no key for the encrypted model")
+        model_bytes: bytes | bytearray = decrypt_model(path, released.model_key)
+    else:
+        model_bytes = path.read_bytes()
+    engine = load_engine(model, bytes(model_bytes), threads=settings.worker.engine_threads)
+    del model_bytes
+    sealer: Sealer = PlaintextSealer()
+    if settings.security.encrypt_payloads and released is not None:
+        sealer = Keyring(released.record_keys, released.active_record_key)
     url = settings.redis_url()
     consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     keys = Keys(settings.redis.prefix)
     broker = RedisWorkerBroker(connect(url, settings.ca_file), keys, model, consumer,
                                settings.gateway.reply_stream_maxlen)
     reader = RedisWorkerBroker(connect(url, settings.ca_file), keys, model, consumer)
-    return Worker(model, engine, broker, reader, sealer, settings.worker)
+    worker_key = WorkerKey(released.inference_key) if released is not None else None
+    return Worker(model, engine, broker, reader, sealer, settings.worker,
+                  worker_key=worker_key, provider=provider, measurement=measurement.value)

@@ -6,6 +6,7 @@ milliseconds a batch may wait (Redis resolves blocking timeouts to ~100 ms).
 
 from __future__ import annotations
 
+import base64
 import json
 import logging
 import queue
@@ -13,7 +14,11 @@ import threading
 import time
 from dataclasses import dataclass
 
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
 from ppml_serve.codecs import record
+from ppml_serve.crypto.attestation.base import Provider, report_data
+from ppml_serve.crypto.e2e import WorkerKey
 from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
 from ppml_serve.engines.base import Engine
 from ppml_serve.errors import EngineError, IntegrityError, InvalidInput, ProtocolError
@@ -32,11 +37,15 @@ _ERROR_KINDS: tuple[tuple[type[Exception], str], ...] = (
 )
 
 
+ATTESTATION_REFRESH_S = 30.0
+
+
 @dataclass
 class _Work:
     delivery: Delivery
     item: Item | None = None
     error: Exception | None = None
+    reply_key: AESGCM | None = None
 
 
 def error_body(kind: str, message: str) -> bytes:
@@ -48,7 +57,8 @@ class Worker:
 
     def __init__(self, model: str, engine: Engine, broker: RedisWorkerBroker,
                  reader_broker: RedisWorkerBroker, sealer: Sealer,
-                 settings: WorkerSettings) -> None:
+                 settings: WorkerSettings, worker_key: WorkerKey | None = None,
+                 provider: Provider | None = None, measurement: str = "") -> None:
         self._model = model
         self._engine = engine
         self._broker = broker
@@ -57,7 +67,24 @@ class Worker:
         self._settings = settings
         self._inbox: queue.Queue[Delivery] = queue.Queue(maxsize=settings.max_batch_size)
         self._stopping = threading.Event()
+        self._worker_key = worker_key
+        self._provider = provider
+        self._measurement = measurement
+        self._attested_at = 0.0
         self.batches_served = 0
+
+    def _publish_attestation(self) -> None:
+        """Evidence binding the model's end-to-end key, for clients that seal to it."""
+        if self._worker_key is None or self._provider is None:
+            return
+        if time.monotonic() - self._attested_at < ATTESTATION_REFRESH_S:
+            return
+        public = self._worker_key.public
+        evidence = self._provider.evidence(self._measurement, report_data(public, None), None)
+        self._broker.publish_attestation(json.dumps({
+            "provider": self._provider.name, "evidence": evidence,
+            "public_key": base64.b64encode(public).decode(), "measurement": self._measurement}))
+        self._attested_at = time.monotonic()
 
     def stop(self) -> None:
         self._stopping.set()
@@ -73,6 +100,7 @@ class Worker:
             while not self._stopping.is_set():
                 if time.monotonic() >= next_beat:
                     self._broker.heartbeat()
+                    self._publish_attestation()
                     self._reclaim()
                     next_beat = time.monotonic() + self._settings.heartbeat_s
                 batch = self._collect(timeout_s=min(0.5, self._settings.heartbeat_s))
@@ -155,7 +183,12 @@ class Worker:
         for entry in work:
             try:
                 aad = associated_data(self._model, entry.delivery.request_id, REQUEST)
-                _, inputs = record.unpack(self._sealer.open(entry.delivery.body, aad))
+                opened = self._sealer.open(entry.delivery.body, aad)
+                if entry.delivery.mode == "e2e":
+                    if self._worker_key is None:
+                        raise IntegrityError("this worker holds no end-to-end key")
+                    opened, entry.reply_key = self._worker_key.open_request(opened, self._model)
+                _, inputs = record.unpack(opened)
                 self._engine.spec.check_inputs(inputs)
                 entry.item = Item(inputs)
             except (IntegrityError, InvalidInput, ProtocolError) as exc:
@@ -175,6 +208,9 @@ class Worker:
             kind = next((k for t, k in _ERROR_KINDS if isinstance(error, t)), "engine")
             return self._error_reply(entry.delivery, kind, str(error or "no output"))
         aad = associated_data(self._model, entry.delivery.request_id, REPLY)
-        body = self._sealer.seal(record.pack(entry.item.outputs), aad)
+        packed = record.pack(entry.item.outputs)
+        if entry.reply_key is not None:
+            packed = WorkerKey.seal_reply(entry.reply_key, packed, self._model)
+        body = self._sealer.seal(packed, aad)
         return Reply(entry.delivery, True, body, entry.item.batch_size)
 

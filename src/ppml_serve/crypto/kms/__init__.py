@@ -1,5 +1,5 @@
-"""Key management: primary keys that wrap data keys."""
+"""Key management: primary keys (in a KMS) that wrap data keys."""
 
-from ppml_serve.crypto.kms.local import DataKey, LocalKMS
+from ppml_serve.crypto.kms.base import KMS, DataKey
 
-__all__ = ["DataKey", "LocalKMS"]
+__all__ = ["KMS", "DataKey"]

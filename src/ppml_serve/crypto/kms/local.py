@@ -1,12 +1,11 @@
-"""The embedded default KMS: a primary key file wrapping AES-256 data keys.
+"""The embedded default KMS: versioned primary keys in a passphrase-protected file.
 
-Directory layout (every file mode 0600)::
+``primary-keys.json`` (0600) holds the primary keys encrypted with AES-256-GCM under a key
+derived from a passphrase by scrypt (memory-hard: 2^15 x 8 x 128 B = 32 MiB per guess).
+The passphrase comes from ``PPML_KMS_PASSPHRASE`` or a file (``security.kms_passphrase_file``).
 
-    primary.key      32 random bytes: the primary (key-encryption) key
-    data-keys.json   {"active": ID, "keys": {ID: {"wrapped": B64, "created": ISO-8601}}}
-
-A data key is wrapped with AES-256-GCM under the primary key, with its id as associated
-data, so a wrapped key cannot be swapped under another id.
+Wrapped data key: ``b"LK1"``, key-id length byte, key id, 4-byte version, 12-byte nonce,
+AES-GCM ciphertext of the data key with the header as associated data.
 """
 
 from __future__ import annotations
@@ -15,28 +14,21 @@ import base64
 import json
 import os
 import secrets
-from dataclasses import dataclass, field
-from datetime import datetime, timezone
+import struct
 from pathlib import Path
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
+from pydantic import SecretStr
 
-from ppml_serve.crypto.envelope import KEY_SIZE, Keyring
+from ppml_serve.crypto.kms.base import DataKey
 from ppml_serve.errors import ConfigError, IntegrityError
 
-PRIMARY_FILE = "primary.key"
-DATA_KEYS_FILE = "data-keys.json"
-
-
-@dataclass(frozen=True)
-class DataKey:
-    """A data key in both forms; the plaintext never shows in its repr."""
-
-    key_id: str
-    plaintext: bytes = field(repr=False)
-    wrapped: bytes = field(repr=False)
+PRIMARY_FILE = "primary-keys.json"
+_WRAP_MAGIC = b"LK1"
+_SCRYPT = {"n": 2**15, "r": 8, "p": 1}
 
 
 def write_private(path: Path, data: bytes) -> None:
@@ -48,84 +40,122 @@ def write_private(path: Path, data: bytes) -> None:
     os.replace(temporary, path)
 
 
-class LocalKMS:
-    """File-backed KMS for one host (or a directory shared with the workers)."""
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
 
-    def __init__(self, directory: Path) -> None:
+
+def _derive(passphrase: SecretStr, salt: bytes, params: dict[str, int]) -> AESGCM:
+    kdf = Scrypt(salt=salt, length=32, n=params["n"], r=params["r"], p=params["p"])
+    return AESGCM(kdf.derive(passphrase.get_secret_value().encode()))
+
+
+class LocalKMS:
+    """File-backed KMS for one host (or a directory shared with the key broker)."""
+
+    def __init__(self, directory: Path, passphrase: SecretStr) -> None:
         self._directory = directory
+        path = directory / PRIMARY_FILE
         try:
-            primary = (directory / PRIMARY_FILE).read_bytes()
-            self._table: dict[str, Any] = json.loads((directory / DATA_KEYS_FILE).read_text())
+            sealed = json.loads(path.read_text())
         except FileNotFoundError:
-            raise ConfigError(
-                f"security.kms_dir: no local KMS in {directory}; "
-                "run 'ppml-serve keys init' or 'ppml-serve up'"
-            ) from None
+            raise ConfigError(f"security.kms_dir: no local KMS in {directory}; "
+                              "run 'ppml-serve init' or 'ppml-serve up'") from None
         except ValueError:
-            raise ConfigError(
-                f"security.kms_dir: {directory / DATA_KEYS_FILE} is corrupt") from None
-        if len(primary) != KEY_SIZE:
-            raise ConfigError(f"security.kms_dir: {directory / PRIMARY_FILE} is not a 256-bit key")
-        self._primary = AESGCM(primary)
+            raise ConfigError(f"security.kms_dir: {path} is corrupt") from None
+        try:
+            self._kek = _derive(passphrase, base64.b64decode(sealed["salt"]), sealed["scrypt"])
+            self._keys: dict[str, Any] = json.loads(self._kek.decrypt(
+                base64.b64decode(sealed["nonce"]), base64.b64decode(sealed["ciphertext"]),
+                b"ppml-serve primary keys"))
+        except InvalidTag:
+            raise ConfigError(f"security.kms_dir: wrong passphrase for {path}") from None
+        except (KeyError, ValueError, TypeError):
+            raise ConfigError(f"security.kms_dir: {path} is corrupt") from None
+        self._salt = base64.b64decode(sealed["salt"])
 
     def __repr__(self) -> str:
         return f"LocalKMS({str(self._directory)!r})"
 
     @classmethod
-    def create(cls, directory: Path) -> LocalKMS:
-        """Make a new primary key and a first data key; refuse to overwrite existing ones."""
+    def create(cls, directory: Path, passphrase: SecretStr) -> LocalKMS:
+        """A new key file holding one primary key; refuse to overwrite an existing one."""
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         if (directory / PRIMARY_FILE).exists():
             raise ConfigError(f"security.kms_dir: {directory} already holds a KMS")
-        write_private(directory / PRIMARY_FILE, secrets.token_bytes(KEY_SIZE))
-        write_private(directory / DATA_KEYS_FILE, b'{"active": null, "keys": {}}')
-        kms = cls(directory)
-        kms.rotate()
+        salt = secrets.token_bytes(16)
+        cls._write(directory, _derive(passphrase, salt, _SCRYPT), salt,
+                   {"default": None, "keys": {}})
+        kms = cls(directory, passphrase)
+        kms.create_primary_key()
         return kms
 
-    @classmethod
-    def open_or_create(cls, directory: Path) -> LocalKMS:
-        if (directory / PRIMARY_FILE).exists():
-            return cls(directory)
-        return cls.create(directory)
-
-    @property
-    def active_key_id(self) -> str:
-        return str(self._table["active"])
-
-    @property
-    def key_ids(self) -> list[str]:
-        return list(self._table["keys"])
-
-    def generate_data_key(self) -> DataKey:
-        key_id = "dk-" + secrets.token_hex(8)
-        plaintext = secrets.token_bytes(KEY_SIZE)
+    @staticmethod
+    def _write(directory: Path, kek: AESGCM, salt: bytes, keys: dict[str, Any]) -> None:
         nonce = secrets.token_bytes(12)
-        wrapped = nonce + self._primary.encrypt(nonce, plaintext, key_id.encode())
-        return DataKey(key_id, plaintext, wrapped)
+        ciphertext = kek.encrypt(nonce, json.dumps(keys).encode(), b"ppml-serve primary keys")
+        document = {"format": 1, "kdf": "scrypt", "scrypt": _SCRYPT, "salt": _b64(salt),
+                    "nonce": _b64(nonce), "ciphertext": _b64(ciphertext)}
+        write_private(directory / PRIMARY_FILE, json.dumps(document, indent=2).encode())
 
-    def unwrap(self, key_id: str) -> bytes:
-        entry = self._table["keys"].get(key_id)
+    def _save(self) -> None:
+        self._write(self._directory, self._kek, self._salt, self._keys)
+
+    @property
+    def default_key_id(self) -> str:
+        return str(self._keys["default"])
+
+    def describe(self) -> dict[str, Any]:
+        """Key ids, versions and which is current; never key material."""
+        return {key_id: {"versions": sorted(int(v) for v in entry["versions"]),
+                         "current": entry["current"]}
+                for key_id, entry in self._keys["keys"].items()}
+
+    def create_primary_key(self) -> str:
+        key_id = "pk-" + secrets.token_hex(6)
+        self._keys["keys"][key_id] = {"current": 1, "versions": {"1": _b64(os.urandom(32))}}
+        if self._keys["default"] is None:
+            self._keys["default"] = key_id
+        self._save()
+        return key_id
+
+    def _entry(self, primary_key_id: str | None) -> tuple[str, dict[str, Any]]:
+        key_id = primary_key_id or self.default_key_id
+        entry = self._keys["keys"].get(key_id)
         if entry is None:
-            raise IntegrityError(f"unknown data key id {key_id!r}")
-        wrapped = base64.b64decode(entry["wrapped"])
+            raise ConfigError(f"no primary key {key_id!r} in the local KMS")
+        return key_id, entry
+
+    def generate_data_key(self, primary_key_id: str | None = None) -> DataKey:
+        key_id, entry = self._entry(primary_key_id)
+        version = int(entry["current"])
+        primary = AESGCM(base64.b64decode(entry["versions"][str(version)]))
+        encoded = key_id.encode()
+        header = _WRAP_MAGIC + bytes([len(encoded)]) + encoded + struct.pack(">I", version)
+        nonce = secrets.token_bytes(12)
+        plaintext = secrets.token_bytes(32)
+        wrapped = header + nonce + primary.encrypt(nonce, plaintext, header)
+        return DataKey(plaintext, wrapped, key_id)
+
+    def unwrap(self, wrapped: bytes) -> bytes:
         try:
-            return self._primary.decrypt(wrapped[:12], wrapped[12:], key_id.encode())
-        except InvalidTag:
-            raise IntegrityError(f"data key {key_id!r} failed to unwrap") from None
+            if wrapped[:3] != _WRAP_MAGIC:
+                raise ValueError
+            id_end = 4 + wrapped[3]
+            key_id = wrapped[4:id_end].decode()
+            (version,) = struct.unpack(">I", wrapped[id_end:id_end + 4])
+            header_end = id_end + 4
+            material = self._keys["keys"][key_id]["versions"][str(version)]
+            primary = AESGCM(base64.b64decode(material))
+            return primary.decrypt(wrapped[header_end:header_end + 12],
+                                   wrapped[header_end + 12:], wrapped[:header_end])
+        except (ValueError, KeyError, IndexError, struct.error, InvalidTag,
+                UnicodeDecodeError):
+            raise IntegrityError("wrapped data key is invalid or was tampered with") from None
 
-    def rotate(self) -> str:
-        """Add a new data key and make it the active one; older keys stay for opening."""
-        key = self.generate_data_key()
-        self._table["keys"][key.key_id] = {
-            "wrapped": base64.b64encode(key.wrapped).decode(),
-            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        }
-        self._table["active"] = key.key_id
-        write_private(self._directory / DATA_KEYS_FILE, json.dumps(self._table, indent=2).encode())
-        return key.key_id
-
-    def keyring(self) -> Keyring:
-        """Every data key, unwrapped, with the active one for sealing."""
-        return Keyring({key_id: self.unwrap(key_id) for key_id in self.key_ids},
-                       self.active_key_id)
+    def rotate(self, primary_key_id: str | None = None) -> str:
+        key_id, entry = self._entry(primary_key_id)
+        version = int(entry["current"]) + 1
+        entry["versions"][str(version)] = _b64(os.urandom(32))
+        entry["current"] = version
+        self._save()
+        return f"{key_id} v{version}"

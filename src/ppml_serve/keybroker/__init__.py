@@ -1,0 +1,1 @@
+"""The key broker: releases data keys only to workers whose attestation passes the policy."""

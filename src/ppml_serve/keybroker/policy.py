@@ -1,0 +1,52 @@
+"""Key-release policy: which providers and measurements get keys, debug or not, how fresh.
+
+The default (no policy file) is the strict production policy: only hardware-backed token
+evidence (``jwt``), no debug enclaves, and no measurement allowed until one is listed, so
+simulated attestation gets nothing.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
+from ppml_serve.errors import ConfigError
+
+
+class Policy(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    allowed_providers: list[str] = Field(default_factory=lambda: ["jwt"])
+    """Evidence kinds accepted; ``simulated`` gives no hardware protection."""
+    allowed_measurements: list[str] = Field(default_factory=list)
+    """Hex measurements (``ppml-serve attest measure``) that may receive keys."""
+    allow_debug: bool = False
+    """Accept debug enclaves (and simulated evidence, which is always debug)."""
+    max_evidence_age_s: float = Field(60.0, gt=0)
+    """Evidence older than this is stale."""
+
+    @classmethod
+    def load(cls, path: Path | None) -> Policy:
+        if path is None or not path.exists():
+            return cls()
+        try:
+            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+        except (ValidationError, yaml.YAMLError) as exc:
+            raise ConfigError(f"security.policy_file: {path} is not a valid policy: "
+                              f"{str(exc).splitlines()[0]}") from None
+
+    def check(self, claims: Claims, now: float) -> None:
+        if claims.provider not in self.allowed_providers:
+            raise AttestationRefused(f"provider {claims.provider!r} is not allowed by the policy")
+        if claims.debug and not self.allow_debug:
+            raise AttestationRefused("debug (or simulated) evidence is not allowed by the policy")
+        if claims.measurement.lower() not in {m.lower() for m in self.allowed_measurements}:
+            raise AttestationRefused(
+                f"measurement {claims.measurement[:16]}… is not allowed by the policy "
+                "(the worker's code, configuration or model differs)")
+        age = now - claims.issued_at
+        if age > self.max_evidence_age_s or age < -5:
+            raise AttestationRefused(f"evidence is stale ({age:.0f} s old)")

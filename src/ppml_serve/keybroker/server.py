@@ -1,0 +1,41 @@
+"""Assemble the key broker process from settings."""
+
+from __future__ import annotations
+
+import uvicorn
+
+from ppml_serve.crypto.attestation.base import Verifier
+from ppml_serve.crypto.attestation.jwt_token import JwtVerifier
+from ppml_serve.crypto.attestation.simulated import PUBLIC_FILE, SimulatedVerifier
+from ppml_serve.crypto.keys import data_key_table, open_kms
+from ppml_serve.keybroker.app import create_app
+from ppml_serve.keybroker.policy import Policy
+from ppml_serve.keybroker.service import InferenceKeys, KeyBroker
+from ppml_serve.settings import Settings
+
+
+def verifiers(settings: Settings) -> dict[str, Verifier]:
+    found: dict[str, Verifier] = {}
+    if (settings.attestation_dir / PUBLIC_FILE).exists():
+        found["simulated"] = SimulatedVerifier.from_directory(settings.attestation_dir)
+    broker = settings.keybroker
+    if broker.jwks_file is not None and broker.jwt_issuer:
+        found["jwt"] = JwtVerifier.from_file(broker.jwks_file, broker.jwt_issuer)
+    return found
+
+
+def build_broker(settings: Settings) -> KeyBroker:
+    kms = open_kms(settings)
+    table = data_key_table(settings)
+    return KeyBroker(kms, table.unwrap_all(kms), table.active, Policy.load(settings.policy_file),
+                     verifiers(settings), InferenceKeys(settings.kms_dir / "inference-keys.json",
+                                                        kms))
+
+
+def build_keybroker_server(settings: Settings) -> uvicorn.Server:
+    app = create_app(build_broker(settings))
+    config = uvicorn.Config(app, host=settings.keybroker.host, port=settings.keybroker.port,
+                            loop="uvloop", http="httptools", log_level="warning",
+                            access_log=False, ssl_certfile=str(settings.server_cert_file),
+                            ssl_keyfile=str(settings.server_key_file))
+    return uvicorn.Server(config)

@@ -1,0 +1,117 @@
+"""Key release logic, free of HTTP: nonces, evidence checks, keys sealed to the worker."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from ppml_serve.crypto.attestation.base import AttestationRefused, Verifier, report_data
+from ppml_serve.crypto.kms.base import KMS
+from ppml_serve.crypto.kms.local import write_private
+from ppml_serve.crypto.sealed_box import public_bytes, seal_to
+from ppml_serve.errors import IntegrityError
+from ppml_serve.keybroker.policy import Policy
+
+log = logging.getLogger("ppml_serve.keybroker")
+
+RELEASE_INFO = b"ppml-serve key release v1"
+NONCE_TTL_S = 60.0
+
+
+@dataclass(frozen=True)
+class ReleaseRequest:
+    provider: str
+    evidence: str = field(repr=False)
+    public_key: bytes
+    model: str
+    model_key: bytes | None = field(default=None, repr=False)
+
+
+class InferenceKeys:
+    """One X25519 key pair per model for end-to-end sealed requests, stored KMS-wrapped."""
+
+    def __init__(self, path: Path, kms: KMS) -> None:
+        self._path = path
+        self._kms = kms
+        self._wrapped: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+
+    def private_key(self, model: str) -> bytes:
+        if model not in self._wrapped:
+            key = self._kms.generate_data_key()  # 32 random bytes make an X25519 private key
+            self._wrapped[model] = base64.b64encode(key.wrapped).decode()
+            write_private(self._path, json.dumps(self._wrapped, indent=2).encode())
+        return self._kms.unwrap(base64.b64decode(self._wrapped[model]))
+
+
+class KeyBroker:
+    def __init__(self, kms: KMS, record_keys: dict[str, bytes], active_record_key: str,
+                 policy: Policy, verifiers: dict[str, Verifier], inference_keys: InferenceKeys,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._kms = kms
+        self._record_keys = record_keys
+        self._active = active_record_key
+        self._policy = policy
+        self._verifiers = verifiers
+        self._inference_keys = inference_keys
+        self._clock = clock
+        self._nonces: dict[str, float] = {}
+
+    def __repr__(self) -> str:
+        return f"KeyBroker(providers={sorted(self._verifiers)})"
+
+    def issue_nonce(self) -> str:
+        now = self._clock()
+        self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+        nonce = secrets.token_urlsafe(24)
+        self._nonces[nonce] = now + NONCE_TTL_S
+        return nonce
+
+    def _consume_nonce(self, nonce: str | None) -> None:
+        expiry = self._nonces.pop(nonce, None) if nonce else None
+        if expiry is None:
+            raise AttestationRefused("nonce unknown or already used (replayed evidence)")
+        if expiry < self._clock():
+            raise AttestationRefused("nonce expired (stale evidence)")
+
+    def release(self, request: ReleaseRequest) -> bytes:
+        """The keys sealed to ``request.public_key``; ``AttestationRefused`` says why not."""
+        try:
+            verifier = self._verifiers.get(request.provider)
+            if verifier is None:
+                raise AttestationRefused(f"no verifier for provider {request.provider!r}")
+            claims = verifier.verify(request.evidence)
+            if claims.provider != request.provider:
+                raise AttestationRefused("evidence is from another provider than claimed")
+            self._consume_nonce(claims.nonce)
+            if claims.report_data != report_data(request.public_key, claims.nonce):
+                raise AttestationRefused("evidence does not bind the presented public key")
+            self._policy.check(claims, self._clock())
+            model_key = self._kms.unwrap(request.model_key) if request.model_key else None
+        except AttestationRefused as exc:
+            log.warning("key release refused for model %r: %s", request.model, exc)
+            raise
+        except IntegrityError:
+            log.warning("key release refused for model %r: model key invalid", request.model)
+            raise AttestationRefused("the model's wrapped key is not valid") from None
+        inference = X25519PrivateKey.from_private_bytes(
+            self._inference_keys.private_key(request.model))
+        payload = {
+            "record_keys": {k: base64.b64encode(v).decode() for k, v in self._record_keys.items()},
+            "active": self._active,
+            "model_key": base64.b64encode(model_key).decode() if model_key else None,
+            "inference_key": base64.b64encode(
+                self._inference_keys.private_key(request.model)).decode(),
+            "inference_public_key": base64.b64encode(public_bytes(inference)).decode(),
+        }
+        log.info("released keys for model %r to measurement %s… (%s%s)", request.model,
+                 claims.measurement[:16], claims.provider,
+                 "" if claims.hardware_protected else ", NO hardware protection")
+        return seal_to(request.public_key, json.dumps(payload).encode(), RELEASE_INFO)
