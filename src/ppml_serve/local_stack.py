@@ -22,7 +22,7 @@ from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.errors import NotReady
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
 from ppml_serve.settings import Settings
-from ppml_serve.state import prepare_state
+from ppml_serve.state import prepare_state, read_api_key
 from ppml_serve.worker.runner import worker_measurement
 
 log = logging.getLogger("ppml_serve.stack")
@@ -85,9 +85,12 @@ def write_run_config(settings: Settings, path: Path) -> None:
 class LocalStack:
     """Managed Redis + ``workers`` worker processes per model + one gateway."""
 
-    def __init__(self, settings: Settings, workers: int = 1, log_level: str = "INFO") -> None:
+    def __init__(self, settings: Settings, workers: int = 1, log_level: str = "INFO",
+                 unserved: frozenset[str] = frozenset()) -> None:
         self.settings = settings
         self.workers = workers
+        self.unserved = unserved
+        """Models the gateway knows but no worker is started for (tests of refusal)."""
         self.log_level = log_level
         if settings.gateway.port == 0:
             settings.gateway.port = free_port()
@@ -127,6 +130,7 @@ class LocalStack:
             Child(f"worker {name} #{index}",
                   [*base, "worker", *common, "--model", f"{name}={path}"])
             for name, path in settings.models.items() for index in range(self.workers)
+            if name not in self.unserved
         ]
         self.children = [self.keybroker, *workers]
         self.gateway = Child("gateway", [*base, "gateway", *common])
@@ -151,14 +155,17 @@ class LocalStack:
 
     def wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        with Client(self.url, ca_file=self.settings.ca_file, timeout_s=2) as client:
+        served = [name for name in self.settings.models if name not in self.unserved]
+        api_key = read_api_key(self.settings.state_dir)
+        with Client(self.url, api_key=api_key, ca_file=self.settings.ca_file,
+                    timeout_s=2) as client:
             while time.monotonic() < deadline:
                 for child in self.children:
                     if not child.alive():
                         raise NotReady(f"{child.name} exited during start-up "
                                        f"(code {child.returncode})")
                 try:
-                    if client.ready():
+                    if all(client.model_ready(name) for name in served):
                         return
                 except Exception as exc:  # httpx wraps refused connections in its own errors
                     log.debug("gateway not answering yet (%s)", type(exc).__name__)

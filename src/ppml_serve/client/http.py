@@ -4,13 +4,18 @@ from __future__ import annotations
 
 import json
 import ssl
+import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import numpy as np
 
+from ppml_serve.codecs import record
 from ppml_serve.codecs.tensors import datatype_name, numpy_dtype
+from ppml_serve.crypto.attestation.base import AttestationRefused, Verifier
+from ppml_serve.crypto.attestation.policy import Policy
+from ppml_serve.crypto.e2e import ClientSession
 
 Arrays = dict[str, np.ndarray[Any, Any]]
 
@@ -79,6 +84,17 @@ def _raise_for_status(response: httpx.Response) -> None:
     raise ClientError(response.status_code, message)
 
 
+def _trusted_key(document: dict[str, Any], verifier: Verifier, policy: Policy) -> bytes:
+    reasons = []
+    for worker in document.get("workers", []):
+        try:
+            return policy.check_worker_key(worker, verifier, time.time())
+        except AttestationRefused as exc:
+            reasons.append(str(exc))
+    raise AttestationRefused("no worker key passed the client's policy: "
+                             + ("; ".join(reasons) or "no worker published one"))
+
+
 class _Base:
     def __init__(self, api_key: str | None) -> None:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -121,6 +137,9 @@ class Client(_Base):
     def ready(self) -> bool:
         return self._http.get("/v2/health/ready").status_code == 200
 
+    def model_ready(self, model: str) -> bool:
+        return self._http.get(f"/v2/models/{model}/ready").status_code == 200
+
     def metadata(self, model: str) -> dict[str, Any]:
         response = self._http.get(f"/v2/models/{model}")
         _raise_for_status(response)
@@ -135,6 +154,24 @@ class Client(_Base):
         body, headers = encode_inputs(named or {})
         return _decode(self._http.post(f"/v2/models/{model}/infer", content=body,
                                        headers=headers))
+
+    def worker_key(self, model: str, verifier: Verifier, policy: Policy) -> bytes:
+        """The model's end-to-end public key, after checking its evidence against ``policy``."""
+        response = self._http.get(f"/v2/models/{model}/attestation")
+        _raise_for_status(response)
+        return _trusted_key(response.json(), verifier, policy)
+
+    def infer_sealed(self, model: str, inputs: Arrays, verifier: Verifier,
+                     policy: Policy) -> Arrays:
+        """End-to-end sealed inference: only an attested worker can read inputs and outputs;
+        the gateway and Redis see ciphertext only."""
+        session = ClientSession(self.worker_key(model, verifier, policy))
+        blob = session.seal_request(record.pack(inputs), model)
+        response = self._http.post(f"/v2/models/{model}/infer-sealed", content=blob,
+                                   headers={"Content-Type": "application/octet-stream"})
+        _raise_for_status(response)
+        _, outputs = record.unpack(session.open_reply(response.content, model))
+        return {name: np.array(array) for name, array in outputs.items()}
 
 
 class AsyncClient(_Base):

@@ -6,10 +6,10 @@ import uvicorn
 
 from ppml_serve.crypto.attestation.base import Verifier
 from ppml_serve.crypto.attestation.jwt_token import JwtVerifier
+from ppml_serve.crypto.attestation.policy import Policy
 from ppml_serve.crypto.attestation.simulated import PUBLIC_FILE, SimulatedVerifier
 from ppml_serve.crypto.keys import data_key_table, open_kms
 from ppml_serve.keybroker.app import create_app
-from ppml_serve.keybroker.policy import Policy
 from ppml_serve.keybroker.service import InferenceKeys, KeyBroker
 from ppml_serve.settings import Settings
 

@@ -14,11 +14,11 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Verifier, report_data
+from ppml_serve.crypto.attestation.policy import Policy
 from ppml_serve.crypto.kms.base import KMS
 from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.sealed_box import public_bytes, seal_to
 from ppml_serve.errors import IntegrityError
-from ppml_serve.keybroker.policy import Policy
 
 log = logging.getLogger("ppml_serve.keybroker")
 

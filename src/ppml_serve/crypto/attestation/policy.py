@@ -1,4 +1,7 @@
-"""Key-release policy: which providers and measurements get keys, debug or not, how fresh.
+"""Attestation policy: which providers and measurements are trusted, debug or not, how fresh.
+
+The key broker applies one before releasing keys; a client applies its own before sealing
+its input to a worker's key (end-to-end mode).
 
 The default (no policy file) is the strict production policy: only hardware-backed token
 evidence (``jwt``), no debug enclaves, and no measurement allowed until one is listed, so
@@ -7,12 +10,14 @@ simulated attestation gets nothing.
 
 from __future__ import annotations
 
+import base64
+import binascii
 from pathlib import Path
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
+from ppml_serve.crypto.attestation.base import AttestationRefused, Claims, Verifier, report_data
 from ppml_serve.errors import ConfigError
 
 
@@ -37,6 +42,20 @@ class Policy(BaseModel):
         except (ValidationError, yaml.YAMLError) as exc:
             raise ConfigError(f"security.policy_file: {path} is not a valid policy: "
                               f"{str(exc).splitlines()[0]}") from None
+
+    def check_worker_key(self, document: dict[str, object], verifier: Verifier,
+                         now: float) -> bytes:
+        """A worker's published end-to-end key, if its evidence passes: the raw public key."""
+        try:
+            public_key = base64.b64decode(str(document["public_key"]), validate=True)
+            evidence = str(document["evidence"])
+        except (KeyError, ValueError, binascii.Error):
+            raise AttestationRefused("worker attestation document is malformed") from None
+        claims = verifier.verify(evidence)
+        if claims.report_data != report_data(public_key, None):
+            raise AttestationRefused("evidence does not bind the published public key")
+        self.check(claims, now)
+        return public_key
 
     def check(self, claims: Claims, now: float) -> None:
         if claims.provider not in self.allowed_providers:
