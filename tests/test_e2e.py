@@ -258,6 +258,7 @@ def test_health_and_metadata(stack: Stack) -> None:
         assert http.get("/v2/health/ready").status_code == 200
         server = http.get("/v2").json()
     assert server["extensions"] == ["binary_tensor_data"]
+    assert "NO hardware protection" in server["security"]["worker_attestation"]
     with stack.http() as http:
         assert http.get("/v2/models/demo/ready").json() == {"name": "demo", "ready": True}
 

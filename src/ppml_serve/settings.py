@@ -94,8 +94,9 @@ class KeyBrokerSettings(_Section):
 class SecuritySettings(_Section):
     encrypt_payloads: bool = True
     """Seal every record that enters Redis with AES-256-GCM. Off only for benchmarks."""
-    kms: Literal["local", "aws"] = "local"
-    """Where primary keys live: the local passphrase-protected file, or AWS KMS."""
+    kms: Literal["local", "aws", "kmip"] = "local"
+    """Where primary keys live: the local passphrase-protected file, AWS KMS, or a KMIP
+    server (mutual TLS)."""
     kms_dir: Path | None = None
     """Local KMS key file and the wrapped record data keys. Default: ``STATE_DIR/kms``."""
     kms_passphrase_file: Path | None = None
@@ -107,6 +108,16 @@ class SecuritySettings(_Section):
     """AWS region of the KMS (``kms: aws``)."""
     aws_endpoint_url: str | None = None
     """Override the AWS KMS endpoint (a VPC endpoint, or a local emulator in tests)."""
+    kmip_host: str = "127.0.0.1"
+    """KMIP server host (``kms: kmip``)."""
+    kmip_port: int = Field(5696, ge=1, le=65535)
+    """KMIP server port (``kms: kmip``)."""
+    kmip_cert_file: Path | None = None
+    """Client certificate for the KMIP server's mutual TLS (needs extendedKeyUsage clientAuth)."""
+    kmip_key_file: Path | None = None
+    """Private key of the KMIP client certificate."""
+    kmip_ca_file: Path | None = None
+    """CA that signed the KMIP server certificate. Default: the Redis/dev CA."""
     keybroker_url: str | None = None
     """HTTPS URL of the key broker that releases keys to attested workers.
     Default: ``STATE_DIR/keybroker.url``, written by ``up``."""

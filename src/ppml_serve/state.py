@@ -28,7 +28,10 @@ def prepare_state(settings: Settings) -> None:
         LocalKMS.create(settings.kms_dir, kms_passphrase(settings))
     if not (settings.kms_dir / DATA_KEYS_FILE).exists():
         settings.kms_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        DataKeyTable.create(settings.kms_dir / DATA_KEYS_FILE, open_kms(settings))
+        kms = open_kms(settings)
+        if settings.security.kms == "kmip" and not (settings.kms_dir / "kmip.json").exists():
+            kms.create_primary_key()
+        DataKeyTable.create(settings.kms_dir / DATA_KEYS_FILE, kms)
     if settings.security.attestation == "simulated":
         ensure_platform_key(settings.attestation_dir)
     key_file = state / "api-key"

@@ -38,6 +38,15 @@ def open_kms(settings: Settings) -> KMS:
 
         return AwsKMS(security.aws_kms_key_id, security.aws_region,
                       security.aws_endpoint_url)
+    if security.kms == "kmip":
+        from ppml_serve.crypto.kms.kmip import KmipKMS
+
+        if security.kmip_cert_file is None or security.kmip_key_file is None:
+            raise ConfigError("security.kmip_cert_file and security.kmip_key_file are required "
+                              "for kms: kmip")
+        return KmipKMS(security.kmip_host, security.kmip_port, security.kmip_cert_file,
+                       security.kmip_key_file, security.kmip_ca_file or settings.ca_file,
+                       settings.kms_dir)
     from ppml_serve.crypto.kms.local import LocalKMS
 
     return LocalKMS(settings.kms_dir, kms_passphrase(settings))

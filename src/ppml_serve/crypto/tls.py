@@ -91,6 +91,32 @@ def ensure_dev_pki(directory: Path) -> DevPki:
     return pki
 
 
+def issue_client_cert(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """A client certificate (clientAuth) from the dev CA, e.g. for a KMIP server's mTLS."""
+    ca_key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
+    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
+    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
+        raise ValueError("the dev CA key is not an EC key")
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = datetime.now(timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(common_name))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - timedelta(minutes=5))
+        .not_valid_after(now + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+        .sign(ca_key, hashes.SHA256())
+    )
+    cert_file, key_file = directory / f"{common_name}.pem", directory / f"{common_name}-key.pem"
+    write_private(key_file, _pem_key(key))
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return cert_file, key_file
+
+
 def client_context(ca_file: Path | None) -> ssl.SSLContext:
     """A verifying TLS 1.2+ client context trusting ``ca_file`` (or the system store)."""
     context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)

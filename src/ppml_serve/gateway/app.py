@@ -86,7 +86,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
 
 
 def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
-               metrics: Metrics, secure: bool = True) -> Starlette:
+               metrics: Metrics, secure: bool = True, attestation: str = "simulated"
+               ) -> Starlette:
     """Build the app; ``dataplane`` is started and stopped with the app's lifespan."""
 
     def authenticated(model_route: bool = True) -> Callable[
@@ -109,7 +110,13 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         return JSONResponse({
             "name": "ppml-serve", "version": __version__,
             "extensions": ["binary_tensor_data"],
-            "security": {"payload_encryption": "AES-256-GCM" if secure else "OFF (insecure)"},
+            "security": {
+                "payload_encryption": "AES-256-GCM" if secure else "OFF (insecure)",
+                "worker_attestation": (
+                    "simulated: NO hardware protection (development only)"
+                    if attestation == "simulated" else attestation),
+                "end_to_end_sealing": "X25519-HKDF-SHA256-AES-256-GCM",
+            },
         })
 
     async def live(request: Request) -> Response:

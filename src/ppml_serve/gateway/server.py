@@ -29,7 +29,8 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                           on_batch=metrics.batch_size.observe,
                           configured_models=set(settings.models))
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
-                     secure=settings.security.encrypt_payloads)
+                     secure=settings.security.encrypt_payloads,
+                     attestation=settings.security.attestation)
     secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
                             loop="uvloop", http="httptools", log_level="warning",
