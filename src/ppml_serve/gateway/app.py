@@ -159,7 +159,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                         headers={"Inference-Header-Content-Length": str(header_length)})
 
     @authenticated()
-    async def attestation(request: Request) -> Response:
+    async def model_attestation(request: Request) -> Response:
         model = request.path_params["model"]
         return JSONResponse({"model": model, "workers": await dataplane.attestations(model)})
 
@@ -204,7 +204,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
-        Route("/v2/models/{model}/attestation", attestation),
+        Route("/v2/models/{model}/attestation", model_attestation),
         Route("/v2/models/{model}/infer-sealed", infer_sealed, methods=["POST"]),
         Route("/metrics", metrics_endpoint),
     ]
