@@ -7,6 +7,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from ppml_serve.bench.runner import summarize
 
 FIELDS = {"name", "engine", "precision", "secure", "mode", "concurrency", "throughput",
@@ -18,31 +20,43 @@ def test_bench_writes_runs_and_plot(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "ppml_serve", "bench", "--configs", "secure,plain",
          "--concurrency", "1,4", "--duration", "0.6", "--warmup", "0.2",
-         "--max-batch-size", "4", "--json", str(out), "--plot", str(chart)],
+         "--max-batch-size", "4", "--repeats", "2", "--json", str(out), "--plot", str(chart)],
         capture_output=True, text=True, timeout=180, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     runs = json.loads(out.read_text())
-    assert {(r["name"], r["mode"], r["concurrency"]) for r in runs} >= {
-        ("demo-secure", "raw", 1), ("demo-secure", "raw", 4), ("demo-secure", "pipeline", 1),
-        ("demo-secure", "pipeline", 4), ("demo-plain", "pipeline", 4)}
+    secure, plain = "demo-onnxruntime-fp32-secure", "demo-onnxruntime-fp32-plain"
+    assert {(r["name"], r["mode"], r["concurrency"], r["batch_size"]) for r in runs} == {
+        (secure, "raw", 1, 1), (secure, "raw", 1, 4), (secure, "pipeline", 1, 1),
+        (secure, "pipeline", 4, 1), (plain, "raw", 1, 1), (plain, "raw", 1, 4),
+        (plain, "pipeline", 1, 1), (plain, "pipeline", 4, 1)}
     for run in runs:
         assert set(run) >= FIELDS
         assert run["errors"] == 0 and run["throughput"] > 0
-    assert [r["secure"] for r in runs if r["name"] == "demo-plain"] == [False] * 4
+        assert len(run["throughput_repeats"]) == 2
+        assert run["precision"] == "fp32" and run["engine"] == "onnxruntime"
+    assert {r["secure"] for r in runs if r["name"] == plain} == {False}
     assert chart.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "pipeline/raw" in completed.stdout
+    assert "pipeline/raw" in completed.stdout and "secure/plain" in completed.stdout
 
 
-def test_bench_rejects_bad_flags() -> None:
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--concurrency", "1,x"], "--concurrency: expected a comma list of integers"),
+    (["--engines", "tensorrt"], "--engines: unknown value(s) ['tensorrt']"),
+    (["--precisions", "bf16"], "bf16 needs --engines openvino"),
+    (["--model", "m=/no/such.onnx"], "--model: no such file"),
+])
+def test_bench_rejects_bad_flags(flags: list[str], message: str) -> None:
     completed = subprocess.run(
-        [sys.executable, "-m", "ppml_serve", "bench", "--concurrency", "1,x"],
+        [sys.executable, "-m", "ppml_serve", "bench", *flags],
         capture_output=True, text=True, timeout=60, check=False)
     assert completed.returncode == 2
-    assert "--concurrency: expected a comma list of integers" in completed.stderr
+    assert message in completed.stderr
 
 
 def test_summary_ratios() -> None:
-    runs = [{"name": "m", "mode": "raw", "throughput": 100.0},
-            {"name": "m", "mode": "pipeline", "throughput": 40.0},
-            {"name": "m", "mode": "pipeline", "throughput": 90.0}]
-    assert summarize(runs) == ["m: pipeline/raw = 0.90 (90.0 vs 100.0 items/s)"]
+    runs = [{"name": "m-secure", "mode": "raw", "throughput": 100.0},
+            {"name": "m-secure", "mode": "pipeline", "throughput": 40.0},
+            {"name": "m-secure", "mode": "pipeline", "throughput": 90.0},
+            {"name": "m-plain", "mode": "pipeline", "throughput": 93.0}]
+    assert summarize(runs) == ["m-secure: pipeline/raw = 0.90 (90.0 vs 100.0 items/s)",
+                               "m: secure/plain = 0.97 (90.0 vs 93.0 items/s)"]

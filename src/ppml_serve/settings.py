@@ -70,8 +70,15 @@ class WorkerSettings(_Section):
     """Most requests run in one engine call."""
     max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000)
     """Longest wait for a batch to fill once its first request has arrived."""
+    engine: Literal["onnxruntime", "openvino", "auto"] = "onnxruntime"
+    """Inference engine; ``auto`` picks OpenVINO on Intel CPUs when it is installed."""
+    precision: Literal["fp32", "bf16"] = "fp32"
+    """Compute precision of float models. ``fp32`` really means f32 (OpenVINO would otherwise
+    use bf16 on capable CPUs); ``bf16`` needs OpenVINO. INT8 comes from the model file."""
     engine_threads: int = Field(0, ge=0, le=256)
     """Threads per engine call; 0 lets the engine use every core."""
+    streams: int = Field(1, ge=1, le=64)
+    """OpenVINO streams, and batches the worker keeps in flight at once."""
     claim_idle_ms: int = Field(30_000, ge=100)
     """A request pending this long on a silent worker is reclaimed by another."""
     max_deliveries: int = Field(3, ge=1, le=100)

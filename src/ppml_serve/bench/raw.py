@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -12,18 +13,25 @@ from ppml_serve.engines.base import Engine
 
 
 def run_raw(engine: Engine, inputs: dict[str, np.ndarray[Any, Any]], batch_size: int,
-            duration_s: float, warmup_s: float) -> LoadResult:
-    """Back-to-back engine calls on batches of ``batch_size``; latency is per call."""
+            duration_s: float, warmup_s: float, parallel: int = 1) -> LoadResult:
+    """Back-to-back engine calls on batches of ``batch_size`` from ``parallel`` threads (as
+    many as the worker keeps in flight); latency is per call."""
     batch = {name: np.repeat(array[:1], batch_size, axis=0) for name, array in inputs.items()}
-    deadline = time.perf_counter() + warmup_s
-    while time.perf_counter() < deadline:
-        engine.infer(batch)
-    latencies = []
+    latencies: list[float] = []
     start = time.perf_counter()
-    stop_at = start + duration_s
-    while (now := time.perf_counter()) < stop_at:
-        engine.infer(batch)
-        latencies.append((time.perf_counter() - now) * 1000)
-    elapsed = time.perf_counter() - start
-    return LoadResult(batch_size, elapsed, len(latencies), len(latencies) * batch_size, 0,
-                      latencies)
+    measure_from = start + warmup_s
+    stop_at = measure_from + duration_s
+
+    def loop() -> None:
+        while (now := time.perf_counter()) < stop_at:
+            engine.infer(batch)
+            if now >= measure_from:
+                latencies.append((time.perf_counter() - now) * 1000)
+
+    threads = [threading.Thread(target=loop) for _ in range(parallel)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.perf_counter() - measure_from
+    return LoadResult(1, elapsed, len(latencies), len(latencies) * batch_size, 0, latencies)

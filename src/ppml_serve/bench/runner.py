@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import platform
 import tempfile
@@ -23,6 +24,11 @@ from ppml_serve.settings import load_settings
 from ppml_serve.state import read_api_key
 
 
+def is_int8(path: Path) -> bool:
+    """A QDQ-quantized model (``model quantize``) carries QuantizeLinear nodes."""
+    return b"QuantizeLinear" in path.read_bytes()
+
+
 @dataclass(frozen=True)
 class BenchConfig:
     """One thing to measure: a model file on an engine, secure or plain."""
@@ -32,7 +38,12 @@ class BenchConfig:
     model_path: Path
     engine: str = "onnxruntime"
     precision: str = "fp32"
+    """Compute precision asked of the engine for float models (fp32 or bf16)."""
     secure: bool = True
+
+    @property
+    def reported_precision(self) -> str:
+        return "int8" if is_int8(self.model_path) else self.precision
 
 
 @dataclass(frozen=True)
@@ -45,11 +56,13 @@ class BenchOptions:
     max_batch_size: int = 16
     max_batch_delay_ms: float = 2.0
     threads: int = 0
+    streams: int = 1
+    repeats: int = 3
 
 
 def _entry(config: BenchConfig, mode: str, result: LoadResult, **extra: Any) -> dict[str, Any]:
     return {
-        "name": config.name, "engine": config.engine, "precision": config.precision,
+        "name": config.name, "engine": config.engine, "precision": config.reported_precision,
         "secure": config.secure, "mode": mode, "concurrency": result.concurrency,
         "throughput": round(result.throughput, 2), "p50_ms": round(result.percentile(50), 3),
         "p95_ms": round(result.percentile(95), 3), "p99_ms": round(result.percentile(99), 3),
@@ -86,57 +99,92 @@ def machine() -> dict[str, Any]:
     return {"cpu": cpu, "cores": os.cpu_count(), "python": platform.python_version()}
 
 
-def run_config(config: BenchConfig, options: BenchOptions,
-               step: Callable[[str], None]) -> list[dict[str, Any]]:
-    runs: list[dict[str, Any]] = []
-    engine = load_engine(config.model, config.model_path.read_bytes(), config.engine,
-                         options.threads)
+def _stack(config: BenchConfig, options: BenchOptions, state: Path) -> LocalStack:
+    settings = load_settings(
+        state_dir=state,
+        models={config.model: config.model_path},
+        gateway={"port": 0, "plaintext_http": not config.secure, "max_queue_length": 100_000},
+        redis={"allow_plaintext": not config.secure},
+        security={"encrypt_payloads": config.secure},
+        worker={"max_batch_size": options.max_batch_size,
+                "max_batch_delay_ms": options.max_batch_delay_ms,
+                "engine_threads": options.threads, "engine": config.engine,
+                "precision": config.precision, "streams": options.streams},
+    )
+    return LocalStack(settings, options.workers, log_level="WARNING")
+
+
+def _median_entry(config: BenchConfig, mode: str, results: list[LoadResult],
+                  **extra: Any) -> dict[str, Any]:
+    """The median run by throughput, with every repeat's throughput alongside."""
+    ordered = sorted(results, key=lambda result: result.throughput)
+    entry = _entry(config, mode, ordered[len(ordered) // 2], **extra)
+    entry["throughput_repeats"] = [round(result.throughput, 2) for result in results]
+    return entry
+
+
+def run_group(configs: list[BenchConfig], options: BenchOptions,
+              step: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Configs of one model, engine and precision (secure and/or plain), measured
+    interleaved: each repeat runs the raw engine, then every pipeline, so that drift of a
+    shared machine hits all of them alike. The stacks stay up (idle) between turns."""
+    first = configs[0]
+    engine = load_engine(first.model, first.model_path.read_bytes(), first.engine,
+                         options.threads, first.precision, options.streams)
     inputs = sample_inputs(engine.spec.inputs, options.items_per_request)
-    for batch_size in sorted({1, options.max_batch_size}):
-        step(f"{config.name}: raw engine, batch {batch_size}")
-        result = run_raw(engine, inputs, batch_size, options.duration_s, options.warmup_s)
-        runs.append(_entry(config, "raw", result, batch_size=batch_size))
-    del engine
-    with tempfile.TemporaryDirectory(prefix="ppml-bench-") as state:
-        settings = load_settings(
-            state_dir=Path(state),
-            models={config.model: config.model_path},
-            gateway={"port": 0, "plaintext_http": not config.secure, "max_queue_length": 100_000},
-            redis={"allow_plaintext": not config.secure},
-            security={"encrypt_payloads": config.secure},
-            worker={"max_batch_size": options.max_batch_size,
-                    "max_batch_delay_ms": options.max_batch_delay_ms,
-                    "engine_threads": options.threads},
-        )
-        stack = LocalStack(settings, options.workers, log_level="WARNING")
-        try:
+    body, headers = encode_inputs(inputs)
+    raw: dict[int, list[LoadResult]] = {}
+    piped: dict[tuple[int, int], list[LoadResult]] = {}
+    with contextlib.ExitStack() as cleanup:
+        stacks = []
+        for config in configs:
+            state = Path(cleanup.enter_context(tempfile.TemporaryDirectory(prefix="ppml-bench-")))
+            stack = _stack(config, options, state)
+            cleanup.callback(stack.stop)
+            step(f"{config.name}: starting the service")
             stack.start()
-            body, headers = encode_inputs(inputs)
-            headers["Authorization"] = f"Bearer {read_api_key(settings.state_dir)}"
-            request = build_request(stack.url, f"/v2/models/{config.model}/infer", body, headers)
-            context = client_context(settings.ca_file) if config.secure else None
-            for concurrency in options.concurrencies:
-                step(f"{config.name}: pipeline, concurrency {concurrency}")
-                result = asyncio.run(run_load(stack.url, request, options.items_per_request,
-                                              concurrency, options.duration_s,
-                                              options.warmup_s, context))
-                runs.append(_entry(config, "pipeline", result,
-                                   batch_size=options.items_per_request))
-        finally:
-            stack.stop()
+            request_headers = dict(headers)
+            request_headers["Authorization"] = f"Bearer {read_api_key(state)}"
+            request = build_request(stack.url, f"/v2/models/{config.model}/infer", body,
+                                    request_headers)
+            context = client_context(stack.settings.ca_file) if config.secure else None
+            stacks.append((config, stack, request, context))
+        for repeat in range(options.repeats):
+            for batch_size in sorted({1, options.max_batch_size}):
+                step(f"{first.model}: raw engine, batch {batch_size} ({repeat + 1})")
+                parallel = 1 if batch_size == 1 else options.streams
+                raw.setdefault(batch_size, []).append(run_raw(
+                    engine, inputs, batch_size, options.duration_s, options.warmup_s, parallel))
+            for index, (config, stack, request, context) in enumerate(stacks):
+                for concurrency in options.concurrencies:
+                    step(f"{config.name}: pipeline, concurrency {concurrency} ({repeat + 1})")
+                    piped.setdefault((index, concurrency), []).append(asyncio.run(run_load(
+                        stack.url, request, options.items_per_request, concurrency,
+                        options.duration_s, options.warmup_s, context)))
+    runs: list[dict[str, Any]] = []
+    for index, config in enumerate(configs):
+        for batch_size, results in sorted(raw.items()):
+            runs.append(_median_entry(config, "raw", results, batch_size=batch_size))
+        for concurrency in options.concurrencies:
+            runs.append(_median_entry(config, "pipeline", piped[(index, concurrency)],
+                                      batch_size=options.items_per_request))
     return runs
 
 
 def run_benchmark(configs: list[BenchConfig], options: BenchOptions,
                   progress: Callable[[str], None] | None = None) -> list[dict[str, Any]]:
-    runs: list[dict[str, Any]] = []
+    groups: dict[tuple[str, str, str, str], list[BenchConfig]] = {}
     for config in configs:
-        runs.extend(run_config(config, options, progress or (lambda _: None)))
+        key = (config.model, str(config.model_path), config.engine, config.precision)
+        groups.setdefault(key, []).append(config)
+    runs: list[dict[str, Any]] = []
+    for group in groups.values():
+        runs.extend(run_group(group, options, progress or (lambda _: None)))
     return runs
 
 
 def summarize(runs: list[dict[str, Any]]) -> list[str]:
-    """Human-readable ratios: best pipeline vs best raw, secure vs plain, per name."""
+    """Human-readable ratios of medians: best pipeline vs best raw, and secure vs plain."""
     lines = []
     best: dict[tuple[str, str], float] = {}
     for run in runs:
@@ -146,4 +194,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[str]:
         if mode == "pipeline" and (name, "raw") in best and best[(name, "raw")]:
             lines.append(f"{name}: pipeline/raw = {value / best[(name, 'raw')]:.2f} "
                          f"({value:.1f} vs {best[(name, 'raw')]:.1f} items/s)")
+    for (name, mode), value in best.items():
+        if mode == "pipeline" and name.endswith("-secure"):
+            plain = best.get((name.removesuffix("-secure") + "-plain", "pipeline"))
+            if plain:
+                lines.append(f"{name.removesuffix('-secure')}: secure/plain = "
+                             f"{value / plain:.2f} ({value:.1f} vs {plain:.1f} items/s)")
     return lines

@@ -91,10 +91,19 @@ def build_parser() -> argparse.ArgumentParser:
                        metavar="NAME=PATH", help="model(s) to measure (default: the demo model)")
     bench.add_argument("--configs", default="secure,plain",
                        help="comma list of: secure (TLS + AES-GCM), plain (neither)")
+    bench.add_argument("--engines", default="onnxruntime",
+                       help="comma list of: onnxruntime, openvino")
+    bench.add_argument("--precisions", default="fp32",
+                       help="comma list of: fp32, bf16 (OpenVINO, float models only); an INT8 "
+                       "model (from 'model quantize') is reported as int8")
+    bench.add_argument("--streams", type=int, default=1,
+                       help="OpenVINO streams = batches in flight in the worker (default 1)")
     bench.add_argument("--concurrency", default="1,8,32", help="comma list of concurrencies")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     bench.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each")
     bench.add_argument("--items", type=int, default=1, help="items (batch rows) per request")
+    bench.add_argument("--repeats", type=int, default=3,
+                       help="interleaved repeats; medians are reported (default 3)")
     bench.add_argument("--workers", type=int, default=1, help="worker processes")
     bench.add_argument("--json", type=Path, help="write the runs as JSON here")
     bench.add_argument("--plot", type=Path, help="write a PNG throughput chart here")
@@ -128,6 +137,22 @@ def build_parser() -> argparse.ArgumentParser:
     decrypt.add_argument("input", type=Path)
     decrypt.add_argument("output", type=Path)
     decrypt.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
+    quantize = model_commands.add_parser(
+        "quantize", help="static INT8 quantization (QDQ, per-channel) with a quality report",
+        description="Calibrates activation ranges on sample inputs and reports top-1 agreement "
+        "with the FP32 model on held-out inputs (and accuracy when labels are given). An "
+        "encrypted input is decrypted in memory and the INT8 model is written encrypted.")
+    _common(quantize)
+    quantize.add_argument("input", type=Path, help="FP32 ONNX model (plain or encrypted)")
+    quantize.add_argument("output", type=Path, help="INT8 model to write")
+    quantize.add_argument("--calibration", type=Path, required=True,
+                          help=".npy / .npz (inputs, optional 'labels') or a directory of .npy")
+    quantize.add_argument("--eval", type=Path,
+                          help="held-out .npy/.npz for the report (default: part of --calibration)")
+    quantize.add_argument("--holdout", type=float, default=0.2,
+                          help="fraction of --calibration kept for the report (default 0.2)")
+    quantize.add_argument("--limit", type=int, help="use at most this many calibration samples")
+    quantize.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     inspect = model_commands.add_parser("inspect", help="show an encrypted model's header")
     inspect.add_argument("file", type=Path)
 
@@ -278,6 +303,8 @@ def run(args: argparse.Namespace) -> int:
             return model_commands.model_inspect(args)
         if args.model_command == "encrypt":
             return model_commands.model_encrypt(_settings(args), args)
+        if args.model_command == "quantize":
+            return model_commands.model_quantize(_settings(args), args)
         return model_commands.model_decrypt(_settings(args), args)
 
     if args.command == "attest":
@@ -298,6 +325,14 @@ def run(args: argparse.Namespace) -> int:
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
+def _choices(text: str, flag: str, allowed: set[str]) -> list[str]:
+    values = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = sorted(set(values) - allowed)
+    if unknown or not values:
+        raise PPMLError(f"{flag}: unknown value(s) {unknown}; choose from {sorted(allowed)}")
+    return values
+
+
 def _int_list(text: str, flag: str) -> tuple[int, ...]:
     try:
         values = tuple(int(part) for part in text.split(",") if part.strip())
@@ -313,24 +348,44 @@ def _bench(args: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from ppml_serve.bench.runner import BenchConfig, BenchOptions, run_benchmark, summarize
+    from ppml_serve.bench.runner import (
+        BenchConfig,
+        BenchOptions,
+        is_int8,
+        run_benchmark,
+        summarize,
+    )
     from ppml_serve.models import DEMO_NAME, demo_model_path
 
-    kinds = [kind.strip() for kind in args.configs.split(",") if kind.strip()]
-    unknown = set(kinds) - {"secure", "plain"}
-    if unknown or not kinds:
-        raise PPMLError(f"--configs: unknown configuration(s) {sorted(unknown)}; "
-                        "use secure and/or plain")
+    kinds = _choices(args.configs, "--configs", {"secure", "plain"})
+    engines = _choices(args.engines, "--engines", {"onnxruntime", "openvino"})
+    precisions = _choices(args.precisions, "--precisions", {"fp32", "bf16"})
     models = args.model or [(DEMO_NAME, demo_model_path())]
-    configs = [BenchConfig(f"{name}-{kind}", name, path, secure=kind == "secure")
-               for name, path in models for kind in kinds]
+    for _, path in models:
+        if not Path(path).is_file():
+            raise PPMLError(f"--model: no such file: {path}")
+    configs = []
+    for name, path in models:
+        for engine in engines:
+            for precision in precisions:
+                if precision == "bf16" and (engine != "openvino" or is_int8(Path(path))):
+                    continue  # bf16 is an OpenVINO choice for float models only
+                for kind in kinds:
+                    label = "int8" if is_int8(Path(path)) else precision
+                    configs.append(BenchConfig(f"{name}-{engine}-{label}-{kind}", name,
+                                               Path(path), engine, precision, kind == "secure"))
+    if not configs:
+        raise PPMLError("no configuration to run (bf16 needs --engines openvino)")
     options = BenchOptions(
         concurrencies=_int_list(args.concurrency, "--concurrency"),
         duration_s=args.duration, warmup_s=args.warmup, items_per_request=args.items,
         workers=args.workers, max_batch_size=args.max_batch_size or 16,
         max_batch_delay_ms=args.max_batch_delay_ms if args.max_batch_delay_ms is not None
-        else 2.0, threads=args.threads or 0)
-    steps = len(configs) * (len(options.concurrencies) + (1 if options.max_batch_size == 1 else 2))
+        else 2.0, threads=args.threads or 0, streams=args.streams, repeats=args.repeats)
+    raw_steps = 1 if options.max_batch_size == 1 else 2
+    groups = len({(c.model, c.model_path, c.engine, c.precision) for c in configs})
+    steps = len(configs) + options.repeats * (
+        groups * raw_steps + len(configs) * len(options.concurrencies))
     with tqdm(total=steps, unit="run", file=sys.stderr) as bar:
         def step(description: str) -> None:
             if bar.n or bar.desc:
@@ -339,10 +394,10 @@ def _bench(args: argparse.Namespace) -> int:
 
         runs = run_benchmark(configs, options, step)
         bar.update(1)
-    header = f"{'name':<22} {'mode':<8} {'conc':>4} {'items/s':>9} {'p50 ms':>8} {'p99 ms':>8} err"
+    header = f"{'name':<40} {'mode':<8} {'conc':>4} {'items/s':>9} {'p50 ms':>8} {'p99 ms':>8} err"
     print(header)
     for run in runs:
-        print(f"{run['name']:<22} {run['mode']:<8} {run['concurrency']:>4} "
+        print(f"{run['name']:<40} {run['mode']:<8} {run['concurrency']:>4} "
               f"{run['throughput']:>9.1f} {run['p50_ms']:>8.2f} {run['p99_ms']:>8.2f} "
               f"{run['errors']}")
     for line in summarize(runs):

@@ -77,3 +77,47 @@ def attest_measure(settings: Settings, model: str, path: Path) -> int:
 
     print(json.dumps(worker_measurement(settings, model, path).describe(), indent=2))
     return 0
+
+
+def model_quantize(settings: Settings, args: argparse.Namespace) -> int:
+    """Static INT8 quantization; encrypted in, encrypted out, plaintext only in memory/RAM."""
+    from ppml_serve.crypto.model_file import encrypt_bytes
+    from ppml_serve.engines.onnxruntime_engine import OnnxRuntimeEngine
+    from ppml_serve.engines.quantize import Samples, load_samples, quality_report, quantize_bytes
+
+    source, target = Path(args.input), Path(args.output)
+    if not source.is_file():
+        raise ConfigError(f"model quantize: no such file: {source}")
+    if target.exists() and not args.force:
+        raise ConfigError(f"model quantize: {target} exists (use --force to replace it)")
+    encrypted = is_encrypted(source)
+    kms = open_kms(settings) if encrypted else None
+    model = bytes(decrypt_model(source, kms=kms)) if encrypted else source.read_bytes()
+    spec = OnnxRuntimeEngine("model", model).spec
+    if len(spec.inputs) != 1:
+        raise ConfigError("model quantize: only single-input models are supported")
+    input_name = spec.inputs[0].name
+    samples = load_samples(Path(args.calibration), input_name)
+    if args.eval is not None:
+        calibration, holdout = samples.inputs, load_samples(Path(args.eval), input_name)
+    else:
+        split = max(1, int(len(samples.inputs) * (1 - args.holdout)))
+        calibration = samples.inputs[:split]
+        labels = samples.labels[split:] if samples.labels is not None else None
+        holdout = Samples(samples.inputs[split:], labels)
+        if len(holdout.inputs) == 0:
+            holdout = Samples(samples.inputs, samples.labels)
+    if args.limit:
+        calibration = calibration[: args.limit]
+    with tqdm(total=len(calibration), unit="sample", desc="calibrating", file=sys.stderr) as bar:
+        int8 = quantize_bytes(model, calibration, input_name, progress=bar.update,
+                              in_ram=encrypted)
+    report = {"output": str(target), "encrypted": encrypted,
+              "calibration_samples": len(calibration),
+              **quality_report(model, int8, holdout, input_name)}
+    if encrypted and kms is not None:
+        encrypt_bytes(int8, target, kms)
+    else:
+        target.write_bytes(int8)
+    print(json.dumps(report, indent=2))
+    return 0

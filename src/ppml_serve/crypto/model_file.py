@@ -95,19 +95,39 @@ def encrypt_model(source: Path, target: Path, kms: KMS, primary_key_id: str | No
                       "cipher": "AES-256-GCM"}).encode()
     header = ModelHeader(data_key.wrapped, chunk_size, size, digest.hexdigest(), nonce_prefix,
                          raw)
-    cipher = AESGCM(data_key.plaintext)
-    count = max(1, -(-size // chunk_size))
+    with source.open("rb") as reader:
+        _write_chunks(reader, target, header, AESGCM(data_key.plaintext), progress)
+    return header
+
+
+def encrypt_bytes(model: bytes, target: Path, kms: KMS, chunk_size: int = CHUNK_SIZE) -> None:
+    """Encrypt an in-memory model straight to ``target`` (no plaintext file in between)."""
+    import io
+
+    digest = hashlib.sha256(model).hexdigest()
+    data_key = kms.generate_data_key()
+    nonce_prefix = os.urandom(8)
+    raw = json.dumps({"kms_key": base64.b64encode(data_key.wrapped).decode(),
+                      "chunk_size": chunk_size, "size": len(model), "sha256": digest,
+                      "nonce_prefix": base64.b64encode(nonce_prefix).decode(),
+                      "cipher": "AES-256-GCM"}).encode()
+    header = ModelHeader(data_key.wrapped, chunk_size, len(model), digest, nonce_prefix, raw)
+    _write_chunks(io.BytesIO(model), target, header, AESGCM(data_key.plaintext), None)
+
+
+def _write_chunks(reader: BinaryIO, target: Path, header: ModelHeader, cipher: AESGCM,
+                  progress: Callable[[int], None] | None) -> None:
+    count = max(1, -(-header.size // header.chunk_size))
     partial = target.with_name(target.name + ".partial")
-    with source.open("rb") as reader, partial.open("wb") as writer:
-        writer.write(MAGIC + bytes([VERSION]) + struct.pack(">I", len(raw)) + raw)
+    with partial.open("wb") as writer:
+        writer.write(MAGIC + bytes([VERSION]) + struct.pack(">I", len(header.raw)) + header.raw)
         for index in range(count):
-            chunk = reader.read(chunk_size)
-            nonce = nonce_prefix + struct.pack(">I", index)
+            chunk = reader.read(header.chunk_size)
+            nonce = header.nonce_prefix + struct.pack(">I", index)
             writer.write(cipher.encrypt(nonce, chunk, _aad(header, index, index == count - 1)))
             if progress is not None:
                 progress(len(chunk))
     os.replace(partial, target)
-    return header
 
 
 def decrypt_model(path: Path, file_key: bytes | None = None, kms: KMS | None = None,

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ppml_serve.codecs.tensors import ModelSpec
+from ppml_serve.errors import EngineError
 
 
 class Engine(Protocol):
@@ -18,10 +19,47 @@ class Engine(Protocol):
     def infer(self, inputs: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]: ...
 
 
-def load_engine(name: str, model: bytes, engine: str = "onnxruntime", threads: int = 0) -> Engine:
-    """Load ``model`` (ONNX bytes) into the named engine."""
+def openvino_available() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def _intel_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as info:
+            return "GenuineIntel" in info.read(4096)
+    except OSError:
+        return False
+
+
+def resolve_engine(engine: str) -> str:
+    """``auto`` picks OpenVINO on Intel CPUs when it is installed, else ONNX Runtime."""
+    if engine == "auto":
+        return "openvino" if openvino_available() and _intel_cpu() else "onnxruntime"
+    return engine
+
+
+def load_engine(name: str, model: bytes, engine: str = "onnxruntime", threads: int = 0,
+                precision: str = "fp32", streams: int = 1) -> Engine:
+    """Load ``model`` (ONNX bytes) into the named engine.
+
+    ``precision`` is the compute precision for float models (``fp32`` or, with OpenVINO,
+    ``bf16``); INT8 is a property of the model file (``model quantize``).
+    """
+    engine = resolve_engine(engine)
     if engine == "onnxruntime":
+        if precision != "fp32":
+            raise EngineError("ONNX Runtime runs float models in fp32 only; use OpenVINO for bf16")
         from ppml_serve.engines.onnxruntime_engine import OnnxRuntimeEngine
 
         return OnnxRuntimeEngine(name, model, threads)
-    raise ValueError(f"unknown engine {engine!r} (available: onnxruntime)")
+    if engine == "openvino":
+        if not openvino_available():
+            raise EngineError("engine 'openvino' is not installed (pip install openvino)")
+        from ppml_serve.engines.openvino_engine import OpenVinoEngine
+
+        return OpenVinoEngine(name, model, threads, precision, streams)
+    raise EngineError(f"unknown engine {engine!r} (available: onnxruntime, openvino, auto)")

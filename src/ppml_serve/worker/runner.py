@@ -76,7 +76,10 @@ def build_worker(settings: Settings, model: str, path: Path) -> Worker:
         model_bytes: bytes | bytearray = decrypt_model(path, released.model_key)
     else:
         model_bytes = path.read_bytes()
-    engine = load_engine(model, bytes(model_bytes), threads=settings.worker.engine_threads)
+    worker_settings = settings.worker
+    engine = load_engine(model, bytes(model_bytes), worker_settings.engine,
+                         threads=worker_settings.engine_threads,
+                         precision=worker_settings.precision, streams=worker_settings.streams)
     del model_bytes
     sealer: Sealer = PlaintextSealer()
     if settings.security.encrypt_payloads and released is not None:

@@ -7,6 +7,7 @@ milliseconds a batch may wait (Redis resolves blocking timeouts to ~100 ms).
 from __future__ import annotations
 
 import base64
+import concurrent.futures
 import json
 import logging
 import queue
@@ -72,6 +73,12 @@ class Worker:
         self._measurement = measurement
         self._attested_at = 0.0
         self.batches_served = 0
+        streams = settings.streams
+        self._pool = (concurrent.futures.ThreadPoolExecutor(streams, "batch")
+                      if streams > 1 else None)
+        self._slots = threading.BoundedSemaphore(streams)
+        self._single_items = True
+        """Whether the last batch held one request: at low load, do not wait to fill one."""
 
     def _publish_attestation(self) -> None:
         """Evidence binding the model's end-to-end key, for clients that seal to it."""
@@ -89,6 +96,22 @@ class Worker:
     def stop(self) -> None:
         self._stopping.set()
 
+    def _submit(self, batch: list[Delivery]) -> None:
+        """Run ``batch`` now, or beside the ones in flight when ``streams`` > 1."""
+        if self._pool is None:
+            self.process(batch)
+            return
+        self._slots.acquire()
+        future = self._pool.submit(self.process, batch)
+        future.add_done_callback(self._release_slot)
+
+    def _release_slot(self, future: concurrent.futures.Future[None]) -> None:
+        self._slots.release()
+        error = future.exception()
+        if error is not None:  # answers were not posted: the batch stays pending, reclaimed
+            log.error("a batch failed (%s); its requests will be reclaimed",
+                      type(error).__name__)
+
     def run(self) -> None:
         self._broker.ensure_group()
         self._broker.publish(json.dumps(self._engine.spec.as_json()))
@@ -105,8 +128,10 @@ class Worker:
                     next_beat = time.monotonic() + self._settings.heartbeat_s
                 batch = self._collect(timeout_s=min(0.5, self._settings.heartbeat_s))
                 if batch:
-                    self.process(batch)
+                    self._submit(batch)
             reader.join(timeout=5)
+            if self._pool is not None:
+                self._pool.shutdown(wait=True)
             leftovers: list[Delivery] = []
             while not self._inbox.empty():
                 leftovers.append(self._inbox.get_nowait())
@@ -132,7 +157,12 @@ class Worker:
             batch = [self._inbox.get(timeout=timeout_s)]
         except queue.Empty:
             return []
-        deadline = time.monotonic() + self._settings.max_batch_delay_ms / 1000
+        # At low load (the last batch was a single request and nothing else is waiting) a
+        # wait would only add latency; under load, requests queue up while the engine runs.
+        delay_ms = self._settings.max_batch_delay_ms
+        if self._single_items and self._inbox.empty():
+            delay_ms = 0
+        deadline = time.monotonic() + delay_ms / 1000
         while len(batch) < self._settings.max_batch_size:
             remaining = deadline - time.monotonic()
             try:
@@ -142,6 +172,7 @@ class Worker:
                     batch.append(self._inbox.get(timeout=remaining))
             except queue.Empty:
                 break
+        self._single_items = len(batch) == 1
         return batch
 
     def _reclaim(self) -> None:
