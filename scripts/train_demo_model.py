@@ -4,8 +4,9 @@ Input ``image``: UINT8 [N, 8, 8], pixel intensities 0..255 (the dataset's 0..16 
 so that clients send compact binary payloads; scaling to [0, 1] is folded into the graph.
 Output ``probabilities``: FP32 [N, 10].
 
-Writes src/ppml_serve/models/demo.onnx, demo.json (metrics) and demo-samples.npz
-(held-out images and labels used by the self-check and the tests).
+Writes src/ppml_serve/models/demo.onnx, demo.json (metrics), demo-samples.npz (held-out
+images and labels used by the self-check and the tests) and demo-calibration.npy (training
+images for INT8 calibration: ``ppml-serve model quantize``).
 
 Needs the ``train`` extra and torch (CPU): ``pip install -e '.[train]' torch==2.13.0``.
 """
@@ -52,16 +53,26 @@ def load_images() -> tuple[np.ndarray, np.ndarray]:
     return images, digits.target.astype(np.int64)
 
 
+def save_calibration(out_dir: Path, x_train: np.ndarray) -> None:
+    """300 training images (never the held-out ones) for INT8 calibration."""
+    np.save(out_dir / "demo-calibration.npy", x_train[:300])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=60)
     parser.add_argument("--out-dir", type=Path, default=OUT_DIR)
+    parser.add_argument("--calibration-only", action="store_true",
+                        help="only (re)write demo-calibration.npy")
     args = parser.parse_args()
 
     torch.manual_seed(0)
     images, labels = load_images()
     x_train, x_test, y_train, y_test = train_test_split(
         images, labels, test_size=0.25, random_state=0, stratify=labels)
+    if args.calibration_only:
+        save_calibration(args.out_dir, x_train)
+        return
     model = DigitsCNN()
     optimiser = torch.optim.Adam(model.parameters(), lr=2e-3, weight_decay=1e-4)
     xt, yt = torch.from_numpy(x_train), torch.from_numpy(y_train)
@@ -92,6 +103,7 @@ def main() -> None:
     args.out_dir.mkdir(parents=True, exist_ok=True)
     (args.out_dir / "demo.onnx").write_bytes(buffer.getvalue())
     np.savez(args.out_dir / "demo-samples.npz", images=x_test, labels=y_test)
+    save_calibration(args.out_dir, x_train)
     metrics = {"dataset": "sklearn digits (8x8)", "test_images": len(y_test),
                "test_accuracy": round(accuracy, 4), "epochs": args.epochs, "seed": 0}
     (args.out_dir / "demo.json").write_text(json.dumps(metrics, indent=2) + "\n")

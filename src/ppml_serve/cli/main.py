@@ -45,6 +45,14 @@ def _worker_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--threads", type=int, help="engine threads (0 = all cores)")
 
 
+def _engine_options(parser: argparse.ArgumentParser) -> None:
+    _worker_options(parser)
+    parser.add_argument("--engine", choices=["onnxruntime", "openvino", "auto"],
+                        help="inference engine (auto: OpenVINO on Intel CPUs if installed)")
+    parser.add_argument("--precision", choices=["fp32", "bf16"],
+                        help="compute precision of float models (bf16: OpenVINO only)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ppml-serve", description=DESCRIPTION)
     parser.add_argument("--version", action="version", version=f"ppml-serve {__version__}")
@@ -61,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", action="append", type=_model_pair, default=[],
                     metavar="NAME=PATH", help="also serve this ONNX model (repeatable)")
     up.add_argument("--no-demo", action="store_true", help="do not serve the demo model")
-    _worker_options(up)
+    _engine_options(up)
 
     gateway = commands.add_parser("gateway", help="run the HTTPS gateway against a Redis URL")
     _common(gateway)
@@ -74,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_options(worker)
     worker.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH",
                         help="model to serve")
-    _worker_options(worker)
+    _engine_options(worker)
 
     redis = commands.add_parser("redis", help="run a managed TLS redis-server in the foreground",
                                 description="Writes STATE_DIR/redis.url (0600) for gateways "
@@ -163,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
         "measure", help="print the measurement a worker would report (for the policy file)")
     _common(measure)
     measure.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH")
-    _worker_options(measure)
+    _engine_options(measure)
 
     keybroker = commands.add_parser(
         "keybroker", help="run the key broker (releases keys to attested workers)",
@@ -184,7 +192,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("host", "gateway", "host"), ("port", "gateway", "port"),
         ("max_batch_size", "worker", "max_batch_size"),
         ("max_batch_delay_ms", "worker", "max_batch_delay_ms"),
-        ("threads", "worker", "engine_threads"),
+        ("threads", "worker", "engine_threads"), ("engine", "worker", "engine"),
+        ("precision", "worker", "precision"),
         ("redis_url_file", "redis", "url_file"), ("redis_ca", "redis", "ca_file"),
     ]:
         value = getattr(args, flag, None)

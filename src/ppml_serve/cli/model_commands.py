@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 from pathlib import Path
 
@@ -109,9 +110,16 @@ def model_quantize(settings: Settings, args: argparse.Namespace) -> int:
             holdout = Samples(samples.inputs, samples.labels)
     if args.limit:
         calibration = calibration[: args.limit]
-    with tqdm(total=len(calibration), unit="sample", desc="calibrating", file=sys.stderr) as bar:
-        int8 = quantize_bytes(model, calibration, input_name, progress=bar.update,
-                              in_ram=encrypted)
+    chatty = logging.getLogger()  # the quantizer logs every scale adjustment at INFO
+    level = chatty.level
+    chatty.setLevel(logging.WARNING)
+    try:
+        with tqdm(total=len(calibration), unit="sample", desc="calibrating",
+                  file=sys.stderr) as bar:
+            int8 = quantize_bytes(model, calibration, input_name, progress=bar.update,
+                                  in_ram=encrypted)
+    finally:
+        chatty.setLevel(level)
     report = {"output": str(target), "encrypted": encrypted,
               "calibration_samples": len(calibration),
               **quality_report(model, int8, holdout, input_name)}

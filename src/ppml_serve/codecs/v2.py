@@ -9,6 +9,7 @@ what follows it. Outputs are returned binary when asked for per output
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -90,7 +91,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
             raise InvalidInput(f"{where} appears more than once")
         dtype = numpy_dtype(str(item.get("datatype")), where)
         shape = _shape(item.get("shape"), where)
-        count = int(np.prod(shape, dtype=np.int64))
+        count = math.prod(shape)
         item_parameters = _object(item.get("parameters", {}), f"{where}: parameters")
         size = item_parameters.get("binary_data_size")
         if size is not None:

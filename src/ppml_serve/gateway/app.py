@@ -194,7 +194,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
     async def method_not_allowed(request: Request, exc: Any) -> Response:
         return JSONResponse({"error": "method not allowed"}, status_code=405)
 
-    routes = [
+    routes = [  # the hot path first: routes are matched in order
+        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
@@ -202,7 +203,6 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/attestation", model_attestation),
         Route("/v2/models/{model}/infer-sealed", infer_sealed, methods=["POST"]),

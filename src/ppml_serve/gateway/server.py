@@ -35,6 +35,7 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
                             loop="uvloop", http="httptools", log_level="warning",
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                            proxy_headers=False, server_header=False, date_header=False,
                             ssl_certfile=str(settings.server_cert_file) if secure_http else None,
                             ssl_keyfile=str(settings.server_key_file) if secure_http else None)
     return uvicorn.Server(config)

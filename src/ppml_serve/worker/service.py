@@ -76,7 +76,8 @@ class Worker:
         streams = settings.streams
         self._pool = (concurrent.futures.ThreadPoolExecutor(streams, "batch")
                       if streams > 1 else None)
-        self._slots = threading.BoundedSemaphore(streams)
+        self._slots = threading.BoundedSemaphore(max(streams, 2))
+        self._replier = concurrent.futures.ThreadPoolExecutor(1, "replier")
         self._single_items = True
         """Whether the last batch held one request: at low load, do not wait to fill one."""
 
@@ -97,9 +98,15 @@ class Worker:
         self._stopping.set()
 
     def _submit(self, batch: list[Delivery]) -> None:
-        """Run ``batch`` now, or beside the ones in flight when ``streams`` > 1."""
+        """Run ``batch`` now, or beside the ones in flight when ``streams`` > 1.
+
+        With one stream, answers are sealed and posted by a second thread, so that the engine
+        starts on the next batch instead of waiting for Redis.
+        """
         if self._pool is None:
-            self.process(batch)
+            work = self._infer(batch)
+            self._slots.acquire()
+            self._replier.submit(self._answer, work).add_done_callback(self._release_slot)
             return
         self._slots.acquire()
         future = self._pool.submit(self.process, batch)
@@ -132,6 +139,7 @@ class Worker:
             reader.join(timeout=5)
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
+            self._replier.shutdown(wait=True)
             leftovers: list[Delivery] = []
             while not self._inbox.empty():
                 leftovers.append(self._inbox.get_nowait())
@@ -206,6 +214,10 @@ class Worker:
 
     def process(self, deliveries: list[Delivery]) -> None:
         """Answer every delivery: outputs for good items, an error for each bad one."""
+        self._answer(self._infer(deliveries))
+
+    def _infer(self, deliveries: list[Delivery]) -> list[_Work]:
+        """Open, validate and run a batch (the part that needs the engine)."""
         now_ms = int(time.time() * 1000)
         expired = [d for d in deliveries if d.deadline_ms and d.deadline_ms < now_ms]
         if expired:
@@ -229,8 +241,11 @@ class Worker:
                 entry.error = exc
         items = [entry.item for entry in work if entry.item is not None]
         run_batched(items, self._engine.infer, self._settings.max_batch_size * 64)
-        replies = [self._reply(entry) for entry in work]
-        self._broker.finish(replies)
+        return work
+
+    def _answer(self, work: list[_Work]) -> None:
+        """Seal the answers, post them and ack (the part that needs no engine)."""
+        self._broker.finish([self._reply(entry) for entry in work])
         self.batches_served += 1
 
     def _reply(self, entry: _Work) -> Reply:

@@ -1,0 +1,133 @@
+"""Engines and INT8 quantization on the demo model (real ONNX Runtime and OpenVINO)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ppml_serve.crypto.model_file import MAGIC
+from ppml_serve.engines import load_engine
+from ppml_serve.engines.base import resolve_engine
+from ppml_serve.errors import EngineError
+from ppml_serve.models import demo_model_path, demo_samples
+
+IMAGES, LABELS = demo_samples()
+MODELS = demo_model_path().parent
+
+
+def test_openvino_matches_onnxruntime_in_fp32() -> None:
+    data = demo_model_path().read_bytes()
+    reference = load_engine("demo", data, "onnxruntime").infer({"image": IMAGES[:32]})
+    openvino = load_engine("demo", data, "openvino", threads=1, precision="fp32")
+    assert openvino.spec.inputs == load_engine("demo", data).spec.inputs
+    got = openvino.infer({"image": IMAGES[:32]})
+    np.testing.assert_allclose(got["probabilities"], reference["probabilities"], atol=1e-5)
+
+
+def test_openvino_bf16_is_a_named_choice_and_close() -> None:
+    engine = load_engine("demo", demo_model_path().read_bytes(), "openvino", precision="bf16")
+    assert engine.precision == "bf16"  # type: ignore[attr-defined]
+    predicted = engine.infer({"image": IMAGES})["probabilities"].argmax(axis=1)
+    assert (predicted == LABELS).mean() > 0.97
+
+
+def test_precision_and_engine_errors() -> None:
+    data = demo_model_path().read_bytes()
+    with pytest.raises(EngineError, match="fp32 only"):
+        load_engine("demo", data, "onnxruntime", precision="bf16")
+    with pytest.raises(EngineError, match="unknown engine"):
+        load_engine("demo", data, "tensorrt")
+    with pytest.raises(EngineError, match="could not be loaded"):
+        load_engine("demo", b"not an onnx model", "onnxruntime")
+    assert resolve_engine("onnxruntime") == "onnxruntime"
+    assert resolve_engine("auto") in ("onnxruntime", "openvino")
+
+
+def test_shipped_int8_demo_model_keeps_accuracy() -> None:
+    fp32 = load_engine("fp32", demo_model_path().read_bytes())
+    int8_bytes = (MODELS / "demo-int8.onnx").read_bytes()
+    assert b"QuantizeLinear" in int8_bytes
+    int8 = load_engine("int8", int8_bytes)
+    accuracy = {name: (engine.infer({"image": IMAGES})["probabilities"].argmax(axis=1)
+                       == LABELS).mean() for name, engine in (("fp32", fp32), ("int8", int8))}
+    assert accuracy["int8"] >= accuracy["fp32"] - 0.01
+    metrics = json.loads((MODELS / "demo.json").read_text())
+    assert abs(metrics["test_accuracy"] - accuracy["fp32"]) < 1e-3
+
+
+def _ppml(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "ppml_serve", *args], capture_output=True,
+                          text=True, timeout=180, env=env, check=False)
+
+
+def test_quantize_cli_reports_agreement_and_accuracy(tmp_path: Path) -> None:
+    out = tmp_path / "int8.onnx"
+    done = _ppml("model", "quantize", str(demo_model_path()), str(out), "--calibration",
+                 str(MODELS / "demo-calibration.npy"), "--eval", str(MODELS / "demo-samples.npz"),
+                 "--limit", "100")
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout)
+    assert report["calibration_samples"] == 100 and report["heldout_samples"] == len(LABELS)
+    assert report["top1_agreement"] >= 0.97
+    assert report["int8_accuracy"] >= report["fp32_accuracy"] - 0.02
+    assert "calibrating" in done.stderr  # the progress bar
+    assert b"QuantizeLinear" in out.read_bytes()
+
+
+def test_quantize_encrypted_model_stays_encrypted(tmp_path: Path) -> None:
+    env = dict(os.environ, PPML_KMS_PASSPHRASE="quantize test")
+    state = tmp_path / "state"
+    assert _ppml("init", "--state-dir", str(state), env=env).returncode == 0
+    encrypted, out = tmp_path / "demo.enc", tmp_path / "demo-int8.enc"
+    assert _ppml("model", "encrypt", str(demo_model_path()), str(encrypted), "--state-dir",
+                 str(state), env=env).returncode == 0
+    done = _ppml("model", "quantize", str(encrypted), str(out), "--calibration",
+                 str(MODELS / "demo-calibration.npy"), "--limit", "64", "--state-dir",
+                 str(state), env=env)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["encrypted"] is True
+    assert out.read_bytes().startswith(MAGIC) and b"QuantizeLinear" not in out.read_bytes()
+    assert not [p for p in Path("/dev/shm").glob("ppml-quantize-*")], "scratch left behind"
+    restored = tmp_path / "restored.onnx"
+    assert _ppml("model", "decrypt", str(out), str(restored), "--state-dir", str(state),
+                 env=env).returncode == 0
+    assert b"QuantizeLinear" in restored.read_bytes()
+
+
+def test_quantize_bad_calibration_is_explained(tmp_path: Path) -> None:
+    bad = tmp_path / "calib.txt"
+    bad.write_text("nope")
+    done = _ppml("model", "quantize", str(demo_model_path()), str(tmp_path / "o.onnx"),
+                 "--calibration", str(bad))
+    assert done.returncode == 2 and "expected a .npy or .npz file" in done.stderr
+
+
+def test_int8_model_served_by_openvino_worker(tmp_path: Path) -> None:
+    from ppml_serve.client import Client
+    from ppml_serve.local_stack import LocalStack
+    from ppml_serve.settings import load_settings
+    from ppml_serve.state import read_api_key
+
+    int8_path = MODELS / "demo-int8.onnx"
+    settings = load_settings(state_dir=tmp_path / "state", models={"digits-int8": int8_path},
+                             gateway={"port": 0},
+                             worker={"engine": "openvino", "engine_threads": 1, "streams": 2})
+    stack = LocalStack(settings, workers=1, log_level="WARNING")
+    try:
+        stack.start()
+        with Client(stack.url, api_key=read_api_key(settings.state_dir),
+                    ca_file=settings.ca_file) as client:
+            got = client.infer("digits-int8", IMAGES[:64])["probabilities"]
+            platform = client.metadata("digits-int8")["platform"]
+    finally:
+        stack.stop()
+    expected = load_engine("x", int8_path.read_bytes(), "openvino").infer(
+        {"image": IMAGES[:64]})["probabilities"]
+    assert platform == "openvino"
+    assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
