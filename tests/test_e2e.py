@@ -130,6 +130,7 @@ def test_redis_never_sees_plaintext(stack: Stack) -> None:
     assert "ppml:req:demo" in commands, "MONITOR did not capture the request"
     assert marker.decode() not in commands
     assert marker.hex() not in commands.replace("\\x", "")
+    admin.save()  # a dump of everything Redis holds now (the reply stream included)
     for file in (stack.settings.state_dir / "redis").rglob("*"):
         if file.is_file():
             assert marker not in file.read_bytes(), f"plaintext marker found in {file}"
