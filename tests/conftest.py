@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +79,37 @@ class Stack:
         replacement = Child(victim.name, victim.argv)
         replacement.start(self.local._env)
         self.local.children[self.local.children.index(victim)] = replacement
+
+
+class RedisCommands:
+    """Every command Redis receives (MONITOR), until the first reply is posted."""
+
+    def __init__(self, admin: redis.Redis) -> None:
+        self.commands: list[str] = []
+        self._admin = admin
+        self._started = threading.Event()
+        self._thread = threading.Thread(target=self._capture, daemon=True)
+
+    def _capture(self) -> None:
+        with self._admin.monitor() as monitor:
+            self._started.set()
+            for command in monitor.listen():
+                self.commands.append(command["command"])
+                if "ppml:reply" in command["command"] and "XADD" in command["command"].upper():
+                    return
+
+    def __enter__(self) -> RedisCommands:
+        self._thread.start()
+        self._started.wait(5)
+        time.sleep(0.2)  # MONITOR is registered once its first read is under way
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._thread.join(10)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(self.commands)
 
 
 def stop(process: subprocess.Popen[bytes] | None) -> None:

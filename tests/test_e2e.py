@@ -20,7 +20,7 @@ from ppml_serve.crypto.envelope import REPLY, REQUEST, associated_data
 from ppml_serve.engines import load_engine
 from ppml_serve.models import demo_model_path, demo_samples
 
-from .conftest import MAX_REQUEST_BYTES, Stack
+from .conftest import MAX_REQUEST_BYTES, RedisCommands, Stack
 
 IMAGES, LABELS = demo_samples()
 
@@ -108,25 +108,9 @@ def test_redis_never_sees_plaintext(stack: Stack) -> None:
     marker = b"SECRET-PATIENT-7f3a9c"
     image = np.frombuffer((marker * 4)[:64], dtype=np.uint8).reshape(1, 8, 8)
     admin = stack.admin()
-    captured: list[str] = []
-    started = threading.Event()
-
-    def capture() -> None:
-        with admin.monitor() as monitor:
-            started.set()
-            for command in monitor.listen():
-                captured.append(command["command"])
-                if "ppml:reply" in command["command"] and "XADD" in command["command"].upper():
-                    return
-
-    thread = threading.Thread(target=capture, daemon=True)
-    thread.start()
-    started.wait(5)
-    time.sleep(0.2)
-    with client_for(stack) as client:
+    with RedisCommands(admin) as captured, client_for(stack) as client:
         client.infer("demo", image)
-    thread.join(10)
-    commands = "\n".join(captured)
+    commands = captured.text
     assert "ppml:req:demo" in commands, "MONITOR did not capture the request"
     assert marker.decode() not in commands
     assert marker.hex() not in commands.replace("\\x", "")

@@ -13,8 +13,6 @@ import re
 import subprocess
 import sys
 import tempfile
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -39,7 +37,7 @@ from ppml_serve.models import demo_model_path, demo_samples
 from ppml_serve.state import prepare_state
 from ppml_serve.worker.runner import worker_measurement
 
-from .conftest import Stack, stack_settings
+from .conftest import RedisCommands, Stack, stack_settings
 
 IMAGES, _ = demo_samples()
 AWS_ENV = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing",
@@ -206,28 +204,12 @@ def test_end_to_end_sealed_inference_hides_input_from_gateway_and_redis(
                     allowed_measurements=[measurement])
     marker = os.urandom(8).hex().encode()  # 16 printable bytes, fresh for this run
     image = np.frombuffer((marker * 4)[:64], dtype=np.uint8).reshape(1, 8, 8)
-    captured: list[str] = []
-    started = threading.Event()
-    admin = protected.admin()
-
-    def capture() -> None:
-        with admin.monitor() as monitor:
-            started.set()
-            for command in monitor.listen():
-                captured.append(command["command"])
-                if "ppml:reply" in command["command"] and "XADD" in command["command"].upper():
-                    return
-
-    thread = threading.Thread(target=capture, daemon=True)
-    thread.start()
-    started.wait(5)
-    time.sleep(0.2)
     with Client(protected.url, api_key=protected.api_key, ca_file=protected.ca_file) as client:
-        outputs = client.infer_sealed("demo", {"image": image}, verifier, policy)
-        thread.join(10)
+        with RedisCommands(protected.admin()) as captured:
+            outputs = client.infer_sealed("demo", {"image": image}, verifier, policy)
         expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": image})
         np.testing.assert_allclose(outputs["probabilities"], expected["probabilities"], rtol=1e-6)
-        commands = "\n".join(captured)
+        commands = captured.text
         assert "ppml:req:demo" in commands
         assert marker.decode() not in commands
         assert not _gateway_memory_contains(protected, marker), "gateway saw the plaintext"

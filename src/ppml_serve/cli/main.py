@@ -6,6 +6,7 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -206,14 +207,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    overrides = _overrides(args)
-    base = load_settings(args.config, **overrides)
-    if not extra:
-        return base
-    return load_settings(args.config, **overrides, **extra)
+    """Settings from --config, the environment and this command's flags (and ``extra``)."""
+    return load_settings(args.config, **_overrides(args), **extra)
 
 
-def _stop_on_signals(stop: Any) -> None:
+def _stop_on_signals(stop: Callable[[], None]) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop())
 

@@ -140,19 +140,24 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         return JSONResponse({"name": model, "ready": is_ready},
                             status_code=200 if is_ready else 503)
 
-    @authenticated()
-    async def infer(request: Request) -> Response:
-        model = request.path_params["model"]
+    @contextlib.asynccontextmanager
+    async def measured(model: str) -> AsyncIterator[None]:
         started = time.perf_counter()
         status = "error"
         try:
-            body = await _read_body(request, max_request_bytes)
-            payload, header_length = await dataplane.infer(
-                model, body, request.headers.get(HEADER_LENGTH))
+            yield
             status = "ok"
         finally:
             metrics.requests.labels(model, status).inc()
             metrics.latency.labels(model).observe(time.perf_counter() - started)
+
+    @authenticated()
+    async def infer(request: Request) -> Response:
+        model = request.path_params["model"]
+        async with measured(model):
+            body = await _read_body(request, max_request_bytes)
+            payload, header_length = await dataplane.infer(
+                model, body, request.headers.get(HEADER_LENGTH))
         if header_length is None:
             return Response(payload, media_type="application/json")
         return Response(payload, media_type="application/octet-stream",
@@ -166,15 +171,9 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
     @authenticated()
     async def infer_sealed(request: Request) -> Response:
         model = request.path_params["model"]
-        started = time.perf_counter()
-        status = "error"
-        try:
+        async with measured(model):
             body = await _read_body(request, max_request_bytes)
             payload = await dataplane.infer_sealed(model, body)
-            status = "ok"
-        finally:
-            metrics.requests.labels(model, status).inc()
-            metrics.latency.labels(model).observe(time.perf_counter() - started)
         return Response(payload, media_type="application/octet-stream")
 
     async def metrics_endpoint(request: Request) -> Response:

@@ -8,6 +8,7 @@ import json
 import logging
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -50,7 +51,7 @@ class DataPlane:
     """One per gateway process; owns the reply reader and the table of waiting requests."""
 
     def __init__(self, broker: RedisGatewayBroker, sealer: Sealer, settings: GatewaySettings,
-                 worker_max_age_s: float, on_batch: Any = None,
+                 worker_max_age_s: float, on_batch: Callable[[int], None] | None = None,
                  configured_models: set[str] | None = None) -> None:
         self._broker = broker
         self._sealer = sealer
@@ -93,7 +94,7 @@ class DataPlane:
                 if self._on_batch is not None and message.ok:
                     self._on_batch(message.batch_size)
 
-    async def _cached(self, key: str, ttl_s: float, load: Any) -> Any:
+    async def _cached(self, key: str, ttl_s: float, load: Callable[[], Awaitable[Any]]) -> Any:
         now = time.monotonic()
         entry = self._cache.get(key)
         if entry is None or entry.expires < now:
