@@ -1,9 +1,17 @@
-"""Throughput chart in the spirit of the original PPML serving figure."""
+"""Throughput chart in the spirit of the original PPML serving figure: for each engine and
+precision, the raw engine next to the plain and the secure pipeline (best concurrency)."""
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+
+def _group(run: dict[str, Any]) -> str:
+    name = str(run["name"])
+    for suffix in ("-secure", "-plain"):
+        name = name.removesuffix(suffix)
+    return name
 
 
 def plot(runs: list[dict[str, Any]], path: Path) -> None:
@@ -12,28 +20,32 @@ def plot(runs: list[dict[str, Any]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, axis = plt.subplots(figsize=(8, 4.5))
-    names = list(dict.fromkeys(run["name"] for run in runs))
-    colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for index, name in enumerate(names):
-        colour = colours[index % len(colours)]
-        pipeline = sorted((r for r in runs if r["name"] == name and r["mode"] == "pipeline"),
-                          key=lambda r: r["concurrency"])
-        if pipeline:
-            axis.plot([r["concurrency"] for r in pipeline], [r["throughput"] for r in pipeline],
-                      marker="o", color=colour, label=f"{name} (pipeline)")
-        raw = [r["throughput"] for r in runs if r["name"] == name and r["mode"] == "raw"]
-        if raw:
-            axis.axhline(max(raw), color=colour, linestyle="--", linewidth=1,
-                         label=f"{name} (raw engine, best batch)")
-    values = [run["throughput"] for run in runs if run["throughput"] > 0]
-    if values and max(values) / min(values) > 50:
-        axis.set_yscale("log")  # a tiny model's raw engine dwarfs any served rate
-    axis.set_xscale("log", base=2)
-    axis.set_xlabel("concurrent requests")
-    axis.set_ylabel("throughput (items/s)")
-    axis.set_title("ppml-serve: pipeline vs raw engine")
-    axis.grid(True, alpha=0.3)
+    groups = list(dict.fromkeys(_group(run) for run in runs))
+    series: dict[str, list[float]] = {"raw engine": [], "pipeline, plain": [],
+                                      "pipeline, secure": []}
+    for group in groups:
+        members = [run for run in runs if _group(run) == group]
+
+        def best(mode: str, secure: bool | None, members: list[dict[str, Any]] = members
+                 ) -> float:
+            values = [r["throughput"] for r in members if r["mode"] == mode
+                      and (secure is None or r["secure"] == secure)]
+            return max(values, default=0.0)
+
+        series["raw engine"].append(best("raw", None))
+        series["pipeline, plain"].append(best("pipeline", False))
+        series["pipeline, secure"].append(best("pipeline", True))
+    figure, axis = plt.subplots(figsize=(max(6.0, 1.9 * len(groups)), 4.5))
+    width = 0.27
+    for offset, (label, values) in enumerate(series.items()):
+        positions = [index + (offset - 1) * width for index in range(len(groups))]
+        bars = axis.bar(positions, values, width, label=label)
+        axis.bar_label(bars, fmt="%.0f", fontsize=7, padding=2)
+    axis.set_xticks(range(len(groups)))
+    axis.set_xticklabels([g.replace("-", "\n", 1) for g in groups], fontsize=8)
+    axis.set_ylabel("throughput (items/s, best concurrency)")
+    axis.set_title("ppml-serve: raw engine vs plain and secure pipeline")
+    axis.grid(True, axis="y", alpha=0.3)
     axis.legend(fontsize=8)
     figure.tight_layout()
     figure.savefig(path, dpi=120)

@@ -116,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=1, help="worker processes")
     bench.add_argument("--json", type=Path, help="write the runs as JSON here")
     bench.add_argument("--plot", type=Path, help="write a PNG throughput chart here")
+    bench.add_argument("--from-json", type=Path, metavar="JSON",
+                       help="measure nothing: print the table (and --plot) of an earlier run")
     _worker_options(bench)
 
     init = commands.add_parser("init", help="create the state directory without starting")
@@ -360,10 +362,16 @@ def _bench(args: argparse.Namespace) -> int:
         BenchOptions,
         is_int8,
         run_benchmark,
-        summarize,
     )
     from ppml_serve.models import DEMO_NAME, demo_model_path
 
+    if args.from_json is not None:
+        try:
+            runs = json.loads(args.from_json.read_text())
+        except (OSError, ValueError):
+            raise PPMLError(f"--from-json: cannot read runs from {args.from_json}") from None
+        _report(runs, args)
+        return 0
     kinds = _choices(args.configs, "--configs", {"secure", "plain"})
     engines = _choices(args.engines, "--engines", {"onnxruntime", "openvino"})
     precisions = _choices(args.precisions, "--precisions", {"fp32", "bf16"})
@@ -401,6 +409,15 @@ def _bench(args: argparse.Namespace) -> int:
 
         runs = run_benchmark(configs, options, step)
         bar.update(1)
+    _report(runs, args)
+    return 0
+
+
+def _report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
+    import json
+
+    from ppml_serve.bench.runner import summarize
+
     header = f"{'name':<40} {'mode':<8} {'conc':>4} {'items/s':>9} {'p50 ms':>8} {'p99 ms':>8} err"
     print(header)
     for run in runs:
@@ -415,7 +432,6 @@ def _bench(args: argparse.Namespace) -> int:
         from ppml_serve.bench.plot import plot
 
         plot(runs, args.plot)
-    return 0
 
 
 def main(argv: list[str] | None = None) -> None:
