@@ -100,11 +100,15 @@ class Worker:
     def _submit(self, batch: list[Delivery]) -> None:
         """Run ``batch`` now, or beside the ones in flight when ``streams`` > 1.
 
-        With one stream, answers are sealed and posted by a second thread, so that the engine
-        starts on the next batch instead of waiting for Redis.
+        With one stream, answers are sealed and posted by a second thread when more requests
+        are waiting, so that the engine starts on the next batch instead of waiting for Redis;
+        at low load they are posted at once (a thread hand-off would only add latency).
         """
         if self._pool is None:
             work = self._infer(batch)
+            if self._inbox.empty():
+                self._answer(work)
+                return
             self._slots.acquire()
             self._replier.submit(self._answer, work).add_done_callback(self._release_slot)
             return
