@@ -60,3 +60,18 @@ def test_summary_ratios() -> None:
             {"name": "m-plain", "mode": "pipeline", "throughput": 93.0}]
     assert summarize(runs) == ["m-secure: pipeline/raw = 0.90 (90.0 vs 100.0 items/s)",
                                "m: secure/plain = 0.97 (90.0 vs 93.0 items/s)"]
+
+
+def test_bench_against_a_running_service(stack, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    out = tmp_path / "runs.json"
+    completed = subprocess.run(
+        [sys.executable, "-m", "ppml_serve", "bench", "--url", stack.url, "--api-key-file",
+         str(stack.settings.state_dir / "api-key"), "--ca-file", str(stack.ca_file),
+         "--concurrency", "2", "--duration", "0.5", "--warmup", "0.2", "--repeats", "1",
+         "--max-batch-size", "4", "--json", str(out)],
+        capture_output=True, text=True, timeout=120, check=False)
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    runs = json.loads(out.read_text())
+    assert [r["mode"] for r in runs] == ["raw", "pipeline"]
+    assert runs[1]["url"] == stack.url and runs[1]["secure"] is True
+    assert runs[1]["errors"] == 0 and runs[1]["throughput"] > 0

@@ -8,7 +8,7 @@ import os
 import platform
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -121,6 +121,43 @@ def _median_entry(config: BenchConfig, mode: str, results: list[LoadResult],
     entry = _entry(config, mode, ordered[len(ordered) // 2], **extra)
     entry["throughput_repeats"] = [round(result.throughput, 2) for result in results]
     return entry
+
+
+@dataclass(frozen=True)
+class ExternalService:
+    """A service that is already running (``bench --url``)."""
+
+    url: str
+    api_key: str = field(repr=False)
+    ca_file: Path | None
+
+
+def run_external(service: ExternalService, config: BenchConfig, options: BenchOptions,
+                 step: Callable[[str], None]) -> list[dict[str, Any]]:
+    """Pipeline runs against ``service``, interleaved with the raw engine run here."""
+    engine = load_engine(config.model, config.model_path.read_bytes(), config.engine,
+                         options.threads, config.precision, options.streams)
+    inputs = sample_inputs(engine.spec.inputs, options.items_per_request)
+    body, headers = encode_inputs(inputs)
+    headers["Authorization"] = f"Bearer {service.api_key}"
+    request = build_request(service.url, f"/v2/models/{config.model}/infer", body, headers)
+    context = client_context(service.ca_file) if service.url.startswith("https") else None
+    raw: list[LoadResult] = []
+    piped: dict[int, list[LoadResult]] = {}
+    for repeat in range(options.repeats):
+        step(f"{config.model}: raw engine, batch {options.max_batch_size} ({repeat + 1})")
+        raw.append(run_raw(engine, inputs, options.max_batch_size, options.duration_s,
+                           options.warmup_s, options.streams))
+        for concurrency in options.concurrencies:
+            step(f"{config.name}: {service.url}, concurrency {concurrency} ({repeat + 1})")
+            piped.setdefault(concurrency, []).append(asyncio.run(run_load(
+                service.url, request, options.items_per_request, concurrency,
+                options.duration_s, options.warmup_s, context)))
+    runs = [_median_entry(config, "raw", raw, batch_size=options.max_batch_size)]
+    runs.extend(_median_entry(config, "pipeline", results, url=service.url,
+                              batch_size=options.items_per_request)
+                for results in piped.values())
+    return runs
 
 
 def run_group(configs: list[BenchConfig], options: BenchOptions,

@@ -116,6 +116,10 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--workers", type=int, default=1, help="worker processes")
     bench.add_argument("--json", type=Path, help="write the runs as JSON here")
     bench.add_argument("--plot", type=Path, help="write a PNG throughput chart here")
+    bench.add_argument("--url", help="measure this running service instead of starting one "
+                       "(needs --api-key-file; the raw engine still runs here)")
+    bench.add_argument("--api-key-file", type=Path, help="API key for --url")
+    bench.add_argument("--ca-file", type=Path, help="CA bundle for an https --url")
     bench.add_argument("--from-json", type=Path, metavar="JSON",
                        help="measure nothing: print the table (and --plot) of an earlier run")
     _worker_options(bench)
@@ -397,6 +401,8 @@ def _bench(args: argparse.Namespace) -> int:
         workers=args.workers, max_batch_size=args.max_batch_size or 16,
         max_batch_delay_ms=args.max_batch_delay_ms if args.max_batch_delay_ms is not None
         else 2.0, threads=args.threads or 0, streams=args.streams, repeats=args.repeats)
+    if args.url is not None:
+        return _bench_external(args, configs, options)
     raw_steps = 1 if options.max_batch_size == 1 else 2
     groups = len({(c.model, c.model_path, c.engine, c.precision) for c in configs})
     steps = len(configs) + options.repeats * (
@@ -409,6 +415,36 @@ def _bench(args: argparse.Namespace) -> int:
 
         runs = run_benchmark(configs, options, step)
         bar.update(1)
+    _report(runs, args)
+    return 0
+
+
+def _bench_external(args: argparse.Namespace, configs: list[Any], options: Any) -> int:
+    from tqdm import tqdm
+
+    from ppml_serve.bench.runner import ExternalService, run_external
+
+    if args.api_key_file is None:
+        raise PPMLError("--url needs --api-key-file")
+    try:
+        api_key = args.api_key_file.read_text().strip()
+    except OSError as exc:
+        raise PPMLError(f"--api-key-file: cannot read {args.api_key_file} ({exc.strerror})"
+                        ) from None
+    service = ExternalService(args.url.rstrip("/"), api_key, args.ca_file)
+    chosen = {(c.model, c.engine, c.precision): c for c in configs}  # secure/plain: n/a here
+    runs: list[dict[str, Any]] = []
+    steps = len(chosen) * options.repeats * (1 + len(options.concurrencies))
+    with tqdm(total=steps, unit="run", file=sys.stderr) as bar:
+        def step(description: str) -> None:
+            bar.update(1)
+            bar.set_description(description)
+
+        for config in chosen.values():
+            external = type(config)(f"{config.model}-{config.engine}-{config.precision}-external",
+                                    config.model, config.model_path, config.engine,
+                                    config.precision, args.url.startswith("https"))
+            runs.extend(run_external(service, external, options, step))
     _report(runs, args)
     return 0
 
