@@ -1,0 +1,127 @@
+"""Gateway status mapping around the queue: backlog -> 429, no answer -> 504, Redis down -> 503.
+
+A stand-in broker replaces Redis here (logic only); the real queue is covered end to end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from starlette.testclient import TestClient
+
+from ppml_serve.codecs.tensors import ModelSpec, TensorSpec
+from ppml_serve.crypto.envelope import Keyring
+from ppml_serve.errors import NotReady
+from ppml_serve.gateway.app import Metrics, create_app
+from ppml_serve.gateway.auth import ApiKeyStore, add_api_key
+from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.queue.broker import ReplyMessage
+from ppml_serve.settings import GatewaySettings
+
+SPEC = ModelSpec("demo", (TensorSpec("image", "UINT8", (-1, 8, 8)),),
+                 (TensorSpec("probabilities", "FP32", (-1, 10)),))
+
+
+class StandInBroker:
+    """Answers nothing; reports a configurable backlog; can be 'down'."""
+
+    def __init__(self, backlog: int = 0, down: bool = False) -> None:
+        self._backlog = backlog
+        self.down = down
+        self.enqueued: list[str] = []
+        self.reply_stream = "ppml:reply:test"
+
+    async def ping(self) -> None:
+        if self.down:
+            raise NotReady("queue unreachable: ConnectionError")
+
+    async def close(self) -> None:
+        pass
+
+    async def models(self) -> dict[str, str]:
+        return {"demo": json.dumps(SPEC.as_json())}
+
+    async def live_workers(self, model: str, max_age_s: float) -> int:
+        return 1
+
+    async def backlog(self, model: str) -> int:
+        return self._backlog
+
+    async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
+                      mode: str = "") -> None:
+        if self.down:
+            raise NotReady("queue unreachable: ConnectionError")
+        self.enqueued.append(request_id)
+
+    async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]:
+        import asyncio
+
+        await asyncio.sleep(block_ms / 1000)
+        return []
+
+    async def attestations(self, model: str) -> list[str]:
+        return []
+
+
+def client_for(broker: StandInBroker, tmp_path: Path, **gateway: object) -> tuple[TestClient, str]:
+    token = add_api_key(tmp_path / "keys.json", "test", ["*"])
+    settings = GatewaySettings(**gateway)  # type: ignore[arg-type]
+    plane = DataPlane(broker, Keyring({"k": os.urandom(32)}, "k"), settings,  # type: ignore[arg-type]
+                      worker_max_age_s=1.0)
+    app = create_app(plane, ApiKeyStore.load(tmp_path / "keys.json"), 1 << 20, Metrics())
+    return TestClient(app), token
+
+
+BODY = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
+                    "data": np.zeros(64, np.uint8).tolist()}]}
+
+
+def test_backlog_over_bound_is_429_with_retry_after(tmp_path: Path) -> None:
+    broker = StandInBroker(backlog=5)
+    client, token = client_for(broker, tmp_path, max_queue_length=5)
+    with client:
+        response = client.post("/v2/models/demo/infer", json=BODY,
+                               headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 429
+    assert response.headers["Retry-After"] == "1"
+    assert "queued requests" in response.json()["error"]
+    assert broker.enqueued == [], "an overloaded gateway must not enqueue"
+
+
+def test_no_answer_in_time_is_504(tmp_path: Path) -> None:
+    broker = StandInBroker()
+    client, token = client_for(broker, tmp_path, request_timeout_s=0.3)
+    with client:
+        response = client.post("/v2/models/demo/infer", json=BODY,
+                               headers={"Authorization": f"Bearer {token}"})
+    assert response.status_code == 504
+    assert response.json() == {"error": "no answer from model 'demo' within 0.3 s"}
+    assert len(broker.enqueued) == 1
+
+
+@pytest.mark.parametrize("path", ["/v2/health/ready", "/v2/models/demo/infer"])
+def test_queue_down_is_503(tmp_path: Path, path: str) -> None:
+    broker = StandInBroker()
+    client, token = client_for(broker, tmp_path)
+    with client:
+        broker.down = True
+        headers = {"Authorization": f"Bearer {token}"}
+        if path.endswith("infer"):
+            response = client.post(path, json=BODY, headers=headers)
+        else:
+            response = client.get(path, headers=headers)
+    assert response.status_code == 503
+
+
+def test_forbidden_model_for_scoped_key(tmp_path: Path) -> None:
+    scoped = add_api_key(tmp_path / "keys.json", "scoped", ["other"])
+    client, _ = client_for(StandInBroker(), tmp_path)
+    with client:
+        response = client.post("/v2/models/demo/infer", json=BODY,
+                                   headers={"Authorization": f"Bearer {scoped}"})
+    assert response.status_code == 403
+    assert response.json() == {"error": "this API key may not use this model"}
