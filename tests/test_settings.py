@@ -67,3 +67,16 @@ def test_redis_url_secret_never_in_repr_and_plaintext_refused(
 def test_missing_redis_url_file_is_explained(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match=r"redis\.url_file: cannot read"):
         load_settings(state_dir=tmp_path).redis_url()
+
+
+def test_cli_refuses_a_redis_password_on_the_command_line() -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run(
+        [sys.executable, "-m", "ppml_serve", "gateway", "--redis-url",
+         "rediss://ppml:hunter2@10.0.0.5:6380/0"], capture_output=True, text=True, timeout=60,
+        check=False)
+    assert done.returncode == 2
+    assert "refusing a password on the command line" in done.stderr
+    assert "hunter2" not in done.stderr

@@ -33,7 +33,22 @@ def _common(parser: argparse.ArgumentParser) -> None:
                         choices=["DEBUG", "INFO", "WARNING", "ERROR"])
 
 
+def _redis_url(text: str) -> str:
+    # A password on the command line would show in every process listing.
+    credentials = text.split("://", 1)[-1].split("@", 1)
+    if len(credentials) == 2 and ":" in credentials[0]:
+        raise argparse.ArgumentTypeError(
+            "refusing a password on the command line (visible to every user in ps); put the "
+            "URL in a 0600 file and use --redis-url-file, or set PPML_REDIS__URL")
+    if not text.startswith(("rediss://", "redis://")):
+        raise argparse.ArgumentTypeError("expected rediss://HOST:PORT[/DB]")
+    return text
+
+
 def _redis_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--redis-url", type=_redis_url,
+                        help="rediss://[USER@]HOST:PORT/DB without a password (certificate or "
+                        "network auth); URLs with a password go in --redis-url-file")
     parser.add_argument("--redis-url-file", type=Path,
                         help="file holding the rediss:// URL (or set PPML_REDIS__URL)")
     parser.add_argument("--redis-ca", type=Path, help="CA bundle for the Redis certificate")
@@ -202,6 +217,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("threads", "worker", "engine_threads"), ("engine", "worker", "engine"),
         ("precision", "worker", "precision"),
         ("redis_url_file", "redis", "url_file"), ("redis_ca", "redis", "ca_file"),
+        ("redis_url", "redis", "url"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:
