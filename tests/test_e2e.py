@@ -10,6 +10,7 @@ import threading
 import time
 from typing import Any
 
+import httpx
 import numpy as np
 import pytest
 import tritonclient.http as triton
@@ -293,3 +294,28 @@ def test_client_error_carries_status(stack: Stack) -> None:
             pytest.raises(ClientError) as caught:
         client.infer("demo", IMAGES[:1])
     assert caught.value.status == 401
+
+
+def test_worker_metrics_endpoint(stack: Stack) -> None:
+    from ppml_serve.local_stack import Child
+    from ppml_serve.queue.redis_server import free_port
+
+    port = free_port()
+    extra = Child("worker metrics", [*stack.workers[0].argv, "--metrics-port", str(port)])
+    extra.start(stack.local._env)
+    try:
+        text = ""
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and "ppml_worker_batch_size_count" not in text:
+            with client_for(stack) as client:
+                for index in range(8):
+                    client.infer("demo", IMAGES[index:index + 1])
+            try:
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=2).text
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        assert 'ppml_worker_items_total{model="demo",outcome="ok"}' in text
+        assert "ppml_worker_engine_seconds_bucket" in text
+    finally:
+        extra.terminate()
+        extra.wait(10)

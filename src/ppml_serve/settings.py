@@ -85,6 +85,8 @@ class WorkerSettings(_Section):
     """A request delivered more often than this goes to the dead-letter stream."""
     heartbeat_s: float = Field(2.0, gt=0, le=60)
     """How often a worker announces itself (and reclaims stalled requests)."""
+    metrics_port: int | None = Field(None, ge=0, le=65535)
+    """Serve this worker's Prometheus metrics on 127.0.0.1:PORT (off when unset)."""
 
 
 class KeyBrokerSettings(_Section):

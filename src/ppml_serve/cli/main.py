@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_options(worker)
     worker.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH",
                         help="model to serve")
+    worker.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus metrics on 127.0.0.1:PORT")
     _engine_options(worker)
 
     redis = commands.add_parser("redis", help="run a managed TLS redis-server in the foreground",
@@ -217,7 +219,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("threads", "worker", "engine_threads"), ("engine", "worker", "engine"),
         ("precision", "worker", "precision"),
         ("redis_url_file", "redis", "url_file"), ("redis_ca", "redis", "ca_file"),
-        ("redis_url", "redis", "url"),
+        ("redis_url", "redis", "url"), ("metrics_port", "worker", "metrics_port"),
     ]:
         value = getattr(args, flag, None)
         if value is not None:

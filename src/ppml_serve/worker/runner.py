@@ -28,7 +28,9 @@ log = logging.getLogger("ppml_serve.worker")
 
 def measured_config(settings: Settings) -> dict[str, Any]:
     """The configuration that is part of a worker's measurement."""
-    return {"worker": settings.worker.model_dump(mode="json", exclude={"heartbeat_s"}),
+    # Operational knobs that do not change what the worker computes stay out of it.
+    return {"worker": settings.worker.model_dump(mode="json",
+                                                 exclude={"heartbeat_s", "metrics_port"}),
             "encrypt_payloads": settings.security.encrypt_payloads}
 
 

@@ -27,6 +27,7 @@ from ppml_serve.queue.broker import Delivery, Reply
 from ppml_serve.queue.redis_streams import RedisWorkerBroker
 from ppml_serve.settings import WorkerSettings
 from ppml_serve.worker.batching import Item, run_batched
+from ppml_serve.worker.metrics import WorkerMetrics
 
 log = logging.getLogger("ppml_serve.worker")
 
@@ -73,6 +74,7 @@ class Worker:
         self._measurement = measurement
         self._attested_at = 0.0
         self.batches_served = 0
+        self.metrics = WorkerMetrics(model)
         streams = settings.streams
         self._pool = (concurrent.futures.ThreadPoolExecutor(streams, "batch")
                       if streams > 1 else None)
@@ -126,6 +128,8 @@ class Worker:
     def run(self) -> None:
         self._broker.ensure_group()
         self._broker.publish(json.dumps(self._engine.spec.as_json()))
+        if self._settings.metrics_port is not None:
+            self.metrics.serve(self._settings.metrics_port)
         reader = threading.Thread(target=self._read_loop, name="stream-reader", daemon=True)
         reader.start()
         log.info("worker serving model %r", self._model)
@@ -197,12 +201,14 @@ class Worker:
         if not claimed:
             return
         log.info("reclaimed %d stalled request(s)", len(claimed))
+        self.metrics.reclaimed.labels(self._model).inc(len(claimed))
         fresh = []
         for delivery in claimed:
             if delivery.deliveries > self._settings.max_deliveries:
                 reason = f"delivered {delivery.deliveries} times without an answer"
                 log.error("request %s moved to the dead-letter stream: %s",
                           delivery.request_id, reason)
+                self.metrics.dead_lettered.labels(self._model).inc()
                 self._broker.dead_letter(
                     self._error_reply(delivery, "dead_letter",
                                       "the request failed repeatedly and was set aside"),
@@ -244,12 +250,20 @@ class Worker:
                                 entry.delivery.request_id)
                 entry.error = exc
         items = [entry.item for entry in work if entry.item is not None]
+        started = time.perf_counter()
         run_batched(items, self._engine.infer, self._settings.max_batch_size * 64)
+        if items:
+            self.metrics.engine_seconds.labels(self._model).observe(
+                time.perf_counter() - started)
+            self.metrics.batch_size.labels(self._model).observe(len(items))
         return work
 
     def _answer(self, work: list[_Work]) -> None:
         """Seal the answers, post them and ack (the part that needs no engine)."""
-        self._broker.finish([self._reply(entry) for entry in work])
+        replies = [self._reply(entry) for entry in work]
+        self._broker.finish(replies)
+        for reply in replies:
+            self.metrics.items.labels(self._model, "ok" if reply.ok else "error").inc()
         self.batches_served += 1
 
     def _reply(self, entry: _Work) -> Reply:
