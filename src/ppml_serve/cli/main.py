@@ -353,7 +353,7 @@ def run(args: argparse.Namespace) -> int:
             settings.keybroker.port = args.keybroker_port
         build_keybroker_server(settings).run()
         return 0
-    raise AssertionError(args.command)  # argparse rejects unknown commands
+    raise PPMLError(f"unknown command {args.command!r}")  # argparse normally stops it first
 
 
 def _choices(text: str, flag: str, allowed: set[str]) -> list[str]:
