@@ -119,3 +119,17 @@ def test_cli_encrypt_inspect_decrypt(tmp_path: Path) -> None:
                            env=dict(env, PPML_KMS_PASSPHRASE="wrong"))
     assert wrong.returncode == 2 and "wrong passphrase" in wrong.stderr
     assert "Traceback" not in wrong.stderr
+
+
+@pytest.mark.parametrize("argv", [
+    ["worker", "--model", "demo=/no/such/model.onnx"],
+    ["attest", "measure", "--model", "demo=/no/such/model.onnx"],
+    ["model", "inspect", "/no/such/model.enc"],
+])
+def test_missing_model_file_is_a_clear_error(argv: list[str], tmp_path: Path) -> None:
+    done = subprocess.run([sys.executable, "-m", "ppml_serve", *argv, *(
+        ["--state-dir", str(tmp_path)] if argv[0] != "model" else [])],
+        capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 2
+    assert "no such" in done.stderr and "/no/such/model" in done.stderr
+    assert "Traceback" not in done.stderr

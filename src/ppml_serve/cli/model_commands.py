@@ -41,8 +41,14 @@ def model_encrypt(settings: Settings, args: argparse.Namespace) -> int:
     return 0
 
 
+def _existing(path: Path, command: str) -> Path:
+    if not path.is_file():
+        raise ConfigError(f"{command}: no such file: {path}")
+    return path
+
+
 def model_decrypt(settings: Settings, args: argparse.Namespace) -> int:
-    source, target = Path(args.input), Path(args.output)
+    source, target = _existing(Path(args.input), "model decrypt"), Path(args.output)
     if target.exists() and not args.force:
         raise ConfigError(f"model decrypt: {target} exists (use --force to replace it)")
     with source.open("rb") as handle:
@@ -56,7 +62,7 @@ def model_decrypt(settings: Settings, args: argparse.Namespace) -> int:
 
 
 def model_inspect(args: argparse.Namespace) -> int:
-    path = Path(args.file)
+    path = _existing(Path(args.file), "model inspect")
     with path.open("rb") as handle:
         header = read_header(handle, str(path))
     print(json.dumps({"file": str(path), **header.describe()}, indent=2))

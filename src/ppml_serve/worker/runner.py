@@ -35,6 +35,8 @@ def measured_config(settings: Settings) -> dict[str, Any]:
 
 
 def worker_measurement(settings: Settings, model: str, path: Path) -> Measurement:
+    if not path.is_file():
+        raise ConfigError(f"models: no such model file: {path}")
     try:
         if is_encrypted(path):
             with path.open("rb") as handle:
@@ -55,6 +57,8 @@ def attestation_provider(settings: Settings) -> Provider:
 
 
 def build_worker(settings: Settings, model: str, path: Path) -> Worker:
+    if not path.is_file():
+        raise ConfigError(f"models: no such model file: {path}")
     encrypted = is_encrypted(path)
     released: ReleasedKeys | None = None
     provider: Provider | None = None
