@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+import socket
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ import yaml
 
 from ppml_serve.client import Client
 from ppml_serve.crypto.kms.local import write_private
-from ppml_serve.errors import NotReady
+from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
 from ppml_serve.settings import Settings
 from ppml_serve.state import prepare_state, read_api_key
@@ -104,9 +105,19 @@ class LocalStack:
         self.gateway: Child | None = None
         self.keybroker: Child | None = None
 
+    def _check_port(self) -> None:
+        host, port = self.settings.gateway.host, self.settings.gateway.port
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, port))
+            except OSError as exc:
+                raise ConfigError(f"gateway.port: cannot listen on {host}:{port} "
+                                  f"({exc.strerror}); pick another with --port") from None
+
     def start(self, ready_timeout_s: float = 60) -> None:
         settings = self.settings
         state = settings.state_dir
+        self._check_port()
         prepare_state(settings)
         self.redis.start()
         write_private(settings.redis_url_file, self.redis.url.get_secret_value().encode() + b"\n")
