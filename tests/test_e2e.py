@@ -319,3 +319,24 @@ def test_worker_metrics_endpoint(stack: Stack) -> None:
     finally:
         extra.terminate()
         extra.wait(10)
+
+
+def test_job_enqueued_now_fetched_later(stack: Stack) -> None:
+    marker = b"JOB-MARKER-5e1d"
+    image = np.frombuffer((marker * 5)[:64], dtype=np.uint8).reshape(1, 8, 8)
+    with client_for(stack) as client:
+        job_id = client.submit("demo", np.concatenate([IMAGES[:3], image]))
+        outputs = client.result("demo", job_id, wait_s=20)
+        assert outputs is not None
+        expected = local_predictions(np.concatenate([IMAGES[:3], image]))
+        assert (outputs["probabilities"].argmax(axis=1) == expected).all()
+        again = client.result("demo", job_id)  # results stay fetchable until they expire
+        assert again is not None and np.array_equal(again["probabilities"],
+                                                    outputs["probabilities"])
+        with pytest.raises(ClientError) as caught:
+            client.result("demo", "0" * 32)
+        assert caught.value.status == 404
+    stored = stack.admin().hgetall(f"ppml:job:{job_id}")
+    assert stored[b"state"] == b"done" and stored[b"body"][:2] == b"PE"  # sealed, as sent
+    assert marker not in b"".join(stored.values())
+    assert 0 < stack.admin().ttl(f"ppml:job:{job_id}") <= 3600

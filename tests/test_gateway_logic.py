@@ -33,6 +33,7 @@ class StandInBroker:
         self._backlog = backlog
         self.down = down
         self.enqueued: list[str] = []
+        self.jobs: dict[str, dict[str, str]] = {}
         self.reply_stream = "ppml:reply:test"
 
     async def ping(self) -> None:
@@ -65,6 +66,13 @@ class StandInBroker:
 
     async def attestations(self, model: str) -> list[str]:
         return []
+
+    async def save_job(self, job_id: str, fields: dict[str, object], ttl_s: int) -> None:
+        self.jobs.setdefault(job_id, {}).update(
+            {k: v.decode("latin-1") if isinstance(v, bytes) else str(v) for k, v in fields.items()})
+
+    async def load_job(self, job_id: str) -> dict[str, str]:
+        return dict(self.jobs.get(job_id, {}))
 
 
 def client_for(broker: StandInBroker, tmp_path: Path, **gateway: object) -> tuple[TestClient, str]:
@@ -125,3 +133,20 @@ def test_forbidden_model_for_scoped_key(tmp_path: Path) -> None:
                                    headers={"Authorization": f"Bearer {scoped}"})
     assert response.status_code == 403
     assert response.json() == {"error": "this API key may not use this model"}
+
+
+def test_jobs_are_private_to_their_key_and_pending_until_answered(tmp_path: Path) -> None:
+    other = add_api_key(tmp_path / "keys.json", "other", ["*"])
+    client, token = client_for(StandInBroker(), tmp_path)
+    with client:
+        submitted = client.post("/v2/models/demo/jobs", json=BODY,
+                                headers={"Authorization": f"Bearer {token}"})
+        assert submitted.status_code == 202
+        job_id = submitted.json()["job_id"]
+        assert submitted.headers["Location"] == f"/v2/models/demo/jobs/{job_id}"
+        mine = client.get(f"/v2/models/demo/jobs/{job_id}",
+                          headers={"Authorization": f"Bearer {token}"})
+        theirs = client.get(f"/v2/models/demo/jobs/{job_id}",
+                            headers={"Authorization": f"Bearer {other}"})
+    assert mine.status_code == 202 and mine.json()["state"] == "pending"
+    assert theirs.status_code == 404

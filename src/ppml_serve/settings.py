@@ -61,6 +61,10 @@ class GatewaySettings(_Section):
     """Backlog of a model's request stream above which new requests get 429."""
     reply_stream_maxlen: int = Field(10_000, ge=100)
     """Approximate length a gateway's reply stream is trimmed to."""
+    job_timeout_s: float = Field(300.0, gt=0)
+    """How long a job (``POST …/jobs``) may wait for its answer."""
+    job_ttl_s: int = Field(3600, ge=1)
+    """How long a job's sealed answer is kept in Redis for fetching."""
     plaintext_http: bool = False
     """Serve plain HTTP instead of HTTPS. Only for benchmarking the cost of TLS."""
 

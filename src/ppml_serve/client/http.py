@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import ssl
 import time
@@ -155,6 +156,28 @@ class Client(_Base):
         return _decode(self._http.post(f"/v2/models/{model}/infer", content=body,
                                        headers=headers))
 
+    def submit(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> str:
+        """Enqueue a job now; fetch its answer later with ``result`` (from any gateway)."""
+        named = self._named(model, inputs)
+        if named is None:
+            self._remember(model, self.metadata(model))
+            named = self._named(model, inputs)
+        body, headers = encode_inputs(named or {})
+        response = self._http.post(f"/v2/models/{model}/jobs", content=body, headers=headers)
+        _raise_for_status(response)
+        return str(response.json()["job_id"])
+
+    def result(self, model: str, job_id: str, wait_s: float = 0.0) -> Arrays | None:
+        """The job's outputs, or ``None`` if it is still pending after ``wait_s`` seconds."""
+        deadline = time.monotonic() + wait_s
+        while True:
+            response = self._http.get(f"/v2/models/{model}/jobs/{job_id}")
+            if response.status_code != 202:
+                return _decode(response)
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
     def worker_key(self, model: str, verifier: Verifier, policy: Policy) -> bytes:
         """The model's end-to-end public key, after checking its evidence against ``policy``."""
         response = self._http.get(f"/v2/models/{model}/attestation")
@@ -209,3 +232,24 @@ class AsyncClient(_Base):
         body, headers = encode_inputs(named or {})
         return _decode(await self._http.post(f"/v2/models/{model}/infer", content=body,
                                              headers=headers))
+
+    async def submit(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> str:
+        named = self._named(model, inputs)
+        if named is None:
+            self._remember(model, await self.metadata(model))
+            named = self._named(model, inputs)
+        body, headers = encode_inputs(named or {})
+        response = await self._http.post(f"/v2/models/{model}/jobs", content=body,
+                                         headers=headers)
+        _raise_for_status(response)
+        return str(response.json()["job_id"])
+
+    async def result(self, model: str, job_id: str, wait_s: float = 0.0) -> Arrays | None:
+        deadline = time.monotonic() + wait_s
+        while True:
+            response = await self._http.get(f"/v2/models/{model}/jobs/{job_id}")
+            if response.status_code != 202:
+                return _decode(response)
+            if time.monotonic() >= deadline:
+                return None
+            await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))

@@ -100,6 +100,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     principal = keys.authenticate(request.headers.get("authorization"))
                     if model_route:
                         principal.authorize(request.path_params["model"])
+                    request.state.principal = principal.name
                     return await handler(request)
                 except PPMLError as exc:
                     return error_response(exc)
@@ -164,6 +165,29 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                         headers={"Inference-Header-Content-Length": str(header_length)})
 
     @authenticated()
+    async def submit_job(request: Request) -> Response:
+        model = request.path_params["model"]
+        body = await _read_body(request, max_request_bytes)
+        job_id = await dataplane.submit(model, body, request.headers.get(HEADER_LENGTH),
+                                        request.state.principal)
+        return JSONResponse({"job_id": job_id, "model": model}, status_code=202,
+                            headers={"Location": f"/v2/models/{model}/jobs/{job_id}"})
+
+    @authenticated()
+    async def job_result(request: Request) -> Response:
+        model = request.path_params["model"]
+        found = await dataplane.job_result(model, request.path_params["job"],
+                                           request.state.principal)
+        if found is None:
+            return JSONResponse({"job_id": request.path_params["job"], "state": "pending"},
+                                status_code=202, headers={"Retry-After": "1"})
+        payload, header_length = found
+        if header_length is None:
+            return Response(payload, media_type="application/json")
+        return Response(payload, media_type="application/octet-stream",
+                        headers={"Inference-Header-Content-Length": str(header_length)})
+
+    @authenticated()
     async def model_attestation(request: Request) -> Response:
         model = request.path_params["model"]
         return JSONResponse({"model": model, "workers": await dataplane.attestations(model)})
@@ -204,6 +228,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/attestation", model_attestation),
+        Route("/v2/models/{model}/jobs", submit_job, methods=["POST"]),
+        Route("/v2/models/{model}/jobs/{job}", job_result),
         Route("/v2/models/{model}/infer-sealed", infer_sealed, methods=["POST"]),
         Route("/metrics", metrics_endpoint),
     ]

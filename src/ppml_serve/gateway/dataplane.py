@@ -24,6 +24,7 @@ from ppml_serve.errors import (
     ModelNotFound,
     NotReady,
     Overloaded,
+    PPMLError,
     ProtocolError,
 )
 from ppml_serve.queue.broker import ReplyMessage
@@ -62,6 +63,7 @@ class DataPlane:
         self._reader: asyncio.Task[None] | None = None
         self._on_batch = on_batch
         self._configured = configured_models or set()
+        self._jobs: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
         await self._broker.ping()
@@ -180,8 +182,25 @@ class DataPlane:
 
     async def _exchange(self, model: str, payload: bytes, mode: str = "") -> bytes:
         request_id = uuid.uuid4().hex
+        message = await self._send(model, request_id, payload, mode,
+                                   self._settings.request_timeout_s)
+        return self._open_reply(model, request_id, message.ok, message.body)
+
+    def _open_reply(self, model: str, request_id: str, ok: bool, body: bytes) -> bytes:
+        try:
+            plaintext = self._sealer.open(body, associated_data(model, request_id, REPLY))
+        except IntegrityError:
+            log.error("reply for request %s refused: record failed authentication", request_id)
+            raise
+        if not ok:
+            problem = json.loads(plaintext)
+            raise _WORKER_ERRORS.get(problem.get("kind"), EngineError)(str(problem.get("error")))
+        return plaintext
+
+    async def _send(self, model: str, request_id: str, payload: bytes, mode: str,
+                    timeout: float) -> ReplyMessage:
+        """Seal, enqueue and wait for the (still sealed) answer."""
         sealed = self._sealer.seal(payload, associated_data(model, request_id, REQUEST))
-        timeout = self._settings.request_timeout_s
         future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = future
         try:
@@ -192,12 +211,54 @@ class DataPlane:
             raise DeadlineExceeded(f"no answer from model {model!r} within {timeout:g} s") from None
         finally:
             self._waiting.pop(request_id, None)
+        return message
+
+    # Jobs: enqueue now, fetch the answer later (from any gateway) by id. The answer is kept
+    # in Redis exactly as the worker sealed it, for ``job_ttl_s``.
+
+    async def submit(self, model: str, body: bytes, header_length: str | None,
+                     owner: str) -> str:
+        spec = await self.spec(model)
+        request = parse_request(body, header_length)
+        spec.check_inputs(request.inputs)
+        check_outputs(request, spec)
+        if not await self.model_ready(model):
+            raise NotReady(f"model {model!r} has no live worker")
+        await self._check_backlog(model)
+        job_id = uuid.uuid4().hex
+        binary = "1" if request.binary_default else "0"
+        await self._broker.save_job(job_id, {
+            "state": "pending", "model": model, "owner": owner,
+            "outputs": json.dumps(request.outputs), "binary": binary,
+        }, self._settings.job_ttl_s)
+        task = asyncio.create_task(self._complete_job(model, job_id, record.pack(request.inputs)))
+        self._jobs.add(task)
+        task.add_done_callback(self._jobs.discard)
+        return job_id
+
+    async def _complete_job(self, model: str, job_id: str, payload: bytes) -> None:
+        ttl = self._settings.job_ttl_s
         try:
-            plaintext = self._sealer.open(message.body, associated_data(model, request_id, REPLY))
-        except IntegrityError:
-            log.error("reply for request %s refused: record failed authentication", request_id)
-            raise
-        if not message.ok:
-            problem = json.loads(plaintext)
-            raise _WORKER_ERRORS.get(problem.get("kind"), EngineError)(str(problem.get("error")))
-        return plaintext
+            message = await self._send(model, job_id, payload, "", self._settings.job_timeout_s)
+        except PPMLError as exc:
+            await self._broker.save_job(job_id, {"state": "failed", "error": str(exc)}, ttl)
+            return
+        await self._broker.save_job(job_id, {"state": "done", "ok": "1" if message.ok else "0",
+                                             "body": message.body}, ttl)
+
+    async def job_result(self, model: str, job_id: str,
+                         owner: str) -> tuple[bytes, int | None] | None:
+        """The answer, ``None`` while pending; unknown, expired or foreign jobs are 404."""
+        fields = await self._broker.load_job(job_id)
+        if not fields or fields.get("model") != model or fields.get("owner") != owner:
+            raise ModelNotFound(f"no job {job_id!r} for model {model!r} (unknown or expired)")
+        if fields["state"] == "pending":
+            return None
+        if fields["state"] == "failed":
+            raise DeadlineExceeded(str(fields.get("error", "the job failed")))
+        plaintext = self._open_reply(model, job_id, fields.get("ok") == "1",
+                                     fields["body"].encode("latin-1"))
+        _, outputs = record.unpack(plaintext)
+        request = InferRequest(job_id, {}, json.loads(fields["outputs"]),
+                               fields.get("binary") == "1")
+        return encode_response(model, request, outputs)

@@ -10,6 +10,8 @@ Key layout (PREFIX defaults to ``ppml``)::
     PREFIX:models           hash MODEL -> model spec JSON (inputs/outputs), set by workers
     PREFIX:workers:MODEL    sorted set worker-id -> last heartbeat (unix seconds)
     PREFIX:attest:MODEL     hash worker-id -> attestation JSON (public key + evidence)
+    PREFIX:job:ID           hash of a job: state, model, owner, output options, and the
+                            answer as the worker sealed it; expires after job_ttl_s
 
 Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
 """
@@ -57,6 +59,9 @@ class Keys:
 
     def attestations(self, model: str) -> str:
         return f"{self.prefix}:attest:{model}"
+
+    def job(self, job_id: str) -> str:
+        return f"{self.prefix}:job:{job_id}"
 
 
 def _connection_options(url: SecretStr, ca_file: Path | None) -> dict[str, Any]:
@@ -243,6 +248,17 @@ class RedisGatewayBroker:
     async def models(self) -> dict[str, str]:
         table: Any = await self._client.hgetall(self._keys.models)
         return {_str(name): spec.decode() for name, spec in table.items()}
+
+    async def save_job(self, job_id: str, fields: dict[str, str | bytes], ttl_s: int) -> None:
+        pipe = self._client.pipeline(transaction=True)
+        pipe.hset(self._keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
+        pipe.expire(self._keys.job(job_id), ttl_s)
+        await pipe.execute()
+
+    async def load_job(self, job_id: str) -> dict[str, str]:
+        table: Any = await self._client.hgetall(self._keys.job(job_id))
+        # latin-1 maps bytes 1:1, so the sealed answer survives as text
+        return {key.decode(): value.decode("latin-1") for key, value in table.items()}
 
     async def attestations(self, model: str) -> list[str]:
         table: Any = await self._client.hgetall(self._keys.attestations(model))
