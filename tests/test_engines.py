@@ -131,3 +131,29 @@ def test_int8_model_served_by_openvino_worker(tmp_path: Path) -> None:
         {"image": IMAGES[:64]})["probabilities"]
     assert platform == "openvino"
     assert (got.argmax(axis=1) == expected.argmax(axis=1)).all()
+
+
+def test_gateway_can_require_client_certificates(tmp_path: Path) -> None:
+    import httpx
+
+    from ppml_serve.client import Client
+    from ppml_serve.local_stack import LocalStack
+    from ppml_serve.settings import load_settings
+    from ppml_serve.state import read_api_key
+
+    state = tmp_path / "state"
+    settings = load_settings(state_dir=state, models={"demo": demo_model_path()},
+                             gateway={"port": 0, "client_ca_file": str(state / "ca.pem")},
+                             worker={"engine_threads": 1})
+    stack = LocalStack(settings, workers=1, log_level="WARNING")
+    try:
+        stack.start()
+        api_key = read_api_key(state)
+        with Client(stack.url, api_key=api_key, ca_file=settings.ca_file,
+                    client_cert=stack.client_cert) as client:
+            assert client.infer("demo", IMAGES[:2])["probabilities"].shape == (2, 10)
+        with Client(stack.url, api_key=api_key, ca_file=settings.ca_file) as client, \
+                pytest.raises(httpx.HTTPError):
+            client.infer("demo", IMAGES[:2])
+    finally:
+        stack.stop()

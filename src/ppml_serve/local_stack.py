@@ -20,6 +20,7 @@ import yaml
 
 from ppml_serve.client import Client
 from ppml_serve.crypto.kms.local import write_private
+from ppml_serve.crypto.tls import issue_client_cert
 from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
 from ppml_serve.settings import Settings
@@ -104,6 +105,8 @@ class LocalStack:
         self.children: list[Child] = []
         self.gateway: Child | None = None
         self.keybroker: Child | None = None
+        self.client_cert: tuple[Path, Path] | None = None
+        """A dev client certificate when the gateway requires mutual TLS."""
 
     def _check_port(self) -> None:
         host, port = self.settings.gateway.host, self.settings.gateway.port
@@ -119,6 +122,11 @@ class LocalStack:
         state = settings.state_dir
         self._check_port()
         prepare_state(settings)
+        if settings.gateway.client_ca_file is not None:
+            cert, key = state / "client.pem", state / "client-key.pem"
+            if not cert.exists():
+                issue_client_cert(state, "client")
+            self.client_cert = (cert, key)
         self.redis.start()
         write_private(settings.redis_url_file, self.redis.url.get_secret_value().encode() + b"\n")
         write_private(state / "redis-admin.url",
@@ -168,8 +176,8 @@ class LocalStack:
         deadline = time.monotonic() + timeout_s
         served = [name for name in self.settings.models if name not in self.unserved]
         api_key = read_api_key(self.settings.state_dir)
-        with Client(self.url, api_key=api_key, ca_file=self.settings.ca_file,
-                    timeout_s=2) as client:
+        with Client(self.url, api_key=api_key, ca_file=self.settings.ca_file, timeout_s=2,
+                    client_cert=self.client_cert) as client:
             while time.monotonic() < deadline:
                 for child in self.children:
                     if not child.alive():

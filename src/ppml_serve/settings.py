@@ -51,6 +51,9 @@ class GatewaySettings(_Section):
     """Server certificate (PEM). Default: the dev certificate in the state directory."""
     key_file: Path | None = None
     """Server private key (PEM). Default: the dev key in the state directory."""
+    client_ca_file: Path | None = None
+    """Require mutual TLS: clients must present a certificate signed by this CA (in addition
+    to an API key)."""
     api_keys_file: Path | None = None
     """JSON file of hashed API keys. Default: ``STATE_DIR/api-keys.json``."""
     max_request_bytes: int = Field(64 * 1024 * 1024, ge=1024)

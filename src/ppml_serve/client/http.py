@@ -30,11 +30,14 @@ class ClientError(Exception):
         self.message = message
 
 
-def _tls(ca_file: str | Path | None, verify: bool) -> ssl.SSLContext | bool:
+def _tls(ca_file: str | Path | None, verify: bool,
+         client_cert: tuple[str | Path, str | Path] | None = None) -> ssl.SSLContext | bool:
     if not verify:
         return False
     context = ssl.create_default_context(cafile=str(ca_file) if ca_file else None)
     context.minimum_version = ssl.TLSVersion.TLSv1_2
+    if client_cert is not None:  # for gateways that require mutual TLS
+        context.load_cert_chain(str(client_cert[0]), str(client_cert[1]))
     return context
 
 
@@ -121,10 +124,11 @@ class Client(_Base):
     """Synchronous client. ``infer`` takes an array (single-input models) or a dict."""
 
     def __init__(self, url: str, api_key: str | None = None, ca_file: str | Path | None = None,
-                 verify: bool = True, timeout_s: float = 60.0) -> None:
+                 verify: bool = True, timeout_s: float = 60.0,
+                 client_cert: tuple[str | Path, str | Path] | None = None) -> None:
         super().__init__(api_key)
-        self._http = httpx.Client(base_url=url, verify=_tls(ca_file, verify), timeout=timeout_s,
-                                  headers=self._headers)
+        self._http = httpx.Client(base_url=url, verify=_tls(ca_file, verify, client_cert),
+                                  timeout=timeout_s, headers=self._headers)
 
     def __enter__(self) -> Client:
         return self
@@ -201,9 +205,10 @@ class AsyncClient(_Base):
     """asyncio client with the same API as ``Client``."""
 
     def __init__(self, url: str, api_key: str | None = None, ca_file: str | Path | None = None,
-                 verify: bool = True, timeout_s: float = 60.0) -> None:
+                 verify: bool = True, timeout_s: float = 60.0,
+                 client_cert: tuple[str | Path, str | Path] | None = None) -> None:
         super().__init__(api_key)
-        self._http = httpx.AsyncClient(base_url=url, verify=_tls(ca_file, verify),
+        self._http = httpx.AsyncClient(base_url=url, verify=_tls(ca_file, verify, client_cert),
                                        timeout=timeout_s, headers=self._headers)
 
     async def __aenter__(self) -> AsyncClient:

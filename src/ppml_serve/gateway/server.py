@@ -2,16 +2,28 @@
 
 from __future__ import annotations
 
+import ssl
 import uuid
+from typing import Any
 
 import uvicorn
 
 from ppml_serve.crypto.keys import make_sealer
+from ppml_serve.errors import ConfigError
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.queue.redis_streams import Keys, RedisGatewayBroker, connect_async
 from ppml_serve.settings import Settings
+
+
+def _mutual_tls(settings: Settings) -> dict[str, Any]:
+    ca_file = settings.gateway.client_ca_file
+    if ca_file is None or settings.gateway.plaintext_http:
+        return {}
+    if not ca_file.is_file():
+        raise ConfigError(f"gateway.client_ca_file: no such file: {ca_file}")
+    return {"ssl_ca_certs": str(ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
 def build_gateway(settings: Settings) -> uvicorn.Server:
@@ -37,5 +49,6 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                             access_log=False, lifespan="on", timeout_graceful_shutdown=5,
                             proxy_headers=False, server_header=False, date_header=False,
                             ssl_certfile=str(settings.server_cert_file) if secure_http else None,
-                            ssl_keyfile=str(settings.server_key_file) if secure_http else None)
+                            ssl_keyfile=str(settings.server_key_file) if secure_http else None,
+                            **_mutual_tls(settings))
     return uvicorn.Server(config)
