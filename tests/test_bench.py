@@ -75,3 +75,14 @@ def test_bench_against_a_running_service(stack, tmp_path: Path) -> None:  # type
     assert [r["mode"] for r in runs] == ["raw", "pipeline"]
     assert runs[1]["url"] == stack.url and runs[1]["secure"] is True
     assert runs[1]["errors"] == 0 and runs[1]["throughput"] > 0
+
+
+def test_closed_loop_throughput_uses_the_response_time_law() -> None:
+    from ppml_serve.bench.load import LoadResult
+
+    # 4 connections, each request takes 100 ms: 40 requests/s whatever the window catches.
+    result = LoadResult(4, 1.0, 36, 36, 0, [100.0] * 36, closed_loop=True)
+    assert abs(result.throughput - 40.0) < 1e-9
+    assert result.window_throughput == 36.0
+    raw = LoadResult(1, 2.0, 10, 160, 0, [200.0] * 10)
+    assert raw.throughput == 80.0

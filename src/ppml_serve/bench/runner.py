@@ -64,7 +64,9 @@ def _entry(config: BenchConfig, mode: str, result: LoadResult, **extra: Any) -> 
     return {
         "name": config.name, "engine": config.engine, "precision": config.reported_precision,
         "secure": config.secure, "mode": mode, "concurrency": result.concurrency,
-        "throughput": round(result.throughput, 2), "p50_ms": round(result.percentile(50), 3),
+        "throughput": round(result.throughput, 2),
+        "window_throughput": round(result.window_throughput, 2),
+        "p50_ms": round(result.percentile(50), 3),
         "p95_ms": round(result.percentile(95), 3), "p99_ms": round(result.percentile(99), 3),
         "errors": result.errors, "requests": result.requests, **extra,
     }
