@@ -160,16 +160,16 @@ class LocalStack:
 
     def _wait_keybroker(self, url: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            if self.keybroker is not None and not self.keybroker.alive():
-                raise NotReady(f"the key broker exited (code {self.keybroker.returncode})")
-            try:
-                with httpx.Client(verify=str(self.settings.ca_file), timeout=2) as http:
+        with httpx.Client(verify=str(self.settings.ca_file), timeout=2) as http:
+            while time.monotonic() < deadline:
+                if self.keybroker is not None and not self.keybroker.alive():
+                    raise NotReady(f"the key broker exited (code {self.keybroker.returncode})")
+                try:
                     if http.get(f"{url}/v1/health").status_code == 200:
                         return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.1)
+                except httpx.HTTPError:
+                    log.debug("key broker not answering yet")
+                time.sleep(0.1)
         raise NotReady("the key broker did not start")
 
     def wait_ready(self, timeout_s: float) -> None:

@@ -116,6 +116,12 @@ def _stack(config: BenchConfig, options: BenchOptions, state: Path) -> LocalStac
     return LocalStack(settings, options.workers, log_level="WARNING")
 
 
+def _request_to(url: str, model: str, body: bytes, headers: dict[str, str],
+                api_key: str) -> bytes:
+    return build_request(url, f"/v2/models/{model}/infer", body,
+                         {**headers, "Authorization": f"Bearer {api_key}"})
+
+
 def _median_entry(config: BenchConfig, mode: str, results: list[LoadResult],
                   **extra: Any) -> dict[str, Any]:
     """The median run by throughput, with every repeat's throughput alongside."""
@@ -141,8 +147,7 @@ def run_external(service: ExternalService, config: BenchConfig, options: BenchOp
                          options.threads, config.precision, options.streams)
     inputs = sample_inputs(engine.spec.inputs, options.items_per_request)
     body, headers = encode_inputs(inputs)
-    headers["Authorization"] = f"Bearer {service.api_key}"
-    request = build_request(service.url, f"/v2/models/{config.model}/infer", body, headers)
+    request = _request_to(service.url, config.model, body, headers, service.api_key)
     context = client_context(service.ca_file) if service.url.startswith("https") else None
     raw: list[LoadResult] = []
     piped: dict[int, list[LoadResult]] = {}
@@ -182,10 +187,7 @@ def run_group(configs: list[BenchConfig], options: BenchOptions,
             cleanup.callback(stack.stop)
             step(f"{config.name}: starting the service")
             stack.start()
-            request_headers = dict(headers)
-            request_headers["Authorization"] = f"Bearer {read_api_key(state)}"
-            request = build_request(stack.url, f"/v2/models/{config.model}/infer", body,
-                                    request_headers)
+            request = _request_to(stack.url, config.model, body, headers, read_api_key(state))
             context = client_context(stack.settings.ca_file) if config.secure else None
             stacks.append((config, stack, request, context))
         for repeat in range(options.repeats):

@@ -139,6 +139,15 @@ class Client(_Base):
     def close(self) -> None:
         self._http.close()
 
+    def _encoded(self, model: str, inputs: np.ndarray[Any, Any] | Arrays
+                 ) -> tuple[bytes, dict[str, str]]:
+        """The binary request body; a bare array goes to the model's only input."""
+        named = self._named(model, inputs)
+        if named is None:
+            self._remember(model, self.metadata(model))
+            named = self._named(model, inputs)
+        return encode_inputs(named or {})
+
     def ready(self) -> bool:
         return self._http.get("/v2/health/ready").status_code == 200
 
@@ -152,21 +161,13 @@ class Client(_Base):
         return result
 
     def infer(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays:
-        named = self._named(model, inputs)
-        if named is None:
-            self._remember(model, self.metadata(model))
-            named = self._named(model, inputs)
-        body, headers = encode_inputs(named or {})
+        body, headers = self._encoded(model, inputs)
         return _decode(self._http.post(f"/v2/models/{model}/infer", content=body,
                                        headers=headers))
 
     def submit(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> str:
         """Enqueue a job now; fetch its answer later with ``result`` (from any gateway)."""
-        named = self._named(model, inputs)
-        if named is None:
-            self._remember(model, self.metadata(model))
-            named = self._named(model, inputs)
-        body, headers = encode_inputs(named or {})
+        body, headers = self._encoded(model, inputs)
         response = self._http.post(f"/v2/models/{model}/jobs", content=body, headers=headers)
         _raise_for_status(response)
         return str(response.json()["job_id"])
@@ -220,6 +221,14 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self._http.aclose()
 
+    async def _encoded(self, model: str, inputs: np.ndarray[Any, Any] | Arrays
+                       ) -> tuple[bytes, dict[str, str]]:
+        named = self._named(model, inputs)
+        if named is None:
+            self._remember(model, await self.metadata(model))
+            named = self._named(model, inputs)
+        return encode_inputs(named or {})
+
     async def ready(self) -> bool:
         return (await self._http.get("/v2/health/ready")).status_code == 200
 
@@ -230,20 +239,12 @@ class AsyncClient(_Base):
         return result
 
     async def infer(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays:
-        named = self._named(model, inputs)
-        if named is None:
-            self._remember(model, await self.metadata(model))
-            named = self._named(model, inputs)
-        body, headers = encode_inputs(named or {})
+        body, headers = await self._encoded(model, inputs)
         return _decode(await self._http.post(f"/v2/models/{model}/infer", content=body,
                                              headers=headers))
 
     async def submit(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> str:
-        named = self._named(model, inputs)
-        if named is None:
-            self._remember(model, await self.metadata(model))
-            named = self._named(model, inputs)
-        body, headers = encode_inputs(named or {})
+        body, headers = await self._encoded(model, inputs)
         response = await self._http.post(f"/v2/models/{model}/jobs", content=body,
                                          headers=headers)
         _raise_for_status(response)

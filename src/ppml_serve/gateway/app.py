@@ -45,6 +45,14 @@ _STATUS: tuple[tuple[type[PPMLError], int], ...] = (
 )
 
 
+def inference_response(payload: bytes, header_length: int | None) -> Response:
+    """JSON, or the binary extension's octet stream with its header length."""
+    if header_length is None:
+        return Response(payload, media_type="application/json")
+    return Response(payload, media_type="application/octet-stream",
+                    headers={"Inference-Header-Content-Length": str(header_length)})
+
+
 def error_response(exc: PPMLError) -> JSONResponse:
     status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
     headers = {}
@@ -159,10 +167,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             body = await _read_body(request, max_request_bytes)
             payload, header_length = await dataplane.infer(
                 model, body, request.headers.get(HEADER_LENGTH))
-        if header_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(payload, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_length)})
+        return inference_response(payload, header_length)
 
     @authenticated()
     async def submit_job(request: Request) -> Response:
@@ -181,11 +186,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         if found is None:
             return JSONResponse({"job_id": request.path_params["job"], "state": "pending"},
                                 status_code=202, headers={"Retry-After": "1"})
-        payload, header_length = found
-        if header_length is None:
-            return Response(payload, media_type="application/json")
-        return Response(payload, media_type="application/octet-stream",
-                        headers={"Inference-Header-Content-Length": str(header_length)})
+        return inference_response(*found)
 
     @authenticated()
     async def model_attestation(request: Request) -> Response:

@@ -150,15 +150,23 @@ class DataPlane:
         if backlog >= self._settings.max_queue_length:
             raise Overloaded(f"model {model!r} has {backlog} queued requests; retry later")
 
-    async def infer(self, model: str, body: bytes,
-                    header_length: str | None) -> tuple[bytes, int | None]:
+    async def _admit(self, model: str, body: bytes, header_length: str | None) -> InferRequest:
+        """Decode and validate a request against the model, then check it can be served."""
         spec = await self.spec(model)
         request = parse_request(body, header_length)
         spec.check_inputs(request.inputs)
         check_outputs(request, spec)
+        await self._check_serving(model)
+        return request
+
+    async def _check_serving(self, model: str) -> None:
         if not await self.model_ready(model):
             raise NotReady(f"model {model!r} has no live worker")
         await self._check_backlog(model)
+
+    async def infer(self, model: str, body: bytes,
+                    header_length: str | None) -> tuple[bytes, int | None]:
+        request = await self._admit(model, body, header_length)
         outputs = await self._round_trip(model, request)
         return encode_response(model, request, outputs)
 
@@ -170,9 +178,7 @@ class DataPlane:
         """End-to-end mode: ``blob`` is sealed by the client to the workers' key; the gateway
         only wraps it for the queue and hands back the equally opaque answer."""
         await self.spec(model)
-        if not await self.model_ready(model):
-            raise NotReady(f"model {model!r} has no live worker")
-        await self._check_backlog(model)
+        await self._check_serving(model)
         return await self._exchange(model, blob, mode="e2e")
 
     async def _round_trip(self, model: str, request: InferRequest) -> dict[str, Any]:
@@ -218,13 +224,7 @@ class DataPlane:
 
     async def submit(self, model: str, body: bytes, header_length: str | None,
                      owner: str) -> str:
-        spec = await self.spec(model)
-        request = parse_request(body, header_length)
-        spec.check_inputs(request.inputs)
-        check_outputs(request, spec)
-        if not await self.model_ready(model):
-            raise NotReady(f"model {model!r} has no live worker")
-        await self._check_backlog(model)
+        request = await self._admit(model, body, header_length)
         job_id = uuid.uuid4().hex
         binary = "1" if request.binary_default else "0"
         await self._broker.save_job(job_id, {

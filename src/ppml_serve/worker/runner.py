@@ -15,7 +15,13 @@ from ppml_serve.crypto.attestation.measurement import Measurement, measure
 from ppml_serve.crypto.attestation.simulated import SimulatedProvider
 from ppml_serve.crypto.e2e import WorkerKey
 from ppml_serve.crypto.envelope import Keyring, PlaintextSealer, Sealer
-from ppml_serve.crypto.model_file import decrypt_model, is_encrypted, read_header
+from ppml_serve.crypto.model_file import (
+    ModelHeader,
+    decrypt_model,
+    is_encrypted,
+    model_digest,
+    read_header,
+)
 from ppml_serve.engines import load_engine
 from ppml_serve.errors import ConfigError
 from ppml_serve.keybroker.client import ReleasedKeys, obtain_keys
@@ -35,14 +41,11 @@ def measured_config(settings: Settings) -> dict[str, Any]:
 
 
 def worker_measurement(settings: Settings, model: str, path: Path) -> Measurement:
+    """What a worker serving ``path`` as ``model`` with these settings will report."""
     if not path.is_file():
         raise ConfigError(f"models: no such model file: {path}")
     try:
-        if is_encrypted(path):
-            with path.open("rb") as handle:
-                digest = read_header(handle, str(path)).sha256
-        else:
-            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = model_digest(path)
     except OSError as exc:
         raise ConfigError(f"models: cannot read model file {path} ({exc.strerror})") from None
     return measure(model, digest, measured_config(settings))
@@ -62,13 +65,19 @@ def build_worker(settings: Settings, model: str, path: Path) -> Worker:
     encrypted = is_encrypted(path)
     released: ReleasedKeys | None = None
     provider: Provider | None = None
-    measurement = worker_measurement(settings, model, path)
+    header: ModelHeader | None = None
+    plaintext_model = b""  # an encrypted model is decrypted once its key is released
+    if encrypted:
+        with path.open("rb") as handle:
+            header = read_header(handle, str(path))
+        digest = header.sha256
+    else:
+        plaintext_model = path.read_bytes()
+        digest = hashlib.sha256(plaintext_model).hexdigest()
+    measurement = measure(model, digest, measured_config(settings))
     if encrypted or settings.security.encrypt_payloads:
         provider = attestation_provider(settings)
-        model_key = None
-        if encrypted:
-            with path.open("rb") as handle:
-                model_key = read_header(handle, str(path)).wrapped_key
+        model_key = header.wrapped_key if header is not None else None
         try:
             released = obtain_keys(settings.keybroker_url(), settings.ca_file, provider,
                                    measurement.value, model, model_key)
@@ -79,14 +88,12 @@ def build_worker(settings: Settings, model: str, path: Path) -> Worker:
     if encrypted:
         if released is None or released.model_key is None:
             raise AttestationRefused("the key broker released no key for the encrypted model")
-        model_bytes: bytes | bytearray = decrypt_model(path, released.model_key)
-    else:
-        model_bytes = path.read_bytes()
+        plaintext_model = bytes(decrypt_model(path, released.model_key))
     worker_settings = settings.worker
-    engine = load_engine(model, bytes(model_bytes), worker_settings.engine,
+    engine = load_engine(model, plaintext_model, worker_settings.engine,
                          threads=worker_settings.engine_threads,
                          precision=worker_settings.precision, streams=worker_settings.streams)
-    del model_bytes
+    del plaintext_model
     sealer: Sealer = PlaintextSealer()
     if settings.security.encrypt_payloads and released is not None:
         sealer = Keyring(released.record_keys, released.active_record_key)

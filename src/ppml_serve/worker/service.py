@@ -23,8 +23,7 @@ from ppml_serve.crypto.e2e import WorkerKey
 from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
 from ppml_serve.engines.base import Engine
 from ppml_serve.errors import EngineError, IntegrityError, InvalidInput, ProtocolError
-from ppml_serve.queue.broker import Delivery, Reply
-from ppml_serve.queue.redis_streams import RedisWorkerBroker
+from ppml_serve.queue.broker import Delivery, Reply, WorkerBroker
 from ppml_serve.settings import WorkerSettings
 from ppml_serve.worker.batching import Item, run_batched
 from ppml_serve.worker.metrics import WorkerMetrics
@@ -57,8 +56,8 @@ def error_body(kind: str, message: str) -> bytes:
 class Worker:
     """Serves one model from its request stream until ``stop`` is called."""
 
-    def __init__(self, model: str, engine: Engine, broker: RedisWorkerBroker,
-                 reader_broker: RedisWorkerBroker, sealer: Sealer,
+    def __init__(self, model: str, engine: Engine, broker: WorkerBroker,
+                 reader_broker: WorkerBroker, sealer: Sealer,
                  settings: WorkerSettings, worker_key: WorkerKey | None = None,
                  provider: Provider | None = None, measurement: str = "") -> None:
         self._model = model
