@@ -19,7 +19,7 @@ from ppml_serve.errors import NotReady
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore, add_api_key
 from ppml_serve.gateway.dataplane import DataPlane
-from ppml_serve.queue.broker import ReplyMessage
+from ppml_serve.queue.contract import Job, Mode, ReplyMessage
 from ppml_serve.settings import GatewaySettings
 
 SPEC = ModelSpec("demo", (TensorSpec("image", "UINT8", (-1, 8, 8)),),
@@ -33,7 +33,7 @@ class StandInBroker:
         self._backlog = backlog
         self.down = down
         self.enqueued: list[str] = []
-        self.jobs: dict[str, dict[str, str]] = {}
+        self.jobs: dict[str, Job] = {}
         self.reply_stream = "ppml:reply:test"
 
     async def ping(self) -> None:
@@ -53,7 +53,7 @@ class StandInBroker:
         return self._backlog
 
     async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
-                      mode: str = "") -> None:
+                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0) -> None:
         if self.down:
             raise NotReady("queue unreachable: ConnectionError")
         self.enqueued.append(request_id)
@@ -67,18 +67,17 @@ class StandInBroker:
     async def attestations(self, model: str) -> list[str]:
         return []
 
-    async def save_job(self, job_id: str, fields: dict[str, object], ttl_s: int) -> None:
-        self.jobs.setdefault(job_id, {}).update(
-            {k: v.decode("latin-1") if isinstance(v, bytes) else str(v) for k, v in fields.items()})
+    async def save_job(self, job_id: str, job: Job, ttl_s: int) -> None:
+        self.jobs[job_id] = job
 
-    async def load_job(self, job_id: str) -> dict[str, str]:
-        return dict(self.jobs.get(job_id, {}))
+    async def load_job(self, job_id: str) -> Job | None:
+        return self.jobs.get(job_id)
 
 
 def client_for(broker: StandInBroker, tmp_path: Path, **gateway: object) -> tuple[TestClient, str]:
     token = add_api_key(tmp_path / "keys.json", "test", ["*"])
     settings = GatewaySettings(**gateway)  # type: ignore[arg-type]
-    plane = DataPlane(broker, Keyring({"k": os.urandom(32)}, "k"), settings,  # type: ignore[arg-type]
+    plane = DataPlane(broker, Keyring({"k": os.urandom(32)}, "k"), settings,
                       worker_max_age_s=1.0)
     app = create_app(plane, ApiKeyStore.load(tmp_path / "keys.json"), 1 << 20, Metrics())
     return TestClient(app), token

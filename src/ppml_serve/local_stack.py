@@ -11,13 +11,18 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import httpx
 import yaml
 
+from ppml_serve.backoff import Backoff
 from ppml_serve.client import Client
 from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.tls import issue_client_cert
@@ -32,15 +37,27 @@ log = logging.getLogger("ppml_serve.stack")
 
 @dataclass
 class Child:
+    """A child process whose stderr is passed through and its last lines kept (crash report)."""
+
     name: str
     argv: list[str]
     process: subprocess.Popen[bytes] | None = None
-    restarts: int = field(default=0)
+    tail: deque[str] = field(default_factory=lambda: deque(maxlen=20), repr=False)
 
     def start(self, env: dict[str, str]) -> None:
         # A new session: Ctrl-C reaches only the supervisor, which stops children in order.
         self.process = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        stderr=subprocess.PIPE, start_new_session=True)
+        threading.Thread(target=self._pass_stderr, args=(self.process,), daemon=True,
+                         name=f"stderr {self.name}").start()
+
+    def _pass_stderr(self, process: subprocess.Popen[bytes]) -> None:
+        if process.stderr is None:
+            return
+        for line in process.stderr:
+            sys.stderr.buffer.write(line)
+            sys.stderr.buffer.flush()
+            self.tail.append(line.decode("utf-8", "replace").rstrip())
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -48,6 +65,9 @@ class Child:
     @property
     def returncode(self) -> int | None:
         return self.process.returncode if self.process is not None else None
+
+    def last_log_lines(self) -> list[str]:
+        return list(self.tail)
 
     def terminate(self) -> None:
         if self.alive() and self.process is not None:
@@ -61,6 +81,74 @@ class Child:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+class RestartBudget:
+    """A token bucket of restarts: ``capacity`` at once, one more back every ``refill_s``.
+    Occasional crashes over a long life never exhaust it; a crash loop does."""
+
+    def __init__(self, capacity: int = 5, refill_s: float = 60.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self.capacity = capacity
+        self.refill_s = refill_s
+        self._clock = clock
+        self._tokens = float(capacity)
+        self._updated = clock()
+
+    def take(self) -> bool:
+        now = self._clock()
+        self._tokens = min(self.capacity, self._tokens + (now - self._updated) / self.refill_s)
+        self._updated = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
+
+
+STABLE_AFTER_S = 30.0
+"""A part that has run this long since its restart starts again from the shortest backoff."""
+
+
+@dataclass
+class Supervised:
+    """One part of the stack under supervision: how to check, start and describe it."""
+
+    name: str
+    alive: Callable[[], bool]
+    start: Callable[[], None]
+    returncode: Callable[[], int | None]
+    last_log_lines: Callable[[], list[str]]
+    budget: RestartBudget = field(default_factory=RestartBudget)
+    backoff: Backoff = field(default_factory=lambda: Backoff(0.5, 30.0))
+    restart_due: float | None = None
+    started: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+
+    def check(self, now: float) -> None:
+        """Restart the part if it died (after its backoff); raise on a crash loop."""
+        if self.restart_due is None and self.alive():
+            if now - self.started > STABLE_AFTER_S:
+                self.backoff.reset()
+            return
+        if self.restart_due is None:
+            if not self.budget.take():
+                lines = "\n  ".join(self.last_log_lines()[-10:]) or "(no output)"
+                raise NotReady(f"{self.name} keeps crashing (exit code {self.returncode()}, "
+                               f"{self.restarts} restarts); giving up. Its last log lines:\n"
+                               f"  {lines}")
+            delay = self.backoff.next_delay()
+            log.warning("%s exited (code %s); restarting it in %.1f s", self.name,
+                        self.returncode(), delay)
+            self.restart_due = now + delay
+            return
+        if now >= self.restart_due:
+            self.restart_due = None
+            self.started = now
+            self.restarts += 1
+            try:
+                self.start()
+            except NotReady as exc:  # counted as another death at the next check
+                log.warning("%s failed to restart: %s", self.name, exc)
 
 
 DEV_POLICY_HEADER = """\
@@ -84,6 +172,11 @@ def write_run_config(settings: Settings, path: Path) -> None:
     write_private(path, yaml.safe_dump(document).encode())
 
 
+def _supervised_child(child: Child, env: dict[str, str]) -> Supervised:
+    return Supervised(child.name, child.alive, partial(child.start, env),
+                      lambda: child.returncode, child.last_log_lines)
+
+
 class LocalStack:
     """Managed Redis + ``workers`` worker processes per model + one gateway."""
 
@@ -101,8 +194,10 @@ class LocalStack:
         self.redis = ManagedRedis(
             settings.state_dir / "redis", port=free_port(), cert_file=settings.server_cert_file,
             key_file=settings.server_key_file, ca_file=settings.ca_file,
-            prefix=settings.redis.prefix, tls=not settings.redis.allow_plaintext)
+            prefix=settings.redis.prefix, tls=not settings.redis.allow_plaintext,
+            persistence=settings.redis.persistence)
         self.children: list[Child] = []
+        self._supervised: list[Supervised] = []
         self.gateway: Child | None = None
         self.keybroker: Child | None = None
         self.client_cert: tuple[Path, Path] | None = None
@@ -191,18 +286,21 @@ class LocalStack:
                 time.sleep(0.2)
         raise NotReady(f"the service did not become ready within {timeout_s:g} s")
 
+    def _supervision(self) -> list[Supervised]:
+        redis = self.redis
+        parts = [Supervised("redis-server", redis.alive, redis.start,
+                            lambda: redis.process.returncode if redis.process else None,
+                            redis.last_log_lines)]
+        return parts + [_supervised_child(child, self._env) for child in self.children]
+
     def supervise(self) -> None:
-        """Restart a crashed worker (up to 5 times); a dead gateway or Redis is fatal."""
-        if self.redis.process is not None and self.redis.process.poll() is not None:
-            raise NotReady("redis-server exited")
-        for child in self.children:
-            if child.alive():
-                continue
-            if child in (self.gateway, self.keybroker) or child.restarts >= 5:
-                raise NotReady(f"{child.name} exited with code {child.returncode}")
-            child.restarts += 1
-            log.warning("%s exited; restarting it (%d)", child.name, child.restarts)
-            child.start(self._env)
+        """Restart any part that died (Redis, key broker, gateway, workers) with backoff;
+        ``NotReady`` only for a crash loop (a part's restart budget is spent)."""
+        if not self._supervised:
+            self._supervised = self._supervision()
+        now = time.monotonic()
+        for part in self._supervised:
+            part.check(now)
 
     def stop(self) -> None:
         if self.gateway is not None:

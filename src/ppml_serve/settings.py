@@ -11,7 +11,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -40,6 +48,10 @@ class RedisSettings(_Section):
     """Allow ``redis://`` (no TLS). Only for benchmarking the cost of TLS."""
     prefix: str = "ppml"
     """Prefix of every key ppml-serve creates; the ACL user needs ``~PREFIX:*``."""
+    persistence: Literal["aof", "none"] = "aof"
+    """Persistence of the managed Redis. ``aof`` (append-only file, fsync every second):
+    queued requests and job answers survive a Redis restart; a crash of the machine can lose
+    the last second of writes. ``none``: a Redis restart loses every queued request and job."""
 
 
 class GatewaySettings(_Section):
@@ -70,6 +82,18 @@ class GatewaySettings(_Section):
     """How long a job's sealed answer is kept in Redis for fetching."""
     plaintext_http: bool = False
     """Serve plain HTTP instead of HTTPS. Only for benchmarking the cost of TLS."""
+    max_inflight: int = Field(512, ge=1)
+    """Requests this gateway holds at once (waiting for answers); more get 429 at once."""
+    max_inflight_per_model: int = Field(256, ge=1)
+    """Requests this gateway holds at once for one model; more get 429 at once."""
+    redis_connections: int = Field(64, ge=2, le=10_000)
+    """Connections from this gateway to Redis; a request waits up to ``redis_wait_s`` for one."""
+    redis_wait_s: float = Field(2.0, gt=0, le=60)
+    """Longest wait for a free Redis connection before the request gets 503."""
+    max_connections: int = Field(1024, ge=1)
+    """Concurrent client connections; beyond it new connections get 503 at once."""
+    shutdown_grace_s: int = Field(10, ge=0, le=600)
+    """On SIGTERM: how long requests in flight may take to be answered before they are cut."""
 
 
 class WorkerSettings(_Section):
@@ -86,14 +110,23 @@ class WorkerSettings(_Section):
     """Threads per engine call; 0 lets the engine use every core."""
     streams: int = Field(1, ge=1, le=64)
     """OpenVINO streams, and batches the worker keeps in flight at once."""
-    claim_idle_ms: int = Field(30_000, ge=100)
-    """A request pending this long on a silent worker is reclaimed by another."""
+    claim_idle_ms: int = Field(10_000, ge=100)
+    """A request pending this long on a live but stuck worker is reclaimed by another (a dead
+    worker's requests are taken over as soon as its heartbeat expires). Must be well under
+    ``gateway.request_timeout_s``."""
     max_deliveries: int = Field(3, ge=1, le=100)
     """A request delivered more often than this goes to the dead-letter stream."""
-    heartbeat_s: float = Field(2.0, gt=0, le=60)
-    """How often a worker announces itself (and reclaims stalled requests)."""
+    heartbeat_s: float = Field(1.0, gt=0, le=60)
+    """How often a worker announces itself (and looks for stalled requests). A worker silent
+    for three heartbeats is dead: no new requests are admitted for it and its pending ones are
+    taken over."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
     """Serve this worker's Prometheus metrics on 127.0.0.1:PORT (off when unset)."""
+
+    @property
+    def dead_after_s(self) -> float:
+        """Heartbeat age after which a worker counts as dead."""
+        return max(3 * self.heartbeat_s, 1.0)
 
 
 class KeyBrokerSettings(_Section):
@@ -171,6 +204,21 @@ class Settings(BaseSettings):
                     f"model name {name!r} must be 1-64 letters, digits, '_', '.' or '-'"
                 )
         return value
+
+    @model_validator(mode="after")
+    def _reclaim_beats_deadline(self) -> Settings:
+        # A request held by a dead or stuck worker must be taken over while its caller waits.
+        worker, deadline = self.worker, self.gateway.request_timeout_s
+        if worker.claim_idle_ms / 1000 + worker.heartbeat_s >= deadline:
+            raise ValueError(
+                f"worker.claim_idle_ms ({worker.claim_idle_ms}) plus a heartbeat must be less "
+                f"than gateway.request_timeout_s ({deadline:g} s), or a stuck worker's "
+                "requests are reclaimed only after their callers gave up")
+        if worker.dead_after_s + worker.heartbeat_s >= deadline:
+            raise ValueError(
+                f"three worker heartbeats (worker.heartbeat_s = {worker.heartbeat_s:g}) must be "
+                f"well under gateway.request_timeout_s ({deadline:g} s)")
+        return self
 
     @classmethod
     def settings_customise_sources(
@@ -258,7 +306,7 @@ def _describe(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
         where = ".".join(str(part) for part in item["loc"]) or "settings"
-        message = item["msg"]
+        message = item["msg"].removeprefix("Value error, ")
         if item["type"] == "extra_forbidden":
             message = "unknown setting"
         lines.append(f"{where}: {message}")

@@ -40,7 +40,7 @@ def run_up(settings: Settings, workers: int, log_level: str) -> int:
               f"$(cat {state / 'api-key'})\" {stack.url}/v2/models/{DEMO_NAME}", flush=True)
         if DEMO_NAME in settings.models:
             print(self_check(stack.url, settings), flush=True)
-        while not stop.wait(0.5):
+        while not stop.wait(0.2):
             stack.supervise()
     except (NotReady, ClientError) as exc:
         print(f"error: {exc}", file=sys.stderr, flush=True)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import ssl
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
@@ -60,6 +62,8 @@ def error_response(exc: PPMLError) -> JSONResponse:
         headers["WWW-Authenticate"] = "Bearer"
     if isinstance(exc, Overloaded):
         headers["Retry-After"] = str(exc.retry_after_s)
+    elif isinstance(exc, NotReady):
+        headers["Retry-After"] = "1"
     if status == 500:
         log.error("request failed: %s: %s", type(exc).__name__, exc)
     return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
@@ -77,6 +81,17 @@ class Metrics:
         self.batch_size = Histogram("ppml_batch_size", "Size of the worker batch each answer "
                                     "came from", registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+
+
+def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
+    """A client that drops its TLS connection mid-write is routine under load, not an error
+    worth a traceback per connection."""
+    error = context.get("exception")
+    if isinstance(error, (ConnectionError, RuntimeError, ssl.SSLError)) and \
+            "protocol" in str(context.get("message", "")).lower():
+        log.debug("client connection dropped: %s", type(error).__name__)
+        return
+    loop.default_exception_handler(context)
 
 
 async def _read_body(request: Request, limit: int) -> bytes:
@@ -206,6 +221,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        asyncio.get_running_loop().set_exception_handler(_quiet_disconnects)
         await dataplane.start()
         try:
             yield

@@ -8,38 +8,30 @@ import json
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections import Counter
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
 from ppml_serve.codecs.tensors import ModelSpec
 from ppml_serve.codecs.v2 import InferRequest, check_outputs, encode_response, parse_request
 from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
 from ppml_serve.errors import (
     DeadlineExceeded,
-    EngineError,
     IntegrityError,
-    InvalidInput,
     ModelNotFound,
     NotReady,
     Overloaded,
-    PPMLError,
-    ProtocolError,
 )
-from ppml_serve.queue.broker import ReplyMessage
-from ppml_serve.queue.redis_streams import RedisGatewayBroker
+from ppml_serve.queue.contract import GatewayBroker, Job, JobState, Mode, ReplyMessage, parse_error
 from ppml_serve.settings import GatewaySettings
 
 log = logging.getLogger("ppml_serve.gateway")
 
-_WORKER_ERRORS: dict[str, type[Exception]] = {
-    "invalid_input": InvalidInput,
-    "integrity": IntegrityError,
-    "protocol": ProtocolError,
-    "engine": EngineError,
-    "dead_letter": EngineError,
-}
+WATCH_INTERVAL_S = 0.5
+"""How often waiting requests are checked against the live workers of their model."""
 
 
 @dataclass
@@ -48,53 +40,95 @@ class _Cached:
     expires: float
 
 
+@dataclass
+class _Waiter:
+    model: str
+    future: asyncio.Future[ReplyMessage]
+
+
 class DataPlane:
     """One per gateway process; owns the reply reader and the table of waiting requests."""
 
-    def __init__(self, broker: RedisGatewayBroker, sealer: Sealer, settings: GatewaySettings,
+    def __init__(self, broker: GatewayBroker, sealer: Sealer, settings: GatewaySettings,
                  worker_max_age_s: float, on_batch: Callable[[int], None] | None = None,
                  configured_models: set[str] | None = None) -> None:
         self._broker = broker
         self._sealer = sealer
         self._settings = settings
         self._worker_max_age_s = worker_max_age_s
-        self._waiting: dict[str, asyncio.Future[ReplyMessage]] = {}
+        self._waiting: dict[str, _Waiter] = {}
+        self._inflight: Counter[str] = Counter()
         self._cache: dict[str, _Cached] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._tasks: list[asyncio.Task[None]] = []
         self._on_batch = on_batch
         self._configured = configured_models or set()
-        self._jobs: set[asyncio.Task[None]] = set()
 
     async def start(self) -> None:
-        await self._broker.ping()
-        self._reader = asyncio.create_task(self._read_replies(), name="reply-reader")
+        """Start even while Redis is down: readiness reports it, requests get 503."""
+        try:
+            await self._broker.ping()
+        except NotReady as exc:
+            log.warning("starting without the queue (%s); will keep trying", exc)
+        self._tasks = [asyncio.create_task(self._read_replies(), name="reply-reader"),
+                       asyncio.create_task(self._watch_workers(), name="worker-watch")]
 
     async def stop(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
-        for future in self._waiting.values():
-            if not future.done():
-                future.set_exception(NotReady("gateway is shutting down"))
+                await task
+        self._fail_waiting(NotReady("the gateway is shutting down"))
         await self._broker.close()
 
+    @property
+    def inflight(self) -> int:
+        return len(self._waiting)
+
+    def _fail_waiting(self, error: Exception, model: str | None = None) -> None:
+        for waiter in list(self._waiting.values()):
+            if (model is None or waiter.model == model) and not waiter.future.done():
+                waiter.future.set_exception(error)
+
     async def _read_replies(self) -> None:
+        backoff = Backoff(0.05, 2.0)
         while True:
             try:
                 messages = await self._broker.read_replies(block_ms=1000)
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("reading replies failed (%s); retrying", type(exc).__name__)
-                await asyncio.sleep(0.5)
+            except NotReady as exc:
+                # Answers in transit on a lost connection may never arrive: fail fast (503)
+                # rather than let callers wait for their deadline.
+                if self._waiting:
+                    log.warning("lost the queue (%s): failing %d waiting request(s)", exc,
+                                len(self._waiting))
+                self._fail_waiting(NotReady("the connection to the queue was lost while "
+                                            "waiting for the answer; retry"))
+                await asyncio.sleep(backoff.next_delay())
                 continue
+            backoff.reset()
             for message in messages:
-                future = self._waiting.get(message.request_id)
-                if future is not None and not future.done():
-                    future.set_result(message)
+                waiter = self._waiting.get(message.request_id)
+                if waiter is not None and not waiter.future.done():
+                    waiter.future.set_result(message)
                 if self._on_batch is not None and message.ok:
                     self._on_batch(message.batch_size)
+
+    async def _watch_workers(self) -> None:
+        """Requests for a model whose last worker died get 503 now, not 504 later (if a new
+        worker comes up in time, it answers them instead)."""
+        while True:
+            await asyncio.sleep(WATCH_INTERVAL_S)
+            for model in {waiter.model for waiter in self._waiting.values()}:
+                try:
+                    live = await self._broker.live_workers(model, self._worker_max_age_s)
+                except NotReady:
+                    continue  # the reply reader handles a lost queue
+                self._cache[f"ready:{model}"] = _Cached(live > 0,
+                                                        time.monotonic() + WATCH_INTERVAL_S)
+                if live == 0:
+                    log.warning("model %r has no live worker: failing its waiting requests",
+                                model)
+                    self._fail_waiting(NotReady(f"model {model!r} has no live worker"), model)
 
     async def _cached(self, key: str, ttl_s: float, load: Callable[[], Awaitable[Any]]) -> Any:
         now = time.monotonic()
@@ -138,11 +172,11 @@ class DataPlane:
         try:
             await self._broker.ping()
             models = await self.models()
+            if self._configured - set(models):
+                return False
+            return bool(models) and all([await self.model_ready(name) for name in models])
         except NotReady:
             return False
-        if self._configured - set(models):
-            return False
-        return bool(models) and all([await self.model_ready(name) for name in models])
 
     async def _check_backlog(self, model: str) -> None:
         backlog: int = await self._cached(f"backlog:{model}", 0.1,
@@ -164,10 +198,27 @@ class DataPlane:
             raise NotReady(f"model {model!r} has no live worker")
         await self._check_backlog(model)
 
+    @contextlib.asynccontextmanager
+    async def _admission(self, model: str) -> AsyncIterator[None]:
+        """Bound the requests held at once, per gateway and per model: beyond, 429 at once."""
+        if len(self._waiting) >= self._settings.max_inflight:
+            raise Overloaded(f"this gateway holds {len(self._waiting)} requests; retry later")
+        if self._inflight[model] >= self._settings.max_inflight_per_model:
+            raise Overloaded(f"model {model!r} has {self._inflight[model]} requests in flight "
+                             "here; retry later")
+        self._inflight[model] += 1
+        try:
+            yield
+        finally:
+            self._inflight[model] -= 1
+            if not self._inflight[model]:
+                del self._inflight[model]
+
     async def infer(self, model: str, body: bytes,
                     header_length: str | None) -> tuple[bytes, int | None]:
-        request = await self._admit(model, body, header_length)
-        outputs = await self._round_trip(model, request)
+        async with self._admission(model):
+            request = await self._admit(model, body, header_length)
+            outputs = await self._round_trip(model, request)
         return encode_response(model, request, outputs)
 
     async def attestations(self, model: str) -> list[dict[str, Any]]:
@@ -177,16 +228,17 @@ class DataPlane:
     async def infer_sealed(self, model: str, blob: bytes) -> bytes:
         """End-to-end mode: ``blob`` is sealed by the client to the workers' key; the gateway
         only wraps it for the queue and hands back the equally opaque answer."""
-        await self.spec(model)
-        await self._check_serving(model)
-        return await self._exchange(model, blob, mode="e2e")
+        async with self._admission(model):
+            await self.spec(model)
+            await self._check_serving(model)
+            return await self._exchange(model, blob, mode=Mode.SEALED)
 
     async def _round_trip(self, model: str, request: InferRequest) -> dict[str, Any]:
         plaintext = await self._exchange(model, record.pack(request.inputs))
         _, outputs = record.unpack(plaintext)
         return outputs
 
-    async def _exchange(self, model: str, payload: bytes, mode: str = "") -> bytes:
+    async def _exchange(self, model: str, payload: bytes, mode: Mode = Mode.STANDARD) -> bytes:
         request_id = uuid.uuid4().hex
         message = await self._send(model, request_id, payload, mode,
                                    self._settings.request_timeout_s)
@@ -199,16 +251,15 @@ class DataPlane:
             log.error("reply for request %s refused: record failed authentication", request_id)
             raise
         if not ok:
-            problem = json.loads(plaintext)
-            raise _WORKER_ERRORS.get(problem.get("kind"), EngineError)(str(problem.get("error")))
+            raise parse_error(plaintext)
         return plaintext
 
-    async def _send(self, model: str, request_id: str, payload: bytes, mode: str,
+    async def _send(self, model: str, request_id: str, payload: bytes, mode: Mode,
                     timeout: float) -> ReplyMessage:
         """Seal, enqueue and wait for the (still sealed) answer."""
         sealed = self._sealer.seal(payload, associated_data(model, request_id, REQUEST))
         future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
-        self._waiting[request_id] = future
+        self._waiting[request_id] = _Waiter(model, future)
         try:
             await self._broker.enqueue(model, request_id, sealed,
                                        int((time.time() + timeout) * 1000), mode)
@@ -219,46 +270,33 @@ class DataPlane:
             self._waiting.pop(request_id, None)
         return message
 
-    # Jobs: enqueue now, fetch the answer later (from any gateway) by id. The answer is kept
-    # in Redis exactly as the worker sealed it, for ``job_ttl_s``.
+    # Jobs: enqueue now, fetch the answer later (from any gateway) by id. The worker stores the
+    # answer in the job record exactly as it sealed it, so no gateway needs to stay up for it.
 
     async def submit(self, model: str, body: bytes, header_length: str | None,
                      owner: str) -> str:
         request = await self._admit(model, body, header_length)
         job_id = uuid.uuid4().hex
-        binary = "1" if request.binary_default else "0"
-        await self._broker.save_job(job_id, {
-            "state": "pending", "model": model, "owner": owner,
-            "outputs": json.dumps(request.outputs), "binary": binary,
-        }, self._settings.job_ttl_s)
-        task = asyncio.create_task(self._complete_job(model, job_id, record.pack(request.inputs)))
-        self._jobs.add(task)
-        task.add_done_callback(self._jobs.discard)
-        return job_id
-
-    async def _complete_job(self, model: str, job_id: str, payload: bytes) -> None:
         ttl = self._settings.job_ttl_s
-        try:
-            message = await self._send(model, job_id, payload, "", self._settings.job_timeout_s)
-        except PPMLError as exc:
-            await self._broker.save_job(job_id, {"state": "failed", "error": str(exc)}, ttl)
-            return
-        await self._broker.save_job(job_id, {"state": "done", "ok": "1" if message.ok else "0",
-                                             "body": message.body}, ttl)
+        await self._broker.save_job(job_id, Job(model, owner, request.outputs,
+                                                request.binary_default), ttl)
+        sealed = self._sealer.seal(record.pack(request.inputs),
+                                   associated_data(model, job_id, REQUEST))
+        deadline_ms = int((time.time() + self._settings.job_timeout_s) * 1000)
+        await self._broker.enqueue(model, job_id, sealed, deadline_ms, job_ttl_s=ttl)
+        return job_id
 
     async def job_result(self, model: str, job_id: str,
                          owner: str) -> tuple[bytes, int | None] | None:
         """The answer, ``None`` while pending; unknown, expired or foreign jobs are 404."""
-        fields = await self._broker.load_job(job_id)
-        if not fields or fields.get("model") != model or fields.get("owner") != owner:
+        job = await self._broker.load_job(job_id)
+        if job is None or job.model != model or job.owner != owner:
             raise ModelNotFound(f"no job {job_id!r} for model {model!r} (unknown or expired)")
-        if fields["state"] == "pending":
+        if job.state is JobState.PENDING:
             return None
-        if fields["state"] == "failed":
-            raise DeadlineExceeded(str(fields.get("error", "the job failed")))
-        plaintext = self._open_reply(model, job_id, fields.get("ok") == "1",
-                                     fields["body"].encode("latin-1"))
+        if job.state is JobState.FAILED:
+            raise DeadlineExceeded(job.error or "the job failed")
+        plaintext = self._open_reply(model, job_id, job.ok, job.body)
         _, outputs = record.unpack(plaintext)
-        request = InferRequest(job_id, {}, json.loads(fields["outputs"]),
-                               fields.get("binary") == "1")
+        request = InferRequest(job_id, {}, job.outputs, job.binary)
         return encode_response(model, request, outputs)

@@ -32,12 +32,14 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     sealer = make_sealer(settings)
     url = settings.redis_url()
     ca_file = settings.ca_file
-    client = connect_async(url, ca_file, max_connections=256)
+    gateway = settings.gateway
+    client = connect_async(url, ca_file, max_connections=gateway.redis_connections,
+                           pool_timeout_s=gateway.redis_wait_s)
     reader = connect_async(url, ca_file)
     broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex)
     metrics = Metrics()
     dataplane = DataPlane(broker, sealer, settings.gateway,
-                          worker_max_age_s=max(3 * settings.worker.heartbeat_s, 1.0),
+                          worker_max_age_s=settings.worker.dead_after_s,
                           on_batch=metrics.batch_size.observe,
                           configured_models=set(settings.models))
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
@@ -46,7 +48,9 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
                             loop="uvloop", http="httptools", log_level="warning",
-                            access_log=False, lifespan="on", timeout_graceful_shutdown=5,
+                            access_log=False, lifespan="on",
+                            timeout_graceful_shutdown=gateway.shutdown_grace_s,
+                            limit_concurrency=gateway.max_connections,
                             proxy_headers=False, server_header=False, date_header=False,
                             ssl_certfile=str(settings.server_cert_file) if secure_http else None,
                             ssl_keyfile=str(settings.server_key_file) if secure_http else None,

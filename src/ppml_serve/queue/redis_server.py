@@ -35,15 +35,22 @@ class ManagedRedis:
     prefix: str = "ppml"
     tls: bool = True
     """Off only to measure what TLS costs (benchmarks)."""
+    persistence: str = "aof"
+    """``aof``: append-only file, fsync every second; ``none``: memory only."""
     url: SecretStr = field(init=False, repr=False)
     admin_url: SecretStr = field(init=False, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
+    _passwords: tuple[str, str] = field(init=False, repr=False)
+    _log_offset: int = field(default=0, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        # Fixed for this object's life: a restarted Redis takes back the same clients.
+        self._passwords = (secrets.token_urlsafe(32), secrets.token_urlsafe(32))
 
     def write_config(self) -> Path:
-        """Write redis.conf (0600) with fresh passwords; return its path."""
+        """Write redis.conf (0600); return its path."""
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-        service_password = secrets.token_urlsafe(32)
-        admin_password = secrets.token_urlsafe(32)
+        service_password, admin_password = self._passwords
         lines = [
             "bind 127.0.0.1",
             *(
@@ -55,16 +62,19 @@ class ManagedRedis:
                     f"tls-ca-cert-file {self.ca_file.resolve()}",
                     "tls-auth-clients no",
                     'tls-protocols "TLSv1.2 TLSv1.3"',
+                    # TLS 1.2: forward-secret AEAD suites only (no CBC, no SHA-1 MACs).
+                    'tls-ciphers "ECDHE+AESGCM:ECDHE+CHACHA20"',
+                    "tls-prefer-server-ciphers yes",
                 ]
                 if self.tls
                 else [f"port {self.port}"]
             ),
             f"dir {self.directory.resolve()}",
             f"pidfile {(self.directory / 'redis.pid').resolve()}",
-            # No persistence: the queue only holds requests in flight, whose callers (gateway
-            # futures) do not survive a restart either; AOF cost ~0.13 ms of Redis CPU per
-            # ResNet-sized request plus rewrite forks. An external Redis may enable it.
-            "appendonly no",
+            # AOF keeps queued requests and job answers across a Redis restart, losing at most
+            # the last second of writes; no RDB snapshots (their forks copy every payload).
+            *(["appendonly yes", "appendfsync everysec"] if self.persistence == "aof"
+              else ["appendonly no"]),
             'save ""',
             "protected-mode yes",
             "loglevel warning",
@@ -91,6 +101,7 @@ class ManagedRedis:
             raise ConfigError("redis-server not found on PATH; install it "
                               "(Debian: apt-get install redis-server)")
         config = self.write_config()
+        self._log_offset = self.log_size()
         # Own session: a Ctrl-C meant for the supervisor must not stop Redis before the others.
         self.process = subprocess.Popen([binary, str(config)], stdin=subprocess.DEVNULL,
                                         start_new_session=True)
@@ -107,6 +118,25 @@ class ManagedRedis:
                     self.stop()
                     raise
                 time.sleep(0.05)
+
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def log_size(self) -> int:
+        try:
+            return (self.directory / "redis.log").stat().st_size
+        except OSError:
+            return 0
+
+    def last_log_lines(self, count: int = 10) -> list[str]:
+        """The end of this run's Redis log (for a crash report)."""
+        try:
+            with (self.directory / "redis.log").open("rb") as handle:
+                handle.seek(self._log_offset)
+                text = handle.read()[-8192:].decode("utf-8", "replace")
+        except OSError:
+            return []
+        return text.splitlines()[-count:]
 
     def stop(self, timeout_s: float = 10.0) -> None:
         if self.process is None or self.process.poll() is not None:

@@ -1,17 +1,19 @@
-"""Redis Streams implementation of the broker; the only module that imports redis.
+"""Redis Streams implementation of the queue contract; the only module that imports redis.
 
 Key layout (PREFIX defaults to ``ppml``)::
 
-    PREFIX:req:MODEL        stream of requests; consumer group "workers";
-                            fields id, reply (reply stream key), body (sealed), deadline (ms)
-    PREFIX:reply:GATEWAY    stream of answers for one gateway, trimmed to about MAXLEN;
-                            fields id, ok ("1"/"0"), body (sealed), bs (batch size)
+    PREFIX:req:MODEL        stream of requests; consumer group "workers"; fields id,
+                            reply (reply stream key, empty for a job), body (sealed),
+                            deadline (unix ms), mode ("" or "e2e"), job (TTL s, jobs only)
+    PREFIX:reply:GATEWAY    stream of answers for one gateway, trimmed to about MAXLEN and
+                            expiring an hour after its last answer (a dead gateway's stream
+                            goes away); fields id, ok ("1"/"0"), body (sealed), bs (batch size)
     PREFIX:dead:MODEL       dead-letter stream: the request's fields plus reason, deliveries
     PREFIX:models           hash MODEL -> model spec JSON (inputs/outputs), set by workers
     PREFIX:workers:MODEL    sorted set worker-id -> last heartbeat (unix seconds)
     PREFIX:attest:MODEL     hash worker-id -> attestation JSON (public key + evidence)
     PREFIX:job:ID           hash of a job: state, model, owner, output options, and the
-                            answer as the worker sealed it; expires after job_ttl_s
+                            answer as the worker sealed it; expires after the job TTL
 
 Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
 """
@@ -19,8 +21,9 @@ Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
 from __future__ import annotations
 
 import contextlib
+import json
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -29,10 +32,54 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from ppml_serve.errors import NotReady
-from ppml_serve.queue.broker import Delivery, Reply, ReplyMessage
+from ppml_serve.queue.contract import Delivery, Job, JobState, Mode, Reply, ReplyMessage
 
 GROUP = "workers"
 DEAD_LETTER_MAXLEN = 100_000
+REPLY_STREAM_TTL_S = 3600
+
+# Post answers, ack and delete, atomically and only for entries still pending on this
+# consumer: a worker that froze and lost its requests to another must not answer them too.
+# KEYS[1] request stream, KEYS[2..] reply stream or job key per answer.
+# ARGV: group, consumer, reply maxlen, reply TTL, then per answer:
+#       entry id, request id, ok, body, batch size, job TTL (0 = reply stream).
+_FINISH = """
+local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local maxlen, reply_ttl = ARGV[3], ARGV[4]
+local answered = 0
+for i = 2, #KEYS do
+  local a = 5 + (i - 2) * 6
+  local entry = ARGV[a]
+  if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 1 then
+    local job_ttl = tonumber(ARGV[a + 5])
+    if job_ttl > 0 then
+      if redis.call('EXISTS', KEYS[i]) == 1 then
+        redis.call('HSET', KEYS[i], 'state', 'done', 'ok', ARGV[a + 2], 'body', ARGV[a + 3])
+        redis.call('EXPIRE', KEYS[i], job_ttl)
+      end
+    else
+      redis.call('XADD', KEYS[i], 'MAXLEN', '~', maxlen, '*', 'id', ARGV[a + 1],
+                 'ok', ARGV[a + 2], 'body', ARGV[a + 3], 'bs', ARGV[a + 4])
+      redis.call('EXPIRE', KEYS[i], reply_ttl)
+    end
+    redis.call('XACK', stream, group, entry)
+    redis.call('XDEL', stream, entry)
+    answered = answered + 1
+  end
+end
+return answered
+"""
+
+# Remove a consumer from the group only if it holds nothing: DELCONSUMER would otherwise
+# destroy its pending entries. KEYS[1] stream, KEYS[2] worker heartbeats, KEYS[3] attestations.
+_FORGET_CONSUMER = """
+local pending = redis.call('XPENDING', KEYS[1], ARGV[1], '-', '+', 1, ARGV[2])
+if #pending > 0 then return 0 end
+redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], ARGV[2])
+redis.call('ZREM', KEYS[2], ARGV[2])
+redis.call('HDEL', KEYS[3], ARGV[2])
+return 1
+"""
 
 
 class Keys:
@@ -65,7 +112,8 @@ class Keys:
 
 
 def _connection_options(url: SecretStr, ca_file: Path | None) -> dict[str, Any]:
-    options: dict[str, Any] = {"health_check_interval": 30}
+    options: dict[str, Any] = {"health_check_interval": 30, "socket_connect_timeout": 5,
+                               "socket_timeout": 5}
     if url.get_secret_value().startswith("rediss://"):
         options.update(ssl_cert_reqs="required", ssl_check_hostname=True,
                        ssl_ca_certs=str(ca_file) if ca_file else None)
@@ -74,13 +122,21 @@ def _connection_options(url: SecretStr, ca_file: Path | None) -> dict[str, Any]:
 
 def connect(url: SecretStr, ca_file: Path | None, **extra: Any) -> redis.Redis:
     """A synchronous client; credentials stay inside the connection pool."""
-    return redis.Redis.from_url(url.get_secret_value(), **_connection_options(url, ca_file),
-                                **extra)
+    return redis.Redis.from_url(url.get_secret_value(),
+                                **{**_connection_options(url, ca_file), **extra})
 
 
-def connect_async(url: SecretStr, ca_file: Path | None, **extra: Any) -> aioredis.Redis:
-    return aioredis.Redis.from_url(url.get_secret_value(), **_connection_options(url, ca_file),
-                                   **extra)
+def connect_async(url: SecretStr, ca_file: Path | None, max_connections: int | None = None,
+                  pool_timeout_s: float = 5.0, **extra: Any) -> aioredis.Redis:
+    """An asyncio client. With ``max_connections``, a caller waits up to ``pool_timeout_s``
+    for a free connection instead of failing at once."""
+    options = {**_connection_options(url, ca_file), **extra}
+    if max_connections is None:
+        return aioredis.Redis.from_url(url.get_secret_value(), **options)
+    pool = aioredis.BlockingConnectionPool.from_url(
+        url.get_secret_value(), max_connections=max_connections, timeout=pool_timeout_s,
+        **options)
+    return aioredis.Redis(connection_pool=pool)
 
 
 def _str(value: bytes) -> str:
@@ -88,15 +144,31 @@ def _str(value: bytes) -> str:
 
 
 def _delivery(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) -> Delivery:
+    try:
+        mode = Mode(_str(fields.get(b"mode", b"")))
+    except ValueError:
+        mode = Mode.STANDARD  # an unknown mode fails to open as a standard record: per item
     return Delivery(
         entry_id=_str(entry_id),
         request_id=_str(fields.get(b"id", b"")),
         reply_to=_str(fields.get(b"reply", b"")),
         body=fields.get(b"body", b""),
-        deadline_ms=int(fields.get(b"deadline", b"0") or 0),
+        deadline_ms=_int(fields.get(b"deadline")),
         deliveries=deliveries,
-        mode=_str(fields.get(b"mode", b"")),
+        mode=mode,
+        job_ttl_s=_int(fields.get(b"job")),
     )
+
+
+def _name(value: bytes | str) -> str:
+    return _str(value) if isinstance(value, bytes) else str(value)
+
+
+def _int(value: bytes | None) -> int:
+    try:
+        return int(value or 0)
+    except ValueError:
+        return 0
 
 
 class RedisWorkerBroker:
@@ -110,6 +182,12 @@ class RedisWorkerBroker:
         self._stream = keys.requests(model)
         self._consumer = consumer
         self._reply_maxlen = reply_maxlen
+        self._finish = client.register_script(_FINISH)
+        self._forget = client.register_script(_FORGET_CONSUMER)
+
+    @property
+    def consumer(self) -> str:
+        return self._consumer
 
     def ensure_group(self) -> None:
         try:
@@ -132,51 +210,56 @@ class RedisWorkerBroker:
         self._client.hset(self._keys.attestations(self._model), self._consumer, document)
 
     def leave(self) -> None:
+        """Stop being counted as live; leave the group if nothing is pending here."""
         # If Redis is already gone, the heartbeat entry simply ages out.
         with contextlib.suppress(redis.RedisError, OSError):
             pipe = self._client.pipeline(transaction=False)
             pipe.zrem(self._keys.workers(self._model), self._consumer)
             pipe.hdel(self._keys.attestations(self._model), self._consumer)
             pipe.execute()
+            self._forget_consumer(self._consumer)
 
     def read(self, count: int, block_ms: int) -> list[Delivery]:
         response: Any = self._client.xreadgroup(GROUP, self._consumer, {self._stream: ">"},
-                                           count=count, block=block_ms)
+                                                count=count, block=block_ms)
         if not response:
             return []
         _, entries = response[0]
         return [_delivery(entry_id, fields) for entry_id, fields in entries if fields]
 
-    def finish(self, replies: Sequence[Reply]) -> None:
+    def finish(self, replies: Sequence[Reply]) -> int:
+        """Post, ack and delete; returns how many were still ours to answer."""
         if not replies:
-            return
-        pipe = self._client.pipeline(transaction=False)
+            return 0
+        keys = [self._stream]
+        args: list[Any] = [GROUP, self._consumer, self._reply_maxlen, REPLY_STREAM_TTL_S]
         for reply in replies:
-            pipe.xadd(
-                reply.delivery.reply_to,
-                {"id": reply.delivery.request_id, "ok": "1" if reply.ok else "0",
-                 "body": reply.body, "bs": str(reply.batch_size)},
-                maxlen=self._reply_maxlen, approximate=True,
-            )
-        ids = [reply.delivery.entry_id for reply in replies]
-        pipe.xack(self._stream, GROUP, *ids)
-        pipe.xdel(self._stream, *ids)
-        pipe.execute()
+            delivery = reply.delivery
+            job_ttl = delivery.job_ttl_s if delivery.is_job else 0
+            keys.append(self._keys.job(delivery.request_id) if job_ttl else delivery.reply_to)
+            args.extend([delivery.entry_id, delivery.request_id, "1" if reply.ok else "0",
+                         reply.body, reply.batch_size, job_ttl])
+        return int(self._finish(keys=keys, args=args))
 
     def drop(self, deliveries: Sequence[Delivery]) -> None:
-        """Ack and delete requests that need no answer (their caller gave up)."""
+        """Ack and delete requests that need no answer (their caller gave up); a job past
+        its deadline is marked failed so that its owner learns it."""
         if deliveries:
             ids = [delivery.entry_id for delivery in deliveries]
             pipe = self._client.pipeline(transaction=False)
+            for delivery in deliveries:
+                if delivery.is_job:
+                    key = self._keys.job(delivery.request_id)
+                    pipe.hset(key, mapping={"state": JobState.FAILED.value,
+                                            "error": "no answer within the job's deadline"})
+                    pipe.expire(key, delivery.job_ttl_s)
             pipe.xack(self._stream, GROUP, *ids)
             pipe.xdel(self._stream, *ids)
             pipe.execute()
 
-    def reclaim(self, min_idle_ms: int, count: int) -> list[Delivery]:
-        response: Any = self._client.xautoclaim(self._stream, GROUP, self._consumer,
-                                           min_idle_time=min_idle_ms, start_id="0-0",
-                                           count=count)
-        entries = [(entry_id, fields) for entry_id, fields in response[1] if fields]
+    def _deliveries_with_counts(self, entries: list[tuple[bytes, dict[bytes, bytes]]]
+                                ) -> list[Delivery]:
+        entries = [(entry_id, fields) for entry_id, fields in entries if fields]
         if not entries:
             return []
         pipe = self._client.pipeline(transaction=False)
@@ -189,16 +272,66 @@ class RedisWorkerBroker:
         return [_delivery(entry_id, fields, deliveries)
                 for (entry_id, fields), deliveries in zip(entries, counts, strict=True)]
 
+    def reclaim(self, min_idle_ms: int, count: int) -> list[Delivery]:
+        response: Any = self._client.xautoclaim(self._stream, GROUP, self._consumer,
+                                                min_idle_time=min_idle_ms, start_id="0-0",
+                                                count=count)
+        return self._deliveries_with_counts(list(response[1]))
+
+    def dead_consumers(self, dead_after_s: float) -> list[str]:
+        """Consumers of the group whose heartbeat expired (or that never had one)."""
+        pipe = self._client.pipeline(transaction=False)
+        pipe.xinfo_consumers(self._stream, GROUP)
+        pipe.zrangebyscore(self._keys.workers(self._model), time.time() - dead_after_s, "+inf")
+        consumers, live = pipe.execute()
+        alive = {_str(name) for name in live} | {self._consumer}
+        names = [_name(consumer["name"]) for consumer in consumers]
+        return [name for name in names if name not in alive]
+
+    def reclaim_dead(self, dead_after_s: float, count: int) -> list[Delivery]:
+        """Take over what dead consumers hold (up to ``count``), and forget the empty ones."""
+        claimed: list[tuple[bytes, dict[bytes, bytes]]] = []
+        for consumer in self.dead_consumers(dead_after_s):
+            if len(claimed) < count:
+                pending: Any = self._client.xpending_range(
+                    self._stream, GROUP, min="-", max="+", count=count - len(claimed),
+                    consumername=consumer)
+                ids = [item["message_id"] for item in pending]
+                if ids:
+                    # The idle bound keeps two live workers from both taking the same entry.
+                    taken: Any = self._client.xclaim(
+                        self._stream, GROUP, self._consumer,
+                        min_idle_time=int(dead_after_s * 500), message_ids=ids)
+                    claimed.extend((entry_id, fields) for entry_id, fields in taken)
+            self._forget_consumer(consumer)
+        return self._deliveries_with_counts(claimed)
+
+    def _forget_consumer(self, consumer: str) -> None:
+        self._forget(keys=[self._stream, self._keys.workers(self._model),
+                           self._keys.attestations(self._model)], args=[GROUP, consumer])
+
     def dead_letter(self, reply: Reply, reason: str) -> None:
         delivery = reply.delivery
         self._client.xadd(
             self._keys.dead_letters(self._model),
             {"id": delivery.request_id, "reply": delivery.reply_to, "body": delivery.body,
-             "deadline": str(delivery.deadline_ms), "mode": delivery.mode, "reason": reason,
-             "deliveries": str(delivery.deliveries)},
+             "deadline": str(delivery.deadline_ms), "mode": delivery.mode.value,
+             "reason": reason, "deliveries": str(delivery.deliveries)},
             maxlen=DEAD_LETTER_MAXLEN, approximate=True,
         )
         self.finish([reply])
+
+
+@contextlib.asynccontextmanager
+async def _queue_errors(action: str) -> AsyncIterator[None]:
+    """Every failure to reach Redis becomes ``NotReady`` (503), never a library error."""
+    try:
+        yield
+    except redis.ResponseError as exc:
+        # e.g. Redis at maxmemory with noeviction refuses writes: overloaded, nothing dropped.
+        raise NotReady(f"queue refused to {action}: {str(exc).split(' ', 1)[0]}") from None
+    except (redis.RedisError, OSError) as exc:
+        raise NotReady(f"queue unreachable ({type(exc).__name__})") from None
 
 
 class RedisGatewayBroker:
@@ -214,63 +347,75 @@ class RedisGatewayBroker:
         self._last_reply_id: bytes | str = b"0-0"
 
     async def ping(self) -> None:
-        try:
+        async with _queue_errors("answer"):
             await self._client.ping()
-        except (redis.RedisError, OSError) as exc:
-            raise NotReady(f"queue unreachable: {type(exc).__name__}") from None
 
     async def close(self) -> None:
         try:
             await self._client.delete(self.reply_stream)
         except (redis.RedisError, OSError):
-            pass  # Redis already gone: the stream is left to its MAXLEN
+            pass  # Redis already gone: the stream expires by itself
         finally:
             await self._client.aclose()
             await self._reader.aclose()
 
     async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
-                      mode: str = "") -> None:
-        fields: dict[Any, Any] = {"id": request_id, "reply": self.reply_stream, "body": body,
-                  "deadline": str(deadline_ms)}
-        if mode:
-            fields["mode"] = mode
-        try:
+                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0) -> None:
+        fields: dict[Any, Any] = {"id": request_id, "body": body, "deadline": str(deadline_ms),
+                                  "reply": "" if job_ttl_s else self.reply_stream}
+        if mode is not Mode.STANDARD:
+            fields["mode"] = mode.value
+        if job_ttl_s:
+            fields["job"] = str(job_ttl_s)
+        async with _queue_errors("take the request"):
             await self._client.xadd(self._keys.requests(model), fields)
-        except redis.ResponseError as exc:
-            # Redis at maxmemory with noeviction refuses writes: overloaded, nothing dropped.
-            raise NotReady(f"queue refused the request: {str(exc).split(' ', 1)[0]}") from None
-        except (redis.RedisError, OSError) as exc:
-            raise NotReady(f"queue unreachable: {type(exc).__name__}") from None
 
     async def backlog(self, model: str) -> int:
-        return int(await self._client.xlen(self._keys.requests(model)))
+        async with _queue_errors("report its backlog"):
+            return int(await self._client.xlen(self._keys.requests(model)))
 
     async def models(self) -> dict[str, str]:
-        table: Any = await self._client.hgetall(self._keys.models)
+        async with _queue_errors("list models"):
+            table: Any = await self._client.hgetall(self._keys.models)
         return {_str(name): spec.decode() for name, spec in table.items()}
 
-    async def save_job(self, job_id: str, fields: dict[str, str | bytes], ttl_s: int) -> None:
-        pipe = self._client.pipeline(transaction=True)
-        pipe.hset(self._keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
-        pipe.expire(self._keys.job(job_id), ttl_s)
-        await pipe.execute()
+    async def save_job(self, job_id: str, job: Job, ttl_s: int) -> None:
+        fields = {"state": job.state.value, "model": job.model, "owner": job.owner,
+                  "outputs": json.dumps(job.outputs), "binary": "1" if job.binary else "0"}
+        async with _queue_errors("store the job"):
+            pipe = self._client.pipeline(transaction=True)
+            pipe.hset(self._keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(self._keys.job(job_id), ttl_s)
+            await pipe.execute()
 
-    async def load_job(self, job_id: str) -> dict[str, str]:
-        table: Any = await self._client.hgetall(self._keys.job(job_id))
-        # latin-1 maps bytes 1:1, so the sealed answer survives as text
-        return {key.decode(): value.decode("latin-1") for key, value in table.items()}
+    async def load_job(self, job_id: str) -> Job | None:
+        async with _queue_errors("look up the job"):
+            table: Any = await self._client.hgetall(self._keys.job(job_id))
+        fields: dict[str, bytes] = {key.decode(): value for key, value in table.items()}
+        try:
+            return Job(model=fields["model"].decode(), owner=fields["owner"].decode(),
+                       outputs=json.loads(fields["outputs"]),
+                       binary=fields.get("binary") == b"1",
+                       state=JobState(fields["state"].decode()),
+                       ok=fields.get("ok") == b"1", body=fields.get("body", b""),
+                       error=fields.get("error", b"").decode("utf-8", "replace"))
+        except (KeyError, ValueError):
+            return None  # unknown, expired, or not a complete job record
 
     async def attestations(self, model: str) -> list[str]:
-        table: Any = await self._client.hgetall(self._keys.attestations(model))
+        async with _queue_errors("list attestations"):
+            table: Any = await self._client.hgetall(self._keys.attestations(model))
         return [value.decode() for value in table.values()]
 
     async def live_workers(self, model: str, max_age_s: float) -> int:
-        return int(await self._client.zcount(self._keys.workers(model),
-                                             time.time() - max_age_s, "+inf"))
+        async with _queue_errors("count workers"):
+            return int(await self._client.zcount(self._keys.workers(model),
+                                                 time.time() - max_age_s, "+inf"))
 
     async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]:
-        response: Any = await self._reader.xread({self.reply_stream: self._last_reply_id},
-                                            count=count, block=block_ms)
+        async with _queue_errors("deliver answers"):
+            response: Any = await self._reader.xread({self.reply_stream: self._last_reply_id},
+                                                     count=count, block=block_ms)
         messages: list[ReplyMessage] = []
         for _, entries in response or []:
             for entry_id, fields in entries:
@@ -279,7 +424,7 @@ class RedisGatewayBroker:
                 if request_id:
                     messages.append(ReplyMessage(request_id, fields.get(b"ok") == b"1",
                                                  fields.get(b"body", b""),
-                                                 int(fields.get(b"bs", b"1") or 1)))
+                                                 _int(fields.get(b"bs")) or 1))
         return messages
 
 

@@ -6,10 +6,13 @@ import hashlib
 import logging
 import os
 import socket
+import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from ppml_serve.backoff import Backoff
 from ppml_serve.crypto.attestation.base import AttestationRefused, Provider
 from ppml_serve.crypto.attestation.measurement import Measurement, measure
 from ppml_serve.crypto.attestation.simulated import SimulatedProvider
@@ -23,9 +26,9 @@ from ppml_serve.crypto.model_file import (
     read_header,
 )
 from ppml_serve.engines import load_engine
-from ppml_serve.errors import ConfigError
+from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.keybroker.client import ReleasedKeys, obtain_keys
-from ppml_serve.queue.redis_streams import Keys, RedisWorkerBroker, connect
+from ppml_serve.queue.redis_streams import Keys, RedisWorkerBroker, connect, ping_sync
 from ppml_serve.settings import Settings
 from ppml_serve.worker.service import Worker
 
@@ -59,6 +62,27 @@ def attestation_provider(settings: Settings) -> Provider:
                       "payloads need an attestation provider")
 
 
+T = TypeVar("T")
+
+UNAVAILABLE_PATIENCE_S = 60.0
+"""How long a starting worker waits for the queue or the key broker before giving up."""
+
+
+def _retry_not_ready(action: Callable[[], T], what: str) -> T:
+    """Retry while ``what`` is unavailable (restarting, briefly down), with backoff."""
+    backoff = Backoff(0.2, 5.0)
+    deadline = time.monotonic() + UNAVAILABLE_PATIENCE_S
+    while True:
+        try:
+            return action()
+        except NotReady as exc:
+            if time.monotonic() > deadline:
+                raise
+            delay = backoff.next_delay()
+            log.warning("%s is not available (%s); retrying in %.1f s", what, exc, delay)
+            time.sleep(delay)
+
+
 def build_worker(settings: Settings, model: str, path: Path) -> Worker:
     if not path.is_file():
         raise ConfigError(f"models: no such model file: {path}")
@@ -78,9 +102,14 @@ def build_worker(settings: Settings, model: str, path: Path) -> Worker:
     if encrypted or settings.security.encrypt_payloads:
         provider = attestation_provider(settings)
         model_key = header.wrapped_key if header is not None else None
+        # Keys are asked for only from a worker that can serve: the queue must be reachable
+        # and present a certificate from our CA first.
+        _retry_not_ready(lambda: ping_sync(settings.redis_url(), settings.ca_file),
+                         "the queue")
         try:
-            released = obtain_keys(settings.keybroker_url(), settings.ca_file, provider,
-                                   measurement.value, model, model_key)
+            released = _retry_not_ready(
+                lambda: obtain_keys(settings.keybroker_url(), settings.ca_file, provider,
+                                    measurement.value, model, model_key), "the key broker")
         except AttestationRefused as exc:
             log.error("no keys for model %r: %s", model, exc)
             raise

@@ -13,30 +13,33 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
+from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
 from ppml_serve.crypto.attestation.base import Provider, report_data
 from ppml_serve.crypto.e2e import WorkerKey
 from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
 from ppml_serve.engines.base import Engine
 from ppml_serve.errors import EngineError, IntegrityError, InvalidInput, ProtocolError
-from ppml_serve.queue.broker import Delivery, Reply, WorkerBroker
+from ppml_serve.queue.contract import (
+    Delivery,
+    ErrorKind,
+    Mode,
+    Reply,
+    WorkerBroker,
+    error_body,
+)
 from ppml_serve.settings import WorkerSettings
 from ppml_serve.worker.batching import Item, run_batched
 from ppml_serve.worker.metrics import WorkerMetrics
+from ppml_serve.worker.retries import RetryPolicy
 
 log = logging.getLogger("ppml_serve.worker")
-
-_ERROR_KINDS: tuple[tuple[type[Exception], str], ...] = (
-    (IntegrityError, "integrity"),
-    (InvalidInput, "invalid_input"),
-    (ProtocolError, "protocol"),
-    (EngineError, "engine"),
-)
-
 
 ATTESTATION_REFRESH_S = 30.0
 
@@ -47,10 +50,6 @@ class _Work:
     item: Item | None = None
     error: Exception | None = None
     reply_key: AESGCM | None = None
-
-
-def error_body(kind: str, message: str) -> bytes:
-    return json.dumps({"kind": kind, "error": message}).encode()
 
 
 class Worker:
@@ -71,6 +70,7 @@ class Worker:
         self._worker_key = worker_key
         self._provider = provider
         self._measurement = measurement
+        self._retries = RetryPolicy(settings.max_deliveries)
         self._attested_at = 0.0
         self.batches_served = 0
         self.metrics = WorkerMetrics(model)
@@ -125,44 +125,99 @@ class Worker:
                       type(error).__name__)
 
     def run(self) -> None:
-        self._broker.ensure_group()
-        self._broker.publish(json.dumps(self._engine.spec.as_json()))
+        """Serve until ``stop``; survives Redis outages (reconnects with backoff)."""
+        self._retry_until_done(self._join, "joining the queue")
         if self._settings.metrics_port is not None:
             self.metrics.serve(self._settings.metrics_port)
         reader = threading.Thread(target=self._read_loop, name="stream-reader", daemon=True)
+        beater = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         reader.start()
+        beater.start()
         log.info("worker serving model %r", self._model)
-        next_beat = 0.0
+        next_scan = 0.0
         try:
             while not self._stopping.is_set():
-                if time.monotonic() >= next_beat:
-                    self._broker.heartbeat()
-                    self._publish_attestation()
-                    self._reclaim()
-                    next_beat = time.monotonic() + self._settings.heartbeat_s
+                if time.monotonic() >= next_scan:
+                    self._maintain()
+                    next_scan = time.monotonic() + self._settings.heartbeat_s
                 batch = self._collect(timeout_s=min(0.5, self._settings.heartbeat_s))
                 if batch:
                     self._submit(batch)
-            reader.join(timeout=5)
-            if self._pool is not None:
-                self._pool.shutdown(wait=True)
-            self._replier.shutdown(wait=True)
-            leftovers: list[Delivery] = []
-            while not self._inbox.empty():
-                leftovers.append(self._inbox.get_nowait())
-            if leftovers:
-                self.process(leftovers)  # answer what was taken rather than wait for reclaim
+            self._drain(reader)
         finally:
             self._broker.leave()
             log.info("worker for model %r stopped", self._model)
 
+    def _join(self) -> None:
+        self._broker.ensure_group()
+        self._broker.publish(json.dumps(self._engine.spec.as_json()))
+
+    def _retry_until_done(self, action: Callable[[], None], what: str) -> None:
+        backoff = Backoff(0.1, 5.0)
+        while not self._stopping.is_set():
+            try:
+                action()
+                return
+            except Exception as exc:  # Redis unreachable: wait for it, never exit
+                delay = backoff.next_delay()
+                log.warning("%s failed (%s); retrying in %.1f s", what, type(exc).__name__,
+                            delay)
+                self._stopping.wait(delay)
+
+    def _drain(self, reader: threading.Thread) -> None:
+        """On stop: read nothing new, answer everything taken (ack), then return."""
+        leftovers: list[Delivery] = []
+        while reader.is_alive():  # the reader may be blocked handing over its last read
+            leftovers.extend(self._take_inbox())
+            reader.join(0.05)
+        leftovers.extend(self._take_inbox())
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+        self._replier.shutdown(wait=True)
+        if leftovers:
+            log.info("answering %d request(s) taken before stopping", len(leftovers))
+            self.process(leftovers)
+
+    def _take_inbox(self) -> list[Delivery]:
+        taken = []
+        while True:
+            try:
+                taken.append(self._inbox.get_nowait())
+            except queue.Empty:
+                return taken
+
+    def _heartbeat_loop(self) -> None:
+        """Liveness in its own thread, so that a long engine call is not taken for death."""
+        backoff = Backoff(0.1, self._settings.heartbeat_s)
+        while not self._stopping.is_set():
+            try:
+                self._broker.heartbeat()
+                backoff.reset()
+                delay = self._settings.heartbeat_s
+            except Exception as exc:
+                delay = backoff.next_delay()
+                log.warning("heartbeat failed (%s); retrying", type(exc).__name__)
+            self._stopping.wait(delay)
+
+    def _maintain(self) -> None:
+        """Periodic work: attestation refresh and taking over stalled requests."""
+        try:
+            self._publish_attestation()
+        except Exception as exc:
+            log.warning("publishing the attestation failed (%s)", type(exc).__name__)
+        self._reclaim()
+
     def _read_loop(self) -> None:
+        backoff = Backoff(0.1, 5.0)
         while not self._stopping.is_set():
             try:
                 deliveries = self._reader_broker.read(self._settings.max_batch_size, 500)
+                backoff.reset()
             except Exception as exc:  # connection trouble: retry, never die silently
-                log.warning("reading requests failed (%s); retrying", type(exc).__name__)
-                time.sleep(0.5)
+                delay = backoff.next_delay()
+                log.warning("reading requests failed (%s); retrying in %.1f s",
+                            type(exc).__name__, delay)
+                self._stopping.wait(delay)
                 continue
             for delivery in deliveries:
                 self._inbox.put(delivery)
@@ -191,9 +246,14 @@ class Worker:
         return batch
 
     def _reclaim(self) -> None:
+        """Take over requests held by dead consumers at once, and by stuck ones after
+        ``claim_idle_ms``; set aside those the retry policy gives up on."""
         try:
-            claimed = self._broker.reclaim(self._settings.claim_idle_ms,
-                                           self._settings.max_batch_size)
+            claimed = self._broker.reclaim_dead(self._settings.dead_after_s,
+                                                self._settings.max_batch_size)
+            if len(claimed) < self._settings.max_batch_size:
+                claimed += self._broker.reclaim(self._settings.claim_idle_ms,
+                                                self._settings.max_batch_size - len(claimed))
         except Exception as exc:
             log.warning("reclaiming stalled requests failed (%s)", type(exc).__name__)
             return
@@ -203,21 +263,24 @@ class Worker:
         self.metrics.reclaimed.labels(self._model).inc(len(claimed))
         fresh = []
         for delivery in claimed:
-            if delivery.deliveries > self._settings.max_deliveries:
-                reason = f"delivered {delivery.deliveries} times without an answer"
-                log.error("request %s moved to the dead-letter stream: %s",
-                          delivery.request_id, reason)
-                self.metrics.dead_lettered.labels(self._model).inc()
+            reason = self._retries.dead_letter_reason(delivery)
+            if reason is None:
+                fresh.append(delivery)
+                continue
+            log.error("request %s moved to the dead-letter stream: %s",
+                      delivery.request_id, reason)
+            self.metrics.dead_lettered.labels(self._model).inc()
+            try:
                 self._broker.dead_letter(
-                    self._error_reply(delivery, "dead_letter",
+                    self._error_reply(delivery, ErrorKind.DEAD_LETTER,
                                       "the request failed repeatedly and was set aside"),
                     reason)
-            else:
-                fresh.append(delivery)
+            except Exception as exc:  # still pending: the next scan tries again
+                log.warning("dead-lettering failed (%s)", type(exc).__name__)
         if fresh:
             self.process(fresh)
 
-    def _error_reply(self, delivery: Delivery, kind: str, message: str) -> Reply:
+    def _error_reply(self, delivery: Delivery, kind: ErrorKind, message: str) -> Reply:
         aad = associated_data(self._model, delivery.request_id, REPLY)
         return Reply(delivery, False, self._sealer.seal(error_body(kind, message), aad))
 
@@ -234,42 +297,76 @@ class Worker:
         work = [_Work(d) for d in deliveries if d not in expired]
         for entry in work:
             try:
-                aad = associated_data(self._model, entry.delivery.request_id, REQUEST)
-                opened = self._sealer.open(entry.delivery.body, aad)
-                if entry.delivery.mode == "e2e":
-                    if self._worker_key is None:
-                        raise IntegrityError("this worker holds no end-to-end key")
-                    opened, entry.reply_key = self._worker_key.open_request(opened, self._model)
-                _, inputs = record.unpack(opened)
-                self._engine.spec.check_inputs(inputs)
-                entry.item = Item(inputs)
+                entry.item = Item(self._open(entry))
             except (IntegrityError, InvalidInput, ProtocolError) as exc:
                 if isinstance(exc, IntegrityError):
                     log.warning("request %s refused: record failed authentication",
                                 entry.delivery.request_id)
                 entry.error = exc
+            except Exception as exc:  # a record no check foresaw: its own error, never a crash
+                log.warning("request %s refused: unreadable record (%s)",
+                            entry.delivery.request_id, type(exc).__name__)
+                entry.error = ProtocolError("the request record is malformed")
         items = [entry.item for entry in work if entry.item is not None]
         started = time.perf_counter()
-        run_batched(items, self._engine.infer, self._settings.max_batch_size * 64)
+        try:
+            run_batched(items, self._engine.infer, self._settings.max_batch_size * 64)
+        except Exception as exc:  # the batch fails as a whole; the worker carries on
+            log.error("a batch of %d failed (%s)", len(items), type(exc).__name__)
+            for item in items:
+                if item.outputs is None:
+                    item.error = EngineError("the engine failed on this batch")
         if items:
             self.metrics.engine_seconds.labels(self._model).observe(
                 time.perf_counter() - started)
             self.metrics.batch_size.labels(self._model).observe(len(items))
         return work
 
+    def _open(self, entry: _Work) -> dict[str, Any]:
+        delivery = entry.delivery
+        opened = self._sealer.open(delivery.body,
+                                   associated_data(self._model, delivery.request_id, REQUEST))
+        if delivery.mode is Mode.SEALED:
+            if self._worker_key is None:
+                raise IntegrityError("this worker holds no end-to-end key")
+            opened, entry.reply_key = self._worker_key.open_request(opened, self._model)
+        _, inputs = record.unpack(opened)
+        self._engine.spec.check_inputs(inputs)
+        return inputs
+
     def _answer(self, work: list[_Work]) -> None:
         """Seal the answers, post them and ack (the part that needs no engine)."""
         replies = [self._reply(entry) for entry in work]
-        self._broker.finish(replies)
+        self._post(replies)
         for reply in replies:
             self.metrics.items.labels(self._model, "ok" if reply.ok else "error").inc()
         self.batches_served += 1
 
+    def _post(self, replies: list[Reply]) -> None:
+        """Post through a Redis outage while any caller may still be waiting; after that the
+        requests stay pending and are reclaimed (or dropped as expired) later."""
+        backoff = Backoff(0.05, 2.0)
+        last_deadline_s = max((r.delivery.deadline_ms for r in replies), default=0) / 1000
+        while True:
+            try:
+                answered = self._broker.finish(replies)
+            except Exception as exc:
+                if time.time() > last_deadline_s or self._stopping.is_set():
+                    log.warning("posting %d answer(s) failed (%s); left pending",
+                                len(replies), type(exc).__name__)
+                    return
+                self._stopping.wait(backoff.next_delay())
+                continue
+            if answered < len(replies):
+                log.info("%d answer(s) dropped: taken over by another worker",
+                         len(replies) - answered)
+            return
+
     def _reply(self, entry: _Work) -> Reply:
         error = entry.error or (entry.item.error if entry.item else None)
         if error is not None or entry.item is None or entry.item.outputs is None:
-            kind = next((k for t, k in _ERROR_KINDS if isinstance(error, t)), "engine")
-            return self._error_reply(entry.delivery, kind, str(error or "no output"))
+            return self._error_reply(entry.delivery, ErrorKind.of(error),
+                                     str(error or "no output"))
         aad = associated_data(self._model, entry.delivery.request_id, REPLY)
         packed = record.pack(entry.item.outputs)
         if entry.reply_key is not None:

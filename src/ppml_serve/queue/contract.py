@@ -1,0 +1,213 @@
+"""The queue contract between gateway, Redis and worker: typed records and both sides' protocols.
+
+Meaning of the operations, as the worker sees them:
+
+- ``read``: take up to N new requests; each becomes *pending* on this consumer until acked.
+- ``finish``: post the replies (to the gateway's reply stream, or into the job record for a
+  job), then *ack* and delete the requests they answer, atomically, and only for requests
+  still pending on this consumer. A request taken over by another worker (this one froze or
+  was presumed dead) is answered by that worker only: a late answer is dropped, never
+  delivered twice. A crash between reading and finishing leaves the request pending and it
+  is answered again by whoever reclaims it.
+- ``reclaim_dead``: take over every request pending on a consumer whose heartbeat expired,
+  then remove that consumer from the group.
+- ``reclaim``: take over requests pending on any consumer for longer than ``min_idle_ms``
+  (a worker alive but stuck); each carries how often it has been delivered so far.
+- ``dead_letter``: move a request that keeps failing to the dead-letter stream, answer its
+  caller with an error, and ack it.
+
+Nothing is ever trimmed from a request stream: requests leave it only by being answered.
+Only this module and ``redis_streams`` know the field layout; everything else sees the
+records below.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from enum import Enum
+from typing import Protocol
+
+from ppml_serve.errors import (
+    EngineError,
+    IntegrityError,
+    InvalidInput,
+    PPMLError,
+    ProtocolError,
+)
+
+
+class Mode(str, Enum):
+    """How a request's body is to be opened by the worker."""
+
+    STANDARD = ""
+    """The body is the gateway's sealed tensor record."""
+    SEALED = "e2e"
+    """The body wraps a record the client sealed to the workers' attested key."""
+
+    @classmethod
+    def parse(cls, text: str) -> Mode:
+        try:
+            return cls(text)
+        except ValueError:
+            raise ProtocolError("request has an unknown mode") from None
+
+
+class ErrorKind(str, Enum):
+    """Why a worker answered an item with an error; the gateway maps it back to an error."""
+
+    INVALID_INPUT = "invalid_input"
+    INTEGRITY = "integrity"
+    PROTOCOL = "protocol"
+    ENGINE = "engine"
+    DEAD_LETTER = "dead_letter"
+
+    @classmethod
+    def of(cls, error: BaseException | None) -> ErrorKind:
+        for kind, exception in _KIND_ERRORS:
+            if isinstance(error, exception):
+                return kind
+        return cls.ENGINE
+
+    def exception(self, message: str) -> PPMLError:
+        return dict(_KIND_ERRORS).get(self, EngineError)(message)
+
+
+_KIND_ERRORS: tuple[tuple[ErrorKind, type[PPMLError]], ...] = (
+    (ErrorKind.INTEGRITY, IntegrityError),
+    (ErrorKind.INVALID_INPUT, InvalidInput),
+    (ErrorKind.PROTOCOL, ProtocolError),
+    (ErrorKind.ENGINE, EngineError),
+)
+
+
+def error_body(kind: ErrorKind, message: str) -> bytes:
+    """The plaintext of an error answer (sealed like any answer)."""
+    return json.dumps({"kind": kind.value, "error": message}).encode()
+
+
+def parse_error(plaintext: bytes) -> PPMLError:
+    """The exception an error answer stands for."""
+    try:
+        problem = json.loads(plaintext)
+        kind = ErrorKind(problem.get("kind"))
+        message = str(problem.get("error"))
+    except (ValueError, AttributeError):
+        return ProtocolError("the worker's error answer is malformed")
+    return kind.exception(message)
+
+
+@dataclass(frozen=True)
+class Delivery:
+    """One request as handed to a worker."""
+
+    entry_id: str
+    request_id: str
+    reply_to: str
+    """Reply stream of the gateway waiting for the answer; empty for a job."""
+    body: bytes = field(repr=False)
+    deadline_ms: int
+    deliveries: int = 1
+    mode: Mode = Mode.STANDARD
+    job_ttl_s: int = 0
+    """For a job (``reply_to`` empty): how long its answer is kept for fetching."""
+
+    @property
+    def is_job(self) -> bool:
+        return self.job_ttl_s > 0
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One answer for a gateway's reply stream (or a job record); ``body`` is sealed."""
+
+    delivery: Delivery
+    ok: bool
+    body: bytes = field(repr=False)
+    batch_size: int = 1
+
+
+@dataclass(frozen=True)
+class ReplyMessage:
+    """One answer as a gateway reads it."""
+
+    request_id: str
+    ok: bool
+    body: bytes = field(repr=False)
+    batch_size: int
+
+
+class JobState(str, Enum):
+    PENDING = "pending"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Job:
+    """A job record: who asked, what to return, and the answer as the worker sealed it."""
+
+    model: str
+    owner: str
+    outputs: dict[str, bool] | None
+    """Requested output name -> binary?; ``None`` means all outputs (as ``binary``)."""
+    binary: bool
+    state: JobState = JobState.PENDING
+    ok: bool = False
+    body: bytes = field(default=b"", repr=False)
+    error: str = ""
+
+
+class WorkerBroker(Protocol):
+    """The worker's side of the queue for one model."""
+
+    def ensure_group(self) -> None: ...
+
+    def publish(self, spec_json: str) -> None: ...
+
+    def heartbeat(self) -> None: ...
+
+    def publish_attestation(self, document: str) -> None: ...
+
+    def leave(self) -> None: ...
+
+    def read(self, count: int, block_ms: int) -> list[Delivery]: ...
+
+    def finish(self, replies: Sequence[Reply]) -> int: ...
+
+    def drop(self, deliveries: Sequence[Delivery]) -> None: ...
+
+    def reclaim_dead(self, dead_after_s: float, count: int) -> list[Delivery]: ...
+
+    def reclaim(self, min_idle_ms: int, count: int) -> list[Delivery]: ...
+
+    def dead_letter(self, reply: Reply, reason: str) -> None: ...
+
+
+class GatewayBroker(Protocol):
+    """A gateway's side of the queue. Every method raises ``NotReady`` when Redis is
+    unreachable, never a client-library error."""
+
+    reply_stream: str
+
+    async def ping(self) -> None: ...
+
+    async def close(self) -> None: ...
+
+    async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
+                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0) -> None: ...
+
+    async def backlog(self, model: str) -> int: ...
+
+    async def models(self) -> dict[str, str]: ...
+
+    async def save_job(self, job_id: str, job: Job, ttl_s: int) -> None: ...
+
+    async def load_job(self, job_id: str) -> Job | None: ...
+
+    async def attestations(self, model: str) -> list[str]: ...
+
+    async def live_workers(self, model: str, max_age_s: float) -> int: ...
+
+    async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]: ...
