@@ -80,7 +80,10 @@ class ManagedRedis:
             "loglevel warning",
             f"logfile {(self.directory / 'redis.log').resolve()}",
             "maxmemory-policy noeviction",
-            "user default off",
+            # Not "off": Redis 7.0 replays the AOF's MULTI/EXEC blocks (which Lua effects
+            # and transactions become) as the default user, and refuses them when it is off.
+            # A random password no one is given closes it just as well.
+            f"user default on >{secrets.token_urlsafe(32)} ~* &* +@all",
             # The service user reaches only its own keys and cannot run admin commands.
             f"user {SERVICE_USER} on >{service_password} ~{self.prefix}:* resetchannels "
             "+@all -@dangerous +info",

@@ -428,6 +428,18 @@ class RedisGatewayBroker:
         return messages
 
 
+def live_workers_sync(url: SecretStr, ca_file: Path | None, prefix: str, model: str,
+                      max_age_s: float) -> int:
+    """Workers of ``model`` with a fresh heartbeat (for operators' tools and tests)."""
+    client = connect(url, ca_file, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        return int(client.zcount(Keys(prefix).workers(model), time.time() - max_age_s, "+inf"))
+    except (redis.RedisError, OSError) as exc:
+        raise NotReady(f"redis not reachable: {type(exc).__name__}") from None
+    finally:
+        client.close()
+
+
 def ping_sync(url: SecretStr, ca_file: Path | None) -> None:
     """Raise ``NotReady`` unless the Redis at ``url`` answers over its (TLS) connection."""
     client = connect(url, ca_file, socket_timeout=2, socket_connect_timeout=2)

@@ -1,0 +1,69 @@
+"""Fault table: run each fault against a supervised local stack at a steady load.
+
+    python bench/faults.py --workers 2 --concurrency 16 --after 10 --out bench/results
+
+Writes faults.json and faults.md (sent / ok / errors by status / refused / lost / wrong /
+seconds to recovery per fault). Every part runs on this machine, as under ``ppml-serve up``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+from pathlib import Path
+
+from tqdm import tqdm
+
+from ppml_serve.bench.faults import FAULTS, Supervisor, markdown_table, run_fault, wait_ready
+from ppml_serve.local_stack import LocalStack
+from ppml_serve.models import DEMO_NAME, demo_model_path
+from ppml_serve.settings import load_settings
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--faults", default=",".join(FAULTS), help="comma list of faults")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes")
+    parser.add_argument("--concurrency", type=int, default=16, help="steady clients")
+    parser.add_argument("--before", type=float, default=3.0, help="seconds of load before")
+    parser.add_argument("--after", type=float, default=10.0,
+                        help="seconds of load after recovery")
+    parser.add_argument("--freeze", type=float, default=5.0, help="seconds a worker is frozen")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    args = parser.parse_args()
+    faults = [fault.strip() for fault in args.faults.split(",") if fault.strip()]
+    unknown = sorted(set(faults) - set(FAULTS))
+    if unknown:
+        parser.error(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="ppml-faults-") as state:
+        settings = load_settings(state_dir=Path(state), models={DEMO_NAME: demo_model_path()},
+                                 gateway={"port": 0})
+        stack = LocalStack(settings, workers=args.workers, log_level="ERROR")
+        reports = []
+        try:
+            stack.start()
+            with Supervisor(stack) as supervisor:
+                for fault in tqdm(faults, unit="fault", file=sys.stderr):
+                    reports.append(run_fault(stack, fault, args.concurrency, args.before,
+                                             args.after, args.freeze))
+                    if not wait_ready(stack, 60):
+                        print(f"error: the stack did not recover after {fault}",
+                              file=sys.stderr)
+                        break
+            if supervisor.error is not None:
+                print(f"error: {supervisor.error}", file=sys.stderr)
+        finally:
+            stack.stop()
+    table = markdown_table(reports)
+    (args.out / "faults.json").write_text(
+        json.dumps([report.as_json() for report in reports], indent=2) + "\n")
+    (args.out / "faults.md").write_text(table)
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""Faults under load, for real: kill or freeze each part of a supervised stack, count answers.
+
+Every request must end in a correct 200, a 429/503 with Retry-After, or a 504 only past its
+own deadline (refused connections only while the gateway itself is down); the stack must
+recover with no manual step.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from ppml_serve.bench.faults import (
+    FAULTS,
+    FaultReport,
+    Supervisor,
+    inject,
+    run_fault,
+    wait_ready,
+    workers,
+)
+from ppml_serve.client import Client
+from ppml_serve.engines import load_engine
+from ppml_serve.local_stack import LocalStack
+from ppml_serve.models import demo_model_path, demo_samples
+from ppml_serve.state import read_api_key
+
+from .conftest import stack_settings
+
+
+@pytest.fixture(scope="module")
+def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    settings = stack_settings(tmp_path_factory.mktemp("faults"),
+                              gateway={"port": 0, "request_timeout_s": 10})
+    local = LocalStack(settings, workers=2, log_level="WARNING")
+    try:
+        local.start()
+        with Supervisor(local) as supervisor:
+            yield local
+        assert supervisor.error is None, f"the supervisor gave up: {supervisor.error}"
+    finally:
+        local.stop()
+    for child in local.children:
+        assert not child.alive(), f"{child.name} left running"
+    assert not local.redis.alive(), "redis-server left running"
+
+
+def _check(report: FaultReport, connection_errors_allowed: bool = False) -> None:
+    assert report.sent > 20, f"too little load to mean anything: {report}"
+    assert report.wrong == 0, report
+    assert report.lost == 0, report
+    assert report.without_retry_after == 0, report
+    assert report.early_504 == 0, report
+    assert set(report.errors) <= {"429", "503", "504"}, report
+    if not connection_errors_allowed:
+        assert report.connection_refused == 0, report
+    assert report.ok > 0, report
+
+
+@pytest.mark.parametrize("fault", ["worker-kill", "worker-freeze", "worker-rolling-restart"])
+def test_worker_faults_lose_nothing(supervised: LocalStack, fault: str) -> None:
+    report = run_fault(supervised, fault, freeze_s=2.5)
+    _check(report)
+    # Another worker answers what the dead or frozen one held, inside the deadline.
+    assert report.errors == {}, report
+
+
+def test_killed_worker_is_replaced_and_forgotten(supervised: LocalStack) -> None:
+    before = {child.process.pid for child in workers(supervised) if child.process}
+    report = run_fault(supervised, "worker-kill", after_s=2.0)
+    _check(report)
+    after = {child.process.pid for child in workers(supervised) if child.process}
+    assert len(after) == 2 and before != after
+    admin = _admin(supervised)
+    consumers = {c["name"].decode() for c in admin.xinfo_consumers("ppml:req:demo", "workers")}
+    dead = [pid for pid in before - after if any(f"-{pid}-" in name for name in consumers)]
+    assert dead == [], f"dead consumers still in the group: {consumers}"
+
+
+def test_redis_killed_under_load(supervised: LocalStack) -> None:
+    pids = [child.process.pid for child in supervised.children if child.process]
+    report = run_fault(supervised, "redis-kill")
+    _check(report)
+    assert report.errors.get("503", 0) > 0 or report.recovery_s == 0, report
+    # Nobody died of the outage: the same gateway, broker and worker processes serve on.
+    assert [child.process.pid for child in supervised.children if child.process] == pids
+
+
+def test_gateway_killed_under_load(supervised: LocalStack) -> None:
+    _check(run_fault(supervised, "gateway-kill"), connection_errors_allowed=True)
+
+
+def test_gateway_sigterm_drains_in_flight_requests(supervised: LocalStack) -> None:
+    report = run_fault(supervised, "gateway-sigterm")
+    _check(report, connection_errors_allowed=True)
+    assert report.errors == {}, "requests in flight at SIGTERM must be answered"
+
+
+def test_job_answers_survive_redis_and_gateway_restarts(supervised: LocalStack) -> None:
+    images, _ = demo_samples()
+    api_key = read_api_key(supervised.settings.state_dir)
+    with Client(supervised.url, api_key=api_key, ca_file=supervised.settings.ca_file) as client:
+        done = client.submit("demo", images[:4])
+        first = client.result("demo", done, wait_s=10)
+        assert first is not None
+        queued = [client.submit("demo", images[i:i + 2]) for i in range(0, 10, 2)]
+    # The gateway that took the jobs dies at once: the workers store the answers.
+    inject(supervised, "gateway-kill")
+    assert wait_ready(supervised, 60)
+    time.sleep(1.2)  # appendfsync everysec: what is older than a second is on disk
+    inject(supervised, "redis-kill")
+    assert wait_ready(supervised, 60)
+    with Client(supervised.url, api_key=api_key, ca_file=supervised.settings.ca_file) as client:
+        again = client.result("demo", done, wait_s=10)
+        assert again is not None
+        assert np.array_equal(again["probabilities"], first["probabilities"])
+        for index, job_id in zip(range(0, 10, 2), queued, strict=True):
+            outputs = client.result("demo", job_id, wait_s=10)
+            assert outputs is not None, f"job {job_id} lost"
+            assert outputs["probabilities"].shape == (2, 10)
+            assert (outputs["probabilities"].argmax(axis=1) ==
+                    _predictions(images[index:index + 2])).all()
+
+
+def _predictions(images: np.ndarray) -> np.ndarray:
+    engine = load_engine("demo", demo_model_path().read_bytes())
+    return engine.infer({"image": images})["probabilities"].argmax(axis=1)
+
+
+def test_keybroker_killed_then_new_worker_gets_keys(supervised: LocalStack) -> None:
+    _check(run_fault(supervised, "keybroker-kill"))
+
+
+def test_every_fault_is_covered() -> None:
+    covered = {"worker-kill", "worker-freeze", "worker-rolling-restart", "redis-kill",
+               "gateway-kill", "gateway-sigterm", "keybroker-kill"}
+    assert covered == set(FAULTS)
+
+
+def _admin(stack: LocalStack):  # type: ignore[no-untyped-def]
+    import redis
+
+    return redis.Redis.from_url(stack.redis.admin_url.get_secret_value(),
+                                ssl_ca_certs=str(stack.settings.ca_file),
+                                ssl_cert_reqs="required")
+
+
+def test_state_dir_is_per_module(supervised: LocalStack) -> None:
+    assert Path(supervised.settings.state_dir).is_dir()
