@@ -75,3 +75,50 @@ def test_up_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
     time.sleep(0.5)
     assert not _processes_mentioning(str(state)), "a child process outlived 'up'"
     assert not _alive(redis_pid), "redis-server outlived 'up'"
+
+
+def _up_until_ready(state: Path, port: int) -> subprocess.Popen[bytes]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ppml_serve", "up", "--state-dir", str(state),
+         "--port", str(port), "--log-level", "WARNING"],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
+    assert process.stdout is not None
+    deadline = time.monotonic() + 90
+    while time.monotonic() < deadline:
+        line = process.stdout.readline().decode()
+        if not line or line.startswith("self-check"):
+            break
+    return process
+
+
+def _stop(process: subprocess.Popen[bytes]) -> None:
+    process.send_signal(signal.SIGTERM)
+    process.communicate(timeout=60)
+    assert process.returncode == 0
+
+
+def test_jobs_survive_a_restart_of_up(tmp_path: Path) -> None:
+    from ppml_serve.client import Client
+    from ppml_serve.models import demo_samples
+
+    state, port = tmp_path / "state", free_port()
+    images, labels = demo_samples()
+    process = _up_until_ready(state, port)
+    try:
+        with Client(f"https://127.0.0.1:{port}", api_key=(state / "api-key").read_text().strip(),
+                    ca_file=state / "ca.pem") as client:
+            jobs = [client.submit("demo", images[i:i + 1]) for i in range(5)]
+            assert all(client.result("demo", job, wait_s=10) is not None for job in jobs)
+        time.sleep(1.2)  # appendfsync everysec
+    finally:
+        _stop(process)
+    process = _up_until_ready(state, port)
+    try:
+        with Client(f"https://127.0.0.1:{port}", api_key=(state / "api-key").read_text().strip(),
+                    ca_file=state / "ca.pem") as client:
+            answers = [client.result("demo", job, wait_s=10) for job in jobs]
+    finally:
+        _stop(process)
+    assert all(answer is not None for answer in answers), "a job was lost across the restart"
+    predicted = [int(answer["probabilities"].argmax()) for answer in answers if answer]
+    assert sum(p == int(label) for p, label in zip(predicted, labels[:5], strict=True)) >= 4

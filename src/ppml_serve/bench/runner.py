@@ -40,6 +40,8 @@ class BenchConfig:
     precision: str = "fp32"
     """Compute precision asked of the engine for float models (fp32 or bf16)."""
     secure: bool = True
+    persistence: str = "aof"
+    """Of the managed Redis: ``aof`` (the default) or ``none`` (to measure what AOF costs)."""
 
     @property
     def reported_precision(self) -> str:
@@ -106,7 +108,7 @@ def _stack(config: BenchConfig, options: BenchOptions, state: Path) -> LocalStac
         state_dir=state,
         models={config.model: config.model_path},
         gateway={"port": 0, "plaintext_http": not config.secure, "max_queue_length": 100_000},
-        redis={"allow_plaintext": not config.secure},
+        redis={"allow_plaintext": not config.secure, "persistence": config.persistence},
         security={"encrypt_payloads": config.secure},
         worker={"max_batch_size": options.max_batch_size,
                 "max_batch_delay_ms": options.max_batch_delay_ms,
@@ -241,4 +243,8 @@ def summarize(runs: list[dict[str, Any]]) -> list[str]:
             if plain:
                 lines.append(f"{name.removesuffix('-secure')}: secure/plain = "
                              f"{value / plain:.2f} ({value:.1f} vs {plain:.1f} items/s)")
+            memory = best.get((name + "-memory", "pipeline"))
+            if memory:
+                lines.append(f"{name.removesuffix('-secure')}: AOF on/off = "
+                             f"{value / memory:.2f} ({value:.1f} vs {memory:.1f} items/s)")
     return lines

@@ -116,7 +116,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--model", action="append", type=_model_pair, default=[],
                        metavar="NAME=PATH", help="model(s) to measure (default: the demo model)")
     bench.add_argument("--configs", default="secure,plain",
-                       help="comma list of: secure (TLS + AES-GCM), plain (neither)")
+                       help="comma list of: secure (TLS + AES-GCM), plain (neither), "
+                       "secure-memory (secure with the managed Redis's AOF off: what "
+                       "durability costs)")
     bench.add_argument("--engines", default="onnxruntime",
                        help="comma list of: onnxruntime, openvino")
     bench.add_argument("--precisions", default="fp32",
@@ -297,7 +299,8 @@ def run(args: argparse.Namespace) -> int:
         settings = _settings(args)
         prepare_state(settings)
         redis = ManagedRedis(settings.state_dir / "redis", args.port, settings.server_cert_file,
-                             settings.server_key_file, settings.ca_file, settings.redis.prefix)
+                             settings.server_key_file, settings.ca_file, settings.redis.prefix,
+                             persistence=settings.redis.persistence)
         stopped = threading.Event()
         _stop_on_signals(stopped.set)
         redis.start()
@@ -394,7 +397,7 @@ def _bench(args: argparse.Namespace) -> int:
             raise PPMLError(f"--from-json: cannot read runs from {args.from_json}") from None
         _report(runs, args)
         return 0
-    kinds = _choices(args.configs, "--configs", {"secure", "plain"})
+    kinds = _choices(args.configs, "--configs", {"secure", "plain", "secure-memory"})
     engines = _choices(args.engines, "--engines", {"onnxruntime", "openvino"})
     precisions = _choices(args.precisions, "--precisions", {"fp32", "bf16"})
     models = args.model or [(DEMO_NAME, demo_model_path())]
@@ -409,8 +412,9 @@ def _bench(args: argparse.Namespace) -> int:
                     continue  # bf16 is an OpenVINO choice for float models only
                 for kind in kinds:
                     label = "int8" if is_int8(Path(path)) else precision
-                    configs.append(BenchConfig(f"{name}-{engine}-{label}-{kind}", name,
-                                               Path(path), engine, precision, kind == "secure"))
+                    configs.append(BenchConfig(
+                        f"{name}-{engine}-{label}-{kind}", name, Path(path), engine, precision,
+                        kind != "plain", "none" if kind == "secure-memory" else "aof"))
     if not configs:
         raise PPMLError("no configuration to run (bf16 needs --engines openvino)")
     options = BenchOptions(
