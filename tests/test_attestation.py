@@ -16,13 +16,14 @@ from pydantic import SecretStr
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, report_data
 from ppml_serve.crypto.attestation.jwt_token import JwtVerifier
-from ppml_serve.crypto.attestation.policy import Policy
+from ppml_serve.crypto.attestation.policy import Policy, Release, key_fingerprint
 from ppml_serve.crypto.attestation.simulated import (
     SimulatedProvider,
     SimulatedVerifier,
     ensure_platform_key,
 )
 from ppml_serve.crypto.keystore import DataKeyTable
+from ppml_serve.crypto.kms.base import DataKey
 from ppml_serve.crypto.kms.local import LocalKMS
 from ppml_serve.crypto.sealed_box import open_sealed, public_bytes
 from ppml_serve.keybroker.service import RELEASE_INFO, InferenceKeys, KeyBroker, ReleaseRequest
@@ -39,14 +40,21 @@ class Clock:
         return self.now
 
 
+MODEL_KEYS: dict[Path, DataKey] = {}
+"""The encrypted model's file key bound in each test's policy."""
+
+
 @pytest.fixture
 def setup(tmp_path: Path) -> tuple[KeyBroker, SimulatedProvider, Clock, LocalKMS]:
     kms = LocalKMS.create(tmp_path / "kms", SecretStr("pass"))
     table = DataKeyTable.create(tmp_path / "kms" / "data-keys.json", kms)
     ensure_platform_key(tmp_path / "att")
     clock = Clock()
-    policy = Policy(allowed_providers=["simulated"], allowed_measurements=[GOOD],
-                    allow_debug=True, max_evidence_age_s=60)
+    MODEL_KEYS[tmp_path] = kms.generate_data_key()
+    policy = Policy(allowed_providers=["simulated"], allow_debug=True, max_evidence_age_s=60,
+                    releases=[Release(measurement=GOOD, model="demo", model_sha256="0" * 64,
+                                      model_key_sha256=key_fingerprint(
+                                          MODEL_KEYS[tmp_path].wrapped))])
     broker = KeyBroker(kms, table.unwrap_all(kms), table.active, policy,
                        {"simulated": SimulatedVerifier.from_directory(tmp_path / "att")},
                        InferenceKeys(tmp_path / "kms" / "inference.json", kms), clock=clock)
@@ -61,9 +69,9 @@ def attest(broker: KeyBroker, provider: SimulatedProvider, measurement: str = GO
     return ReleaseRequest("simulated", evidence, public_bytes(key), "demo", model_key), key
 
 
-def test_allowed_worker_receives_its_keys_sealed_to_it(setup) -> None:  # type: ignore[no-untyped-def]
-    broker, provider, _, kms = setup
-    model_key = kms.generate_data_key()
+def test_allowed_worker_receives_its_keys_sealed_to_it(setup, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    broker, provider, _, _ = setup
+    model_key = MODEL_KEYS[tmp_path]
     request, key = attest(broker, provider, model_key=model_key.wrapped)
     sealed = broker.release(request)
     payload = json.loads(open_sealed(key, sealed, RELEASE_INFO))

@@ -120,3 +120,20 @@ def test_unreachable_server_is_a_clear_error(tmp_path: Path, kmip_server: KmipSe
                   tmp_path)
     with pytest.raises(NotReady, match="KMIP server unreachable"):
         kms.create_primary_key()
+
+
+def test_unreachable_kmip_is_unavailable_not_a_refusal(kmip_server: KmipServer,
+                                                       tmp_path: Path) -> None:
+    """A KMS outage must not look like a tampered key (the broker would answer 403 and the
+    worker exit as refused); it is ``KMSUnavailable``, which callers retry."""
+    from ppml_serve.errors import KMSUnavailable
+
+    kms = kmip_server.client("ppml-outage-client", tmp_path)
+    kms.create_primary_key()
+    wrapped = kms.generate_data_key().wrapped
+    cert, key = issue_client_cert(kmip_server.directory, "ppml-outage-client")
+    down = KmipKMS("127.0.0.1", free_port(), cert, key, kmip_server.directory / "ca.pem",
+                   tmp_path)
+    with pytest.raises(KMSUnavailable):
+        down.unwrap(wrapped)
+    assert kms.unwrap(wrapped)  # the same key opens once the server is reachable

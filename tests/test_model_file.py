@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -114,6 +115,7 @@ def test_cli_encrypt_inspect_decrypt(tmp_path: Path) -> None:
     subprocess.run([*run, "model", "decrypt", str(encrypted), str(restored), "--state-dir",
                     str(state)], env=env, check=True, capture_output=True)
     assert restored.read_bytes() == demo_model_path().read_bytes()
+    assert stat.S_IMODE(restored.stat().st_mode) == 0o600, "a plaintext model readable by others"
     wrong = subprocess.run([*run, "model", "decrypt", str(encrypted), str(tmp_path / "x"),
                             "--state-dir", str(state)], capture_output=True, text=True,
                            env=dict(env, PPML_KMS_PASSPHRASE="wrong"))

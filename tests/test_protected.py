@@ -19,6 +19,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+import yaml
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from moto.server import ThreadedMotoServer
 
@@ -35,7 +36,7 @@ from ppml_serve.errors import IntegrityError
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_model_path, demo_samples
 from ppml_serve.state import prepare_state
-from ppml_serve.worker.runner import worker_measurement
+from ppml_serve.worker.runner import release_entry, worker_measurement
 
 from .conftest import RedisCommands, Stack, stack_settings
 
@@ -74,10 +75,9 @@ def protected(tmp_path_factory: pytest.TempPathFactory, moto_url: str) -> Iterat
     encrypt_model(demo_model_path(), encrypted, open_kms(settings))
     settings = stack_settings(state, security=security,
                               models={"demo": encrypted, "locked": demo_model_path()})
-    allowed = worker_measurement(settings, "demo", encrypted).value
-    (state / "policy.yaml").write_text(
-        "allowed_providers: [simulated]\nallow_debug: true\nmax_evidence_age_s: 60\n"
-        f"allowed_measurements: ['{allowed}']\n")
+    (state / "policy.yaml").write_text(yaml.safe_dump({
+        "allowed_providers": ["simulated"], "allow_debug": True, "max_evidence_age_s": 60,
+        "releases": [release_entry(settings, "demo", encrypted)]}))
     local = LocalStack(settings, workers=1, log_level="INFO", unserved=frozenset({"locked"}))
     try:
         local.start()

@@ -46,6 +46,10 @@ class NotReady(PPMLError):
     """The service (queue, workers or keys) cannot serve the request now."""
 
 
+class KMSUnavailable(NotReady):
+    """The KMS could not be reached: retry later (not a refusal)."""
+
+
 class DeadlineExceeded(PPMLError):
     """No answer arrived within the request timeout."""
 

@@ -30,7 +30,7 @@ from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
 from ppml_serve.settings import Settings
 from ppml_serve.state import prepare_state, read_api_key
-from ppml_serve.worker.runner import worker_measurement
+from ppml_serve.worker.runner import release_entry
 
 log = logging.getLogger("ppml_serve.stack")
 
@@ -159,11 +159,11 @@ DEV_POLICY_HEADER = """\
 
 
 def write_dev_policy(settings: Settings, path: Path) -> None:
-    measurements = sorted({worker_measurement(settings, name, model).value
-                           for name, model in settings.models.items()})
+    """Each served model's measurement, bound to that model (and its wrapped file key)."""
+    releases = [release_entry(settings, name, model) for name, model in settings.models.items()]
     document = {"allowed_providers": ["simulated"], "allow_debug": True,
-                "max_evidence_age_s": 60, "allowed_measurements": measurements}
-    write_private(path, (DEV_POLICY_HEADER + yaml.safe_dump(document)).encode())
+                "max_evidence_age_s": 60, "releases": releases}
+    write_private(path, (DEV_POLICY_HEADER + yaml.safe_dump(document, sort_keys=False)).encode())
 
 
 def write_run_config(settings: Settings, path: Path) -> None:

@@ -92,6 +92,15 @@ class GatewaySettings(_Section):
     """Longest wait for a free Redis connection before the request gets 503."""
     max_connections: int = Field(1024, ge=1)
     """Concurrent client connections; beyond it new connections get 503 at once."""
+    max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
+    """Largest request head (request line and headers); larger ones get 431."""
+    header_timeout_s: float = Field(10.0, gt=0, le=600)
+    """A connection must send a complete request head this soon after it opens (or after
+    its previous request starts); slower ones get 408 and are closed."""
+    body_timeout_s: float = Field(60.0, gt=0, le=3600)
+    """A request body must arrive in full this soon after its head; slower ones get 408."""
+    keep_alive_s: int = Field(5, ge=1, le=600)
+    """An idle keep-alive connection is closed after this long."""
     shutdown_grace_s: int = Field(10, ge=0, le=600)
     """On SIGTERM: how long requests in flight may take to be answered before they are cut."""
 
@@ -99,6 +108,9 @@ class GatewaySettings(_Section):
 class WorkerSettings(_Section):
     max_batch_size: int = Field(16, ge=1, le=4096)
     """Most requests run in one engine call."""
+    max_rows_per_request: int = Field(4096, ge=1, le=10_000_000)
+    """Rows (first dimension) one request may carry; the gateway answers more with 413 before
+    queueing, and a worker refuses them per item (bounds a worker's memory per request)."""
     max_batch_delay_ms: float = Field(2.0, ge=0, le=10_000)
     """Longest wait for a batch to fill once its first request has arrived."""
     engine: Literal["onnxruntime", "openvino", "auto"] = "onnxruntime"

@@ -11,7 +11,7 @@ from ppml_serve.crypto.keys import PASSPHRASE_ENV, kms_passphrase, open_kms
 from ppml_serve.crypto.keystore import DATA_KEYS_FILE, DataKeyTable
 from ppml_serve.crypto.kms.local import PRIMARY_FILE, LocalKMS, write_private
 from ppml_serve.crypto.tls import ensure_dev_pki
-from ppml_serve.gateway.auth import add_api_key
+from ppml_serve.gateway.auth import add_api_key, list_api_keys, revoke_api_key
 from ppml_serve.settings import Settings
 
 
@@ -36,7 +36,11 @@ def prepare_state(settings: Settings) -> None:
         ensure_platform_key(settings.attestation_dir)
     key_file = state / "api-key"
     if not key_file.exists() or not settings.api_keys_file.exists():
-        token = add_api_key(settings.api_keys_file, "default", ["*"])
+        if settings.api_keys_file.exists() and any(
+                key["name"] == "default" for key in list_api_keys(settings.api_keys_file)):
+            # Its token file is gone, so the old default key can never be used again.
+            revoke_api_key(settings.api_keys_file, "default")
+        token = add_api_key(settings.api_keys_file, "default", ["*"], ("infer", "metrics"))
         write_private(key_file, (token + "\n").encode())
 
 

@@ -152,6 +152,17 @@ def build_parser() -> argparse.ArgumentParser:
     _common(add)
     add.add_argument("--name", required=True, help="who the key is for")
     add.add_argument("--models", nargs="+", default=["*"], help="models it may use (* = all)")
+    add.add_argument("--scopes", nargs="+", default=["infer"], choices=["infer", "metrics"],
+                     help="what it may do: infer (the inference API, default), metrics "
+                     "(read /metrics)")
+    listing = key_commands.add_parser("list", help="show API keys (ids, names, models, "
+                                      "scopes; never a key or its hash)")
+    _common(listing)
+    revoke = key_commands.add_parser(
+        "revoke", help="delete an API key by name or id; running gateways drop it within "
+        "about a second")
+    _common(revoke)
+    revoke.add_argument("key", help="name or id of the key")
     rotate = key_commands.add_parser(
         "rotate", help="new primary key version and record data key; old ones still open")
     _common(rotate)
@@ -321,10 +332,24 @@ def run(args: argparse.Namespace) -> int:
         if args.keys_command == "add-api-key":
             from ppml_serve.gateway.auth import add_api_key
 
-            token = add_api_key(settings.api_keys_file, args.name, args.models)
+            token = add_api_key(settings.api_keys_file, args.name, args.models,
+                                tuple(args.scopes))
             print(token)
             print(f"stored its hash in {settings.api_keys_file}; the key is not kept anywhere",
                   file=sys.stderr)
+            return 0
+        if args.keys_command == "list":
+            from ppml_serve.gateway.auth import list_api_keys
+
+            for key in list_api_keys(settings.api_keys_file):
+                print(f"{key['id']}  {key['name']:<20} models={','.join(key['models'])} "
+                      f"scopes={','.join(key['scopes'])}")
+            return 0
+        if args.keys_command == "revoke":
+            from ppml_serve.gateway.auth import revoke_api_key
+
+            gone = revoke_api_key(settings.api_keys_file, args.key)
+            print(f"revoked API key {gone['name']!r} (id {gone['id']})")
             return 0
         from ppml_serve.cli.model_commands import keys_rotate
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ppml_serve.crypto.keys import data_key_table, open_kms
+from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.model_file import (
     decrypt_model,
     encrypt_model,
@@ -55,8 +56,9 @@ def model_decrypt(settings: Settings, args: argparse.Namespace) -> int:
         size = read_header(handle, str(source)).size
     with _bar(size, "decrypting") as bar:
         plaintext = decrypt_model(source, kms=open_kms(settings), progress=bar.update)
-    target.write_bytes(plaintext)
-    print(f"wrote the plaintext model to {target} (keep it safe: it is not encrypted)",
+    write_private(target, bytes(plaintext))
+    print(f"wrote the plaintext model to {target} (mode 0600; keep it safe: it is not "
+          "encrypted)",
           file=sys.stderr)
     return 0
 
@@ -80,9 +82,14 @@ def keys_rotate(settings: Settings) -> int:
 
 
 def attest_measure(settings: Settings, model: str, path: Path) -> int:
-    from ppml_serve.worker.runner import worker_measurement
+    import yaml
+
+    from ppml_serve.worker.runner import release_entry, worker_measurement
 
     print(json.dumps(worker_measurement(settings, model, path).describe(), indent=2))
+    print("# key-broker policy entry (add it under 'releases:'):", file=sys.stderr)
+    print(yaml.safe_dump([release_entry(settings, model, path)], sort_keys=False).rstrip(),
+          file=sys.stderr)
     return 0
 
 

@@ -9,6 +9,10 @@ import numpy as np
 
 from ppml_serve.errors import InvalidInput
 
+
+class TooManyRows(InvalidInput):
+    """More rows in one request than a worker takes (the gateway answers 413)."""
+
 # KServe v2 datatype names. BYTES (variable-length strings) is not supported.
 _DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
@@ -25,6 +29,20 @@ _DATATYPES: dict[str, np.dtype[Any]] = {
     "FP64": np.dtype(np.float64),
 }
 _NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
+
+
+MAX_DIMS = 16
+MAX_DIM_SIZE = 2**31 - 1
+"""Bounds on a tensor's shape that every decoder checks before numpy sees it."""
+
+
+def check_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
+    """``shape`` if numpy can hold it (at most 16 dims, each 0..2**31-1), else ``InvalidInput``."""
+    if len(shape) > MAX_DIMS:
+        raise InvalidInput(f"{where}: shape has {len(shape)} dimensions (at most {MAX_DIMS})")
+    if any(d < 0 or d > MAX_DIM_SIZE for d in shape):
+        raise InvalidInput(f"{where}: shape dimensions must be between 0 and {MAX_DIM_SIZE}")
+    return shape
 
 
 def numpy_dtype(datatype: str, where: str = "tensor") -> np.dtype[Any]:
@@ -103,8 +121,10 @@ class ModelSpec:
             outputs=tuple(TensorSpec.from_json(item) for item in data["outputs"]),
         )
 
-    def check_inputs(self, inputs: dict[str, np.ndarray[Any, Any]]) -> None:
-        """Every declared input present with the right dtype and shape, nothing else."""
+    def check_inputs(self, inputs: dict[str, np.ndarray[Any, Any]],
+                     max_rows: int | None = None) -> None:
+        """Every declared input present with the right dtype and shape, nothing else, and at
+        most ``max_rows`` rows (first dimension) per input."""
         declared = {spec.name for spec in self.inputs}
         for name in inputs:
             if name not in declared:
@@ -119,3 +139,6 @@ class ModelSpec:
         batch_sizes = {array.shape[0] for array in inputs.values() if array.ndim}
         if len(batch_sizes) > 1:
             raise InvalidInput("inputs disagree on the batch size (first dimension)")
+        if max_rows is not None and batch_sizes and max(batch_sizes) > max_rows:
+            raise TooManyRows(f"the request has {max(batch_sizes)} rows; at most {max_rows} "
+                              "per request (split it, or raise worker.max_rows_per_request)")

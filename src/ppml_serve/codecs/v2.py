@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ppml_serve.codecs.tensors import ModelSpec, datatype_name, numpy_dtype
+from ppml_serve.codecs.tensors import ModelSpec, check_shape, datatype_name, numpy_dtype
 from ppml_serve.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -51,7 +51,7 @@ def _shape(value: Any, where: str) -> tuple[int, ...]:
         isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in value
     ):
         raise InvalidInput(f"{where}: shape must be a list of non-negative integers")
-    return tuple(value)
+    return check_shape(tuple(value), where)
 
 
 def parse_request(body: bytes, header_length: str | None) -> InferRequest:
@@ -69,6 +69,8 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
         document = json.loads(body[:json_size])
     except (ValueError, UnicodeDecodeError):
         raise InvalidInput("request body is not valid JSON") from None
+    except RecursionError:
+        raise InvalidInput("request body is nested too deeply") from None
     document = _object(document, "request")
     request_id = document.get("id")
     if request_id is not None and not isinstance(request_id, str):
@@ -118,7 +120,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
                     f"{where}: data has {array.size} elements but shape {list(shape)} "
                     f"needs {count}"
                 )
-        inputs[name] = array.reshape(shape)
+        inputs[name] = array.reshape(shape)  # sizes agree and dims are bounded: cannot fail
     if offset != len(binary):
         raise InvalidInput("binary data is longer than the inputs' binary_data_size")
 

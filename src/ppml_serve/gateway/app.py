@@ -13,7 +13,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -32,6 +32,7 @@ from ppml_serve.errors import (
 )
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.gateway.openapi import openapi_document
 
 log = logging.getLogger("ppml_serve.gateway")
 
@@ -55,8 +56,12 @@ def inference_response(payload: bytes, header_length: int | None) -> Response:
                     headers={"Inference-Header-Content-Length": str(header_length)})
 
 
+def status_of(exc: PPMLError) -> int:
+    return next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+
+
 def error_response(exc: PPMLError) -> JSONResponse:
-    status = next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
+    status = status_of(exc)
     headers = {}
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"
@@ -72,7 +77,8 @@ def error_response(exc: PPMLError) -> JSONResponse:
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("ppml_requests", "Inference requests by model and status",
+        self.requests = Counter("ppml_requests", "Inference requests by model and HTTP status "
+                                "(model '_other' for names that are not served)",
                                 ["model", "status"], registry=self.registry)
         self.latency = Histogram("ppml_request_seconds", "Inference latency at the gateway",
                                  ["model"], registry=self.registry,
@@ -113,7 +119,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                ) -> Starlette:
     """Build the app; ``dataplane`` is started and stopped with the app's lifespan."""
 
-    def authenticated(model_route: bool = True) -> Callable[
+    def model_label(model: str) -> str:
+        # Names come from URLs: only served models get a label of their own (bounded).
+        return model if dataplane.is_served(model) else "_other"
+
+    def authenticated(model_route: bool = True, scope: str | None = None) -> Callable[
         [Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]
     ]:
         def wrap(handler: Callable[[Request], Awaitable[Response]]
@@ -123,10 +133,18 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     principal = keys.authenticate(request.headers.get("authorization"))
                     if model_route:
                         principal.authorize(request.path_params["model"])
-                    request.state.principal = principal.name
+                    if scope is not None:
+                        principal.require(scope)
+                    request.state.principal = principal.key_id
                     return await handler(request)
                 except PPMLError as exc:
                     return error_response(exc)
+                except ClientDisconnect:  # cut off (e.g. a body too slow): nobody to answer
+                    return Response(status_code=400)
+                except Exception as exc:  # a bug, not the client's doing: no detail leaks
+                    log.error("unexpected %s in %s %s", type(exc).__name__, request.method,
+                              request.url.path)
+                    return JSONResponse({"error": "internal error"}, status_code=500)
             return endpoint
         return wrap
 
@@ -142,6 +160,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                 "end_to_end_sealing": "X25519-HKDF-SHA256-AES-256-GCM",
             },
         })
+
+    document = openapi_document()
+
+    async def openapi(request: Request) -> Response:
+        return JSONResponse(document)
 
     async def live(request: Request) -> Response:
         return JSONResponse({"live": True})
@@ -167,13 +190,17 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
     @contextlib.asynccontextmanager
     async def measured(model: str) -> AsyncIterator[None]:
         started = time.perf_counter()
-        status = "error"
+        status = 500
         try:
             yield
-            status = "ok"
+            status = 200
+        except PPMLError as exc:
+            status = status_of(exc)
+            raise
         finally:
-            metrics.requests.labels(model, status).inc()
-            metrics.latency.labels(model).observe(time.perf_counter() - started)
+            label = model_label(model)
+            metrics.requests.labels(label, str(status)).inc()
+            metrics.latency.labels(label).observe(time.perf_counter() - started)
 
     @authenticated()
     async def infer(request: Request) -> Response:
@@ -216,6 +243,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             payload = await dataplane.infer_sealed(model, body)
         return Response(payload, media_type="application/octet-stream")
 
+    @authenticated(model_route=False, scope="metrics")
     async def metrics_endpoint(request: Request) -> Response:
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
@@ -239,6 +267,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
+        Route("/v2/openapi.json", openapi),
         Route("/v2/models/{model}", model_metadata),
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),

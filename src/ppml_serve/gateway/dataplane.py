@@ -15,15 +15,18 @@ from typing import Any
 
 from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
-from ppml_serve.codecs.tensors import ModelSpec
+from ppml_serve.codecs.tensors import ModelSpec, TooManyRows
 from ppml_serve.codecs.v2 import InferRequest, check_outputs, encode_response, parse_request
 from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
 from ppml_serve.errors import (
     DeadlineExceeded,
     IntegrityError,
+    InvalidInput,
     ModelNotFound,
     NotReady,
     Overloaded,
+    PayloadTooLarge,
+    ProtocolError,
 )
 from ppml_serve.queue.contract import GatewayBroker, Job, JobState, Mode, ReplyMessage, parse_error
 from ppml_serve.settings import GatewaySettings
@@ -51,7 +54,8 @@ class DataPlane:
 
     def __init__(self, broker: GatewayBroker, sealer: Sealer, settings: GatewaySettings,
                  worker_max_age_s: float, on_batch: Callable[[int], None] | None = None,
-                 configured_models: set[str] | None = None) -> None:
+                 configured_models: set[str] | None = None,
+                 max_rows: int | None = None) -> None:
         self._broker = broker
         self._sealer = sealer
         self._settings = settings
@@ -62,6 +66,7 @@ class DataPlane:
         self._tasks: list[asyncio.Task[None]] = []
         self._on_batch = on_batch
         self._configured = configured_models or set()
+        self._max_rows = max_rows
 
     async def start(self) -> None:
         """Start even while Redis is down: readiness reports it, requests get 503."""
@@ -149,6 +154,11 @@ class DataPlane:
         result: dict[str, ModelSpec] = await self._cached("models", 2.0, load)
         return result
 
+    def is_served(self, model: str) -> bool:
+        """Whether ``model`` is configured here or was announced by a worker (no I/O)."""
+        cached = self._cache.get("models")
+        return model in self._configured or (cached is not None and model in cached.value)
+
     async def spec(self, model: str) -> ModelSpec:
         models = await self.models()
         if model not in models:
@@ -188,7 +198,10 @@ class DataPlane:
         """Decode and validate a request against the model, then check it can be served."""
         spec = await self.spec(model)
         request = parse_request(body, header_length)
-        spec.check_inputs(request.inputs)
+        try:
+            spec.check_inputs(request.inputs, self._max_rows)
+        except TooManyRows as exc:
+            raise PayloadTooLarge(str(exc)) from None
         check_outputs(request, spec)
         await self._check_serving(model)
         return request
@@ -231,7 +244,13 @@ class DataPlane:
         async with self._admission(model):
             await self.spec(model)
             await self._check_serving(model)
-            return await self._exchange(model, blob, mode=Mode.SEALED)
+            try:
+                return await self._exchange(model, blob, mode=Mode.SEALED)
+            except (IntegrityError, ProtocolError):
+                # The worker could not open what the client sealed: the client's input.
+                raise InvalidInput("the sealed request could not be opened by the model's "
+                                   "workers (not sealed to their attested key, or damaged)"
+                                   ) from None
 
     async def _round_trip(self, model: str, request: InferRequest) -> dict[str, Any]:
         plaintext = await self._exchange(model, record.pack(request.inputs))

@@ -13,6 +13,7 @@ from ppml_serve.errors import ConfigError
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.gateway.protocol import guarded_protocol
 from ppml_serve.queue.redis_streams import Keys, RedisGatewayBroker, connect_async
 from ppml_serve.settings import Settings
 
@@ -41,13 +42,18 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     dataplane = DataPlane(broker, sealer, settings.gateway,
                           worker_max_age_s=settings.worker.dead_after_s,
                           on_batch=metrics.batch_size.observe,
-                          configured_models=set(settings.models))
+                          configured_models=set(settings.models),
+                          max_rows=settings.worker.max_rows_per_request)
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads,
                      attestation=settings.security.attestation)
     secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
-                            loop="uvloop", http="httptools", log_level="warning",
+                            loop="uvloop", log_level="warning",
+                            http=guarded_protocol(gateway.max_header_bytes,
+                                                  gateway.header_timeout_s,
+                                                  gateway.body_timeout_s),
+                            timeout_keep_alive=gateway.keep_alive_s,
                             access_log=False, lifespan="on",
                             timeout_graceful_shutdown=gateway.shutdown_grace_s,
                             limit_concurrency=gateway.max_connections,

@@ -13,14 +13,20 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ppml_serve.crypto.attestation.base import AttestationRefused, Verifier, report_data
+from ppml_serve.crypto.attestation.base import (
+    AttestationRefused,
+    Claims,
+    Verifier,
+    report_data,
+)
 from ppml_serve.crypto.attestation.policy import Policy
 from ppml_serve.crypto.kms.base import KMS
 from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.sealed_box import public_bytes, seal_to
-from ppml_serve.errors import IntegrityError
+from ppml_serve.errors import IntegrityError, NotReady
 
 log = logging.getLogger("ppml_serve.keybroker")
+audit = logging.getLogger("ppml_serve.audit")
 
 RELEASE_INFO = b"ppml-serve key release v1"
 NONCE_TTL_S = 60.0
@@ -33,6 +39,12 @@ class ReleaseRequest:
     public_key: bytes
     model: str
     model_key: bytes | None = field(default=None, repr=False)
+    peer: str = ""
+    """Network address of the caller (for the audit log)."""
+
+
+def _measured(claims: Claims | None) -> str:
+    return claims.measurement if claims is not None else ""
 
 
 class InferenceKeys:
@@ -81,8 +93,17 @@ class KeyBroker:
         if expiry < self._clock():
             raise AttestationRefused("nonce expired (stale evidence)")
 
+    def _audit(self, request: ReleaseRequest, outcome: str, reason: str,
+                measurement: str = "") -> None:
+        """One line per release decision: who asked for which model, and what happened."""
+        level = logging.INFO if outcome == "released" else logging.WARNING
+        audit.log(level, "key release %s: model=%r measurement=%s provider=%s peer=%s%s",
+                  outcome, request.model, measurement or "-", request.provider,
+                  request.peer or "-", f" ({reason})" if reason else "")
+
     def release(self, request: ReleaseRequest) -> bytes:
         """The keys sealed to ``request.public_key``; ``AttestationRefused`` says why not."""
+        claims: Claims | None = None
         try:
             verifier = self._verifiers.get(request.provider)
             if verifier is None:
@@ -93,14 +114,18 @@ class KeyBroker:
             self._consume_nonce(claims.nonce)
             if claims.report_data != report_data(request.public_key, claims.nonce):
                 raise AttestationRefused("evidence does not bind the presented public key")
-            self._policy.check(claims, self._clock())
+            self._policy.check_release(claims, request.model, request.model_key, self._clock())
             model_key = self._kms.unwrap(request.model_key) if request.model_key else None
         except AttestationRefused as exc:
-            log.warning("key release refused for model %r: %s", request.model, exc)
+            self._audit(request, "refused", str(exc), _measured(claims))
             raise
         except IntegrityError:
-            log.warning("key release refused for model %r: model key invalid", request.model)
+            self._audit(request, "refused", "the model's wrapped key is not valid",
+                        _measured(claims))
             raise AttestationRefused("the model's wrapped key is not valid") from None
+        except NotReady as exc:
+            self._audit(request, "unavailable", str(exc), _measured(claims))
+            raise
         inference = X25519PrivateKey.from_private_bytes(
             self._inference_keys.private_key(request.model))
         payload = {
@@ -111,7 +136,6 @@ class KeyBroker:
                 self._inference_keys.private_key(request.model)).decode(),
             "inference_public_key": base64.b64encode(public_bytes(inference)).decode(),
         }
-        log.info("released keys for model %r to measurement %s… (%s%s)", request.model,
-                 claims.measurement[:16], claims.provider,
-                 "" if claims.hardware_protected else ", NO hardware protection")
+        self._audit(request, "released", "" if claims.hardware_protected
+                    else "NO hardware protection", claims.measurement)
         return seal_to(request.public_key, json.dumps(payload).encode(), RELEASE_INFO)

@@ -15,6 +15,7 @@ from typing import Any, TypeVar
 from ppml_serve.backoff import Backoff
 from ppml_serve.crypto.attestation.base import AttestationRefused, Provider
 from ppml_serve.crypto.attestation.measurement import Measurement, measure
+from ppml_serve.crypto.attestation.policy import key_fingerprint
 from ppml_serve.crypto.attestation.simulated import SimulatedProvider
 from ppml_serve.crypto.e2e import WorkerKey
 from ppml_serve.crypto.envelope import Keyring, PlaintextSealer, Sealer
@@ -52,6 +53,17 @@ def worker_measurement(settings: Settings, model: str, path: Path) -> Measuremen
     except OSError as exc:
         raise ConfigError(f"models: cannot read model file {path} ({exc.strerror})") from None
     return measure(model, digest, measured_config(settings))
+
+
+def release_entry(settings: Settings, model: str, path: Path) -> dict[str, str]:
+    """The key-broker policy entry that lets a worker serving ``path`` as ``model`` with
+    these settings receive that model's keys, and only those."""
+    entry = {"model": model, "measurement": worker_measurement(settings, model, path).value,
+             "model_sha256": model_digest(path)}
+    if is_encrypted(path):
+        with path.open("rb") as handle:
+            entry["model_key_sha256"] = key_fingerprint(read_header(handle, str(path)).wrapped_key)
+    return entry
 
 
 def attestation_provider(settings: Settings) -> Provider:

@@ -331,7 +331,7 @@ class Worker:
                 raise IntegrityError("this worker holds no end-to-end key")
             opened, entry.reply_key = self._worker_key.open_request(opened, self._model)
         _, inputs = record.unpack(opened)
-        self._engine.spec.check_inputs(inputs)
+        self._engine.spec.check_inputs(inputs, self._settings.max_rows_per_request)
         return inputs
 
     def _answer(self, work: list[_Work]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import hashlib
 from pathlib import Path
 
 import yaml
@@ -21,13 +22,37 @@ from ppml_serve.crypto.attestation.base import AttestationRefused, Claims, Verif
 from ppml_serve.errors import ConfigError
 
 
+class Release(BaseModel):
+    """One key release the broker may make: this measurement gets this model's keys."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    measurement: str
+    """Hex measurement of the worker (``ppml-serve attest measure``)."""
+    model: str
+    """The model (name) whose keys it may receive: its file key and end-to-end key."""
+    model_sha256: str
+    """SHA-256 of the plaintext model. It is part of the measurement too; kept here so that
+    a reader of the policy sees which model file is meant."""
+    model_key_sha256: str | None = None
+    """For an encrypted model: SHA-256 of its wrapped file key (``model inspect``), the only
+    model key the broker unwraps for this release."""
+
+
+def key_fingerprint(wrapped_key: bytes) -> str:
+    return hashlib.sha256(wrapped_key).hexdigest()
+
+
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     allowed_providers: list[str] = Field(default_factory=lambda: ["jwt"])
     """Evidence kinds accepted; ``simulated`` gives no hardware protection."""
     allowed_measurements: list[str] = Field(default_factory=list)
-    """Hex measurements (``ppml-serve attest measure``) that may receive keys."""
+    """Hex measurements (``ppml-serve attest measure``) of workers a client trusts with its
+    input (end-to-end mode). The key broker does not release keys on this list alone."""
+    releases: list[Release] = Field(default_factory=list)
+    """Key broker: which measurement may receive which model's keys."""
     allow_debug: bool = False
     """Accept debug enclaves (and simulated evidence, which is always debug)."""
     max_evidence_age_s: float = Field(60.0, gt=0)
@@ -58,14 +83,47 @@ class Policy(BaseModel):
         return public_key
 
     def check(self, claims: Claims, now: float) -> None:
+        """Evidence a client may trust: provider, debug, freshness and measurement."""
+        self._check_evidence(claims, now)
+        allowed = {m.lower() for m in self.allowed_measurements}
+        allowed |= {release.measurement.lower() for release in self.releases}
+        if claims.measurement.lower() not in allowed:
+            raise AttestationRefused(
+                f"measurement {claims.measurement[:16]}… is not allowed by the policy "
+                "(the worker's code, configuration or model differs)")
+
+    def check_release(self, claims: Claims, model: str, model_key: bytes | None,
+                      now: float) -> Release:
+        """The release entry that lets this worker have ``model``'s keys (and, for an
+        encrypted model, unwrap ``model_key``); ``AttestationRefused`` says why not."""
+        self._check_evidence(claims, now)
+        measurement = claims.measurement.lower()
+        bound = [r for r in self.releases if r.measurement.lower() == measurement]
+        if not bound:
+            if measurement in {m.lower() for m in self.allowed_measurements}:
+                raise AttestationRefused(
+                    f"measurement {claims.measurement[:16]}… is not bound to any model: list "
+                    "it under 'releases' with the model it may receive keys for")
+            raise AttestationRefused(
+                f"measurement {claims.measurement[:16]}… is not allowed by the policy "
+                "(the worker's code, configuration or model differs)")
+        for release in bound:
+            if release.model != model:
+                continue
+            if model_key is None or release.model_key_sha256 == key_fingerprint(model_key):
+                return release
+            raise AttestationRefused(
+                f"the model key presented is not the one bound to model {model!r}")
+        models = sorted({release.model for release in bound})
+        raise AttestationRefused(
+            f"measurement {claims.measurement[:16]}… may receive keys for {models}, "
+            f"not for model {model!r}")
+
+    def _check_evidence(self, claims: Claims, now: float) -> None:
         if claims.provider not in self.allowed_providers:
             raise AttestationRefused(f"provider {claims.provider!r} is not allowed by the policy")
         if claims.debug and not self.allow_debug:
             raise AttestationRefused("debug (or simulated) evidence is not allowed by the policy")
-        if claims.measurement.lower() not in {m.lower() for m in self.allowed_measurements}:
-            raise AttestationRefused(
-                f"measurement {claims.measurement[:16]}… is not allowed by the policy "
-                "(the worker's code, configuration or model differs)")
         age = now - claims.issued_at
         if age > self.max_evidence_age_s or age < -5:
             raise AttestationRefused(f"evidence is stale ({age:.0f} s old)")

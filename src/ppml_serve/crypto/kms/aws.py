@@ -9,7 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from ppml_serve.crypto.kms.base import DataKey
-from ppml_serve.errors import ConfigError, IntegrityError, NotReady
+from ppml_serve.errors import ConfigError, IntegrityError, KMSUnavailable, NotReady
 
 CONTEXT = {"service": "ppml-serve"}
 
@@ -26,6 +26,7 @@ class AwsKMS:
         from botocore.exceptions import BotoCoreError, ClientError
 
         self._errors: tuple[type[Exception], ...] = (BotoCoreError, ClientError)
+        self._unreachable: type[Exception] = BotoCoreError
 
     def __repr__(self) -> str:
         return f"AwsKMS(key_id={self._key_id!r})"
@@ -61,6 +62,8 @@ class AwsKMS:
         try:
             response = self._client.decrypt(CiphertextBlob=wrapped, EncryptionContext=CONTEXT)
         except self._errors as exc:
+            if isinstance(exc, self._unreachable):  # no answer: an outage, not a verdict
+                raise KMSUnavailable(f"AWS KMS unreachable ({type(exc).__name__})") from None
             if self._code(exc) == "InvalidCiphertextException":
                 raise IntegrityError("wrapped data key is invalid or was tampered with") from None
             raise NotReady(f"AWS KMS refused Decrypt ({self._code(exc)})") from None

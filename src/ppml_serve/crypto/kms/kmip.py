@@ -22,7 +22,7 @@ from typing import Any
 
 from ppml_serve.crypto.kms.base import DataKey
 from ppml_serve.crypto.kms.local import write_private
-from ppml_serve.errors import ConfigError, IntegrityError, NotReady
+from ppml_serve.errors import ConfigError, IntegrityError, KMSUnavailable, NotReady
 
 _MAGIC = b"KM1"
 _STATE_FILE = "kmip.json"
@@ -36,7 +36,7 @@ class KmipKMS:
         from kmip.pie.exceptions import KmipOperationFailure
 
         self._enums = enums
-        self._failure: tuple[type[Exception], ...] = (KmipOperationFailure, OSError)
+        self._refusal: type[Exception] = KmipOperationFailure
         self._client = ProxyKmipClient(
             hostname=host, port=port, cert=str(cert_file), key=str(key_file), ca=str(ca_file),
             ssl_version="PROTOCOL_TLSv1_2", config_file="/dev/null")
@@ -52,12 +52,15 @@ class KmipKMS:
         try:
             self._client.open()
         except Exception as exc:  # PyKMIP raises bare Exceptions on connect failures
-            raise NotReady(f"KMIP server unreachable ({type(exc).__name__})") from None
+            raise KMSUnavailable(f"KMIP server unreachable ({type(exc).__name__})") from None
         try:
             yield self._client
-        except self._failure as exc:
+        except self._refusal as exc:
             reason = getattr(exc, "reason", None)
             raise NotReady(f"KMIP {operation} failed ({reason or type(exc).__name__})") from None
+        except OSError as exc:
+            raise KMSUnavailable(f"KMIP connection lost during {operation} "
+                                 f"({type(exc).__name__})") from None
         finally:
             self._client.close()
 
@@ -106,7 +109,9 @@ class KmipKMS:
                 opened = client.decrypt(ciphertext, uid=uid,
                                         cryptographic_parameters=self._params(),
                                         iv_counter_nonce=iv)
-        except NotReady:
+        except KMSUnavailable:
+            raise  # an outage is not a verdict on the key: the caller retries
+        except NotReady:  # the server refused to decrypt it
             raise IntegrityError("wrapped data key is invalid or was tampered with") from None
         plaintext, check = bytes(opened[:32]), bytes(opened[32:])
         if len(plaintext) != 32 or hashlib.sha256(plaintext).digest()[:16] != check:

@@ -35,6 +35,7 @@ def write_private(path: Path, data: bytes) -> None:
     """Write a file readable only by its owner, atomically."""
     temporary = path.with_name(path.name + ".tmp")
     descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    os.fchmod(descriptor, 0o600)  # a leftover temporary file keeps its old mode otherwise
     with os.fdopen(descriptor, "wb") as handle:
         handle.write(data)
     os.replace(temporary, path)
