@@ -13,7 +13,7 @@ from ppml_serve.errors import ConfigError
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
-from ppml_serve.gateway.protocol import guarded_protocol
+from ppml_serve.guarded_http import guarded_protocol
 from ppml_serve.queue.redis_streams import Keys, RedisGatewayBroker, connect_async
 from ppml_serve.settings import Settings
 

@@ -9,6 +9,7 @@ from ppml_serve.crypto.attestation.jwt_token import JwtVerifier
 from ppml_serve.crypto.attestation.policy import Policy
 from ppml_serve.crypto.attestation.simulated import PUBLIC_FILE, SimulatedVerifier
 from ppml_serve.crypto.keys import data_key_table, open_kms
+from ppml_serve.guarded_http import guarded_protocol
 from ppml_serve.keybroker.app import create_app
 from ppml_serve.keybroker.service import InferenceKeys, KeyBroker
 from ppml_serve.settings import Settings
@@ -35,7 +36,10 @@ def build_broker(settings: Settings) -> KeyBroker:
 def build_keybroker_server(settings: Settings) -> uvicorn.Server:
     app = create_app(build_broker(settings))
     config = uvicorn.Config(app, host=settings.keybroker.host, port=settings.keybroker.port,
-                            loop="uvloop", http="httptools", log_level="warning",
+                            loop="uvloop", log_level="warning",
+                            # the same head-size and read-deadline limits as the gateway
+                            http=guarded_protocol(16 * 1024, 10.0, 10.0),
+                            limit_concurrency=256,
                             access_log=False, ssl_certfile=str(settings.server_cert_file),
                             ssl_keyfile=str(settings.server_key_file))
     return uvicorn.Server(config)
