@@ -31,9 +31,9 @@ BODY = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
 
 @pytest.fixture(scope="module")
 def small_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
-    """One worker, and a gateway that admits 64 requests at once (32 per model)."""
+    """One worker, and a gateway that admits 32 requests at once (16 per model)."""
     settings = stack_settings(tmp_path_factory.mktemp("overload"), gateway={
-        "port": 0, "request_timeout_s": 10, "max_inflight": 64, "max_inflight_per_model": 32})
+        "port": 0, "request_timeout_s": 10, "max_inflight": 32, "max_inflight_per_model": 16})
     local = LocalStack(settings, workers=1, log_level="WARNING")
     try:
         local.start()
