@@ -90,8 +90,9 @@ def test_tritonclient_over_tls(stack: Stack, binary: bool) -> None:
 def _batch_counts(stack: Stack) -> tuple[float, float]:
     with stack.http() as http:
         text = http.get("/metrics").text
-    singles = float(re.search(r'ppml_batch_size_bucket\{le="1.0"\} (\S+)', text).group(1))
-    total = float(re.search(r"ppml_batch_size_count (\S+)", text).group(1))
+    singles = float(re.search(r'ppml_batch_size_bucket\{le="1.0",model="demo"\} (\S+)',
+                              text).group(1))
+    total = float(re.search(r'ppml_batch_size_count\{model="demo"\} (\S+)', text).group(1))
     return singles, total
 
 
@@ -340,3 +341,31 @@ def test_job_enqueued_now_fetched_later(stack: Stack) -> None:
     assert stored[b"state"] == b"done" and stored[b"body"][:2] == b"PE"  # sealed, as sent
     assert marker not in b"".join(stored.values())
     assert 0 < stack.admin().ttl(f"ppml:job:{job_id}") <= 3600
+
+
+def test_metrics_split_queue_wait_from_engine_time_and_show_the_queue(stack: Stack) -> None:
+    with client_for(stack) as client:
+        for index in range(5):
+            client.infer("demo", IMAGES[index:index + 1])
+    with stack.http() as http:
+        text = http.get("/metrics").text
+
+    def value(pattern: str) -> float:
+        found = re.search(pattern + r" (\S+)", text)
+        assert found, f"{pattern} not in /metrics"
+        return float(found.group(1))
+
+    assert value(r'ppml_queue_wait_seconds_count\{model="demo"\}') >= 5
+    assert value(r'ppml_engine_seconds_count\{model="demo"\}') >= 5
+    assert value(r'ppml_engine_seconds_sum\{model="demo"\}') > 0
+    assert value(r'ppml_requests_total\{model="demo",status="200"\}') >= 5
+    assert value(r'ppml_live_workers\{model="demo"\}') == 2
+    assert value(r'ppml_queue_lag\{model="demo"\}') >= 0
+    assert value(r'ppml_inflight_requests\{model="demo"\}') >= 0
+
+
+def test_async_client_has_the_whole_client_api() -> None:
+    def public(cls: type) -> set[str]:
+        return {name for name in vars(cls) if not name.startswith("_")}
+
+    assert public(Client) - {"__enter__", "__exit__"} == public(AsyncClient)

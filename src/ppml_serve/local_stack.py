@@ -181,11 +181,16 @@ class LocalStack:
     """Managed Redis + ``workers`` worker processes per model + one gateway."""
 
     def __init__(self, settings: Settings, workers: int = 1, log_level: str = "INFO",
-                 unserved: frozenset[str] = frozenset()) -> None:
+                 unserved: frozenset[str] = frozenset(),
+                 worker_metrics_port: int | None = None) -> None:
         self.settings = settings
         self.workers = workers
         self.unserved = unserved
         """Models the gateway knows but no worker is started for (tests of refusal)."""
+        self.worker_metrics_port = worker_metrics_port
+        """First port of the workers' metrics endpoints (one port per worker), if any."""
+        self.worker_metrics: list[str] = []
+        """Addresses of the workers' metrics endpoints."""
         self.log_level = log_level
         if settings.gateway.port == 0:
             settings.gateway.port = free_port()
@@ -240,12 +245,18 @@ class LocalStack:
         self.keybroker = Child("key broker", [*base, "keybroker", *common])
         self.keybroker.start(self._env)
         self._wait_keybroker(f"https://127.0.0.1:{settings.keybroker.port}", ready_timeout_s)
-        workers = [
-            Child(f"worker {name} #{index}",
-                  [*base, "worker", *common, "--model", f"{name}={path}"])
-            for name, path in settings.models.items() for index in range(self.workers)
-            if name not in self.unserved
-        ]
+        workers: list[Child] = []
+        for name, path in settings.models.items():
+            if name in self.unserved:
+                continue
+            for index in range(self.workers):
+                argv = [*base, "worker", *common, "--model", f"{name}={path}"]
+                if self.worker_metrics_port is not None:
+                    port = self.worker_metrics_port + len(workers)
+                    argv += ["--metrics-port", str(port)]
+                    self.worker_metrics.append(
+                        f"http://{settings.worker.metrics_host}:{port}/metrics")
+                workers.append(Child(f"worker {name} #{index}", argv))
         self.children = [self.keybroker, *workers]
         self.gateway = Child("gateway", [*base, "gateway", *common])
         self.children.append(self.gateway)

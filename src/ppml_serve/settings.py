@@ -133,7 +133,10 @@ class WorkerSettings(_Section):
     for three heartbeats is dead: no new requests are admitted for it and its pending ones are
     taken over."""
     metrics_port: int | None = Field(None, ge=0, le=65535)
-    """Serve this worker's Prometheus metrics on 127.0.0.1:PORT (off when unset)."""
+    """Serve this worker's Prometheus metrics on ``metrics_host``:PORT (off when unset). They
+    hold no payload; give the address to your Prometheus only."""
+    metrics_host: str = "127.0.0.1"
+    """Interface of the worker's metrics endpoint (e.g. 0.0.0.0 in a container)."""
 
     @property
     def dead_after_s(self) -> float:
@@ -190,6 +193,14 @@ class SecuritySettings(_Section):
     key and gives NO hardware protection (development only)."""
 
 
+class LogSettings(_Section):
+    format: Literal["text", "json"] = "text"
+    """``text`` for people, ``json`` (one object per line) for log collectors."""
+    access_log: bool = True
+    """One ``ppml_serve.access`` line per API call: key name, model, status, latency, sizes
+    (never a payload)."""
+
+
 class Settings(BaseSettings):
     """All settings of a ppml-serve process."""
 
@@ -206,6 +217,7 @@ class Settings(BaseSettings):
     worker: WorkerSettings = Field(default_factory=WorkerSettings)
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     keybroker: KeyBrokerSettings = Field(default_factory=KeyBrokerSettings)
+    log: LogSettings = Field(default_factory=LogSettings)
 
     @field_validator("models")
     @classmethod

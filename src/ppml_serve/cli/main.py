@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -12,6 +11,7 @@ from typing import Any
 
 from ppml_serve import __version__
 from ppml_serve.errors import PPMLError
+from ppml_serve.logs import configure_logging
 from ppml_serve.settings import Settings, load_settings
 
 DESCRIPTION = """Privacy-preserving model serving: an HTTPS gateway (KServe v2), an encrypted
@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", action="append", type=_model_pair, default=[],
                     metavar="NAME=PATH", help="also serve this ONNX model (repeatable)")
     up.add_argument("--no-demo", action="store_true", help="do not serve the demo model")
+    up.add_argument("--worker-metrics-port", type=int, metavar="PORT",
+                    help="serve each worker's Prometheus metrics on PORT, PORT+1, … "
+                    "(worker.metrics_host, default 127.0.0.1)")
     _engine_options(up)
 
     gateway = commands.add_parser("gateway", help="run the HTTPS gateway against a Redis URL")
@@ -244,8 +247,11 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
-    """Settings from --config, the environment and this command's flags (and ``extra``)."""
-    return load_settings(args.config, **_overrides(args), **extra)
+    """Settings from --config, the environment and this command's flags (and ``extra``);
+    logging takes their format from here on."""
+    settings = load_settings(args.config, **_overrides(args), **extra)
+    configure_logging(getattr(args, "log_level", "INFO"), settings.log.format)
+    return settings
 
 
 def _stop_on_signals(stop: Callable[[], None]) -> None:
@@ -264,7 +270,8 @@ def run(args: argparse.Namespace) -> int:
         models = {} if args.no_demo else {DEMO_NAME: demo_model_path()}
         models.update(base.models)
         models.update(dict(args.model))
-        return run_up(_settings(args, models=models), args.workers, args.log_level)
+        return run_up(_settings(args, models=models), args.workers, args.log_level,
+                      args.worker_metrics_port)
 
     if args.command == "bench":
         return _bench(args)
@@ -519,9 +526,7 @@ def _report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=getattr(args, "log_level", "INFO"),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    configure_logging(getattr(args, "log_level", "INFO"))
     try:
         code = run(args)
     except PPMLError as exc:

@@ -26,16 +26,19 @@ def self_check(url: str, settings: Settings) -> str:
             f"{correct}/8 correct")
 
 
-def run_up(settings: Settings, workers: int, log_level: str) -> int:
+def run_up(settings: Settings, workers: int, log_level: str,
+           worker_metrics_port: int | None = None) -> int:
     stop = threading.Event()
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
-    stack = LocalStack(settings, workers, log_level)
+    stack = LocalStack(settings, workers, log_level, worker_metrics_port=worker_metrics_port)
     state = settings.state_dir
     code = 0
     try:
         stack.start()
         print(f"ready {stack.url}", flush=True)
+        for address in stack.worker_metrics:
+            print(f"worker metrics: {address}", flush=True)
         print(f"example: curl --cacert {settings.ca_file} -H \"Authorization: Bearer "
               f"$(cat {state / 'api-key'})\" {stack.url}/v2/models/{DEMO_NAME}", flush=True)
         if DEMO_NAME in settings.models:

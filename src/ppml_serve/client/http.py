@@ -99,6 +99,19 @@ def _trusted_key(document: dict[str, Any], verifier: Verifier, policy: Policy) -
                              + ("; ".join(reasons) or "no worker published one"))
 
 
+SEALED_HEADERS = {"Content-Type": "application/octet-stream"}
+
+
+def _sealed_request(session: ClientSession, model: str, inputs: Arrays) -> bytes:
+    return session.seal_request(record.pack(inputs), model)
+
+
+def _sealed_answer(session: ClientSession, model: str, response: httpx.Response) -> Arrays:
+    _raise_for_status(response)
+    _, outputs = record.unpack(session.open_reply(response.content, model))
+    return {name: np.array(array) for name, array in outputs.items()}
+
+
 class _Base:
     def __init__(self, api_key: str | None) -> None:
         self._headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -194,12 +207,10 @@ class Client(_Base):
         """End-to-end sealed inference: only an attested worker can read inputs and outputs;
         the gateway and Redis see ciphertext only."""
         session = ClientSession(self.worker_key(model, verifier, policy))
-        blob = session.seal_request(record.pack(inputs), model)
-        response = self._http.post(f"/v2/models/{model}/infer-sealed", content=blob,
-                                   headers={"Content-Type": "application/octet-stream"})
-        _raise_for_status(response)
-        _, outputs = record.unpack(session.open_reply(response.content, model))
-        return {name: np.array(array) for name, array in outputs.items()}
+        response = self._http.post(f"/v2/models/{model}/infer-sealed",
+                                   content=_sealed_request(session, model, inputs),
+                                   headers=SEALED_HEADERS)
+        return _sealed_answer(session, model, response)
 
 
 class AsyncClient(_Base):
@@ -232,6 +243,9 @@ class AsyncClient(_Base):
     async def ready(self) -> bool:
         return (await self._http.get("/v2/health/ready")).status_code == 200
 
+    async def model_ready(self, model: str) -> bool:
+        return (await self._http.get(f"/v2/models/{model}/ready")).status_code == 200
+
     async def metadata(self, model: str) -> dict[str, Any]:
         response = await self._http.get(f"/v2/models/{model}")
         _raise_for_status(response)
@@ -259,3 +273,18 @@ class AsyncClient(_Base):
             if time.monotonic() >= deadline:
                 return None
             await asyncio.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+
+    async def worker_key(self, model: str, verifier: Verifier, policy: Policy) -> bytes:
+        """The model's end-to-end public key, after checking its evidence against ``policy``."""
+        response = await self._http.get(f"/v2/models/{model}/attestation")
+        _raise_for_status(response)
+        return _trusted_key(response.json(), verifier, policy)
+
+    async def infer_sealed(self, model: str, inputs: Arrays, verifier: Verifier,
+                           policy: Policy) -> Arrays:
+        """End-to-end sealed inference (see ``Client.infer_sealed``)."""
+        session = ClientSession(await self.worker_key(model, verifier, policy))
+        response = await self._http.post(f"/v2/models/{model}/infer-sealed",
+                                         content=_sealed_request(session, model, inputs),
+                                         headers=SEALED_HEADERS)
+        return _sealed_answer(session, model, response)

@@ -7,10 +7,11 @@ import contextlib
 import logging
 import ssl
 import time
+import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
@@ -33,8 +34,11 @@ from ppml_serve.errors import (
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.openapi import openapi_document
+from ppml_serve.logs import request_id
+from ppml_serve.queue.contract import QueueStats, ReplyMessage
 
 log = logging.getLogger("ppml_serve.gateway")
+access = logging.getLogger("ppml_serve.access")
 
 _STATUS: tuple[tuple[type[PPMLError], int], ...] = (
     (InvalidInput, 400),
@@ -74,19 +78,54 @@ def error_response(exc: PPMLError) -> JSONResponse:
     return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
 
 
+_SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10,
+            30)
+
+
 class Metrics:
+    """The gateway's Prometheus metrics. Label values are bounded: model names only of served
+    models (others are ``_other``), statuses are HTTP codes."""
+
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.requests = Counter("ppml_requests", "Inference requests by model and HTTP status "
                                 "(model '_other' for names that are not served)",
                                 ["model", "status"], registry=self.registry)
         self.latency = Histogram("ppml_request_seconds", "Inference latency at the gateway",
-                                 ["model"], registry=self.registry,
-                                 buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
-                                          0.5, 1, 2.5, 5, 10, 30))
+                                 ["model"], registry=self.registry, buckets=_SECONDS)
+        self.queue_wait = Histogram("ppml_queue_wait_seconds", "Time from enqueue until the "
+                                    "request's batch started in a worker", ["model"],
+                                    registry=self.registry, buckets=_SECONDS)
+        self.engine = Histogram("ppml_engine_seconds", "Engine time of the batch each answer "
+                                "came from", ["model"], registry=self.registry,
+                                buckets=_SECONDS)
         self.batch_size = Histogram("ppml_batch_size", "Size of the worker batch each answer "
-                                    "came from", registry=self.registry,
+                                    "came from", ["model"], registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
+        self.inflight = Gauge("ppml_inflight_requests", "Requests waiting for their answer "
+                              "in this gateway", ["model"], registry=self.registry)
+        self.queue_depth = Gauge("ppml_queue_depth", "Requests in the model's stream "
+                                 "(waiting or being worked on)", ["model"],
+                                 registry=self.registry)
+        self.queue_lag = Gauge("ppml_queue_lag", "Requests no worker has taken yet (the "
+                               "consumer group's lag)", ["model"], registry=self.registry)
+        self.queue_pending = Gauge("ppml_queue_pending", "Requests taken by a worker, not yet "
+                                   "answered", ["model"], registry=self.registry)
+        self.live_workers = Gauge("ppml_live_workers", "Workers with a fresh heartbeat",
+                                  ["model"], registry=self.registry)
+
+    def observe_reply(self, model: str, message: ReplyMessage) -> None:
+        self.batch_size.labels(model).observe(message.batch_size)
+        self.queue_wait.labels(model).observe(message.queue_s)
+        self.engine.labels(model).observe(message.engine_s)
+
+    def set_queue_state(self, inflight: dict[str, int], stats: dict[str, QueueStats]) -> None:
+        for model, state in stats.items():
+            self.inflight.labels(model).set(inflight.get(model, 0))
+            self.queue_depth.labels(model).set(state.depth)
+            self.queue_lag.labels(model).set(state.lag)
+            self.queue_pending.labels(model).set(state.pending)
+            self.live_workers.labels(model).set(state.live_workers)
 
 
 def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
@@ -114,9 +153,26 @@ async def _read_body(request: Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def _log_access(request: Request, response: Response, key_name: str, seconds: float) -> None:
+    """One line per API call: who, what, outcome, how long, how big; never a payload."""
+    model = request.path_params.get("model", "-")
+    known = getattr(request.app.state, "served", None)
+    if known is not None and not known(model):
+        model = "_other"  # names from URLs are not echoed into logs unchecked
+    received = request.headers.get("content-length", "0")
+    sent = response.headers.get("content-length", "0")
+    access.info("%s %s key=%s model=%s status=%d ms=%.1f in=%s out=%s", request.method,
+                request.url.path if model != "_other" else "(unknown model)", key_name, model,
+                response.status_code, seconds * 1000, received, sent,
+                extra={"key": key_name, "model": model, "status": response.status_code,
+                       "ms": round(seconds * 1000, 1),
+                       "bytes_in": int(received) if received.isdigit() else 0,
+                       "bytes_out": int(sent) if sent.isdigit() else 0})
+
+
 def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
-               metrics: Metrics, secure: bool = True, attestation: str = "simulated"
-               ) -> Starlette:
+               metrics: Metrics, secure: bool = True, attestation: str = "simulated",
+               access_log: bool = True) -> Starlette:
     """Build the app; ``dataplane`` is started and stopped with the app's lifespan."""
 
     def model_label(model: str) -> str:
@@ -129,22 +185,35 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         def wrap(handler: Callable[[Request], Awaitable[Response]]
                  ) -> Callable[[Request], Awaitable[Response]]:
             async def endpoint(request: Request) -> Response:
+                rid = uuid.uuid4().hex
+                token = request_id.set(rid)
+                started = time.perf_counter()
+                key_name = "-"
+                response: Response | None = None
                 try:
                     principal = keys.authenticate(request.headers.get("authorization"))
+                    key_name = principal.name
                     if model_route:
                         principal.authorize(request.path_params["model"])
                     if scope is not None:
                         principal.require(scope)
                     request.state.principal = principal.key_id
-                    return await handler(request)
+                    response = await handler(request)
                 except PPMLError as exc:
-                    return error_response(exc)
+                    response = error_response(exc)
                 except ClientDisconnect:  # cut off (e.g. a body too slow): nobody to answer
-                    return Response(status_code=400)
+                    response = Response(status_code=400)
                 except Exception as exc:  # a bug, not the client's doing: no detail leaks
                     log.error("unexpected %s in %s %s", type(exc).__name__, request.method,
                               request.url.path)
-                    return JSONResponse({"error": "internal error"}, status_code=500)
+                    response = JSONResponse({"error": "internal error"}, status_code=500)
+                finally:
+                    if access_log and response is not None:
+                        _log_access(request, response, key_name,
+                                    time.perf_counter() - started)
+                    request_id.reset(token)
+                response.headers["X-Request-ID"] = rid
+                return response
             return endpoint
         return wrap
 
@@ -245,6 +314,9 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
 
     @authenticated(model_route=False, scope="metrics")
     async def metrics_endpoint(request: Request) -> Response:
+        # With Redis down the gauges keep their last values; readiness tells the rest.
+        with contextlib.suppress(NotReady):
+            metrics.set_queue_state(dataplane.inflight(), await dataplane.queue_stats())
         return Response(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
@@ -279,5 +351,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/models/{model}/infer-sealed", infer_sealed, methods=["POST"]),
         Route("/metrics", metrics_endpoint),
     ]
-    return Starlette(routes=routes, lifespan=lifespan,
-                     exception_handlers={404: not_found, 405: method_not_allowed})
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={404: not_found, 405: method_not_allowed})
+    app.state.served = dataplane.is_served
+    return app

@@ -28,7 +28,16 @@ from ppml_serve.errors import (
     PayloadTooLarge,
     ProtocolError,
 )
-from ppml_serve.queue.contract import GatewayBroker, Job, JobState, Mode, ReplyMessage, parse_error
+from ppml_serve.logs import request_id as current_request
+from ppml_serve.queue.contract import (
+    GatewayBroker,
+    Job,
+    JobState,
+    Mode,
+    QueueStats,
+    ReplyMessage,
+    parse_error,
+)
 from ppml_serve.settings import GatewaySettings
 
 log = logging.getLogger("ppml_serve.gateway")
@@ -53,7 +62,8 @@ class DataPlane:
     """One per gateway process; owns the reply reader and the table of waiting requests."""
 
     def __init__(self, broker: GatewayBroker, sealer: Sealer, settings: GatewaySettings,
-                 worker_max_age_s: float, on_batch: Callable[[int], None] | None = None,
+                 worker_max_age_s: float,
+                 on_reply: Callable[[str, ReplyMessage], None] | None = None,
                  configured_models: set[str] | None = None,
                  max_rows: int | None = None) -> None:
         self._broker = broker
@@ -64,7 +74,7 @@ class DataPlane:
         self._inflight: Counter[str] = Counter()
         self._cache: dict[str, _Cached] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._on_batch = on_batch
+        self._on_reply = on_reply
         self._configured = configured_models or set()
         self._max_rows = max_rows
 
@@ -86,9 +96,18 @@ class DataPlane:
         self._fail_waiting(NotReady("the gateway is shutting down"))
         await self._broker.close()
 
-    @property
-    def inflight(self) -> int:
-        return len(self._waiting)
+    def inflight(self) -> dict[str, int]:
+        """Requests waiting for their answer here, by model."""
+        return dict(self._inflight)
+
+    async def queue_stats(self) -> dict[str, QueueStats]:
+        """Queue depth, lag, pending and live workers of every served model."""
+        models = set(self._configured)
+        cached = self._cache.get("models")
+        if cached is not None:
+            models |= set(cached.value)
+        return {model: await self._broker.queue_stats(model, self._worker_max_age_s)
+                for model in sorted(models)}
 
     def _fail_waiting(self, error: Exception, model: str | None = None) -> None:
         for waiter in list(self._waiting.values()):
@@ -113,10 +132,11 @@ class DataPlane:
             backoff.reset()
             for message in messages:
                 waiter = self._waiting.get(message.request_id)
-                if waiter is not None and not waiter.future.done():
-                    waiter.future.set_result(message)
-                if self._on_batch is not None and message.ok:
-                    self._on_batch(message.batch_size)
+                if waiter is None or waiter.future.done():
+                    continue  # its caller gave up, or it was failed already
+                waiter.future.set_result(message)
+                if self._on_reply is not None and message.ok:
+                    self._on_reply(waiter.model, message)
 
     async def _watch_workers(self) -> None:
         """Requests for a model whose last worker died get 503 now, not 504 later (if a new
@@ -258,7 +278,7 @@ class DataPlane:
         return outputs
 
     async def _exchange(self, model: str, payload: bytes, mode: Mode = Mode.STANDARD) -> bytes:
-        request_id = uuid.uuid4().hex
+        request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
         message = await self._send(model, request_id, payload, mode,
                                    self._settings.request_timeout_s)
         return self._open_reply(model, request_id, message.ok, message.body)

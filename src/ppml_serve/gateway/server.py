@@ -41,12 +41,13 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     metrics = Metrics()
     dataplane = DataPlane(broker, sealer, settings.gateway,
                           worker_max_age_s=settings.worker.dead_after_s,
-                          on_batch=metrics.batch_size.observe,
+                          on_reply=metrics.observe_reply,
                           configured_models=set(settings.models),
                           max_rows=settings.worker.max_rows_per_request)
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads,
-                     attestation=settings.security.attestation)
+                     attestation=settings.security.attestation,
+                     access_log=settings.log.access_log)
     secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
                             loop="uvloop", log_level="warning",

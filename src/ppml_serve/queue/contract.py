@@ -112,6 +112,8 @@ class Delivery:
     mode: Mode = Mode.STANDARD
     job_ttl_s: int = 0
     """For a job (``reply_to`` empty): how long its answer is kept for fetching."""
+    enqueued_ms: int = 0
+    """When the gateway queued it (unix ms, from the stream entry id)."""
 
     @property
     def is_job(self) -> bool:
@@ -126,6 +128,10 @@ class Reply:
     ok: bool
     body: bytes = field(repr=False)
     batch_size: int = 1
+    queue_s: float = 0.0
+    """Time from enqueue to the start of its batch in the worker."""
+    engine_s: float = 0.0
+    """Time of its batch in the engine."""
 
 
 @dataclass(frozen=True)
@@ -136,6 +142,8 @@ class ReplyMessage:
     ok: bool
     body: bytes = field(repr=False)
     batch_size: int
+    queue_s: float = 0.0
+    engine_s: float = 0.0
 
 
 class JobState(str, Enum):
@@ -211,3 +219,18 @@ class GatewayBroker(Protocol):
     async def live_workers(self, model: str, max_age_s: float) -> int: ...
 
     async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]: ...
+
+    async def queue_stats(self, model: str, max_age_s: float) -> QueueStats: ...
+
+
+@dataclass(frozen=True)
+class QueueStats:
+    """What an autoscaler or an operator wants to know of one model's queue."""
+
+    depth: int
+    """Requests in the stream: waiting or being worked on."""
+    lag: int
+    """Requests no worker has taken yet (what KEDA's redis-streams scaler calls lag)."""
+    pending: int
+    """Requests taken by a worker and not yet answered."""
+    live_workers: int

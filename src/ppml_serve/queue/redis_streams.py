@@ -32,7 +32,15 @@ import redis.asyncio as aioredis
 from pydantic import SecretStr
 
 from ppml_serve.errors import NotReady
-from ppml_serve.queue.contract import Delivery, Job, JobState, Mode, Reply, ReplyMessage
+from ppml_serve.queue.contract import (
+    Delivery,
+    Job,
+    JobState,
+    Mode,
+    QueueStats,
+    Reply,
+    ReplyMessage,
+)
 
 GROUP = "workers"
 DEAD_LETTER_MAXLEN = 100_000
@@ -41,14 +49,14 @@ REPLY_STREAM_TTL_S = 3600
 # Post answers, ack and delete, atomically and only for entries still pending on this
 # consumer: a worker that froze and lost its requests to another must not answer them too.
 # KEYS[1] request stream, KEYS[2..] reply stream or job key per answer.
-# ARGV: group, consumer, reply maxlen, reply TTL, then per answer:
-#       entry id, request id, ok, body, batch size, job TTL (0 = reply stream).
+# ARGV: group, consumer, reply maxlen, reply TTL, then per answer: entry id, request id, ok,
+#       body, batch size, job TTL (0 = reply stream), queue wait (ms), engine time (ms).
 _FINISH = """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local maxlen, reply_ttl = ARGV[3], ARGV[4]
 local answered = 0
 for i = 2, #KEYS do
-  local a = 5 + (i - 2) * 6
+  local a = 5 + (i - 2) * 8
   local entry = ARGV[a]
   if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 1 then
     local job_ttl = tonumber(ARGV[a + 5])
@@ -59,7 +67,8 @@ for i = 2, #KEYS do
       end
     else
       redis.call('XADD', KEYS[i], 'MAXLEN', '~', maxlen, '*', 'id', ARGV[a + 1],
-                 'ok', ARGV[a + 2], 'body', ARGV[a + 3], 'bs', ARGV[a + 4])
+                 'ok', ARGV[a + 2], 'body', ARGV[a + 3], 'bs', ARGV[a + 4],
+                 'qw', ARGV[a + 6], 'et', ARGV[a + 7])
       redis.call('EXPIRE', KEYS[i], reply_ttl)
     end
     redis.call('XACK', stream, group, entry)
@@ -157,7 +166,15 @@ def _delivery(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) 
         deliveries=deliveries,
         mode=mode,
         job_ttl_s=_int(fields.get(b"job")),
+        enqueued_ms=_int(entry_id.split(b"-", 1)[0]),
     )
+
+
+def _float(value: bytes | None) -> float:
+    try:
+        return float(value or 0)
+    except ValueError:
+        return 0.0
 
 
 def _name(value: bytes | str) -> str:
@@ -238,7 +255,8 @@ class RedisWorkerBroker:
             job_ttl = delivery.job_ttl_s if delivery.is_job else 0
             keys.append(self._keys.job(delivery.request_id) if job_ttl else delivery.reply_to)
             args.extend([delivery.entry_id, delivery.request_id, "1" if reply.ok else "0",
-                         reply.body, reply.batch_size, job_ttl])
+                         reply.body, reply.batch_size, job_ttl,
+                         f"{reply.queue_s * 1000:.3f}", f"{reply.engine_s * 1000:.3f}"])
         return int(self._finish(keys=keys, args=args))
 
     def drop(self, deliveries: Sequence[Delivery]) -> None:
@@ -412,6 +430,21 @@ class RedisGatewayBroker:
             return int(await self._client.zcount(self._keys.workers(model),
                                                  time.time() - max_age_s, "+inf"))
 
+    async def queue_stats(self, model: str, max_age_s: float) -> QueueStats:
+        stream = self._keys.requests(model)
+        async with _queue_errors("report queue statistics"):
+            pipe = self._client.pipeline(transaction=False)
+            pipe.xlen(stream)
+            pipe.xinfo_groups(stream)
+            pipe.zcount(self._keys.workers(model), time.time() - max_age_s, "+inf")
+            depth, groups, live = await pipe.execute(raise_on_error=False)
+        group = next((g for g in groups if _name(g["name"]) == GROUP), None) \
+            if isinstance(groups, list) else None
+        return QueueStats(depth=depth if isinstance(depth, int) else 0,
+                          lag=int(group.get("lag") or 0) if group else 0,
+                          pending=int(group.get("pending") or 0) if group else 0,
+                          live_workers=int(live) if isinstance(live, int) else 0)
+
     async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]:
         async with _queue_errors("deliver answers"):
             response: Any = await self._reader.xread({self.reply_stream: self._last_reply_id},
@@ -422,9 +455,10 @@ class RedisGatewayBroker:
                 self._last_reply_id = entry_id
                 request_id = _str(fields.get(b"id", b""))
                 if request_id:
-                    messages.append(ReplyMessage(request_id, fields.get(b"ok") == b"1",
-                                                 fields.get(b"body", b""),
-                                                 _int(fields.get(b"bs")) or 1))
+                    messages.append(ReplyMessage(
+                        request_id, fields.get(b"ok") == b"1", fields.get(b"body", b""),
+                        _int(fields.get(b"bs")) or 1, _float(fields.get(b"qw")) / 1000,
+                        _float(fields.get(b"et")) / 1000))
         return messages
 
 

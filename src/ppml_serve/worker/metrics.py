@@ -18,6 +18,11 @@ class WorkerMetrics:
                                         registry=self.registry,
                                         buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1,
                                                  0.25, 0.5, 1, 2.5))
+        self.queue_seconds = Histogram("ppml_worker_queue_seconds",
+                                       "Time a request waited from enqueue to its batch",
+                                       ["model"], registry=self.registry,
+                                       buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025,
+                                                0.05, 0.1, 0.25, 0.5, 1, 2.5, 10))
         self.reclaimed = Counter("ppml_worker_reclaimed", "Stalled requests taken over",
                                  ["model"], registry=self.registry)
         self.dead_lettered = Counter("ppml_worker_dead_lettered",

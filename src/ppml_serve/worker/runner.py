@@ -40,7 +40,8 @@ def measured_config(settings: Settings) -> dict[str, Any]:
     """The configuration that is part of a worker's measurement."""
     # Operational knobs that do not change what the worker computes stay out of it.
     return {"worker": settings.worker.model_dump(mode="json",
-                                                 exclude={"heartbeat_s", "metrics_port"}),
+                                                 exclude={"heartbeat_s", "metrics_port",
+                                                          "metrics_host"}),
             "encrypt_payloads": settings.security.encrypt_payloads}
 
 

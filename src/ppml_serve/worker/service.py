@@ -50,6 +50,8 @@ class _Work:
     item: Item | None = None
     error: Exception | None = None
     reply_key: AESGCM | None = None
+    queue_s: float = 0.0
+    engine_s: float = 0.0
 
 
 class Worker:
@@ -128,7 +130,7 @@ class Worker:
         """Serve until ``stop``; survives Redis outages (reconnects with backoff)."""
         self._retry_until_done(self._join, "joining the queue")
         if self._settings.metrics_port is not None:
-            self.metrics.serve(self._settings.metrics_port)
+            self.metrics.serve(self._settings.metrics_port, self._settings.metrics_host)
         reader = threading.Thread(target=self._read_loop, name="stream-reader", daemon=True)
         beater = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         reader.start()
@@ -268,7 +270,7 @@ class Worker:
                 fresh.append(delivery)
                 continue
             log.error("request %s moved to the dead-letter stream: %s",
-                      delivery.request_id, reason)
+                      delivery.request_id, reason, extra={"request_id": delivery.request_id})
             self.metrics.dead_lettered.labels(self._model).inc()
             try:
                 self._broker.dead_letter(
@@ -295,17 +297,24 @@ class Worker:
         if expired:
             self._broker.drop(expired)
         work = [_Work(d) for d in deliveries if d not in expired]
+        batch_started = time.time()
+        for entry in work:
+            if entry.delivery.enqueued_ms:
+                entry.queue_s = max(0.0, batch_started - entry.delivery.enqueued_ms / 1000)
+                self.metrics.queue_seconds.labels(self._model).observe(entry.queue_s)
         for entry in work:
             try:
                 entry.item = Item(self._open(entry))
             except (IntegrityError, InvalidInput, ProtocolError) as exc:
                 if isinstance(exc, IntegrityError):
                     log.warning("request %s refused: record failed authentication",
-                                entry.delivery.request_id)
+                                entry.delivery.request_id,
+                                extra={"request_id": entry.delivery.request_id})
                 entry.error = exc
             except Exception as exc:  # a record no check foresaw: its own error, never a crash
                 log.warning("request %s refused: unreadable record (%s)",
-                            entry.delivery.request_id, type(exc).__name__)
+                            entry.delivery.request_id, type(exc).__name__,
+                            extra={"request_id": entry.delivery.request_id})
                 entry.error = ProtocolError("the request record is malformed")
         items = [entry.item for entry in work if entry.item is not None]
         started = time.perf_counter()
@@ -317,9 +326,11 @@ class Worker:
                 if item.outputs is None:
                     item.error = EngineError("the engine failed on this batch")
         if items:
-            self.metrics.engine_seconds.labels(self._model).observe(
-                time.perf_counter() - started)
+            engine_s = time.perf_counter() - started
+            self.metrics.engine_seconds.labels(self._model).observe(engine_s)
             self.metrics.batch_size.labels(self._model).observe(len(items))
+            for entry in work:
+                entry.engine_s = engine_s
         return work
 
     def _open(self, entry: _Work) -> dict[str, Any]:
@@ -372,5 +383,6 @@ class Worker:
         if entry.reply_key is not None:
             packed = WorkerKey.seal_reply(entry.reply_key, packed, self._model)
         body = self._sealer.seal(packed, aad)
-        return Reply(entry.delivery, True, body, entry.item.batch_size)
+        return Reply(entry.delivery, True, body, entry.item.batch_size, entry.queue_s,
+                     entry.engine_s)
 

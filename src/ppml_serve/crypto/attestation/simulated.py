@@ -77,8 +77,8 @@ class SimulatedVerifier:
         self._key = key
 
     @classmethod
-    def from_directory(cls, directory: Path) -> SimulatedVerifier:
-        return cls((directory / PUBLIC_FILE).read_bytes())
+    def from_directory(cls, directory: str | Path) -> SimulatedVerifier:
+        return cls((Path(directory) / PUBLIC_FILE).read_bytes())
 
     def verify(self, evidence: str) -> Claims:
         try:

@@ -1,0 +1,79 @@
+"""JSON logs with request ids, an access line per API call, audit lines for key releases,
+and no payload byte anywhere in them (real gateway, key broker and worker processes)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+
+import httpx
+import numpy as np
+import pytest
+
+from ppml_serve.client import Client
+from ppml_serve.local_stack import LocalStack
+from ppml_serve.state import read_api_key
+
+from .conftest import stack_settings
+
+
+@pytest.fixture(scope="module")
+def json_logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
+    settings = stack_settings(tmp_path_factory.mktemp("logs"), log={"format": "json"})
+    local = LocalStack(settings, workers=1, log_level="INFO")
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
+
+
+def _json_lines(text: str) -> list[dict[str, object]]:
+    lines = []
+    for line in text.splitlines():
+        if line.startswith("{"):
+            lines.append(json.loads(line))
+    return lines
+
+
+def test_access_lines_carry_request_ids_and_no_payload(
+        json_logged: LocalStack, capfd: pytest.CaptureFixture[str]) -> None:
+    marker = b"LOG-MARKER-91c2e7"
+    image = np.frombuffer((marker * 4)[:64], dtype=np.uint8).reshape(1, 8, 8)
+    key = read_api_key(json_logged.settings.state_dir)
+    with Client(json_logged.url, api_key=key, ca_file=json_logged.settings.ca_file) as client:
+        client.infer("demo", image)
+    response = httpx.post(f"{json_logged.url}/v2/models/demo/infer", content=b"{not json",
+                          headers={"Authorization": f"Bearer {key}"},
+                          verify=str(json_logged.settings.ca_file))
+    logged = capfd.readouterr().err
+    assert marker.decode() not in logged and marker.hex() not in logged
+    records = _json_lines(logged)
+    access = [r for r in records if r["logger"] == "ppml_serve.access"]
+    assert len(access) >= 2, logged[-2000:]
+    ok = next(r for r in access
+              if r["status"] == 200 and str(r["message"]).startswith("POST"))
+    assert ok["key"] == "default" and ok["model"] == "demo" and ok["bytes_in"] > 0
+    assert len(str(ok["request_id"])) == 32
+    bad = next(r for r in access if r["status"] == 400)
+    assert bad["request_id"] == response.headers["x-request-id"]
+
+
+def test_key_releases_are_audited(json_logged: LocalStack,
+                                  capfd: pytest.CaptureFixture[str]) -> None:
+    worker = next(c for c in json_logged.children if c.name.startswith("worker"))
+    replacement = type(worker)(worker.name + " (audit)", worker.argv)
+    replacement.start(json_logged._env)
+    try:
+        started = time.monotonic()
+        audit: list[dict[str, object]] = []
+        while time.monotonic() - started < 60 and not audit:
+            time.sleep(0.5)
+            audit = [r for r in _json_lines(capfd.readouterr().err)
+                     if r["logger"] == "ppml_serve.audit"]
+    finally:
+        replacement.terminate()
+        replacement.wait(10)
+    assert audit, "no audit line for the key release"
+    assert str(audit[0]["message"]).startswith("key release released: model='demo'")
