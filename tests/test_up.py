@@ -56,7 +56,8 @@ def test_up_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
                     break
                 lines.append(line)
         output = "".join(lines)
-        assert any(line.startswith("ready https://127.0.0.1:") for line in lines), output
+        assert any(line.startswith("ready https://127.0.0.1:") and " grpcs://127.0.0.1:" in line
+                   for line in lines), output
         assert "8/8 correct" in output or "7/8 correct" in output, output
         for name in ("api-key", "redis.url", "ca-key.pem", "server-key.pem"):
             assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name

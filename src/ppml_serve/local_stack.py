@@ -194,8 +194,12 @@ class LocalStack:
         self.log_level = log_level
         if settings.gateway.port == 0:
             settings.gateway.port = free_port()
+        if settings.gateway.grpc_port is None:
+            settings.gateway.grpc_port = free_port()
         scheme = "http" if settings.gateway.plaintext_http else "https"
         self.url = f"{scheme}://{settings.gateway.host}:{settings.gateway.port}"
+        self.grpc_address = f"{settings.gateway.host}:{settings.gateway.grpc_port}"
+        """host:port of the KServe v2 gRPC service (TLS unless plaintext_http)."""
         self.redis = ManagedRedis(
             settings.state_dir / "redis", port=free_port(), cert_file=settings.server_cert_file,
             key_file=settings.server_key_file, ca_file=settings.ca_file,

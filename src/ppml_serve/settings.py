@@ -59,6 +59,9 @@ class GatewaySettings(_Section):
     """Interface the HTTPS gateway binds to."""
     port: int = Field(8443, ge=0, le=65535)
     """TCP port of the HTTPS gateway (0 picks a free one)."""
+    grpc_port: int | None = Field(None, ge=1, le=65535)
+    """Serve the KServe v2 gRPC API on this port too (TLS and mutual TLS as for HTTPS, same
+    API keys in the ``authorization`` metadata). Off when unset; ``up`` picks a free port."""
     cert_file: Path | None = None
     """Server certificate (PEM). Default: the dev certificate in the state directory."""
     key_file: Path | None = None

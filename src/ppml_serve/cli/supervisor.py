@@ -36,7 +36,8 @@ def run_up(settings: Settings, workers: int, log_level: str,
     code = 0
     try:
         stack.start()
-        print(f"ready {stack.url}", flush=True)
+        grpc_scheme = "grpc" if settings.gateway.plaintext_http else "grpcs"
+        print(f"ready {stack.url} {grpc_scheme}://{stack.grpc_address}", flush=True)
         for address in stack.worker_metrics:
             print(f"worker metrics: {address}", flush=True)
         print(f"example: curl --cacert {settings.ca_file} -H \"Authorization: Bearer "

@@ -8,7 +8,8 @@ import logging
 import ssl
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -172,8 +173,11 @@ def _log_access(request: Request, response: Response, key_name: str, seconds: fl
 
 def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                metrics: Metrics, secure: bool = True, attestation: str = "simulated",
-               access_log: bool = True) -> Starlette:
-    """Build the app; ``dataplane`` is started and stopped with the app's lifespan."""
+               access_log: bool = True,
+               services: Sequence[Callable[[], AbstractAsyncContextManager[None]]] = ()
+               ) -> Starlette:
+    """Build the app; ``dataplane`` and ``services`` (e.g. the gRPC server) are started and
+    stopped with the app's lifespan."""
 
     def model_label(model: str) -> str:
         # Names come from URLs: only served models get a label of their own (bounded).
@@ -324,7 +328,10 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         asyncio.get_running_loop().set_exception_handler(_quiet_disconnects)
         await dataplane.start()
         try:
-            yield
+            async with contextlib.AsyncExitStack() as stack:
+                for service in services:
+                    await stack.enter_async_context(service())
+                yield
         finally:
             await dataplane.stop()
 

@@ -13,6 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
 from ppml_serve.codecs.tensors import ModelSpec, TooManyRows
@@ -217,7 +219,10 @@ class DataPlane:
     async def _admit(self, model: str, body: bytes, header_length: str | None) -> InferRequest:
         """Decode and validate a request against the model, then check it can be served."""
         spec = await self.spec(model)
-        request = parse_request(body, header_length)
+        return await self._admit_decoded(model, spec, parse_request(body, header_length))
+
+    async def _admit_decoded(self, model: str, spec: ModelSpec,
+                             request: InferRequest) -> InferRequest:
         try:
             spec.check_inputs(request.inputs, self._max_rows)
         except TooManyRows as exc:
@@ -253,6 +258,18 @@ class DataPlane:
             request = await self._admit(model, body, header_length)
             outputs = await self._round_trip(model, request)
         return encode_response(model, request, outputs)
+
+    async def infer_decoded(self, model: str, request: InferRequest
+                            ) -> dict[str, np.ndarray[Any, Any]]:
+        """The same path for a request another front end (gRPC) has decoded already; returns
+        the requested outputs (all when ``request.outputs`` is ``None``)."""
+        async with self._admission(model):
+            spec = await self.spec(model)
+            request = await self._admit_decoded(model, spec, request)
+            outputs = await self._round_trip(model, request)
+        if request.outputs is None:
+            return outputs
+        return {name: outputs[name] for name in request.outputs}
 
     async def attestations(self, model: str) -> list[dict[str, Any]]:
         await self.spec(model)

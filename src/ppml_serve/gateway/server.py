@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import uuid
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import uvicorn
@@ -27,6 +30,30 @@ def _mutual_tls(settings: Settings) -> dict[str, Any]:
     return {"ssl_ca_certs": str(ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
+def _grpc_service(settings: Settings, dataplane: DataPlane, keys: ApiKeyStore
+                  ) -> Callable[[], AbstractAsyncContextManager[None]]:
+    """The gRPC server, run beside the HTTPS one on the same event loop."""
+    from ppml_serve.gateway.grpc_service import InferenceServicer, build_grpc_server
+
+    gateway = settings.gateway
+    secure = not gateway.plaintext_http
+
+    @contextlib.asynccontextmanager
+    async def serve() -> AsyncIterator[None]:
+        server = build_grpc_server(
+            InferenceServicer(dataplane, keys, settings.log.access_log), gateway.host,
+            gateway.grpc_port or 0, settings.server_cert_file if secure else None,
+            settings.server_key_file if secure else None,
+            gateway.client_ca_file if secure else None, gateway.max_request_bytes)
+        await server.start()
+        try:
+            yield
+        finally:
+            await server.stop(grace=gateway.shutdown_grace_s)
+
+    return serve
+
+
 def build_gateway(settings: Settings) -> uvicorn.Server:
     """Everything is checked here, before the port opens, so errors surface at start."""
     keys = ApiKeyStore.load(settings.api_keys_file)
@@ -44,10 +71,13 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                           on_reply=metrics.observe_reply,
                           configured_models=set(settings.models),
                           max_rows=settings.worker.max_rows_per_request)
+    services = []
+    if gateway.grpc_port is not None:
+        services.append(_grpc_service(settings, dataplane, keys))
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads,
                      attestation=settings.security.attestation,
-                     access_log=settings.log.access_log)
+                     access_log=settings.log.access_log, services=services)
     secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
                             loop="uvloop", log_level="warning",

@@ -1,0 +1,208 @@
+"""The KServe v2 gRPC service (``inference.GRPCInferenceService``) over the same data plane.
+
+The message classes and the service descriptor come from ``tritonclient[grpc]``, whose
+``inference`` package is the KServe v2 protocol (plus Triton's extensions, answered
+UNIMPLEMENTED here), so tritonclient's and KServe's gRPC clients work unchanged. Same API keys
+(metadata ``authorization: Bearer …``), same limits, errors mapped to gRPC status codes.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+import numpy as np
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+
+from ppml_serve import __version__
+from ppml_serve.codecs.tensors import check_shape, datatype_name, numpy_dtype
+from ppml_serve.codecs.v2 import InferRequest
+from ppml_serve.errors import (
+    DeadlineExceeded,
+    Forbidden,
+    InvalidInput,
+    ModelNotFound,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    PPMLError,
+    Unauthorized,
+)
+from ppml_serve.gateway.auth import ApiKeyStore
+from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.logs import request_id
+
+log = logging.getLogger("ppml_serve.gateway")
+access = logging.getLogger("ppml_serve.access")
+
+_CODES: tuple[tuple[type[PPMLError], grpc.StatusCode], ...] = (
+    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
+    (Unauthorized, grpc.StatusCode.UNAUTHENTICATED),
+    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
+    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
+    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
+    (NotReady, grpc.StatusCode.UNAVAILABLE),
+    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
+)
+
+# Typed contents field of InferTensorContents for each v2 datatype.
+_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
+             "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
+             "UINT16": "uint_contents", "UINT32": "uint_contents",
+             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
+
+Response = TypeVar("Response")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+
+def _status(error: PPMLError) -> grpc.StatusCode:
+    return next((code for kind, code in _CODES if isinstance(error, kind)),
+                grpc.StatusCode.INTERNAL)
+
+
+def _decode_inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:
+    """Input tensors from raw contents (the binary form) or typed contents."""
+    raw = list(request.raw_input_contents)
+    if raw and len(raw) != len(request.inputs):
+        raise InvalidInput("raw_input_contents must hold one entry per input")
+    inputs: dict[str, np.ndarray[Any, Any]] = {}
+    for position, tensor in enumerate(request.inputs):
+        where = f"input {tensor.name!r}"
+        if not tensor.name or tensor.name in inputs:
+            raise InvalidInput(f"inputs[{position}]: a unique, non-empty name is required")
+        dtype = numpy_dtype(tensor.datatype, where)
+        shape = check_shape(tuple(int(d) for d in tensor.shape), where)
+        count = int(np.prod(shape, dtype=object)) if shape else 1
+        if raw:
+            if len(raw[position]) != count * dtype.itemsize:
+                raise InvalidInput(f"{where}: raw contents hold {len(raw[position])} bytes, "
+                                   f"shape {list(shape)} needs {count * dtype.itemsize}")
+            array = np.frombuffer(raw[position], dtype=dtype)
+        else:
+            field = _CONTENTS.get(tensor.datatype)
+            values = getattr(tensor.contents, field) if field else ()
+            if len(values) != count:
+                raise InvalidInput(f"{where}: contents hold {len(values)} values, shape "
+                                   f"{list(shape)} needs {count}")
+            try:
+                array = np.asarray(values, dtype=dtype)
+            except (ValueError, OverflowError):
+                raise InvalidInput(f"{where}: contents cannot be read as "
+                                   f"{tensor.datatype}") from None
+        inputs[tensor.name] = array.reshape(shape)
+    if not inputs:
+        raise InvalidInput("inputs must be a non-empty list")
+    return inputs
+
+
+class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
+    """The v2 RPCs over ``DataPlane``; Triton-only RPCs stay UNIMPLEMENTED."""
+
+    def __init__(self, dataplane: DataPlane, keys: ApiKeyStore, access_log: bool = True) -> None:
+        self._dataplane = dataplane
+        self._keys = keys
+        self._access_log = access_log
+
+    async def _call(self, context: Context, rpc: str, model: str | None,
+                    handler: Callable[[], Awaitable[Response]]) -> Response:
+        """Authenticate (model RPCs), run, map errors to status codes, log one access line."""
+        token = request_id.set(uuid.uuid4().hex)
+        started = time.perf_counter()
+        key_name, code = "-", grpc.StatusCode.OK
+        try:
+            if model is not None:
+                metadata = dict(context.invocation_metadata() or ())
+                header = metadata.get("authorization")
+                principal = self._keys.authenticate(header if isinstance(header, str) else None)
+                key_name = principal.name
+                principal.authorize(model)
+            return await handler()
+        except PPMLError as exc:
+            code = _status(exc)
+            await context.abort(code, str(exc))
+            raise  # abort raises; this line is never reached
+        except Exception as exc:  # a bug, not the client's doing: no detail leaks
+            code = grpc.StatusCode.INTERNAL
+            log.error("unexpected %s in gRPC %s", type(exc).__name__, rpc)
+            await context.abort(code, "internal error")
+            raise
+        finally:
+            if self._access_log and model is not None:
+                shown = model if self._dataplane.is_served(model) else "_other"
+                access.info("gRPC %s key=%s model=%s status=%s ms=%.1f", rpc, key_name, shown,
+                            code.name, (time.perf_counter() - started) * 1000,
+                            extra={"key": key_name, "model": shown, "status": code.name,
+                                   "ms": round((time.perf_counter() - started) * 1000, 1)})
+            request_id.reset(token)
+
+    async def ServerLive(self, request: Any, context: Context) -> Any:
+        return pb.ServerLiveResponse(live=True)
+
+    async def ServerReady(self, request: Any, context: Context) -> Any:
+        return pb.ServerReadyResponse(ready=await self._dataplane.ready())
+
+    async def ServerMetadata(self, request: Any, context: Context) -> Any:
+        return pb.ServerMetadataResponse(name="ppml-serve", version=__version__,
+                                         extensions=["binary_tensor_data"])
+
+    async def ModelReady(self, request: Any, context: Context) -> Any:
+        async def ready() -> Any:
+            return pb.ModelReadyResponse(ready=await self._dataplane.model_ready(request.name))
+        return await self._call(context, "ModelReady", request.name, ready)
+
+    async def ModelMetadata(self, request: Any, context: Context) -> Any:
+        async def metadata() -> Any:
+            spec = await self._dataplane.spec(request.name)
+            described = pb.ModelMetadataResponse
+            return described(
+                name=spec.name, versions=["1"], platform=spec.platform,
+                inputs=[described.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                 shape=list(t.shape)) for t in spec.inputs],
+                outputs=[described.TensorMetadata(name=t.name, datatype=t.datatype,
+                                                  shape=list(t.shape)) for t in spec.outputs])
+        return await self._call(context, "ModelMetadata", request.name, metadata)
+
+    async def ModelInfer(self, request: Any, context: Context) -> Any:
+        async def infer() -> Any:
+            wanted = {output.name: True for output in request.outputs} or None
+            decoded = InferRequest(request.id or None, _decode_inputs(request), wanted, True)
+            outputs = await self._dataplane.infer_decoded(request.model_name, decoded)
+            response = pb.ModelInferResponse(model_name=request.model_name,
+                                             model_version=request.model_version or "1",
+                                             id=request.id)
+            for name, array in outputs.items():
+                contiguous = np.ascontiguousarray(array)
+                response.outputs.add(name=name, datatype=datatype_name(contiguous.dtype),
+                                     shape=list(contiguous.shape))
+                response.raw_output_contents.append(contiguous.tobytes())
+            return response
+        return await self._call(context, "ModelInfer", request.model_name, infer)
+
+
+def build_grpc_server(servicer: InferenceServicer, host: str, port: int,
+                      cert_file: Path | None, key_file: Path | None,
+                      client_ca_file: Path | None, max_message_bytes: int) -> grpc.aio.Server:
+    """A grpc.aio server on the running loop: TLS when a certificate is given (mutual TLS
+    when a client CA is), messages up to ``max_message_bytes``."""
+    server = grpc.aio.server(options=[
+        ("grpc.max_receive_message_length", max_message_bytes),
+        ("grpc.max_send_message_length", max_message_bytes),
+    ])
+    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    address = f"{host}:{port}"
+    if cert_file is None or key_file is None:
+        server.add_insecure_port(address)
+        return server
+    credentials = grpc.ssl_server_credentials(
+        [(key_file.read_bytes(), cert_file.read_bytes())],
+        root_certificates=client_ca_file.read_bytes() if client_ca_file else None,
+        require_client_auth=client_ca_file is not None)
+    server.add_secure_port(address, credentials)
+    return server

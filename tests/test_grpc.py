@@ -1,0 +1,89 @@
+"""The KServe v2 gRPC API over TLS: the unmodified tritonclient.grpc client, raw and typed
+tensor contents, API keys in metadata, errors as gRPC status codes."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+import numpy as np
+import pytest
+import tritonclient.grpc as triton
+from tritonclient.grpc import service_pb2 as pb
+from tritonclient.grpc import service_pb2_grpc
+from tritonclient.utils import InferenceServerException
+
+from ppml_serve.engines import load_engine
+from ppml_serve.models import demo_model_path, demo_samples
+
+from .conftest import Stack
+
+IMAGES, _ = demo_samples()
+
+
+def _expected(images: np.ndarray) -> np.ndarray:
+    engine = load_engine("demo", demo_model_path().read_bytes())
+    return engine.infer({"image": images})["probabilities"]
+
+
+@pytest.fixture
+def client(stack: Stack) -> Iterator[triton.InferenceServerClient]:
+    client = triton.InferenceServerClient(stack.local.grpc_address, ssl=True,
+                                          root_certificates=str(stack.ca_file))
+    try:
+        yield client
+    finally:
+        client.close()
+
+
+def test_tritonclient_grpc_infers_with_raw_contents(stack: Stack,
+                                                    client: triton.InferenceServerClient) -> None:
+    headers = {"authorization": f"Bearer {stack.api_key}"}
+    assert client.is_server_live()
+    assert client.is_model_ready("demo", headers=headers)
+    metadata = client.get_model_metadata("demo", headers=headers)
+    assert metadata.inputs[0].name == "image" and metadata.inputs[0].datatype == "UINT8"
+    tensor = triton.InferInput("image", [4, 8, 8], "UINT8")
+    tensor.set_data_from_numpy(IMAGES[:4])
+    result = client.infer("demo", [tensor], headers=headers,
+                          outputs=[triton.InferRequestedOutput("probabilities")])
+    np.testing.assert_allclose(result.as_numpy("probabilities"), _expected(IMAGES[:4]),
+                               rtol=1e-5)
+
+
+def test_typed_contents_are_accepted(stack: Stack) -> None:
+    credentials = grpc.ssl_channel_credentials(stack.ca_file.read_bytes())
+    with grpc.secure_channel(stack.local.grpc_address, credentials) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="demo")
+        tensor = request.inputs.add(name="image", datatype="UINT8", shape=[2, 8, 8])
+        tensor.contents.uint_contents.extend(IMAGES[:2].ravel().tolist())
+        response = stub.ModelInfer(request, metadata=[("authorization",
+                                                       f"Bearer {stack.api_key}")])
+    (output,) = response.outputs
+    probabilities = np.frombuffer(response.raw_output_contents[0], np.float32).reshape(
+        list(output.shape))
+    np.testing.assert_allclose(probabilities, _expected(IMAGES[:2]), rtol=1e-5)
+
+
+@pytest.mark.parametrize(("model", "key", "status"), [
+    ("demo", "ppml_wrong", "StatusCode.UNAUTHENTICATED"),
+    ("nope", None, "StatusCode.NOT_FOUND"),
+])
+def test_errors_are_grpc_status_codes(stack: Stack, client: triton.InferenceServerClient,
+                                      model: str, key: str | None, status: str) -> None:
+    tensor = triton.InferInput("image", [1, 8, 8], "UINT8")
+    tensor.set_data_from_numpy(IMAGES[:1])
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer(model, [tensor], headers={"authorization": f"Bearer {key or stack.api_key}"})
+    assert caught.value.status() == status
+
+
+def test_bad_tensor_is_invalid_argument(stack: Stack, client: triton.InferenceServerClient
+                                        ) -> None:
+    tensor = triton.InferInput("image", [1, 8, 9], "UINT8")
+    tensor.set_data_from_numpy(np.zeros((1, 8, 9), np.uint8))
+    with pytest.raises(InferenceServerException) as caught:
+        client.infer("demo", [tensor], headers={"authorization": f"Bearer {stack.api_key}"})
+    assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
+    assert "shape [1, 8, 9] does not match" in caught.value.message()
