@@ -358,10 +358,15 @@ def test_metrics_split_queue_wait_from_engine_time_and_show_the_queue(stack: Sta
     assert value(r'ppml_queue_wait_seconds_count\{model="demo"\}') >= 5
     assert value(r'ppml_engine_seconds_count\{model="demo"\}') >= 5
     assert value(r'ppml_engine_seconds_sum\{model="demo"\}') > 0
-    assert value(r'ppml_requests_total\{model="demo",status="200"\}') >= 5
+    assert value(r'ppml_requests_total\{model="demo",status="200",version="1"\}') >= 5
     assert value(r'ppml_live_workers\{model="demo"\}') == 2
     assert value(r'ppml_queue_lag\{model="demo"\}') >= 0
     assert value(r'ppml_inflight_requests\{model="demo"\}') >= 0
+    with stack.http(api_key="ppml_wrong") as http:  # refused calls are counted too
+        http.post("/v2/models/demo/infer", json={"inputs": []})
+    with stack.http() as http:
+        text = http.get("/metrics").text
+    assert value(r'ppml_requests_total\{model="demo",status="401",version="1"\}') >= 1
 
 
 def test_async_client_has_the_whole_client_api() -> None:

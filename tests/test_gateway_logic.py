@@ -33,6 +33,7 @@ class StandInBroker:
         self._backlog = backlog
         self.down = down
         self.enqueued: list[str] = []
+        self.traceparents: list[str] = []
         self.jobs: dict[str, Job] = {}
         self.reply_stream = "ppml:reply:test"
 
@@ -53,10 +54,12 @@ class StandInBroker:
         return self._backlog
 
     async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
-                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0) -> None:
+                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0,
+                      traceparent: str = "") -> None:
         if self.down:
             raise NotReady("queue unreachable: ConnectionError")
         self.enqueued.append(request_id)
+        self.traceparents.append(traceparent)
 
     async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]:
         import asyncio

@@ -192,10 +192,11 @@ class LocalStack:
         self.worker_metrics: list[str] = []
         """Addresses of the workers' metrics endpoints."""
         self.log_level = log_level
+        if settings.gateway.grpc_port is None:  # gRPC beside HTTPS: the next port up
+            settings.gateway.grpc_port = (settings.gateway.port + 1 if settings.gateway.port
+                                          else free_port())
         if settings.gateway.port == 0:
             settings.gateway.port = free_port()
-        if settings.gateway.grpc_port is None:
-            settings.gateway.grpc_port = free_port()
         scheme = "http" if settings.gateway.plaintext_http else "https"
         self.url = f"{scheme}://{settings.gateway.host}:{settings.gateway.port}"
         self.grpc_address = f"{settings.gateway.host}:{settings.gateway.grpc_port}"
@@ -213,13 +214,15 @@ class LocalStack:
         """A dev client certificate when the gateway requires mutual TLS."""
 
     def _check_port(self) -> None:
-        host, port = self.settings.gateway.host, self.settings.gateway.port
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, port))
-            except OSError as exc:
-                raise ConfigError(f"gateway.port: cannot listen on {host}:{port} "
-                                  f"({exc.strerror}); pick another with --port") from None
+        gateway = self.settings.gateway
+        for setting, flag, port in (("gateway.port", "--port", gateway.port),
+                                    ("gateway.grpc_port", "--grpc-port", gateway.grpc_port)):
+            with socket.socket() as probe:
+                try:
+                    probe.bind((gateway.host, port or 0))
+                except OSError as exc:
+                    raise ConfigError(f"{setting}: cannot listen on {gateway.host}:{port} "
+                                      f"({exc.strerror}); pick another with {flag}") from None
 
     def start(self, ready_timeout_s: float = 60) -> None:
         settings = self.settings

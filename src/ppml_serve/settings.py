@@ -196,6 +196,18 @@ class SecuritySettings(_Section):
     key and gives NO hardware protection (development only)."""
 
 
+class TracingSettings(_Section):
+    exporter: Literal["none", "otlp", "file"] = "none"
+    """Where spans go: nowhere (off), an OTLP/HTTP collector, or a file of JSON lines."""
+    otlp_endpoint: str | None = None
+    """OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces (default: the
+    exporter's, or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``)."""
+    file: Path | None = None
+    """File the ``file`` exporter appends spans to (one JSON object per line)."""
+    sample_ratio: float = Field(1.0, ge=0, le=1)
+    """Share of new traces recorded; a caller's sampled ``traceparent`` is always followed."""
+
+
 class LogSettings(_Section):
     format: Literal["text", "json"] = "text"
     """``text`` for people, ``json`` (one object per line) for log collectors."""
@@ -221,6 +233,7 @@ class Settings(BaseSettings):
     security: SecuritySettings = Field(default_factory=SecuritySettings)
     keybroker: KeyBrokerSettings = Field(default_factory=KeyBrokerSettings)
     log: LogSettings = Field(default_factory=LogSettings)
+    tracing: TracingSettings = Field(default_factory=TracingSettings)
 
     @field_validator("models")
     @classmethod

@@ -13,6 +13,7 @@ from ppml_serve import __version__
 from ppml_serve.errors import PPMLError
 from ppml_serve.logs import configure_logging
 from ppml_serve.settings import Settings, load_settings
+from ppml_serve.tracing import configure_tracing
 
 DESCRIPTION = """Privacy-preserving model serving: an HTTPS gateway (KServe v2), an encrypted
 Redis Streams queue and inference workers. Start with 'ppml-serve up'."""
@@ -81,6 +82,8 @@ def build_parser() -> argparse.ArgumentParser:
     _common(up)
     up.add_argument("--host", help="gateway interface (default 127.0.0.1)")
     up.add_argument("--port", type=int, help="gateway port (default 8443; 0 = any free port)")
+    up.add_argument("--grpc-port", type=int,
+                    help="KServe v2 gRPC port (default: the HTTPS port + 1, so 8444)")
     up.add_argument("--workers", type=int, default=1, help="worker processes per model")
     up.add_argument("--model", action="append", type=_model_pair, default=[],
                     metavar="NAME=PATH", help="also serve this ONNX model (repeatable)")
@@ -230,6 +233,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         values["state_dir"] = args.state_dir
     for flag, section, name in [
         ("host", "gateway", "host"), ("port", "gateway", "port"),
+        ("grpc_port", "gateway", "grpc_port"),
         ("max_batch_size", "worker", "max_batch_size"),
         ("max_batch_delay_ms", "worker", "max_batch_delay_ms"),
         ("threads", "worker", "engine_threads"), ("engine", "worker", "engine"),
@@ -288,7 +292,9 @@ def run(args: argparse.Namespace) -> int:
         from ppml_serve.gateway.server import build_gateway
 
         exit_when_orphaned()
-        server = build_gateway(_settings(args))
+        settings = _settings(args)
+        configure_tracing(settings.tracing, "ppml-serve-gateway")
+        server = build_gateway(settings)
         server.run()
         return 0
 
@@ -298,8 +304,10 @@ def run(args: argparse.Namespace) -> int:
 
         exit_when_orphaned()
         name, path = args.model
+        settings = _settings(args)
+        configure_tracing(settings.tracing, "ppml-serve-worker")
         try:
-            worker = build_worker(_settings(args), name, path)
+            worker = build_worker(settings, name, path)
         except AttestationRefused as exc:
             print(f"error: no keys released, serving nothing: {exc}", file=sys.stderr)
             return 3
@@ -524,13 +532,22 @@ def _report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
         plot(runs, args.plot)
 
 
+def _init_hint(args: argparse.Namespace, message: str) -> str:
+    """Most errors on a machine without a state directory mean 'ppml-serve init' was not run."""
+    state = getattr(args, "state_dir", None) or Path(".ppml-serve")
+    if args.command in ("init", "up", "bench") or Path(state).exists() or "init" in message:
+        return ""
+    return (f"\n  (there is no state directory at {state}: run 'ppml-serve init' first, "
+            "or pass --state-dir / --config)")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     configure_logging(getattr(args, "log_level", "INFO"))
     try:
         code = run(args)
     except PPMLError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {exc}{_init_hint(args, str(exc))}", file=sys.stderr)
         code = 2
     except KeyboardInterrupt:
         code = 130

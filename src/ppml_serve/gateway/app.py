@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
+from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -37,6 +38,7 @@ from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.logs import request_id
 from ppml_serve.queue.contract import QueueStats, ReplyMessage
+from ppml_serve.tracing import context_from, tracer
 
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
@@ -89,11 +91,13 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
-        self.requests = Counter("ppml_requests", "Inference requests by model and HTTP status "
-                                "(model '_other' for names that are not served)",
-                                ["model", "status"], registry=self.registry)
-        self.latency = Histogram("ppml_request_seconds", "Inference latency at the gateway",
-                                 ["model"], registry=self.registry, buckets=_SECONDS)
+        self.requests = Counter("ppml_requests", "Inference and job requests by model, version "
+                                "and HTTP status, refused ones included ('_other' for names "
+                                "that are not served)", ["model", "version", "status"],
+                                registry=self.registry)
+        self.latency = Histogram("ppml_request_seconds", "Latency at the gateway, by model and "
+                                 "version", ["model", "version"], registry=self.registry,
+                                 buckets=_SECONDS)
         self.queue_wait = Histogram("ppml_queue_wait_seconds", "Time from enqueue until the "
                                     "request's batch started in a worker", ["model"],
                                     registry=self.registry, buckets=_SECONDS)
@@ -183,12 +187,27 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         # Names come from URLs: only served models get a label of their own (bounded).
         return model if dataplane.is_served(model) else "_other"
 
-    def authenticated(model_route: bool = True, scope: str | None = None) -> Callable[
+    def count(request: Request, status: int, seconds: float) -> None:
+        model = model_label(request.path_params.get("model", ""))
+        version = request.path_params.get("version", "1")
+        labels = (model, "1" if version == "1" else "_other")
+        metrics.requests.labels(*labels, str(status)).inc()
+        metrics.latency.labels(*labels).observe(seconds)
+
+    def authenticated(model_route: bool = True, scope: str | None = None,
+                      counted: bool = False) -> Callable[
         [Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]
     ]:
         def wrap(handler: Callable[[Request], Awaitable[Response]]
                  ) -> Callable[[Request], Awaitable[Response]]:
             async def endpoint(request: Request) -> Response:
+                with tracer().start_as_current_span(
+                        f"{request.method} {request.scope['route'].path}"
+                        if "route" in request.scope else request.method,
+                        context=context_from(request.headers), kind=SpanKind.SERVER):
+                    return await handle(request)
+
+            async def handle(request: Request) -> Response:
                 rid = uuid.uuid4().hex
                 token = request_id.set(rid)
                 started = time.perf_counter()
@@ -212,9 +231,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                               request.url.path)
                     response = JSONResponse({"error": "internal error"}, status_code=500)
                 finally:
+                    seconds = time.perf_counter() - started
+                    if counted and response is not None:
+                        count(request, response.status_code, seconds)
                     if access_log and response is not None:
-                        _log_access(request, response, key_name,
-                                    time.perf_counter() - started)
+                        _log_access(request, response, key_name, seconds)
                     request_id.reset(token)
                 response.headers["X-Request-ID"] = rid
                 return response
@@ -260,31 +281,15 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         return JSONResponse({"name": model, "ready": is_ready},
                             status_code=200 if is_ready else 503)
 
-    @contextlib.asynccontextmanager
-    async def measured(model: str) -> AsyncIterator[None]:
-        started = time.perf_counter()
-        status = 500
-        try:
-            yield
-            status = 200
-        except PPMLError as exc:
-            status = status_of(exc)
-            raise
-        finally:
-            label = model_label(model)
-            metrics.requests.labels(label, str(status)).inc()
-            metrics.latency.labels(label).observe(time.perf_counter() - started)
-
-    @authenticated()
+    @authenticated(counted=True)
     async def infer(request: Request) -> Response:
         model = request.path_params["model"]
-        async with measured(model):
-            body = await _read_body(request, max_request_bytes)
-            payload, header_length = await dataplane.infer(
-                model, body, request.headers.get(HEADER_LENGTH))
+        body = await _read_body(request, max_request_bytes)
+        payload, header_length = await dataplane.infer(
+            model, body, request.headers.get(HEADER_LENGTH))
         return inference_response(payload, header_length)
 
-    @authenticated()
+    @authenticated(counted=True)
     async def submit_job(request: Request) -> Response:
         model = request.path_params["model"]
         body = await _read_body(request, max_request_bytes)
@@ -293,7 +298,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         return JSONResponse({"job_id": job_id, "model": model}, status_code=202,
                             headers={"Location": f"/v2/models/{model}/jobs/{job_id}"})
 
-    @authenticated()
+    @authenticated(counted=True)
     async def job_result(request: Request) -> Response:
         model = request.path_params["model"]
         found = await dataplane.job_result(model, request.path_params["job"],
@@ -308,12 +313,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         model = request.path_params["model"]
         return JSONResponse({"model": model, "workers": await dataplane.attestations(model)})
 
-    @authenticated()
+    @authenticated(counted=True)
     async def infer_sealed(request: Request) -> Response:
         model = request.path_params["model"]
-        async with measured(model):
-            body = await _read_body(request, max_request_bytes)
-            payload = await dataplane.infer_sealed(model, body)
+        body = await _read_body(request, max_request_bytes)
+        payload = await dataplane.infer_sealed(model, body)
         return Response(payload, media_type="application/octet-stream")
 
     @authenticated(model_route=False, scope="metrics")

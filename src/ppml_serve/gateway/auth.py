@@ -29,6 +29,7 @@ from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.errors import ConfigError, Forbidden, Unauthorized
 
 log = logging.getLogger("ppml_serve.gateway")
+audit = logging.getLogger("ppml_serve.audit")
 
 TOKEN_PREFIX = "ppml_"  # noqa: S105 - a marker that makes leaked keys easy to scan for
 SCOPES = ("infer", "metrics")
@@ -181,6 +182,8 @@ def add_api_key(path: Path, name: str, models: list[str],
     keys.append({"id": key_id, "name": name, "sha256": hash_key(token), "models": models,
                  "scopes": list(scopes)})
     _write(path, keys)
+    audit.info("API key added: name=%r id=%s models=%s scopes=%s", name, key_id,
+               ",".join(models), ",".join(scopes))
     return token
 
 
@@ -198,4 +201,5 @@ def revoke_api_key(path: Path, name_or_id: str) -> dict[str, Any]:
     if not matches:
         raise ConfigError(f"no API key named or with id {name_or_id!r} in {path}")
     _write(path, [item for item in keys if item not in matches])
+    audit.info("API key revoked: name=%r id=%s", matches[0].get("name"), matches[0]["id"])
     return {"id": matches[0]["id"], "name": matches[0].get("name")}

@@ -41,6 +41,7 @@ from ppml_serve.queue.contract import (
     parse_error,
 )
 from ppml_serve.settings import GatewaySettings
+from ppml_serve.tracing import current_traceparent, tracer
 
 log = logging.getLogger("ppml_serve.gateway")
 
@@ -218,8 +219,9 @@ class DataPlane:
 
     async def _admit(self, model: str, body: bytes, header_length: str | None) -> InferRequest:
         """Decode and validate a request against the model, then check it can be served."""
-        spec = await self.spec(model)
-        return await self._admit_decoded(model, spec, parse_request(body, header_length))
+        with tracer().start_as_current_span("admit", attributes={"bytes": len(body)}):
+            spec = await self.spec(model)
+            return await self._admit_decoded(model, spec, parse_request(body, header_length))
 
     async def _admit_decoded(self, model: str, spec: ModelSpec,
                              request: InferRequest) -> InferRequest:
@@ -264,8 +266,9 @@ class DataPlane:
         """The same path for a request another front end (gRPC) has decoded already; returns
         the requested outputs (all when ``request.outputs`` is ``None``)."""
         async with self._admission(model):
-            spec = await self.spec(model)
-            request = await self._admit_decoded(model, spec, request)
+            with tracer().start_as_current_span("admit"):
+                spec = await self.spec(model)
+                request = await self._admit_decoded(model, spec, request)
             outputs = await self._round_trip(model, request)
         if request.outputs is None:
             return outputs
@@ -313,13 +316,20 @@ class DataPlane:
     async def _send(self, model: str, request_id: str, payload: bytes, mode: Mode,
                     timeout: float) -> ReplyMessage:
         """Seal, enqueue and wait for the (still sealed) answer."""
-        sealed = self._sealer.seal(payload, associated_data(model, request_id, REQUEST))
+        spans = tracer()
+        with spans.start_as_current_span("seal", attributes={"bytes": len(payload)}):
+            sealed = self._sealer.seal(payload, associated_data(model, request_id, REQUEST))
         future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
         self._waiting[request_id] = _Waiter(model, future)
         try:
-            await self._broker.enqueue(model, request_id, sealed,
-                                       int((time.time() + timeout) * 1000), mode)
-            message = await asyncio.wait_for(future, timeout)
+            with spans.start_as_current_span("enqueue"):
+                # The worker's spans continue from here: the context rides in the record's
+                # clear header, never in the sealed payload.
+                await self._broker.enqueue(model, request_id, sealed,
+                                           int((time.time() + timeout) * 1000), mode,
+                                           traceparent=current_traceparent())
+            with spans.start_as_current_span("wait"):
+                message = await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"no answer from model {model!r} within {timeout:g} s") from None
         finally:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from opentelemetry.trace import SpanKind
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -37,6 +38,7 @@ from ppml_serve.errors import (
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.logs import request_id
+from ppml_serve.tracing import context_from, tracer
 
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
@@ -113,12 +115,19 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def _call(self, context: Context, rpc: str, model: str | None,
                     handler: Callable[[], Awaitable[Response]]) -> Response:
         """Authenticate (model RPCs), run, map errors to status codes, log one access line."""
+        metadata = dict(context.invocation_metadata() or ())
+        with tracer().start_as_current_span(f"gRPC {rpc}", context=context_from(metadata),
+                                            kind=SpanKind.SERVER):
+            return await self._handle(context, rpc, model, handler, metadata)
+
+    async def _handle(self, context: Context, rpc: str, model: str | None,
+                      handler: Callable[[], Awaitable[Response]],
+                      metadata: dict[str, Any]) -> Response:
         token = request_id.set(uuid.uuid4().hex)
         started = time.perf_counter()
         key_name, code = "-", grpc.StatusCode.OK
         try:
             if model is not None:
-                metadata = dict(context.invocation_metadata() or ())
                 header = metadata.get("authorization")
                 principal = self._keys.authenticate(header if isinstance(header, str) else None)
                 key_name = principal.name

@@ -114,6 +114,8 @@ class Delivery:
     """For a job (``reply_to`` empty): how long its answer is kept for fetching."""
     enqueued_ms: int = 0
     """When the gateway queued it (unix ms, from the stream entry id)."""
+    traceparent: str = ""
+    """W3C trace context of the gateway's span, in the record's clear header (not secret)."""
 
     @property
     def is_job(self) -> bool:
@@ -204,7 +206,8 @@ class GatewayBroker(Protocol):
     async def close(self) -> None: ...
 
     async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
-                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0) -> None: ...
+                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0,
+                      traceparent: str = "") -> None: ...
 
     async def backlog(self, model: str) -> int: ...
 

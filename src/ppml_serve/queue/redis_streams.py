@@ -4,7 +4,8 @@ Key layout (PREFIX defaults to ``ppml``)::
 
     PREFIX:req:MODEL        stream of requests; consumer group "workers"; fields id,
                             reply (reply stream key, empty for a job), body (sealed),
-                            deadline (unix ms), mode ("" or "e2e"), job (TTL s, jobs only)
+                            deadline (unix ms), mode ("" or "e2e"), job (TTL s, jobs only),
+                            tp (W3C traceparent, when tracing)
     PREFIX:reply:GATEWAY    stream of answers for one gateway, trimmed to about MAXLEN and
                             expiring an hour after its last answer (a dead gateway's stream
                             goes away); fields id, ok ("1"/"0"), body (sealed), bs (batch size)
@@ -167,6 +168,7 @@ def _delivery(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) 
         mode=mode,
         job_ttl_s=_int(fields.get(b"job")),
         enqueued_ms=_int(entry_id.split(b"-", 1)[0]),
+        traceparent=_str(fields.get(b"tp", b"")),
     )
 
 
@@ -378,13 +380,16 @@ class RedisGatewayBroker:
             await self._reader.aclose()
 
     async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
-                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0) -> None:
+                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0,
+                      traceparent: str = "") -> None:
         fields: dict[Any, Any] = {"id": request_id, "body": body, "deadline": str(deadline_ms),
                                   "reply": "" if job_ttl_s else self.reply_stream}
         if mode is not Mode.STANDARD:
             fields["mode"] = mode.value
         if job_ttl_s:
             fields["job"] = str(job_ttl_s)
+        if traceparent:
+            fields["tp"] = traceparent
         async with _queue_errors("take the request"):
             await self._client.xadd(self._keys.requests(model), fields)
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from opentelemetry.context import Context
 
 from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
@@ -35,6 +36,7 @@ from ppml_serve.queue.contract import (
     error_body,
 )
 from ppml_serve.settings import WorkerSettings
+from ppml_serve.tracing import context_of, span_between
 from ppml_serve.worker.batching import Item, run_batched
 from ppml_serve.worker.metrics import WorkerMetrics
 from ppml_serve.worker.retries import RetryPolicy
@@ -52,6 +54,8 @@ class _Work:
     reply_key: AESGCM | None = None
     queue_s: float = 0.0
     engine_s: float = 0.0
+    trace: Context | None = None
+    """The gateway's span this request's spans belong to (when traced)."""
 
 
 class Worker:
@@ -297,12 +301,16 @@ class Worker:
         if expired:
             self._broker.drop(expired)
         work = [_Work(d) for d in deliveries if d not in expired]
-        batch_started = time.time()
+        batch_started = time.time_ns()
         for entry in work:
+            entry.trace = context_of(entry.delivery.traceparent)
             if entry.delivery.enqueued_ms:
-                entry.queue_s = max(0.0, batch_started - entry.delivery.enqueued_ms / 1000)
+                entry.queue_s = max(0.0, batch_started / 1e9 - entry.delivery.enqueued_ms / 1000)
                 self.metrics.queue_seconds.labels(self._model).observe(entry.queue_s)
+                span_between("queue wait", entry.trace, entry.delivery.enqueued_ms * 1_000_000,
+                             batch_started)
         for entry in work:
+            opening = time.time_ns()
             try:
                 entry.item = Item(self._open(entry))
             except (IntegrityError, InvalidInput, ProtocolError) as exc:
@@ -316,8 +324,11 @@ class Worker:
                             entry.delivery.request_id, type(exc).__name__,
                             extra={"request_id": entry.delivery.request_id})
                 entry.error = ProtocolError("the request record is malformed")
+            span_between("open", entry.trace, opening, time.time_ns(),
+                         bytes=len(entry.delivery.body))
         items = [entry.item for entry in work if entry.item is not None]
         started = time.perf_counter()
+        engine_started = time.time_ns()
         try:
             run_batched(items, self._engine.infer, self._settings.max_batch_size * 64)
         except Exception as exc:  # the batch fails as a whole; the worker carries on
@@ -329,8 +340,11 @@ class Worker:
             engine_s = time.perf_counter() - started
             self.metrics.engine_seconds.labels(self._model).observe(engine_s)
             self.metrics.batch_size.labels(self._model).observe(len(items))
+            engine_ended = time.time_ns()
             for entry in work:
                 entry.engine_s = engine_s
+                span_between("infer", entry.trace, engine_started, engine_ended,
+                             batch_size=len(items))
         return work
 
     def _open(self, entry: _Work) -> dict[str, Any]:
@@ -378,11 +392,13 @@ class Worker:
         if error is not None or entry.item is None or entry.item.outputs is None:
             return self._error_reply(entry.delivery, ErrorKind.of(error),
                                      str(error or "no output"))
+        sealing = time.time_ns()
         aad = associated_data(self._model, entry.delivery.request_id, REPLY)
         packed = record.pack(entry.item.outputs)
         if entry.reply_key is not None:
             packed = WorkerKey.seal_reply(entry.reply_key, packed, self._model)
         body = self._sealer.seal(packed, aad)
+        span_between("seal", entry.trace, sealing, time.time_ns(), bytes=len(body))
         return Reply(entry.delivery, True, body, entry.item.batch_size, entry.queue_s,
                      entry.engine_s)
 

@@ -59,7 +59,8 @@ class Policy(BaseModel):
     """Evidence older than this is stale."""
 
     @classmethod
-    def load(cls, path: Path | None) -> Policy:
+    def load(cls, path: str | Path | None) -> Policy:
+        path = Path(path) if path is not None else None
         if path is None or not path.exists():
             return cls()
         try:

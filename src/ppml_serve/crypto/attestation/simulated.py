@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
 from ppml_serve.crypto.kms.local import write_private
+from ppml_serve.errors import ConfigError
 
 NAME = "simulated"
 PRIVATE_FILE = "simulated-platform-key.pem"
@@ -49,7 +50,12 @@ class SimulatedProvider:
     name = NAME
 
     def __init__(self, directory: Path, clock: object = time.time) -> None:
-        key = serialization.load_pem_private_key((directory / PRIVATE_FILE).read_bytes(), None)
+        try:
+            pem = (directory / PRIVATE_FILE).read_bytes()
+        except FileNotFoundError:
+            raise ConfigError(f"security.attestation: no simulated platform key in {directory}; "
+                              "run 'ppml-serve init'") from None
+        key = serialization.load_pem_private_key(pem, None)
         if not isinstance(key, Ed25519PrivateKey):
             raise AttestationRefused("simulated platform key is not Ed25519")
         self._key = key

@@ -1,0 +1,90 @@
+"""OpenTelemetry tracing: W3C trace context in, spans in gateway and worker, context carried
+through the queue record's clear header (the ``tp`` field, never inside the sealed payload).
+
+Off by default (``tracing.exporter: none``): the API's no-op tracer then costs next to nothing.
+``otlp`` exports over OTLP/HTTP (``pip install ppml-serve[otlp]``); ``file`` writes one JSON
+span per line, for debugging and tests. Spans carry names, ids, sizes and timings only.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import IO, Any
+
+from opentelemetry import trace
+from opentelemetry.context import Context
+from opentelemetry.trace import Span, Tracer
+from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
+
+from ppml_serve.errors import ConfigError
+from ppml_serve.settings import TracingSettings
+
+TRACER_NAME = "ppml_serve"
+_PROPAGATOR = TraceContextTextMapPropagator()
+_configured = threading.Lock()
+
+
+def tracer() -> Tracer:
+    return trace.get_tracer(TRACER_NAME)
+
+
+def configure_tracing(settings: TracingSettings, service: str) -> None:
+    """Install the process's tracer provider (once) as the settings say."""
+    if settings.exporter == "none":
+        return
+    from opentelemetry.sdk.resources import Resource
+    from opentelemetry.sdk.trace import TracerProvider
+    from opentelemetry.sdk.trace.export import BatchSpanProcessor, SimpleSpanProcessor
+    from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
+
+    provider = TracerProvider(resource=Resource.create({"service.name": service}),
+                              sampler=ParentBasedTraceIdRatio(settings.sample_ratio))
+    if settings.exporter == "file":
+        if settings.file is None:
+            raise ConfigError("tracing.file: needed with tracing.exporter 'file'")
+        provider.add_span_processor(SimpleSpanProcessor(_file_exporter(settings.file)))
+    else:
+        try:
+            from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
+        except ImportError:
+            raise ConfigError("tracing.exporter 'otlp' needs the OTLP exporter: "
+                              "pip install 'ppml-serve[otlp]'") from None
+        provider.add_span_processor(BatchSpanProcessor(
+            OTLPSpanExporter(endpoint=settings.otlp_endpoint)))
+    with _configured:
+        trace.set_tracer_provider(provider)
+
+
+def _file_exporter(path: Path) -> Any:
+    from opentelemetry.sdk.trace.export import ConsoleSpanExporter
+
+    stream: IO[str] = path.open("a", buffering=1)  # one line per span, flushed at once
+    return ConsoleSpanExporter(out=stream,
+                               formatter=lambda span: span.to_json(indent=None) + "\n")
+
+
+def current_traceparent() -> str:
+    """The W3C ``traceparent`` of the current span ('' when not sampled or no tracing)."""
+    carrier: dict[str, str] = {}
+    _PROPAGATOR.inject(carrier)
+    return carrier.get("traceparent", "")
+
+
+def context_from(headers: Any) -> Context:
+    """The remote parent named by ``traceparent`` in ``headers`` (a mapping), if any."""
+    return _PROPAGATOR.extract(headers)
+
+
+def context_of(traceparent: str) -> Context | None:
+    return _PROPAGATOR.extract({"traceparent": traceparent}) if traceparent else None
+
+
+def span_between(name: str, parent: Context | None, start_ns: int, end_ns: int,
+                 **attributes: Any) -> None:
+    """A span for a stretch of time measured already (e.g. time spent in the queue)."""
+    if parent is None:
+        return
+    span: Span = tracer().start_span(name, context=parent, start_time=start_ns,
+                                     attributes=attributes)
+    span.end(end_time=max(end_ns, start_ns))

@@ -1,0 +1,132 @@
+"""Tracing: a caller's W3C traceparent is continued through gateway, queue and worker; the
+context rides in the record's clear header, and spans hold no payload.
+
+In process with the SDK's in-memory exporter (gateway data plane and worker record path),
+and end to end through real processes with the SDK's JSON-lines exporter."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from opentelemetry import trace
+from opentelemetry.sdk.trace import TracerProvider
+from opentelemetry.sdk.trace.export import SimpleSpanProcessor
+from opentelemetry.sdk.trace.export.in_memory_span_exporter import InMemorySpanExporter
+
+from ppml_serve.codecs import record
+from ppml_serve.crypto.envelope import REQUEST, Keyring, associated_data
+from ppml_serve.engines import load_engine
+from ppml_serve.local_stack import LocalStack
+from ppml_serve.models import demo_model_path, demo_samples
+from ppml_serve.queue.contract import Delivery
+from ppml_serve.settings import WorkerSettings
+from ppml_serve.state import read_api_key
+from ppml_serve.worker.service import Worker
+
+from .conftest import stack_settings
+from .security.test_records import RecordingBroker
+
+TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
+PARENT = f"00-{TRACE_ID}-00f067aa0ba902b7-01"
+IMAGES, _ = demo_samples()
+
+
+@pytest.fixture(scope="module")
+def spans() -> InMemorySpanExporter:
+    exporter = InMemorySpanExporter()
+    provider = trace.get_tracer_provider()
+    if not isinstance(provider, TracerProvider):
+        provider = TracerProvider()
+        trace.set_tracer_provider(provider)
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    return exporter
+
+
+def test_gateway_spans_continue_the_callers_trace_and_pass_it_on(
+        spans: InMemorySpanExporter, tmp_path: Path) -> None:
+    from .test_gateway_logic import BODY, StandInBroker, client_for
+
+    broker = StandInBroker()
+    client, token = client_for(broker, tmp_path, request_timeout_s=0.3)
+    spans.clear()
+    with client:
+        client.post("/v2/models/demo/infer", json=BODY,
+                    headers={"Authorization": f"Bearer {token}", "traceparent": PARENT})
+    recorded = {span.name: span for span in spans.get_finished_spans()}
+    assert {"POST /v2/models/{model}/infer", "admit", "seal", "enqueue", "wait"} <= set(recorded)
+    server = recorded["POST /v2/models/{model}/infer"]
+    assert format(server.context.trace_id, "032x") == TRACE_ID
+    assert format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
+    (carried,) = broker.traceparents
+    enqueue = recorded["enqueue"]
+    assert carried == f"00-{TRACE_ID}-{enqueue.context.span_id:016x}-01"
+
+
+def test_worker_spans_hang_under_the_gateway_span(spans: InMemorySpanExporter) -> None:
+    keyring = Keyring({"k": os.urandom(32)}, "k")
+    broker = RecordingBroker()
+    worker = Worker("demo", load_engine("demo", demo_model_path().read_bytes(), threads=1),
+                    broker, broker, keyring, WorkerSettings())  # type: ignore[arg-type]
+    body = keyring.seal(record.pack({"image": IMAGES[:2]}),
+                        associated_data("demo", "r1", REQUEST))
+    spans.clear()
+    worker.process([Delivery("1-0", "r1", "ppml:reply:t", body, 0,
+                             enqueued_ms=int(time.time() * 1000) - 5, traceparent=PARENT)])
+    recorded = {span.name: span for span in spans.get_finished_spans()}
+    assert {"queue wait", "open", "infer", "seal"} <= set(recorded)
+    for span in recorded.values():
+        assert format(span.context.trace_id, "032x") == TRACE_ID
+        assert format(span.parent.span_id, "016x") == "00f067aa0ba902b7"
+    assert recorded["queue wait"].end_time - recorded["queue wait"].start_time >= 4_000_000
+    assert broker.replies[0].ok
+
+
+@pytest.fixture(scope="module")
+def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStack, Path]]:
+    state = tmp_path_factory.mktemp("traced")
+    spans_file = state / "spans.jsonl"
+    settings = stack_settings(state, tracing={"exporter": "file", "file": spans_file})
+    local = LocalStack(settings, workers=1, log_level="WARNING")
+    try:
+        local.start()
+        yield local, spans_file
+    finally:
+        local.stop()
+
+
+def test_one_request_traced_through_real_processes(traced: tuple[LocalStack, Path]) -> None:
+    stack, spans_file = traced
+    marker = b"TRACE-MARKER-77a1"
+    image = np.frombuffer((marker * 4)[:64], dtype=np.uint8).reshape(1, 8, 8)
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
+                        "data": image.ravel().tolist()}]}
+    trace_id = os.urandom(16).hex()
+    headers = {"Authorization": f"Bearer {read_api_key(stack.settings.state_dir)}",
+               "traceparent": f"00-{trace_id}-00f067aa0ba902b7-01"}
+    response = httpx.post(f"{stack.url}/v2/models/demo/infer", json=body, headers=headers,
+                          verify=str(stack.settings.ca_file))
+    assert response.status_code == 200
+    deadline = time.monotonic() + 10
+    mine: list[dict[str, object]] = []
+    while time.monotonic() < deadline:
+        lines = spans_file.read_text().splitlines() if spans_file.exists() else []
+        mine = [s for s in map(json.loads, lines) if s["context"]["trace_id"] == "0x" + trace_id]
+        if {"wait", "seal", "queue wait", "infer"} <= {s["name"] for s in mine}:
+            break
+        time.sleep(0.2)
+    by_name = {str(s["name"]): s for s in mine}
+    assert {"POST /v2/models/{model}/infer", "admit", "seal", "enqueue", "wait", "queue wait",
+            "open", "infer"} <= set(by_name), sorted(by_name)
+    enqueue_id = by_name["enqueue"]["context"]["span_id"]
+    assert by_name["queue wait"]["parent_id"] == enqueue_id
+    services = {s["resource"]["attributes"]["service.name"] for s in mine}
+    assert services == {"ppml-serve-gateway", "ppml-serve-worker"}
+    text = spans_file.read_text()
+    assert marker.decode() not in text and marker.hex() not in text
