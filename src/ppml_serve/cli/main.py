@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
                                 "and workers; Ctrl-C stops it.")
     _common(redis)
     redis.add_argument("--port", type=int, default=6380, help="TLS port (default 6380)")
+    redis.add_argument("--host", default="127.0.0.1",
+                       help="interface to listen on (default 127.0.0.1); its certificate "
+                       "(STATE_DIR/server.pem) must name it")
 
     bench = commands.add_parser(
         "bench", help="measure throughput and latency: pipeline vs raw engine",
@@ -319,19 +322,21 @@ def run(args: argparse.Namespace) -> int:
         import threading
 
         from ppml_serve.crypto.kms.local import write_private
+        from ppml_serve.crypto.tls import ensure_dev_pki
         from ppml_serve.queue.redis_server import ManagedRedis
-        from ppml_serve.state import prepare_state
 
         settings = _settings(args)
-        prepare_state(settings)
+        settings.state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        if not settings.server_cert_file.exists():  # Redis needs a certificate, nothing more
+            ensure_dev_pki(settings.state_dir)
         redis = ManagedRedis(settings.state_dir / "redis", args.port, settings.server_cert_file,
                              settings.server_key_file, settings.ca_file, settings.redis.prefix,
-                             persistence=settings.redis.persistence)
+                             persistence=settings.redis.persistence, host=args.host)
         stopped = threading.Event()
         _stop_on_signals(stopped.set)
         redis.start()
         write_private(settings.redis_url_file, redis.url.get_secret_value().encode() + b"\n")
-        print(f"redis ready on 127.0.0.1:{args.port} (TLS); URL in {settings.redis_url_file}",
+        print(f"redis ready on {args.host}:{args.port} (TLS); URL in {settings.redis_url_file}",
               flush=True)
         try:
             while not stopped.wait(0.5):

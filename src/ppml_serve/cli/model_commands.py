@@ -75,6 +75,8 @@ def keys_rotate(settings: Settings) -> int:
     kms = open_kms(settings)
     primary = kms.rotate()
     data_key = data_key_table(settings).rotate(kms)
+    logging.getLogger("ppml_serve.audit").info(
+        "keys rotated: new primary key version and active record key %s", data_key)
     print(f"primary key: {primary}")
     print(f"active record data key: {data_key} (older keys still open existing records; "
           "restart the key broker, gateways and workers to use it)")

@@ -37,6 +37,8 @@ class ManagedRedis:
     """Off only to measure what TLS costs (benchmarks)."""
     persistence: str = "aof"
     """``aof``: append-only file, fsync every second; ``none``: memory only."""
+    host: str = "127.0.0.1"
+    """Interface to listen on (loopback unless other hosts must reach it)."""
     url: SecretStr = field(init=False, repr=False)
     admin_url: SecretStr = field(init=False, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -52,7 +54,7 @@ class ManagedRedis:
         self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         service_password, admin_password = self._passwords
         lines = [
-            "bind 127.0.0.1",
+            f"bind {self.host}",
             *(
                 [
                     "port 0",
@@ -93,9 +95,9 @@ class ManagedRedis:
         write_private(path, ("\n".join(lines) + "\n").encode())
         scheme = "rediss" if self.tls else "redis"
         self.url = SecretStr(
-            f"{scheme}://{SERVICE_USER}:{quote(service_password)}@127.0.0.1:{self.port}/0")
+            f"{scheme}://{SERVICE_USER}:{quote(service_password)}@{self.host}:{self.port}/0")
         self.admin_url = SecretStr(
-            f"{scheme}://admin:{quote(admin_password)}@127.0.0.1:{self.port}/0")
+            f"{scheme}://admin:{quote(admin_password)}@{self.host}:{self.port}/0")
         return path
 
     def start(self, timeout_s: float = 15.0) -> None:
