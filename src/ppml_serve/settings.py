@@ -154,6 +154,9 @@ class KeyBrokerSettings(_Section):
     """HTTPS port of the key broker."""
     jwks_file: Path | None = None
     """Signing keys (JWKS) of the attestation service whose tokens the ``jwt`` verifier accepts."""
+    inference_keys_file: Path | None = None
+    """Where the broker keeps each model's end-to-end key (KMS-wrapped), written when a model
+    is first released; it must be writable and persist. Default: ``KMS_DIR/inference-keys.json``."""
     jwt_issuer: str | None = None
     """Expected ``iss`` of attestation tokens (e.g. https://NAME.REGION.attest.azure.net)."""
 

@@ -29,8 +29,9 @@ def build_broker(settings: Settings) -> KeyBroker:
     kms = open_kms(settings)
     table = data_key_table(settings)
     return KeyBroker(kms, table.unwrap_all(kms), table.active, Policy.load(settings.policy_file),
-                     verifiers(settings), InferenceKeys(settings.kms_dir / "inference-keys.json",
-                                                        kms))
+                     verifiers(settings),
+                     InferenceKeys(settings.keybroker.inference_keys_file
+                                   or settings.kms_dir / "inference-keys.json", kms))
 
 
 def build_keybroker_server(settings: Settings) -> uvicorn.Server:

@@ -1,0 +1,31 @@
+# ppml-serve: one image for every part (gateway, worker, key broker); the command picks it.
+#   docker build -t ppml-serve .                                # ONNX Runtime
+#   docker build -t ppml-serve:openvino --build-arg EXTRAS=openvino .
+# No key, certificate or password is baked in: they are mounted at run time.
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+
+FROM ${PYTHON_IMAGE} AS build
+ARG EXTRAS=""
+WORKDIR /src
+COPY pyproject.toml README.md LICENSE ./
+COPY src ./src
+RUN python -m venv /opt/ppml \
+    && /opt/ppml/bin/pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"
+
+FROM ${PYTHON_IMAGE}
+LABEL org.opencontainers.image.title="ppml-serve" \
+      org.opencontainers.image.licenses="Apache-2.0"
+RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin ppml \
+    && mkdir -p /var/lib/ppml && chown ppml:ppml /var/lib/ppml
+COPY --from=build /opt/ppml /opt/ppml
+ENV PATH=/opt/ppml/bin:$PATH \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1
+USER 10001:10001
+WORKDIR /var/lib/ppml
+EXPOSE 8443 8444
+# The gateway answers on 8443; other parts are checked by Kubernetes probes instead.
+HEALTHCHECK --interval=10s --timeout=3s --retries=3 \
+    CMD ["python", "-c", "import socket; socket.create_connection(('127.0.0.1', 8443), 2)"]
+ENTRYPOINT ["ppml-serve"]
+CMD ["--help"]
