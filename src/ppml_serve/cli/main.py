@@ -219,6 +219,25 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH")
     _engine_options(measure)
 
+    ray = commands.add_parser(
+        "ray", help="run a model's workers as Ray actors, autoscaled on the queue's lag",
+        description="Each actor is a full worker (its own attestation and keys, read from "
+        "its node's state directory); Ray places and restarts them; this driver keeps the "
+        "pool between --min-replicas and --max-replicas from the consumer group's lag. "
+        "Needs: pip install 'ppml-serve[ray]'.")
+    _common(ray)
+    ray.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
+    ray.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH")
+    ray.add_argument("--min-replicas", type=int, default=1, help="0 allows scaling to zero")
+    ray.add_argument("--max-replicas", type=int, default=4)
+    ray.add_argument("--target-lag", type=int, default=16,
+                     help="waiting requests per replica to aim for (default 16)")
+    ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
+    ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
+    ray.add_argument("--max-restarts", type=int, default=-1,
+                     help="restarts of a dead actor by Ray (-1: always)")
+    ray.add_argument("--scale-down-cooldown", type=float, default=60.0, metavar="SECONDS")
+
     keybroker = commands.add_parser(
         "keybroker", help="run the key broker (releases keys to attested workers)",
         description="Serves HTTPS on keybroker.host:keybroker.port; checks worker evidence "
@@ -392,6 +411,9 @@ def run(args: argparse.Namespace) -> int:
         name, path = args.model
         return attest_measure(_settings(args), name, path)
 
+    if args.command == "ray":
+        return _ray_pool(args)
+
     if args.command == "keybroker":
         from ppml_serve.keybroker.server import build_keybroker_server
 
@@ -402,6 +424,27 @@ def run(args: argparse.Namespace) -> int:
         build_keybroker_server(settings).run()
         return 0
     raise PPMLError(f"unknown command {args.command!r}")  # argparse normally stops it first
+
+
+def _ray_pool(args: argparse.Namespace) -> int:
+    import threading
+
+    from ppml_serve.cluster.ray_pool import PoolSpec, RayWorkerPool, queue_stats_source, ray_module
+
+    settings = _settings(args)
+    name, path = args.model
+    spec = PoolSpec(name, Path(path).resolve(), args.config.resolve() if args.config else None,
+                    settings.state_dir.resolve(), args.min_replicas, args.max_replicas,
+                    args.target_lag, args.num_cpus, args.num_gpus, args.max_restarts,
+                    scale_down_cooldown_s=args.scale_down_cooldown)
+    ray_module().init(address=args.address, logging_level="WARNING")
+    pool = RayWorkerPool(spec, queue_stats_source(settings, name))
+    stop = threading.Event()
+    _stop_on_signals(stop.set)
+    print(f"serving model {name!r} with {spec.min_replicas}-{spec.max_replicas} Ray actor(s)",
+          flush=True)
+    pool.run(stop)
+    return 0
 
 
 def _choices(text: str, flag: str, allowed: set[str]) -> list[str]:

@@ -179,6 +179,17 @@ def _float(value: bytes | None) -> float:
         return 0.0
 
 
+def _queue_stats(depth: Any, groups: Any, live: Any) -> QueueStats:
+    """From XLEN, XINFO GROUPS and ZCOUNT replies (an error reply, e.g. no stream yet,
+    counts as empty)."""
+    group = next((g for g in groups if _name(g["name"]) == GROUP), None) \
+        if isinstance(groups, list) else None
+    return QueueStats(depth=depth if isinstance(depth, int) else 0,
+                      lag=int(group.get("lag") or 0) if group else 0,
+                      pending=int(group.get("pending") or 0) if group else 0,
+                      live_workers=int(live) if isinstance(live, int) else 0)
+
+
 def _name(value: bytes | str) -> str:
     return _str(value) if isinstance(value, bytes) else str(value)
 
@@ -443,12 +454,7 @@ class RedisGatewayBroker:
             pipe.xinfo_groups(stream)
             pipe.zcount(self._keys.workers(model), time.time() - max_age_s, "+inf")
             depth, groups, live = await pipe.execute(raise_on_error=False)
-        group = next((g for g in groups if _name(g["name"]) == GROUP), None) \
-            if isinstance(groups, list) else None
-        return QueueStats(depth=depth if isinstance(depth, int) else 0,
-                          lag=int(group.get("lag") or 0) if group else 0,
-                          pending=int(group.get("pending") or 0) if group else 0,
-                          live_workers=int(live) if isinstance(live, int) else 0)
+        return _queue_stats(depth, groups, live)
 
     async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]:
         async with _queue_errors("deliver answers"):
@@ -465,6 +471,21 @@ class RedisGatewayBroker:
                         _int(fields.get(b"bs")) or 1, _float(fields.get(b"qw")) / 1000,
                         _float(fields.get(b"et")) / 1000))
         return messages
+
+
+def queue_stats_sync(client: redis.Redis, keys: Keys, model: str,
+                     max_age_s: float) -> QueueStats:
+    """Depth, lag, pending and live workers of one model's queue (for autoscalers)."""
+    stream = keys.requests(model)
+    try:
+        pipe = client.pipeline(transaction=False)
+        pipe.xlen(stream)
+        pipe.xinfo_groups(stream)
+        pipe.zcount(keys.workers(model), time.time() - max_age_s, "+inf")
+        depth, groups, live = pipe.execute(raise_on_error=False)
+    except (redis.RedisError, OSError) as exc:
+        raise NotReady(f"redis not reachable: {type(exc).__name__}") from None
+    return _queue_stats(depth, groups, live)
 
 
 def live_workers_sync(url: SecretStr, ca_file: Path | None, prefix: str, model: str,
