@@ -95,7 +95,7 @@ class RedisCommands:
             self._started.set()
             for command in monitor.listen():
                 self.commands.append(command["command"])
-                if "ppml:reply" in command["command"] and "XADD" in command["command"].upper():
+                if ":reply:" in command["command"] and "XADD" in command["command"].upper():
                     return
 
     def __enter__(self) -> RedisCommands:

@@ -197,7 +197,7 @@ def test_wiring_is_consistent(overlay: str) -> None:
     assert scaled["spec"]["scaleTargetRef"]["name"] in by_kind["Deployment"]
     trigger = scaled["spec"]["triggers"][0]
     assert trigger["type"] == "redis-streams" and "lagCount" in trigger["metadata"]
-    assert trigger["metadata"]["stream"] == f"{settings.redis.prefix}:req:demo"
+    assert trigger["metadata"]["stream"] == f"{settings.redis.prefix}:{{demo}}:req"
     assert trigger["metadata"]["consumerGroup"] == "workers"
     assert trigger["authenticationRef"]["name"] in by_kind["TriggerAuthentication"]
     if "StatefulSet" in by_kind:

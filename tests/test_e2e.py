@@ -113,7 +113,7 @@ def test_redis_never_sees_plaintext(stack: Stack) -> None:
     with RedisCommands(admin) as captured, client_for(stack) as client:
         client.infer("demo", image)
     commands = captured.text
-    assert "ppml:req:demo" in commands, "MONITOR did not capture the request"
+    assert "ppml:{demo}:req" in commands, "MONITOR did not capture the request"
     assert marker.decode() not in commands
     assert marker.hex() not in commands.replace("\\x", "")
     admin.save()  # a dump of everything Redis holds now (the reply stream included)
@@ -141,7 +141,7 @@ def _await_replies(stack: Stack, stream: str, count: int) -> dict[str, dict[byte
 
 def test_tampered_record_is_refused_and_batch_mates_answered(stack: Stack) -> None:
     admin = stack.admin()
-    stream = "ppml:reply:test-tamper"
+    stream = "ppml:{demo}:reply:test-tamper"
     good = _sealed_request(stack, "good-1")
     bad = bytearray(_sealed_request(stack, "bad-1"))
     bad[-20] ^= 0x01
@@ -149,7 +149,7 @@ def test_tampered_record_is_refused_and_batch_mates_answered(stack: Stack) -> No
     deadline = str(int(time.time() * 1000) + 60_000)
     pipe = admin.pipeline(transaction=False)
     for request_id, body in (("good-1", good), ("bad-1", bytes(bad)), ("swap-1", swapped)):
-        pipe.xadd("ppml:req:demo", {"id": request_id, "reply": stream, "body": body,
+        pipe.xadd("ppml:{demo}:req", {"id": request_id, "reply": stream, "body": body,
                                     "deadline": deadline})
     pipe.execute()
     replies = _await_replies(stack, stream, 3)
@@ -169,24 +169,24 @@ def test_tampered_record_is_refused_and_batch_mates_answered(stack: Stack) -> No
 
 def test_poison_request_goes_to_dead_letter_with_error_answer(stack: Stack) -> None:
     admin = stack.admin()
-    stream = "ppml:reply:test-dead"
+    stream = "ppml:{demo}:reply:test-dead"
     # A consumer that takes the request and never answers, as a crashing worker would; in one
     # transaction so that no live worker reads it first. RETRYCOUNT makes it look delivered
     # many times already.
     pipe = admin.pipeline(transaction=True)
-    pipe.xadd("ppml:req:demo", {"id": "poison-1", "reply": stream,
+    pipe.xadd("ppml:{demo}:req", {"id": "poison-1", "reply": stream,
                                 "body": _sealed_request(stack, "poison-1"),
                                 "deadline": str(int(time.time() * 1000) + 60_000)})
-    pipe.xreadgroup("workers", "ghost", {"ppml:req:demo": ">"}, count=1)
+    pipe.xreadgroup("workers", "ghost", {"ppml:{demo}:req": ">"}, count=1)
     entry_id = pipe.execute()[0]
-    admin.xclaim("ppml:req:demo", "workers", "ghost", 0, [entry_id], retrycount=5)
+    admin.xclaim("ppml:{demo}:req", "workers", "ghost", 0, [entry_id], retrycount=5)
     replies = _await_replies(stack, stream, 1)
     assert replies["poison-1"][b"ok"] == b"0"
     keyring = stack.keyring()
     problem = json.loads(keyring.open(replies["poison-1"][b"body"],
                                       associated_data("demo", "poison-1", REPLY)))
     assert problem["kind"] == "dead_letter"
-    dead = admin.xrange("ppml:dead:demo")
+    dead = admin.xrange("ppml:{demo}:dead")
     assert any(fields[b"id"] == b"poison-1" for _, fields in dead)
 
 
@@ -274,7 +274,7 @@ def test_killed_worker_loses_no_request(stack: Stack) -> None:
     killed_with_pending = False
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline and thread.is_alive():
-        consumers = admin.xinfo_consumers("ppml:req:demo", "workers")
+        consumers = admin.xinfo_consumers("ppml:{demo}:req", "workers")
         mine = [c for c in consumers if f"-{pid}-" in str(c["name"])]
         if mine and mine[0]["pending"] > 0:
             victim.process.send_signal(signal.SIGKILL)
@@ -337,10 +337,10 @@ def test_job_enqueued_now_fetched_later(stack: Stack) -> None:
         with pytest.raises(ClientError) as caught:
             client.result("demo", "0" * 32)
         assert caught.value.status == 404
-    stored = stack.admin().hgetall(f"ppml:job:{job_id}")
+    stored = stack.admin().hgetall(f"ppml:{{demo}}:job:{job_id}")
     assert stored[b"state"] == b"done" and stored[b"body"][:2] == b"PE"  # sealed, as sent
     assert marker not in b"".join(stored.values())
-    assert 0 < stack.admin().ttl(f"ppml:job:{job_id}") <= 3600
+    assert 0 < stack.admin().ttl(f"ppml:{{demo}}:job:{job_id}") <= 3600
 
 
 def test_metrics_split_queue_wait_from_engine_time_and_show_the_queue(stack: Stack) -> None:
@@ -374,3 +374,18 @@ def test_async_client_has_the_whole_client_api() -> None:
         return {name for name in vars(cls) if not name.startswith("_")}
 
     assert public(Client) - {"__enter__", "__exit__"} == public(AsyncClient)
+
+
+def test_a_record_cannot_direct_answers_to_another_key(stack: Stack) -> None:
+    """The reply field is the requester's to set: a worker posts only to the model's own
+    reply streams, so a forged entry cannot make it write over any other key."""
+    admin = stack.admin()
+    body = _sealed_request(stack, "evil-1")
+    deadline = str(int(time.time() * 1000) + 60_000)
+    entry = admin.xadd("ppml:{demo}:req", {"id": "evil-1", "reply": "ppml:models",
+                                           "body": body, "deadline": deadline})
+    started = time.monotonic()
+    while time.monotonic() - started < 20 and admin.xrange("ppml:{demo}:req", entry, entry):
+        time.sleep(0.1)
+    assert not admin.xrange("ppml:{demo}:req", entry, entry), "the entry was never acked"
+    assert admin.type("ppml:models") == b"hash" and admin.hexists("ppml:models", "demo")

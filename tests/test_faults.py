@@ -76,7 +76,7 @@ def test_killed_worker_is_replaced_and_forgotten(supervised: LocalStack) -> None
     after = {child.process.pid for child in workers(supervised) if child.process}
     assert len(after) == 2 and before != after
     admin = _admin(supervised)
-    consumers = {c["name"].decode() for c in admin.xinfo_consumers("ppml:req:demo", "workers")}
+    consumers = {c["name"].decode() for c in admin.xinfo_consumers("ppml:{demo}:req", "workers")}
     dead = [pid for pid in before - after if any(f"-{pid}-" in name for name in consumers)]
     assert dead == [], f"dead consumers still in the group: {consumers}"
 

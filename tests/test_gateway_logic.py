@@ -35,7 +35,7 @@ class StandInBroker:
         self.enqueued: list[str] = []
         self.traceparents: list[str] = []
         self.jobs: dict[str, Job] = {}
-        self.reply_stream = "ppml:reply:test"
+        self.stream = "ppml:{demo}:reply:test"
 
     async def ping(self) -> None:
         if self.down:
@@ -61,7 +61,11 @@ class StandInBroker:
         self.enqueued.append(request_id)
         self.traceparents.append(traceparent)
 
-    async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]:
+    def reply_stream(self, model: str) -> str:
+        return self.stream
+
+    async def read_replies(self, model: str, block_ms: int,
+                           count: int = 512) -> list[ReplyMessage]:
         import asyncio
 
         await asyncio.sleep(block_ms / 1000)
@@ -73,7 +77,7 @@ class StandInBroker:
     async def save_job(self, job_id: str, job: Job, ttl_s: int) -> None:
         self.jobs[job_id] = job
 
-    async def load_job(self, job_id: str) -> Job | None:
+    async def load_job(self, model: str, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
 
 

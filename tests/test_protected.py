@@ -210,7 +210,7 @@ def test_end_to_end_sealed_inference_hides_input_from_gateway_and_redis(
         expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": image})
         np.testing.assert_allclose(outputs["probabilities"], expected["probabilities"], rtol=1e-6)
         commands = captured.text
-        assert "ppml:req:demo" in commands
+        assert "ppml:{demo}:req" in commands
         assert marker.decode() not in commands
         assert not _gateway_memory_contains(protected, marker), "gateway saw the plaintext"
 

@@ -77,7 +77,7 @@ def test_worker_spans_hang_under_the_gateway_span(spans: InMemorySpanExporter) -
     body = keyring.seal(record.pack({"image": IMAGES[:2]}),
                         associated_data("demo", "r1", REQUEST))
     spans.clear()
-    worker.process([Delivery("1-0", "r1", "ppml:reply:t", body, 0,
+    worker.process([Delivery("1-0", "r1", "ppml:{demo}:reply:t", body, 0,
                              enqueued_ms=int(time.time() * 1000) - 5, traceparent=PARENT)])
     recorded = {span.name: span for span in spans.get_finished_spans()}
     assert {"queue wait", "open", "infer", "seal"} <= set(recorded)

@@ -65,9 +65,9 @@ def _deliver(worker: Worker, plaintext: bytes, mode: Mode, request_id: str) -> N
         plaintext = ClientSession(WorkerKey(WORKER_KEY).public).seal_request(plaintext, "demo")
     body = KEYRING.seal(plaintext, associated_data("demo", request_id, REQUEST))
     good = record.pack({"image": np.zeros((1, 8, 8), np.uint8)})
-    mates = [Delivery("2-0", "mate", "ppml:reply:t",
+    mates = [Delivery("2-0", "mate", "ppml:{demo}:reply:t",
                       KEYRING.seal(good, associated_data("demo", "mate", REQUEST)), 0)]
-    worker.process([Delivery("1-0", request_id, "ppml:reply:t", body, 0, mode=mode), *mates])
+    worker.process([Delivery("1-0", request_id, "ppml:{demo}:reply:t", body, 0, mode=mode), *mates])
 
 
 def _check_answers(broker: RecordingBroker, request_id: str) -> None:

@@ -77,6 +77,7 @@ class DataPlane:
         self._inflight: Counter[str] = Counter()
         self._cache: dict[str, _Cached] = {}
         self._tasks: list[asyncio.Task[None]] = []
+        self._readers: dict[str, asyncio.Task[None]] = {}
         self._on_reply = on_reply
         self._configured = configured_models or set()
         self._max_rows = max_rows
@@ -87,13 +88,20 @@ class DataPlane:
             await self._broker.ping()
         except NotReady as exc:
             log.warning("starting without the queue (%s); will keep trying", exc)
-        self._tasks = [asyncio.create_task(self._read_replies(), name="reply-reader"),
-                       asyncio.create_task(self._watch_workers(), name="worker-watch")]
+        self._tasks = [asyncio.create_task(self._watch_workers(), name="worker-watch")]
+
+    def _ensure_reader(self, model: str) -> None:
+        """One reply reader per model (its reply stream shares the model's Redis Cluster
+        slot), started with the first request for that model."""
+        if model not in self._readers:
+            self._readers[model] = asyncio.create_task(self._read_replies(model),
+                                                       name=f"replies {model}")
 
     async def stop(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._readers.values()]
+        for task in tasks:
             task.cancel()
-        for task in self._tasks:
+        for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         self._fail_waiting(NotReady("the gateway is shutting down"))
@@ -117,19 +125,19 @@ class DataPlane:
             if (model is None or waiter.model == model) and not waiter.future.done():
                 waiter.future.set_exception(error)
 
-    async def _read_replies(self) -> None:
+    async def _read_replies(self, model: str) -> None:
         backoff = Backoff(0.05, 2.0)
         while True:
             try:
-                messages = await self._broker.read_replies(block_ms=1000)
+                messages = await self._broker.read_replies(model, block_ms=1000)
             except NotReady as exc:
                 # Answers in transit on a lost connection may never arrive: fail fast (503)
                 # rather than let callers wait for their deadline.
-                if self._waiting:
-                    log.warning("lost the queue (%s): failing %d waiting request(s)", exc,
-                                len(self._waiting))
+                if any(waiter.model == model for waiter in self._waiting.values()):
+                    log.warning("lost the queue (%s): failing model %r's waiting requests",
+                                exc, model)
                 self._fail_waiting(NotReady("the connection to the queue was lost while "
-                                            "waiting for the answer; retry"))
+                                            "waiting for the answer; retry"), model)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             backoff.reset()
@@ -320,6 +328,7 @@ class DataPlane:
         with spans.start_as_current_span("seal", attributes={"bytes": len(payload)}):
             sealed = self._sealer.seal(payload, associated_data(model, request_id, REQUEST))
         future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
+        self._ensure_reader(model)
         self._waiting[request_id] = _Waiter(model, future)
         try:
             with spans.start_as_current_span("enqueue"):
@@ -355,7 +364,7 @@ class DataPlane:
     async def job_result(self, model: str, job_id: str,
                          owner: str) -> tuple[bytes, int | None] | None:
         """The answer, ``None`` while pending; unknown, expired or foreign jobs are 404."""
-        job = await self._broker.load_job(job_id)
+        job = await self._broker.load_job(model, job_id)
         if job is None or job.model != model or job.owner != owner:
             raise ModelNotFound(f"no job {job_id!r} for model {model!r} (unknown or expired)")
         if job.state is JobState.PENDING:

@@ -1,20 +1,24 @@
 """Redis Streams implementation of the queue contract; the only module that imports redis.
 
-Key layout (PREFIX defaults to ``ppml``)::
+Key layout (PREFIX defaults to ``ppml``). Everything about one model carries the hash tag
+``{MODEL}``, so that on a Redis Cluster a model's keys share one slot (one shard), and each
+Lua script touches keys of one slot only::
 
-    PREFIX:req:MODEL        stream of requests; consumer group "workers"; fields id,
+    PREFIX:{MODEL}:req      stream of requests; consumer group "workers"; fields id,
                             reply (reply stream key, empty for a job), body (sealed),
                             deadline (unix ms), mode ("" or "e2e"), job (TTL s, jobs only),
                             tp (W3C traceparent, when tracing)
-    PREFIX:reply:GATEWAY    stream of answers for one gateway, trimmed to about MAXLEN and
+    PREFIX:{MODEL}:reply:GATEWAY
+                            stream of answers for one gateway, trimmed to about MAXLEN and
                             expiring an hour after its last answer (a dead gateway's stream
-                            goes away); fields id, ok ("1"/"0"), body (sealed), bs (batch size)
-    PREFIX:dead:MODEL       dead-letter stream: the request's fields plus reason, deliveries
-    PREFIX:models           hash MODEL -> model spec JSON (inputs/outputs), set by workers
-    PREFIX:workers:MODEL    sorted set worker-id -> last heartbeat (unix seconds)
-    PREFIX:attest:MODEL     hash worker-id -> attestation JSON (public key + evidence)
-    PREFIX:job:ID           hash of a job: state, model, owner, output options, and the
+                            goes away); fields id, ok ("1"/"0"), body (sealed), bs (batch
+                            size), qw / et (queue wait / engine time, ms)
+    PREFIX:{MODEL}:dead     dead-letter stream: the request's fields plus reason, deliveries
+    PREFIX:{MODEL}:workers  sorted set worker-id -> last heartbeat (unix seconds)
+    PREFIX:{MODEL}:attest   hash worker-id -> attestation JSON (public key + evidence)
+    PREFIX:{MODEL}:job:ID   hash of a job: state, model, owner, output options, and the
                             answer as the worker sealed it; expires after the job TTL
+    PREFIX:models           hash MODEL -> model spec JSON (inputs/outputs), set by workers
 
 Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
 """
@@ -51,7 +55,8 @@ REPLY_STREAM_TTL_S = 3600
 # consumer: a worker that froze and lost its requests to another must not answer them too.
 # KEYS[1] request stream, KEYS[2..] reply stream or job key per answer.
 # ARGV: group, consumer, reply maxlen, reply TTL, then per answer: entry id, request id, ok,
-#       body, batch size, job TTL (0 = reply stream), queue wait (ms), engine time (ms).
+#       body, batch size, job TTL (0: to the reply stream; -1: nowhere to answer, ack only),
+#       queue wait (ms), engine time (ms).
 _FINISH = """
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local maxlen, reply_ttl = ARGV[3], ARGV[4]
@@ -61,7 +66,9 @@ for i = 2, #KEYS do
   local entry = ARGV[a]
   if #redis.call('XPENDING', stream, group, entry, entry, 1, consumer) == 1 then
     local job_ttl = tonumber(ARGV[a + 5])
-    if job_ttl > 0 then
+    if job_ttl < 0 then
+      -- a request that named no valid place for its answer: nothing to post
+    elseif job_ttl > 0 then
       if redis.call('EXISTS', KEYS[i]) == 1 then
         redis.call('HSET', KEYS[i], 'state', 'done', 'ok', ARGV[a + 2], 'body', ARGV[a + 3])
         redis.call('EXPIRE', KEYS[i], job_ttl)
@@ -93,32 +100,40 @@ return 1
 
 
 class Keys:
-    """Names of every key ppml-serve uses."""
+    """Names of every key ppml-serve uses (see the layout above)."""
 
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
 
-    def requests(self, model: str) -> str:
-        return f"{self.prefix}:req:{model}"
+    def _of(self, model: str) -> str:
+        return f"{self.prefix}:{{{model}}}"
 
-    def replies(self, gateway_id: str) -> str:
-        return f"{self.prefix}:reply:{gateway_id}"
+    def requests(self, model: str) -> str:
+        return f"{self._of(model)}:req"
+
+    def replies(self, model: str, gateway_id: str) -> str:
+        return f"{self._of(model)}:reply:{gateway_id}"
+
+    def is_reply_stream(self, model: str, key: str) -> bool:
+        """Whether ``key`` may receive this model's answers (a record cannot name any other
+        key for a worker to write to)."""
+        return key.startswith(f"{self._of(model)}:reply:") and len(key) <= 200
 
     def dead_letters(self, model: str) -> str:
-        return f"{self.prefix}:dead:{model}"
+        return f"{self._of(model)}:dead"
 
     @property
     def models(self) -> str:
         return f"{self.prefix}:models"
 
     def workers(self, model: str) -> str:
-        return f"{self.prefix}:workers:{model}"
+        return f"{self._of(model)}:workers"
 
     def attestations(self, model: str) -> str:
-        return f"{self.prefix}:attest:{model}"
+        return f"{self._of(model)}:attest"
 
-    def job(self, job_id: str) -> str:
-        return f"{self.prefix}:job:{job_id}"
+    def job(self, model: str, job_id: str) -> str:
+        return f"{self._of(model)}:job:{job_id}"
 
 
 def _connection_options(url: SecretStr, ca_file: Path | None) -> dict[str, Any]:
@@ -265,8 +280,13 @@ class RedisWorkerBroker:
         args: list[Any] = [GROUP, self._consumer, self._reply_maxlen, REPLY_STREAM_TTL_S]
         for reply in replies:
             delivery = reply.delivery
-            job_ttl = delivery.job_ttl_s if delivery.is_job else 0
-            keys.append(self._keys.job(delivery.request_id) if job_ttl else delivery.reply_to)
+            if delivery.is_job:
+                job_ttl, key = delivery.job_ttl_s, self._keys.job(self._model, delivery.request_id)
+            elif self._keys.is_reply_stream(self._model, delivery.reply_to):
+                job_ttl, key = 0, delivery.reply_to
+            else:
+                job_ttl, key = -1, self._stream
+            keys.append(key)
             args.extend([delivery.entry_id, delivery.request_id, "1" if reply.ok else "0",
                          reply.body, reply.batch_size, job_ttl,
                          f"{reply.queue_s * 1000:.3f}", f"{reply.engine_s * 1000:.3f}"])
@@ -280,7 +300,7 @@ class RedisWorkerBroker:
             pipe = self._client.pipeline(transaction=False)
             for delivery in deliveries:
                 if delivery.is_job:
-                    key = self._keys.job(delivery.request_id)
+                    key = self._keys.job(self._model, delivery.request_id)
                     pipe.hset(key, mapping={"state": JobState.FAILED.value,
                                             "error": "no answer within the job's deadline"})
                     pipe.expire(key, delivery.job_ttl_s)
@@ -373,9 +393,12 @@ class RedisGatewayBroker:
         self._client = client
         self._reader = reader
         self._keys = keys
-        self.reply_stream = keys.replies(gateway_id)
-        # Each gateway run has a fresh, random reply stream, so reading from the start is safe.
-        self._last_reply_id: bytes | str = b"0-0"
+        self._gateway_id = gateway_id
+        # Each gateway run has fresh, random reply streams: reading from the start is safe.
+        self._last_reply_id: dict[str, bytes | str] = {}
+
+    def reply_stream(self, model: str) -> str:
+        return self._keys.replies(model, self._gateway_id)
 
     async def ping(self) -> None:
         async with _queue_errors("answer"):
@@ -383,7 +406,8 @@ class RedisGatewayBroker:
 
     async def close(self) -> None:
         try:
-            await self._client.delete(self.reply_stream)
+            for model in self._last_reply_id:  # one key at a time: they live in many slots
+                await self._client.delete(self.reply_stream(model))
         except (redis.RedisError, OSError):
             pass  # Redis already gone: the stream expires by itself
         finally:
@@ -394,7 +418,7 @@ class RedisGatewayBroker:
                       mode: Mode = Mode.STANDARD, job_ttl_s: int = 0,
                       traceparent: str = "") -> None:
         fields: dict[Any, Any] = {"id": request_id, "body": body, "deadline": str(deadline_ms),
-                                  "reply": "" if job_ttl_s else self.reply_stream}
+                                  "reply": "" if job_ttl_s else self.reply_stream(model)}
         if mode is not Mode.STANDARD:
             fields["mode"] = mode.value
         if job_ttl_s:
@@ -416,15 +440,16 @@ class RedisGatewayBroker:
     async def save_job(self, job_id: str, job: Job, ttl_s: int) -> None:
         fields = {"state": job.state.value, "model": job.model, "owner": job.owner,
                   "outputs": json.dumps(job.outputs), "binary": "1" if job.binary else "0"}
+        key = self._keys.job(job.model, job_id)
         async with _queue_errors("store the job"):
-            pipe = self._client.pipeline(transaction=True)
-            pipe.hset(self._keys.job(job_id), mapping=fields)  # type: ignore[arg-type]
-            pipe.expire(self._keys.job(job_id), ttl_s)
+            pipe = self._client.pipeline(transaction=False)
+            pipe.hset(key, mapping=fields)  # type: ignore[arg-type]
+            pipe.expire(key, ttl_s)
             await pipe.execute()
 
-    async def load_job(self, job_id: str) -> Job | None:
+    async def load_job(self, model: str, job_id: str) -> Job | None:
         async with _queue_errors("look up the job"):
-            table: Any = await self._client.hgetall(self._keys.job(job_id))
+            table: Any = await self._client.hgetall(self._keys.job(model, job_id))
         fields: dict[str, bytes] = {key.decode(): value for key, value in table.items()}
         try:
             return Job(model=fields["model"].decode(), owner=fields["owner"].decode(),
@@ -456,14 +481,16 @@ class RedisGatewayBroker:
             depth, groups, live = await pipe.execute(raise_on_error=False)
         return _queue_stats(depth, groups, live)
 
-    async def read_replies(self, block_ms: int, count: int = 512) -> list[ReplyMessage]:
+    async def read_replies(self, model: str, block_ms: int,
+                           count: int = 512) -> list[ReplyMessage]:
+        last = self._last_reply_id.setdefault(model, b"0-0")
         async with _queue_errors("deliver answers"):
-            response: Any = await self._reader.xread({self.reply_stream: self._last_reply_id},
+            response: Any = await self._reader.xread({self.reply_stream(model): last},
                                                      count=count, block=block_ms)
         messages: list[ReplyMessage] = []
         for _, entries in response or []:
             for entry_id, fields in entries:
-                self._last_reply_id = entry_id
+                self._last_reply_id[model] = entry_id
                 request_id = _str(fields.get(b"id", b""))
                 if request_id:
                     messages.append(ReplyMessage(
