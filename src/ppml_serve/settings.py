@@ -48,6 +48,9 @@ class RedisSettings(_Section):
     """Allow ``redis://`` (no TLS). Only for benchmarking the cost of TLS."""
     prefix: str = "ppml"
     """Prefix of every key ppml-serve creates; the ACL user needs ``~PREFIX:*``."""
+    cluster: bool = False
+    """The URL names one node of a Redis Cluster (the client finds the others). Each model's
+    keys share one hash slot, so a model lives on one shard and models spread over shards."""
     persistence: Literal["aof", "none"] = "aof"
     """Persistence of the managed Redis. ``aof`` (append-only file, fsync every second):
     queued requests and job answers survive a Redis restart; a crash of the machine can lose

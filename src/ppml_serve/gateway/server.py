@@ -61,9 +61,10 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     url = settings.redis_url()
     ca_file = settings.ca_file
     gateway = settings.gateway
+    cluster = settings.redis.cluster
     client = connect_async(url, ca_file, max_connections=gateway.redis_connections,
-                           pool_timeout_s=gateway.redis_wait_s)
-    reader = connect_async(url, ca_file)
+                           pool_timeout_s=gateway.redis_wait_s, cluster=cluster)
+    reader = connect_async(url, ca_file, cluster=cluster)
     broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex)
     metrics = Metrics()
     dataplane = DataPlane(broker, sealer, settings.gateway,

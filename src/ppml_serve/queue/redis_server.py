@@ -39,6 +39,11 @@ class ManagedRedis:
     """``aof``: append-only file, fsync every second; ``none``: memory only."""
     host: str = "127.0.0.1"
     """Interface to listen on (loopback unless other hosts must reach it)."""
+    cluster: bool = False
+    """A Redis Cluster node (its bus, on port + 10000, speaks TLS too)."""
+    passwords: tuple[str, str] | None = field(default=None, repr=False)
+    """Service and admin passwords to use (the nodes of a cluster share their ACL users);
+    fresh random ones when unset."""
     url: SecretStr = field(init=False, repr=False)
     admin_url: SecretStr = field(init=False, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
@@ -47,7 +52,8 @@ class ManagedRedis:
 
     def __post_init__(self) -> None:
         # Fixed for this object's life: a restarted Redis takes back the same clients.
-        self._passwords = (secrets.token_urlsafe(32), secrets.token_urlsafe(32))
+        self._passwords = self.passwords or (secrets.token_urlsafe(32),
+                                             secrets.token_urlsafe(32))
 
     def write_config(self) -> Path:
         """Write redis.conf (0600); return its path."""
@@ -71,6 +77,8 @@ class ManagedRedis:
                 if self.tls
                 else [f"port {self.port}"]
             ),
+            *(["cluster-enabled yes", "cluster-config-file nodes.conf",
+               *(["tls-cluster yes"] if self.tls else [])] if self.cluster else []),
             f"dir {self.directory.resolve()}",
             f"pidfile {(self.directory / 'redis.pid').resolve()}",
             # AOF keeps queued requests and job answers across a Redis restart, losing at most
@@ -116,7 +124,7 @@ class ManagedRedis:
                 raise NotReady(f"redis-server exited with code {self.process.returncode}; "
                                f"see {self.directory / 'redis.log'}")
             try:
-                ping_sync(self.url, self.ca_file)
+                ping_sync(self.url, self.ca_file)  # a node answers before the cluster forms
                 return
             except NotReady:
                 if time.monotonic() > deadline:

@@ -30,7 +30,7 @@ import json
 import time
 from collections.abc import AsyncIterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 import redis.asyncio as aioredis
@@ -145,17 +145,29 @@ def _connection_options(url: SecretStr, ca_file: Path | None) -> dict[str, Any]:
     return options
 
 
-def connect(url: SecretStr, ca_file: Path | None, **extra: Any) -> redis.Redis:
-    """A synchronous client; credentials stay inside the connection pool."""
-    return redis.Redis.from_url(url.get_secret_value(),
-                                **{**_connection_options(url, ca_file), **extra})
+def connect(url: SecretStr, ca_file: Path | None, cluster: bool = False,
+            **extra: Any) -> redis.Redis:
+    """A synchronous client; credentials stay inside the connection pool. With ``cluster``,
+    ``url`` names one node of a Redis Cluster and the client finds the others."""
+    options = {**_connection_options(url, ca_file), **extra}
+    if cluster:
+        client: Any = redis.RedisCluster.from_url(url.get_secret_value(), **options)
+        return cast(redis.Redis, client)
+    return redis.Redis.from_url(url.get_secret_value(), **options)
 
 
 def connect_async(url: SecretStr, ca_file: Path | None, max_connections: int | None = None,
-                  pool_timeout_s: float = 5.0, **extra: Any) -> aioredis.Redis:
+                  pool_timeout_s: float = 5.0, cluster: bool = False,
+                  **extra: Any) -> aioredis.Redis:
     """An asyncio client. With ``max_connections``, a caller waits up to ``pool_timeout_s``
-    for a free connection instead of failing at once."""
+    for a free connection instead of failing at once (per node on a cluster)."""
     options = {**_connection_options(url, ca_file), **extra}
+    if cluster:
+        options.pop("health_check_interval", None)
+        if max_connections is not None:
+            options["max_connections"] = max_connections
+        client: Any = aioredis.RedisCluster.from_url(url.get_secret_value(), **options)
+        return cast(aioredis.Redis, client)
     if max_connections is None:
         return aioredis.Redis.from_url(url.get_secret_value(), **options)
     pool = aioredis.BlockingConnectionPool.from_url(
@@ -516,9 +528,9 @@ def queue_stats_sync(client: redis.Redis, keys: Keys, model: str,
 
 
 def live_workers_sync(url: SecretStr, ca_file: Path | None, prefix: str, model: str,
-                      max_age_s: float) -> int:
+                      max_age_s: float, cluster: bool = False) -> int:
     """Workers of ``model`` with a fresh heartbeat (for operators' tools and tests)."""
-    client = connect(url, ca_file, socket_timeout=2, socket_connect_timeout=2)
+    client = connect(url, ca_file, cluster, socket_timeout=2, socket_connect_timeout=2)
     try:
         return int(client.zcount(Keys(prefix).workers(model), time.time() - max_age_s, "+inf"))
     except (redis.RedisError, OSError) as exc:
@@ -527,9 +539,12 @@ def live_workers_sync(url: SecretStr, ca_file: Path | None, prefix: str, model: 
         client.close()
 
 
-def ping_sync(url: SecretStr, ca_file: Path | None) -> None:
+def ping_sync(url: SecretStr, ca_file: Path | None, cluster: bool = False) -> None:
     """Raise ``NotReady`` unless the Redis at ``url`` answers over its (TLS) connection."""
-    client = connect(url, ca_file, socket_timeout=2, socket_connect_timeout=2)
+    try:
+        client = connect(url, ca_file, cluster, socket_timeout=2, socket_connect_timeout=2)
+    except (redis.RedisError, OSError) as exc:  # a cluster client connects at once
+        raise NotReady(f"redis not reachable: {type(exc).__name__}") from None
     try:
         client.ping()
     except (redis.RedisError, OSError) as exc:

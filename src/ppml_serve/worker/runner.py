@@ -117,7 +117,8 @@ def build_worker(settings: Settings, model: str, path: Path) -> Worker:
         model_key = header.wrapped_key if header is not None else None
         # Keys are asked for only from a worker that can serve: the queue must be reachable
         # and present a certificate from our CA first.
-        _retry_not_ready(lambda: ping_sync(settings.redis_url(), settings.ca_file),
+        _retry_not_ready(lambda: ping_sync(settings.redis_url(), settings.ca_file,
+                                           settings.redis.cluster),
                          "the queue")
         try:
             released = _retry_not_ready(
@@ -142,9 +143,10 @@ def build_worker(settings: Settings, model: str, path: Path) -> Worker:
     url = settings.redis_url()
     consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     keys = Keys(settings.redis.prefix)
-    broker = RedisWorkerBroker(connect(url, settings.ca_file), keys, model, consumer,
+    cluster = settings.redis.cluster
+    broker = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, model, consumer,
                                settings.gateway.reply_stream_maxlen)
-    reader = RedisWorkerBroker(connect(url, settings.ca_file), keys, model, consumer)
+    reader = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, model, consumer)
     worker_key = WorkerKey(released.inference_key) if released is not None else None
     return Worker(model, engine, broker, reader, sealer, settings.worker,
                   worker_key=worker_key, provider=provider, measurement=measurement.value)
