@@ -98,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
     _redis_options(gateway)
     gateway.add_argument("--host", help="interface to bind (default 127.0.0.1)")
     gateway.add_argument("--port", type=int, help="port (default 8443)")
+    gateway.add_argument("--grpc-port", type=int,
+                         help="also serve KServe v2 gRPC on this port (gateway.grpc_port)")
 
     worker = commands.add_parser("worker", help="run one inference worker against a Redis URL")
     _common(worker)
