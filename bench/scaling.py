@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from ppml_serve.bench.load import build_request, run_load
 from ppml_serve.bench.runner import sample_inputs
-from ppml_serve.client import encode_inputs
+from ppml_serve.client.http import encode_inputs
 from ppml_serve.crypto.tls import client_context
 from ppml_serve.engines import load_engine
 from ppml_serve.local_stack import Child, LocalStack
