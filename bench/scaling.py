@@ -13,7 +13,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -23,6 +22,7 @@ from typing import Any
 
 from tqdm import tqdm
 
+from ppml_serve.bench.cpu import part_pids, per_request_ms, snapshot
 from ppml_serve.bench.load import build_request, run_load
 from ppml_serve.bench.runner import sample_inputs
 from ppml_serve.client.http import encode_inputs
@@ -33,27 +33,6 @@ from ppml_serve.models import DEMO_NAME, demo_model_path
 from ppml_serve.queue.redis_server import free_port
 from ppml_serve.settings import load_settings
 from ppml_serve.state import read_api_key
-
-TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _cpu_s(pid: int) -> float:
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICKS  # utime + stime
-
-
-def _parts(stack: LocalStack, extra: list[Child]) -> dict[str, list[int]]:
-    parts: dict[str, list[int]] = {"redis": [], "gateway": [], "worker": []}
-    if stack.redis.process is not None:
-        parts["redis"].append(stack.redis.process.pid)
-    for child in [*stack.children, *extra]:
-        if child.process is None:
-            continue
-        kind = "gateway" if child.name.startswith("gateway") else (
-            "worker" if child.name.startswith("worker") else None)
-        if kind:
-            parts[kind].append(child.process.pid)
-    return parts
 
 
 def measure(workers: int, gateways: int, concurrency: int, duration_s: float,
@@ -79,8 +58,8 @@ def measure(workers: int, gateways: int, concurrency: int, duration_s: float,
         body, headers = encode_inputs(sample_inputs(engine.spec.inputs, 1))
         key = read_api_key(state)
         context = client_context(settings.ca_file)
-        parts = _parts(stack, extra)
-        before = {kind: sum(_cpu_s(pid) for pid in pids) for kind, pids in parts.items()}
+        pids = part_pids(stack, extra)
+        before = snapshot(pids)
 
         async def load() -> list[Any]:
             share = max(1, concurrency // len(urls))
@@ -92,17 +71,14 @@ def measure(workers: int, gateways: int, concurrency: int, duration_s: float,
         started = time.monotonic()
         results = asyncio.run(load())
         elapsed = time.monotonic() - started
-        after = {kind: sum(_cpu_s(pid) for pid in pids) for kind, pids in parts.items()}
         requests = sum(result.requests for result in results)
         throughput = sum(result.throughput for result in results)
         # CPU over the whole run (warm-up included) per request completed in it
-        completed = max(1, int(throughput * elapsed))
+        cpu = per_request_ms(before, snapshot(pids), throughput * elapsed)
         return {"workers": workers, "gateways": gateways, "concurrency": concurrency,
                 "throughput": round(throughput, 1), "requests": requests,
                 "errors": sum(result.errors for result in results),
-                "cpu_ms_per_request": {kind: round((after[kind] - before[kind]) * 1000
-                                                   / completed, 3) for kind in parts},
-                "request_bytes": len(body)}
+                "cpu_ms_per_request": cpu, "request_bytes": len(body)}
     finally:
         for child in extra:
             child.terminate()

@@ -62,7 +62,12 @@ def test_up_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
         for name in ("api-key", "redis.url", "ca-key.pem", "server-key.pem"):
             assert stat.S_IMODE((state / name).stat().st_mode) == 0o600, name
         assert (state / "ca.pem").exists()
-        assert (state / "redis.url").read_text().startswith("rediss://ppml:")
+        # Gateway and workers on this host reach Redis over a private Unix socket.
+        assert (state / "redis.url").read_text().startswith("unix://ppml:")
+        socket_file = state / "redis" / "redis.sock"
+        assert stat.S_ISSOCK(socket_file.stat().st_mode)
+        assert stat.S_IMODE(socket_file.stat().st_mode) == 0o700
+        assert stat.S_IMODE((state / "redis").stat().st_mode) == 0o700
         redis_pid = int((state / "redis" / "redis.pid").read_text())
         children = _processes_mentioning(str(state))
         assert len(children) >= 3  # supervisor, worker, gateway

@@ -205,7 +205,8 @@ class LocalStack:
             settings.state_dir / "redis", port=free_port(), cert_file=settings.server_cert_file,
             key_file=settings.server_key_file, ca_file=settings.ca_file,
             prefix=settings.redis.prefix, tls=not settings.redis.allow_plaintext,
-            persistence=settings.redis.persistence)
+            persistence=settings.redis.persistence,
+            unix_socket=settings.redis.local_socket and not settings.redis.allow_plaintext)
         self.children: list[Child] = []
         self._supervised: list[Supervised] = []
         self.gateway: Child | None = None
@@ -235,7 +236,9 @@ class LocalStack:
                 issue_client_cert(state, "client")
             self.client_cert = (cert, key)
         self.redis.start()
-        write_private(settings.redis_url_file, self.redis.url.get_secret_value().encode() + b"\n")
+        # Parts on this host use the Unix socket when there is one (see redis.local_socket).
+        url = self.redis.socket_url or self.redis.url
+        write_private(settings.redis_url_file, url.get_secret_value().encode() + b"\n")
         write_private(state / "redis-admin.url",
                       self.redis.admin_url.get_secret_value().encode() + b"\n")
         if settings.security.policy_file is None:

@@ -26,6 +26,8 @@ class LoadResult:
     latencies_ms: list[float] = field(repr=False)
     closed_loop: bool = False
     """Every connection sends its next request as soon as one returns (the load generator)."""
+    cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
+    """CPU of each part of the service per request, when the service runs here."""
 
     @property
     def window_throughput(self) -> float:

@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from ppml_serve.bench.cpu import part_pids, per_request_ms, snapshot
 from ppml_serve.bench.load import LoadResult, build_request, run_load
 from ppml_serve.bench.raw import run_raw
 from ppml_serve.client.http import encode_inputs
@@ -42,6 +43,8 @@ class BenchConfig:
     secure: bool = True
     persistence: str = "aof"
     """Of the managed Redis: ``aof`` (the default) or ``none`` (to measure what AOF costs)."""
+    local_socket: bool = True
+    """Reach the co-located Redis over a Unix socket (the default) or TLS on loopback."""
 
     @property
     def reported_precision(self) -> str:
@@ -70,7 +73,10 @@ def _entry(config: BenchConfig, mode: str, result: LoadResult, **extra: Any) -> 
         "window_throughput": round(result.window_throughput, 2),
         "p50_ms": round(result.percentile(50), 3),
         "p95_ms": round(result.percentile(95), 3), "p99_ms": round(result.percentile(99), 3),
-        "errors": result.errors, "requests": result.requests, **extra,
+        "errors": result.errors, "requests": result.requests,
+        **({"cpu_ms_per_request": result.cpu_ms_per_request}
+           if result.cpu_ms_per_request else {}),
+        **extra,
     }
 
 
@@ -108,7 +114,8 @@ def _stack(config: BenchConfig, options: BenchOptions, state: Path) -> LocalStac
         state_dir=state,
         models={config.model: config.model_path},
         gateway={"port": 0, "plaintext_http": not config.secure, "max_queue_length": 100_000},
-        redis={"allow_plaintext": not config.secure, "persistence": config.persistence},
+        redis={"allow_plaintext": not config.secure, "persistence": config.persistence,
+               "local_socket": config.local_socket},
         security={"encrypt_payloads": config.secure},
         worker={"max_batch_size": options.max_batch_size,
                 "max_batch_delay_ms": options.max_batch_delay_ms,
@@ -201,9 +208,16 @@ def run_group(configs: list[BenchConfig], options: BenchOptions,
             for index, (config, stack, request, context) in enumerate(stacks):
                 for concurrency in options.concurrencies:
                     step(f"{config.name}: pipeline, concurrency {concurrency} ({repeat + 1})")
-                    piped.setdefault((index, concurrency), []).append(asyncio.run(run_load(
+                    pids = part_pids(stack)
+                    before = snapshot(pids)
+                    result = asyncio.run(run_load(
                         stack.url, request, options.items_per_request, concurrency,
-                        options.duration_s, options.warmup_s, context)))
+                        options.duration_s, options.warmup_s, context))
+                    # over warm-up and window alike: requests = rate x whole run
+                    done = (result.throughput / options.items_per_request
+                            * (options.duration_s + options.warmup_s))
+                    result.cpu_ms_per_request = per_request_ms(before, snapshot(pids), done)
+                    piped.setdefault((index, concurrency), []).append(result)
     runs: list[dict[str, Any]] = []
     for index, config in enumerate(configs):
         for batch_size, results in sorted(raw.items()):
@@ -243,6 +257,10 @@ def summarize(runs: list[dict[str, Any]]) -> list[str]:
             if plain:
                 lines.append(f"{name.removesuffix('-secure')}: secure/plain = "
                              f"{value / plain:.2f} ({value:.1f} vs {plain:.1f} items/s)")
+            tls = best.get((name + "-tls", "pipeline"))
+            if tls:
+                lines.append(f"{name.removesuffix('-secure')}: Unix socket / TLS to Redis = "
+                             f"{value / tls:.2f} ({value:.1f} vs {tls:.1f} items/s)")
             memory = best.get((name + "-memory", "pipeline"))
             if memory:
                 lines.append(f"{name.removesuffix('-secure')}: AOF on/off = "

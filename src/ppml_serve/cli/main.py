@@ -126,10 +126,14 @@ def build_parser() -> argparse.ArgumentParser:
         "engine alone (same model, precision and threads) in the same run.")
     bench.add_argument("--model", action="append", type=_model_pair, default=[],
                        metavar="NAME=PATH", help="model(s) to measure (default: the demo model)")
+    bench.add_argument("--null-model", action="store_true",
+                       help="also measure a model that does next to nothing with ResNet-50's "
+                       "interface (602 KB FP32 input): the pipeline's own cost (needs onnx)")
     bench.add_argument("--configs", default="secure,plain",
-                       help="comma list of: secure (TLS + AES-GCM), plain (neither), "
-                       "secure-memory (secure with the managed Redis's AOF off: what "
-                       "durability costs)")
+                       help="comma list of: secure (TLS + AES-GCM; the co-located Redis over "
+                       "a Unix socket, as under 'up'), plain (neither), secure-memory (secure "
+                       "with the managed Redis's AOF off: what durability costs), secure-tls "
+                       "(secure with TLS to Redis on loopback too)")
     bench.add_argument("--engines", default="onnxruntime",
                        help="comma list of: onnxruntime, openvino")
     bench.add_argument("--precisions", default="fp32",
@@ -487,10 +491,19 @@ def _bench(args: argparse.Namespace) -> int:
             raise PPMLError(f"--from-json: cannot read runs from {args.from_json}") from None
         _report(runs, args)
         return 0
-    kinds = _choices(args.configs, "--configs", {"secure", "plain", "secure-memory"})
+    kinds = _choices(args.configs, "--configs",
+                     {"secure", "plain", "secure-memory", "secure-tls"})
     engines = _choices(args.engines, "--engines", {"onnxruntime", "openvino"})
     precisions = _choices(args.precisions, "--precisions", {"fp32", "bf16"})
-    models = args.model or [(DEMO_NAME, demo_model_path())]
+    models = list(args.model)
+    if args.null_model:
+        import tempfile
+
+        from ppml_serve.bench.null_model import build_null_model
+
+        scratch = Path(tempfile.mkdtemp(prefix="ppml-null-"))
+        models.append(("null", build_null_model(scratch / "null.onnx")))
+    models = models or [(DEMO_NAME, demo_model_path())]
     for _, path in models:
         if not Path(path).is_file():
             raise PPMLError(f"--model: no such file: {path}")
@@ -504,7 +517,8 @@ def _bench(args: argparse.Namespace) -> int:
                     label = "int8" if is_int8(Path(path)) else precision
                     configs.append(BenchConfig(
                         f"{name}-{engine}-{label}-{kind}", name, Path(path), engine, precision,
-                        kind != "plain", "none" if kind == "secure-memory" else "aof"))
+                        kind != "plain", "none" if kind == "secure-memory" else "aof",
+                        local_socket=kind != "secure-tls"))
     if not configs:
         raise PPMLError("no configuration to run (bf16 needs --engines openvino)")
     options = BenchOptions(
@@ -566,12 +580,16 @@ def _report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
 
     from ppml_serve.bench.runner import summarize
 
-    header = f"{'name':<40} {'mode':<8} {'conc':>4} {'items/s':>9} {'p50 ms':>8} {'p99 ms':>8} err"
+    header = (f"{'name':<40} {'mode':<8} {'conc':>4} {'items/s':>9} {'p50 ms':>8} "
+              f"{'p99 ms':>8} err  CPU ms/request gateway/redis/worker")
     print(header)
     for run in runs:
+        cpu = run.get("cpu_ms_per_request")
+        parts = (f"  {cpu['gateway']:.2f}/{cpu['redis']:.2f}/{cpu['worker']:.2f}"
+                 if cpu else "")
         print(f"{run['name']:<40} {run['mode']:<8} {run['concurrency']:>4} "
               f"{run['throughput']:>9.1f} {run['p50_ms']:>8.2f} {run['p99_ms']:>8.2f} "
-              f"{run['errors']}")
+              f"{run['errors']:>3}{parts}")
     for line in summarize(runs):
         print(line)
     if args.json:

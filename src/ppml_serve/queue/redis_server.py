@@ -41,11 +41,15 @@ class ManagedRedis:
     """Interface to listen on (loopback unless other hosts must reach it)."""
     cluster: bool = False
     """A Redis Cluster node (its bus, on port + 10000, speaks TLS too)."""
+    unix_socket: bool = False
+    """Also listen on ``DIRECTORY/redis.sock`` (mode 0700, in a 0700 directory), for parts on
+    this host; ``socket_url`` then names it."""
     passwords: tuple[str, str] | None = field(default=None, repr=False)
     """Service and admin passwords to use (the nodes of a cluster share their ACL users);
     fresh random ones when unset."""
     url: SecretStr = field(init=False, repr=False)
     admin_url: SecretStr = field(init=False, repr=False)
+    socket_url: SecretStr | None = field(default=None, init=False, repr=False)
     process: subprocess.Popen[bytes] | None = field(default=None, init=False, repr=False)
     _passwords: tuple[str, str] = field(init=False, repr=False)
     _log_offset: int = field(default=0, init=False, repr=False)
@@ -79,6 +83,8 @@ class ManagedRedis:
             ),
             *(["cluster-enabled yes", "cluster-config-file nodes.conf",
                *(["tls-cluster yes"] if self.tls else [])] if self.cluster else []),
+            *([f"unixsocket {self.socket_path}", "unixsocketperm 700"]
+              if self._socket_usable() else []),
             f"dir {self.directory.resolve()}",
             f"pidfile {(self.directory / 'redis.pid').resolve()}",
             # AOF keeps queued requests and job answers across a Redis restart, losing at most
@@ -101,6 +107,9 @@ class ManagedRedis:
         ]
         path = self.directory / "redis.conf"
         write_private(path, ("\n".join(lines) + "\n").encode())
+        if self._socket_usable():
+            self.socket_url = SecretStr(f"unix://{SERVICE_USER}:{quote(service_password)}@"
+                                        f"{self.socket_path}?db=0")
         scheme = "rediss" if self.tls else "redis"
         self.url = SecretStr(
             f"{scheme}://{SERVICE_USER}:{quote(service_password)}@{self.host}:{self.port}/0")
@@ -131,6 +140,14 @@ class ManagedRedis:
                     self.stop()
                     raise
                 time.sleep(0.05)
+
+    @property
+    def socket_path(self) -> Path:
+        return (self.directory / "redis.sock").resolve()
+
+    def _socket_usable(self) -> bool:
+        # sun_path holds 107 bytes: a deeper state directory keeps TLS on loopback instead.
+        return self.unix_socket and len(str(self.socket_path).encode()) < 100
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
