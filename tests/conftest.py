@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import subprocess
 import threading
@@ -9,6 +10,7 @@ import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -121,6 +123,18 @@ def stop(process: subprocess.Popen[bytes] | None) -> None:
     except subprocess.TimeoutExpired:
         process.kill()
         process.wait()
+
+
+@contextlib.contextmanager
+def running_stack(settings: Settings, workers: int = 1, log_level: str = "WARNING",
+                  **options: Any) -> Iterator[LocalStack]:
+    """A started local stack, stopped (every process with it) on the way out."""
+    local = LocalStack(settings, workers=workers, log_level=log_level, **options)
+    try:
+        local.start()
+        yield local
+    finally:
+        local.stop()
 
 
 @pytest.fixture(scope="session")

@@ -15,18 +15,14 @@ from ppml_serve.client import Client
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.state import read_api_key
 
-from .conftest import stack_settings
+from .conftest import running_stack, stack_settings
 
 
 @pytest.fixture(scope="module")
 def json_logged(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     settings = stack_settings(tmp_path_factory.mktemp("logs"), log={"format": "json"})
-    local = LocalStack(settings, workers=1, log_level="INFO")
-    try:
-        local.start()
+    with running_stack(settings, log_level="INFO") as local:
         yield local
-    finally:
-        local.stop()
 
 
 def _json_lines(text: str) -> list[dict[str, object]]:

@@ -18,7 +18,7 @@ from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_samples
 from ppml_serve.state import read_api_key
 
-from .conftest import stack_settings
+from .conftest import running_stack, stack_settings
 
 BURST = 500
 RSS_GROWTH_BOUND_MB = 96
@@ -34,12 +34,8 @@ def small_gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalSta
     """One worker, and a gateway that admits 32 requests at once (16 per model)."""
     settings = stack_settings(tmp_path_factory.mktemp("overload"), gateway={
         "port": 0, "request_timeout_s": 10, "max_inflight": 32, "max_inflight_per_model": 16})
-    local = LocalStack(settings, workers=1, log_level="WARNING")
-    try:
-        local.start()
+    with running_stack(settings) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def _rss_mb(pid: int) -> float:

@@ -15,7 +15,7 @@ import pytest
 import ray
 from ray.cluster_utils import Cluster
 
-from ppml_serve.bench.faults import SteadyLoad, summarize
+from ppml_serve.bench.faults import SteadyLoad, summarize, wait_until
 from ppml_serve.client import Client
 from ppml_serve.cluster.ray_pool import PoolSpec, RayWorkerPool, queue_stats_source
 from ppml_serve.engines import load_engine
@@ -68,12 +68,7 @@ def ray_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RayStack]:
 
 
 def _wait(condition: Any, timeout_s: float = 90) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(0.3)
-    return False
+    return wait_until(condition, timeout_s)
 
 
 def test_actors_on_two_nodes_serve_and_a_lost_node_loses_nothing(ray_stack: RayStack) -> None:

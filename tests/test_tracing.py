@@ -30,7 +30,7 @@ from ppml_serve.settings import WorkerSettings
 from ppml_serve.state import read_api_key
 from ppml_serve.worker.service import Worker
 
-from .conftest import stack_settings
+from .conftest import running_stack, stack_settings
 from .security.test_records import RecordingBroker
 
 TRACE_ID = "4bf92f3577b34da6a3ce929d0e0e4736"
@@ -93,12 +93,8 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStac
     state = tmp_path_factory.mktemp("traced")
     spans_file = state / "spans.jsonl"
     settings = stack_settings(state, tracing={"exporter": "file", "file": spans_file})
-    local = LocalStack(settings, workers=1, log_level="WARNING")
-    try:
-        local.start()
+    with running_stack(settings) as local:
         yield local, spans_file
-    finally:
-        local.stop()
 
 
 def test_one_request_traced_through_real_processes(traced: tuple[LocalStack, Path]) -> None:

@@ -22,7 +22,7 @@ from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_samples
 from ppml_serve.state import read_api_key
 
-from ..conftest import stack_settings
+from ..conftest import running_stack, stack_settings
 
 IMAGES, _ = demo_samples()
 HEADER_TIMEOUT_S = 1.0
@@ -40,12 +40,8 @@ def hardened(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
                  "body_timeout_s": BODY_TIMEOUT_S, "max_header_bytes": 16 * 1024},
         worker={"max_rows_per_request": MAX_ROWS, "heartbeat_s": 0.3, "claim_idle_ms": 1500,
                 "engine_threads": 1})
-    local = LocalStack(settings, workers=1, log_level="WARNING")
-    try:
-        local.start()
+    with running_stack(settings) as local:
         yield local
-    finally:
-        local.stop()
 
 
 def _key(stack: LocalStack) -> str:

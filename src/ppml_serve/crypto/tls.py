@@ -91,55 +91,17 @@ def ensure_dev_pki(directory: Path) -> DevPki:
     return pki
 
 
-def issue_server_cert(ca_directory: Path, out_directory: Path, name: str,
-                      addresses: list[str]) -> tuple[Path, Path]:
-    """A server certificate from the dev CA for a part on another host: ``name`` and
-    ``addresses`` (host names or IP addresses) as subject alternative names. Writes
-    ``server.pem``, ``server-key.pem`` (0600) and ``ca.pem`` into ``out_directory``."""
-    ca_key = serialization.load_pem_private_key((ca_directory / "ca-key.pem").read_bytes(), None)
+def _issue(ca_directory: Path, common_name: str, usage: x509.ObjectIdentifier,
+           alternative_names: list[x509.GeneralName]) -> tuple[x509.Certificate, bytes, bytes]:
+    """A leaf certificate signed by the dev CA: (CA certificate, certificate PEM, key PEM)."""
+    ca_key = serialization.load_pem_private_key((ca_directory / "ca-key.pem").read_bytes(),
+                                                None)
     ca_cert = x509.load_pem_x509_certificate((ca_directory / "ca.pem").read_bytes())
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("the dev CA key is not an EC key")
-    names: list[x509.GeneralName] = []
-    for address in [name, *addresses]:
-        try:
-            names.append(x509.IPAddress(ipaddress.ip_address(address)))
-        except ValueError:
-            names.append(x509.DNSName(address))
     key = ec.generate_private_key(ec.SECP256R1())
     now = datetime.now(timezone.utc)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(_name(name))
-        .issuer_name(ca_cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - timedelta(minutes=5))
-        .not_valid_after(now + timedelta(days=365))
-        .add_extension(x509.SubjectAlternativeName(names), critical=False)
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
-                       critical=False)
-        .sign(ca_key, hashes.SHA256())
-    )
-    out_directory.mkdir(parents=True, exist_ok=True, mode=0o700)
-    cert_file, key_file = out_directory / "server.pem", out_directory / "server-key.pem"
-    write_private(key_file, _pem_key(key))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-    (out_directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
-    return cert_file, key_file
-
-
-def issue_client_cert(directory: Path, common_name: str) -> tuple[Path, Path]:
-    """A client certificate (clientAuth) from the dev CA, e.g. for a KMIP server's mTLS."""
-    ca_key = serialization.load_pem_private_key((directory / "ca-key.pem").read_bytes(), None)
-    ca_cert = x509.load_pem_x509_certificate((directory / "ca.pem").read_bytes())
-    if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
-        raise ValueError("the dev CA key is not an EC key")
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = datetime.now(timezone.utc)
-    cert = (
+    builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
         .issuer_name(ca_cert.subject)
@@ -148,12 +110,43 @@ def issue_client_cert(directory: Path, common_name: str) -> tuple[Path, Path]:
         .not_valid_before(now - timedelta(minutes=5))
         .not_valid_after(now + timedelta(days=365))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
-        .sign(ca_key, hashes.SHA256())
+        .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
+                       critical=False)
     )
+    if alternative_names:
+        builder = builder.add_extension(x509.SubjectAlternativeName(alternative_names),
+                                        critical=False)
+    cert = builder.sign(ca_key, hashes.SHA256())
+    return ca_cert, cert.public_bytes(serialization.Encoding.PEM), _pem_key(key)
+
+
+def issue_server_cert(ca_directory: Path, out_directory: Path, name: str,
+                      addresses: list[str]) -> tuple[Path, Path]:
+    """A server certificate from the dev CA for a part on another host: ``name`` and
+    ``addresses`` (host names or IP addresses) as subject alternative names. Writes
+    ``server.pem``, ``server-key.pem`` (0600) and ``ca.pem`` into ``out_directory``."""
+    names: list[x509.GeneralName] = []
+    for address in [name, *addresses]:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(address)))
+        except ValueError:
+            names.append(x509.DNSName(address))
+    ca_cert, cert, key = _issue(ca_directory, name, ExtendedKeyUsageOID.SERVER_AUTH, names)
+    out_directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    cert_file, key_file = out_directory / "server.pem", out_directory / "server-key.pem"
+    write_private(key_file, key)
+    cert_file.write_bytes(cert)
+    (out_directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    return cert_file, key_file
+
+
+def issue_client_cert(directory: Path, common_name: str) -> tuple[Path, Path]:
+    """A client certificate (clientAuth) from the dev CA, e.g. for a KMIP server's mTLS."""
+    _, cert, key = _issue(directory, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
     cert_file, key_file = directory / f"{common_name}.pem", directory / f"{common_name}-key.pem"
-    write_private(key_file, _pem_key(key))
-    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    write_private(key_file, key)
+    cert_file.write_bytes(cert)
     return cert_file, key_file
 
 
