@@ -40,7 +40,8 @@ def test_up_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
     state = tmp_path / "state"
     process = subprocess.Popen(
         [sys.executable, "-m", "ppml_serve", "up", "--state-dir", str(state),
-         "--port", str(free_port()), "--log-level", "WARNING"],
+         "--port", str(free_port()), "--grpc-port", str(free_port()), "--log-level",
+         "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
     )
     assert process.stdout is not None
@@ -86,7 +87,7 @@ def test_up_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
 def _up_until_ready(state: Path, port: int) -> subprocess.Popen[bytes]:
     process = subprocess.Popen(
         [sys.executable, "-m", "ppml_serve", "up", "--state-dir", str(state),
-         "--port", str(port), "--log-level", "WARNING"],
+         "--port", str(port), "--grpc-port", str(free_port()), "--log-level", "WARNING"],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL)
     assert process.stdout is not None
     deadline = time.monotonic() + 90
