@@ -19,6 +19,7 @@ from ppml_serve.client import AsyncClient, Client, ClientError
 from ppml_serve.codecs import record
 from ppml_serve.crypto.envelope import REPLY, REQUEST, associated_data
 from ppml_serve.engines import load_engine
+from ppml_serve.gateway.auth import add_api_key
 from ppml_serve.models import demo_model_path, demo_samples
 
 from .conftest import MAX_REQUEST_BYTES, RedisCommands, Stack
@@ -389,3 +390,34 @@ def test_a_record_cannot_direct_answers_to_another_key(stack: Stack) -> None:
         time.sleep(0.1)
     assert not admin.xrange("ppml:{demo}:req", entry, entry), "the entry was never acked"
     assert admin.type("ppml:models") == b"hash" and admin.hexists("ppml:models", "demo")
+
+
+def test_versions_config_stats_and_repository_index_through_tritonclient(stack: Stack) -> None:
+    client = triton.InferenceServerClient(
+        url=stack.url.removeprefix("https://"), ssl=True,
+        ssl_options={"ca_certs": str(stack.ca_file)})
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    try:
+        tensor = triton.InferInput("image", [2, 8, 8], "UINT8")
+        tensor.set_data_from_numpy(IMAGES[:2])
+        pinned = client.infer("demo", [tensor], model_version="1", headers=headers)
+        assert pinned.as_numpy("probabilities").shape == (2, 10)
+        with pytest.raises(triton.InferenceServerException) as caught:
+            client.infer("demo", [tensor], model_version="7", headers=headers)
+        assert "has no version '7'" in str(caught.value)
+        config = client.get_model_config("demo", headers=headers)
+        assert config["input"] == [{"name": "image", "data_type": "TYPE_UINT8", "dims": [8, 8]}]
+        assert config["max_batch_size"] == stack.settings.worker.max_rows_per_request
+        stats = client.get_inference_statistics("demo", headers=headers)["model_stats"][0]
+        assert stats["inference_count"] >= 1 and stats["execution_count"] >= 1
+        assert stats["inference_stats"]["queue"]["count"] >= 1
+        assert stats["inference_stats"]["compute_infer"]["ns"] > 0
+        index = client.get_model_repository_index(headers=headers)
+        assert {"name": "demo", "version": "1", "state": "READY"} in index
+    finally:
+        client.close()
+    infer_only = add_api_key(stack.settings.api_keys_file, "no-admin", ["*"])
+    time.sleep(1.1)  # key files are re-read at most once a second
+    with stack.http(api_key=infer_only) as http:
+        assert http.post("/v2/repository/index").status_code == 403
+        assert http.get("/v2/models/demo/versions/7").status_code == 404

@@ -40,7 +40,7 @@ def prepare_state(settings: Settings) -> None:
                 key["name"] == "default" for key in list_api_keys(settings.api_keys_file)):
             # Its token file is gone, so the old default key can never be used again.
             revoke_api_key(settings.api_keys_file, "default")
-        token = add_api_key(settings.api_keys_file, "default", ["*"], ("infer", "metrics"))
+        token = add_api_key(settings.api_keys_file, "default", ["*"], ("infer", "metrics", "admin"))
         write_private(key_file, (token + "\n").encode())
 
 

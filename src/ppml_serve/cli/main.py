@@ -167,9 +167,10 @@ def build_parser() -> argparse.ArgumentParser:
     _common(add)
     add.add_argument("--name", required=True, help="who the key is for")
     add.add_argument("--models", nargs="+", default=["*"], help="models it may use (* = all)")
-    add.add_argument("--scopes", nargs="+", default=["infer"], choices=["infer", "metrics"],
+    add.add_argument("--scopes", nargs="+", default=["infer"],
+                     choices=["infer", "metrics", "admin"],
                      help="what it may do: infer (the inference API, default), metrics "
-                     "(read /metrics)")
+                     "(read /metrics), admin (the model repository API)")
     listing = key_commands.add_parser("list", help="show API keys (ids, names, models, "
                                       "scopes; never a key or its hash)")
     _common(listing)

@@ -36,6 +36,7 @@ from ppml_serve.errors import (
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.openapi import openapi_document
+from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
 from ppml_serve.queue.contract import QueueStats, ReplyMessage
 from ppml_serve.tracing import context_from, tracer
@@ -118,8 +119,11 @@ class Metrics:
                                    "answered", ["model"], registry=self.registry)
         self.live_workers = Gauge("ppml_live_workers", "Workers with a fresh heartbeat",
                                   ["model"], registry=self.registry)
+        self.statistics = InferenceStatistics()
+        """The same events in Triton's statistics shape (``/v2/models/{m}/stats``)."""
 
     def observe_reply(self, model: str, message: ReplyMessage) -> None:
+        self.statistics.answer(model, message.queue_s, message.engine_s, message.batch_size)
         self.batch_size.labels(model).observe(message.batch_size)
         self.queue_wait.labels(model).observe(message.queue_s)
         self.engine.labels(model).observe(message.engine_s)
@@ -193,6 +197,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         labels = (model, "1" if version == "1" else "_other")
         metrics.requests.labels(*labels, str(status)).inc()
         metrics.latency.labels(*labels).observe(seconds)
+        if model != "_other" and request.url.path.endswith("/infer"):
+            metrics.statistics.outcome(model, status == 200, seconds)
 
     def authenticated(model_route: bool = True, scope: str | None = None,
                       counted: bool = False) -> Callable[
@@ -218,6 +224,9 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     key_name = principal.name
                     if model_route:
                         principal.authorize(request.path_params["model"])
+                        if "version" in request.path_params:
+                            dataplane.check_version(request.path_params["model"],
+                                                    request.path_params["version"])
                     if scope is not None:
                         principal.require(scope)
                     request.state.principal = principal.key_id
@@ -271,8 +280,22 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
     async def model_metadata(request: Request) -> Response:
         spec = await dataplane.spec(request.path_params["model"])
         document = spec.as_json()
-        document["versions"] = ["1"]
+        document["versions"] = dataplane.versions(request.path_params["model"])
         return JSONResponse(document)
+
+    @authenticated()
+    async def model_config(request: Request) -> Response:
+        return JSONResponse(await dataplane.model_config(request.path_params["model"]))
+
+    @authenticated()
+    async def model_stats(request: Request) -> Response:
+        model = request.path_params["model"]
+        await dataplane.spec(model)  # 404 for a model not served
+        return JSONResponse(metrics.statistics.as_json(model))
+
+    @authenticated(model_route=False, scope="admin")
+    async def repository_index(request: Request) -> Response:
+        return JSONResponse(await dataplane.repository_index())
 
     @authenticated()
     async def model_ready(request: Request) -> Response:
@@ -354,6 +377,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/models/{model}", model_metadata),
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),
+        Route("/v2/models/{model}/config", model_config),
+        Route("/v2/models/{model}/stats", model_stats),
+        Route("/v2/models/{model}/versions/{version}/config", model_config),
+        Route("/v2/models/{model}/versions/{version}/stats", model_stats),
+        Route("/v2/repository/index", repository_index, methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/attestation", model_attestation),

@@ -32,8 +32,9 @@ log = logging.getLogger("ppml_serve.gateway")
 audit = logging.getLogger("ppml_serve.audit")
 
 TOKEN_PREFIX = "ppml_"  # noqa: S105 - a marker that makes leaked keys easy to scan for
-SCOPES = ("infer", "metrics")
-"""``infer``: the inference API for the key's models; ``metrics``: read ``/metrics``."""
+SCOPES = ("infer", "metrics", "admin")
+"""``infer``: the inference API for the key's models; ``metrics``: read ``/metrics``;
+``admin``: the model repository API."""
 RELOAD_CHECK_S = 1.0
 
 

@@ -200,6 +200,44 @@ class DataPlane:
             raise ModelNotFound(f"model {model!r} is not served here")
         return models[model]
 
+    def versions(self, model: str) -> list[str]:
+        """Versions of a model: one ("1") until models come from a versioned repository."""
+        return ["1"]
+
+    def check_version(self, model: str, version: str) -> None:
+        if version not in self.versions(model):
+            raise ModelNotFound(f"model {model!r} has no version {version!r} "
+                                f"(versions: {', '.join(self.versions(model))})")
+
+    async def model_config(self, model: str) -> dict[str, Any]:
+        """The model's configuration in Triton's shape (``get_model_config``)."""
+        spec = await self.spec(model)
+
+        def tensors(specs: Any) -> list[dict[str, Any]]:
+            return [{"name": t.name, "data_type": f"TYPE_{t.datatype}",
+                     "dims": list(t.shape[1:] if t.shape and t.shape[0] == -1 else t.shape)}
+                    for t in specs]
+
+        return {"name": spec.name, "platform": f"{spec.platform}_onnx"
+                if spec.platform == "onnxruntime" else spec.platform,
+                "backend": spec.platform, "max_batch_size": self._max_rows or 0,
+                "input": tensors(spec.inputs), "output": tensors(spec.outputs),
+                "version_policy": {"specific": {"versions": [1]}},
+                "dynamic_batching": {}}
+
+    async def repository_index(self) -> list[dict[str, str]]:
+        """Every model this gateway serves or knows of, with its state (repository API)."""
+        models = set(self._configured) | set(await self.models(refresh=True))
+        index = []
+        for model in sorted(models):
+            try:
+                ready = await self.model_ready(model)
+            except (ModelNotFound, NotReady):
+                ready = False
+            index.append({"name": model, "version": "1",
+                          "state": "READY" if ready else "UNAVAILABLE"})
+        return index
+
     async def model_ready(self, model: str) -> bool:
         await self.spec(model)
 

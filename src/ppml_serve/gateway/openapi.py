@@ -88,6 +88,16 @@ def openapi_document() -> dict[str, Any]:
             "/v2/models/{model}/versions/{version}": _get("Model metadata", model, version),
             "/v2/models/{model}/versions/{version}/ready": _get("Model readiness", model,
                                                                 version),
+            "/v2/models/{model}/config": _get("Model configuration (Triton's shape)", model),
+            "/v2/models/{model}/versions/{version}/config": _get(
+                "Model configuration (Triton's shape)", model, version),
+            "/v2/models/{model}/stats": _get("Inference statistics (Triton's shape)", model),
+            "/v2/models/{model}/versions/{version}/stats": _get(
+                "Inference statistics (Triton's shape)", model, version),
+            "/v2/repository/index": {"post": {
+                "summary": "Models and their state (a key with the 'admin' scope)",
+                "responses": {"200": _json({"type": "array", "items": {"type": "object"}}),
+                              **_ERRORS}}},
             "/v2/models/{model}/infer": _infer("Inference", model),
             "/v2/models/{model}/versions/{version}/infer": _infer("Inference", model, version),
             "/v2/models/{model}/infer-sealed": {"post": {
