@@ -80,7 +80,7 @@ def test_worker_spans_hang_under_the_gateway_span(spans: InMemorySpanExporter) -
     worker.process([Delivery("1-0", "r1", "ppml:{demo}:reply:t", body, 0,
                              enqueued_ms=int(time.time() * 1000) - 5, traceparent=PARENT)])
     recorded = {span.name: span for span in spans.get_finished_spans()}
-    assert {"queue wait", "open", "infer", "seal"} <= set(recorded)
+    assert {"queue wait", "open", "batch", "infer", "seal"} <= set(recorded)
     for span in recorded.values():
         assert format(span.context.trace_id, "032x") == TRACE_ID
         assert format(span.parent.span_id, "016x") == "00f067aa0ba902b7"

@@ -88,9 +88,10 @@ class Keyring:
         cipher = self._ciphers.get(record[4:id_end])
         if cipher is None or len(record) < header_end + 16:
             raise IntegrityError("record failed authentication")
+        view = memoryview(record)  # slices of a view copy nothing
         try:
-            return cipher.decrypt(record[id_end:header_end], record[header_end:],
-                                  record[:header_end] + aad)
+            return cipher.decrypt(view[id_end:header_end], view[header_end:],
+                                  bytes(view[:header_end]) + aad)
         except InvalidTag:
             raise IntegrityError("record failed authentication") from None
 

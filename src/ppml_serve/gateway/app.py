@@ -170,10 +170,13 @@ def _log_access(request: Request, response: Response, key_name: str, seconds: fl
         model = "_other"  # names from URLs are not echoed into logs unchecked
     received = request.headers.get("content-length", "0")
     sent = response.headers.get("content-length", "0")
-    access.info("%s %s key=%s model=%s status=%d ms=%.1f in=%s out=%s", request.method,
-                request.url.path if model != "_other" else "(unknown model)", key_name, model,
-                response.status_code, seconds * 1000, received, sent,
-                extra={"key": key_name, "model": model, "status": response.status_code,
+    version = request.path_params.get("version", "1")
+    version = version if version.isdigit() and len(version) < 10 else "_other"
+    access.info("%s %s key=%s model=%s version=%s status=%d ms=%.1f in=%s out=%s",
+                request.method, request.url.path if model != "_other" else "(unknown model)",
+                key_name, model, version, response.status_code, seconds * 1000, received, sent,
+                extra={"key": key_name, "model": model, "version": version,
+                       "status": response.status_code,
                        "ms": round(seconds * 1000, 1),
                        "bytes_in": int(received) if received.isdigit() else 0,
                        "bytes_out": int(sent) if sent.isdigit() else 0})

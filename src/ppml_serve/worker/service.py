@@ -343,6 +343,8 @@ class Worker:
             engine_ended = time.time_ns()
             for entry in work:
                 entry.engine_s = engine_s
+                span_between("batch", entry.trace, batch_started, engine_ended,
+                             batch_size=len(items))
                 span_between("infer", entry.trace, engine_started, engine_ended,
                              batch_size=len(items))
         return work
