@@ -246,7 +246,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     seconds = time.perf_counter() - started
                     if counted and response is not None:
                         count(request, response.status_code, seconds)
-                    if access_log and response is not None:
+                    if access_log and response is not None and access.isEnabledFor(
+                            logging.INFO):  # nothing to format when nobody listens
                         _log_access(request, response, key_name, seconds)
                     request_id.reset(token)
                 response.headers["X-Request-ID"] = rid

@@ -143,7 +143,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             await context.abort(code, "internal error")
             raise
         finally:
-            if self._access_log and model is not None:
+            if self._access_log and model is not None and access.isEnabledFor(logging.INFO):
                 shown = model if self._dataplane.is_served(model) else "_other"
                 access.info("gRPC %s key=%s model=%s status=%s ms=%.1f", rpc, key_name, shown,
                             code.name, (time.perf_counter() - started) * 1000,
