@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
 import socket
 import subprocess
 import sys
@@ -46,7 +49,8 @@ def kmip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmipServer
     process = subprocess.Popen(
         [str(server_bin) if server_bin.exists() else "pykmip-server", "-f",
          str(directory / "server.conf"), "-l", str(directory / "server.log")],
-        cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        cwd=directory, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        start_new_session=True)  # its own group: the server forks, and all of it must stop
     deadline = time.monotonic() + 20
     while time.monotonic() < deadline:
         try:
@@ -57,11 +61,13 @@ def kmip_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[KmipServer
     try:
         yield KmipServer(port, directory)
     finally:
-        process.terminate()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGTERM)
         try:
             process.wait(10)
         except subprocess.TimeoutExpired:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
 
 
 def test_data_keys_wrapped_by_the_server(kmip_server: KmipServer, tmp_path: Path) -> None:
