@@ -21,6 +21,7 @@ from ppml_serve.bench.faults import (
     inject,
     run_fault,
     wait_ready,
+    wait_until,
     workers,
 )
 from ppml_serve.client import Client
@@ -70,15 +71,24 @@ def test_worker_faults_lose_nothing(supervised: LocalStack, fault: str) -> None:
 
 
 def test_killed_worker_is_replaced_and_forgotten(supervised: LocalStack) -> None:
-    before = {child.process.pid for child in workers(supervised) if child.process}
+    def pids() -> set[int]:
+        return {child.process.pid for child in workers(supervised)
+                if child.process and child.alive()}
+
+    before = pids()
     report = run_fault(supervised, "worker-kill", after_s=2.0)
     _check(report)
-    after = {child.process.pid for child in workers(supervised) if child.process}
-    assert len(after) == 2 and before != after
+    assert wait_until(lambda: len(pids()) == 2 and pids() != before, 60), "not replaced"
+    gone = before - pids()
     admin = _admin(supervised)
-    consumers = {c["name"].decode() for c in admin.xinfo_consumers("ppml:{demo}:req", "workers")}
-    dead = [pid for pid in before - after if any(f"-{pid}-" in name for name in consumers)]
-    assert dead == [], f"dead consumers still in the group: {consumers}"
+
+    def dead_consumers() -> list[str]:
+        names = [c["name"].decode() for c in admin.xinfo_consumers("ppml:{demo}:req",
+                                                                  "workers")]
+        return [name for name in names if any(f"-{pid}-" in name for pid in gone)]
+
+    # A live worker removes the dead one's consumer within a few heartbeats.
+    assert wait_until(lambda: not dead_consumers(), 30), dead_consumers()
 
 
 def test_redis_killed_under_load(supervised: LocalStack) -> None:

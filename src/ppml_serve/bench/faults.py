@@ -187,6 +187,8 @@ def workers(stack: LocalStack) -> list[Child]:
 def _signal(child: Child | None, signum: int) -> None:
     if child is not None and child.process is not None and child.alive():
         child.process.send_signal(signum)
+        if signum == signal.SIGKILL:
+            child.process.wait(10)  # dead before anyone checks whether the stack recovered
 
 
 def inject(stack: LocalStack, fault: str, freeze_s: float = 3.0) -> None:
@@ -207,6 +209,7 @@ def inject(stack: LocalStack, fault: str, freeze_s: float = 3.0) -> None:
     elif fault == "redis-kill":
         if stack.redis.process is not None:
             stack.redis.process.send_signal(signal.SIGKILL)
+            stack.redis.process.wait(10)
     elif fault == "gateway-kill":
         _signal(stack.gateway, signal.SIGKILL)
     elif fault == "gateway-sigterm":
