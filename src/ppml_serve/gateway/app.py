@@ -22,19 +22,10 @@ from starlette.routing import Route
 
 from ppml_serve import __version__
 from ppml_serve.codecs.v2 import HEADER_LENGTH
-from ppml_serve.errors import (
-    DeadlineExceeded,
-    Forbidden,
-    InvalidInput,
-    ModelNotFound,
-    NotReady,
-    Overloaded,
-    PayloadTooLarge,
-    PPMLError,
-    Unauthorized,
-)
+from ppml_serve.errors import NotReady, Overloaded, PayloadTooLarge, PPMLError, Unauthorized
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.gateway.errors import status_of
 from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
@@ -44,18 +35,6 @@ from ppml_serve.tracing import context_from, tracer
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
 
-_STATUS: tuple[tuple[type[PPMLError], int], ...] = (
-    (InvalidInput, 400),
-    (Unauthorized, 401),
-    (Forbidden, 403),
-    (ModelNotFound, 404),
-    (PayloadTooLarge, 413),
-    (Overloaded, 429),
-    (NotReady, 503),
-    (DeadlineExceeded, 504),
-)
-
-
 def inference_response(payload: bytes, header_length: int | None) -> Response:
     """JSON, or the binary extension's octet stream with its header length."""
     if header_length is None:
@@ -64,12 +43,8 @@ def inference_response(payload: bytes, header_length: int | None) -> Response:
                     headers={"Inference-Header-Content-Length": str(header_length)})
 
 
-def status_of(exc: PPMLError) -> int:
-    return next((code for kind, code in _STATUS if isinstance(exc, kind)), 500)
-
-
 def error_response(exc: PPMLError) -> JSONResponse:
-    status = status_of(exc)
+    status = status_of(exc).http
     headers = {}
     if isinstance(exc, Unauthorized):
         headers["WWW-Authenticate"] = "Bearer"

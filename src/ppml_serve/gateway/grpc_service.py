@@ -24,35 +24,15 @@ from tritonclient.grpc import service_pb2_grpc
 from ppml_serve import __version__
 from ppml_serve.codecs.tensors import check_shape, datatype_name, numpy_dtype
 from ppml_serve.codecs.v2 import InferRequest
-from ppml_serve.errors import (
-    DeadlineExceeded,
-    Forbidden,
-    InvalidInput,
-    ModelNotFound,
-    NotReady,
-    Overloaded,
-    PayloadTooLarge,
-    PPMLError,
-    Unauthorized,
-)
+from ppml_serve.errors import InvalidInput, PPMLError
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.gateway.errors import status_of
 from ppml_serve.logs import request_id
 from ppml_serve.tracing import context_from, tracer
 
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
-
-_CODES: tuple[tuple[type[PPMLError], grpc.StatusCode], ...] = (
-    (InvalidInput, grpc.StatusCode.INVALID_ARGUMENT),
-    (Unauthorized, grpc.StatusCode.UNAUTHENTICATED),
-    (Forbidden, grpc.StatusCode.PERMISSION_DENIED),
-    (ModelNotFound, grpc.StatusCode.NOT_FOUND),
-    (PayloadTooLarge, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (Overloaded, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (NotReady, grpc.StatusCode.UNAVAILABLE),
-    (DeadlineExceeded, grpc.StatusCode.DEADLINE_EXCEEDED),
-)
 
 # Typed contents field of InferTensorContents for each v2 datatype.
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
@@ -65,8 +45,7 @@ Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _status(error: PPMLError) -> grpc.StatusCode:
-    return next((code for kind, code in _CODES if isinstance(error, kind)),
-                grpc.StatusCode.INTERNAL)
+    return grpc.StatusCode[status_of(error).grpc]
 
 
 def _decode_inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:
