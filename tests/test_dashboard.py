@@ -14,7 +14,7 @@ DASHBOARD = Path(__file__).parents[1] / "deploy" / "grafana" / "ppml-serve.json"
 
 def test_dashboard_uses_only_exported_metric_names() -> None:
     exported = set()
-    for registry in (Metrics().registry, WorkerMetrics("demo").registry):
+    for registry in (Metrics().registry, WorkerMetrics().registry):
         for family in registry.collect():
             kind = family.type
             names = {family.name}

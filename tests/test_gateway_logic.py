@@ -19,7 +19,7 @@ from ppml_serve.errors import NotReady
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore, add_api_key
 from ppml_serve.gateway.dataplane import DataPlane
-from ppml_serve.queue.contract import Job, Mode, ReplyMessage
+from ppml_serve.queue.contract import HostStatus, Job, Mode, ModelState, ReplyMessage
 from ppml_serve.settings import GatewaySettings
 
 SPEC = ModelSpec("demo", (TensorSpec("image", "UINT8", (-1, 8, 8)),),
@@ -79,6 +79,17 @@ class StandInBroker:
 
     async def load_job(self, model: str, job_id: str) -> Job | None:
         return self.jobs.get(job_id)
+
+    async def model_states(self) -> dict[str, ModelState]:
+        return {}
+
+    async def request_model_state(self, model: str, action: str) -> ModelState:
+        return ModelState(action, 1)
+
+    async def host_statuses(self, max_age_s: float) -> list[HostStatus]:
+        if self.down:
+            raise NotReady("queue unreachable: ConnectionError")
+        return []
 
 
 def client_for(broker: StandInBroker, tmp_path: Path, **gateway: object) -> tuple[TestClient, str]:

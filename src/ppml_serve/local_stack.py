@@ -28,9 +28,10 @@ from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.tls import issue_client_cert
 from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
+from ppml_serve.repository import Repository
 from ppml_serve.settings import Settings
 from ppml_serve.state import prepare_state, read_api_key
-from ppml_serve.worker.runner import release_entry
+from ppml_serve.worker.runner import release_entry, repository_releases
 
 log = logging.getLogger("ppml_serve.stack")
 
@@ -159,8 +160,11 @@ DEV_POLICY_HEADER = """\
 
 
 def write_dev_policy(settings: Settings, path: Path) -> None:
-    """Each served model's measurement, bound to that model (and its wrapped file key)."""
+    """Each served model's measurement, bound to that model (and its wrapped file key); with
+    a repository, every version present in it."""
     releases = [release_entry(settings, name, model) for name, model in settings.models.items()]
+    if settings.model_repository is not None:
+        releases += repository_releases(settings, Repository(settings.model_repository))
     document = {"allowed_providers": ["simulated"], "allow_debug": True,
                 "max_evidence_age_s": 60, "releases": releases}
     write_private(path, (DEV_POLICY_HEADER + yaml.safe_dump(document, sort_keys=False)).encode())
@@ -267,6 +271,11 @@ class LocalStack:
                     self.worker_metrics.append(
                         f"http://{settings.worker.metrics_host}:{port}/metrics")
                 workers.append(Child(f"worker {name} #{index}", argv))
+        if settings.model_repository is not None:
+            for index in range(self.workers):
+                argv = [*base, "worker", *common, "--model-repository",
+                        str(settings.model_repository)]
+                workers.append(Child(f"worker repository #{index}", argv))
         self.children = [self.keybroker, *workers]
         self.gateway = Child("gateway", [*base, "gateway", *common])
         self.children.append(self.gateway)
@@ -300,12 +309,34 @@ class LocalStack:
                         raise NotReady(f"{child.name} exited during start-up "
                                        f"(code {child.returncode})")
                 try:
-                    if all(client.model_ready(name) for name in served):
+                    if all(client.model_ready(name) for name in served) \
+                            and self._repository_settled(client):
                         return
                 except Exception as exc:  # httpx wraps refused connections in its own errors
                     log.debug("gateway not answering yet (%s)", type(exc).__name__)
                 time.sleep(0.2)
         raise NotReady(f"the service did not become ready within {timeout_s:g} s")
+
+    def _repository_settled(self, client: Client) -> bool:
+        """Every repository model is listed by the workers, and none is still loading."""
+        root = self.settings.model_repository
+        if root is None:
+            return True
+        index = client.repository_index()
+        listed = {row["name"] for row in index}
+        return set(Repository(root).names()) <= listed and \
+            not any(row["state"] == "LOADING" for row in index)
+
+    def repository_problems(self) -> list[str]:
+        """Repository models or versions that could not be served, with why."""
+        if self.settings.model_repository is None:
+            return []
+        api_key = read_api_key(self.settings.state_dir)
+        with Client(self.url, api_key=api_key, ca_file=self.settings.ca_file, timeout_s=5,
+                    client_cert=self.client_cert) as client:
+            return [f"{row['name']} version {row['version'] or '-'}: {row['reason']}"
+                    for row in client.repository_index()
+                    if row["state"] == "UNAVAILABLE" and row["reason"] != "not loaded"]
 
     def _supervision(self) -> list[Supervised]:
         redis = self.redis

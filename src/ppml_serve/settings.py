@@ -236,7 +236,10 @@ class Settings(BaseSettings):
     state_dir: Path = Path(".ppml-serve")
     """Holds the dev CA and certificates, API keys, KMS material and the managed Redis."""
     models: dict[str, Path] = Field(default_factory=dict)
-    """Models to serve: NAME -> path of an ONNX file."""
+    """Models to serve: NAME -> path of a model file (served as version 1)."""
+    model_repository: Path | None = None
+    """A model repository (``DIR/<model>/config.yaml``, ``DIR/<model>/<version>/``) whose
+    models workers serve; models can be loaded and unloaded there without restarts."""
     redis: RedisSettings = Field(default_factory=RedisSettings)
     gateway: GatewaySettings = Field(default_factory=GatewaySettings)
     worker: WorkerSettings = Field(default_factory=WorkerSettings)

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ppml_serve import __version__
-from ppml_serve.errors import PPMLError
+from ppml_serve.errors import ConfigError, PPMLError
 from ppml_serve.logs import configure_logging
 from ppml_serve.settings import Settings, load_settings
 from ppml_serve.tracing import configure_tracing
@@ -88,6 +88,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--model", action="append", type=_model_pair, default=[],
                     metavar="NAME=PATH", help="also serve this ONNX model (repeatable)")
     up.add_argument("--no-demo", action="store_true", help="do not serve the demo model")
+    up.add_argument("--model-repository", type=Path, metavar="DIR",
+                    help="also serve the models of this repository (DIR/<model>/<version>/, "
+                    "see README 'Model repository'); --workers worker processes serve them all")
     up.add_argument("--worker-metrics-port", type=int, metavar="PORT",
                     help="serve each worker's Prometheus metrics on PORT, PORT+1, … "
                     "(worker.metrics_host, default 127.0.0.1)")
@@ -104,8 +107,12 @@ def build_parser() -> argparse.ArgumentParser:
     worker = commands.add_parser("worker", help="run one inference worker against a Redis URL")
     _common(worker)
     _redis_options(worker)
-    worker.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH",
-                        help="model to serve")
+    worker.add_argument("--model", type=_model_pair, action="append", default=[],
+                        metavar="NAME=PATH",
+                        help="serve this model file as version 1 (repeatable)")
+    worker.add_argument("--model-repository", type=Path, metavar="DIR",
+                        help="serve the models of this repository (DIR/<model>/<version>/), "
+                        "loading and unloading them as the repository API asks")
     worker.add_argument("--metrics-port", type=int,
                         help="serve Prometheus metrics on 127.0.0.1:PORT")
     _engine_options(worker)
@@ -303,7 +310,10 @@ def run(args: argparse.Namespace) -> int:
         models = {} if args.no_demo else {DEMO_NAME: demo_model_path()}
         models.update(base.models)
         models.update(dict(args.model))
-        return run_up(_settings(args, models=models), args.workers, args.log_level,
+        extra: dict[str, Any] = {"models": models}
+        if args.model_repository is not None:
+            extra["model_repository"] = args.model_repository.resolve()
+        return run_up(_settings(args, **extra), args.workers, args.log_level,
                       args.worker_metrics_port)
 
     if args.command == "bench":
@@ -329,19 +339,27 @@ def run(args: argparse.Namespace) -> int:
 
     if args.command == "worker":
         from ppml_serve.crypto.attestation.base import AttestationRefused
-        from ppml_serve.worker.runner import build_worker
+        from ppml_serve.repository import Repository
+        from ppml_serve.worker.host import build_host
 
         exit_when_orphaned()
-        name, path = args.model
         settings = _settings(args)
+        root = args.model_repository or settings.model_repository
+        if root is None and not args.model:
+            raise ConfigError("worker: give --model NAME=PATH or --model-repository DIR")
+        repository = Repository(root, dict(args.model))
         configure_tracing(settings.tracing, "ppml-serve-worker")
-        try:
-            worker = build_worker(settings, name, path)
-        except AttestationRefused as exc:
-            print(f"error: no keys released, serving nothing: {exc}", file=sys.stderr)
+        host = build_host(settings, repository)
+        _stop_on_signals(host.stop)
+        failures = host.start()
+        refused = [exc for exc in failures if isinstance(exc, AttestationRefused)]
+        if root is None and failures:  # a worker for named models serves all or nothing
+            host.stop()
+            host.run()
+            print(f"error: {'no keys released, ' if refused else ''}serving nothing: "
+                  f"{failures[0]}", file=sys.stderr)
             return 3
-        _stop_on_signals(worker.stop)
-        worker.run()
+        host.run()
         return 0
 
     if args.command == "redis":

@@ -40,6 +40,8 @@ def run_up(settings: Settings, workers: int, log_level: str,
         print(f"ready {stack.url} {grpc_scheme}://{stack.grpc_address}", flush=True)
         for address in stack.worker_metrics:
             print(f"worker metrics: {address}", flush=True)
+        for problem in stack.repository_problems():
+            print(f"warning: not served: {problem}", file=sys.stderr, flush=True)
         print(f"example: curl --cacert {settings.ca_file} -H \"Authorization: Bearer "
               f"$(cat {state / 'api-key'})\" {stack.url}/v2/models/{DEMO_NAME}", flush=True)
         if DEMO_NAME in settings.models:

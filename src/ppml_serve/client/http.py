@@ -30,6 +30,14 @@ class ClientError(Exception):
         self.message = message
 
 
+_REPOSITORY_TIMEOUT = 180.0
+"""Loads wait for attestation, key release and engine compilation; unloads for a drain."""
+
+
+def _model_path(model: str, version: str | None) -> str:
+    return f"/v2/models/{model}" + (f"/versions/{version}" if version is not None else "")
+
+
 def _tls(ca_file: str | Path | None, verify: bool,
          client_cert: tuple[str | Path, str | Path] | None = None) -> ssl.SSLContext | bool:
     if not verify:
@@ -164,19 +172,39 @@ class Client(_Base):
     def ready(self) -> bool:
         return self._http.get("/v2/health/ready").status_code == 200
 
-    def model_ready(self, model: str) -> bool:
-        return self._http.get(f"/v2/models/{model}/ready").status_code == 200
+    def model_ready(self, model: str, version: str | None = None) -> bool:
+        return self._http.get(f"{_model_path(model, version)}/ready").status_code == 200
 
-    def metadata(self, model: str) -> dict[str, Any]:
-        response = self._http.get(f"/v2/models/{model}")
+    def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        response = self._http.get(_model_path(model, version))
         _raise_for_status(response)
         result: dict[str, Any] = response.json()
         return result
 
-    def infer(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays:
+    def infer(self, model: str, inputs: np.ndarray[Any, Any] | Arrays,
+              version: str | None = None) -> Arrays:
+        """Outputs of ``model`` (its newest ready version, or ``version``)."""
         body, headers = self._encoded(model, inputs)
-        return _decode(self._http.post(f"/v2/models/{model}/infer", content=body,
+        return _decode(self._http.post(f"{_model_path(model, version)}/infer", content=body,
                                        headers=headers))
+
+    def repository_index(self) -> list[dict[str, str]]:
+        """Every model and version the workers' repositories hold, with state (admin key)."""
+        response = self._http.post("/v2/repository/index", json={})
+        _raise_for_status(response)
+        result: list[dict[str, str]] = response.json()
+        return result
+
+    def load_model(self, model: str) -> None:
+        """Have the workers read ``model`` again and serve it (admin key); returns when a
+        version is ready, raises ``ServerError`` with the reasons when none is."""
+        _raise_for_status(self._http.post(f"/v2/repository/models/{model}/load",
+                                          timeout=_REPOSITORY_TIMEOUT))
+
+    def unload_model(self, model: str) -> None:
+        """Stop serving ``model`` once its queued requests are answered (admin key)."""
+        _raise_for_status(self._http.post(f"/v2/repository/models/{model}/unload",
+                                          timeout=_REPOSITORY_TIMEOUT))
 
     def submit(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> str:
         """Enqueue a job now; fetch its answer later with ``result`` (from any gateway)."""
@@ -243,19 +271,35 @@ class AsyncClient(_Base):
     async def ready(self) -> bool:
         return (await self._http.get("/v2/health/ready")).status_code == 200
 
-    async def model_ready(self, model: str) -> bool:
-        return (await self._http.get(f"/v2/models/{model}/ready")).status_code == 200
+    async def model_ready(self, model: str, version: str | None = None) -> bool:
+        response = await self._http.get(f"{_model_path(model, version)}/ready")
+        return response.status_code == 200
 
-    async def metadata(self, model: str) -> dict[str, Any]:
-        response = await self._http.get(f"/v2/models/{model}")
+    async def metadata(self, model: str, version: str | None = None) -> dict[str, Any]:
+        response = await self._http.get(_model_path(model, version))
         _raise_for_status(response)
         result: dict[str, Any] = response.json()
         return result
 
-    async def infer(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays:
+    async def infer(self, model: str, inputs: np.ndarray[Any, Any] | Arrays,
+                    version: str | None = None) -> Arrays:
         body, headers = await self._encoded(model, inputs)
-        return _decode(await self._http.post(f"/v2/models/{model}/infer", content=body,
-                                             headers=headers))
+        return _decode(await self._http.post(f"{_model_path(model, version)}/infer",
+                                             content=body, headers=headers))
+
+    async def repository_index(self) -> list[dict[str, str]]:
+        response = await self._http.post("/v2/repository/index", json={})
+        _raise_for_status(response)
+        result: list[dict[str, str]] = response.json()
+        return result
+
+    async def load_model(self, model: str) -> None:
+        _raise_for_status(await self._http.post(f"/v2/repository/models/{model}/load",
+                                                timeout=_REPOSITORY_TIMEOUT))
+
+    async def unload_model(self, model: str) -> None:
+        _raise_for_status(await self._http.post(f"/v2/repository/models/{model}/unload",
+                                                timeout=_REPOSITORY_TIMEOUT))
 
     async def submit(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> str:
         body, headers = await self._encoded(model, inputs)

@@ -161,6 +161,7 @@ def encode_response(
     model_name: str,
     request: InferRequest,
     outputs: dict[str, np.ndarray[Any, Any]],
+    model_version: str | None = None,
     parameters: dict[str, Any] | None = None,
 ) -> tuple[bytes, int | None]:
     """Encode outputs; returns the body and, when any output is binary, the JSON part's size."""
@@ -181,6 +182,8 @@ def encode_response(
             entry["data"] = array.ravel().tolist()
         described.append(entry)
     document: dict[str, Any] = {"model_name": model_name, "outputs": described}
+    if model_version is not None:
+        document["model_version"] = model_version
     if request.id is not None:
         document["id"] = request.id
     if parameters:

@@ -7,6 +7,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from ppml_serve.codecs.tensors import ModelSpec
+from ppml_serve.engines.package import ModelPackage
 from ppml_serve.errors import EngineError
 
 
@@ -35,31 +36,38 @@ def _intel_cpu() -> bool:
         return False
 
 
-def resolve_engine(engine: str) -> str:
-    """``auto`` picks OpenVINO on Intel CPUs when it is installed, else ONNX Runtime."""
+def resolve_engine(engine: str, model_format: str = "onnx") -> str:
+    """``auto`` picks OpenVINO for an IR, and on Intel CPUs when it is installed; else ONNX
+    Runtime."""
     if engine == "auto":
+        if model_format == "openvino":
+            return "openvino"
         return "openvino" if openvino_available() and _intel_cpu() else "onnxruntime"
     return engine
 
 
-def load_engine(name: str, model: bytes, engine: str = "onnxruntime", threads: int = 0,
-                precision: str = "fp32", streams: int = 1) -> Engine:
-    """Load ``model`` (ONNX bytes) into the named engine.
+def load_engine(name: str, model: bytes | ModelPackage, engine: str = "onnxruntime",
+                threads: int = 0, precision: str = "fp32", streams: int = 1) -> Engine:
+    """Load ``model`` (ONNX bytes, or a package: ONNX or OpenVINO IR) into the named engine.
 
     ``precision`` is the compute precision for float models (``fp32`` or, with OpenVINO,
     ``bf16``); INT8 is a property of the model file (``model quantize``).
     """
-    engine = resolve_engine(engine)
+    package = model if isinstance(model, ModelPackage) else ModelPackage.from_bytes(model, name)
+    engine = resolve_engine(engine, package.format)
     if engine == "onnxruntime":
+        if package.format != "onnx":
+            raise EngineError(f"model {name!r} is an OpenVINO IR: serve it with engine "
+                              "'openvino' (or 'auto')")
         if precision != "fp32":
             raise EngineError("ONNX Runtime runs float models in fp32 only; use OpenVINO for bf16")
         from ppml_serve.engines.onnxruntime_engine import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(name, model, threads)
+        return OnnxRuntimeEngine(name, package.files["model.onnx"], threads)
     if engine == "openvino":
         if not openvino_available():
             raise EngineError("engine 'openvino' is not installed (pip install openvino)")
         from ppml_serve.engines.openvino_engine import OpenVinoEngine
 
-        return OpenVinoEngine(name, model, threads, precision, streams)
+        return OpenVinoEngine(name, package, threads, precision, streams)
     raise EngineError(f"unknown engine {engine!r} (available: onnxruntime, openvino, auto)")

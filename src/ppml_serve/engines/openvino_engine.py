@@ -1,4 +1,4 @@
-"""OpenVINO engine (CPU), loading ONNX from memory.
+"""OpenVINO engine (CPU), loading ONNX or OpenVINO IR from memory.
 
 Precision is explicit: on CPUs with bf16 support OpenVINO would silently run an "FP32" model
 in bf16 unless ``INFERENCE_PRECISION_HINT`` is set, so ``fp32`` pins f32 and ``bf16`` is a
@@ -14,6 +14,7 @@ import numpy as np
 import openvino as ov
 
 from ppml_serve.codecs.tensors import ModelSpec, TensorSpec
+from ppml_serve.engines.package import IR_GRAPH, IR_WEIGHTS, ModelPackage
 from ppml_serve.errors import EngineError
 
 _OV_TYPES = {
@@ -35,8 +36,8 @@ def _spec(port: Any) -> TensorSpec:
 class OpenVinoEngine:
     """One compiled model; ``streams`` infer requests can run at once (one per thread)."""
 
-    def __init__(self, name: str, model: bytes, threads: int = 0, precision: str = "fp32",
-                 streams: int = 1) -> None:
+    def __init__(self, name: str, model: ModelPackage, threads: int = 0,
+                 precision: str = "fp32", streams: int = 1) -> None:
         if precision not in ("fp32", "bf16"):
             raise EngineError(f"OpenVINO precision must be fp32 or bf16, not {precision!r}")
         core = ov.Core()
@@ -48,7 +49,12 @@ class OpenVinoEngine:
         if threads:
             config["INFERENCE_NUM_THREADS"] = str(threads)
         try:
-            self._compiled = core.compile_model(core.read_model(model), "CPU", config)
+            if model.format == "openvino":
+                weights = ov.Tensor(np.frombuffer(model.files[IR_WEIGHTS], np.uint8).copy())
+                graph = core.read_model(model.files[IR_GRAPH].decode(), weights)
+            else:
+                graph = core.read_model(model.files["model.onnx"])
+            self._compiled = core.compile_model(graph, "CPU", config)
         except Exception as exc:  # OpenVINO raises RuntimeError subclasses of its own
             raise EngineError(f"model {name!r} could not be loaded by OpenVINO: "
                               f"{type(exc).__name__}") from None

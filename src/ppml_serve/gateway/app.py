@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import logging
 import ssl
 import time
@@ -22,18 +23,26 @@ from starlette.routing import Route
 
 from ppml_serve import __version__
 from ppml_serve.codecs.v2 import HEADER_LENGTH
-from ppml_serve.errors import NotReady, Overloaded, PayloadTooLarge, PPMLError, Unauthorized
+from ppml_serve.errors import (
+    InvalidInput,
+    NotReady,
+    Overloaded,
+    PayloadTooLarge,
+    PPMLError,
+    Unauthorized,
+)
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.errors import status_of
 from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
-from ppml_serve.queue.contract import QueueStats, ReplyMessage
+from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name
 from ppml_serve.tracing import context_from, tracer
 
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
+admin = logging.getLogger("ppml_serve.audit")
 
 def inference_response(payload: bytes, header_length: int | None) -> Response:
     """JSON, or the binary extension's octet stream with its header length."""
@@ -159,7 +168,7 @@ def _log_access(request: Request, response: Response, key_name: str, seconds: fl
 
 def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                metrics: Metrics, secure: bool = True, attestation: str = "simulated",
-               access_log: bool = True,
+               access_log: bool = True, repository_timeout_s: float = 120.0,
                services: Sequence[Callable[[], AbstractAsyncContextManager[None]]] = ()
                ) -> Starlette:
     """Build the app; ``dataplane`` and ``services`` (e.g. the gRPC server) are started and
@@ -171,12 +180,15 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
 
     def count(request: Request, status: int, seconds: float) -> None:
         model = model_label(request.path_params.get("model", ""))
-        version = request.path_params.get("version", "1")
-        labels = (model, "1" if version == "1" else "_other")
+        # The version served; for a call refused before its version was known, "-" (none
+        # asked) or "_other" (asked for one that does not exist).
+        version = getattr(request.state, "version", None) or (
+            "_other" if "version" in request.path_params else "-")
+        labels = (model, version if model != "_other" else "_other")
         metrics.requests.labels(*labels, str(status)).inc()
         metrics.latency.labels(*labels).observe(seconds)
-        if model != "_other" and request.url.path.endswith("/infer"):
-            metrics.statistics.outcome(model, status == 200, seconds)
+        if model != "_other" and version != "_other" and request.url.path.endswith("/infer"):
+            metrics.statistics.outcome(queue_name(model, version), status == 200, seconds)
 
     def authenticated(model_route: bool = True, scope: str | None = None,
                       counted: bool = False) -> Callable[
@@ -202,9 +214,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     key_name = principal.name
                     if model_route:
                         principal.authorize(request.path_params["model"])
-                        if "version" in request.path_params:
-                            dataplane.check_version(request.path_params["model"],
-                                                    request.path_params["version"])
+                        request.state.version = await dataplane.resolve(
+                            request.path_params["model"], request.path_params.get("version"))
                     if scope is not None:
                         principal.require(scope)
                     request.state.principal = principal.key_id
@@ -257,29 +268,49 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
 
     @authenticated()
     async def model_metadata(request: Request) -> Response:
-        spec = await dataplane.spec(request.path_params["model"])
+        model, version = request.path_params["model"], request.state.version
+        spec = await dataplane.spec(model, version)
         document = spec.as_json()
-        document["versions"] = dataplane.versions(request.path_params["model"])
+        document["versions"] = await dataplane.versions(model, version)
         return JSONResponse(document)
 
     @authenticated()
     async def model_config(request: Request) -> Response:
-        return JSONResponse(await dataplane.model_config(request.path_params["model"]))
+        return JSONResponse(await dataplane.model_config(request.path_params["model"],
+                                                         request.state.version))
 
     @authenticated()
     async def model_stats(request: Request) -> Response:
-        model = request.path_params["model"]
-        await dataplane.spec(model)  # 404 for a model not served
-        return JSONResponse(metrics.statistics.as_json(model))
+        model, version = request.path_params["model"], request.state.version
+        return JSONResponse(metrics.statistics.as_json(queue_name(model, version)))
 
     @authenticated(model_route=False, scope="admin")
     async def repository_index(request: Request) -> Response:
         return JSONResponse(await dataplane.repository_index())
 
+    def repository_change(action: str) -> Callable[[Request], Awaitable[Response]]:
+        @authenticated(model_route=False, scope="admin")
+        async def change(request: Request) -> Response:
+            model = request.path_params["model"]
+            body = await _read_body(request, 64 * 1024)
+            if body.strip():
+                try:
+                    parameters = json.loads(body).get("parameters") or {}
+                except (ValueError, AttributeError):
+                    raise InvalidInput("the body must be a JSON object") from None
+                if parameters:
+                    raise InvalidInput(
+                        "load and unload take no parameters here: model files and configs "
+                        "come from the workers' repository (see 'ppml-serve model add')")
+            await dataplane.change_model(model, action, repository_timeout_s)
+            admin.info("model %r %sed by key %s", model, action, request.state.principal)
+            return JSONResponse({})
+        return change
+
     @authenticated()
     async def model_ready(request: Request) -> Response:
         model = request.path_params["model"]
-        is_ready = await dataplane.model_ready(model)
+        is_ready = await dataplane.model_ready(model, request.state.version)
         return JSONResponse({"name": model, "ready": is_ready},
                             status_code=200 if is_ready else 503)
 
@@ -288,14 +319,15 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         model = request.path_params["model"]
         body = await _read_body(request, max_request_bytes)
         payload, header_length = await dataplane.infer(
-            model, body, request.headers.get(HEADER_LENGTH))
+            model, request.state.version, body, request.headers.get(HEADER_LENGTH))
         return inference_response(payload, header_length)
 
     @authenticated(counted=True)
     async def submit_job(request: Request) -> Response:
         model = request.path_params["model"]
         body = await _read_body(request, max_request_bytes)
-        job_id = await dataplane.submit(model, body, request.headers.get(HEADER_LENGTH),
+        job_id = await dataplane.submit(model, request.state.version, body,
+                                        request.headers.get(HEADER_LENGTH),
                                         request.state.principal)
         return JSONResponse({"job_id": job_id, "model": model}, status_code=202,
                             headers={"Location": f"/v2/models/{model}/jobs/{job_id}"})
@@ -313,13 +345,14 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
     @authenticated()
     async def model_attestation(request: Request) -> Response:
         model = request.path_params["model"]
-        return JSONResponse({"model": model, "workers": await dataplane.attestations(model)})
+        return JSONResponse({"model": model, "workers": await dataplane.attestations(
+            model, request.state.version)})
 
     @authenticated(counted=True)
     async def infer_sealed(request: Request) -> Response:
         model = request.path_params["model"]
         body = await _read_body(request, max_request_bytes)
-        payload = await dataplane.infer_sealed(model, body)
+        payload = await dataplane.infer_sealed(model, request.state.version, body)
         return Response(payload, media_type="application/octet-stream")
 
     @authenticated(model_route=False, scope="metrics")
@@ -361,6 +394,10 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/models/{model}/versions/{version}/config", model_config),
         Route("/v2/models/{model}/versions/{version}/stats", model_stats),
         Route("/v2/repository/index", repository_index, methods=["POST"]),
+        Route("/v2/repository/models/{model}/load", repository_change("load"),
+              methods=["POST"]),
+        Route("/v2/repository/models/{model}/unload", repository_change("unload"),
+              methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
         Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
         Route("/v2/models/{model}/attestation", model_attestation),

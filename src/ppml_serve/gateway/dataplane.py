@@ -30,8 +30,10 @@ from ppml_serve.errors import (
     PayloadTooLarge,
     ProtocolError,
 )
+from ppml_serve.gateway.repository import RepositoryView
 from ppml_serve.logs import request_id as current_request
 from ppml_serve.queue.contract import (
+    VERSION_PATTERN,
     GatewayBroker,
     Job,
     JobState,
@@ -39,6 +41,8 @@ from ppml_serve.queue.contract import (
     QueueStats,
     ReplyMessage,
     parse_error,
+    queue_name,
+    split_queue_name,
 )
 from ppml_serve.settings import GatewaySettings
 from ppml_serve.tracing import current_traceparent, tracer
@@ -47,6 +51,8 @@ log = logging.getLogger("ppml_serve.gateway")
 
 WATCH_INTERVAL_S = 0.5
 """How often waiting requests are checked against the live workers of their model."""
+REPOSITORY_TTL_S = 0.5
+"""How long the merged view of the worker hosts is reused (hot path: version routing)."""
 
 
 @dataclass
@@ -62,7 +68,10 @@ class _Waiter:
 
 
 class DataPlane:
-    """One per gateway process; owns the reply reader and the table of waiting requests."""
+    """One per gateway process; owns the reply reader and the table of waiting requests.
+
+    Public methods take a model's name and version (``None``: the newest ready version);
+    below them everything is keyed by the version's queue name (``queue_name``)."""
 
     def __init__(self, broker: GatewayBroker, sealer: Sealer, settings: GatewaySettings,
                  worker_max_age_s: float,
@@ -81,6 +90,7 @@ class DataPlane:
         self._on_reply = on_reply
         self._configured = configured_models or set()
         self._max_rows = max_rows
+        self._announced: dict[str, dict[str, Any]] = {}
 
     async def start(self) -> None:
         """Start even while Redis is down: readiness reports it, requests get 503."""
@@ -175,85 +185,190 @@ class DataPlane:
         return entry.value
 
     async def models(self, refresh: bool = False) -> dict[str, ModelSpec]:
+        """Specs announced by workers, by queue name."""
         if refresh:
             self._cache.pop("models", None)
 
         async def load() -> dict[str, ModelSpec]:
             table = await self._broker.models()
-            return {name: ModelSpec.from_json(json.loads(spec)) for name, spec in table.items()}
+            self._announced = {queue: json.loads(spec) for queue, spec in table.items()}
+            return {queue: ModelSpec.from_json(document)
+                    for queue, document in self._announced.items()}
 
         result: dict[str, ModelSpec] = await self._cached("models", 2.0, load)
         return result
 
+    async def repository(self, refresh: bool = False) -> RepositoryView:
+        """The merged view of every live worker host (cached briefly)."""
+        if refresh:
+            self._cache.pop("repository", None)
+
+        async def load() -> RepositoryView:
+            return RepositoryView(await self._broker.host_statuses(self._worker_max_age_s))
+
+        view: RepositoryView = await self._cached("repository", REPOSITORY_TTL_S, load)
+        return view
+
     def is_served(self, model: str) -> bool:
         """Whether ``model`` is configured here or was announced by a worker (no I/O)."""
+        if model in self._configured:
+            return True
         cached = self._cache.get("models")
-        return model in self._configured or (cached is not None and model in cached.value)
+        if cached is not None and any(split_queue_name(q)[0] == model for q in cached.value):
+            return True
+        view = self._cache.get("repository")
+        return view is not None and view.value.knows(model)
 
-    async def spec(self, model: str) -> ModelSpec:
-        models = await self.models()
-        if model not in models:
-            models = await self.models(refresh=True)
-        if model not in models:
-            if model in self._configured:
-                raise NotReady(f"model {model!r} has no worker that holds its keys")
-            raise ModelNotFound(f"model {model!r} is not served here")
-        return models[model]
-
-    def versions(self, model: str) -> list[str]:
-        """Versions of a model: one ("1") until models come from a versioned repository."""
-        return ["1"]
-
-    def check_version(self, model: str, version: str) -> None:
-        if version not in self.versions(model):
+    async def resolve(self, model: str, version: str | None) -> str:
+        """The version a request for ``model`` (and ``version``, if given) goes to: the
+        newest ready one by default. Unknown models and versions are ``ModelNotFound``."""
+        view = await self.repository()
+        if version is not None:
+            if not VERSION_PATTERN.fullmatch(version):
+                raise ModelNotFound(f"model {model!r} has no version {version[:12]!r} "
+                                    "(versions are positive integers)")
+            if version in view.present(model) or (version == "1" and not view.knows(model)
+                                                  and await self._announced_v1(model)):
+                return version
+            known = view.present(model) or (["1"] if await self._announced_v1(model) else [])
+            if not known:
+                raise ModelNotFound(f"model {model!r} is not served here")
             raise ModelNotFound(f"model {model!r} has no version {version!r} "
-                                f"(versions: {', '.join(self.versions(model))})")
+                                f"(versions: {', '.join(reversed(known))})")
+        ready = view.ready_versions(model)
+        if ready:
+            return ready[0]
+        present = view.present(model)
+        if present:
+            return present[0]
+        if await self._announced_v1(model):
+            return "1"  # a worker without repository records (or a stand-in in tests)
+        raise ModelNotFound(f"model {model!r} is not served here")
 
-    async def model_config(self, model: str) -> dict[str, Any]:
+    async def _announced_v1(self, model: str) -> bool:
+        if model in self._configured:
+            return True
+        models = await self.models()
+        return model in models or model in await self.models(refresh=True)
+
+    async def spec(self, model: str, version: str = "1") -> ModelSpec:
+        return await self._spec_of(queue_name(model, version))
+
+    async def _spec_of(self, queue: str) -> ModelSpec:
+        models = await self.models()
+        if queue not in models:
+            models = await self.models(refresh=True)
+        if queue not in models:
+            model, version = split_queue_name(queue)
+            if model in self._configured or (await self.repository()).knows(model):
+                raise NotReady(f"model {model!r} version {version} has no worker that holds "
+                               "its keys (not loaded, or still loading)")
+            raise ModelNotFound(f"model {model!r} is not served here")
+        return models[queue]
+
+    async def versions(self, model: str, version: str) -> list[str]:
+        """The versions of ``model`` that serve now (or the one asked about)."""
+        ready = (await self.repository()).ready_versions(model)
+        return list(reversed(ready)) if ready else [version]
+
+    async def model_config(self, model: str, version: str) -> dict[str, Any]:
         """The model's configuration in Triton's shape (``get_model_config``)."""
-        spec = await self.spec(model)
+        spec = await self.spec(model, version)
+        announced = self._announced.get(queue_name(model, version), {})
 
         def tensors(specs: Any) -> list[dict[str, Any]]:
             return [{"name": t.name, "data_type": f"TYPE_{t.datatype}",
                      "dims": list(t.shape[1:] if t.shape and t.shape[0] == -1 else t.shape)}
                     for t in specs]
 
+        delay_us = int(float(announced.get("max_batch_delay_ms", 0)) * 1000)
         return {"name": spec.name, "platform": f"{spec.platform}_onnx"
                 if spec.platform == "onnxruntime" else spec.platform,
-                "backend": spec.platform, "max_batch_size": self._max_rows or 0,
+                "backend": spec.platform,
+                # Rows one request may carry (Triton's meaning); requests per engine batch
+                # are the dynamic batcher's concern.
+                "max_batch_size": self._max_rows or 0,
                 "input": tensors(spec.inputs), "output": tensors(spec.outputs),
-                "version_policy": {"specific": {"versions": [1]}},
-                "dynamic_batching": {}}
+                "version_policy": announced.get("version_policy",
+                                                {"specific": {"versions": [int(version)]}}),
+                "instance_group": [{"count": int(announced.get("instances", 1)),
+                                    "kind": "KIND_CPU"}],
+                "dynamic_batching": {"max_queue_delay_microseconds": delay_us,
+                                     "max_requests_per_batch": int(
+                                         announced.get("max_batch_size", 0))},
+                "parameters": {"labels": {"string_value": json.dumps(
+                    announced.get("labels", []))}}}
 
     async def repository_index(self) -> list[dict[str, str]]:
-        """Every model this gateway serves or knows of, with its state (repository API)."""
-        models = set(self._configured) | set(await self.models(refresh=True))
-        index = []
-        for model in sorted(models):
+        """Every model and version the worker hosts hold, with state (repository API)."""
+        view = await self.repository(refresh=True)
+        index = view.index()
+        for model in sorted(self._configured | {split_queue_name(q)[0]
+                                                for q in await self.models(refresh=True)}):
+            if view.knows(model):
+                continue
             try:
-                ready = await self.model_ready(model)
+                ready = await self.model_ready(model, "1")
             except (ModelNotFound, NotReady):
                 ready = False
             index.append({"name": model, "version": "1",
-                          "state": "READY" if ready else "UNAVAILABLE"})
+                          "state": "READY" if ready else "UNAVAILABLE", "reason": ""})
         return index
 
-    async def model_ready(self, model: str) -> bool:
-        await self.spec(model)
+    async def change_model(self, model: str, action: str, timeout_s: float) -> None:
+        """Ask every worker host to load (read again and serve) or unload (drain, then
+        stop) ``model``, and wait until they have. A load that leaves no version ready
+        raises ``InvalidInput`` with the hosts' reasons."""
+        view = await self.repository(refresh=True)
+        if not view.knows(model):
+            raise ModelNotFound(f"model {model!r} is in no worker's repository")
+        state = await self._broker.request_model_state(model, action)
+        log.info("model %r: %s requested (serial %d)", model, action, state.serial)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            await asyncio.sleep(0.1)
+            view = await self.repository(refresh=True)
+            if view.settled(model, state.serial):
+                break
+        else:
+            raise DeadlineExceeded(f"model {model!r}: the {action} did not finish within "
+                                   f"{timeout_s:g} s; see the repository index")
+        if action == "load" and not view.ready_versions(model):
+            reasons = "; ".join(view.failures(model)) or "no version to serve"
+            raise InvalidInput(f"model {model!r} could not be loaded: {reasons}")
+
+    async def model_ready(self, model: str, version: str) -> bool:
+        queue = queue_name(model, version)
+        await self._spec_of(queue)
+        return await self._queue_ready(queue)
+
+    async def _queue_ready(self, queue: str) -> bool:
+        view = await self.repository()
+        model, version = split_queue_name(queue)
+        if view.knows(model) and version not in view.ready_versions(model):
+            return False  # loading, draining for an unload, or failed
 
         async def load() -> bool:
-            return await self._broker.live_workers(model, self._worker_max_age_s) > 0
+            return await self._broker.live_workers(queue, self._worker_max_age_s) > 0
 
-        ready: bool = await self._cached(f"ready:{model}", 0.5, load)
+        ready: bool = await self._cached(f"ready:{queue}", 0.5, load)
         return ready
 
     async def ready(self) -> bool:
+        """Redis answers, every configured model has a ready version, and some model does."""
         try:
             await self._broker.ping()
-            models = await self.models()
-            if self._configured - set(models):
-                return False
-            return bool(models) and all([await self.model_ready(name) for name in models])
+            view = await self.repository()
+            names = self._configured | view.names() | {
+                split_queue_name(q)[0] for q in await self.models()}
+            ready = set()
+            for name in names:
+                try:
+                    if await self.model_ready(name, await self.resolve(name, None)):
+                        ready.add(name)
+                except (ModelNotFound, NotReady):
+                    continue
+            return bool(ready) and self._configured <= ready
         except NotReady:
             return False
 
@@ -263,11 +378,11 @@ class DataPlane:
         if backlog >= self._settings.max_queue_length:
             raise Overloaded(f"model {model!r} has {backlog} queued requests; retry later")
 
-    async def _admit(self, model: str, body: bytes, header_length: str | None) -> InferRequest:
+    async def _admit(self, queue: str, body: bytes, header_length: str | None) -> InferRequest:
         """Decode and validate a request against the model, then check it can be served."""
         with tracer().start_as_current_span("admit", attributes={"bytes": len(body)}):
-            spec = await self.spec(model)
-            return await self._admit_decoded(model, spec, parse_request(body, header_length))
+            spec = await self._spec_of(queue)
+            return await self._admit_decoded(queue, spec, parse_request(body, header_length))
 
     async def _admit_decoded(self, model: str, spec: ModelSpec,
                              request: InferRequest) -> InferRequest:
@@ -279,10 +394,11 @@ class DataPlane:
         await self._check_serving(model)
         return request
 
-    async def _check_serving(self, model: str) -> None:
-        if not await self.model_ready(model):
-            raise NotReady(f"model {model!r} has no live worker")
-        await self._check_backlog(model)
+    async def _check_serving(self, queue: str) -> None:
+        if not await self._queue_ready(queue):
+            model, version = split_queue_name(queue)
+            raise NotReady(f"model {model!r} version {version} has no live worker")
+        await self._check_backlog(queue)
 
     @contextlib.asynccontextmanager
     async def _admission(self, model: str) -> AsyncIterator[None]:
@@ -300,38 +416,42 @@ class DataPlane:
             if not self._inflight[model]:
                 del self._inflight[model]
 
-    async def infer(self, model: str, body: bytes,
+    async def infer(self, model: str, version: str, body: bytes,
                     header_length: str | None) -> tuple[bytes, int | None]:
-        async with self._admission(model):
-            request = await self._admit(model, body, header_length)
-            outputs = await self._round_trip(model, request)
-        return encode_response(model, request, outputs)
+        queue = queue_name(model, version)
+        async with self._admission(queue):
+            request = await self._admit(queue, body, header_length)
+            outputs = await self._round_trip(queue, request)
+        return encode_response(model, request, outputs, version)
 
-    async def infer_decoded(self, model: str, request: InferRequest
+    async def infer_decoded(self, model: str, version: str, request: InferRequest
                             ) -> dict[str, np.ndarray[Any, Any]]:
         """The same path for a request another front end (gRPC) has decoded already; returns
         the requested outputs (all when ``request.outputs`` is ``None``)."""
-        async with self._admission(model):
+        queue = queue_name(model, version)
+        async with self._admission(queue):
             with tracer().start_as_current_span("admit"):
-                spec = await self.spec(model)
-                request = await self._admit_decoded(model, spec, request)
-            outputs = await self._round_trip(model, request)
+                spec = await self._spec_of(queue)
+                request = await self._admit_decoded(queue, spec, request)
+            outputs = await self._round_trip(queue, request)
         if request.outputs is None:
             return outputs
         return {name: outputs[name] for name in request.outputs}
 
-    async def attestations(self, model: str) -> list[dict[str, Any]]:
-        await self.spec(model)
-        return [json.loads(item) for item in await self._broker.attestations(model)]
+    async def attestations(self, model: str, version: str) -> list[dict[str, Any]]:
+        queue = queue_name(model, version)
+        await self._spec_of(queue)
+        return [json.loads(item) for item in await self._broker.attestations(queue)]
 
-    async def infer_sealed(self, model: str, blob: bytes) -> bytes:
+    async def infer_sealed(self, model: str, version: str, blob: bytes) -> bytes:
         """End-to-end mode: ``blob`` is sealed by the client to the workers' key; the gateway
         only wraps it for the queue and hands back the equally opaque answer."""
-        async with self._admission(model):
-            await self.spec(model)
-            await self._check_serving(model)
+        queue = queue_name(model, version)
+        async with self._admission(queue):
+            await self._spec_of(queue)
+            await self._check_serving(queue)
             try:
-                return await self._exchange(model, blob, mode=Mode.SEALED)
+                return await self._exchange(queue, blob, mode=Mode.SEALED)
             except (IntegrityError, ProtocolError):
                 # The worker could not open what the client sealed: the client's input.
                 raise InvalidInput("the sealed request could not be opened by the model's "
@@ -386,30 +506,31 @@ class DataPlane:
     # Jobs: enqueue now, fetch the answer later (from any gateway) by id. The worker stores the
     # answer in the job record exactly as it sealed it, so no gateway needs to stay up for it.
 
-    async def submit(self, model: str, body: bytes, header_length: str | None,
+    async def submit(self, model: str, version: str, body: bytes, header_length: str | None,
                      owner: str) -> str:
-        request = await self._admit(model, body, header_length)
+        queue = queue_name(model, version)
+        request = await self._admit(queue, body, header_length)
         job_id = uuid.uuid4().hex
         ttl = self._settings.job_ttl_s
-        await self._broker.save_job(job_id, Job(model, owner, request.outputs,
+        await self._broker.save_job(job_id, Job(queue, owner, request.outputs,
                                                 request.binary_default), ttl)
         sealed = self._sealer.seal(record.pack(request.inputs),
-                                   associated_data(model, job_id, REQUEST))
+                                   associated_data(queue, job_id, REQUEST))
         deadline_ms = int((time.time() + self._settings.job_timeout_s) * 1000)
-        await self._broker.enqueue(model, job_id, sealed, deadline_ms, job_ttl_s=ttl)
+        await self._broker.enqueue(queue, job_id, sealed, deadline_ms, job_ttl_s=ttl)
         return job_id
 
     async def job_result(self, model: str, job_id: str,
                          owner: str) -> tuple[bytes, int | None] | None:
         """The answer, ``None`` while pending; unknown, expired or foreign jobs are 404."""
         job = await self._broker.load_job(model, job_id)
-        if job is None or job.model != model or job.owner != owner:
+        if job is None or split_queue_name(job.model)[0] != model or job.owner != owner:
             raise ModelNotFound(f"no job {job_id!r} for model {model!r} (unknown or expired)")
         if job.state is JobState.PENDING:
             return None
         if job.state is JobState.FAILED:
             raise DeadlineExceeded(job.error or "the job failed")
-        plaintext = self._open_reply(model, job_id, job.ok, job.body)
+        plaintext = self._open_reply(job.model, job_id, job.ok, job.body)
         _, outputs = record.unpack(plaintext)
         request = InferRequest(job_id, {}, job.outputs, job.binary)
-        return encode_response(model, request, outputs)
+        return encode_response(model, request, outputs, split_queue_name(job.model)[1])

@@ -142,15 +142,19 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def ModelReady(self, request: Any, context: Context) -> Any:
         async def ready() -> Any:
-            return pb.ModelReadyResponse(ready=await self._dataplane.model_ready(request.name))
+            version = await self._dataplane.resolve(request.name, request.version or None)
+            return pb.ModelReadyResponse(
+                ready=await self._dataplane.model_ready(request.name, version))
         return await self._call(context, "ModelReady", request.name, ready)
 
     async def ModelMetadata(self, request: Any, context: Context) -> Any:
         async def metadata() -> Any:
-            spec = await self._dataplane.spec(request.name)
+            version = await self._dataplane.resolve(request.name, request.version or None)
+            spec = await self._dataplane.spec(request.name, version)
             described = pb.ModelMetadataResponse
             return described(
-                name=spec.name, versions=["1"], platform=spec.platform,
+                name=spec.name, versions=await self._dataplane.versions(request.name, version),
+                platform=spec.platform,
                 inputs=[described.TensorMetadata(name=t.name, datatype=t.datatype,
                                                  shape=list(t.shape)) for t in spec.inputs],
                 outputs=[described.TensorMetadata(name=t.name, datatype=t.datatype,
@@ -161,10 +165,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         async def infer() -> Any:
             wanted = {output.name: True for output in request.outputs} or None
             decoded = InferRequest(request.id or None, _decode_inputs(request), wanted, True)
-            outputs = await self._dataplane.infer_decoded(request.model_name, decoded)
+            version = await self._dataplane.resolve(request.model_name,
+                                                    request.model_version or None)
+            outputs = await self._dataplane.infer_decoded(request.model_name, version, decoded)
             response = pb.ModelInferResponse(model_name=request.model_name,
-                                             model_version=request.model_version or "1",
-                                             id=request.id)
+                                             model_version=version, id=request.id)
             for name, array in outputs.items():
                 contiguous = np.ascontiguousarray(array)
                 response.outputs.add(name=name, datatype=datatype_name(contiguous.dtype),

@@ -59,6 +59,15 @@ def _get(summary: str, *params: dict[str, Any], public: bool = False) -> dict[st
     return {"get": operation}
 
 
+def _repository_change(summary: str, *params: dict[str, Any]) -> dict[str, Any]:
+    return {"post": {
+        "summary": summary, "parameters": list(params),
+        "requestBody": {"required": False, "content": {"application/json": {"schema": {
+            "type": "object", "properties": {"parameters": {"type": "object",
+                                                            "maxProperties": 0}}}}}},
+        "responses": {"200": _json(), **_ERRORS}}}
+
+
 def _infer(summary: str, *params: dict[str, Any]) -> dict[str, Any]:
     return {"post": {
         "summary": summary, "parameters": list(params),
@@ -98,6 +107,12 @@ def openapi_document() -> dict[str, Any]:
                 "summary": "Models and their state (a key with the 'admin' scope)",
                 "responses": {"200": _json({"type": "array", "items": {"type": "object"}}),
                               **_ERRORS}}},
+            "/v2/repository/models/{model}/load": _repository_change(
+                "Have the workers read the model again and serve it; answers once a version "
+                "is ready (a key with the 'admin' scope)", model),
+            "/v2/repository/models/{model}/unload": _repository_change(
+                "Stop serving the model once its queued requests are answered (a key with "
+                "the 'admin' scope)", model),
             "/v2/models/{model}/infer": _infer("Inference", model),
             "/v2/models/{model}/versions/{version}/infer": _infer("Inference", model, version),
             "/v2/models/{model}/infer-sealed": {"post": {

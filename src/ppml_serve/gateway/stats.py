@@ -9,6 +9,8 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from typing import Any
 
+from ppml_serve.queue.contract import split_queue_name
+
 
 @dataclass
 class _Duration:
@@ -34,7 +36,8 @@ class _ModelStats:
 
 
 class InferenceStatistics:
-    """Fed by the gateway (outcomes) and by the workers' answers (queue and engine time)."""
+    """Fed by the gateway (outcomes) and by the workers' answers (queue and engine time),
+    per model version (keyed by queue name)."""
 
     def __init__(self) -> None:
         self._models: dict[str, _ModelStats] = defaultdict(_ModelStats)
@@ -53,9 +56,11 @@ class InferenceStatistics:
             stats.compute_infer.add(engine_s)
             stats.batches[batch_size].add(engine_s)
 
-    def as_json(self, model: str, version: str = "1") -> dict[str, Any]:
+    def as_json(self, queue: str) -> dict[str, Any]:
+        """Statistics of one model version (by its queue name)."""
+        model, version = split_queue_name(queue)
         with self._lock:
-            stats = self._models.get(model, _ModelStats())
+            stats = self._models.get(queue, _ModelStats())
             empty = _Duration().as_json()
             return {"model_stats": [{
                 "name": model, "version": version,

@@ -2,17 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+
 import uvicorn
 
 from ppml_serve.crypto.attestation.base import Verifier
 from ppml_serve.crypto.attestation.jwt_token import JwtVerifier
-from ppml_serve.crypto.attestation.policy import Policy
+from ppml_serve.crypto.attestation.policy import PolicyFile
 from ppml_serve.crypto.attestation.simulated import PUBLIC_FILE, SimulatedVerifier
 from ppml_serve.crypto.keys import data_key_table, open_kms
 from ppml_serve.guarded_http import guarded_protocol
 from ppml_serve.keybroker.app import create_app
 from ppml_serve.keybroker.service import InferenceKeys, KeyBroker
 from ppml_serve.settings import Settings
+
+audit = logging.getLogger("ppml_serve.audit")
 
 
 def verifiers(settings: Settings) -> dict[str, Verifier]:
@@ -28,7 +32,9 @@ def verifiers(settings: Settings) -> dict[str, Verifier]:
 def build_broker(settings: Settings) -> KeyBroker:
     kms = open_kms(settings)
     table = data_key_table(settings)
-    return KeyBroker(kms, table.unwrap_all(kms), table.active, Policy.load(settings.policy_file),
+    policy = PolicyFile(settings.policy_file, lambda problem: audit.error(
+        "policy change refused, the previous policy stays in force: %s", problem))
+    return KeyBroker(kms, table.unwrap_all(kms), table.active, policy,
                      verifiers(settings),
                      InferenceKeys(settings.keybroker.inference_keys_file
                                    or settings.kms_dir / "inference-keys.json", kms))

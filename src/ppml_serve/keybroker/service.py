@@ -19,7 +19,7 @@ from ppml_serve.crypto.attestation.base import (
     Verifier,
     report_data,
 )
-from ppml_serve.crypto.attestation.policy import Policy
+from ppml_serve.crypto.attestation.policy import Policy, PolicyFile
 from ppml_serve.crypto.kms.base import KMS
 from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.sealed_box import public_bytes, seal_to
@@ -65,7 +65,8 @@ class InferenceKeys:
 
 class KeyBroker:
     def __init__(self, kms: KMS, record_keys: dict[str, bytes], active_record_key: str,
-                 policy: Policy, verifiers: dict[str, Verifier], inference_keys: InferenceKeys,
+                 policy: Policy | PolicyFile, verifiers: dict[str, Verifier],
+                 inference_keys: InferenceKeys,
                  clock: Callable[[], float] = time.time) -> None:
         self._kms = kms
         self._record_keys = record_keys
@@ -114,7 +115,9 @@ class KeyBroker:
             self._consume_nonce(claims.nonce)
             if claims.report_data != report_data(request.public_key, claims.nonce):
                 raise AttestationRefused("evidence does not bind the presented public key")
-            self._policy.check_release(claims, request.model, request.model_key, self._clock())
+            policy = self._policy.current() if isinstance(self._policy, PolicyFile) \
+                else self._policy
+            policy.check_release(claims, request.model, request.model_key, self._clock())
             model_key = self._kms.unwrap(request.model_key) if request.model_key else None
         except AttestationRefused as exc:
             self._audit(request, "refused", str(exc), _measured(claims))

@@ -19,15 +19,23 @@ Meaning of the operations, as the worker sees them:
 Nothing is ever trimmed from a request stream: requests leave it only by being answered.
 Only this module and ``redis_streams`` know the field layout; everything else sees the
 records below.
+
+Each served model version has its own queue, named by ``queue_name``; the name is also what
+sealed records bind as their model, so an answer from version 2 cannot pass for version 1's.
+
+The model repository is steered through two more records: a ``ModelState`` per model (what
+an administrator asked for: load or unload) and a ``HostStatus`` per worker process (which
+models and versions its repository holds and what it has loaded).
 """
 
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Protocol
+from typing import Any, Protocol
 
 from ppml_serve.errors import (
     EngineError,
@@ -80,6 +88,96 @@ _KIND_ERRORS: tuple[tuple[ErrorKind, type[PPMLError]], ...] = (
     (ErrorKind.PROTOCOL, ProtocolError),
     (ErrorKind.ENGINE, EngineError),
 )
+
+
+VERSION_PATTERN = re.compile(r"[1-9][0-9]{0,8}")
+"""Model versions are positive integers, as in Triton's repository layout."""
+
+
+def queue_name(model: str, version: str) -> str:
+    """The queue (and sealed-record identity) of one model version. Version 1 keeps the
+    model's bare name, so single-version deployments keep their stream names."""
+    return model if version == "1" else f"{model}@{version}"
+
+
+def split_queue_name(queue: str) -> tuple[str, str]:
+    """``(model, version)`` of a queue name."""
+    model, _, version = queue.partition("@")
+    return model, version or "1"
+
+
+class VersionState(str, Enum):
+    """A model version's state, as the repository API reports it (Triton's words)."""
+
+    LOADING = "LOADING"
+    READY = "READY"
+    UNLOADING = "UNLOADING"
+    UNAVAILABLE = "UNAVAILABLE"
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """What an administrator last asked of a model (``load`` or ``unload``); ``serial``
+    grows with each request, so a host reloads the model's directory on every new load."""
+
+    action: str
+    serial: int
+
+    def to_json(self) -> str:
+        return json.dumps({"action": self.action, "serial": self.serial})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> ModelState | None:
+        try:
+            document = json.loads(text)
+            action, serial = str(document["action"]), int(document["serial"])
+        except (ValueError, KeyError, TypeError):
+            return None
+        return cls(action, serial) if action in ("load", "unload") else None
+
+
+@dataclass(frozen=True)
+class VersionStatus:
+    state: VersionState
+    reason: str = ""
+
+
+@dataclass
+class HostStatus:
+    """One worker process's view: the versions its repository holds per model, and the
+    state of each version it serves or tried to serve."""
+
+    host: str
+    seen: float
+    available: dict[str, list[str]] = field(default_factory=dict)
+    versions: dict[str, dict[str, VersionStatus]] = field(default_factory=dict)
+    errors: dict[str, str] = field(default_factory=dict)
+    """Models this host cannot serve at all (e.g. an invalid config.yaml), with why."""
+    serials: dict[str, int] = field(default_factory=dict)
+    """Per model, the serial of the last load/unload request this host has acted on."""
+
+    def to_json(self) -> str:
+        return json.dumps({
+            "host": self.host, "seen": self.seen, "available": self.available,
+            "errors": self.errors, "serials": self.serials,
+            "versions": {model: {version: [status.state.value, status.reason]
+                                 for version, status in states.items()}
+                         for model, states in self.versions.items()}})
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> HostStatus | None:
+        try:
+            document: dict[str, Any] = json.loads(text)
+            return cls(str(document["host"]), float(document["seen"]),
+                       {str(m): [str(v) for v in vs]
+                        for m, vs in dict(document["available"]).items()},
+                       {str(m): {str(v): VersionStatus(VersionState(s[0]), str(s[1]))
+                                 for v, s in dict(states).items()}
+                        for m, states in dict(document["versions"]).items()},
+                       {str(m): str(e) for m, e in dict(document.get("errors", {})).items()},
+                       {str(m): int(n) for m, n in dict(document.get("serials", {})).items()})
+        except (ValueError, KeyError, TypeError, IndexError):
+            return None
 
 
 def error_body(kind: ErrorKind, message: str) -> bytes:
@@ -225,6 +323,22 @@ class GatewayBroker(Protocol):
                            count: int = 512) -> list[ReplyMessage]: ...
 
     async def queue_stats(self, model: str, max_age_s: float) -> QueueStats: ...
+
+    async def model_states(self) -> dict[str, ModelState]: ...
+
+    async def request_model_state(self, model: str, action: str) -> ModelState: ...
+
+    async def host_statuses(self, max_age_s: float) -> list[HostStatus]: ...
+
+
+class RepositoryControl(Protocol):
+    """A worker process's side of the model repository's control records."""
+
+    def model_states(self) -> dict[str, ModelState]: ...
+
+    def publish_host(self, status: HostStatus, max_age_s: float) -> None: ...
+
+    def forget_host(self, host: str) -> None: ...
 
 
 @dataclass(frozen=True)

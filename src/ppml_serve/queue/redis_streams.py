@@ -2,7 +2,9 @@
 
 Key layout (PREFIX defaults to ``ppml``). Everything about one model carries the hash tag
 ``{MODEL}``, so that on a Redis Cluster a model's keys share one slot (one shard), and each
-Lua script touches keys of one slot only::
+Lua script touches keys of one slot only. ``{MODEL}`` below stands for ``{NAME}`` for
+version 1 of a model and ``{NAME}:vN`` for version N > 1 (the queue name ``NAME@N``); jobs
+are keyed by the model's name alone, so ``…/jobs/ID`` finds a job whatever its version::
 
     PREFIX:{MODEL}:req      stream of requests; consumer group "workers"; fields id,
                             reply (reply stream key, empty for a job), body (sealed),
@@ -18,7 +20,10 @@ Lua script touches keys of one slot only::
     PREFIX:{MODEL}:attest   hash worker-id -> attestation JSON (public key + evidence)
     PREFIX:{MODEL}:job:ID   hash of a job: state, model, owner, output options, and the
                             answer as the worker sealed it; expires after the job TTL
-    PREFIX:models           hash MODEL -> model spec JSON (inputs/outputs), set by workers
+    PREFIX:models           hash queue name -> model spec JSON (inputs/outputs), set by workers
+    PREFIX:repository       hash model name -> what an administrator asked (load/unload)
+    PREFIX:hosts            hash worker-process id -> its repository view and versions'
+                            states (JSON with the time it was written; stale ones ignored)
 
 Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
 """
@@ -39,9 +44,11 @@ from pydantic import SecretStr
 from ppml_serve.errors import NotReady
 from ppml_serve.queue.contract import (
     Delivery,
+    HostStatus,
     Job,
     JobState,
     Mode,
+    ModelState,
     QueueStats,
     Reply,
     ReplyMessage,
@@ -106,7 +113,8 @@ class Keys:
         self.prefix = prefix
 
     def _of(self, model: str) -> str:
-        return f"{self.prefix}:{{{model}}}"
+        name, _, version = model.partition("@")
+        return f"{self.prefix}:{{{name}}}" + (f":v{version}" if version else "")
 
     def requests(self, model: str) -> str:
         return f"{self._of(model)}:req"
@@ -133,7 +141,15 @@ class Keys:
         return f"{self._of(model)}:attest"
 
     def job(self, model: str, job_id: str) -> str:
-        return f"{self._of(model)}:job:{job_id}"
+        return f"{self._of(model.partition('@')[0])}:job:{job_id}"
+
+    @property
+    def repository(self) -> str:
+        return f"{self.prefix}:repository"
+
+    @property
+    def hosts(self) -> str:
+        return f"{self.prefix}:hosts"
 
 
 def _connection_options(url: SecretStr, ca_file: Path | None) -> dict[str, Any]:
@@ -493,6 +509,24 @@ class RedisGatewayBroker:
             depth, groups, live = await pipe.execute(raise_on_error=False)
         return _queue_stats(depth, groups, live)
 
+    async def model_states(self) -> dict[str, ModelState]:
+        async with _queue_errors("report the repository"):
+            table: Any = await self._client.hgetall(self._keys.repository)
+        return _model_states(table)
+
+    async def request_model_state(self, model: str, action: str) -> ModelState:
+        async with _queue_errors("record the request"):
+            current = ModelState.from_json(
+                await self._client.hget(self._keys.repository, model) or b"")
+            state = ModelState(action, (current.serial if current else 0) + 1)
+            await self._client.hset(self._keys.repository, model, state.to_json())
+        return state
+
+    async def host_statuses(self, max_age_s: float) -> list[HostStatus]:
+        async with _queue_errors("report the repository"):
+            table: Any = await self._client.hgetall(self._keys.hosts)
+        return _host_statuses(table, max_age_s)
+
     async def read_replies(self, model: str, block_ms: int,
                            count: int = 512) -> list[ReplyMessage]:
         last = self._last_reply_id.setdefault(model, b"0-0")
@@ -510,6 +544,47 @@ class RedisGatewayBroker:
                         _int(fields.get(b"bs")) or 1, _float(fields.get(b"qw")) / 1000,
                         _float(fields.get(b"et")) / 1000))
         return messages
+
+
+def _model_states(table: dict[bytes, bytes]) -> dict[str, ModelState]:
+    states = {}
+    for name, value in table.items():
+        state = ModelState.from_json(value)
+        if state is not None:
+            states[_str(name)] = state
+    return states
+
+
+def _host_statuses(table: dict[bytes, bytes], max_age_s: float) -> list[HostStatus]:
+    """The hosts that wrote their status within ``max_age_s`` (the others are dead)."""
+    oldest = time.time() - max_age_s
+    statuses = [HostStatus.from_json(value) for value in table.values()]
+    return [status for status in statuses if status is not None and status.seen >= oldest]
+
+
+class RedisRepositoryControl:
+    """A worker process's side of the repository records (synchronous)."""
+
+    def __init__(self, client: redis.Redis, keys: Keys) -> None:
+        self._client = client
+        self._keys = keys
+
+    def model_states(self) -> dict[str, ModelState]:
+        table: Any = self._client.hgetall(self._keys.repository)
+        return _model_states(table)
+
+    def publish_host(self, status: HostStatus, max_age_s: float) -> None:
+        """Write this host's status; also drop hosts silent for 10 times ``max_age_s``."""
+        self._client.hset(self._keys.hosts, status.host, status.to_json())
+        table: Any = self._client.hgetall(self._keys.hosts)
+        oldest = time.time() - 10 * max_age_s
+        for host, value in table.items():
+            other = HostStatus.from_json(value)
+            if other is None or other.seen < oldest:
+                self._client.hdel(self._keys.hosts, host)
+
+    def forget_host(self, host: str) -> None:
+        self._client.hdel(self._keys.hosts, host)
 
 
 def queue_stats_sync(client: redis.Redis, keys: Keys, model: str,

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 import socket
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -19,52 +19,80 @@ from ppml_serve.crypto.attestation.policy import key_fingerprint
 from ppml_serve.crypto.attestation.simulated import SimulatedProvider
 from ppml_serve.crypto.e2e import WorkerKey
 from ppml_serve.crypto.envelope import Keyring, PlaintextSealer, Sealer
-from ppml_serve.crypto.model_file import (
-    ModelHeader,
-    decrypt_model,
-    is_encrypted,
-    model_digest,
-    read_header,
-)
-from ppml_serve.engines import load_engine
+from ppml_serve.crypto.model_file import decrypt_model
+from ppml_serve.engines import Engine, load_engine
+from ppml_serve.engines.package import ModelPackage
+from ppml_serve.engines.postprocess import TopK
 from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.keybroker.client import ReleasedKeys, obtain_keys
+from ppml_serve.queue.contract import queue_name
 from ppml_serve.queue.redis_streams import Keys, RedisWorkerBroker, connect, ping_sync
-from ppml_serve.settings import Settings
+from ppml_serve.repository import ModelConfig, Repository, VersionSource
+from ppml_serve.repository.layout import source_of
+from ppml_serve.settings import Settings, WorkerSettings
+from ppml_serve.worker.metrics import WorkerMetrics
 from ppml_serve.worker.service import Worker
 
 log = logging.getLogger("ppml_serve.worker")
 
 
-def measured_config(settings: Settings) -> dict[str, Any]:
-    """The configuration that is part of a worker's measurement."""
+def measured_config(settings: Settings, config: ModelConfig | None = None) -> dict[str, Any]:
+    """The configuration that is part of a worker's measurement: the worker settings after
+    the model's ``config.yaml`` choices, and its post-processing."""
+    worker = config.worker_settings(settings.worker) if config is not None else settings.worker
     # Operational knobs that do not change what the worker computes stay out of it.
-    return {"worker": settings.worker.model_dump(mode="json",
-                                                 exclude={"heartbeat_s", "metrics_port",
+    measured: dict[str, Any] = {
+        "worker": worker.model_dump(mode="json", exclude={"heartbeat_s", "metrics_port",
                                                           "metrics_host"}),
-            "encrypt_payloads": settings.security.encrypt_payloads}
+        "encrypt_payloads": settings.security.encrypt_payloads}
+    if config is not None and config.top_k is not None:
+        measured["postprocess"] = {"top_k": config.top_k, "top_k_output": config.top_k_output}
+    return measured
+
+
+def version_measurement(settings: Settings, model: str, source: VersionSource,
+                        config: ModelConfig | None = None) -> Measurement:
+    """What a worker serving ``source`` as ``model`` with these settings will report."""
+    try:
+        digest = source.sha256()
+    except OSError as exc:
+        raise ConfigError(f"models: cannot read model file {source.path} ({exc.strerror})"
+                          ) from None
+    return measure(model, digest, measured_config(settings, config))
 
 
 def worker_measurement(settings: Settings, model: str, path: Path) -> Measurement:
-    """What a worker serving ``path`` as ``model`` with these settings will report."""
-    if not path.is_file():
-        raise ConfigError(f"models: no such model file: {path}")
-    try:
-        digest = model_digest(path)
-    except OSError as exc:
-        raise ConfigError(f"models: cannot read model file {path} ({exc.strerror})") from None
-    return measure(model, digest, measured_config(settings))
+    """The measurement of a worker serving the model file ``path`` as ``model``."""
+    return version_measurement(settings, model, source_of(path))
+
+
+def version_release(settings: Settings, model: str, source: VersionSource,
+                    config: ModelConfig | None = None) -> dict[str, str]:
+    """The key-broker policy entry that lets a worker serving ``source`` as ``model`` with
+    these settings receive that model's keys, and only those."""
+    entry = {"model": model,
+             "measurement": version_measurement(settings, model, source, config).value,
+             "model_sha256": source.sha256()}
+    if source.encrypted:
+        entry["model_key_sha256"] = key_fingerprint(source.header().wrapped_key)
+    return entry
 
 
 def release_entry(settings: Settings, model: str, path: Path) -> dict[str, str]:
-    """The key-broker policy entry that lets a worker serving ``path`` as ``model`` with
-    these settings receive that model's keys, and only those."""
-    entry = {"model": model, "measurement": worker_measurement(settings, model, path).value,
-             "model_sha256": model_digest(path)}
-    if is_encrypted(path):
-        with path.open("rb") as handle:
-            entry["model_key_sha256"] = key_fingerprint(read_header(handle, str(path)).wrapped_key)
-    return entry
+    """``version_release`` for a single model file."""
+    return version_release(settings, model, source_of(path))
+
+
+def repository_releases(settings: Settings, repository: Repository,
+                        models: list[str] | None = None) -> list[dict[str, str]]:
+    """Policy entries for every version present of ``models`` (all by default)."""
+    releases = []
+    for name in models if models is not None else repository.names():
+        entry = repository.entry(name)
+        for version in sorted(entry.versions, key=int):
+            release = version_release(settings, name, entry.versions[version], entry.config)
+            releases.append({**release, "version": version})
+    return releases
 
 
 def attestation_provider(settings: Settings) -> Provider:
@@ -96,23 +124,34 @@ def _retry_not_ready(action: Callable[[], T], what: str) -> T:
             time.sleep(delay)
 
 
-def build_worker(settings: Settings, model: str, path: Path) -> Worker:
-    if not path.is_file():
-        raise ConfigError(f"models: no such model file: {path}")
-    encrypted = is_encrypted(path)
+@dataclass
+class LoadedVersion:
+    """One model version ready to serve: its engine and the keys released for it."""
+
+    name: str
+    version: str
+    engine: Engine
+    sealer: Sealer
+    worker_settings: WorkerSettings
+    measurement: str
+    provider: Provider | None = None
+    worker_key: WorkerKey | None = None
+    announce: dict[str, Any] = field(default_factory=dict)
+    """What the gateway learns beside the spec (for ``get_model_config``)."""
+
+
+def load_version(settings: Settings, name: str, version: str, source: VersionSource,
+                 config: ModelConfig | None = None, labels: tuple[str, ...] = ()
+                 ) -> LoadedVersion:
+    """Attest, obtain this version's keys, decrypt it in memory and load it in its engine."""
+    config = config or ModelConfig()
     released: ReleasedKeys | None = None
     provider: Provider | None = None
-    header: ModelHeader | None = None
-    plaintext_model = b""  # an encrypted model is decrypted once its key is released
-    if encrypted:
-        with path.open("rb") as handle:
-            header = read_header(handle, str(path))
-        digest = header.sha256
-    else:
-        plaintext_model = path.read_bytes()
-        digest = hashlib.sha256(plaintext_model).hexdigest()
-    measurement = measure(model, digest, measured_config(settings))
-    if encrypted or settings.security.encrypt_payloads:
+    header = source.header() if source.encrypted else None
+    plain = None if source.encrypted else source.plain_package()
+    digest = header.sha256 if header is not None else (plain.sha256 if plain else "")
+    measurement = measure(name, digest, measured_config(settings, config))
+    if source.encrypted or settings.security.encrypt_payloads:
         provider = attestation_provider(settings)
         model_key = header.wrapped_key if header is not None else None
         # Keys are asked for only from a worker that can serve: the queue must be reachable
@@ -123,30 +162,57 @@ def build_worker(settings: Settings, model: str, path: Path) -> Worker:
         try:
             released = _retry_not_ready(
                 lambda: obtain_keys(settings.keybroker_url(), settings.ca_file, provider,
-                                    measurement.value, model, model_key), "the key broker")
+                                    measurement.value, name, model_key), "the key broker")
         except AttestationRefused as exc:
-            log.error("no keys for model %r: %s", model, exc)
-            raise
-        log.info("keys released for model %r (measurement %s…)", model, measurement.value[:16])
-    if encrypted:
+            log.error("no keys for model %r version %s: %s", name, version, exc)
+            raise AttestationRefused(
+                f"{exc}. The owner allows this version with 'ppml-serve model add' (it "
+                "writes its measurement into the key broker's policy, which is re-read "
+                "without a restart)") from None
+        log.info("keys released for model %r version %s (measurement %s…)", name, version,
+                 measurement.value[:16])
+    if plain is None:
         if released is None or released.model_key is None:
             raise AttestationRefused("the key broker released no key for the encrypted model")
-        plaintext_model = bytes(decrypt_model(path, released.model_key))
-    worker_settings = settings.worker
-    engine = load_engine(model, plaintext_model, worker_settings.engine,
-                         threads=worker_settings.engine_threads,
-                         precision=worker_settings.precision, streams=worker_settings.streams)
-    del plaintext_model
+        plain = ModelPackage.from_bytes(bytes(decrypt_model(source.path, released.model_key)),
+                                        name)
+    worker_settings = config.worker_settings(settings.worker)
+    engine: Engine = load_engine(name, plain, worker_settings.engine,
+                                 threads=worker_settings.engine_threads,
+                                 precision=worker_settings.precision,
+                                 streams=worker_settings.streams)
+    del plain
+    if config.top_k is not None:
+        engine = TopK(engine, config.top_k, config.top_k_output)
     sealer: Sealer = PlaintextSealer()
     if settings.security.encrypt_payloads and released is not None:
         sealer = Keyring(released.record_keys, released.active_record_key)
+    worker_key = WorkerKey(released.inference_key) if released is not None else None
+    announce = {"version": version, "max_batch_size": worker_settings.max_batch_size,
+                "max_batch_delay_ms": worker_settings.max_batch_delay_ms,
+                "instances": config.instances,
+                "version_policy": config.version_policy.describe(),
+                "labels": list(labels)}
+    return LoadedVersion(name, version, engine, sealer, worker_settings, measurement.value,
+                         provider, worker_key, announce)
+
+
+def worker_for(settings: Settings, loaded: LoadedVersion,
+               metrics: WorkerMetrics | None = None) -> Worker:
+    """A batch loop for a loaded version, with its own queue connections."""
     url = settings.redis_url()
     consumer = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
     keys = Keys(settings.redis.prefix)
     cluster = settings.redis.cluster
-    broker = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, model, consumer,
+    queue = queue_name(loaded.name, loaded.version)
+    broker = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, queue, consumer,
                                settings.gateway.reply_stream_maxlen)
-    reader = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, model, consumer)
-    worker_key = WorkerKey(released.inference_key) if released is not None else None
-    return Worker(model, engine, broker, reader, sealer, settings.worker,
-                  worker_key=worker_key, provider=provider, measurement=measurement.value)
+    reader = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, queue, consumer)
+    return Worker(queue, loaded.engine, broker, reader, loaded.sealer, loaded.worker_settings,
+                  worker_key=loaded.worker_key, provider=loaded.provider,
+                  measurement=loaded.measurement, metrics=metrics, announce=loaded.announce)
+
+
+def build_worker(settings: Settings, model: str, path: Path) -> Worker:
+    """A worker for one model file, served as version 1."""
+    return worker_for(settings, load_version(settings, model, "1", source_of(path)))

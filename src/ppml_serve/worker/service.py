@@ -34,6 +34,7 @@ from ppml_serve.queue.contract import (
     Reply,
     WorkerBroker,
     error_body,
+    split_queue_name,
 )
 from ppml_serve.settings import WorkerSettings
 from ppml_serve.tracing import context_of, span_between
@@ -59,13 +60,20 @@ class _Work:
 
 
 class Worker:
-    """Serves one model from its request stream until ``stop`` is called."""
+    """Serves one model version from its request stream until ``stop`` is called.
+
+    ``model`` is the version's queue name (``queue_name``): what its records bind."""
 
     def __init__(self, model: str, engine: Engine, broker: WorkerBroker,
                  reader_broker: WorkerBroker, sealer: Sealer,
                  settings: WorkerSettings, worker_key: WorkerKey | None = None,
-                 provider: Provider | None = None, measurement: str = "") -> None:
+                 provider: Provider | None = None, measurement: str = "",
+                 metrics: WorkerMetrics | None = None,
+                 announce: dict[str, Any] | None = None) -> None:
         self._model = model
+        self._name, self._version = split_queue_name(model)
+        self._labels = (self._name, self._version)
+        self._announce = announce or {}
         self._engine = engine
         self._broker = broker
         self._reader_broker = reader_broker
@@ -79,7 +87,7 @@ class Worker:
         self._retries = RetryPolicy(settings.max_deliveries)
         self._attested_at = 0.0
         self.batches_served = 0
-        self.metrics = WorkerMetrics(model)
+        self.metrics = metrics or WorkerMetrics()
         streams = settings.streams
         self._pool = (concurrent.futures.ThreadPoolExecutor(streams, "batch")
                       if streams > 1 else None)
@@ -103,6 +111,10 @@ class Worker:
 
     def stop(self) -> None:
         self._stopping.set()
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopping.is_set()
 
     def _submit(self, batch: list[Delivery]) -> None:
         """Run ``batch`` now, or beside the ones in flight when ``streams`` > 1.
@@ -133,13 +145,11 @@ class Worker:
     def run(self) -> None:
         """Serve until ``stop``; survives Redis outages (reconnects with backoff)."""
         self._retry_until_done(self._join, "joining the queue")
-        if self._settings.metrics_port is not None:
-            self.metrics.serve(self._settings.metrics_port, self._settings.metrics_host)
         reader = threading.Thread(target=self._read_loop, name="stream-reader", daemon=True)
         beater = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         reader.start()
         beater.start()
-        log.info("worker serving model %r", self._model)
+        log.info("worker serving model %r version %s", self._name, self._version)
         next_scan = 0.0
         try:
             while not self._stopping.is_set():
@@ -152,11 +162,11 @@ class Worker:
             self._drain(reader)
         finally:
             self._broker.leave()
-            log.info("worker for model %r stopped", self._model)
+            log.info("worker for model %r version %s stopped", self._name, self._version)
 
     def _join(self) -> None:
         self._broker.ensure_group()
-        self._broker.publish(json.dumps(self._engine.spec.as_json()))
+        self._broker.publish(json.dumps({**self._engine.spec.as_json(), **self._announce}))
 
     def _retry_until_done(self, action: Callable[[], None], what: str) -> None:
         backoff = Backoff(0.1, 5.0)
@@ -266,7 +276,7 @@ class Worker:
         if not claimed:
             return
         log.info("reclaimed %d stalled request(s)", len(claimed))
-        self.metrics.reclaimed.labels(self._model).inc(len(claimed))
+        self.metrics.reclaimed.labels(*self._labels).inc(len(claimed))
         fresh = []
         for delivery in claimed:
             reason = self._retries.dead_letter_reason(delivery)
@@ -275,7 +285,7 @@ class Worker:
                 continue
             log.error("request %s moved to the dead-letter stream: %s",
                       delivery.request_id, reason, extra={"request_id": delivery.request_id})
-            self.metrics.dead_lettered.labels(self._model).inc()
+            self.metrics.dead_lettered.labels(*self._labels).inc()
             try:
                 self._broker.dead_letter(
                     self._error_reply(delivery, ErrorKind.DEAD_LETTER,
@@ -306,7 +316,7 @@ class Worker:
             entry.trace = context_of(entry.delivery.traceparent)
             if entry.delivery.enqueued_ms:
                 entry.queue_s = max(0.0, batch_started / 1e9 - entry.delivery.enqueued_ms / 1000)
-                self.metrics.queue_seconds.labels(self._model).observe(entry.queue_s)
+                self.metrics.queue_seconds.labels(*self._labels).observe(entry.queue_s)
                 span_between("queue wait", entry.trace, entry.delivery.enqueued_ms * 1_000_000,
                              batch_started)
         for entry in work:
@@ -338,8 +348,8 @@ class Worker:
                     item.error = EngineError("the engine failed on this batch")
         if items:
             engine_s = time.perf_counter() - started
-            self.metrics.engine_seconds.labels(self._model).observe(engine_s)
-            self.metrics.batch_size.labels(self._model).observe(len(items))
+            self.metrics.engine_seconds.labels(*self._labels).observe(engine_s)
+            self.metrics.batch_size.labels(*self._labels).observe(len(items))
             engine_ended = time.time_ns()
             for entry in work:
                 entry.engine_s = engine_s
@@ -356,7 +366,7 @@ class Worker:
         if delivery.mode is Mode.SEALED:
             if self._worker_key is None:
                 raise IntegrityError("this worker holds no end-to-end key")
-            opened, entry.reply_key = self._worker_key.open_request(opened, self._model)
+            opened, entry.reply_key = self._worker_key.open_request(opened, self._name)
         _, inputs = record.unpack(opened)
         self._engine.spec.check_inputs(inputs, self._settings.max_rows_per_request)
         return inputs
@@ -366,7 +376,7 @@ class Worker:
         replies = [self._reply(entry) for entry in work]
         self._post(replies)
         for reply in replies:
-            self.metrics.items.labels(self._model, "ok" if reply.ok else "error").inc()
+            self.metrics.items.labels(*self._labels, "ok" if reply.ok else "error").inc()
         self.batches_served += 1
 
     def _post(self, replies: list[Reply]) -> None:
@@ -398,7 +408,7 @@ class Worker:
         aad = associated_data(self._model, entry.delivery.request_id, REPLY)
         packed = record.pack(entry.item.outputs)
         if entry.reply_key is not None:
-            packed = WorkerKey.seal_reply(entry.reply_key, packed, self._model)
+            packed = WorkerKey.seal_reply(entry.reply_key, packed, self._name)
         body = self._sealer.seal(packed, aad)
         span_between("seal", entry.trace, sealing, time.time_ns(), bytes=len(body))
         return Reply(entry.delivery, True, body, entry.item.batch_size, entry.queue_s,

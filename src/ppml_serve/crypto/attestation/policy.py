@@ -13,6 +13,7 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -37,6 +38,9 @@ class Release(BaseModel):
     model_key_sha256: str | None = None
     """For an encrypted model: SHA-256 of its wrapped file key (``model inspect``), the only
     model key the broker unwraps for this release."""
+    version: str | None = None
+    """The repository version this entry was written for (for readers of the policy; the
+    measurement already binds the model file)."""
 
 
 def key_fingerprint(wrapped_key: bytes) -> str:
@@ -128,3 +132,33 @@ class Policy(BaseModel):
         age = now - claims.issued_at
         if age > self.max_evidence_age_s or age < -5:
             raise AttestationRefused(f"evidence is stale ({age:.0f} s old)")
+
+
+class PolicyFile:
+    """A policy file re-read when it changes, so that owners can allow a new model or
+    version (``ppml-serve model add``) without restarting the key broker. A change that does
+    not parse is refused (logged) and the last good policy stays in force."""
+
+    def __init__(self, path: Path, on_error: Callable[[str], None] | None = None) -> None:
+        self._path = path
+        self._on_error = on_error
+        self._stamp = self._read_stamp()
+        self._policy = Policy.load(path)
+
+    def _read_stamp(self) -> tuple[int, int] | None:
+        try:
+            stat = self._path.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_mtime_ns, stat.st_size
+
+    def current(self) -> Policy:
+        stamp = self._read_stamp()
+        if stamp != self._stamp:
+            self._stamp = stamp
+            try:
+                self._policy = Policy.load(self._path)
+            except ConfigError as exc:
+                if self._on_error is not None:
+                    self._on_error(str(exc))
+        return self._policy

@@ -1,0 +1,269 @@
+"""A worker process serving every model of its repository view, loading and unloading model
+versions in place as administrators ask (through the queue's repository records).
+
+Each served version gets its own batch loop(s) (``Worker``) in threads of this process, over
+one loaded engine, so small models do not each cost a process. The host reconciles what it
+serves with what is asked every ``poll_s``:
+
+- a model with no request, or whose last request is ``load``, serves the versions its
+  version policy picks (the directory is read again at each new load request);
+- ``unload`` (or a version the policy no longer picks) drains: the version is reported
+  ``UNLOADING`` so gateways stop sending to it, its batch loops answer everything queued for
+  it, and only then stop. A version being replaced stays until its successors are ready.
+
+Every step publishes this host's view (versions present, state of each) for the gateways.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import logging
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from ppml_serve.errors import PPMLError
+from ppml_serve.queue.contract import (
+    HostStatus,
+    ModelState,
+    RepositoryControl,
+    VersionState,
+    VersionStatus,
+    queue_name,
+)
+from ppml_serve.queue.redis_streams import (
+    Keys,
+    RedisRepositoryControl,
+    connect,
+    queue_stats_sync,
+)
+from ppml_serve.repository import ModelEntry, Repository
+from ppml_serve.settings import Settings
+from ppml_serve.worker.metrics import WorkerMetrics
+from ppml_serve.worker.runner import LoadedVersion, load_version, worker_for
+from ppml_serve.worker.service import Worker
+
+log = logging.getLogger("ppml_serve.worker")
+
+QUIET_BEFORE_UNLOAD_S = 1.0
+"""How long a draining version's queue must stay empty before its loops stop: longer than
+gateways take to see it is no longer ready (they re-read the hosts every 0.5 s)."""
+
+
+@dataclass
+class _Served:
+    loaded: LoadedVersion
+    workers: list[Worker]
+    threads: list[threading.Thread]
+    draining_since: float | None = None
+    empty_since: float | None = None
+
+    def alive(self) -> bool:
+        return any(thread.is_alive() for thread in self.threads)
+
+
+@dataclass
+class _ModelView:
+    entry: ModelEntry | None = None
+    error: str = ""
+    serial: int = -1
+    failed: dict[str, Exception] = field(default_factory=dict)
+    """Versions that failed to load since the last load request, and why."""
+
+
+Key = tuple[str, str]
+
+
+def _reason(error: Exception) -> str:
+    """What a status may say of a failure: our own messages, else only the kind of error."""
+    return str(error) if isinstance(error, PPMLError) else type(error).__name__
+
+
+class ModelHost:
+    def __init__(self, repository: Repository, control: RepositoryControl,
+                 load: Callable[[ModelEntry, str], LoadedVersion],
+                 start: Callable[[LoadedVersion], Worker],
+                 backlog: Callable[[str], int], max_age_s: float, poll_s: float = 0.5,
+                 drain_timeout_s: float = 60.0) -> None:
+        self._repository = repository
+        self._control = control
+        self._load = load
+        self._start = start
+        self._backlog = backlog
+        self._max_age_s = max_age_s
+        self._poll_s = poll_s
+        self._drain_timeout_s = drain_timeout_s
+        self.host_id = f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self._models: dict[str, _ModelView] = {}
+        self._served: dict[Key, _Served] = {}
+        self._loading: dict[Key, concurrent.futures.Future[LoadedVersion]] = {}
+        self._loader = concurrent.futures.ThreadPoolExecutor(1, "model-loader")
+        self._stopping = threading.Event()
+
+    def stop(self) -> None:
+        self._stopping.set()
+
+    def run(self) -> None:
+        """Serve until ``stop``; then drain every version (answer what was taken)."""
+        while not self._stopping.is_set():
+            try:
+                self.step()
+            except Exception as exc:  # the queue is down: keep serving what is loaded
+                log.warning("reconciling models failed (%s); retrying", type(exc).__name__)
+            self._stopping.wait(self._poll_s)
+        self._shutdown()
+
+    def start(self) -> list[Exception]:
+        """The first reconciliation, waiting for its loads; returns the load failures."""
+        self.step()
+        while self._loading and not self._stopping.is_set():
+            concurrent.futures.wait(list(self._loading.values()))
+            self.step()
+        return [error for view in self._models.values() for error in view.failed.values()]
+
+    def step(self, states: dict[str, ModelState] | None = None) -> None:
+        """One reconciliation: read requests, start loads, progress drains, publish."""
+        if states is None:
+            states = self._control.model_states()
+        self._collect_loads()
+        names = set(self._repository.names()) | set(self._models) | {k[0] for k in self._served}
+        for name in sorted(names):
+            self._reconcile(name, states.get(name))
+        self._progress_drains()
+        self._control.publish_host(self.status(), self._max_age_s)
+
+    def _reconcile(self, name: str, state: ModelState | None) -> None:
+        view = self._models.setdefault(name, _ModelView())
+        if state is not None and state.action == "unload":
+            view.serial = state.serial
+            target: list[str] = []
+        else:
+            serial = state.serial if state is not None else 0
+            if serial != view.serial:  # a new load request: read the directory again
+                view.serial, view.failed = serial, {}
+                try:
+                    view.entry, view.error = self._repository.entry(name), ""
+                except PPMLError as exc:
+                    view.entry, view.error = None, str(exc)
+                    log.error("model %r cannot be served: %s", name, exc)
+            target = view.entry.served_versions() if view.entry is not None else []
+        for version in target:
+            key = (name, version)
+            if key in self._served:
+                self._served[key].draining_since = None  # asked for again: keep it
+            elif key not in self._loading and version not in view.failed \
+                    and view.entry is not None:
+                log.info("loading model %r version %s", name, version)
+                self._loading[key] = self._loader.submit(self._load, view.entry, version)
+        settled = all((name, v) in self._served or v in view.failed for v in target)
+        for key, served in self._served.items():
+            if key[0] == name and key[1] not in target and served.draining_since is None \
+                    and settled:
+                log.info("unloading model %r version %s: draining its queue", *key)
+                served.draining_since = time.monotonic()
+
+    def _collect_loads(self) -> None:
+        for key, future in list(self._loading.items()):
+            if not future.done():
+                continue
+            del self._loading[key]
+            view = self._models.setdefault(key[0], _ModelView())
+            try:
+                loaded = future.result()
+            except Exception as exc:
+                view.failed[key[1]] = exc
+                log.error("model %r version %s failed to load: %s", *key, _reason(exc))
+                continue
+            instances = view.entry.config.instances if view.entry is not None else 1
+            workers = [self._start(loaded) for _ in range(instances)]
+            threads = [threading.Thread(target=worker.run, daemon=True,
+                                        name=f"serve {key[0]}/{key[1]}") for worker in workers]
+            for thread in threads:
+                thread.start()
+            self._served[key] = _Served(loaded, workers, threads)
+            log.info("model %r version %s is ready", *key)
+
+    def _progress_drains(self) -> None:
+        now = time.monotonic()
+        for key, served in list(self._served.items()):
+            if served.draining_since is None:
+                if not served.alive():
+                    log.error("model %r version %s stopped serving unexpectedly", *key)
+                    self._models.setdefault(key[0], _ModelView()).failed[key[1]] = \
+                        PPMLError("its batch loop stopped; load the model again")
+                    del self._served[key]
+                continue
+            if served.workers and not served.workers[0].stopping:
+                try:
+                    empty = self._backlog(queue_name(*key)) == 0
+                except Exception:  # cannot tell: keep serving
+                    empty = False
+                served.empty_since = (served.empty_since or now) if empty else None
+                quiet = served.empty_since is not None \
+                    and now - served.empty_since >= QUIET_BEFORE_UNLOAD_S
+                if quiet or now - served.draining_since > self._drain_timeout_s:
+                    for worker in served.workers:
+                        worker.stop()
+            if not served.alive():
+                del self._served[key]
+                log.info("model %r version %s unloaded", *key)
+
+    def status(self) -> HostStatus:
+        versions: dict[str, dict[str, VersionStatus]] = {}
+        errors: dict[str, str] = {}
+        for name, view in self._models.items():
+            if view.error:
+                errors[name] = view.error
+            states = versions.setdefault(name, {})
+            for version, error in view.failed.items():
+                states[version] = VersionStatus(VersionState.UNAVAILABLE, _reason(error))
+        for (name, version), _ in self._loading.items():
+            versions.setdefault(name, {})[version] = VersionStatus(VersionState.LOADING)
+        for (name, version), served in self._served.items():
+            state = VersionState.UNLOADING if served.draining_since is not None \
+                else VersionState.READY
+            versions.setdefault(name, {})[version] = VersionStatus(state)
+        try:
+            available = self._repository.available()
+        except OSError:
+            available = {}
+        serials = {name: view.serial for name, view in self._models.items()}
+        return HostStatus(self.host_id, time.time(), available, versions, errors, serials)
+
+    def _shutdown(self) -> None:
+        self._loader.shutdown(wait=True, cancel_futures=True)
+        for served in self._served.values():
+            for worker in served.workers:
+                worker.stop()
+        for served in self._served.values():
+            for thread in served.threads:
+                thread.join()
+        try:
+            self._control.forget_host(self.host_id)
+        except Exception as exc:  # the queue is down: our entry goes stale by itself
+            log.warning("could not remove this host's status (%s)", type(exc).__name__)
+
+
+def build_host(settings: Settings, repository: Repository) -> ModelHost:
+    """A host serving ``repository`` against the configured queue and key broker."""
+    keys = Keys(settings.redis.prefix)
+    client = connect(settings.redis_url(), settings.ca_file, settings.redis.cluster)
+    metrics = WorkerMetrics()
+    if settings.worker.metrics_port is not None:
+        metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host)
+
+    def load(entry: ModelEntry, version: str) -> LoadedVersion:
+        return load_version(settings, entry.name, version, entry.versions[version],
+                            entry.config, entry.labels)
+
+    def backlog(queue: str) -> int:
+        return queue_stats_sync(client, keys, queue, settings.worker.dead_after_s).depth
+
+    return ModelHost(repository, RedisRepositoryControl(client, keys), load,
+                     lambda loaded: worker_for(settings, loaded, metrics), backlog,
+                     settings.worker.dead_after_s,
+                     drain_timeout_s=settings.gateway.request_timeout_s)
