@@ -184,7 +184,7 @@ def test_metrics_need_a_metrics_key_and_labels_stay_bounded(hardened: LocalStack
     with _http(hardened) as http:
         text = http.get("/metrics").text
     assert "x" * 500 not in text, "URL-chosen names became metric labels"
-    assert 'ppml_requests_total{model="_other",status="404",version="1"} 50.0' in text
+    assert 'ppml_requests_total{model="_other",status="404",version="_other"} 50.0' in text
     assert 'status="ok"' not in text
 
 

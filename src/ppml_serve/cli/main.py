@@ -190,13 +190,16 @@ def build_parser() -> argparse.ArgumentParser:
         "rotate", help="new primary key version and record data key; old ones still open")
     _common(rotate)
 
-    model = commands.add_parser("model", help="encrypt, inspect or decrypt model files")
+    model = commands.add_parser("model", help="convert, encrypt, quantize, inspect or decrypt "
+                                "models; allow repository models in the key-release policy")
     model_commands = model.add_subparsers(dest="model_command", required=True, metavar="ACTION")
     encrypt = model_commands.add_parser("encrypt", help="encrypt a model file with a KMS key",
                                         description="Writes an AES-256-GCM encrypted model; "
                                         "workers decrypt it in memory only.")
     _common(encrypt)
-    encrypt.add_argument("input", type=Path, help="plaintext model (ONNX)")
+    encrypt.add_argument("input", type=Path, help="plaintext model: ONNX, or an OpenVINO IR "
+                         "(its .xml, or the directory of model.xml + model.bin: sealed as one "
+                         "archive)")
     encrypt.add_argument("output", type=Path, help="encrypted model to write")
     encrypt.add_argument("--key-id", help="KMS primary key id (default: the KMS default)")
     encrypt.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
@@ -223,6 +226,36 @@ def build_parser() -> argparse.ArgumentParser:
     quantize.add_argument("--force", action="store_true", help="replace OUTPUT if it exists")
     inspect = model_commands.add_parser("inspect", help="show an encrypted model's header")
     inspect.add_argument("file", type=Path)
+    convert = model_commands.add_parser(
+        "convert", help="PyTorch or TensorFlow model -> ONNX or OpenVINO IR (owner's machine)",
+        description="Converts a TorchScript file (.pt), a torch exported program (.pt2) or a "
+        "TensorFlow SavedModel directory (to OpenVINO IR) into a repository version "
+        "directory, then runs both on random inputs and reports the largest difference. "
+        "torch/TensorFlow are needed here only, never by a worker.")
+    _common(convert)
+    convert.add_argument("source", type=Path, help="model to convert")
+    convert.add_argument("output_dir", type=Path,
+                         help="where to write it, e.g. REPOSITORY/NAME/VERSION")
+    convert.add_argument("--to", choices=["onnx", "openvino"], default="onnx",
+                         help="target format (default onnx)")
+    convert.add_argument("--input", action="append", default=[], metavar="NAME:SHAPE:DTYPE",
+                         help="each input, with an example shape (first dimension = batch, "
+                         "left dynamic), e.g. image:1,3,224,224:float32 (repeatable)")
+    convert.add_argument("--output", action="append", default=[], metavar="NAME",
+                         help="names for the outputs, in order (default: the exporter's)")
+    convert.add_argument("--encrypt", action="store_true",
+                         help="write it encrypted (model.ppml) straight from memory")
+    convert.add_argument("--force", action="store_true", help="replace a model already there")
+    add = model_commands.add_parser(
+        "add", help="allow a repository model's versions in the key-release policy",
+        description="Computes the measurement of a worker serving each version present of "
+        "each named model (with these settings: use the workers' --config) and writes them "
+        "into the key broker's policy (security.policy_file), replacing older entries of "
+        "those models. The key broker re-reads the policy without a restart; then load the "
+        "model through the repository API.")
+    _common(add)
+    add.add_argument("repository", type=Path, help="the model repository directory")
+    add.add_argument("model", nargs="*", help="models to allow (default: every model there)")
 
     attest = commands.add_parser("attest", help="attestation helpers")
     attest_commands = attest.add_subparsers(dest="attest_command", required=True,
@@ -428,6 +461,10 @@ def run(args: argparse.Namespace) -> int:
             return model_commands.model_encrypt(_settings(args), args)
         if args.model_command == "quantize":
             return model_commands.model_quantize(_settings(args), args)
+        if args.model_command == "convert":
+            return model_commands.model_convert(_settings(args), args)
+        if args.model_command == "add":
+            return model_commands.model_add(_settings(args), args)
         return model_commands.model_decrypt(_settings(args), args)
 
     if args.command == "attest":

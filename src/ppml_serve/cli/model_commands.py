@@ -29,6 +29,8 @@ def _bar(total: int, label: str) -> tqdm:
 
 def model_encrypt(settings: Settings, args: argparse.Namespace) -> int:
     source, target = Path(args.input), Path(args.output)
+    if source.suffix == ".xml" or source.is_dir():
+        return _encrypt_ir(settings, source, target, args.force)
     if not source.is_file():
         raise ConfigError(f"model encrypt: no such file: {source}")
     if is_encrypted(source):
@@ -39,6 +41,25 @@ def model_encrypt(settings: Settings, args: argparse.Namespace) -> int:
     with _bar(source.stat().st_size, "encrypting") as bar:
         header = encrypt_model(source, target, kms, args.key_id, progress=bar.update)
     print(json.dumps({"file": str(target), **header.describe()}, indent=2))
+    return 0
+
+
+def _encrypt_ir(settings: Settings, source: Path, target: Path, force: bool) -> int:
+    """An OpenVINO IR (``.xml`` + ``.bin``, or their directory) as one sealed archive."""
+    from ppml_serve.crypto.model_file import encrypt_bytes
+    from ppml_serve.engines.package import IR_GRAPH, ModelPackage
+
+    graph = source / IR_GRAPH if source.is_dir() else source
+    if not graph.is_file():
+        raise ConfigError(f"model encrypt: no OpenVINO IR at {graph}")
+    if target.exists() and not force:
+        raise ConfigError(f"model encrypt: {target} exists (use --force to replace it)")
+    package = ModelPackage.read_ir(graph)
+    encrypt_bytes(package.to_bytes(), target, open_kms(settings))
+    with target.open("rb") as handle:
+        header = read_header(handle, str(target))
+    print(json.dumps({"file": str(target), "content": "OpenVINO IR archive",
+                      **header.describe()}, indent=2))
     return 0
 
 
@@ -143,4 +164,69 @@ def model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     else:
         target.write_bytes(int8)
     print(json.dumps(report, indent=2))
+    return 0
+
+
+def model_convert(settings: Settings, args: argparse.Namespace) -> int:
+    """PyTorch / TensorFlow -> ONNX or OpenVINO IR in a repository version directory."""
+    from ppml_serve.crypto.model_file import encrypt_bytes
+    from ppml_serve.repository.convert import InputSpec, convert
+
+    source, output_dir = Path(args.source), Path(args.output_dir)
+    if not source.exists():
+        raise ConfigError(f"model convert: no such model: {source}")
+    written = [output_dir / "model.ppml"] if args.encrypt else [
+        output_dir / name for name in (["model.onnx"] if args.to == "onnx"
+                                       else ["model.xml", "model.bin"])]
+    if any(path.exists() for path in written) and not args.force:
+        raise ConfigError(f"model convert: {output_dir} already holds a model (use --force "
+                          "to replace it)")
+    inputs = [InputSpec.parse(text) for text in args.input]
+    with tqdm(total=2, desc="converting and checking", file=sys.stderr, leave=False) as bar:
+        result = convert(source, args.to, inputs, args.output or None)
+        bar.update(2)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    if args.encrypt:  # straight from memory: no plaintext model file is ever written
+        encrypt_bytes(result.package.to_bytes(), written[0], open_kms(settings))
+    else:
+        for path in written:
+            path.write_bytes(result.package.files[path.name])
+    print(json.dumps({"files": [str(p) for p in written], "format": result.package.format,
+                      "encrypted": bool(args.encrypt), "sha256": result.package.sha256,
+                      "max_abs_diff_vs_source": result.max_abs_diff}, indent=2))
+    return 0
+
+
+def model_add(settings: Settings, args: argparse.Namespace) -> int:
+    """Allow every version of a repository model in the key-release policy (owner only)."""
+    import yaml
+
+    from ppml_serve.crypto.attestation.policy import Policy
+    from ppml_serve.repository import Repository
+    from ppml_serve.worker.runner import repository_releases
+
+    repository = Repository(Path(args.repository))
+    names = args.model or repository.names()
+    for name in names:
+        repository.entry(name)  # an unknown model or a bad version is an error now
+    policy_file = settings.policy_file
+    if not policy_file.exists():
+        raise ConfigError(f"model add: no policy file at {policy_file} (set "
+                          "security.policy_file, or run 'ppml-serve up' once)")
+    text = policy_file.read_text()
+    header = "".join(line + "\n" for line in text.splitlines() if line.startswith("#"))
+    document = yaml.safe_load(text) or {}
+    Policy.model_validate(document)  # refuse to edit a policy that is not valid
+    added = repository_releases(settings, repository, names)
+    kept = [r for r in document.get("releases", []) if r.get("model") not in names]
+    document["releases"] = kept + added
+    Policy.model_validate(document)
+    write_private(policy_file, (header + yaml.safe_dump(document, sort_keys=False)).encode())
+    logging.getLogger("ppml_serve.audit").info(
+        "policy updated: releases for model(s) %s (%d version(s))", ",".join(names), len(added))
+    for release in added:
+        print(f"allowed {release['model']} version {release['version']}: measurement "
+              f"{release['measurement'][:16]}…")
+    print(f"wrote {policy_file}; the key broker re-reads it. Now load the model: POST "
+          "/v2/repository/models/NAME/load (tritonclient's load_model) with an admin key.")
     return 0

@@ -197,7 +197,7 @@ class Client(_Base):
 
     def load_model(self, model: str) -> None:
         """Have the workers read ``model`` again and serve it (admin key); returns when a
-        version is ready, raises ``ServerError`` with the reasons when none is."""
+        version is ready, raises ``ClientError`` with the reasons when none is."""
         _raise_for_status(self._http.post(f"/v2/repository/models/{model}/load",
                                           timeout=_REPOSITORY_TIMEOUT))
 

@@ -298,7 +298,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     parameters = json.loads(body).get("parameters") or {}
                 except (ValueError, AttributeError):
                     raise InvalidInput("the body must be a JSON object") from None
-                if parameters:
+                # tritonclient always sends unload_dependents; there are no ensembles here.
+                if set(parameters) - {"unload_dependents"}:
                     raise InvalidInput(
                         "load and unload take no parameters here: model files and configs "
                         "come from the workers' repository (see 'ppml-serve model add')")

@@ -95,8 +95,10 @@ class ModelConfig(_Strict):
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         except ValidationError as exc:
-            problems = "; ".join(f"{'.'.join(str(p) for p in error['loc']) or 'config'}: "
-                                 f"{error['msg']}" for error in exc.errors())
+            problems = "; ".join(
+                f"{'.'.join(str(p) for p in error['loc']) or 'config'}: {error['msg']}"
+                + (f" (got {error['input']!r})" if isinstance(error.get("input"), str | int)
+                   else "") for error in exc.errors())
             raise ConfigError(f"{path}: {problems}") from None
 
     def worker_settings(self, base: WorkerSettings) -> WorkerSettings:

@@ -93,7 +93,8 @@ def source_of(path: Path) -> VersionSource:
 
 
 def _version_source(directory: Path) -> VersionSource:
-    files = sorted(p for p in directory.iterdir() if p.is_file() and not p.name.startswith("."))
+    files = sorted(p for p in directory.iterdir() if p.is_file()
+                   and not p.name.startswith(".") and not p.name.endswith(".partial"))
     encrypted = [p for p in files if is_encrypted(p)]
     graphs = [p for p in files if p.suffix == ".xml"]
     onnx = [p for p in files if p.suffix == ".onnx"]

@@ -88,7 +88,13 @@ def repository_releases(settings: Settings, repository: Repository,
     """Policy entries for every version present of ``models`` (all by default)."""
     releases = []
     for name in models if models is not None else repository.names():
-        entry = repository.entry(name)
+        try:
+            entry = repository.entry(name)
+        except ConfigError as exc:
+            if models is not None:
+                raise  # named on purpose: the owner must hear why it cannot be allowed
+            log.warning("model %r is left out of the policy: %s", name, exc)
+            continue
         for version in sorted(entry.versions, key=int):
             release = version_release(settings, name, entry.versions[version], entry.config)
             releases.append({**release, "version": version})
@@ -177,6 +183,9 @@ def load_version(settings: Settings, name: str, version: str, source: VersionSou
         plain = ModelPackage.from_bytes(bytes(decrypt_model(source.path, released.model_key)),
                                         name)
     worker_settings = config.worker_settings(settings.worker)
+    if plain.format == "openvino" and config.engine is None:
+        # An IR runs on OpenVINO unless config.yaml says otherwise (and fails clearly then).
+        worker_settings = worker_settings.model_copy(update={"engine": "openvino"})
     engine: Engine = load_engine(name, plain, worker_settings.engine,
                                  threads=worker_settings.engine_threads,
                                  precision=worker_settings.precision,

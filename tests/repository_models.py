@@ -1,0 +1,57 @@
+"""Models the repository tests build from the demo model: a rescaled variant (so versions
+answer differently), its OpenVINO IR, and a small TorchScript network."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+
+from ppml_serve.models import demo_model_path
+
+
+def scaled_demo(target: Path, factor: float) -> Path:
+    """The demo model with its probabilities multiplied by ``factor``."""
+    model = onnx.load(str(demo_model_path()))
+    graph = model.graph
+    output = graph.output[0].name
+    for node in graph.node:
+        node.output[:] = [f"{output}_raw" if name == output else name for name in node.output]
+    graph.initializer.append(numpy_helper.from_array(np.array(factor, np.float32), "factor"))
+    graph.node.append(helper.make_node("Mul", [f"{output}_raw", "factor"], [output]))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(target))
+    return target
+
+
+def demo_ir(directory: Path) -> Path:
+    """The demo model as OpenVINO IR (FP32 weights kept)."""
+    import openvino as ov
+
+    directory.mkdir(parents=True, exist_ok=True)
+    ov.save_model(ov.convert_model(str(demo_model_path())), str(directory / "model.xml"),
+                  compress_to_fp16=False)
+    return directory / "model.xml"
+
+
+def torchscript_net(target: Path) -> Path:
+    """A small MLP on flattened 8x8 images (fixed seed), saved as TorchScript."""
+    import torch
+
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                              torch.nn.Linear(32, 10), torch.nn.Softmax(dim=-1)).eval()
+    traced = torch.jit.trace(net, (torch.zeros(2, 64),))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    traced.save(str(target))
+    return target
+
+
+def torch_outputs(source: Path, inputs: np.ndarray) -> np.ndarray:
+    import torch
+
+    module = torch.jit.load(str(source)).eval()
+    with torch.no_grad():
+        return module(torch.from_numpy(inputs)).numpy()

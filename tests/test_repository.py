@@ -1,0 +1,274 @@
+"""The model repository end to end: one worker process serving several models and versions,
+version routing, the repository API through tritonclient and the project client, loading a
+new model and a new version without a restart (the owner's workflow: convert, encrypt,
+allow, load), and unloading with requests in flight."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+import tritonclient.http as triton
+
+from ppml_serve.client import Client, ClientError
+from ppml_serve.engines import load_engine
+from ppml_serve.models import demo_model_path, demo_samples
+from ppml_serve.queue.contract import HostStatus
+from tests.conftest import Stack, running_stack, stack_settings
+from tests.repository_models import demo_ir, scaled_demo, torch_outputs, torchscript_net
+
+IMAGES, _ = demo_samples()
+EXPECTED = load_engine("demo", demo_model_path().read_bytes()).infer(
+    {"image": IMAGES[:8]})["probabilities"]
+FLAT = (IMAGES[:8].reshape(8, 64) / 16).astype(np.float32)
+RUN = [sys.executable, "-m", "ppml_serve"]
+
+
+def cli(*argv: str) -> subprocess.CompletedProcess[str]:
+    done = subprocess.run([*RUN, *argv], capture_output=True, text=True, timeout=180,
+                          check=False)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done
+
+
+@pytest.fixture(scope="module")
+def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("repository")
+    (root / "digits" / "1").mkdir(parents=True)
+    (root / "digits" / "1" / "model.onnx").write_bytes(demo_model_path().read_bytes())
+    scaled_demo(root / "digits" / "2" / "model.onnx", 0.5)
+    (root / "digits" / "labels.txt").write_text("".join(f"digit {d}\n" for d in range(10)))
+    (root / "digits" / "config.yaml").write_text(
+        "version_policy: {all: true}\nlabels: labels.txt\ntop_k: 3\n")
+    demo_ir(root / "vino" / "1")
+    (root / "vino" / "config.yaml").write_text("engine: auto\n")
+    source = torchscript_net(root.parent / "sources" / "net.pt")
+    converted = cli("model", "convert", str(source), str(root / "torchnet" / "1"),
+                    "--input", "x:2,64:float32", "--output", "probabilities")
+    assert '"max_abs_diff_vs_source"' in converted.stdout
+    (root / "broken" / "1").mkdir(parents=True)
+    (root / "broken" / "1" / "model.onnx").write_bytes(demo_model_path().read_bytes())
+    (root / "broken" / "config.yaml").write_text("engine: tensorrt\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def stack(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    settings = stack_settings(tmp_path_factory.mktemp("state"), models={},
+                              model_repository=repository)
+    with running_stack(settings) as local:
+        yield Stack(local)
+
+
+def client_for(stack: Stack) -> Client:
+    return Client(stack.url, api_key=stack.api_key, ca_file=stack.ca_file, timeout_s=30)
+
+
+def triton_client(stack: Stack) -> triton.InferenceServerClient:
+    return triton.InferenceServerClient(url=stack.url.removeprefix("https://"), ssl=True,
+                                        ssl_options={"ca_certs": str(stack.ca_file)},
+                                        network_timeout=180, connection_timeout=180)
+
+
+def headers(stack: Stack) -> dict[str, str]:
+    return {"Authorization": f"Bearer {stack.api_key}"}
+
+
+def hosts(stack: Stack) -> list[HostStatus]:
+    table = stack.admin().hgetall("ppml:hosts")
+    return [status for status in map(HostStatus.from_json, table.values()) if status]
+
+
+def test_one_worker_process_serves_every_model_and_reports_what_it_cannot(
+        stack: Stack) -> None:
+    assert len(stack.workers) == 1
+    (host,) = hosts(stack)
+    ready = {(model, version) for model, states in host.versions.items()
+             for version, status in states.items() if status.state.value == "READY"}
+    assert ready == {("digits", "1"), ("digits", "2"), ("vino", "1"), ("torchnet", "1")}
+    index = client_for(stack).repository_index()
+    broken = [row for row in index if row["name"] == "broken"]
+    assert broken and all(row["state"] == "UNAVAILABLE" for row in broken)
+    assert "engine" in broken[0]["reason"] and "tensorrt" in broken[0]["reason"]
+
+
+def test_requests_reach_the_version_they_ask_for(stack: Stack) -> None:
+    with client_for(stack) as client:
+        newest = client.infer("digits", IMAGES[:8])
+        first = client.infer("digits", IMAGES[:8], version="1")
+        second = client.infer("digits", IMAGES[:8], version="2")
+        assert client.metadata("digits")["versions"] == ["1", "2"]
+        with pytest.raises(ClientError) as unknown:
+            client.infer("digits", IMAGES[:8], version="9")
+    assert unknown.value.status == 404 and "versions: 1, 2" in str(unknown.value)
+    np.testing.assert_allclose(first["probabilities"], EXPECTED, rtol=1e-6)
+    np.testing.assert_allclose(second["probabilities"], EXPECTED * 0.5, rtol=1e-6)
+    np.testing.assert_allclose(newest["probabilities"], second["probabilities"])
+    # top-k post-processing from config.yaml, inside the worker
+    best = np.argsort(-EXPECTED, axis=1, kind="stable")[:, :3]
+    np.testing.assert_array_equal(first["probabilities_topk_indices"], best)
+    np.testing.assert_allclose(first["probabilities_topk_scores"],
+                               np.take_along_axis(EXPECTED, best, axis=1), rtol=1e-6)
+    tc = triton_client(stack)
+    try:
+        tensor = triton.InferInput("image", [8, 8, 8], "UINT8")
+        tensor.set_data_from_numpy(IMAGES[:8])
+        pinned = tc.infer("digits", [tensor], model_version="1", headers=headers(stack))
+        np.testing.assert_allclose(pinned.as_numpy("probabilities"), EXPECTED, rtol=1e-6)
+        assert pinned.get_response()["model_version"] == "1"
+        config = tc.get_model_config("digits", headers=headers(stack))
+        assert config["version_policy"] == {"all": {}}
+        assert '"digit 7"' in config["parameters"]["labels"]["string_value"]
+        stats = tc.get_inference_statistics("digits", "1", headers=headers(stack))
+        assert stats["model_stats"][0]["version"] == "1"
+        assert stats["model_stats"][0]["inference_count"] >= 1
+    finally:
+        tc.close()
+
+
+def test_ir_and_converted_models_answer_like_their_sources(stack: Stack,
+                                                           repository: Path) -> None:
+    with client_for(stack) as client:
+        vino = client.infer("vino", IMAGES[:8])["probabilities"]
+        converted = client.infer("torchnet", {"x": FLAT})["probabilities"]
+        assert client.metadata("vino")["platform"] == "openvino"
+    np.testing.assert_allclose(vino, EXPECTED, atol=1e-5)  # OpenVINO IR, FP32 vs ONNX Runtime
+    reference = torch_outputs(repository.parent / "sources" / "net.pt", FLAT)
+    np.testing.assert_allclose(converted, reference, atol=1e-5)  # ONNX Runtime vs PyTorch
+
+
+class Load:
+    """Requests to one model version from a few threads, every outcome counted."""
+
+    def __init__(self, stack: Stack, model: str, version: str | None = None,
+                 threads: int = 4) -> None:
+        self.stack, self.model, self.version = stack, model, version
+        self.outcomes: Counter[str] = Counter()
+        self.wrong = 0
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, daemon=True) for _ in range(threads)]
+        self.started_before: list[float] = []
+        """Send times of the requests that got 200, to match against an unload."""
+        self._lock = threading.Lock()
+
+    def _run(self) -> None:
+        path = f"/v2/models/{self.model}" + (f"/versions/{self.version}" if self.version
+                                             else "")
+        body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 8, 8],
+                            "data": IMAGES[:2].ravel().tolist()}]}
+        with self.stack.http() as http:
+            while not self._stop.is_set():
+                sent = time.monotonic()
+                try:
+                    response = http.post(f"{path}/infer", json=body)
+                except httpx.HTTPError as exc:
+                    outcome = type(exc).__name__
+                else:
+                    outcome = str(response.status_code)
+                    if response.status_code == 200:
+                        got = np.array(response.json()["outputs"][0]["data"]).reshape(2, 10)
+                        if not np.allclose(got, EXPECTED[:2], atol=1e-5):
+                            with self._lock:
+                                self.wrong += 1
+                        with self._lock:
+                            self.started_before.append(sent)
+                    elif response.status_code == 503:
+                        time.sleep(0.02)
+                with self._lock:
+                    self.outcomes[outcome] += 1
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(60)
+
+
+def test_owner_loads_a_new_encrypted_model_and_a_new_version_without_a_restart(
+        stack: Stack, repository: Path) -> None:
+    state = str(stack.settings.state_dir)
+    run_config = str(stack.settings.state_dir / "run-config.yaml")
+    sealed = repository / "sealed" / "1" / "model.ppml"
+    sealed.parent.mkdir(parents=True)
+    cli("model", "encrypt", str(repository / "vino" / "1"), str(sealed), "--state-dir", state)
+    tc = triton_client(stack)
+    try:
+        with Load(stack, "digits", version="1") as load:
+            # Not in the policy yet: the key broker refuses, and says what to do.
+            with pytest.raises(triton.InferenceServerException) as refused:
+                tc.load_model("sealed", headers=headers(stack))
+            assert "model add" in str(refused.value)
+            cli("model", "add", str(repository), "sealed", "--config", run_config)
+            tc.load_model("sealed", headers=headers(stack))
+            assert tc.is_model_ready("sealed", headers=headers(stack))
+            with client_for(stack) as client:
+                answer = client.infer("sealed", IMAGES[:8])["probabilities"]
+            np.testing.assert_allclose(answer, EXPECTED, atol=1e-5)
+            # A new version of a model in use: drop it in, allow it, load.
+            scaled_demo(repository / "digits" / "3" / "model.onnx", 0.25)
+            cli("model", "add", str(repository), "digits", "--config", run_config)
+            tc.load_model("digits", headers=headers(stack))
+            with client_for(stack) as client:
+                third = client.infer("digits", IMAGES[:8], version="3")["probabilities"]
+                assert client.metadata("digits")["versions"] == ["1", "2", "3"]
+            np.testing.assert_allclose(third, EXPECTED * 0.25, rtol=1e-6)
+            time.sleep(0.5)
+        index = tc.get_model_repository_index(headers=headers(stack))
+        assert {"name": "sealed", "version": "1", "state": "READY", "reason": ""} in index
+    finally:
+        tc.close()
+    assert load.outcomes["200"] > 20 and set(load.outcomes) == {"200"}, load.outcomes
+    assert load.wrong == 0
+
+
+def test_unload_answers_the_requests_in_flight_then_stops_serving(stack: Stack) -> None:
+    tc = triton_client(stack)
+    try:
+        with Load(stack, "vino", threads=8) as load:
+            time.sleep(1.0)
+            unload_sent = time.monotonic()
+            tc.unload_model("vino", headers=headers(stack))
+            unloaded = time.monotonic()
+            time.sleep(0.5)
+        assert not tc.is_model_ready("vino", headers=headers(stack))
+        states = {row["state"] for row in tc.get_model_repository_index(headers=headers(stack))
+                  if row["name"] == "vino"}
+        assert states == {"UNAVAILABLE"}
+        # Only answers and "not serving (any more)": nothing lost, nothing broken.
+        assert set(load.outcomes) <= {"200", "503"}, load.outcomes
+        assert load.wrong == 0
+        assert any(unload_sent <= sent < unloaded for sent in load.started_before) or \
+            load.outcomes["200"] > 0
+        tc.load_model("vino", headers=headers(stack))
+        assert tc.is_model_ready("vino", headers=headers(stack))
+    finally:
+        tc.close()
+
+
+def test_repository_api_needs_an_admin_key(stack: Stack) -> None:
+    token = cli("keys", "add-api-key", "--name", "reader", "--state-dir",
+                str(stack.settings.state_dir)).stdout.split()[-1]
+    with stack.http(api_key=token) as http:
+        deadline = time.monotonic() + 10  # the gateway picks new keys up within a second
+        while http.get("/v2/models/digits").status_code == 401 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert http.post("/v2/repository/models/digits/unload").status_code == 403
+        assert http.post("/v2/repository/index").status_code == 403
+    with stack.http() as http:
+        unknown = http.post("/v2/repository/models/nothing/load")
+        files = http.post("/v2/repository/models/digits/load",
+                          json={"parameters": {"file:1/model.onnx": "AAAA"}})
+    assert unknown.status_code == 404
+    assert files.status_code == 400 and "model add" in files.json()["error"]
