@@ -272,3 +272,27 @@ def test_repository_api_needs_an_admin_key(stack: Stack) -> None:
                           json={"parameters": {"file:1/model.onnx": "AAAA"}})
     assert unknown.status_code == 404
     assert files.status_code == 400 and "model add" in files.json()["error"]
+
+
+def test_the_repository_api_over_grpc(stack: Stack) -> None:
+    import tritonclient.grpc as triton_grpc
+
+    client = triton_grpc.InferenceServerClient(stack.local.grpc_address, ssl=True,
+                                               root_certificates=str(stack.ca_file))
+    auth = {"authorization": f"Bearer {stack.api_key}"}
+    try:
+        index = client.get_model_repository_index(headers=auth, as_json=True)["models"]
+        assert {"name": "torchnet", "version": "1", "state": "READY"} in index
+        client.unload_model("torchnet", headers=auth)
+        assert not client.is_model_ready("torchnet", headers=auth)
+        client.load_model("torchnet", headers=auth)
+        assert client.is_model_ready("torchnet", headers=auth)
+        tensor = triton_grpc.InferInput("x", [8, 64], "FP32")
+        tensor.set_data_from_numpy(FLAT)
+        pinned = client.infer("torchnet", [tensor], model_version="1", headers=auth)
+        assert pinned.get_response().model_version == "1"
+        with pytest.raises(triton_grpc.InferenceServerException) as refused:
+            client.get_model_repository_index(headers={})
+        assert "UNAUTHENTICATED" in str(refused.value.status())
+    finally:
+        client.close()

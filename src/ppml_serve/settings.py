@@ -96,6 +96,9 @@ class GatewaySettings(_Section):
     """Requests this gateway holds at once (waiting for answers); more get 429 at once."""
     max_inflight_per_model: int = Field(256, ge=1)
     """Requests this gateway holds at once for one model; more get 429 at once."""
+    repository_timeout_s: float = Field(120.0, gt=0, le=3600)
+    """Longest a repository load or unload call waits for the workers (attestation, key
+    release, engine compilation; or draining the queue) before answering 504."""
     redis_connections: int = Field(64, ge=2, le=10_000)
     """Connections from this gateway to Redis; a request waits up to ``redis_wait_s`` for one."""
     redis_wait_s: float = Field(2.0, gt=0, le=60)

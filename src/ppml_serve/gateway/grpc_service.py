@@ -86,31 +86,38 @@ def _decode_inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
     """The v2 RPCs over ``DataPlane``; Triton-only RPCs stay UNIMPLEMENTED."""
 
-    def __init__(self, dataplane: DataPlane, keys: ApiKeyStore, access_log: bool = True) -> None:
+    def __init__(self, dataplane: DataPlane, keys: ApiKeyStore, access_log: bool = True,
+                 repository_timeout_s: float = 120.0) -> None:
         self._dataplane = dataplane
         self._keys = keys
         self._access_log = access_log
+        self._repository_timeout_s = repository_timeout_s
 
     async def _call(self, context: Context, rpc: str, model: str | None,
-                    handler: Callable[[], Awaitable[Response]]) -> Response:
-        """Authenticate (model RPCs), run, map errors to status codes, log one access line."""
+                    handler: Callable[[], Awaitable[Response]],
+                    scope: str | None = None) -> Response:
+        """Authenticate (model RPCs, and those that need ``scope``), run, map errors to
+        status codes, log one access line."""
         metadata = dict(context.invocation_metadata() or ())
         with tracer().start_as_current_span(f"gRPC {rpc}", context=context_from(metadata),
                                             kind=SpanKind.SERVER):
-            return await self._handle(context, rpc, model, handler, metadata)
+            return await self._handle(context, rpc, model, handler, metadata, scope)
 
     async def _handle(self, context: Context, rpc: str, model: str | None,
                       handler: Callable[[], Awaitable[Response]],
-                      metadata: dict[str, Any]) -> Response:
+                      metadata: dict[str, Any], scope: str | None = None) -> Response:
         token = request_id.set(uuid.uuid4().hex)
         started = time.perf_counter()
         key_name, code = "-", grpc.StatusCode.OK
         try:
-            if model is not None:
+            if model is not None or scope is not None:
                 header = metadata.get("authorization")
                 principal = self._keys.authenticate(header if isinstance(header, str) else None)
                 key_name = principal.name
-                principal.authorize(model)
+                if scope is not None:
+                    principal.require(scope)
+                else:
+                    principal.authorize(str(model))
             return await handler()
         except PPMLError as exc:
             code = _status(exc)
@@ -160,6 +167,32 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 outputs=[described.TensorMetadata(name=t.name, datatype=t.datatype,
                                                   shape=list(t.shape)) for t in spec.outputs])
         return await self._call(context, "ModelMetadata", request.name, metadata)
+
+    async def RepositoryIndex(self, request: Any, context: Context) -> Any:
+        async def index() -> Any:
+            listed = pb.RepositoryIndexResponse
+            return listed(models=[listed.ModelIndex(**row)
+                                  for row in await self._dataplane.repository_index()])
+        return await self._call(context, "RepositoryIndex", None, index, scope="admin")
+
+    async def RepositoryModelLoad(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "load", request.model_name, request.parameters,
+                                  pb.RepositoryModelLoadResponse)
+
+    async def RepositoryModelUnload(self, request: Any, context: Context) -> Any:
+        return await self._change(context, "unload", request.model_name, request.parameters,
+                                  pb.RepositoryModelUnloadResponse)
+
+    async def _change(self, context: Context, action: str, model: str, parameters: Any,
+                      answer: Callable[[], Any]) -> Any:
+        async def change() -> Any:
+            if set(parameters) - {"unload_dependents"}:
+                raise InvalidInput("load and unload take no parameters here: model files and "
+                                   "configs come from the workers' repository (see "
+                                   "'ppml-serve model add')")
+            await self._dataplane.change_model(model, action, self._repository_timeout_s)
+            return answer()
+        return await self._call(context, f"Repository {action}", None, change, scope="admin")
 
     async def ModelInfer(self, request: Any, context: Context) -> Any:
         async def infer() -> Any:

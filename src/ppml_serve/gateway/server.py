@@ -41,7 +41,8 @@ def _grpc_service(settings: Settings, dataplane: DataPlane, keys: ApiKeyStore
     @contextlib.asynccontextmanager
     async def serve() -> AsyncIterator[None]:
         server = build_grpc_server(
-            InferenceServicer(dataplane, keys, settings.log.access_log), gateway.host,
+            InferenceServicer(dataplane, keys, settings.log.access_log,
+                              gateway.repository_timeout_s), gateway.host,
             gateway.grpc_port or 0, settings.server_cert_file if secure else None,
             settings.server_key_file if secure else None,
             gateway.client_ca_file if secure else None, gateway.max_request_bytes)
@@ -78,7 +79,9 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads,
                      attestation=settings.security.attestation,
-                     access_log=settings.log.access_log, services=services)
+                     access_log=settings.log.access_log,
+                     repository_timeout_s=settings.gateway.repository_timeout_s,
+                     services=services)
     secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
                             loop="uvloop", log_level="warning",
