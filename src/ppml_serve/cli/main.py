@@ -334,6 +334,7 @@ def _stop_on_signals(stop: Callable[[], None]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from ppml_serve.cli.supervisor import exit_when_orphaned
+    from ppml_serve.memory import tune_allocator
 
     if args.command == "up":
         from ppml_serve.cli.supervisor import run_up
@@ -364,6 +365,7 @@ def run(args: argparse.Namespace) -> int:
         from ppml_serve.gateway.server import build_gateway
 
         exit_when_orphaned()
+        tune_allocator()
         settings = _settings(args)
         configure_tracing(settings.tracing, "ppml-serve-gateway")
         server = build_gateway(settings)
@@ -376,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
         from ppml_serve.worker.host import build_host
 
         exit_when_orphaned()
+        tune_allocator()
         settings = _settings(args)
         root = args.model_repository or settings.model_repository
         if root is None and not args.model:

@@ -47,7 +47,8 @@ def resolve_engine(engine: str, model_format: str = "onnx") -> str:
 
 
 def load_engine(name: str, model: bytes | ModelPackage, engine: str = "onnxruntime",
-                threads: int = 0, precision: str = "fp32", streams: int = 1) -> Engine:
+                threads: int = 0, precision: str = "fp32", streams: int = 1,
+                spin_wait: bool = False) -> Engine:
     """Load ``model`` (ONNX bytes, or a package: ONNX or OpenVINO IR) into the named engine.
 
     ``precision`` is the compute precision for float models (``fp32`` or, with OpenVINO,
@@ -63,7 +64,7 @@ def load_engine(name: str, model: bytes | ModelPackage, engine: str = "onnxrunti
             raise EngineError("ONNX Runtime runs float models in fp32 only; use OpenVINO for bf16")
         from ppml_serve.engines.onnxruntime_engine import OnnxRuntimeEngine
 
-        return OnnxRuntimeEngine(name, package.files["model.onnx"], threads)
+        return OnnxRuntimeEngine(name, package.files["model.onnx"], threads, spin_wait)
     if engine == "openvino":
         if not openvino_available():
             raise EngineError("engine 'openvino' is not installed (pip install openvino)")

@@ -29,12 +29,17 @@ def _spec(node: Any) -> TensorSpec:
 class OnnxRuntimeEngine:
     """One ONNX Runtime session; ``threads`` = 0 lets ORT use every core."""
 
-    def __init__(self, name: str, model: bytes, threads: int = 0) -> None:
+    def __init__(self, name: str, model: bytes, threads: int = 0,
+                 spin_wait: bool = False) -> None:
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         options.log_severity_level = 3
+        if not spin_wait:
+            # Idle pool threads would otherwise spin for work, burning the CPU that the
+            # gateway, Redis and this worker's own I/O need on a shared machine.
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(model, options,
                                                  providers=["CPUExecutionProvider"])

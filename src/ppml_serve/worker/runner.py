@@ -189,7 +189,8 @@ def load_version(settings: Settings, name: str, version: str, source: VersionSou
     engine: Engine = load_engine(name, plain, worker_settings.engine,
                                  threads=worker_settings.engine_threads,
                                  precision=worker_settings.precision,
-                                 streams=worker_settings.streams)
+                                 streams=worker_settings.streams,
+                                 spin_wait=worker_settings.engine_spin_wait)
     del plain
     if config.top_k is not None:
         engine = TopK(engine, config.top_k, config.top_k_output)
