@@ -1,14 +1,17 @@
 """OpenTelemetry tracing: W3C trace context in, spans in gateway and worker, context carried
 through the queue record's clear header (the ``tp`` field, never inside the sealed payload).
 
-Off by default (``tracing.exporter: none``): the API's no-op tracer then costs next to nothing.
+Off by default (``tracing.exporter: none``): then ``span`` is an empty context manager and
+no trace context is read or written, so the hot path pays nothing for it.
 ``otlp`` exports over OTLP/HTTP (``pip install ppml-serve[otlp]``); ``file`` writes one JSON
 span per line, for debugging and tests. Spans carry names, ids, sizes and timings only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections.abc import Mapping
 from pathlib import Path
 from typing import IO, Any
 
@@ -27,6 +30,26 @@ _configured = threading.Lock()
 
 def tracer() -> Tracer:
     return trace.get_tracer(TRACER_NAME)
+
+
+def tracing_on() -> bool:
+    """Whether a tracer provider is installed (``configure_tracing``, or a test's own)."""
+    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+
+
+_OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
+
+
+def span(name: str, headers: Mapping[str, Any] | None = None, server: bool = False,
+         **attributes: Any) -> contextlib.AbstractContextManager[object]:
+    """A span around a block, child of the current one (or of the ``traceparent`` in
+    ``headers``); nothing at all while tracing is off."""
+    if not tracing_on():
+        return _OFF
+    return tracer().start_as_current_span(
+        name, context=context_from(headers) if headers is not None else None,
+        kind=trace.SpanKind.SERVER if server else trace.SpanKind.INTERNAL,
+        attributes=attributes or None)
 
 
 def configure_tracing(settings: TracingSettings, service: str) -> None:
@@ -66,6 +89,8 @@ def _file_exporter(path: Path) -> Any:
 
 def current_traceparent() -> str:
     """The W3C ``traceparent`` of the current span ('' when not sampled or no tracing)."""
+    if not tracing_on():
+        return ""
     carrier: dict[str, str] = {}
     _PROPAGATOR.inject(carrier)
     return carrier.get("traceparent", "")

@@ -13,7 +13,6 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
 
-from opentelemetry.trace import SpanKind
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from starlette.applications import Starlette
@@ -38,7 +37,7 @@ from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
 from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name
-from ppml_serve.tracing import context_from, tracer
+from ppml_serve.tracing import span
 
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
@@ -197,10 +196,9 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         def wrap(handler: Callable[[Request], Awaitable[Response]]
                  ) -> Callable[[Request], Awaitable[Response]]:
             async def endpoint(request: Request) -> Response:
-                with tracer().start_as_current_span(
-                        f"{request.method} {request.scope['route'].path}"
-                        if "route" in request.scope else request.method,
-                        context=context_from(request.headers), kind=SpanKind.SERVER):
+                with span(f"{request.method} {request.scope['route'].path}"
+                          if "route" in request.scope else request.method,
+                          headers=request.headers, server=True):
                     return await handle(request)
 
             async def handle(request: Request) -> Response:

@@ -45,7 +45,7 @@ from ppml_serve.queue.contract import (
     split_queue_name,
 )
 from ppml_serve.settings import GatewaySettings
-from ppml_serve.tracing import current_traceparent, tracer
+from ppml_serve.tracing import current_traceparent, span
 
 log = logging.getLogger("ppml_serve.gateway")
 
@@ -385,7 +385,7 @@ class DataPlane:
 
     async def _admit(self, queue: str, body: bytes, header_length: str | None) -> InferRequest:
         """Decode and validate a request against the model, then check it can be served."""
-        with tracer().start_as_current_span("admit", attributes={"bytes": len(body)}):
+        with span("admit", bytes=len(body)):
             spec = await self._spec_of(queue)
             return await self._admit_decoded(queue, spec, parse_request(body, header_length))
 
@@ -435,7 +435,7 @@ class DataPlane:
         the requested outputs (all when ``request.outputs`` is ``None``)."""
         queue = queue_name(model, version)
         async with self._admission(queue):
-            with tracer().start_as_current_span("admit"):
+            with span("admit"):
                 spec = await self._spec_of(queue)
                 request = await self._admit_decoded(queue, spec, request)
             outputs = await self._round_trip(queue, request)
@@ -487,20 +487,19 @@ class DataPlane:
     async def _send(self, model: str, request_id: str, payload: bytes, mode: Mode,
                     timeout: float) -> ReplyMessage:
         """Seal, enqueue and wait for the (still sealed) answer."""
-        spans = tracer()
-        with spans.start_as_current_span("seal", attributes={"bytes": len(payload)}):
+        with span("seal", bytes=len(payload)):
             sealed = self._sealer.seal(payload, associated_data(model, request_id, REQUEST))
         future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
         self._ensure_reader(model)
         self._waiting[request_id] = _Waiter(model, future)
         try:
-            with spans.start_as_current_span("enqueue"):
+            with span("enqueue"):
                 # The worker's spans continue from here: the context rides in the record's
                 # clear header, never in the sealed payload.
                 await self._broker.enqueue(model, request_id, sealed,
                                            int((time.time() + timeout) * 1000), mode,
                                            traceparent=current_traceparent())
-            with spans.start_as_current_span("wait"):
+            with span("wait"):
                 message = await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
             raise DeadlineExceeded(f"no answer from model {model!r} within {timeout:g} s") from None

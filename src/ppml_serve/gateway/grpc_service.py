@@ -17,7 +17,6 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
-from opentelemetry.trace import SpanKind
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -29,7 +28,7 @@ from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.errors import status_of
 from ppml_serve.logs import request_id
-from ppml_serve.tracing import context_from, tracer
+from ppml_serve.tracing import span
 
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
@@ -99,8 +98,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         """Authenticate (model RPCs, and those that need ``scope``), run, map errors to
         status codes, log one access line."""
         metadata = dict(context.invocation_metadata() or ())
-        with tracer().start_as_current_span(f"gRPC {rpc}", context=context_from(metadata),
-                                            kind=SpanKind.SERVER):
+        with span(f"gRPC {rpc}", headers=metadata, server=True):
             return await self._handle(context, rpc, model, handler, metadata, scope)
 
     async def _handle(self, context: Context, rpc: str, model: str | None,
