@@ -294,8 +294,10 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             if body.strip():
                 try:
                     parameters = json.loads(body).get("parameters") or {}
-                except (ValueError, AttributeError):
+                except (ValueError, AttributeError, RecursionError):
                     raise InvalidInput("the body must be a JSON object") from None
+                if not isinstance(parameters, dict):
+                    raise InvalidInput("'parameters' must be a JSON object")
                 # tritonclient always sends unload_dependents; there are no ensembles here.
                 if set(parameters) - {"unload_dependents"}:
                     raise InvalidInput(

@@ -320,13 +320,8 @@ class DataPlane:
         stop) ``model``, and wait until they have. A load that leaves no version ready
         raises ``InvalidInput`` with the hosts' reasons."""
         view = await self.repository(refresh=True)
-        for _ in range(int(2 / REPOSITORY_TTL_S)):  # hosts re-read their directory each poll
-            if view.knows(model):
-                break
-            await asyncio.sleep(REPOSITORY_TTL_S)
-            view = await self.repository(refresh=True)
-        else:
-            raise ModelNotFound(f"model {model!r} is in no worker's repository")
+        if not view.knows(model):  # hosts list their directories every poll (0.5 s)
+            raise ModelNotFound(f"model {model[:64]!r} is in no worker's repository")
         state = await self._broker.request_model_state(model, action)
         log.info("model %r: %s requested (serial %d)", model, action, state.serial)
         deadline = time.monotonic() + timeout_s

@@ -63,8 +63,9 @@ def _repository_change(summary: str, *params: dict[str, Any]) -> dict[str, Any]:
     return {"post": {
         "summary": summary, "parameters": list(params),
         "requestBody": {"required": False, "content": {"application/json": {"schema": {
-            "type": "object", "properties": {"parameters": {"type": "object",
-                                                            "maxProperties": 0}}}}}},
+            "type": "object", "properties": {"parameters": {
+                "type": "object", "properties": {"unload_dependents": {"type": "boolean"}},
+                "additionalProperties": False}}}}}},
         "responses": {"200": _json(), **_ERRORS}}}
 
 
