@@ -193,8 +193,16 @@ def test_a_host_replaces_a_version_only_after_its_successor_is_ready_and_drained
     assert states() == {"1": "UNLOADING", "2": "READY"}  # not before its queue is empty
     backlog["m"] = 0
     wait_for({"2": "READY"})
+    backlog["m@2"] = 3  # an unload asked while requests are queued ...
     control.states["m"] = ModelState("unload", 2)
+    wait_for({"2": "UNLOADING"})
+    control.states["m"] = ModelState("load", 3)  # ... and taken back before it stopped
+    wait_for({"2": "READY"})
+    backlog["m@2"] = 0
+    control.states["m"] = ModelState("unload", 4)
     wait_for({})
-    assert control.last is not None and control.last.serials == {"m": 2}
+    assert control.last is not None and control.last.serials == {"m": 4}
+    control.states["m"] = ModelState("load", 5)  # and back again after it stopped
+    wait_for({"2": "READY"})
     host.stop()
     host.run()  # stops at once, drains nothing left

@@ -154,17 +154,19 @@ class ModelHost:
         for version in target:
             key = (name, version)
             if key in self._served:
-                self._served[key].draining_since = None  # asked for again: keep it
+                served = self._served[key]
+                if not any(worker.stopping for worker in served.workers):
+                    served.draining_since = None  # asked for again before it stopped: keep it
             elif key not in self._loading and version not in view.failed \
                     and view.entry is not None:
                 log.info("loading model %r version %s", name, version)
                 self._loading[key] = self._loader.submit(self._load, view.entry, version)
         settled = all((name, v) in self._served or v in view.failed for v in target)
-        for key, served in self._served.items():
-            if key[0] == name and key[1] not in target and served.draining_since is None \
+        for key, draining in self._served.items():
+            if key[0] == name and key[1] not in target and draining.draining_since is None \
                     and settled:
                 log.info("unloading model %r version %s: draining its queue", *key)
-                served.draining_since = time.monotonic()
+                draining.draining_since = time.monotonic()
 
     def _collect_loads(self) -> None:
         for key, future in list(self._loading.items()):
