@@ -223,33 +223,34 @@ class DataPlane:
         """The version a request for ``model`` (and ``version``, if given) goes to: the
         newest ready one by default. Unknown models and versions are ``ModelNotFound``."""
         view = await self.repository()
-        if version is not None:
-            if not VERSION_PATTERN.fullmatch(version):
-                raise ModelNotFound(f"model {model!r} has no version {version[:12]!r} "
-                                    "(versions are positive integers)")
-            if version in view.present(model) or (version == "1" and not view.knows(model)
-                                                  and await self._announced_v1(model)):
-                return version
-            known = view.present(model) or (["1"] if await self._announced_v1(model) else [])
-            if not known:
-                raise ModelNotFound(f"model {model!r} is not served here")
+        if version is None:
+            ready = view.ready_versions(model)
+            if ready:
+                return ready[0]
+        elif not VERSION_PATTERN.fullmatch(version):
+            raise ModelNotFound(f"model {model!r} has no version {version[:12]!r} "
+                                "(versions are positive integers)")
+        known = await self._versions_known(model, view)
+        if not known:
+            raise ModelNotFound(f"model {model!r} is not served here")
+        if version is None:
+            return known[0]
+        if version not in known:
             raise ModelNotFound(f"model {model!r} has no version {version!r} "
                                 f"(versions: {', '.join(reversed(known))})")
-        ready = view.ready_versions(model)
-        if ready:
-            return ready[0]
-        present = view.present(model)
-        if present:
-            return present[0]
-        if await self._announced_v1(model):
-            return "1"  # a worker without repository records (or a stand-in in tests)
-        raise ModelNotFound(f"model {model!r} is not served here")
+        return version
 
-    async def _announced_v1(self, model: str) -> bool:
+    async def _versions_known(self, model: str, view: RepositoryView) -> list[str]:
+        """Versions of ``model`` newest first: from the hosts' views, else version 1 when
+        the model is configured or announced by a worker without repository records (or a
+        stand-in in tests)."""
+        if view.knows(model):
+            return view.present(model)
         if model in self._configured:
-            return True
+            return ["1"]
         models = await self.models()
-        return model in models or model in await self.models(refresh=True)
+        announced = model in models or model in await self.models(refresh=True)
+        return ["1"] if announced else []
 
     async def spec(self, model: str, version: str = "1") -> ModelSpec:
         return await self._spec_of(queue_name(model, version))

@@ -568,14 +568,19 @@ class RedisRepositoryControl:
     def __init__(self, client: redis.Redis, keys: Keys) -> None:
         self._client = client
         self._keys = keys
+        self._next_sweep = 0.0
 
     def model_states(self) -> dict[str, ModelState]:
         table: Any = self._client.hgetall(self._keys.repository)
         return _model_states(table)
 
     def publish_host(self, status: HostStatus, max_age_s: float) -> None:
-        """Write this host's status; also drop hosts silent for 10 times ``max_age_s``."""
+        """Write this host's status; now and then also drop hosts silent for 10 times
+        ``max_age_s`` (readers ignore them already; this only keeps the hash small)."""
         self._client.hset(self._keys.hosts, status.host, status.to_json())
+        if time.monotonic() < self._next_sweep:
+            return
+        self._next_sweep = time.monotonic() + 10 * max_age_s
         table: Any = self._client.hgetall(self._keys.hosts)
         oldest = time.time() - 10 * max_age_s
         for host, value in table.items():
