@@ -167,3 +167,43 @@ def test_jobs_are_private_to_their_key_and_pending_until_answered(tmp_path: Path
                             headers={"Authorization": f"Bearer {other}"})
     assert mine.status_code == 202 and mine.json()["state"] == "pending"
     assert theirs.status_code == 404
+
+
+class CountingBroker(StandInBroker):
+    """Counts how often the gateway asks for what it caches; each answer takes a while."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.host_reads = 0
+        self.fail_next = False
+
+    async def host_statuses(self, max_age_s: float) -> list[HostStatus]:
+        import asyncio
+
+        self.host_reads += 1
+        await asyncio.sleep(0.05)
+        if self.fail_next:
+            self.fail_next = False
+            raise NotReady("queue unreachable: ConnectionError")
+        return []
+
+
+def test_concurrent_requests_share_one_lookup_and_failures_are_not_cached() -> None:
+    import asyncio
+
+    async def scenario() -> None:
+        broker = CountingBroker()
+        plane = DataPlane(broker, Keyring({"k": os.urandom(32)}, "k"), GatewaySettings(),
+                          worker_max_age_s=1.0)
+        views = await asyncio.gather(*(plane.repository() for _ in range(32)))
+        assert broker.host_reads == 1, "32 concurrent callers must share one Redis read"
+        assert all(view is views[0] for view in views)
+
+        broker.fail_next = True
+        results = await asyncio.gather(*(plane.repository(refresh=True) for _ in range(4)),
+                                       return_exceptions=True)
+        assert all(isinstance(result, NotReady) for result in results)
+        await plane.repository()
+        assert broker.host_reads == 3, "a failed read is not cached: the next caller reads again"
+
+    asyncio.run(scenario())

@@ -85,6 +85,7 @@ class DataPlane:
         self._waiting: dict[str, _Waiter] = {}
         self._inflight: Counter[str] = Counter()
         self._cache: dict[str, _Cached] = {}
+        self._loading: dict[str, asyncio.Future[Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
         self._readers: dict[str, asyncio.Task[None]] = {}
         self._on_reply = on_reply
@@ -177,12 +178,28 @@ class DataPlane:
                     self._fail_waiting(NotReady(f"model {model!r} has no live worker"), model)
 
     async def _cached(self, key: str, ttl_s: float, load: Callable[[], Awaitable[Any]]) -> Any:
-        now = time.monotonic()
+        """``load()``'s value, reused for ``ttl_s``. Concurrent callers of an expired key
+        share one load: under load, every request would otherwise ask Redis again."""
         entry = self._cache.get(key)
-        if entry is None or entry.expires < now:
-            entry = _Cached(await load(), now + ttl_s)
-            self._cache[key] = entry
-        return entry.value
+        if entry is not None and entry.expires >= time.monotonic():
+            return entry.value
+        pending = self._loading.get(key)
+        if pending is None:
+            pending = asyncio.ensure_future(self._load_into_cache(key, ttl_s, load))
+            self._loading[key] = pending
+            # callers all gone: the error is theirs to see, not the loop's to log
+            pending.add_done_callback(lambda done: done.cancelled() or done.exception())
+        # shielded: one caller cancelled (a client gone) must not fail the others
+        return await asyncio.shield(pending)
+
+    async def _load_into_cache(self, key: str, ttl_s: float,
+                               load: Callable[[], Awaitable[Any]]) -> Any:
+        try:
+            value = await load()
+            self._cache[key] = _Cached(value, time.monotonic() + ttl_s)
+            return value
+        finally:
+            del self._loading[key]
 
     async def models(self, refresh: bool = False) -> dict[str, ModelSpec]:
         """Specs announced by workers, by queue name."""
