@@ -2,7 +2,8 @@
 
 Every request must end in a correct 200, a 429/503 with Retry-After, or a 504 only past its
 own deadline (refused connections only while the gateway itself is down); the stack must
-recover with no manual step.
+recover with no manual step. Every payload goes through the host's payload spool here (not
+through Redis), as large ones do under ``up``: a reclaimed request must still find its own.
 """
 
 from __future__ import annotations
@@ -36,7 +37,8 @@ from .conftest import stack_settings
 @pytest.fixture(scope="module")
 def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     settings = stack_settings(tmp_path_factory.mktemp("faults"),
-                              gateway={"port": 0, "request_timeout_s": 10})
+                              gateway={"port": 0, "request_timeout_s": 10},
+                              redis={"payload_spool_min_bytes": 1})
     local = LocalStack(settings, workers=2, log_level="WARNING")
     try:
         local.start()

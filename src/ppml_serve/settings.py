@@ -55,6 +55,14 @@ class RedisSettings(_Section):
     cluster: bool = False
     """The URL names one node of a Redis Cluster (the client finds the others). Each model's
     keys share one hash slot, so a model lives on one shard and models spread over shards."""
+    payload_spool: Path | None = None
+    """A directory that every gateway and worker of one host shares (0700): request payloads
+    of ``payload_spool_min_bytes`` or more are written there (sealed, as they would be in
+    Redis) and the stream entry carries only the file's name, so Redis neither copies nor
+    logs them. Only for parts on one host (``up`` uses ``STATE_DIR/spool`` when it uses the
+    Unix socket); unset, payloads go through Redis. Jobs always do."""
+    payload_spool_min_bytes: int = Field(32 * 1024, ge=1)
+    """Smaller payloads stay in the stream entry: for them a file costs more than it saves."""
     persistence: Literal["aof", "none"] = "aof"
     """Persistence of the managed Redis. ``aof`` (append-only file, fsync every second):
     queued requests and job answers survive a Redis restart; a crash of the machine can lose

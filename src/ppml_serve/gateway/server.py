@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -18,7 +20,10 @@ from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.guarded_http import guarded_protocol
 from ppml_serve.queue.redis_streams import Keys, RedisGatewayBroker, connect_async
+from ppml_serve.queue.spool import PayloadSpool
 from ppml_serve.settings import Settings
+
+log = logging.getLogger("ppml_serve.gateway")
 
 
 def _mutual_tls(settings: Settings) -> dict[str, Any]:
@@ -55,6 +60,34 @@ def _grpc_service(settings: Settings, dataplane: DataPlane, keys: ApiKeyStore
     return serve
 
 
+def _spool_sweeper(spool: PayloadSpool, older_than_s: float
+                   ) -> Callable[[], AbstractAsyncContextManager[None]]:
+    """Removes spooled payloads nobody will read (see ``queue/spool.py``), every minute."""
+
+    async def sweep_forever() -> None:
+        while True:
+            try:
+                removed = await asyncio.to_thread(spool.sweep, older_than_s)
+            except OSError as exc:
+                log.warning("sweeping the payload spool failed (%s)", exc.strerror)
+            else:
+                if removed:
+                    log.info("removed %d stale payload(s) from the spool", removed)
+            await asyncio.sleep(60)
+
+    @contextlib.asynccontextmanager
+    async def serve() -> AsyncIterator[None]:
+        task = asyncio.create_task(sweep_forever(), name="spool-sweeper")
+        try:
+            yield
+        finally:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    return serve
+
+
 def build_gateway(settings: Settings) -> uvicorn.Server:
     """Everything is checked here, before the port opens, so errors surface at start."""
     keys = ApiKeyStore.load(settings.api_keys_file)
@@ -66,7 +99,9 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     client = connect_async(url, ca_file, max_connections=gateway.redis_connections,
                            pool_timeout_s=gateway.redis_wait_s, cluster=cluster)
     reader = connect_async(url, ca_file, cluster=cluster)
-    broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex)
+    spool = PayloadSpool.configured(settings.redis.payload_spool)
+    broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex,
+                                spool, settings.redis.payload_spool_min_bytes)
     metrics = Metrics()
     dataplane = DataPlane(broker, sealer, settings.gateway,
                           worker_max_age_s=settings.worker.dead_after_s,
@@ -76,6 +111,11 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     services = []
     if gateway.grpc_port is not None:
         services.append(_grpc_service(settings, dataplane, keys))
+    if spool is not None:
+        # past its deadline a request is never read again, only dropped; the margin covers
+        # clocks of processes on one host and a worker's reclaim delay
+        services.append(_spool_sweeper(spool, gateway.request_timeout_s
+                                       + settings.worker.dead_after_s + 60))
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads,
                      attestation=settings.security.attestation,

@@ -214,6 +214,9 @@ class Delivery:
     """When the gateway queued it (unix ms, from the stream entry id)."""
     traceparent: str = ""
     """W3C trace context of the gateway's span, in the record's clear header (not secret)."""
+    payload_file: str = ""
+    """Name of the payload in the host's spool (``queue/spool.py``), when it was not in the
+    stream entry; ``body`` is then what the spool held (empty if the file was missing)."""
 
     @property
     def is_job(self) -> bool:

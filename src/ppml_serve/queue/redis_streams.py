@@ -33,7 +33,7 @@ from __future__ import annotations
 import contextlib
 import json
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -53,6 +53,7 @@ from ppml_serve.queue.contract import (
     Reply,
     ReplyMessage,
 )
+from ppml_serve.queue.spool import PayloadSpool
 
 GROUP = "workers"
 DEAD_LETTER_MAXLEN = 100_000
@@ -196,7 +197,12 @@ def _str(value: bytes) -> str:
     return value.decode("ascii", "replace")
 
 
-def _delivery(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) -> Delivery:
+def _delivery(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1,
+              spool: PayloadSpool | None = None) -> Delivery:
+    payload_file = _str(fields.get(b"file", b""))
+    body = fields.get(b"body", b"")
+    if payload_file:
+        body = (spool.take(payload_file) if spool is not None else None) or b""
     try:
         mode = Mode(_str(fields.get(b"mode", b"")))
     except ValueError:
@@ -205,13 +211,14 @@ def _delivery(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1) 
         entry_id=_str(entry_id),
         request_id=_str(fields.get(b"id", b"")),
         reply_to=_str(fields.get(b"reply", b"")),
-        body=fields.get(b"body", b""),
+        body=body,
         deadline_ms=_int(fields.get(b"deadline")),
         deliveries=deliveries,
         mode=mode,
         job_ttl_s=_int(fields.get(b"job")),
         enqueued_ms=_int(entry_id.split(b"-", 1)[0]),
         traceparent=_str(fields.get(b"tp", b"")),
+        payload_file=payload_file,
     )
 
 
@@ -248,8 +255,9 @@ class RedisWorkerBroker:
     """A worker's connection to one model's request stream (synchronous, thread-safe)."""
 
     def __init__(self, client: redis.Redis, keys: Keys, model: str, consumer: str,
-                 reply_maxlen: int = 10_000) -> None:
+                 reply_maxlen: int = 10_000, spool: PayloadSpool | None = None) -> None:
         self._client = client
+        self._spool = spool
         self._keys = keys
         self._model = model
         self._stream = keys.requests(model)
@@ -298,7 +306,16 @@ class RedisWorkerBroker:
         if not response:
             return []
         _, entries = response[0]
-        return [_delivery(entry_id, fields) for entry_id, fields in entries if fields]
+        return [_delivery(entry_id, fields, spool=self._spool)
+                for entry_id, fields in entries if fields]
+
+    def _forget_payloads(self, deliveries: Iterable[Delivery]) -> None:
+        """Remove spooled payloads of entries this worker acked (and so no one else will
+        read): after the ack, so that a crash in between leaves a file, never a lost one."""
+        if self._spool is not None:
+            for delivery in deliveries:
+                if delivery.payload_file:
+                    self._spool.remove(delivery.payload_file)
 
     def finish(self, replies: Sequence[Reply]) -> int:
         """Post, ack and delete; returns how many were still ours to answer."""
@@ -318,7 +335,10 @@ class RedisWorkerBroker:
             args.extend([delivery.entry_id, delivery.request_id, "1" if reply.ok else "0",
                          reply.body, reply.batch_size, job_ttl,
                          f"{reply.queue_s * 1000:.3f}", f"{reply.engine_s * 1000:.3f}"])
-        return int(self._finish(keys=keys, args=args))
+        answered = int(self._finish(keys=keys, args=args))
+        if answered == len(replies):  # else some were taken over: their new owner removes
+            self._forget_payloads(reply.delivery for reply in replies)
+        return answered
 
     def drop(self, deliveries: Sequence[Delivery]) -> None:
         """Ack and delete requests that need no answer (their caller gave up); a job past
@@ -335,6 +355,7 @@ class RedisWorkerBroker:
             pipe.xack(self._stream, GROUP, *ids)
             pipe.xdel(self._stream, *ids)
             pipe.execute()
+            self._forget_payloads(deliveries)
 
     def _deliveries_with_counts(self, entries: list[tuple[bytes, dict[bytes, bytes]]]
                                 ) -> list[Delivery]:
@@ -348,7 +369,7 @@ class RedisWorkerBroker:
         pending: Any
         for pending in pipe.execute():
             counts.append(int(pending[0]["times_delivered"]) if pending else 1)
-        return [_delivery(entry_id, fields, deliveries)
+        return [_delivery(entry_id, fields, deliveries, self._spool)
                 for (entry_id, fields), deliveries in zip(entries, counts, strict=True)]
 
     def reclaim(self, min_idle_ms: int, count: int) -> list[Delivery]:
@@ -417,8 +438,11 @@ class RedisGatewayBroker:
     """A gateway's side of the queue (asyncio)."""
 
     def __init__(self, client: aioredis.Redis, reader: aioredis.Redis, keys: Keys,
-                 gateway_id: str) -> None:
+                 gateway_id: str, spool: PayloadSpool | None = None,
+                 spool_min_bytes: int = 32 * 1024) -> None:
         self._client = client
+        self._spool = spool
+        self._spool_min_bytes = spool_min_bytes
         self._reader = reader
         self._keys = keys
         self._gateway_id = gateway_id
@@ -445,16 +469,28 @@ class RedisGatewayBroker:
     async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
                       mode: Mode = Mode.STANDARD, job_ttl_s: int = 0,
                       traceparent: str = "") -> None:
-        fields: dict[Any, Any] = {"id": request_id, "body": body, "deadline": str(deadline_ms),
+        fields: dict[Any, Any] = {"id": request_id, "deadline": str(deadline_ms),
                                   "reply": "" if job_ttl_s else self.reply_stream(model)}
+        # Jobs stay in Redis: they must outlive this gateway and its host's spool.
+        spool = self._spool if not job_ttl_s and len(body) >= self._spool_min_bytes else None
+        if spool is not None:
+            # A local file write (page cache), cheaper than the copy to Redis it replaces.
+            fields["file"] = spool.put(body)
+        else:
+            fields["body"] = body
         if mode is not Mode.STANDARD:
             fields["mode"] = mode.value
         if job_ttl_s:
             fields["job"] = str(job_ttl_s)
         if traceparent:
             fields["tp"] = traceparent
-        async with _queue_errors("take the request"):
-            await self._client.xadd(self._keys.requests(model), fields)
+        try:
+            async with _queue_errors("take the request"):
+                await self._client.xadd(self._keys.requests(model), fields)
+        except BaseException:  # not queued (or not known to be): the payload goes too
+            if spool is not None:
+                spool.remove(fields["file"])
+            raise
 
     async def backlog(self, model: str) -> int:
         async with _queue_errors("report its backlog"):

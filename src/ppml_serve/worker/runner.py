@@ -27,6 +27,7 @@ from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.keybroker.client import ReleasedKeys, obtain_keys
 from ppml_serve.queue.contract import queue_name
 from ppml_serve.queue.redis_streams import Keys, RedisWorkerBroker, connect, ping_sync
+from ppml_serve.queue.spool import PayloadSpool
 from ppml_serve.repository import ModelConfig, Repository, VersionSource
 from ppml_serve.repository.layout import source_of
 from ppml_serve.settings import Settings, WorkerSettings
@@ -216,9 +217,11 @@ def worker_for(settings: Settings, loaded: LoadedVersion,
     keys = Keys(settings.redis.prefix)
     cluster = settings.redis.cluster
     queue = queue_name(loaded.name, loaded.version)
+    spool = PayloadSpool.configured(settings.redis.payload_spool)
     broker = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, queue, consumer,
-                               settings.gateway.reply_stream_maxlen)
-    reader = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, queue, consumer)
+                               settings.gateway.reply_stream_maxlen, spool)
+    reader = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, queue, consumer,
+                               spool=spool)
     return Worker(queue, loaded.engine, broker, reader, loaded.sealer, loaded.worker_settings,
                   worker_key=loaded.worker_key, provider=loaded.provider,
                   measurement=loaded.measurement, metrics=metrics, announce=loaded.announce)

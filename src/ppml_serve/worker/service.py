@@ -323,7 +323,7 @@ class Worker:
             opening = time.time_ns()
             try:
                 entry.item = Item(self._open(entry))
-            except (IntegrityError, InvalidInput, ProtocolError) as exc:
+            except (IntegrityError, InvalidInput, ProtocolError, EngineError) as exc:
                 if isinstance(exc, IntegrityError):
                     log.warning("request %s refused: record failed authentication",
                                 entry.delivery.request_id,
@@ -361,6 +361,10 @@ class Worker:
 
     def _open(self, entry: _Work) -> dict[str, Any]:
         delivery = entry.delivery
+        if delivery.payload_file and not delivery.body:
+            raise EngineError("the request's payload is not in this worker's payload spool "
+                              "(gateway and worker must share redis.payload_spool on one "
+                              "host)")
         opened = self._sealer.open(delivery.body,
                                    associated_data(self._model, delivery.request_id, REQUEST))
         if delivery.mode is Mode.SEALED:

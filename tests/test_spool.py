@@ -1,0 +1,143 @@
+"""Payloads beside the queue (``redis.payload_spool``): kept out of Redis, removed once
+answered, still answered after a worker froze, refused clearly when missing.
+
+The end-to-end tests run a real stack whose spool takes every payload (min 1 byte); the
+fault tests (``test_faults.py``) run theirs the same way.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import stat
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import redis
+
+from ppml_serve.client import Client, ClientError
+from ppml_serve.errors import ConfigError
+from ppml_serve.local_stack import LocalStack
+from ppml_serve.models import demo_samples
+from ppml_serve.queue.spool import PayloadSpool
+from ppml_serve.state import read_api_key
+
+from .conftest import running_stack, stack_settings
+
+
+def test_spool_round_trip_names_and_sweep(tmp_path: Path) -> None:
+    spool = PayloadSpool.configured(tmp_path / "spool")
+    assert spool is not None
+    assert stat.S_IMODE((tmp_path / "spool").stat().st_mode) == 0o700
+    name = spool.put(b"sealed record")
+    assert stat.S_IMODE((tmp_path / "spool" / name).stat().st_mode) == 0o600
+    assert spool.take(name) == b"sealed record"
+    for hostile in ("../spool/" + name, "/etc/passwd", "", name.upper(), name + "x"):
+        assert spool.take(hostile) is None, hostile
+    old, fresh = spool.put(b"old"), spool.put(b"new")
+    long_ago = time.time() - 3600
+    os.utime(tmp_path / "spool" / old, (long_ago, long_ago))
+    (tmp_path / "spool" / "not-ours").write_bytes(b"kept")
+    assert spool.sweep(older_than_s=600) == 1
+    assert spool.take(old) is None and spool.take(fresh) == b"new"
+    assert (tmp_path / "spool" / "not-ours").exists(), "only names the spool makes are swept"
+    spool.remove(name)
+    spool.remove(name)  # twice: already gone is fine
+    assert spool.take(name) is None
+
+
+def test_spool_open_to_others_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "open").mkdir(mode=0o755)
+    os.chmod(tmp_path / "open", 0o755)  # noqa: S103 - the case under test
+    with pytest.raises(ConfigError, match="open to other users"):
+        PayloadSpool.configured(tmp_path / "open")
+    assert PayloadSpool.configured(None) is None
+
+
+@pytest.fixture(scope="module")
+def spooled(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    # a worker is frozen here for a few seconds on purpose: not yet declared dead
+    settings = stack_settings(tmp_path_factory.mktemp("spool"),
+                              redis={"payload_spool_min_bytes": 1},
+                              worker={"heartbeat_s": 3.0,
+                                      "max_batch_delay_ms": 5, "engine_threads": 1})
+    with running_stack(settings, workers=1) as local:
+        yield local
+
+
+def _client(local: LocalStack) -> Client:
+    return Client(local.url, read_api_key(local.settings.state_dir), local.settings.ca_file,
+                  timeout_s=30)
+
+
+def _admin(local: LocalStack) -> redis.Redis:
+    return redis.Redis.from_url(local.redis.admin_url.get_secret_value(),
+                                ssl_ca_certs=str(local.settings.ca_file),
+                                ssl_cert_reqs="required")
+
+
+def _worker_pid(local: LocalStack) -> int:
+    worker = next(c for c in local.children if c.name.startswith("worker"))
+    assert worker.process is not None
+    return worker.process.pid
+
+
+def test_payloads_skip_redis_and_are_removed_once_answered(spooled: LocalStack) -> None:
+    spool_dir = spooled.settings.state_dir / "spool"
+    images, labels = demo_samples()
+    with _client(spooled) as client:
+        client.infer("demo", images[:1])  # the worker is up and holds its keys
+        pid = _worker_pid(spooled)
+        with ThreadPoolExecutor(4) as pool:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                answers = [pool.submit(client.infer, "demo", images[i:i + 2]) for i in range(4)]
+                deadline = time.monotonic() + 10
+                while len(os.listdir(spool_dir)) < 4 and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                files = os.listdir(spool_dir)
+                assert len(files) == 4, files
+                for name in files:
+                    assert stat.S_IMODE((spool_dir / name).stat().st_mode) == 0o600
+                entries = _admin(spooled).xrange("ppml:{demo}:req")
+                assert len(entries) == 4
+                for _, fields in entries:
+                    assert b"body" not in fields, "the payload went through Redis"
+                    assert fields[b"file"].decode() in files
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            for i, future in enumerate(answers):  # answered once the worker runs again
+                probabilities = future.result(timeout=30)["probabilities"]
+                assert probabilities.shape == (2, 10)
+                assert (probabilities.argmax(axis=1) == labels[i:i + 2]).mean() >= 0.5
+    deadline = time.monotonic() + 5
+    while os.listdir(spool_dir) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert os.listdir(spool_dir) == [], "answered payloads must be removed"
+
+
+def test_a_payload_missing_from_the_spool_is_a_clear_error(spooled: LocalStack) -> None:
+    spool_dir = spooled.settings.state_dir / "spool"
+    images, _ = demo_samples()
+    with _client(spooled) as client:
+        client.infer("demo", images[:1])
+        pid = _worker_pid(spooled)
+        with ThreadPoolExecutor(1) as pool:
+            os.kill(pid, signal.SIGSTOP)
+            try:
+                answer = pool.submit(client.infer, "demo", images[:1])
+                deadline = time.monotonic() + 10
+                while not os.listdir(spool_dir) and time.monotonic() < deadline:
+                    time.sleep(0.05)
+                for name in os.listdir(spool_dir):
+                    (spool_dir / name).unlink()  # e.g. a worker on another host
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            with pytest.raises(ClientError) as refused:
+                answer.result(timeout=30)
+        assert refused.value.status == 500
+        assert "payload spool" in str(refused.value)
+        # the worker carries on
+        assert client.infer("demo", images[:1])["probabilities"].shape == (1, 10)
