@@ -242,8 +242,8 @@ class LocalStack:
         self.redis.start()
         # Parts on this host use the Unix socket when there is one (see redis.local_socket).
         url = self.redis.socket_url or self.redis.url
-        if self.redis.socket_url is not None and settings.redis.payload_spool is None:
-            # the same host, the same 0700 state directory: large payloads skip Redis
+        if settings.redis.payload_spool is None:
+            # every part on this host, beside the 0700 state directory: large payloads skip Redis
             settings.redis.payload_spool = state / "spool"
         write_private(settings.redis_url_file, url.get_secret_value().encode() + b"\n")
         write_private(state / "redis-admin.url",

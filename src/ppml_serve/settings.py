@@ -59,8 +59,8 @@ class RedisSettings(_Section):
     """A directory that every gateway and worker of one host shares (0700): request payloads
     of ``payload_spool_min_bytes`` or more are written there (sealed, as they would be in
     Redis) and the stream entry carries only the file's name, so Redis neither copies nor
-    logs them. Only for parts on one host (``up`` uses ``STATE_DIR/spool`` when it uses the
-    Unix socket); unset, payloads go through Redis. Jobs always do."""
+    logs them. Only for parts on one host (``up`` uses ``STATE_DIR/spool``); unset, payloads
+    go through Redis. Jobs always do."""
     payload_spool_min_bytes: int = Field(32 * 1024, ge=1)
     """Smaller payloads stay in the stream entry: for them a file costs more than it saves."""
     persistence: Literal["aof", "none"] = "aof"
