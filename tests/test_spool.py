@@ -141,3 +141,10 @@ def test_a_payload_missing_from_the_spool_is_a_clear_error(spooled: LocalStack) 
         assert "payload spool" in str(refused.value)
         # the worker carries on
         assert client.infer("demo", images[:1])["probabilities"].shape == (1, 10)
+
+
+def test_spool_that_is_a_link_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "elsewhere").mkdir(mode=0o700)
+    (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(ConfigError, match="not a directory owned by this user"):
+        PayloadSpool.configured(tmp_path / "link")

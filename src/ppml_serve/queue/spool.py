@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import stat
 import time
 import uuid
 from pathlib import Path
@@ -42,10 +43,15 @@ class PayloadSpool:
         """Create the directory private to this user (or check that it is)."""
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-            mode = self.directory.stat().st_mode & 0o777
+            status = self.directory.lstat()
         except OSError as exc:
             raise ConfigError(f"redis.payload_spool: cannot use {self.directory} "
                               f"({exc.strerror})") from None
+        mode = status.st_mode & 0o777
+        if not stat.S_ISDIR(status.st_mode) or status.st_uid != os.geteuid():
+            # e.g. made in advance by another user in a shared place such as /dev/shm
+            raise ConfigError(f"redis.payload_spool: {self.directory} is not a directory "
+                              "owned by this user")
         if mode & 0o077:
             raise ConfigError(f"redis.payload_spool: {self.directory} is open to other users "
                               f"(mode {mode:o}); make it 0700")
