@@ -148,3 +148,20 @@ def test_spool_that_is_a_link_is_refused(tmp_path: Path) -> None:
     (tmp_path / "link").symlink_to(tmp_path / "elsewhere")
     with pytest.raises(ConfigError, match="not a directory owned by this user"):
         PayloadSpool.configured(tmp_path / "link")
+
+
+def test_an_unusable_spool_falls_back_to_redis(spooled: LocalStack) -> None:
+    spool_dir = spooled.settings.state_dir / "spool"
+    aside = spool_dir.with_name("spool-aside")
+    images, labels = demo_samples()
+    with _client(spooled) as client:
+        spool_dir.rename(aside)
+        spool_dir.write_bytes(b"")  # writing a payload now fails (not a directory)
+        try:
+            probabilities = client.infer("demo", images[:3])["probabilities"]
+        finally:
+            spool_dir.unlink()
+            aside.rename(spool_dir)
+        assert probabilities.shape == (3, 10)
+        assert (probabilities.argmax(axis=1) == labels[:3]).mean() >= 0.5
+        assert client.infer("demo", images[:1])["probabilities"].shape == (1, 10)

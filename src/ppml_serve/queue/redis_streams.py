@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import time
 from collections.abc import AsyncIterator, Iterable, Sequence
 from pathlib import Path
@@ -54,6 +55,8 @@ from ppml_serve.queue.contract import (
     ReplyMessage,
 )
 from ppml_serve.queue.spool import PayloadSpool
+
+log = logging.getLogger("ppml_serve.queue")
 
 GROUP = "workers"
 DEAD_LETTER_MAXLEN = 100_000
@@ -474,9 +477,14 @@ class RedisGatewayBroker:
         # Jobs stay in Redis: they must outlive this gateway and its host's spool.
         spool = self._spool if not job_ttl_s and len(body) >= self._spool_min_bytes else None
         if spool is not None:
-            # A local file write (page cache), cheaper than the copy to Redis it replaces.
-            fields["file"] = spool.put(body)
-        else:
+            try:
+                # A local file write (page cache), cheaper than the copy to Redis it replaces.
+                fields["file"] = spool.put(body)
+            except OSError as exc:  # e.g. its disk is full: Redis takes the payload instead
+                log.warning("payload spool unusable (%s); queueing the payload in Redis",
+                            exc.strerror)
+                spool = None
+        if spool is None:
             fields["body"] = body
         if mode is not Mode.STANDARD:
             fields["mode"] = mode.value

@@ -73,13 +73,13 @@ class PayloadSpool:
         return name
 
     def take(self, name: str) -> bytes | None:
-        """The payload stored as ``name``; ``None`` if there is no such file (or the name
-        is not one this spool would make)."""
+        """The payload stored as ``name``; ``None`` if it cannot be read (no such file, no
+        access) or the name is not one this spool would make: that request fails alone."""
         if not _NAME.fullmatch(name):
             return None
         try:
             return (self.directory / name).read_bytes()
-        except FileNotFoundError:
+        except OSError:
             return None
 
     def remove(self, name: str) -> None:

@@ -362,9 +362,9 @@ class Worker:
     def _open(self, entry: _Work) -> dict[str, Any]:
         delivery = entry.delivery
         if delivery.payload_file and not delivery.body:
-            raise EngineError("the request's payload is not in this worker's payload spool "
-                              "(gateway and worker must share redis.payload_spool on one "
-                              "host)")
+            raise EngineError("the request's payload could not be read from this worker's "
+                              "payload spool (gateway and worker must share "
+                              "redis.payload_spool on one host)")
         opened = self._sealer.open(delivery.body,
                                    associated_data(self._model, delivery.request_id, REQUEST))
         if delivery.mode is Mode.SEALED:
