@@ -214,6 +214,8 @@ class LocalStack:
         self.children: list[Child] = []
         self._supervised: list[Supervised] = []
         self.gateway: Child | None = None
+        """The first gateway process (``gateways`` holds all of them)."""
+        self.gateways: list[Child] = []
         self.keybroker: Child | None = None
         self.client_cert: tuple[Path, Path] | None = None
         """A dev client certificate when the gateway requires mutual TLS."""
@@ -280,8 +282,11 @@ class LocalStack:
                         str(settings.model_repository)]
                 workers.append(Child(f"worker repository #{index}", argv))
         self.children = [self.keybroker, *workers]
-        self.gateway = Child("gateway", [*base, "gateway", *common])
-        self.children.append(self.gateway)
+        argv = [*base, "gateway", *common]
+        self.gateways = [Child("gateway" if index == 0 else f"gateway #{index}", argv)
+                         for index in range(settings.gateway.processes)]
+        self.gateway = self.gateways[0]
+        self.children.extend(self.gateways)
         for child in self.children[1:]:
             child.start(self._env)
         self.wait_ready(ready_timeout_s)
@@ -358,9 +363,10 @@ class LocalStack:
             part.check(now)
 
     def stop(self) -> None:
-        if self.gateway is not None:
-            self.gateway.terminate()
-            self.gateway.wait(10)
+        for gateway in self.gateways:  # first: no new requests while the rest stops
+            gateway.terminate()
+        for gateway in self.gateways:
+            gateway.wait(10)
         for child in self.children:
             child.terminate()
         for child in self.children:

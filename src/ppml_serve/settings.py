@@ -113,6 +113,11 @@ class GatewaySettings(_Section):
     """Longest wait for a free Redis connection before the request gets 503."""
     max_connections: int = Field(1024, ge=1)
     """Concurrent client connections; beyond it new connections get 503 at once."""
+    processes: int = Field(1, ge=1, le=64)
+    """Gateway processes sharing the HTTPS and gRPC ports (SO_REUSEPORT: the kernel spreads
+    new connections over them). Each is one Python thread, so where cores are free for them,
+    more processes serve more requests; limits such as ``max_connections`` are per process.
+    ``up`` starts this many; started by hand, each needs the same setting."""
     max_header_bytes: int = Field(16 * 1024, ge=1024, le=1024 * 1024)
     """Largest request head (request line and headers); larger ones get 431."""
     header_timeout_s: float = Field(10.0, gt=0, le=600)

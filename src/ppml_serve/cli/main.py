@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--grpc-port", type=int,
                     help="KServe v2 gRPC port (default: the HTTPS port + 1, so 8444)")
     up.add_argument("--workers", type=int, default=1, help="worker processes per model")
+    up.add_argument("--gateways", type=int, metavar="N",
+                    help="gateway processes sharing the ports (gateway.processes, default 1; "
+                    "more serve more requests where cores are free for them)")
     up.add_argument("--model", action="append", type=_model_pair, default=[],
                     metavar="NAME=PATH", help="also serve this ONNX model (repeatable)")
     up.add_argument("--no-demo", action="store_true", help="do not serve the demo model")
@@ -302,7 +305,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         values["state_dir"] = args.state_dir
     for flag, section, name in [
         ("host", "gateway", "host"), ("port", "gateway", "port"),
-        ("grpc_port", "gateway", "grpc_port"),
+        ("grpc_port", "gateway", "grpc_port"), ("gateways", "gateway", "processes"),
         ("max_batch_size", "worker", "max_batch_size"),
         ("max_batch_delay_ms", "worker", "max_batch_delay_ms"),
         ("threads", "worker", "engine_threads"), ("engine", "worker", "engine"),
@@ -362,14 +365,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "gateway":
-        from ppml_serve.gateway.server import build_gateway
+        from ppml_serve.gateway.server import build_gateway, listening_sockets
 
         exit_when_orphaned()
         tune_allocator()
         settings = _settings(args)
         configure_tracing(settings.tracing, "ppml-serve-gateway")
         server = build_gateway(settings)
-        server.run()
+        server.run(sockets=listening_sockets(settings))
         return 0
 
     if args.command == "worker":

@@ -212,12 +212,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
 def build_grpc_server(servicer: InferenceServicer, host: str, port: int,
                       cert_file: Path | None, key_file: Path | None,
-                      client_ca_file: Path | None, max_message_bytes: int) -> grpc.aio.Server:
+                      client_ca_file: Path | None, max_message_bytes: int,
+                      shared_port: bool = False) -> grpc.aio.Server:
     """A grpc.aio server on the running loop: TLS when a certificate is given (mutual TLS
-    when a client CA is), messages up to ``max_message_bytes``."""
+    when a client CA is), messages up to ``max_message_bytes``; ``shared_port``: other
+    gateway processes listen on the same port (else a port in use is an error)."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
+        ("grpc.so_reuseport", 1 if shared_port else 0),
     ])
     service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
     address = f"{host}:{port}"

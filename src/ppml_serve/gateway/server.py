@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import socket
 import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -50,7 +51,8 @@ def _grpc_service(settings: Settings, dataplane: DataPlane, keys: ApiKeyStore
                               gateway.repository_timeout_s), gateway.host,
             gateway.grpc_port or 0, settings.server_cert_file if secure else None,
             settings.server_key_file if secure else None,
-            gateway.client_ca_file if secure else None, gateway.max_request_bytes)
+            gateway.client_ca_file if secure else None, gateway.max_request_bytes,
+            shared_port=gateway.processes > 1)
         await server.start()
         try:
             yield
@@ -86,6 +88,21 @@ def _spool_sweeper(spool: PayloadSpool, older_than_s: float
                 await task
 
     return serve
+
+
+def listening_sockets(settings: Settings) -> list[socket.socket] | None:
+    """With several gateway processes, each binds the HTTPS port with SO_REUSEPORT (only
+    processes of the same user can join it); with one, uvicorn binds it alone."""
+    gateway = settings.gateway
+    if gateway.processes == 1:
+        return None
+    family = socket.getaddrinfo(gateway.host, gateway.port, type=socket.SOCK_STREAM)[0][0]
+    try:
+        return [socket.create_server((gateway.host, gateway.port), family=family,
+                                     backlog=2048, reuse_port=True)]
+    except OSError as exc:
+        raise ConfigError(f"gateway.port: cannot listen on {gateway.host}:{gateway.port} "
+                          f"({exc.strerror})") from None
 
 
 def build_gateway(settings: Settings) -> uvicorn.Server:
