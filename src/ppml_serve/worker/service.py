@@ -328,6 +328,10 @@ class Worker:
                     log.warning("request %s refused: record failed authentication",
                                 entry.delivery.request_id,
                                 extra={"request_id": entry.delivery.request_id})
+                elif isinstance(exc, EngineError):  # a deployment problem the operator must see
+                    log.warning("request %s failed: its payload is not readable in the "
+                                "payload spool", entry.delivery.request_id,
+                                extra={"request_id": entry.delivery.request_id})
                 entry.error = exc
             except Exception as exc:  # a record no check foresaw: its own error, never a crash
                 log.warning("request %s refused: unreadable record (%s)",
