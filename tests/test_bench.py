@@ -20,7 +20,8 @@ def test_bench_writes_runs_and_plot(tmp_path: Path) -> None:
     completed = subprocess.run(
         [sys.executable, "-m", "ppml_serve", "bench", "--configs", "secure,plain",
          "--concurrency", "1,4", "--duration", "0.6", "--warmup", "0.2",
-         "--max-batch-size", "4", "--repeats", "2", "--json", str(out), "--plot", str(chart)],
+         "--max-batch-size", "4", "--repeats", "2", "--gateways", "2",
+         "--json", str(out), "--plot", str(chart)],
         capture_output=True, text=True, timeout=180, check=False)
     assert completed.returncode == 0, completed.stderr[-2000:]
     runs = json.loads(out.read_text())

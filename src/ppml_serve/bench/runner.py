@@ -58,6 +58,8 @@ class BenchOptions:
     warmup_s: float = 2.0
     items_per_request: int = 1
     workers: int = 1
+    gateways: int = 1
+    """Gateway processes sharing the port (``gateway.processes``)."""
     max_batch_size: int = 16
     max_batch_delay_ms: float = 2.0
     threads: int = 0
@@ -113,7 +115,8 @@ def _stack(config: BenchConfig, options: BenchOptions, state: Path) -> LocalStac
     settings = load_settings(
         state_dir=state,
         models={config.model: config.model_path},
-        gateway={"port": 0, "plaintext_http": not config.secure, "max_queue_length": 100_000},
+        gateway={"port": 0, "plaintext_http": not config.secure, "max_queue_length": 100_000,
+                 "processes": options.gateways},
         redis={"allow_plaintext": not config.secure, "persistence": config.persistence,
                "local_socket": config.local_socket},
         security={"encrypt_payloads": config.secure},

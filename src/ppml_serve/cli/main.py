@@ -158,6 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--repeats", type=int, default=3,
                        help="interleaved repeats; medians are reported (default 3)")
     bench.add_argument("--workers", type=int, default=1, help="worker processes")
+    bench.add_argument("--gateways", type=int, default=1,
+                       help="gateway processes sharing the port (gateway.processes)")
     bench.add_argument("--json", type=Path, help="write the runs as JSON here")
     bench.add_argument("--plot", type=Path, help="write a PNG throughput chart here")
     bench.add_argument("--url", help="measure this running service instead of starting one "
@@ -586,7 +588,8 @@ def _bench(args: argparse.Namespace) -> int:
     options = BenchOptions(
         concurrencies=_int_list(args.concurrency, "--concurrency"),
         duration_s=args.duration, warmup_s=args.warmup, items_per_request=args.items,
-        workers=args.workers, max_batch_size=args.max_batch_size or 16,
+        workers=args.workers, gateways=args.gateways,
+        max_batch_size=args.max_batch_size or 16,
         max_batch_delay_ms=args.max_batch_delay_ms if args.max_batch_delay_ms is not None
         else 2.0, threads=args.threads or 0, streams=args.streams, repeats=args.repeats)
     if args.url is not None:
