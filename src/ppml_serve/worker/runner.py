@@ -71,10 +71,10 @@ def version_release(settings: Settings, model: str, source: VersionSource,
                     config: ModelConfig | None = None) -> dict[str, str]:
     """The key-broker policy entry that lets a worker serving ``source`` as ``model`` with
     these settings receive that model's keys, and only those."""
-    digest = source.sha256()  # read once: a model file may be hundreds of MB
-    entry = {"model": model,
-             "measurement": measure(model, digest, measured_config(settings, config)).value,
-             "model_sha256": digest}
+    measurement = version_measurement(settings, model, source, config)
+    # the measurement holds the model's digest: one read of a file of hundreds of MB
+    entry = {"model": model, "measurement": measurement.value,
+             "model_sha256": measurement.model}
     if source.encrypted:
         entry["model_key_sha256"] = key_fingerprint(source.header().wrapped_key)
     return entry
