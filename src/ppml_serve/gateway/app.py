@@ -141,7 +141,8 @@ async def _read_body(request: Request, limit: int) -> bytes:
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
-        chunks.append(chunk)
+        if chunk:  # Starlette ends with an empty chunk; a lone body is then not copied
+            chunks.append(chunk)
     return b"".join(chunks)
 
 
