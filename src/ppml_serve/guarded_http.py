@@ -20,6 +20,7 @@ import contextlib
 from typing import Any, cast
 
 import httptools
+import numpy as np
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 _REASONS = {408: b"Request Timeout", 431: b"Request Header Fields Too Large"}
@@ -45,7 +46,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
         self._head_buffer = memoryview(bytearray(_HEAD_BUFFER_BYTES))
-        self._body: bytearray | None = None  # the body being read directly, if any
+        self._body: np.ndarray[Any, np.dtype[np.uint8]] | None = None  # read directly, if any
         self._body_view = memoryview(b"")
         self._filled = 0
 
@@ -56,6 +57,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return self._head_buffer
 
     def buffer_updated(self, nbytes: int) -> None:
+        if self.transport.is_closing():
+            return  # refused or finished: what still arrives is not parsed, only dropped
         if self._body is None:
             self.data_received(self._head_buffer[:nbytes])  # type: ignore[arg-type]
             return
@@ -137,15 +140,16 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         length = self._declared_length()
         if (length is not None and DIRECT_BODY_MIN_BYTES <= length <= self.max_body_bytes
                 and not self.parser.should_upgrade()):
-            self._body = bytearray(length)
-            self._body_view = memoryview(self._body)
+            # Not zeroed (bytearray would be): every byte is written before the app sees it.
+            self._body = np.empty(length, np.uint8)
+            self._body_view = self._body.data
             self._filled = 0
 
     def on_message_complete(self) -> None:
         self._disarm()
         if self._body is not None:
             if not self.cycle.response_complete:
-                self.cycle.body = self._body
+                self.cycle.body = self._body  # type: ignore[assignment]  # uvicorn only bytes() it
             self._body, self._body_view = None, memoryview(b"")
         super().on_message_complete()
 

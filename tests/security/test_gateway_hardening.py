@@ -130,7 +130,8 @@ def test_endless_headers_get_431_and_memory_stays_bounded(hardened: LocalStack) 
         received, _ = _read_until_closed(sock, 5)
         answers.append(received[:12])
         sock.close()
-    assert all(answer in (b"HTTP/1.1 431", b"") for answer in answers), answers
+    # the last sockets may meet the 1 s head deadline before the loop reaches them: 408
+    assert all(answer in (b"HTTP/1.1 431", b"HTTP/1.1 408", b"") for answer in answers), answers
     assert answers.count(b"HTTP/1.1 431") >= 10, answers
     assert peak - before < RSS_BOUND_MB, f"RSS {before:.0f} -> {peak:.0f} MB"
 

@@ -187,7 +187,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         labels = (model, version if model != "_other" else "_other")
         metrics.requests.labels(*labels, str(status)).inc()
         metrics.latency.labels(*labels).observe(seconds)
-        if model != "_other" and version != "_other" and request.url.path.endswith("/infer"):
+        if model != "_other" and version != "_other" and request.scope["path"].endswith("/infer"):
             metrics.statistics.outcome(queue_name(model, version), status == 200, seconds)
 
     def authenticated(model_route: bool = True, scope: str | None = None,
