@@ -1,0 +1,114 @@
+"""Old code against new on the null model, interleaved: the pipeline's own cost, before/after.
+
+    python bench/compare.py --before 2f7b050 --after HEAD --pairs 5 \\
+        --json bench/results/compare.json
+
+Each revision's ``src`` is exported with ``git archive`` and run with ``ppml-serve bench
+--null-model`` (secure, concurrency 1 and 32, one repeat) under its own ``PYTHONPATH``; the
+two alternate, and which goes first alternates too, so that drift of a shared machine hits
+both alike. It reports medians of each side and the median of the paired ratios
+(after / before), the figure that survives a noisy machine best.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tarfile
+import tempfile
+from io import BytesIO
+from pathlib import Path
+from typing import Any
+
+from tqdm import tqdm
+
+FIGURES = ("throughput", "p50_ms", "gateway", "redis", "worker", "cpu_sum")
+
+
+def export(revision: str, into: Path) -> Path:
+    """The revision's ``src`` tree under ``into``; fails with git's message."""
+    archive = subprocess.run(["git", "archive", "--format=tar", revision, "src"],
+                             capture_output=True, check=False)
+    if archive.returncode != 0:
+        sys.exit(f"git archive {revision}: {archive.stderr.decode().strip()}")
+    with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
+        tar.extractall(into, filter="data")
+    return into / "src"
+
+
+def run_once(source: Path, args: argparse.Namespace, out: Path) -> dict[int, dict[str, float]]:
+    """One bench run of the code in ``source``: figures by concurrency."""
+    command = [sys.executable, "-m", "ppml_serve", "bench", "--null-model",
+               "--configs", "secure", "--concurrency", "1,32", "--repeats", "1",
+               "--duration", str(args.duration), "--json", str(out)]
+    env = {**os.environ, "PYTHONPATH": str(source)}
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        sys.exit(f"bench failed ({source}):\n{done.stderr[-2000:]}")
+    figures: dict[int, dict[str, float]] = {}
+    for run in json.loads(out.read_text()):
+        if run["mode"] != "pipeline":
+            continue
+        cpu = run.get("cpu_ms_per_request", {})
+        figures[run["concurrency"]] = {
+            "throughput": run["throughput"], "p50_ms": run["p50_ms"],
+            **{part: cpu.get(part, 0.0) for part in ("gateway", "redis", "worker")},
+            "cpu_sum": round(sum(cpu.values()), 3)}
+    return figures
+
+
+def summarise(pairs: list[dict[str, dict[int, dict[str, float]]]]) -> dict[str, Any]:
+    summary: dict[str, Any] = {}
+    for concurrency in (1, 32):
+        rows = {}
+        for figure in FIGURES:
+            before = [pair["before"][concurrency][figure] for pair in pairs]
+            after = [pair["after"][concurrency][figure] for pair in pairs]
+            ratios = [a / b for a, b in zip(after, before, strict=True) if b]
+            rows[figure] = {"before": statistics.median(before),
+                            "after": statistics.median(after),
+                            "paired_ratio": round(statistics.median(ratios), 3)}
+        summary[f"concurrency_{concurrency}"] = rows
+    return summary
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--before", required=True, help="git revision of the old code")
+    parser.add_argument("--after", default="HEAD", help="git revision of the new code")
+    parser.add_argument("--pairs", type=int, default=5, help="before/after pairs to run")
+    parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
+    parser.add_argument("--json", type=Path, help="write pairs and summary here")
+    args = parser.parse_args()
+    if args.pairs < 1 or args.duration <= 0:
+        parser.error("--pairs must be at least 1 and --duration positive")
+    scratch = Path(tempfile.mkdtemp(prefix="ppml-compare-"))
+    sources = {side: export(getattr(args, side), scratch / side) for side in ("before", "after")}
+    pairs: list[dict[str, dict[int, dict[str, float]]]] = []
+    with tqdm(total=2 * args.pairs, desc="bench runs", unit="run") as progress:
+        for index in range(args.pairs):
+            order = ("before", "after") if index % 2 == 0 else ("after", "before")
+            pair = {}
+            for side in order:
+                pair[side] = run_once(sources[side], args, scratch / f"{side}-{index}.json")
+                progress.update()
+            pairs.append(pair)
+    summary = summarise(pairs)
+    for concurrency, rows in summary.items():
+        print(concurrency)
+        for figure, row in rows.items():
+            print(f"  {figure:10s} before {row['before']:9.2f}  after {row['after']:9.2f}  "
+                  f"after/before (paired median) {row['paired_ratio']:.3f}")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "before": args.before, "after": args.after, "duration_s": args.duration,
+            "summary": summary, "pairs": pairs}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
