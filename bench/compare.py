@@ -29,6 +29,15 @@ from tqdm import tqdm
 FIGURES = ("throughput", "p50_ms", "gateway", "redis", "worker", "cpu_sum")
 
 
+def resolve(revision: str) -> str:
+    """The full commit id of ``revision`` (recorded instead of names such as HEAD)."""
+    found = subprocess.run(["git", "rev-parse", "--verify", f"{revision}^{{commit}}"],
+                           capture_output=True, text=True, check=False)
+    if found.returncode != 0:
+        sys.exit(f"not a git revision here: {revision}")
+    return found.stdout.strip()
+
+
 def export(revision: str, into: Path) -> Path:
     """The revision's ``src`` tree under ``into``; fails with git's message."""
     archive = subprocess.run(["git", "archive", "--format=tar", revision, "src"],
@@ -86,8 +95,9 @@ def main() -> int:
     args = parser.parse_args()
     if args.pairs < 1 or args.duration <= 0:
         parser.error("--pairs must be at least 1 and --duration positive")
+    commits = {side: resolve(getattr(args, side)) for side in ("before", "after")}
     scratch = Path(tempfile.mkdtemp(prefix="ppml-compare-"))
-    sources = {side: export(getattr(args, side), scratch / side) for side in ("before", "after")}
+    sources = {side: export(commit, scratch / side) for side, commit in commits.items()}
     pairs: list[dict[str, dict[int, dict[str, float]]]] = []
     with tqdm(total=2 * args.pairs, desc="bench runs", unit="run") as progress:
         for index in range(args.pairs):
@@ -105,7 +115,7 @@ def main() -> int:
                   f"after/before (paired median) {row['paired_ratio']:.3f}")
     if args.json:
         args.json.write_text(json.dumps({
-            "before": args.before, "after": args.after, "duration_s": args.duration,
+            "before": commits["before"], "after": commits["after"], "duration_s": args.duration,
             "summary": summary, "pairs": pairs}, indent=1))
     return 0
 
