@@ -1,7 +1,8 @@
 """The gateway's HTTP protocol reads large bodies straight into one buffer (the parser sees
 only request heads). Against a real uvicorn server on uvloop, over TLS and plain TCP: every
 byte of every body reaches the app, whatever the framing of the stream (keep-alive,
-pipelining, a body in slow pieces, an early answer, chunked encoding, a client gone)."""
+pipelining, a body in slow pieces, an early answer, 100-continue, chunked encoding, a client
+gone)."""
 
 from __future__ import annotations
 
@@ -185,4 +186,18 @@ def test_a_client_gone_mid_body_is_seen_and_the_server_goes_on(
     assert _app_state["disconnects"] == before + 1
     with _connect(server) as sock:
         sock.sendall(_request(body))
+        assert _responses(sock, 1) == [_expected(body)]
+
+
+def test_expect_100_continue_gets_its_go_ahead_before_the_body(
+        server: tuple[int, ssl.SSLContext | None]) -> None:
+    body = _bodies([BIG])[0]
+    with _connect(server) as sock:
+        sock.sendall(b"POST /echo HTTP/1.1\r\nHost: test\r\nContent-Length: "
+                     + str(len(body)).encode() + b"\r\nExpect: 100-continue\r\n\r\n")
+        go_ahead = b""
+        while b"\r\n\r\n" not in go_ahead:  # the client waits for it, as curl does
+            go_ahead += sock.recv(1024)
+        assert go_ahead.startswith(b"HTTP/1.1 100 Continue")
+        sock.sendall(body)
         assert _responses(sock, 1) == [_expected(body)]
