@@ -6,6 +6,7 @@ gone)."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import socket
 import ssl
@@ -201,3 +202,84 @@ def test_expect_100_continue_gets_its_go_ahead_before_the_body(
         assert go_ahead.startswith(b"HTTP/1.1 100 Continue")
         sock.sendall(body)
         assert _responses(sock, 1) == [_expected(body)]
+
+
+class _RecordingTransport(asyncio.Transport):
+    """Only what the protocol calls, recorded: a unit test of the flow logic around the
+    parser (the tests above run it on real sockets)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+        self.written = b""
+        self.closing = False
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return {"peername": ("127.0.0.1", 1), "sockname": ("127.0.0.1", 2)}.get(name, default)
+
+    def pause_reading(self) -> None:
+        self.paused = True
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+    def write(self, data: Any) -> None:
+        self.written += bytes(data)
+
+    def is_closing(self) -> bool:
+        return self.closing
+
+    def close(self) -> None:
+        self.closing = True
+
+
+def _feed(connection: asyncio.BufferedProtocol, data: bytes) -> None:
+    """As a transport does: ask for a buffer, fill what fits, report it."""
+    while data:
+        buffer = connection.get_buffer(-1)
+        size = min(len(buffer), len(data))
+        buffer[:size] = data[:size]
+        connection.buffer_updated(size)
+        data = data[size:]
+
+
+async def _settle() -> None:
+    for _ in range(20):  # let the app task run its steps
+        await asyncio.sleep(0)
+
+
+def test_a_body_is_read_only_once_the_app_asks_and_never_kept_after_an_early_answer() -> None:
+    async def scenario() -> None:
+        config = uvicorn.Config(_app, lifespan="off", log_level="error",
+                                http=guarded_protocol(16 * 1024, 5.0, 5.0, MAX_BODY))
+        config.load()
+        connection = config.http_protocol_class(  # type: ignore[call-arg]
+            config=config, server_state=uvicorn.server.ServerState(), app_state={})
+        assert isinstance(connection, asyncio.BufferedProtocol)
+        transport = _RecordingTransport()
+        connection.connection_made(transport)
+        body = _bodies([BIG])[0]
+
+        # Asked for: reading pauses after the head and resumes when the app reads.
+        _feed(connection, _request(body)[: -len(body)])
+        assert transport.paused
+        await _settle()
+        assert not transport.paused  # the app called receive()
+        _feed(connection, body)
+        await _settle()
+        assert transport.written.endswith(_expected(body)[1])
+
+        # Answered without reading it (as a request without a valid key is): the body is
+        # read into the bounded head buffer and dropped, not kept in a body-sized one.
+        transport.written = b""
+        _feed(connection, _request(body, "/early")[: -len(body)])
+        await _settle()
+        assert transport.written.startswith(b"HTTP/1.1 401")
+        assert not transport.paused
+        assert len(connection.get_buffer(-1)) <= DIRECT_BODY_MIN_BYTES
+        _feed(connection, body)
+        _feed(connection, _request(b"after"))  # the next request is parsed as usual
+        await _settle()
+        assert transport.written.endswith(_expected(b"after")[1])
+
+    asyncio.run(scenario())

@@ -10,7 +10,9 @@ objects and copies a body three times on its way to the app (parser chunk, a gro
 bytearray, the ASGI message); for a 600 KB tensor body that, with the Python calls per
 chunk, is a measurable share of the gateway's CPU. As a buffered protocol, this one lets the
 transport (and TLS) write a body declared by Content-Length directly into a buffer of that
-size; the parser sees only request heads.
+size; the parser sees only request heads. As uvicorn does, it reads a body only once the app
+asks for it (after authentication), and a body the app answered without reading is read and
+dropped, never stored: a client without a key cannot make the gateway hold its bytes.
 """
 
 from __future__ import annotations
@@ -46,25 +48,33 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
         self._head_buffer = memoryview(bytearray(_HEAD_BUFFER_BYTES))
-        self._body: np.ndarray[Any, np.dtype[np.uint8]] | None = None  # read directly, if any
+        self._remaining = 0  # bytes of a directly read body still to come (0: reading heads)
+        self._body: np.ndarray[Any, np.dtype[np.uint8]] | None = None
         self._body_view = memoryview(b"")
         self._filled = 0
 
+    def _storing(self) -> bool:
+        """Whether body bytes are kept: not once the request was answered without them."""
+        return self._body is not None and not self.cycle.response_complete
+
     # As a buffered protocol (through BufferedConnection): where to put the next bytes.
     def get_buffer(self, sizehint: int) -> memoryview:
-        if self._body is not None:
+        if not self._remaining:
+            return self._head_buffer
+        if self._storing():
             return self._body_view[self._filled:]
-        return self._head_buffer
+        return self._head_buffer[:self._remaining]  # answered already: read to drop
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.transport.is_closing():
             return  # refused or finished: what still arrives is not parsed, only dropped
-        if self._body is None:
+        if not self._remaining:
             self.data_received(self._head_buffer[:nbytes])  # type: ignore[arg-type]
             return
         self._unset_keepalive_if_required()  # an early answer armed it: the body still comes
         self._filled += nbytes
-        if self._filled == len(self._body):
+        self._remaining -= nbytes
+        if not self._remaining:
             # The parser was left before the body; a fresh one reads the next request.
             self.parser = httptools.HttpRequestParser(self)
             with contextlib.suppress(AttributeError):  # as uvicorn: httptools < 0.6.3 lacks it
@@ -81,12 +91,14 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return length
 
     def on_body(self, body: bytes) -> None:
-        if self._body is None:
+        if not self._remaining:
             super().on_body(body)
             return
         end = self._filled + len(body)  # the part of the body read with its head
-        self._body_view[self._filled:end] = body
+        if self._storing():
+            self._body_view[self._filled:end] = body
         self._filled = end
+        self._remaining -= len(body)
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -143,14 +155,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Not zeroed (bytearray would be): every byte is written before the app sees it.
             self._body = np.empty(length, np.uint8)
             self._body_view = self._body.data
-            self._filled = 0
+            self._filled, self._remaining = 0, length
+            self.flow.pause_reading()  # until the app asks for the body (uvicorn resumes)
 
     def on_message_complete(self) -> None:
         self._disarm()
         if self._body is not None:
-            if not self.cycle.response_complete:
+            if self._storing():
                 self.cycle.body = self._body  # type: ignore[assignment]  # uvicorn only bytes() it
-            self._body, self._body_view = None, memoryview(b"")
+            self._body, self._body_view, self._remaining = None, memoryview(b""), 0
         super().on_message_complete()
 
 
