@@ -48,33 +48,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._deadline: asyncio.TimerHandle | None = None
         self._head_buffer = memoryview(bytearray(_HEAD_BUFFER_BYTES))
-        self._remaining = 0  # bytes of a directly read body still to come (0: reading heads)
-        self._body: np.ndarray[Any, np.dtype[np.uint8]] | None = None
+        self._body: np.ndarray[Any, np.dtype[np.uint8]] | None = None  # read directly
         self._body_view = memoryview(b"")
         self._filled = 0
 
-    def _storing(self) -> bool:
-        """Whether body bytes are kept: not once the request was answered without them."""
-        return self._body is not None and not self.cycle.response_complete
+    def _keeping_body(self) -> bool:
+        """Body bytes are kept until the request is answered without them."""
+        return not self.cycle.response_complete
 
     # As a buffered protocol (through BufferedConnection): where to put the next bytes.
     def get_buffer(self, sizehint: int) -> memoryview:
-        if not self._remaining:
+        if self._body is None:
             return self._head_buffer
-        if self._storing():
+        if self._keeping_body():
             return self._body_view[self._filled:]
-        return self._head_buffer[:self._remaining]  # answered already: read to drop
+        return self._head_buffer[:self._body.size - self._filled]  # answered: read to drop
 
     def buffer_updated(self, nbytes: int) -> None:
         if self.transport.is_closing():
             return  # refused or finished: what still arrives is not parsed, only dropped
-        if not self._remaining:
+        if self._body is None:
             self.data_received(self._head_buffer[:nbytes])  # type: ignore[arg-type]
             return
         self._unset_keepalive_if_required()  # an early answer armed it: the body still comes
         self._filled += nbytes
-        self._remaining -= nbytes
-        if not self._remaining:
+        if self._filled == self._body.size:
             # The parser was left before the body; a fresh one reads the next request.
             self.parser = httptools.HttpRequestParser(self)
             with contextlib.suppress(AttributeError):  # as uvicorn: httptools < 0.6.3 lacks it
@@ -91,14 +89,13 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         return length
 
     def on_body(self, body: bytes) -> None:
-        if not self._remaining:
+        if self._body is None:
             super().on_body(body)
             return
         end = self._filled + len(body)  # the part of the body read with its head
-        if self._storing():
+        if self._keeping_body():
             self._body_view[self._filled:end] = body
         self._filled = end
-        self._remaining -= len(body)
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
@@ -155,15 +152,15 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             # Not zeroed (bytearray would be): every byte is written before the app sees it.
             self._body = np.empty(length, np.uint8)
             self._body_view = self._body.data
-            self._filled, self._remaining = 0, length
+            self._filled = 0
             self.flow.pause_reading()  # until the app asks for the body (uvicorn resumes)
 
     def on_message_complete(self) -> None:
         self._disarm()
         if self._body is not None:
-            if self._storing():
+            if self._keeping_body():
                 self.cycle.body = self._body  # type: ignore[assignment]  # uvicorn only bytes() it
-            self._body, self._body_view, self._remaining = None, memoryview(b""), 0
+            self._body, self._body_view = None, memoryview(b"")
         super().on_message_complete()
 
 
