@@ -328,10 +328,6 @@ class Worker:
                     log.warning("request %s refused: record failed authentication",
                                 entry.delivery.request_id,
                                 extra={"request_id": entry.delivery.request_id})
-                elif isinstance(exc, EngineError):  # a deployment problem the operator must see
-                    log.warning("request %s failed: its payload is not readable in the "
-                                "payload spool", entry.delivery.request_id,
-                                extra={"request_id": entry.delivery.request_id})
                 entry.error = exc
             except Exception as exc:  # a record no check foresaw: its own error, never a crash
                 log.warning("request %s refused: unreadable record (%s)",
@@ -366,6 +362,9 @@ class Worker:
     def _open(self, entry: _Work) -> dict[str, Any]:
         delivery = entry.delivery
         if delivery.payload_file and not delivery.body:
+            # a deployment problem the operator must see, logged where its cause is known
+            log.warning("request %s failed: its payload is not readable in the payload spool",
+                        delivery.request_id, extra={"request_id": delivery.request_id})
             raise EngineError("the request's payload could not be read from this worker's "
                               "payload spool (gateway and worker must share "
                               "redis.payload_spool on one host)")
