@@ -6,6 +6,7 @@ command lines; children get the effective settings as a YAML file without secret
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -181,6 +182,19 @@ def _supervised_child(child: Child, env: dict[str, str]) -> Supervised:
                       lambda: child.returncode, child.last_log_lines)
 
 
+def _holds_any(pid: int, sockets: set[str]) -> bool:
+    """Whether process ``pid`` has one of these sockets open (``socket:[inode]`` names)."""
+    try:
+        descriptors = os.listdir(f"/proc/{pid}/fd")
+    except OSError:
+        return False
+    for descriptor in descriptors:
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/{pid}/fd/{descriptor}") in sockets:
+                return True
+    return False
+
+
 class LocalStack:
     """Managed Redis + ``workers`` worker processes per model + one gateway."""
 
@@ -318,12 +332,29 @@ class LocalStack:
                                        f"(code {child.returncode})")
                 try:
                     if all(client.model_ready(name) for name in served) \
-                            and self._repository_settled(client):
+                            and self._repository_settled(client) and self._gateways_listening():
                         return
                 except Exception as exc:  # httpx wraps refused connections in its own errors
                     log.debug("gateway not answering yet (%s)", type(exc).__name__)
                 time.sleep(0.2)
         raise NotReady(f"the service did not become ready within {timeout_s:g} s")
+
+    def _gateways_listening(self) -> bool:
+        """Every gateway process has joined the shared port: one answering is not enough,
+        the kernel only spreads connections over those that listen (Linux /proc; elsewhere,
+        or with one gateway, nothing to check)."""
+        if len(self.gateways) < 2 or not Path("/proc/net/tcp").exists():
+            return True
+        port = f"{self.settings.gateway.port:04X}"
+        inodes = set()
+        for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+            with contextlib.suppress(OSError):
+                for line in Path(table).read_text().splitlines()[1:]:
+                    fields = line.split()  # local address, …, state (0A: LISTEN), …, inode
+                    if fields[1].endswith(f":{port}") and fields[3] == "0A":
+                        inodes.add(f"socket:[{fields[9]}]")
+        return all(child.process is not None and _holds_any(child.process.pid, inodes)
+                   for child in self.gateways)
 
     def _repository_settled(self, client: Client) -> bool:
         """Every repository model is listed by the workers, and none is still loading."""
