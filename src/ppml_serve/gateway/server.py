@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import socket
 import ssl
@@ -20,6 +21,7 @@ from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.guarded_http import guarded_protocol
+from ppml_serve.queue.redis_lane import RedisLane
 from ppml_serve.queue.redis_streams import Keys, RedisGatewayBroker, connect_async
 from ppml_serve.queue.spool import PayloadSpool
 from ppml_serve.settings import Settings
@@ -117,8 +119,10 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                            pool_timeout_s=gateway.redis_wait_s, cluster=cluster)
     reader = connect_async(url, ca_file, cluster=cluster)
     spool = PayloadSpool.configured(settings.redis.payload_spool)
+    # a Cluster routes each key to its node: only redis-py's client knows how
+    lanes = None if cluster else functools.partial(RedisLane, url, ca_file)
     broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex,
-                                spool, settings.redis.payload_spool_min_bytes)
+                                spool, settings.redis.payload_spool_min_bytes, lanes)
     metrics = Metrics()
     dataplane = DataPlane(broker, sealer, settings.gateway,
                           worker_max_age_s=settings.worker.dead_after_s,

@@ -31,10 +31,11 @@ Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import time
-from collections.abc import AsyncIterator, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, cast
 
@@ -54,6 +55,7 @@ from ppml_serve.queue.contract import (
     Reply,
     ReplyMessage,
 )
+from ppml_serve.queue.redis_lane import BlockingRedisLane, RedisLane
 from ppml_serve.queue.spool import PayloadSpool
 
 log = logging.getLogger("ppml_serve.queue")
@@ -97,6 +99,9 @@ for i = 2, #KEYS do
 end
 return answered
 """
+
+# the name Redis gives a script (SHA-1 of its text), not a security measure
+_FINISH_SHA = hashlib.sha1(_FINISH.encode(), usedforsecurity=False).hexdigest()
 
 # Remove a consumer from the group only if it holds nothing: DELCONSUMER would otherwise
 # destroy its pending entries. KEYS[1] stream, KEYS[2] worker heartbeats, KEYS[3] attestations.
@@ -225,6 +230,12 @@ def _delivery(entry_id: bytes, fields: dict[bytes, bytes], deliveries: int = 1,
     )
 
 
+def _fields(pairs: list[bytes]) -> dict[bytes, bytes]:
+    """A stream entry's fields from RESP2's flat list (name, value, name, value, ...)."""
+    values = iter(pairs)
+    return dict(zip(values, values, strict=False))
+
+
 def _float(value: bytes | None) -> float:
     try:
         return float(value or 0)
@@ -255,11 +266,15 @@ def _int(value: bytes | None) -> int:
 
 
 class RedisWorkerBroker:
-    """A worker's connection to one model's request stream (synchronous, thread-safe)."""
+    """A worker's connection to one model's request stream (synchronous, thread-safe).
+    With ``lane`` (a single Redis, not a Cluster), taking requests and posting answers go
+    over that lean connection."""
 
     def __init__(self, client: redis.Redis, keys: Keys, model: str, consumer: str,
-                 reply_maxlen: int = 10_000, spool: PayloadSpool | None = None) -> None:
+                 reply_maxlen: int = 10_000, spool: PayloadSpool | None = None,
+                 lane: BlockingRedisLane | None = None) -> None:
         self._client = client
+        self._lane = lane
         self._spool = spool
         self._keys = keys
         self._model = model
@@ -304,11 +319,17 @@ class RedisWorkerBroker:
             self._forget_consumer(self._consumer)
 
     def read(self, count: int, block_ms: int) -> list[Delivery]:
-        response: Any = self._client.xreadgroup(GROUP, self._consumer, {self._stream: ">"},
-                                                count=count, block=block_ms)
-        if not response:
-            return []
-        _, entries = response[0]
+        response: Any
+        if self._lane is not None:
+            response = self._lane.call("XREADGROUP", "GROUP", GROUP, self._consumer,
+                                       "COUNT", count, "BLOCK", block_ms, "STREAMS",
+                                       self._stream, ">", block_s=block_ms / 1000)
+            entries = [(entry_id, _fields(pairs)) for entry_id, pairs in
+                       (response[0][1] if response else []) if pairs]
+        else:
+            response = self._client.xreadgroup(GROUP, self._consumer, {self._stream: ">"},
+                                               count=count, block=block_ms)
+            entries = response[0][1] if response else []
         return [_delivery(entry_id, fields, spool=self._spool)
                 for entry_id, fields in entries if fields]
 
@@ -338,10 +359,21 @@ class RedisWorkerBroker:
             args.extend([delivery.entry_id, delivery.request_id, "1" if reply.ok else "0",
                          reply.body, reply.batch_size, job_ttl,
                          f"{reply.queue_s * 1000:.3f}", f"{reply.engine_s * 1000:.3f}"])
-        answered = int(self._finish(keys=keys, args=args))
+        answered = int(self._run_finish(keys, args))
         if answered == len(replies):  # else some were taken over: their new owner removes
             self._forget_payloads(reply.delivery for reply in replies)
         return answered
+
+    def _run_finish(self, keys: list[str], args: list[Any]) -> Any:
+        if self._lane is None:
+            return self._finish(keys=keys, args=args)
+        try:
+            return self._lane.call("EVALSHA", _FINISH_SHA, len(keys), *keys, *args)
+        except redis.ResponseError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+            # Redis restarted (or flushed its scripts): EVAL runs it and caches it again
+            return self._lane.call("EVAL", _FINISH, len(keys), *keys, *args)
 
     def drop(self, deliveries: Sequence[Delivery]) -> None:
         """Ack and delete requests that need no answer (their caller gave up); a job past
@@ -438,12 +470,18 @@ async def _queue_errors(action: str) -> AsyncIterator[None]:
 
 
 class RedisGatewayBroker:
-    """A gateway's side of the queue (asyncio)."""
+    """A gateway's side of the queue (asyncio). With ``lanes`` (a single Redis, not a
+    Cluster), the per-request commands go over lean pipelined connections (``RedisLane``):
+    one shared by every request's XADD, one per model for its blocking reply reader."""
 
     def __init__(self, client: aioredis.Redis, reader: aioredis.Redis, keys: Keys,
                  gateway_id: str, spool: PayloadSpool | None = None,
-                 spool_min_bytes: int = 32 * 1024) -> None:
+                 spool_min_bytes: int = 32 * 1024,
+                 lanes: Callable[[], RedisLane] | None = None) -> None:
         self._client = client
+        self._lanes = lanes
+        self._lane = lanes() if lanes is not None else None
+        self._reply_lanes: dict[str, RedisLane] = {}
         self._spool = spool
         self._spool_min_bytes = spool_min_bytes
         self._reader = reader
@@ -468,6 +506,9 @@ class RedisGatewayBroker:
         finally:
             await self._client.aclose()
             await self._reader.aclose()
+            for lane in [self._lane, *self._reply_lanes.values()]:
+                if lane is not None:
+                    await lane.close()
 
     async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
                       mode: Mode = Mode.STANDARD, job_ttl_s: int = 0,
@@ -494,7 +535,11 @@ class RedisGatewayBroker:
             fields["tp"] = traceparent
         try:
             async with _queue_errors("take the request"):
-                await self._client.xadd(self._keys.requests(model), fields)
+                if self._lane is not None:
+                    await self._lane.call("XADD", self._keys.requests(model), "*",
+                                          *(item for pair in fields.items() for item in pair))
+                else:
+                    await self._client.xadd(self._keys.requests(model), fields)
         except BaseException:  # not queued (or not known to be): the payload goes too
             if spool is not None:
                 spool.remove(fields["file"])
@@ -574,9 +619,20 @@ class RedisGatewayBroker:
     async def read_replies(self, model: str, block_ms: int,
                            count: int = 512) -> list[ReplyMessage]:
         last = self._last_reply_id.setdefault(model, b"0-0")
+        stream = self.reply_stream(model)
+        response: Any
         async with _queue_errors("deliver answers"):
-            response: Any = await self._reader.xread({self.reply_stream(model): last},
-                                                     count=count, block=block_ms)
+            if self._lanes is not None:
+                lane = self._reply_lanes.get(model)
+                if lane is None:
+                    lane = self._reply_lanes[model] = self._lanes()
+                flat = await lane.call("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS",
+                                       stream, last, block_s=block_ms / 1000)
+                response = [(key, [(entry_id, _fields(pairs)) for entry_id, pairs in entries])
+                            for key, entries in flat or []]
+            else:
+                response = await self._reader.xread({stream: last}, count=count,
+                                                    block=block_ms)
         messages: list[ReplyMessage] = []
         for _, entries in response or []:
             for entry_id, fields in entries:

@@ -26,6 +26,7 @@ from ppml_serve.engines.postprocess import TopK
 from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.keybroker.client import ReleasedKeys, obtain_keys
 from ppml_serve.queue.contract import queue_name
+from ppml_serve.queue.redis_lane import BlockingRedisLane
 from ppml_serve.queue.redis_streams import Keys, RedisWorkerBroker, connect, ping_sync
 from ppml_serve.queue.spool import PayloadSpool
 from ppml_serve.repository import ModelConfig, Repository, VersionSource
@@ -218,10 +219,15 @@ def worker_for(settings: Settings, loaded: LoadedVersion,
     cluster = settings.redis.cluster
     queue = queue_name(loaded.name, loaded.version)
     spool = PayloadSpool.configured(settings.redis.payload_spool)
+
+    def lane() -> BlockingRedisLane | None:
+        # a Cluster routes each key to its node: only redis-py's client knows how
+        return None if cluster else BlockingRedisLane(url, settings.ca_file)
+
     broker = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, queue, consumer,
-                               settings.gateway.reply_stream_maxlen, spool)
+                               settings.gateway.reply_stream_maxlen, spool, lane())
     reader = RedisWorkerBroker(connect(url, settings.ca_file, cluster), keys, queue, consumer,
-                               spool=spool)
+                               spool=spool, lane=lane())
     return Worker(queue, loaded.engine, broker, reader, loaded.sealer, loaded.worker_settings,
                   worker_key=loaded.worker_key, provider=loaded.provider,
                   measurement=loaded.measurement, metrics=metrics, announce=loaded.announce)

@@ -1,0 +1,295 @@
+"""Lean connections to one Redis for the per-request commands of gateways and workers.
+
+redis-py spends ~100 µs of Python on each command (pool, retry, response callbacks,
+observability hooks), and every request costs four of them: the gateway's XADD and XREAD, a
+worker's XREADGROUP and the script that posts answers (the last two per batch). A lane is one
+connection whose commands are packed and parsed by hiredis (the C parser redis-py itself
+uses): ~20 µs a command. ``RedisLane`` (asyncio) pipelines the commands of any number of
+tasks, answered in order; ``BlockingRedisLane`` serves threads, one command at a time.
+
+It speaks to a single Redis (a Cluster keeps redis-py's routing) and does not retry: a lost
+or silent connection fails every command in flight with redis-py's own ``ConnectionError``
+or ``TimeoutError`` (callers already turn those into 503), and the next command reconnects.
+A blocking command holds the connection until it returns: give each blocking reader a lane
+of its own.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import socket
+import ssl
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import hiredis
+import redis
+from pydantic import SecretStr
+from redis.asyncio.connection import parse_url
+
+Arg = str | bytes | int | float
+
+
+@dataclass(frozen=True)
+class _Endpoint:
+    """Where and as whom to connect, from a redis-py URL (``redis://``, ``rediss://``,
+    ``unix://``; user, password, db)."""
+
+    host: str
+    port: int
+    path: str | None
+    db: int
+    tls: bool
+    ca_file: Path | None
+    username: str | None = field(repr=False)
+    password: str | None = field(repr=False)
+
+    @classmethod
+    def parse(cls, url: SecretStr, ca_file: Path | None) -> _Endpoint:
+        text = url.get_secret_value()
+        options = parse_url(text)
+        return cls(str(options.get("host", "localhost")), int(options.get("port", 6379)),
+                   options.get("path"), int(options.get("db") or 0),
+                   text.startswith("rediss://"), ca_file, options.get("username"),
+                   options.get("password"))
+
+    def __str__(self) -> str:
+        return f"{self.path or f'{self.host}:{self.port}'} db {self.db}"
+
+    def tls_context(self) -> ssl.SSLContext | None:
+        if not self.tls:
+            return None
+        context = ssl.create_default_context(
+            cafile=str(self.ca_file) if self.ca_file else None)
+        context.check_hostname = True
+        context.verify_mode = ssl.CERT_REQUIRED
+        return context
+
+    def handshake(self) -> list[tuple[Arg, ...]]:
+        """Commands that make a new connection this user's, on this database."""
+        commands: list[tuple[Arg, ...]] = []
+        if self.password:
+            commands.append(("AUTH", self.username, self.password) if self.username
+                            else ("AUTH", self.password))
+        if self.db:
+            commands.append(("SELECT", self.db))
+        return commands
+
+
+def _pack(args: tuple[Arg, ...]) -> bytes:
+    # hiredis.pyi types the argument as a one-element tuple; any length is accepted
+    packed: bytes = hiredis.pack_command(args)  # type: ignore[arg-type]
+    return packed
+
+
+class _Replies(asyncio.Protocol):
+    """Matches each reply to the oldest command still waiting for one."""
+
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader(replyError=redis.ResponseError)
+        # (future, loop time by which its reply is due)
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = (
+            collections.deque())
+        self.transport: asyncio.Transport | None = None
+        self.lost: redis.RedisError | None = None
+        self.overdue = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                if not self.waiting:
+                    raise redis.ConnectionError("Redis sent a reply nobody asked for")
+                future, _ = self.waiting.popleft()
+                if future.done():
+                    continue  # its caller gave up (cancelled); the order still holds
+                if isinstance(reply, redis.ResponseError):
+                    future.set_exception(reply)
+                else:
+                    future.set_result(reply)
+        except (hiredis.ProtocolError, redis.ConnectionError) as exc:
+            self.lost = redis.ConnectionError(f"bad reply from Redis ({exc})")
+            if self.transport is not None:
+                self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.lost is None:
+            self.lost = (redis.TimeoutError("Redis did not answer in time") if self.overdue
+                         else redis.ConnectionError("connection to Redis lost"))
+        while self.waiting:
+            future, _ = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(self.lost)
+
+    def send(self, args: tuple[Arg, ...], due: float) -> asyncio.Future[Any]:
+        if self.lost is not None or self.transport is None:
+            raise self.lost or redis.ConnectionError("not connected to Redis")
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self.waiting.append((future, due))
+        self.transport.write(_pack(args))
+        return future
+
+
+class RedisLane:
+    """One pipelined connection, opened on first use and reopened after a loss."""
+
+    def __init__(self, url: SecretStr, ca_file: Path | None, timeout_s: float = 5.0) -> None:
+        self._endpoint = _Endpoint.parse(url, ca_file)
+        self._timeout_s = timeout_s
+        self._replies: _Replies | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._watch: asyncio.TimerHandle | None = None
+
+    def __repr__(self) -> str:
+        return f"RedisLane({self._endpoint})"
+
+    async def call(self, *args: Arg, block_s: float = 0.0) -> Any:
+        """Send one command; its reply (hiredis types: bytes, int, list, None). A command that
+        blocks (XREAD BLOCK) passes how long, so that the wait is not taken for a dead Redis."""
+        replies = self._replies
+        if replies is None or replies.lost is not None:
+            replies = await self._connect()
+        loop = asyncio.get_running_loop()
+        return await replies.send(args, loop.time() + self._timeout_s + block_s)
+
+    async def close(self) -> None:
+        if self._watch is not None:
+            self._watch.cancel()
+        if self._replies is not None and self._replies.transport is not None:
+            self._replies.transport.close()
+        self._replies = None
+
+    async def _connect(self) -> _Replies:
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:  # one connection, however many callers found none
+            if self._replies is not None and self._replies.lost is None:
+                return self._replies
+            await self.close()
+            try:
+                replies = await asyncio.wait_for(self._open(), self._timeout_s)
+            except asyncio.TimeoutError:
+                raise redis.TimeoutError("Redis did not accept the connection in time") from None
+            except OSError as exc:
+                raise redis.ConnectionError(
+                    f"cannot reach Redis at {self._endpoint} ({exc.strerror or exc})") from None
+            self._replies = replies
+            loop = asyncio.get_running_loop()
+            self._watch = loop.call_later(self._timeout_s / 4, self._check, replies)
+            return replies
+
+    async def _open(self) -> _Replies:
+        loop = asyncio.get_running_loop()
+        endpoint = self._endpoint
+        if endpoint.path is not None:
+            _, replies = await loop.create_unix_connection(_Replies, endpoint.path)
+        else:
+            context = endpoint.tls_context()
+            _, replies = await loop.create_connection(
+                _Replies, endpoint.host, endpoint.port, ssl=context,
+                server_hostname=endpoint.host if context else None)
+        due = loop.time() + self._timeout_s
+        try:
+            for command in endpoint.handshake():
+                await replies.send(command, due)
+        except BaseException:
+            if replies.transport is not None:
+                replies.transport.abort()
+            raise
+        return replies
+
+    def _check(self, replies: _Replies) -> None:
+        """Drop a connection whose oldest command is overdue (Redis frozen or unreachable)."""
+        if replies.lost is not None or replies.transport is None:
+            return
+        loop = asyncio.get_running_loop()
+        if replies.waiting and replies.waiting[0][1] < loop.time():
+            replies.overdue = True
+            replies.transport.abort()
+            return
+        self._watch = loop.call_later(self._timeout_s / 4, self._check, replies)
+
+
+class BlockingRedisLane:
+    """One connection for threads: a command at a time (a lock orders callers), opened on
+    first use and reopened after a loss. Errors are redis-py's, as with ``RedisLane``."""
+
+    def __init__(self, url: SecretStr, ca_file: Path | None, timeout_s: float = 5.0) -> None:
+        self._endpoint = _Endpoint.parse(url, ca_file)
+        self._timeout_s = timeout_s
+        self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._reader = hiredis.Reader(replyError=redis.ResponseError)
+        self._socket_timeout = 0.0
+
+    def __repr__(self) -> str:
+        return f"BlockingRedisLane({self._endpoint})"
+
+    def call(self, *args: Arg, block_s: float = 0.0) -> Any:
+        """Send one command and return its reply; a blocking command passes how long."""
+        with self._lock:
+            try:
+                if self._socket is None:
+                    self._connect()
+                reply = self._round_trip(args, self._timeout_s + block_s)
+            except (OSError, hiredis.ProtocolError) as exc:
+                self._drop()
+                if isinstance(exc, TimeoutError):
+                    raise redis.TimeoutError("Redis did not answer in time") from None
+                raise redis.ConnectionError(
+                    f"no connection to Redis at {self._endpoint} ({type(exc).__name__})"
+                ) from None
+        if isinstance(reply, redis.ResponseError):
+            raise reply
+        return reply
+
+    def close(self) -> None:
+        with self._lock:
+            self._drop()
+
+    def _connect(self) -> None:
+        endpoint = self._endpoint
+        sock: socket.socket
+        if endpoint.path is not None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.settimeout(self._timeout_s)
+            sock.connect(endpoint.path)
+        else:
+            sock = socket.create_connection((endpoint.host, endpoint.port), self._timeout_s)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            context = endpoint.tls_context()
+            if context is not None:
+                sock = context.wrap_socket(sock, server_hostname=endpoint.host)
+        self._socket, self._socket_timeout = sock, self._timeout_s
+        self._reader = hiredis.Reader(replyError=redis.ResponseError)
+        for command in endpoint.handshake():
+            reply = self._round_trip(command, self._timeout_s)
+            if isinstance(reply, redis.ResponseError):
+                self._drop()
+                raise reply
+
+    def _round_trip(self, args: tuple[Arg, ...], timeout_s: float) -> Any:
+        sock = self._socket
+        if sock is None:
+            raise ConnectionError("not connected")
+        if timeout_s != self._socket_timeout:
+            sock.settimeout(timeout_s)
+            self._socket_timeout = timeout_s
+        sock.sendall(_pack(args))
+        while (reply := self._reader.gets()) is False:
+            data = sock.recv(1 << 16)
+            if not data:
+                raise ConnectionResetError("Redis closed the connection")
+            self._reader.feed(data)
+        return reply
+
+    def _drop(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
