@@ -1,4 +1,5 @@
-"""Redis Streams implementation of the queue contract; the only module that imports redis.
+"""Redis Streams implementation of the queue contract; with its lean connections
+(``redis_lane.py``) the only modules that import redis.
 
 Key layout (PREFIX defaults to ``ppml``). Everything about one model carries the hash tag
 ``{MODEL}``, so that on a Redis Cluster a model's keys share one slot (one shard), and each
