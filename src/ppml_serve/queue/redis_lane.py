@@ -30,6 +30,8 @@ import redis
 from pydantic import SecretStr
 from redis.asyncio.connection import parse_url
 
+from ppml_serve.crypto.tls import client_context
+
 Arg = str | bytes | int | float
 
 
@@ -60,13 +62,7 @@ class _Endpoint:
         return f"{self.path or f'{self.host}:{self.port}'} db {self.db}"
 
     def tls_context(self) -> ssl.SSLContext | None:
-        if not self.tls:
-            return None
-        context = ssl.create_default_context(
-            cafile=str(self.ca_file) if self.ca_file else None)
-        context.check_hostname = True
-        context.verify_mode = ssl.CERT_REQUIRED
-        return context
+        return client_context(self.ca_file) if self.tls else None
 
     def handshake(self) -> list[tuple[Arg, ...]]:
         """Commands that make a new connection this user's, on this database."""
@@ -258,14 +254,20 @@ class BlockingRedisLane:
         sock: socket.socket
         if endpoint.path is not None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            sock.settimeout(self._timeout_s)
-            sock.connect(endpoint.path)
-        else:
+        else:  # resolves the name and tries each address; closes what failed
             sock = socket.create_connection((endpoint.host, endpoint.port), self._timeout_s)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            context = endpoint.tls_context()
-            if context is not None:
-                sock = context.wrap_socket(sock, server_hostname=endpoint.host)
+        try:
+            sock.settimeout(self._timeout_s)
+            if endpoint.path is not None:
+                sock.connect(endpoint.path)
+            else:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                context = endpoint.tls_context()
+                if context is not None:
+                    sock = context.wrap_socket(sock, server_hostname=endpoint.host)
+        except BaseException:
+            sock.close()
+            raise
         self._socket, self._socket_timeout = sock, self._timeout_s
         self._reader = hiredis.Reader(replyError=redis.ResponseError)
         for command in endpoint.handshake():
