@@ -110,7 +110,9 @@ class GatewaySettings(_Section):
     """Longest a repository load or unload call waits for the workers (attestation, key
     release, engine compilation; or draining the queue) before answering 504."""
     redis_connections: int = Field(64, ge=2, le=10_000)
-    """Connections from this gateway to Redis; a request waits up to ``redis_wait_s`` for one."""
+    """Pooled connections from this gateway to Redis; a caller waits up to ``redis_wait_s``
+    for one. Queueing requests and reading answers use lean pipelined connections of their
+    own (one, plus one per model), except on a Redis Cluster, where they use this pool."""
     redis_wait_s: float = Field(2.0, gt=0, le=60)
     """Longest wait for a free Redis connection before the request gets 503."""
     max_connections: int = Field(1024, ge=1)
