@@ -109,9 +109,11 @@ def test_no_plaintext_model_on_disk_or_open(protected: Stack,
     roots = [protected.settings.state_dir, Path(tempfile.gettempdir())]
     for root in roots:
         for path in root.rglob("*"):
-            if path.is_relative_to(tmp_path_factory.getbasetemp()) and not path.is_relative_to(
-                    protected.settings.state_dir):
-                continue  # other tests' own files (e.g. an owner's 'model decrypt')
+            # other tests' own files (e.g. an owner's 'model decrypt'), this run's or those of
+            # another pytest run beside it (the parent holds every run's base directory)
+            if path.is_relative_to(tmp_path_factory.getbasetemp().parent) and \
+                    not path.is_relative_to(protected.settings.state_dir):
+                continue
             try:
                 info = path.stat()
                 if path.is_file() and info.st_size == size and info.st_mtime >= since:
