@@ -49,7 +49,7 @@ def measure(workers: int, gateways: int, concurrency: int, duration_s: float,
             port = free_port()
             argv = ([*stack.gateway.argv, "--port", str(port), "--grpc-port", str(free_port())]
                     if stack.gateway else [])
-            child = Child(f"gateway #{index}", argv)
+            child = stack.child(f"gateway #{index}", argv)
             child.start(stack._env)
             extra.append(child)
             urls.append(f"https://{settings.gateway.host}:{port}")

@@ -78,7 +78,7 @@ class Stack:
 
     def replace_worker(self, victim: Child) -> None:
         """Start a new worker with the victim's command line, in its place."""
-        replacement = Child(victim.name, victim.argv)
+        replacement = self.local.child(victim.name, victim.argv)
         replacement.start(self.local._env)
         self.local.children[self.local.children.index(victim)] = replacement
 

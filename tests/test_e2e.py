@@ -299,11 +299,11 @@ def test_client_error_carries_status(stack: Stack) -> None:
 
 
 def test_worker_metrics_endpoint(stack: Stack) -> None:
-    from ppml_serve.local_stack import Child
     from ppml_serve.queue.redis_server import free_port
 
     port = free_port()
-    extra = Child("worker metrics", [*stack.workers[0].argv, "--metrics-port", str(port)])
+    extra = stack.local.child("worker metrics",
+                              [*stack.workers[0].argv, "--metrics-port", str(port)])
     extra.start(stack.local._env)
     try:
         text = ""

@@ -8,6 +8,7 @@ through Redis), as large ones do under ``up``: a reclaimed request must still fi
 
 from __future__ import annotations
 
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -163,3 +164,53 @@ def _admin(stack: LocalStack):  # type: ignore[no-untyped-def]
 
 def test_state_dir_is_per_module(supervised: LocalStack) -> None:
     assert Path(supervised.settings.state_dir).is_dir()
+
+
+def _signal_workers(stack: LocalStack, signum: int) -> None:
+    for child in workers(stack):
+        if child.process is not None:
+            child.process.send_signal(signum)
+
+
+def test_answers_still_arrive_at_redis_maxmemory(supervised: LocalStack) -> None:
+    """Finding 4: at maxmemory the workers could post neither answers nor heartbeats, so the
+    callers already waiting got nothing for the whole episode. Now they get their answers;
+    only new requests are refused (503 + Retry-After), and no worker is taken for dead."""
+    import concurrent.futures
+
+    import httpx
+
+    images, _ = demo_samples()
+    expected = _predictions(images[:16])
+    admin = _admin(supervised)
+    limit = admin.config_get("maxmemory")["maxmemory"]
+    api_key = read_api_key(supervised.settings.state_dir)
+    headers = {"Authorization": f"Bearer {api_key}"}
+    ca = str(supervised.settings.ca_file)
+
+    def infer(index: int) -> httpx.Response:
+        body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
+                            "data": images[index].ravel().tolist()}]}
+        return httpx.post(f"{supervised.url}/v2/models/demo/infer", json=body, timeout=30,
+                          headers=headers, verify=ca)
+
+    _signal_workers(supervised, signal.SIGSTOP)  # the requests wait in the stream
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            waiting = [pool.submit(infer, index) for index in range(16)]
+            assert wait_until(lambda: admin.xlen("ppml:{demo}:req") >= 16, 10)
+            admin.config_set("maxmemory", 1)  # Redis is full from here on
+            _signal_workers(supervised, signal.SIGCONT)
+            answers = [future.result(timeout=8) for future in waiting]
+            time.sleep(supervised.settings.worker.dead_after_s + 1)  # heartbeats must pass
+            refused = infer(0)
+    finally:
+        _signal_workers(supervised, signal.SIGCONT)
+        admin.config_set("maxmemory", limit)
+    assert [answer.status_code for answer in answers] == [200] * 16
+    predicted = [int(np.argmax(answer.json()["outputs"][0]["data"])) for answer in answers]
+    assert predicted == expected.tolist()
+    assert refused.status_code == 503 and refused.headers.get("retry-after"), refused.text
+    assert "no live worker" not in refused.text, refused.text  # the workers' beats got in
+    assert wait_ready(supervised, 30)
+    assert infer(1).status_code == 200

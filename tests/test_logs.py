@@ -33,8 +33,12 @@ def _json_lines(text: str) -> list[dict[str, object]]:
     return lines
 
 
-def test_access_lines_carry_request_ids_and_no_payload(
-        json_logged: LocalStack, capfd: pytest.CaptureFixture[str]) -> None:
+def _logged(local: LocalStack) -> str:
+    """Every part's log file (each part of the stack writes its own)."""
+    return "".join(path.read_text() for path in sorted(local.log_dir.glob("*.log*")))
+
+
+def test_access_lines_carry_request_ids_and_no_payload(json_logged: LocalStack) -> None:
     marker = b"LOG-MARKER-91c2e7"
     image = np.frombuffer((marker * 4)[:64], dtype=np.uint8).reshape(1, 8, 8)
     key = read_api_key(json_logged.settings.state_dir)
@@ -43,7 +47,8 @@ def test_access_lines_carry_request_ids_and_no_payload(
     response = httpx.post(f"{json_logged.url}/v2/models/demo/infer", content=b"{not json",
                           headers={"Authorization": f"Bearer {key}"},
                           verify=str(json_logged.settings.ca_file))
-    logged = capfd.readouterr().err
+    time.sleep(0.2)  # the access line is written after the answer
+    logged = _logged(json_logged)
     assert marker.decode() not in logged and marker.hex() not in logged
     records = _json_lines(logged)
     access = [r for r in records if r["logger"] == "ppml_serve.access"]
@@ -57,18 +62,21 @@ def test_access_lines_carry_request_ids_and_no_payload(
     assert bad["request_id"] == response.headers["x-request-id"]
 
 
-def test_key_releases_are_audited(json_logged: LocalStack,
-                                  capfd: pytest.CaptureFixture[str]) -> None:
+def test_key_releases_are_audited(json_logged: LocalStack) -> None:
     worker = next(c for c in json_logged.children if c.name.startswith("worker"))
-    replacement = type(worker)(worker.name + " (audit)", worker.argv)
+    broker_log = json_logged.log_dir / "key-broker.log"
+    before = broker_log.stat().st_size
+    replacement = json_logged.child(worker.name + " (audit)", worker.argv)
     replacement.start(json_logged._env)
     try:
         started = time.monotonic()
         audit: list[dict[str, object]] = []
         while time.monotonic() - started < 60 and not audit:
             time.sleep(0.5)
-            audit = [r for r in _json_lines(capfd.readouterr().err)
-                     if r["logger"] == "ppml_serve.audit"]
+            with broker_log.open() as handle:
+                handle.seek(before)
+                audit = [r for r in _json_lines(handle.read())
+                         if r["logger"] == "ppml_serve.audit"]
     finally:
         replacement.terminate()
         replacement.wait(10)

@@ -7,12 +7,13 @@ command lines; children get the effective settings as a YAML file without secret
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
+import re
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import deque
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from ppml_serve.client import Client
 from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.tls import issue_client_cert
 from ppml_serve.errors import ConfigError, NotReady
+from ppml_serve.log_relay import DroppingOutput, LogFollower
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
 from ppml_serve.repository import Repository
 from ppml_serve.settings import Settings
@@ -37,29 +39,34 @@ from ppml_serve.worker.runner import release_entry, repository_releases
 log = logging.getLogger("ppml_serve.stack")
 
 
+def open_log(path: Path) -> int:
+    """A part's log file for appending: owner-only, never through a symlink."""
+    return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+
+
 @dataclass
 class Child:
-    """A child process whose stderr is passed through and its last lines kept (crash report)."""
+    """A child process that logs to its own rotating file (``log_file``), so that no reader
+    of ``up``'s output can ever hold it up; ``follower`` copies its lines to ``up``'s stderr
+    and keeps the last ones (crash report)."""
 
     name: str
     argv: list[str]
+    log_file: Path
+    follower: LogFollower
     process: subprocess.Popen[bytes] | None = None
     tail: deque[str] = field(default_factory=lambda: deque(maxlen=20), repr=False)
 
     def start(self, env: dict[str, str]) -> None:
-        # A new session: Ctrl-C reaches only the supervisor, which stops children in order.
-        self.process = subprocess.Popen(self.argv, env=env, stdin=subprocess.DEVNULL,
-                                        stderr=subprocess.PIPE, start_new_session=True)
-        threading.Thread(target=self._pass_stderr, args=(self.process,), daemon=True,
-                         name=f"stderr {self.name}").start()
-
-    def _pass_stderr(self, process: subprocess.Popen[bytes]) -> None:
-        if process.stderr is None:
-            return
-        for line in process.stderr:
-            sys.stderr.buffer.write(line)
-            sys.stderr.buffer.flush()
-            self.tail.append(line.decode("utf-8", "replace").rstrip())
+        self.follower.follow(self.log_file, self.tail.append)
+        fd = open_log(self.log_file)
+        try:
+            # A new session: Ctrl-C reaches only the supervisor, which stops children in order.
+            self.process = subprocess.Popen(
+                self.argv, env=dict(env, PPML_LOG__FILE=str(self.log_file)),
+                stdin=subprocess.DEVNULL, stdout=fd, stderr=fd, start_new_session=True)
+        finally:
+            os.close(fd)
 
     def alive(self) -> bool:
         return self.process is not None and self.process.poll() is None
@@ -182,6 +189,23 @@ def _supervised_child(child: Child, env: dict[str, str]) -> Supervised:
                       lambda: child.returncode, child.last_log_lines)
 
 
+def hold_state_lock(state: Path) -> int:
+    """One stack per state directory at a time: an exclusive lock on ``STATE/up.lock``, held
+    until the returned descriptor is closed (or the process dies, ``kill -9`` included)."""
+    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    fd = os.open(state / "up.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise ConfigError(f"another ppml-serve (pid {holder}) is running on the state directory "
+                          f"{state}; stop it first, or use another --state-dir") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
 def _holds_any(pid: int, sockets: set[str]) -> bool:
     """Whether process ``pid`` has one of these sockets open (``socket:[inode]`` names)."""
     try:
@@ -200,8 +224,14 @@ class LocalStack:
 
     def __init__(self, settings: Settings, workers: int = 1, log_level: str = "INFO",
                  unserved: frozenset[str] = frozenset(),
-                 worker_metrics_port: int | None = None) -> None:
+                 worker_metrics_port: int | None = None,
+                 output: DroppingOutput | None = None) -> None:
         self.settings = settings
+        self.log_dir = settings.state_dir / "logs"
+        """Each part's rotating log file, ``PART.log``."""
+        self.output = output
+        """Where the parts' log lines are copied (never waited for); None: files only."""
+        self.follower = LogFollower(output)
         self.workers = workers
         self.unserved = unserved
         """Models the gateway knows but no worker is started for (tests of refusal)."""
@@ -223,7 +253,8 @@ class LocalStack:
             settings.state_dir / "redis", port=free_port(), cert_file=settings.server_cert_file,
             key_file=settings.server_key_file, ca_file=settings.ca_file,
             prefix=settings.redis.prefix, tls=not settings.redis.allow_plaintext,
-            persistence=settings.redis.persistence,
+            persistence=settings.redis.persistence, max_memory_mb=settings.redis.max_memory_mb,
+            aof_rewrite_min_mb=settings.redis.aof_rewrite_min_mb,
             unix_socket=settings.redis.local_socket and not settings.redis.allow_plaintext)
         self.children: list[Child] = []
         self._supervised: list[Supervised] = []
@@ -233,12 +264,16 @@ class LocalStack:
         self.keybroker: Child | None = None
         self.client_cert: tuple[Path, Path] | None = None
         """A dev client certificate when the gateway requires mutual TLS."""
+        self._lock: int | None = None
 
     def _check_port(self) -> None:
         gateway = self.settings.gateway
         for setting, flag, port in (("gateway.port", "--port", gateway.port),
                                     ("gateway.grpc_port", "--grpc-port", gateway.grpc_port)):
             with socket.socket() as probe:
+                # As the listeners bind: a crashed run's connections in TIME_WAIT must not
+                # keep the port from being used again for a minute.
+                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
                 try:
                     probe.bind((gateway.host, port or 0))
                 except OSError as exc:
@@ -249,6 +284,7 @@ class LocalStack:
         settings = self.settings
         state = settings.state_dir
         self._check_port()
+        self._lock = hold_state_lock(state)
         prepare_state(settings)
         if settings.gateway.client_ca_file is not None:
             cert, key = state / "client.pem", state / "client-key.pem"
@@ -275,7 +311,8 @@ class LocalStack:
         self._env.pop("PPML_REDIS__URL", None)
         base = [sys.executable, "-m", "ppml_serve"]
         common = ["--config", str(run_config), "--log-level", self.log_level]
-        self.keybroker = Child("key broker", [*base, "keybroker", *common])
+        self.log_dir.mkdir(mode=0o700, exist_ok=True)
+        self.keybroker = self.child("key broker", [*base, "keybroker", *common])
         self.keybroker.start(self._env)
         self._wait_keybroker(f"https://127.0.0.1:{settings.keybroker.port}", ready_timeout_s)
         workers: list[Child] = []
@@ -289,21 +326,25 @@ class LocalStack:
                     argv += ["--metrics-port", str(port)]
                     self.worker_metrics.append(
                         f"http://{settings.worker.metrics_host}:{port}/metrics")
-                workers.append(Child(f"worker {name} #{index}", argv))
+                workers.append(self.child(f"worker {name} #{index}", argv))
         if settings.model_repository is not None:
             for index in range(self.workers):
                 argv = [*base, "worker", *common, "--model-repository",
                         str(settings.model_repository)]
-                workers.append(Child(f"worker repository #{index}", argv))
+                workers.append(self.child(f"worker repository #{index}", argv))
         self.children = [self.keybroker, *workers]
         argv = [*base, "gateway", *common]
-        self.gateways = [Child("gateway" if index == 0 else f"gateway #{index}", argv)
+        self.gateways = [self.child("gateway" if index == 0 else f"gateway #{index}", argv)
                          for index in range(settings.gateway.processes)]
         self.gateway = self.gateways[0]
         self.children.extend(self.gateways)
         for child in self.children[1:]:
             child.start(self._env)
         self.wait_ready(ready_timeout_s)
+
+    def child(self, name: str, argv: list[str]) -> Child:
+        slug = re.sub(r"[^A-Za-z0-9_.-]+", "-", name).strip("-")
+        return Child(name, argv, self.log_dir / f"{slug}.log", self.follower)
 
     def _wait_keybroker(self, url: str, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -403,3 +444,7 @@ class LocalStack:
         for child in self.children:
             child.wait(10)
         self.redis.stop()
+        self.follower.stop()
+        if self._lock is not None:
+            os.close(self._lock)  # releases the lock
+            self._lock = None

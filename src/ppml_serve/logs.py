@@ -7,8 +7,11 @@ from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
+import os
 import time
 from contextvars import ContextVar
+from pathlib import Path
 from typing import Any
 
 request_id: ContextVar[str] = ContextVar("request_id", default="")
@@ -50,10 +53,42 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
-def configure_logging(level: str = "INFO", log_format: str = "text") -> None:
-    """Replace the root handler's format (safe to call again once settings are known)."""
+class RotatingLogFile(logging.handlers.RotatingFileHandler):
+    """A size-bounded log file (``PATH``, ``PATH.1`` … ``PATH.N``), owner-only, never opened
+    through a symlink. The process's stdout and stderr follow it across rotations, so that
+    a traceback or a library's print lands in the current file too, never in a pipe that
+    someone has to read."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        super().__init__(path, maxBytes=max_bytes, backupCount=backups, delay=False)
+        self._redirect()
+
+    def _open(self) -> Any:
+        fd = os.open(self.baseFilename,
+                     os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
+    def doRollover(self) -> None:
+        super().doRollover()
+        self._redirect()
+
+    def _redirect(self) -> None:
+        if self.stream is not None:
+            for standard in (1, 2):
+                os.dup2(self.stream.fileno(), standard)
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text",
+                      log_file: Path | None = None, max_bytes: int = 10 << 20,
+                      backups: int = 3) -> None:
+    """Replace the root handler's format (safe to call again once settings are known);
+    with ``log_file``, the root logger writes that rotating file instead of stderr."""
     root = logging.getLogger()
     root.setLevel(level)
+    if log_file is not None and not any(isinstance(h, RotatingLogFile) for h in root.handlers):
+        for handler in list(root.handlers):
+            root.removeHandler(handler)
+        root.addHandler(RotatingLogFile(log_file, max_bytes, backups))
     if not root.handlers:
         root.addHandler(logging.StreamHandler())
     for handler in root.handlers:

@@ -65,6 +65,18 @@ class RedisSettings(_Section):
     """Smaller payloads stay in the stream entry. Measured here (enqueue, read and delete,
     client and Redis CPU, AOF on): equal at 32 KiB; at 8 KiB the file costs 60 % more, at
     602 KB a third of the Redis path."""
+    max_memory_mb: int | None = Field(None, ge=16)
+    """``maxmemory`` of the managed Redis. Unset: a quarter of this machine's memory. At the
+    limit new requests get 503 + Retry-After while answers and heartbeats still get through
+    (they are bounded by the requests already in flight), so no waiting caller hangs."""
+    aof_rewrite_min_mb: int = Field(16, ge=1)
+    """The managed Redis rewrites (compacts) its AOF once it has grown this much and doubled
+    since the last rewrite. The state volume needs room for about three times the larger of
+    this and the queue's peak size (old file, new file, writes meanwhile)."""
+    min_free_disk_mb: int = Field(256, ge=0)
+    """Free space the state directory's volume must keep: below it the gateway is not
+    ready and refuses new requests (503) before Redis's AOF or the spool run out of disk;
+    it serves again by itself once space is back. 0: not watched."""
     persistence: Literal["aof", "none"] = "aof"
     """Persistence of the managed Redis. ``aof`` (append-only file, fsync every second):
     queued requests and job answers survive a Redis restart; a crash of the machine can lose
@@ -248,6 +260,15 @@ class LogSettings(_Section):
     access_log: bool = True
     """One ``ppml_serve.access`` line per API call: key name, model, status, latency, sizes
     (never a payload)."""
+    file: Path | None = None
+    """Write this process's log to this file (rotated, 0600) instead of stderr. ``up`` gives
+    each part its own, ``STATE_DIR/logs/PART.log``, and copies their lines to its stderr
+    without ever waiting for a reader."""
+    file_max_bytes: int = Field(10 << 20, ge=4096)
+    """Size at which a log file is rotated."""
+    file_backups: int = Field(3, ge=0, le=100)
+    """Rotated files kept (``PART.log.1`` …); the state directory holds at most
+    ``(file_backups + 1) * file_max_bytes`` of logs per part."""
 
 
 class Settings(BaseSettings):

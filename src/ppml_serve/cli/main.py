@@ -328,7 +328,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     """Settings from --config, the environment and this command's flags (and ``extra``);
     logging takes their format from here on."""
     settings = load_settings(args.config, **_overrides(args), **extra)
-    configure_logging(getattr(args, "log_level", "INFO"), settings.log.format)
+    configure_logging(getattr(args, "log_level", "INFO"), settings.log.format,
+                      settings.log.file, settings.log.file_max_bytes, settings.log.file_backups)
     return settings
 
 
@@ -416,7 +417,9 @@ def run(args: argparse.Namespace) -> int:
             ensure_dev_pki(settings.state_dir)
         redis = ManagedRedis(settings.state_dir / "redis", args.port, settings.server_cert_file,
                              settings.server_key_file, settings.ca_file, settings.redis.prefix,
-                             persistence=settings.redis.persistence, host=args.host)
+                             persistence=settings.redis.persistence, host=args.host,
+                             max_memory_mb=settings.redis.max_memory_mb,
+                             aof_rewrite_min_mb=settings.redis.aof_rewrite_min_mb)
         stopped = threading.Event()
         _stop_on_signals(stopped.set)
         redis.start()

@@ -5,8 +5,11 @@ Passwords go into a 0600 config file, never onto the command line.
 
 from __future__ import annotations
 
+import logging
+import os
 import secrets
 import shutil
+import signal
 import socket
 import subprocess
 import time
@@ -21,6 +24,8 @@ from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.queue.redis_streams import ping_sync
 
 SERVICE_USER = "ppml"
+
+log = logging.getLogger("ppml_serve.stack")
 
 
 @dataclass
@@ -37,6 +42,10 @@ class ManagedRedis:
     """Off only to measure what TLS costs (benchmarks)."""
     persistence: str = "aof"
     """``aof``: append-only file, fsync every second; ``none``: memory only."""
+    max_memory_mb: int | None = None
+    """``maxmemory``; unset: a quarter of this machine's memory."""
+    aof_rewrite_min_mb: int = 16
+    """The AOF is compacted once it has grown this much (and doubled since the last time)."""
     host: str = "127.0.0.1"
     """Interface to listen on (loopback unless other hosts must reach it)."""
     cluster: bool = False
@@ -89,8 +98,10 @@ class ManagedRedis:
             f"pidfile {(self.directory / 'redis.pid').resolve()}",
             # AOF keeps queued requests and job answers across a Redis restart, losing at most
             # the last second of writes; no RDB snapshots (their forks copy every payload).
-            *(["appendonly yes", "appendfsync everysec"] if self.persistence == "aof"
-              else ["appendonly no"]),
+            *(["appendonly yes", "appendfsync everysec", "auto-aof-rewrite-percentage 100",
+               f"auto-aof-rewrite-min-size {self.aof_rewrite_min_mb}mb"]
+              if self.persistence == "aof" else ["appendonly no"]),
+            f"maxmemory {(self.max_memory_mb or default_max_memory_mb())}mb",
             'save ""',
             "protected-mode yes",
             "loglevel warning",
@@ -123,10 +134,13 @@ class ManagedRedis:
             raise ConfigError("redis-server not found on PATH; install it "
                               "(Debian: apt-get install redis-server)")
         config = self.write_config()
+        self.stop_orphan()
         self._log_offset = self.log_size()
         # Own session: a Ctrl-C meant for the supervisor must not stop Redis before the others.
+        # umask 077: its AOF, dump and log files are owner-only, like the rest of the state.
         self.process = subprocess.Popen([binary, str(config)], stdin=subprocess.DEVNULL,
-                                        start_new_session=True)
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                        start_new_session=True, umask=0o077)
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
@@ -140,6 +154,31 @@ class ManagedRedis:
                     self.stop()
                     raise
                 time.sleep(0.05)
+
+    def stop_orphan(self, timeout_s: float = 10.0) -> int | None:
+        """Stop a redis-server that an earlier run left on this directory (its supervisor was
+        killed): it holds the AOF and the socket this one needs. Returns its pid, if any.
+        Only a process whose working directory is this directory counts (the pid file alone
+        could name an unrelated process by now)."""
+        pid = _pid_in(self.directory / "redis.pid")
+        if pid is None or (self.process is not None and self.process.pid == pid):
+            return None
+        try:
+            cwd = os.readlink(f"/proc/{pid}/cwd")
+            command = Path(f"/proc/{pid}/comm").read_text()
+        except OSError:
+            return None  # gone, or not ours to look at
+        if cwd != str(self.directory.resolve()) or "redis" not in command:
+            return None
+        log.warning("stopping redis-server (pid %d) left running on %s by an earlier run",
+                    pid, self.directory)
+        os.kill(pid, signal.SIGTERM)  # it writes out its AOF first
+        deadline = time.monotonic() + timeout_s
+        while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if Path(f"/proc/{pid}").exists():
+            os.kill(pid, signal.SIGKILL)
+        return pid
 
     @property
     def socket_path(self) -> Path:
@@ -177,6 +216,22 @@ class ManagedRedis:
         except subprocess.TimeoutExpired:
             self.process.kill()
             self.process.wait()
+
+
+def default_max_memory_mb() -> int:
+    """A quarter of this machine's physical memory (at least 64 MiB)."""
+    try:
+        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (OSError, ValueError):
+        return 1024
+    return max(64, total // 4 // (1 << 20))
+
+
+def _pid_in(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
 
 
 def free_port() -> int:

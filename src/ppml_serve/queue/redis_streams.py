@@ -71,7 +71,9 @@ REPLY_STREAM_TTL_S = 3600
 # ARGV: group, consumer, reply maxlen, reply TTL, then per answer: entry id, request id, ok,
 #       body, batch size, job TTL (0: to the reply stream; -1: nowhere to answer, ack only),
 #       queue wait (ms), engine time (ms).
-_FINISH = """
+# allow-oom: at maxmemory Redis refuses new requests (the gateway answers 503), but the
+# answers to those it holds must still get out; they are bounded by the requests in flight.
+_FINISH = """#!lua flags=allow-oom
 local stream, group, consumer = KEYS[1], ARGV[1], ARGV[2]
 local maxlen, reply_ttl = ARGV[3], ARGV[4]
 local answered = 0
@@ -103,6 +105,11 @@ return answered
 
 # the name Redis gives a script (SHA-1 of its text), not a security measure
 _FINISH_SHA = hashlib.sha1(_FINISH.encode(), usedforsecurity=False).hexdigest()
+
+# A worker's heartbeat, let through at maxmemory too (a full Redis is not a dead worker).
+_HEARTBEAT = """#!lua flags=allow-oom
+return redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+"""
 
 # Remove a consumer from the group only if it holds nothing: DELCONSUMER would otherwise
 # destroy its pending entries. KEYS[1] stream, KEYS[2] worker heartbeats, KEYS[3] attestations.
@@ -284,6 +291,7 @@ class RedisWorkerBroker:
         self._reply_maxlen = reply_maxlen
         self._finish = client.register_script(_FINISH)
         self._forget = client.register_script(_FORGET_CONSUMER)
+        self._beat = client.register_script(_HEARTBEAT)
 
     @property
     def consumer(self) -> str:
@@ -304,7 +312,7 @@ class RedisWorkerBroker:
         pipe.execute()
 
     def heartbeat(self) -> None:
-        self._client.zadd(self._keys.workers(self._model), {self._consumer: time.time()})
+        self._beat(keys=[self._keys.workers(self._model)], args=[time.time(), self._consumer])
 
     def publish_attestation(self, document: str) -> None:
         self._client.hset(self._keys.attestations(self._model), self._consumer, document)
