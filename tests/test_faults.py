@@ -22,6 +22,7 @@ from ppml_serve.bench.faults import (
     Supervisor,
     inject,
     run_fault,
+    run_fault_detailed,
     wait_ready,
     wait_until,
     workers,
@@ -150,7 +151,8 @@ def test_keybroker_killed_then_new_worker_gets_keys(supervised: LocalStack) -> N
 
 def test_every_fault_is_covered() -> None:
     covered = {"worker-kill", "worker-freeze", "worker-rolling-restart", "redis-kill",
-               "gateway-kill", "gateway-sigterm", "keybroker-kill"}
+               "gateway-kill", "gateway-sigterm", "keybroker-kill", "redis-stall",
+               "redis-maxmemory"}
     assert covered == set(FAULTS)
 
 
@@ -214,3 +216,25 @@ def test_answers_still_arrive_at_redis_maxmemory(supervised: LocalStack) -> None
     assert "no live worker" not in refused.text, refused.text  # the workers' beats got in
     assert wait_ready(supervised, 30)
     assert infer(1).status_code == 200
+
+
+def test_redis_stall_fails_no_healthy_request(supervised: LocalStack) -> None:
+    """Finding 6: Redis frozen 5 s (longer than three heartbeats). New requests get a fast
+    503 while it is frozen; on its return no live worker is taken for dead, and nothing
+    that waited through the stall is failed."""
+    gateway_log = supervised.log_dir / "gateway.log"
+    logged_before = gateway_log.stat().st_size
+    run = run_fault_detailed(supervised, "redis-stall", freeze_s=5.0, after_s=3.0)
+    _check(run.report)
+    refused = [o for o in run.outcomes if o.status == 503]
+    assert refused, "no request was refused while Redis was frozen"
+    # refused at once (the command deadline), and only while Redis did not answer
+    assert max(o.finished - o.started for o in refused) < 3.0, run.report
+    assert all(o.finished < run.over + 1.5 for o in refused), run.report
+    # what was queued before or during the stall was answered after it
+    waited = [o for o in run.outcomes if o.status == 200 and o.started < run.over - 1
+              and o.finished > run.over]
+    assert waited, "no request waited through the stall"
+    with gateway_log.open() as handle:
+        handle.seek(logged_before)
+        assert "no live worker" not in handle.read()

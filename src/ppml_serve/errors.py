@@ -46,6 +46,11 @@ class NotReady(PPMLError):
     """The service (queue, workers or keys) cannot serve the request now."""
 
 
+class QueueStalled(NotReady):
+    """Redis did not answer within the command deadline (frozen, or its disk stalled):
+    nothing is known to be lost, what it holds is answered once it recovers."""
+
+
 class KMSUnavailable(NotReady):
     """The KMS could not be reached: retry later (not a refusal)."""
 

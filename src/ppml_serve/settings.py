@@ -65,6 +65,10 @@ class RedisSettings(_Section):
     """Smaller payloads stay in the stream entry. Measured here (enqueue, read and delete,
     client and Redis CPU, AOF on): equal at 32 KiB; at 8 KiB the file costs 60 % more, at
     602 KB a third of the Redis path."""
+    command_timeout_s: float = Field(1.0, gt=0, le=60)
+    """How long the gateway waits for Redis to answer a command on the request path (beyond a
+    blocking read's own wait) before it takes Redis for stalled: new requests then get a fast
+    503 + Retry-After, while those already queued keep waiting for their answers."""
     max_memory_mb: int | None = Field(None, ge=16)
     """``maxmemory`` of the managed Redis. Unset: a quarter of this machine's memory. At the
     limit new requests get 503 + Retry-After while answers and heartbeats still get through

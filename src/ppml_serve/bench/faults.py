@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 import numpy as np
+import redis
 
 from ppml_serve.engines import load_engine
 from ppml_serve.errors import NotReady
@@ -29,7 +30,7 @@ from ppml_serve.queue.redis_streams import live_workers_sync
 from ppml_serve.state import read_api_key
 
 FAULTS = ("worker-kill", "worker-freeze", "worker-rolling-restart", "redis-kill",
-          "gateway-kill", "gateway-sigterm", "keybroker-kill")
+          "gateway-kill", "gateway-sigterm", "keybroker-kill", "redis-stall", "redis-maxmemory")
 
 
 @dataclass(frozen=True)
@@ -210,6 +211,21 @@ def inject(stack: LocalStack, fault: str, freeze_s: float = 3.0) -> None:
         if stack.redis.process is not None:
             stack.redis.process.send_signal(signal.SIGKILL)
             stack.redis.process.wait(10)
+    elif fault == "redis-stall":  # frozen, not dead: every command waits
+        if stack.redis.process is not None:
+            stack.redis.process.send_signal(signal.SIGSTOP)
+            time.sleep(freeze_s)
+            stack.redis.process.send_signal(signal.SIGCONT)
+    elif fault == "redis-maxmemory":  # full: every write but answers and heartbeats refused
+        admin = redis.Redis.from_url(stack.redis.admin_url.get_secret_value(),
+                                     ssl_ca_certs=str(stack.settings.ca_file))
+        with admin:
+            limit = admin.config_get("maxmemory").get("maxmemory") or "0"
+            admin.config_set("maxmemory", 1)
+            try:
+                time.sleep(freeze_s)
+            finally:
+                admin.config_set("maxmemory", limit)
     elif fault == "gateway-kill":
         _signal(stack.gateway, signal.SIGKILL)
     elif fault == "gateway-sigterm":
@@ -262,18 +278,36 @@ def wait_ready(stack: LocalStack, timeout_s: float) -> bool:
     return wait_until(ready, timeout_s)
 
 
+@dataclass
+class FaultRun:
+    """One fault under load: its report, every outcome, and when the fault began and ended."""
+
+    report: FaultReport
+    outcomes: list[Outcome]
+    injected: float
+    over: float
+
+
 def run_fault(stack: LocalStack, fault: str, concurrency: int = 8, before_s: float = 1.0,
               after_s: float = 4.0, freeze_s: float = 3.0) -> FaultReport:
     """Load, inject ``fault``, keep loading until recovered plus ``after_s``; count."""
+    return run_fault_detailed(stack, fault, concurrency, before_s, after_s, freeze_s).report
+
+
+def run_fault_detailed(stack: LocalStack, fault: str, concurrency: int = 8,
+                       before_s: float = 1.0, after_s: float = 4.0,
+                       freeze_s: float = 3.0) -> FaultRun:
     timeout = stack.settings.gateway.request_timeout_s
     with SteadyLoad(stack.url, read_api_key(stack.settings.state_dir),
                     str(stack.settings.ca_file), concurrency, timeout + 5) as load:
         time.sleep(before_s)
         injected = time.monotonic()
         inject(stack, fault, freeze_s)
+        over = time.monotonic()
         wait_ready(stack, 60)
         time.sleep(after_s)
-    return summarize(fault, load.outcomes, injected, timeout)
+    return FaultRun(summarize(fault, load.outcomes, injected, timeout), load.outcomes,
+                    injected, over)
 
 
 def markdown_table(reports: list[FaultReport]) -> str:

@@ -29,6 +29,7 @@ from ppml_serve.errors import (
     Overloaded,
     PayloadTooLarge,
     ProtocolError,
+    QueueStalled,
 )
 from ppml_serve.gateway.repository import RepositoryView
 from ppml_serve.logs import request_id as current_request
@@ -141,6 +142,12 @@ class DataPlane:
         while True:
             try:
                 messages = await self._broker.read_replies(model, block_ms=1000)
+            except QueueStalled as exc:
+                # Frozen, not gone: what it holds is answered once it recovers, so waiting
+                # callers keep waiting (up to their deadline); new ones get a fast 503.
+                log.warning("%s; waiting requests keep waiting", exc)
+                await asyncio.sleep(backoff.next_delay())
+                continue
             except NotReady as exc:
                 # Answers in transit on a lost connection may never arrive: fail fast (503)
                 # rather than let callers wait for their deadline.

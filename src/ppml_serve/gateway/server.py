@@ -115,12 +115,14 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     ca_file = settings.ca_file
     gateway = settings.gateway
     cluster = settings.redis.cluster
+    deadline = settings.redis.command_timeout_s
     client = connect_async(url, ca_file, max_connections=gateway.redis_connections,
-                           pool_timeout_s=gateway.redis_wait_s, cluster=cluster)
+                           pool_timeout_s=gateway.redis_wait_s, cluster=cluster,
+                           socket_timeout=deadline)
     reader = connect_async(url, ca_file, cluster=cluster)
     spool = PayloadSpool.configured(settings.redis.payload_spool)
     # a Cluster routes each key to its node: only redis-py's client knows how
-    lanes = None if cluster else functools.partial(RedisLane, url, ca_file)
+    lanes = None if cluster else functools.partial(RedisLane, url, ca_file, deadline)
     broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex,
                                 spool, settings.redis.payload_spool_min_bytes, lanes)
     metrics = Metrics()

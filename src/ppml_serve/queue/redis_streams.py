@@ -44,7 +44,7 @@ import redis
 import redis.asyncio as aioredis
 from pydantic import SecretStr
 
-from ppml_serve.errors import NotReady
+from ppml_serve.errors import NotReady, QueueStalled
 from ppml_serve.queue.contract import (
     Delivery,
     HostStatus,
@@ -56,12 +56,15 @@ from ppml_serve.queue.contract import (
     Reply,
     ReplyMessage,
 )
+from ppml_serve.queue.liveness import StallWatch
 from ppml_serve.queue.redis_lane import BlockingRedisLane, RedisLane
 from ppml_serve.queue.spool import PayloadSpool
 
 log = logging.getLogger("ppml_serve.queue")
 
 GROUP = "workers"
+_ANSWERS = (redis.ResponseError,)
+"""Errors that are Redis's answer (not its silence): they end a stall."""
 DEAD_LETTER_MAXLEN = 100_000
 REPLY_STREAM_TTL_S = 3600
 
@@ -292,6 +295,7 @@ class RedisWorkerBroker:
         self._finish = client.register_script(_FINISH)
         self._forget = client.register_script(_FORGET_CONSUMER)
         self._beat = client.register_script(_HEARTBEAT)
+        self._stalls = StallWatch()
 
     @property
     def consumer(self) -> str:
@@ -312,7 +316,9 @@ class RedisWorkerBroker:
         pipe.execute()
 
     def heartbeat(self) -> None:
-        self._beat(keys=[self._keys.workers(self._model)], args=[time.time(), self._consumer])
+        with self._stalls.command(answers=_ANSWERS):
+            self._beat(keys=[self._keys.workers(self._model)],
+                       args=[time.time(), self._consumer])
 
     def publish_attestation(self, document: str) -> None:
         self._client.hset(self._keys.attestations(self._model), self._consumer, document)
@@ -329,16 +335,18 @@ class RedisWorkerBroker:
 
     def read(self, count: int, block_ms: int) -> list[Delivery]:
         response: Any
-        if self._lane is not None:
-            response = self._lane.call("XREADGROUP", "GROUP", GROUP, self._consumer,
-                                       "COUNT", count, "BLOCK", block_ms, "STREAMS",
-                                       self._stream, ">", block_s=block_ms / 1000)
-            entries = [(entry_id, _fields(pairs)) for entry_id, pairs in
-                       (response[0][1] if response else []) if pairs]
-        else:
-            response = self._client.xreadgroup(GROUP, self._consumer, {self._stream: ">"},
-                                               count=count, block=block_ms)
-            entries = response[0][1] if response else []
+        with self._stalls.command(block_ms / 1000, _ANSWERS):
+            if self._lane is not None:
+                response = self._lane.call("XREADGROUP", "GROUP", GROUP, self._consumer,
+                                           "COUNT", count, "BLOCK", block_ms, "STREAMS",
+                                           self._stream, ">", block_s=block_ms / 1000)
+                entries = [(entry_id, _fields(pairs)) for entry_id, pairs in
+                           (response[0][1] if response else []) if pairs]
+            else:
+                response = self._client.xreadgroup(GROUP, self._consumer,
+                                                   {self._stream: ">"}, count=count,
+                                                   block=block_ms)
+                entries = response[0][1] if response else []
         return [_delivery(entry_id, fields, spool=self._spool)
                 for entry_id, fields in entries if fields]
 
@@ -423,12 +431,16 @@ class RedisWorkerBroker:
         return self._deliveries_with_counts(list(response[1]))
 
     def dead_consumers(self, dead_after_s: float) -> list[str]:
-        """Consumers of the group whose heartbeat expired (or that never had one)."""
+        """Consumers of the group whose heartbeat expired (or that never had one); right
+        after Redis stalled, those that were alive when it began get time to beat again."""
         pipe = self._client.pipeline(transaction=False)
         pipe.xinfo_consumers(self._stream, GROUP)
-        pipe.zrangebyscore(self._keys.workers(self._model), time.time() - dead_after_s, "+inf")
-        consumers, live = pipe.execute()
-        alive = {_str(name) for name in live} | {self._consumer}
+        pipe.zrange(self._keys.workers(self._model), 0, -1, withscores=True)
+        with self._stalls.command(answers=_ANSWERS):
+            consumers, beats = pipe.execute()
+        since = self._stalls.live_since(dead_after_s)
+        alive = {_str(name) for name, score in beats if float(score) >= since}
+        alive.add(self._consumer)
         names = [_name(consumer["name"]) for consumer in consumers]
         return [name for name in names if name not in alive]
 
@@ -474,6 +486,8 @@ async def _queue_errors(action: str) -> AsyncIterator[None]:
     except redis.ResponseError as exc:
         # e.g. Redis at maxmemory with noeviction refuses writes: overloaded, nothing dropped.
         raise NotReady(f"queue refused to {action}: {str(exc).split(' ', 1)[0]}") from None
+    except redis.TimeoutError:
+        raise QueueStalled(f"queue did not answer in time to {action}") from None
     except (redis.RedisError, OSError) as exc:
         raise NotReady(f"queue unreachable ({type(exc).__name__})") from None
 
@@ -498,6 +512,7 @@ class RedisGatewayBroker:
         self._gateway_id = gateway_id
         # Each gateway run has fresh, random reply streams: reading from the start is safe.
         self._last_reply_id: dict[str, bytes | str] = {}
+        self._stalls = StallWatch()
 
     def reply_stream(self, model: str) -> str:
         return self._keys.replies(model, self._gateway_id)
@@ -544,15 +559,19 @@ class RedisGatewayBroker:
             fields["tp"] = traceparent
         try:
             async with _queue_errors("take the request"):
-                if self._lane is not None:
-                    await self._lane.call("XADD", self._keys.requests(model), "*",
-                                          *(item for pair in fields.items() for item in pair))
-                else:
-                    await self._client.xadd(self._keys.requests(model), fields)
+                with self._stalls.command(answers=_ANSWERS):
+                    await self._xadd(model, fields)
         except BaseException:  # not queued (or not known to be): the payload goes too
             if spool is not None:
                 spool.remove(fields["file"])
             raise
+
+    async def _xadd(self, model: str, fields: dict[Any, Any]) -> None:
+        if self._lane is not None:
+            await self._lane.call("XADD", self._keys.requests(model), "*",
+                                  *(item for pair in fields.items() for item in pair))
+        else:
+            await self._client.xadd(self._keys.requests(model), fields)
 
     async def backlog(self, model: str) -> int:
         async with _queue_errors("report its backlog"):
@@ -594,8 +613,11 @@ class RedisGatewayBroker:
 
     async def live_workers(self, model: str, max_age_s: float) -> int:
         async with _queue_errors("count workers"):
-            return int(await self._client.zcount(self._keys.workers(model),
-                                                 time.time() - max_age_s, "+inf"))
+            with self._stalls.command(answers=_ANSWERS):
+                beats: Any = await self._client.zrange(self._keys.workers(model), 0, -1,
+                                                       withscores=True)
+        # judged once the answer is in: if this very call waited out a stall, it says so
+        return _count_live(beats, self._stalls.live_since(max_age_s))
 
     async def queue_stats(self, model: str, max_age_s: float) -> QueueStats:
         stream = self._keys.requests(model)
@@ -603,8 +625,11 @@ class RedisGatewayBroker:
             pipe = self._client.pipeline(transaction=False)
             pipe.xlen(stream)
             pipe.xinfo_groups(stream)
-            pipe.zcount(self._keys.workers(model), time.time() - max_age_s, "+inf")
-            depth, groups, live = await pipe.execute(raise_on_error=False)
+            pipe.zrange(self._keys.workers(model), 0, -1, withscores=True)
+            with self._stalls.command(answers=_ANSWERS):
+                depth, groups, beats = await pipe.execute(raise_on_error=False)
+        live = (beats if isinstance(beats, Exception)
+                else _count_live(beats, self._stalls.live_since(max_age_s)))
         return _queue_stats(depth, groups, live)
 
     async def model_states(self) -> dict[str, ModelState]:
@@ -629,19 +654,9 @@ class RedisGatewayBroker:
                            count: int = 512) -> list[ReplyMessage]:
         last = self._last_reply_id.setdefault(model, b"0-0")
         stream = self.reply_stream(model)
-        response: Any
         async with _queue_errors("deliver answers"):
-            if self._lanes is not None:
-                lane = self._reply_lanes.get(model)
-                if lane is None:
-                    lane = self._reply_lanes[model] = self._lanes()
-                flat = await lane.call("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS",
-                                       stream, last, block_s=block_ms / 1000)
-                response = [(key, [(entry_id, _fields(pairs)) for entry_id, pairs in entries])
-                            for key, entries in flat or []]
-            else:
-                response = await self._reader.xread({stream: last}, count=count,
-                                                    block=block_ms)
+            with self._stalls.command(block_ms / 1000, _ANSWERS):
+                response = await self._xread(model, stream, last, block_ms, count)
         messages: list[ReplyMessage] = []
         for _, entries in response or []:
             for entry_id, fields in entries:
@@ -653,6 +668,24 @@ class RedisGatewayBroker:
                         _int(fields.get(b"bs")) or 1, _float(fields.get(b"qw")) / 1000,
                         _float(fields.get(b"et")) / 1000))
         return messages
+
+    async def _xread(self, model: str, stream: str, last: bytes | str, block_ms: int,
+                     count: int) -> Any:
+        if self._lanes is None:
+            return await self._reader.xread({stream: last}, count=count, block=block_ms)
+        lane = self._reply_lanes.get(model)
+        if lane is None:
+            lane = self._reply_lanes[model] = self._lanes()
+        flat = await lane.call("XREAD", "COUNT", count, "BLOCK", block_ms, "STREAMS",
+                               stream, last, block_s=block_ms / 1000)
+        return [(key, [(entry_id, _fields(pairs)) for entry_id, pairs in entries])
+                for key, entries in flat or []]
+
+
+def _count_live(beats: Any, since: float) -> int:
+    """Members of a heartbeat sorted set (``ZRANGE … WITHSCORES``) that beat at ``since`` or
+    later."""
+    return sum(1 for _, score in beats if float(score) >= since)
 
 
 def _model_states(table: dict[bytes, bytes]) -> dict[str, ModelState]:

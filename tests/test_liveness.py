@@ -1,0 +1,64 @@
+"""Liveness across a Redis stall, on injected clocks: a stall ends with a grace period in
+which the workers that were alive when it began still count; a dead one does not."""
+
+from __future__ import annotations
+
+from ppml_serve.queue.liveness import StallWatch
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _watch() -> tuple[StallWatch, Clock]:
+    clock = Clock()
+    return StallWatch(clock=clock, wall=clock), clock
+
+
+def test_without_a_stall_a_heartbeat_older_than_max_age_is_dead() -> None:
+    watch, clock = _watch()
+    watch.answered(0.001)
+    assert watch.live_since(3.0) == clock.now - 3.0
+
+
+def test_after_a_stall_the_workers_alive_when_it_began_get_time_to_beat_again() -> None:
+    watch, clock = _watch()
+    last_beat = clock.now - 0.9  # a healthy worker beat just before Redis froze
+    clock.now += 5.0  # a command sent at the freeze is answered 5 s late
+    watch.answered(5.0)
+    assert last_beat >= watch.live_since(3.0)
+    clock.now += 2.9  # still inside the grace period
+    assert last_beat >= watch.live_since(3.0)
+    clock.now += 0.2  # grace over: it had every chance to beat again
+    assert last_beat < watch.live_since(3.0)
+
+
+def test_a_worker_dead_before_the_stall_stays_dead() -> None:
+    watch, clock = _watch()
+    died = clock.now - 4.0
+    clock.now += 5.0
+    watch.answered(5.0)
+    assert died < watch.live_since(3.0)
+
+
+def test_while_redis_does_not_answer_the_stall_is_open_from_its_first_timeout() -> None:
+    watch, clock = _watch()
+    last_beat = clock.now - 0.5
+    clock.now += 1.0
+    watch.unanswered(1.0)  # a command deadline expired
+    clock.now += 10.0
+    watch.unanswered(1.0)  # and again, much later: the stall began at the first
+    assert last_beat >= watch.live_since(3.0)
+    watch.answered(0.001)  # back
+    clock.now += 3.1
+    assert last_beat < watch.live_since(3.0)
+
+
+def test_small_delays_are_not_stalls() -> None:
+    watch, clock = _watch()
+    watch.answered(0.2)
+    assert watch.live_since(3.0) == clock.now - 3.0
