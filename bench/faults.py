@@ -1,6 +1,10 @@
 """Fault table: run each fault against a supervised local stack at a steady load.
 
     python bench/faults.py --workers 2 --concurrency 16 --after 10 --out bench/results
+    sudo python bench/faults.py --small-volume 64 --faults state-disk-full,redis-stall
+
+``state-disk-full`` fills the state directory's volume to the last byte, so it runs only with
+``--small-volume MiB`` (the state directory on a tmpfs of that size; mounting needs root).
 
 Writes faults.json and faults.md (sent / ok / errors by status / refused / lost / wrong /
 seconds to recovery per fault). Every part runs on this machine, as under ``ppml-serve up``.
@@ -9,9 +13,12 @@ seconds to recovery per fault). Every part runs on this machine, as under ``ppml
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import subprocess
 import sys
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from tqdm import tqdm
@@ -20,6 +27,20 @@ from ppml_serve.bench.faults import FAULTS, Supervisor, markdown_table, run_faul
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import DEMO_NAME, demo_model_path
 from ppml_serve.settings import load_settings
+
+
+@contextlib.contextmanager
+def _volume(directory: Path, size_mib: int | None) -> Iterator[Path]:
+    """``directory`` itself, or a tmpfs of ``size_mib`` mounted on it (unmounted after)."""
+    if size_mib is None:
+        yield directory
+        return
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_mib}m,mode=0700", "tmpfs",
+                    str(directory)], check=True)
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "-l", str(directory)], check=False)
 
 
 def main() -> int:
@@ -32,15 +53,22 @@ def main() -> int:
                         help="seconds of load after recovery")
     parser.add_argument("--freeze", type=float, default=5.0, help="seconds a worker is frozen")
     parser.add_argument("--out", type=Path, default=Path("bench/results"))
+    parser.add_argument("--small-volume", type=int, metavar="MIB",
+                        help="put the state directory on a tmpfs of this size (root only)")
     args = parser.parse_args()
     faults = [fault.strip() for fault in args.faults.split(",") if fault.strip()]
     unknown = sorted(set(faults) - set(FAULTS))
     if unknown:
         parser.error(f"unknown fault(s) {unknown}; choose from {', '.join(FAULTS)}")
+    if "state-disk-full" in faults and args.small_volume is None:
+        parser.error("state-disk-full needs --small-volume MIB (it fills the whole volume)")
     args.out.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(prefix="ppml-faults-") as state:
-        settings = load_settings(state_dir=Path(state), models={DEMO_NAME: demo_model_path()},
-                                 gateway={"port": 0})
+    with tempfile.TemporaryDirectory(prefix="ppml-faults-") as state, \
+            _volume(Path(state), args.small_volume) as volume:
+        settings = load_settings(state_dir=volume / "state",
+                                 models={DEMO_NAME: demo_model_path()}, gateway={"port": 0},
+                                 redis={"min_free_disk_mb": 8, "aof_rewrite_min_mb": 4}
+                                 if args.small_volume else {})
         stack = LocalStack(settings, workers=args.workers, log_level="ERROR")
         reports = []
         try:

@@ -152,7 +152,7 @@ def test_keybroker_killed_then_new_worker_gets_keys(supervised: LocalStack) -> N
 def test_every_fault_is_covered() -> None:
     covered = {"worker-kill", "worker-freeze", "worker-rolling-restart", "redis-kill",
                "gateway-kill", "gateway-sigterm", "keybroker-kill", "redis-stall",
-               "redis-maxmemory"}
+               "redis-maxmemory", "state-disk-full"}  # the last in test_disk_full.py
     assert covered == set(FAULTS)
 
 

@@ -77,7 +77,7 @@ class RedisSettings(_Section):
     """The managed Redis rewrites (compacts) its AOF once it has grown this much and doubled
     since the last rewrite. The state volume needs room for about three times the larger of
     this and the queue's peak size (old file, new file, writes meanwhile)."""
-    min_free_disk_mb: int = Field(256, ge=0)
+    min_free_disk_mb: int = Field(100, ge=0)
     """Free space the state directory's volume must keep: below it the gateway is not
     ready and refuses new requests (503) before Redis's AOF or the spool run out of disk;
     it serves again by itself once space is back. 0: not watched."""

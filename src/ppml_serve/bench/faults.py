@@ -9,6 +9,8 @@ own deadline, which is past the gateway's).
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import random
 import signal
 import threading
@@ -16,6 +18,7 @@ import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -30,7 +33,8 @@ from ppml_serve.queue.redis_streams import live_workers_sync
 from ppml_serve.state import read_api_key
 
 FAULTS = ("worker-kill", "worker-freeze", "worker-rolling-restart", "redis-kill",
-          "gateway-kill", "gateway-sigterm", "keybroker-kill", "redis-stall", "redis-maxmemory")
+          "gateway-kill", "gateway-sigterm", "keybroker-kill", "redis-stall", "redis-maxmemory",
+          "state-disk-full")
 
 
 @dataclass(frozen=True)
@@ -226,6 +230,8 @@ def inject(stack: LocalStack, fault: str, freeze_s: float = 3.0) -> None:
                 time.sleep(freeze_s)
             finally:
                 admin.config_set("maxmemory", limit)
+    elif fault == "state-disk-full":  # the state volume (AOF, spool, logs) at 0 bytes free
+        _fill_volume(stack.settings.state_dir, freeze_s)
     elif fault == "gateway-kill":
         _signal(stack.gateway, signal.SIGKILL)
     elif fault == "gateway-sigterm":
@@ -236,6 +242,32 @@ def inject(stack: LocalStack, fault: str, freeze_s: float = 3.0) -> None:
         _signal(workers(stack)[0], signal.SIGKILL)  # its replacement needs the broker back
     else:
         raise ValueError(f"unknown fault {fault!r}; choose from {', '.join(FAULTS)}")
+
+
+SMALL_VOLUME_BYTES = 1 << 30
+"""state-disk-full fills only a volume this small (a test tmpfs), never a real disk."""
+
+
+def _fill_volume(directory: Path, hold_s: float) -> None:
+    """Fill the volume of ``directory`` to the last byte, hold it full, then free it."""
+    status = os.statvfs(directory)
+    if status.f_blocks * status.f_frsize > SMALL_VOLUME_BYTES:
+        raise ValueError(f"state-disk-full fills the volume of {directory}; run it with the "
+                         "state directory on a small volume (bench/faults.py --small-volume)")
+    filler = directory / "disk-filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        block = b"\0" * (1 << 16)
+        with contextlib.suppress(OSError):  # ENOSPC: full
+            while True:
+                os.write(fd, block)
+        with contextlib.suppress(OSError):  # and the last partial block
+            while True:
+                os.write(fd, b"\0" * 512)
+        time.sleep(hold_s)
+    finally:
+        os.close(fd)
+        filler.unlink()
 
 
 def _replaced(child: Child, old: Any) -> Callable[[], bool]:

@@ -102,6 +102,9 @@ class Metrics:
                                    "answered", ["model"], registry=self.registry)
         self.live_workers = Gauge("ppml_live_workers", "Workers with a fresh heartbeat",
                                   ["model"], registry=self.registry)
+        self.disk_free = Gauge("ppml_state_disk_free_bytes", "Free bytes on the volume of a "
+                               "directory this gateway watches (below redis.min_free_disk_mb "
+                               "it is not ready)", ["path"], registry=self.registry)
         self.statistics = InferenceStatistics()
         """The same events in Triton's statistics shape (``/v2/models/{m}/stats``)."""
 
@@ -110,6 +113,10 @@ class Metrics:
         self.batch_size.labels(model).observe(message.batch_size)
         self.queue_wait.labels(model).observe(message.queue_s)
         self.engine.labels(model).observe(message.engine_s)
+
+    def set_disk_free(self, free: dict[str, int]) -> None:
+        for path, value in free.items():
+            self.disk_free.labels(path).set(value)
 
     def set_queue_state(self, inflight: dict[str, int], stats: dict[str, QueueStats]) -> None:
         for model, state in stats.items():
@@ -359,6 +366,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
 
     @authenticated(model_route=False, scope="metrics")
     async def metrics_endpoint(request: Request) -> Response:
+        metrics.set_disk_free(dataplane.disk_free())
         # With Redis down the gauges keep their last values; readiness tells the rest.
         with contextlib.suppress(NotReady):
             metrics.set_queue_state(dataplane.inflight(), await dataplane.queue_stats())

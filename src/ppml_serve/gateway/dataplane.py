@@ -20,6 +20,7 @@ from ppml_serve.codecs import record
 from ppml_serve.codecs.tensors import ModelSpec, TooManyRows
 from ppml_serve.codecs.v2 import InferRequest, check_outputs, encode_response, parse_request
 from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
+from ppml_serve.disk import DiskWatch
 from ppml_serve.errors import (
     DeadlineExceeded,
     IntegrityError,
@@ -78,8 +79,9 @@ class DataPlane:
                  worker_max_age_s: float,
                  on_reply: Callable[[str, ReplyMessage], None] | None = None,
                  configured_models: set[str] | None = None,
-                 max_rows: int | None = None) -> None:
+                 max_rows: int | None = None, disk: DiskWatch | None = None) -> None:
         self._broker = broker
+        self._disk = disk
         self._sealer = sealer
         self._settings = settings
         self._worker_max_age_s = worker_max_age_s
@@ -118,6 +120,10 @@ class DataPlane:
                 await task
         self._fail_waiting(NotReady("the gateway is shutting down"))
         await self._broker.close()
+
+    def disk_free(self) -> dict[str, int]:
+        """Free bytes of the watched volumes, by directory."""
+        return self._disk.free_bytes() if self._disk is not None else {}
 
     def inflight(self) -> dict[str, int]:
         """Requests waiting for their answer here, by model."""
@@ -380,7 +386,10 @@ class DataPlane:
         return ready
 
     async def ready(self) -> bool:
-        """Redis answers, every configured model has a ready version, and some model does."""
+        """Redis answers, the state volume has room, every configured model has a ready
+        version, and some model does."""
+        if self._disk is not None and self._disk.shortage() is not None:
+            return False
         try:
             await self._broker.ping()
             view = await self.repository()
@@ -420,6 +429,8 @@ class DataPlane:
         return request
 
     async def _check_serving(self, queue: str) -> None:
+        if self._disk is not None:
+            self._disk.check()  # room for the answers in flight, not for more work
         if not await self._queue_ready(queue):
             model, version = split_queue_name(queue)
             raise NotReady(f"model {model!r} version {version} has no live worker")

@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from ppml_serve.crypto.keys import make_sealer
+from ppml_serve.disk import DiskWatch
 from ppml_serve.errors import ConfigError
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
@@ -120,7 +121,8 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                            pool_timeout_s=gateway.redis_wait_s, cluster=cluster,
                            socket_timeout=deadline)
     reader = connect_async(url, ca_file, cluster=cluster)
-    spool = PayloadSpool.configured(settings.redis.payload_spool)
+    spool_dir = settings.redis.payload_spool
+    spool = PayloadSpool.configured(spool_dir)
     # a Cluster routes each key to its node: only redis-py's client knows how
     lanes = None if cluster else functools.partial(RedisLane, url, ca_file, deadline)
     broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex,
@@ -130,7 +132,9 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                           worker_max_age_s=settings.worker.dead_after_s,
                           on_reply=metrics.observe_reply,
                           configured_models=set(settings.models),
-                          max_rows=settings.worker.max_rows_per_request)
+                          max_rows=settings.worker.max_rows_per_request,
+                          disk=DiskWatch([settings.state_dir, *filter(None, [spool_dir])],
+                                         settings.redis.min_free_disk_mb << 20))
     services = []
     if gateway.grpc_port is not None:
         services.append(_grpc_service(settings, dataplane, keys))
