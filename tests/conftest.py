@@ -137,6 +137,25 @@ def running_stack(settings: Settings, workers: int = 1, log_level: str = "WARNIN
         local.stop()
 
 
+@contextlib.contextmanager
+def supervised_stack(settings: Settings, workers: int = 2) -> Iterator[LocalStack]:
+    """A started stack with ``up``'s supervision loop in a thread (dead parts restarted);
+    on the way out, every process of it is checked to be gone."""
+    from ppml_serve.bench.faults import Supervisor
+
+    local = LocalStack(settings, workers=workers, log_level="WARNING")
+    try:
+        local.start()
+        with Supervisor(local) as supervisor:
+            yield local
+        assert supervisor.error is None, f"the supervisor gave up: {supervisor.error}"
+    finally:
+        local.stop()
+    for child in local.children:
+        assert not child.alive(), f"{child.name} left running"
+    assert not local.redis.alive(), "redis-server left running"
+
+
 @pytest.fixture(scope="session")
 def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = stack_settings(tmp_path_factory.mktemp("state"))

@@ -13,11 +13,11 @@ import httpx
 import pytest
 import redis
 
-from ppml_serve.bench.faults import Supervisor, run_fault_detailed, wait_until
+from ppml_serve.bench.faults import run_fault_detailed, wait_until
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.state import read_api_key
 
-from .conftest import stack_settings
+from .conftest import stack_settings, supervised_stack
 
 
 @pytest.fixture(scope="module")
@@ -38,14 +38,8 @@ def on_small_volume(small_volume: Path) -> Iterator[LocalStack]:
     settings = stack_settings(small_volume / "state",
                               gateway={"port": 0, "request_timeout_s": 10},
                               redis={"aof_rewrite_min_mb": 1, "min_free_disk_mb": 8})
-    local = LocalStack(settings, workers=2, log_level="WARNING")
-    try:
-        local.start()
-        with Supervisor(local) as supervisor:
-            yield local
-        assert supervisor.error is None, f"the supervisor gave up: {supervisor.error}"
-    finally:
-        local.stop()
+    with supervised_stack(settings) as local:
+        yield local
 
 
 def _admin(stack: LocalStack) -> redis.Redis:

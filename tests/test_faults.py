@@ -19,7 +19,6 @@ import pytest
 from ppml_serve.bench.faults import (
     FAULTS,
     FaultReport,
-    Supervisor,
     inject,
     run_fault,
     run_fault_detailed,
@@ -33,7 +32,7 @@ from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_model_path, demo_samples
 from ppml_serve.state import read_api_key
 
-from .conftest import stack_settings
+from .conftest import stack_settings, supervised_stack
 
 
 @pytest.fixture(scope="module")
@@ -41,17 +40,8 @@ def supervised(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]
     settings = stack_settings(tmp_path_factory.mktemp("faults"),
                               gateway={"port": 0, "request_timeout_s": 10},
                               redis={"payload_spool_min_bytes": 1})
-    local = LocalStack(settings, workers=2, log_level="WARNING")
-    try:
-        local.start()
-        with Supervisor(local) as supervisor:
-            yield local
-        assert supervisor.error is None, f"the supervisor gave up: {supervisor.error}"
-    finally:
-        local.stop()
-    for child in local.children:
-        assert not child.alive(), f"{child.name} left running"
-    assert not local.redis.alive(), "redis-server left running"
+    with supervised_stack(settings) as local:
+        yield local
 
 
 def _check(report: FaultReport, connection_errors_allowed: bool = False) -> None:
