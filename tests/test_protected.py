@@ -240,3 +240,26 @@ def test_aws_kms_unwrap_and_tamper(moto_url: str) -> None:
     with pytest.raises(IntegrityError):
         kms.unwrap(bytes(tampered))
     assert "testing" not in repr(kms)
+
+
+def test_a_poisoned_end_to_end_record_is_named_for_what_it_is(protected: Stack) -> None:
+    """Sealed to the attested workers (so it opens) but no request record inside: the error
+    says it opened and what is wrong, not that it 'could not be opened'."""
+    from ppml_serve.crypto.e2e import ClientSession
+
+    settings = protected.settings
+    measurement = worker_measurement(settings, "demo", settings.models["demo"]).value
+    verifier = SimulatedVerifier.from_directory(settings.attestation_dir)
+    policy = Policy(allowed_providers=["simulated"], allow_debug=True, max_evidence_age_s=300,
+                    allowed_measurements=[measurement])
+    with Client(protected.url, api_key=protected.api_key, ca_file=protected.ca_file) as client:
+        session = ClientSession(client.worker_key("demo", verifier, policy))
+    poisoned = session.seal_request(b"not a request record at all", "demo")
+    with protected.http() as http:
+        response = http.post("/v2/models/demo/infer-sealed", content=poisoned,
+                             headers={"Content-Type": "application/octet-stream"})
+        garbage = http.post("/v2/models/demo/infer-sealed", content=os.urandom(80),
+                            headers={"Content-Type": "application/octet-stream"})
+    assert response.status_code == 400, response.text
+    assert "opened by the model's workers, but" in response.json()["error"]
+    assert garbage.status_code == 400 and "could not be opened" in garbage.json()["error"]

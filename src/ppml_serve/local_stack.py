@@ -26,10 +26,10 @@ import yaml
 
 from ppml_serve.backoff import Backoff
 from ppml_serve.client import Client
-from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.tls import issue_client_cert
 from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.log_relay import DroppingOutput, LogFollower
+from ppml_serve.private_files import secure_directory, write_private
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
 from ppml_serve.repository import Repository
 from ppml_serve.settings import Settings
@@ -192,7 +192,7 @@ def _supervised_child(child: Child, env: dict[str, str]) -> Supervised:
 def hold_state_lock(state: Path) -> int:
     """One stack per state directory at a time: an exclusive lock on ``STATE/up.lock``, held
     until the returned descriptor is closed (or the process dies, ``kill -9`` included)."""
-    state.mkdir(parents=True, exist_ok=True, mode=0o700)
+    secure_directory(state)
     fd = os.open(state / "up.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -303,8 +303,8 @@ class LocalStack:
         if settings.security.policy_file is None:
             write_dev_policy(settings, settings.policy_file)
         settings.keybroker.port = free_port()
-        (state / "keybroker.url").write_text(
-            f"https://127.0.0.1:{settings.keybroker.port}\n")
+        write_private(state / "keybroker.url",
+                      f"https://127.0.0.1:{settings.keybroker.port}\n".encode())
         run_config = state / "run-config.yaml"
         write_run_config(settings, run_config)
         self._env = dict(os.environ, PPML_SUPERVISOR_PID=str(os.getpid()))

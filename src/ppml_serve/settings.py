@@ -28,6 +28,7 @@ from pydantic_settings import (
 )
 
 from ppml_serve.errors import ConfigError
+from ppml_serve.private_files import read_protected
 
 MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
@@ -363,7 +364,7 @@ class Settings(BaseSettings):
             return self.security.keybroker_url
         path = self.state_dir / "keybroker.url"
         try:
-            return path.read_text().strip()
+            return read_protected(path, secret=False).decode().strip()
         except OSError:
             raise ConfigError(f"security.keybroker_url: not set and {path} does not exist; "
                               "start 'ppml-serve keybroker' or 'ppml-serve up'") from None
@@ -387,7 +388,7 @@ class Settings(BaseSettings):
         else:
             path = self.redis_url_file
             try:
-                url = SecretStr(path.read_text().strip())
+                url = SecretStr(read_protected(path).decode().strip())
             except OSError as exc:
                 raise ConfigError(
                     f"redis.url_file: cannot read {path} ({exc.strerror}); set PPML_REDIS__URL "

@@ -9,17 +9,17 @@ from pathlib import Path
 from ppml_serve.crypto.attestation.simulated import ensure_platform_key
 from ppml_serve.crypto.keys import PASSPHRASE_ENV, kms_passphrase, open_kms
 from ppml_serve.crypto.keystore import DATA_KEYS_FILE, DataKeyTable
-from ppml_serve.crypto.kms.local import PRIMARY_FILE, LocalKMS, write_private
+from ppml_serve.crypto.kms.local import PRIMARY_FILE, LocalKMS
 from ppml_serve.crypto.tls import ensure_dev_pki
 from ppml_serve.gateway.auth import add_api_key, list_api_keys, revoke_api_key
+from ppml_serve.private_files import read_protected, secure_directory, write_private
 from ppml_serve.settings import Settings
 
 
 def prepare_state(settings: Settings) -> None:
     """Create whatever is missing; never overwrite existing keys."""
     state = settings.state_dir
-    state.mkdir(parents=True, exist_ok=True)
-    os.chmod(state, 0o700)
+    secure_directory(state)  # refuses one that someone else owns or could write
     ensure_dev_pki(state)
     if settings.security.kms == "local" and not (settings.kms_dir / PRIMARY_FILE).exists():
         if not os.environ.get(PASSPHRASE_ENV) and not settings.kms_passphrase_file.exists():
@@ -45,4 +45,4 @@ def prepare_state(settings: Settings) -> None:
 
 
 def read_api_key(state_dir: Path) -> str:
-    return (state_dir / "api-key").read_text().strip()
+    return read_protected(state_dir / "api-key").decode().strip()

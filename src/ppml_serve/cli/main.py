@@ -407,8 +407,8 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "redis":
         import threading
 
-        from ppml_serve.crypto.kms.local import write_private
         from ppml_serve.crypto.tls import ensure_dev_pki
+        from ppml_serve.private_files import write_private
         from ppml_serve.queue.redis_server import ManagedRedis
 
         settings = _settings(args)

@@ -11,7 +11,6 @@ from pathlib import Path
 from tqdm import tqdm
 
 from ppml_serve.crypto.keys import data_key_table, open_kms
-from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.model_file import (
     decrypt_model,
     encrypt_model,
@@ -19,6 +18,7 @@ from ppml_serve.crypto.model_file import (
     read_header,
 )
 from ppml_serve.errors import ConfigError
+from ppml_serve.private_files import write_private
 from ppml_serve.settings import Settings
 
 

@@ -27,6 +27,8 @@ KEY_SIZE = 32
 
 REQUEST = "request"
 REPLY = "reply"
+SPEC = "spec"
+"""A model's announced spec (inputs, outputs, labels): sealed like payloads."""
 
 
 def associated_data(model: str, request_id: str, direction: str) -> bytes:

@@ -10,6 +10,7 @@ from ppml_serve.crypto.envelope import PlaintextSealer, Sealer
 from ppml_serve.crypto.keystore import DATA_KEYS_FILE, DataKeyTable
 from ppml_serve.crypto.kms.base import KMS
 from ppml_serve.errors import ConfigError
+from ppml_serve.private_files import read_protected
 from ppml_serve.settings import Settings
 
 PASSPHRASE_ENV = "PPML_KMS_PASSPHRASE"  # noqa: S105 - the variable name, not a secret
@@ -22,7 +23,7 @@ def kms_passphrase(settings: Settings) -> SecretStr:
         return SecretStr(value)
     path = settings.kms_passphrase_file
     try:
-        text = path.read_text().strip()
+        text = read_protected(path).decode().strip()
     except OSError as exc:
         raise ConfigError(f"security.kms_passphrase_file: cannot read {path} ({exc.strerror}); "
                           f"or set {PASSPHRASE_ENV}") from None

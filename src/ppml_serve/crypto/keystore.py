@@ -14,8 +14,8 @@ from pathlib import Path
 
 from ppml_serve.crypto.envelope import Keyring
 from ppml_serve.crypto.kms.base import KMS
-from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.errors import ConfigError
+from ppml_serve.private_files import read_protected, write_private
 
 DATA_KEYS_FILE = "data-keys.json"
 
@@ -32,7 +32,7 @@ class DataKeyTable:
     @classmethod
     def load(cls, path: Path) -> DataKeyTable:
         try:
-            document = json.loads(path.read_text())
+            document = json.loads(read_protected(path, secret=False))
             wrapped = {key_id: base64.b64decode(entry["wrapped"])
                        for key_id, entry in document["keys"].items()}
             return cls(path, str(document["active"]), wrapped)

@@ -14,7 +14,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from ppml_serve.crypto.kms.local import write_private
+from ppml_serve.private_files import read_protected, write_private
 
 
 @dataclass(frozen=True)
@@ -86,17 +86,18 @@ def ensure_dev_pki(directory: Path) -> DevPki:
     directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     write_private(directory / "ca-key.pem", _pem_key(ca_key))
     write_private(pki.key_file, _pem_key(server_key))
-    pki.cert_file.write_bytes(server_cert.public_bytes(serialization.Encoding.PEM))
-    pki.ca_file.write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    # certificates are public, but every file of a state directory is owner-only
+    write_private(pki.cert_file, server_cert.public_bytes(serialization.Encoding.PEM))
+    write_private(pki.ca_file, ca_cert.public_bytes(serialization.Encoding.PEM))
     return pki
 
 
 def _issue(ca_directory: Path, common_name: str, usage: x509.ObjectIdentifier,
            alternative_names: list[x509.GeneralName]) -> tuple[x509.Certificate, bytes, bytes]:
     """A leaf certificate signed by the dev CA: (CA certificate, certificate PEM, key PEM)."""
-    ca_key = serialization.load_pem_private_key((ca_directory / "ca-key.pem").read_bytes(),
+    ca_key = serialization.load_pem_private_key(read_protected(ca_directory / "ca-key.pem"),
                                                 None)
-    ca_cert = x509.load_pem_x509_certificate((ca_directory / "ca.pem").read_bytes())
+    ca_cert = x509.load_pem_x509_certificate(read_protected(ca_directory / "ca.pem", secret=False))
     if not isinstance(ca_key, ec.EllipticCurvePrivateKey):
         raise ValueError("the dev CA key is not an EC key")
     key = ec.generate_private_key(ec.SECP256R1())
@@ -136,8 +137,8 @@ def issue_server_cert(ca_directory: Path, out_directory: Path, name: str,
     out_directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     cert_file, key_file = out_directory / "server.pem", out_directory / "server-key.pem"
     write_private(key_file, key)
-    cert_file.write_bytes(cert)
-    (out_directory / "ca.pem").write_bytes(ca_cert.public_bytes(serialization.Encoding.PEM))
+    write_private(cert_file, cert)
+    write_private(out_directory / "ca.pem", ca_cert.public_bytes(serialization.Encoding.PEM))
     return cert_file, key_file
 
 
@@ -146,7 +147,7 @@ def issue_client_cert(directory: Path, common_name: str) -> tuple[Path, Path]:
     _, cert, key = _issue(directory, common_name, ExtendedKeyUsageOID.CLIENT_AUTH, [])
     cert_file, key_file = directory / f"{common_name}.pem", directory / f"{common_name}-key.pem"
     write_private(key_file, key)
-    cert_file.write_bytes(cert)
+    write_private(cert_file, cert)
     return cert_file, key_file
 
 

@@ -25,8 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.errors import ConfigError, Forbidden, Unauthorized
+from ppml_serve.private_files import read_protected, write_private
 
 log = logging.getLogger("ppml_serve.gateway")
 audit = logging.getLogger("ppml_serve.audit")
@@ -68,7 +68,7 @@ def hash_key(token: str) -> str:
 
 def _read(path: Path) -> list[dict[str, Any]]:
     try:
-        document = json.loads(path.read_text())
+        document = json.loads(read_protected(path, secret=False))
         keys = document["keys"]
         if not isinstance(keys, list):
             raise TypeError

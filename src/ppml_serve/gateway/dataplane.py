@@ -19,7 +19,7 @@ from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
 from ppml_serve.codecs.tensors import ModelSpec, TooManyRows
 from ppml_serve.codecs.v2 import InferRequest, check_outputs, encode_response, parse_request
-from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
+from ppml_serve.crypto.envelope import REPLY, REQUEST, SPEC, Sealer, associated_data
 from ppml_serve.disk import DiskWatch
 from ppml_serve.errors import (
     DeadlineExceeded,
@@ -221,7 +221,15 @@ class DataPlane:
 
         async def load() -> dict[str, ModelSpec]:
             table = await self._broker.models()
-            self._announced = {queue: json.loads(spec) for queue, spec in table.items()}
+            self._announced = {}
+            for queue, sealed in table.items():
+                try:
+                    spec = self._sealer.open(sealed, associated_data(queue, "", SPEC))
+                    self._announced[queue] = json.loads(spec)
+                except (IntegrityError, ProtocolError, ValueError):
+                    # not sealed with our keys, or altered in Redis: not a model we serve
+                    log.warning("ignoring model %r: its announced spec does not open with "
+                                "this gateway's keys (altered, or another deployment's)", queue)
             return {queue: ModelSpec.from_json(document)
                     for queue, document in self._announced.items()}
 
@@ -488,11 +496,16 @@ class DataPlane:
             await self._check_serving(queue)
             try:
                 return await self._exchange(queue, blob, mode=Mode.SEALED)
-            except (IntegrityError, ProtocolError):
+            except IntegrityError:
                 # The worker could not open what the client sealed: the client's input.
                 raise InvalidInput("the sealed request could not be opened by the model's "
                                    "workers (not sealed to their attested key, or damaged)"
                                    ) from None
+            except ProtocolError:
+                # It opened (so it was sealed to the workers), but holds no valid request.
+                raise InvalidInput("the sealed request was opened by the model's workers, but "
+                                   "what it holds is not a valid inference request record "
+                                   "(check the client's encoding)") from None
 
     async def _round_trip(self, model: str, request: InferRequest) -> dict[str, Any]:
         plaintext = await self._exchange(model, record.pack(request.inputs))

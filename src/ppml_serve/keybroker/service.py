@@ -21,9 +21,9 @@ from ppml_serve.crypto.attestation.base import (
 )
 from ppml_serve.crypto.attestation.policy import Policy, PolicyFile
 from ppml_serve.crypto.kms.base import KMS
-from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.crypto.sealed_box import public_bytes, seal_to
 from ppml_serve.errors import IntegrityError, NotReady
+from ppml_serve.private_files import read_protected, write_private
 
 log = logging.getLogger("ppml_serve.keybroker")
 audit = logging.getLogger("ppml_serve.audit")
@@ -53,7 +53,8 @@ class InferenceKeys:
     def __init__(self, path: Path, kms: KMS) -> None:
         self._path = path
         self._kms = kms
-        self._wrapped: dict[str, str] = json.loads(path.read_text()) if path.exists() else {}
+        self._wrapped: dict[str, str] = (json.loads(read_protected(path, secret=False))
+                                         if path.exists() else {})
 
     def private_key(self, model: str) -> bytes:
         if model not in self._wrapped:

@@ -19,8 +19,8 @@ from urllib.parse import quote
 
 from pydantic import SecretStr
 
-from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.errors import ConfigError, NotReady
+from ppml_serve.private_files import write_private
 from ppml_serve.queue.redis_streams import ping_sync
 
 SERVICE_USER = "ppml"

@@ -21,12 +21,14 @@ are keyed by the model's name alone, so ``…/jobs/ID`` finds a job whatever its
     PREFIX:{MODEL}:attest   hash worker-id -> attestation JSON (public key + evidence)
     PREFIX:{MODEL}:job:ID   hash of a job: state, model, owner, output options, and the
                             answer as the worker sealed it; expires after the job TTL
-    PREFIX:models           hash queue name -> model spec JSON (inputs/outputs), set by workers
+    PREFIX:models           hash queue name -> model spec JSON (inputs, outputs, labels),
+                            sealed like a payload (associated data: queue name, "spec")
     PREFIX:repository       hash model name -> what an administrator asked (load/unload)
     PREFIX:hosts            hash worker-process id -> its repository view and versions'
                             states (JSON with the time it was written; stale ones ignored)
 
-Redis only ever sees sealed bodies; ids, stream names and specs are not secret.
+Redis only ever sees sealed bodies and specs; ids, stream names, model names and states are
+not secret.
 """
 
 from __future__ import annotations
@@ -308,10 +310,10 @@ class RedisWorkerBroker:
             if "BUSYGROUP" not in str(exc):
                 raise
 
-    def publish(self, spec_json: str) -> None:
-        """Announce the model's spec and this worker's liveness."""
+    def publish(self, sealed_spec: bytes) -> None:
+        """Announce the model's spec (sealed) and this worker's liveness."""
         pipe = self._client.pipeline(transaction=False)
-        pipe.hset(self._keys.models, self._model, spec_json)
+        pipe.hset(self._keys.models, self._model, sealed_spec)
         pipe.zadd(self._keys.workers(self._model), {self._consumer: time.time()})
         pipe.execute()
 
@@ -577,10 +579,10 @@ class RedisGatewayBroker:
         async with _queue_errors("report its backlog"):
             return int(await self._client.xlen(self._keys.requests(model)))
 
-    async def models(self) -> dict[str, str]:
+    async def models(self) -> dict[str, bytes]:
         async with _queue_errors("list models"):
             table: Any = await self._client.hgetall(self._keys.models)
-        return {_str(name): spec.decode() for name, spec in table.items()}
+        return {_str(name): bytes(spec) for name, spec in table.items()}
 
     async def save_job(self, job_id: str, job: Job, ttl_s: int) -> None:
         fields = {"state": job.state.value, "model": job.model, "owner": job.owner,

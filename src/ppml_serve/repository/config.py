@@ -68,6 +68,30 @@ class VersionPolicy(_Strict):
         return {"latest": {"num_versions": self.latest or 1}}
 
 
+MAX_CONFIG_BYTES = 1 << 20
+"""A model's config.yaml (or labels file) larger than this is refused before it is parsed:
+a real one is a few hundred bytes, and parsing megabytes of YAML stalls the worker."""
+
+
+def read_model_file(directory: Path, name: str, max_bytes: int = MAX_CONFIG_BYTES) -> bytes:
+    """A small file of one model's directory: a link may point only inside that directory
+    (never at the state directory's keys), and at most ``max_bytes`` are read."""
+    base = directory.resolve()
+    path = (directory / name).resolve()
+    if not path.is_relative_to(base) or path == base:
+        raise ConfigError(f"{directory / name}: leads outside the model's directory "
+                          f"({path}); repository files must lie inside it")
+    try:
+        with path.open("rb") as handle:
+            data = handle.read(max_bytes + 1)
+    except OSError as exc:
+        raise ConfigError(f"{directory / name}: cannot read it ({exc.strerror})") from None
+    if len(data) > max_bytes:
+        raise ConfigError(f"{directory / name}: larger than {max_bytes // 1024} KiB; is it the "
+                          "right file?")
+    return data
+
+
 class ModelConfig(_Strict):
     engine: Literal["onnxruntime", "openvino", "auto"] | None = None
     precision: Literal["fp32", "bf16"] | None = None
@@ -90,8 +114,10 @@ class ModelConfig(_Strict):
         """The config at ``path``; defaults when there is none."""
         if not path.is_file():
             return cls()
+        text = read_model_file(path.parent, path.name, MAX_CONFIG_BYTES).decode(
+            "utf-8", "replace")
         try:
-            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+            return cls.model_validate(yaml.safe_load(text) or {})
         except yaml.YAMLError as exc:
             raise ConfigError(f"{path}: not valid YAML ({str(exc).splitlines()[0]})") from None
         except ValidationError as exc:

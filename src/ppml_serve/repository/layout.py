@@ -26,7 +26,7 @@ from ppml_serve.crypto.model_file import ModelHeader, is_encrypted, read_header
 from ppml_serve.engines.package import ModelPackage
 from ppml_serve.errors import ConfigError
 from ppml_serve.queue.contract import VERSION_PATTERN
-from ppml_serve.repository.config import ModelConfig
+from ppml_serve.repository.config import ModelConfig, read_model_file
 
 MODEL_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 Kind = Literal["onnx", "openvino", "encrypted"]
@@ -149,8 +149,8 @@ class Repository:
             if label_file.parent != directory or not label_file.is_file():
                 raise ConfigError(f"{directory / 'config.yaml'}: labels: no file "
                                   f"{config.labels!r} beside it")
-            labels = tuple(line.strip() for line in label_file.read_text().splitlines()
-                           if line.strip())
+            text = read_model_file(directory, config.labels).decode("utf-8", "replace")
+            labels = tuple(line.strip() for line in text.splitlines() if line.strip())
         return ModelEntry(name, config, versions, labels)
 
     def available(self) -> dict[str, list[str]]:

@@ -24,7 +24,7 @@ from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
 from ppml_serve.crypto.attestation.base import Provider, report_data
 from ppml_serve.crypto.e2e import WorkerKey
-from ppml_serve.crypto.envelope import REPLY, REQUEST, Sealer, associated_data
+from ppml_serve.crypto.envelope import REPLY, REQUEST, SPEC, Sealer, associated_data
 from ppml_serve.engines.base import Engine
 from ppml_serve.errors import EngineError, IntegrityError, InvalidInput, ProtocolError
 from ppml_serve.queue.contract import (
@@ -166,7 +166,8 @@ class Worker:
 
     def _join(self) -> None:
         self._broker.ensure_group()
-        self._broker.publish(json.dumps({**self._engine.spec.as_json(), **self._announce}))
+        spec = json.dumps({**self._engine.spec.as_json(), **self._announce}).encode()
+        self._broker.publish(self._sealer.seal(spec, associated_data(self._model, "", SPEC)))
 
     def _retry_until_done(self, action: Callable[[], None], what: str) -> None:
         backoff = Backoff(0.1, 5.0)

@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Claims, Verifier, report_data
 from ppml_serve.errors import ConfigError
+from ppml_serve.private_files import read_protected
 
 
 class Release(BaseModel):
@@ -68,7 +69,7 @@ class Policy(BaseModel):
         if path is None or not path.exists():
             return cls()
         try:
-            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+            return cls.model_validate(yaml.safe_load(read_protected(path, secret=False)) or {})
         except (ValidationError, yaml.YAMLError) as exc:
             raise ConfigError(f"security.policy_file: {path} is not a valid policy: "
                               f"{str(exc).splitlines()[0]}") from None

@@ -18,8 +18,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
-from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.errors import ConfigError
+from ppml_serve.private_files import read_protected, write_private
 
 NAME = "simulated"
 PRIVATE_FILE = "simulated-platform-key.pem"
@@ -42,7 +42,7 @@ def ensure_platform_key(directory: Path) -> None:
     write_private(directory / PRIVATE_FILE, key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption()))
-    (directory / PUBLIC_FILE).write_bytes(key.public_key().public_bytes(
+    write_private(directory / PUBLIC_FILE, key.public_key().public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo))
 
 
@@ -51,7 +51,7 @@ class SimulatedProvider:
 
     def __init__(self, directory: Path, clock: object = time.time) -> None:
         try:
-            pem = (directory / PRIVATE_FILE).read_bytes()
+            pem = read_protected(directory / PRIVATE_FILE)
         except FileNotFoundError:
             raise ConfigError(f"security.attestation: no simulated platform key in {directory}; "
                               "run 'ppml-serve init'") from None
@@ -84,7 +84,7 @@ class SimulatedVerifier:
 
     @classmethod
     def from_directory(cls, directory: str | Path) -> SimulatedVerifier:
-        return cls((Path(directory) / PUBLIC_FILE).read_bytes())
+        return cls(read_protected(Path(directory) / PUBLIC_FILE, secret=False))
 
     def verify(self, evidence: str) -> Claims:
         try:

@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from ppml_serve.crypto.kms.base import DataKey
-from ppml_serve.crypto.kms.local import write_private
 from ppml_serve.errors import ConfigError, IntegrityError, KMSUnavailable, NotReady
+from ppml_serve.private_files import read_protected, write_private
 
 _MAGIC = b"KM1"
 _STATE_FILE = "kmip.json"
@@ -41,7 +41,7 @@ class KmipKMS:
             hostname=host, port=port, cert=str(cert_file), key=str(key_file), ca=str(ca_file),
             ssl_version="PROTOCOL_TLSv1_2", config_file="/dev/null")
         self._state_path = state_dir / _STATE_FILE
-        self._state: dict[str, Any] = (json.loads(self._state_path.read_text())
+        self._state: dict[str, Any] = (json.loads(read_protected(self._state_path, secret=False))
                                        if self._state_path.exists() else {"current": None})
 
     def __repr__(self) -> str:

@@ -25,20 +25,11 @@ from pydantic import SecretStr
 
 from ppml_serve.crypto.kms.base import DataKey
 from ppml_serve.errors import ConfigError, IntegrityError
+from ppml_serve.private_files import read_protected, write_private
 
 PRIMARY_FILE = "primary-keys.json"
 _WRAP_MAGIC = b"LK1"
 _SCRYPT = {"n": 2**15, "r": 8, "p": 1}
-
-
-def write_private(path: Path, data: bytes) -> None:
-    """Write a file readable only by its owner, atomically."""
-    temporary = path.with_name(path.name + ".tmp")
-    descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    os.fchmod(descriptor, 0o600)  # a leftover temporary file keeps its old mode otherwise
-    with os.fdopen(descriptor, "wb") as handle:
-        handle.write(data)
-    os.replace(temporary, path)
 
 
 def _b64(data: bytes) -> str:
@@ -57,7 +48,7 @@ class LocalKMS:
         self._directory = directory
         path = directory / PRIMARY_FILE
         try:
-            sealed = json.loads(path.read_text())
+            sealed = json.loads(read_protected(path))
         except FileNotFoundError:
             raise ConfigError(f"security.kms_dir: no local KMS in {directory}; "
                               "run 'ppml-serve init' or 'ppml-serve up'") from None
