@@ -13,15 +13,17 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 
 from ppml_serve.bench.faults import (
     FAULTS,
     FaultReport,
+    SteadyLoad,
     inject,
     run_fault,
-    run_fault_detailed,
+    summarize,
     wait_ready,
     wait_until,
     workers,
@@ -164,27 +166,29 @@ def _signal_workers(stack: LocalStack, signum: int) -> None:
             child.process.send_signal(signum)
 
 
+def _infer(stack: LocalStack, index: int) -> httpx.Response:
+    images, _ = demo_samples()
+    body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
+                        "data": images[index].ravel().tolist()}]}
+    return httpx.post(f"{stack.url}/v2/models/demo/infer", json=body, timeout=30,
+                      headers={"Authorization": f"Bearer {read_api_key(stack.settings.state_dir)}"},
+                      verify=str(stack.settings.ca_file))
+
+
 def test_answers_still_arrive_at_redis_maxmemory(supervised: LocalStack) -> None:
     """Finding 4: at maxmemory the workers could post neither answers nor heartbeats, so the
     callers already waiting got nothing for the whole episode. Now they get their answers;
     only new requests are refused (503 + Retry-After), and no worker is taken for dead."""
     import concurrent.futures
 
-    import httpx
 
     images, _ = demo_samples()
     expected = _predictions(images[:16])
     admin = _admin(supervised)
     limit = admin.config_get("maxmemory")["maxmemory"]
-    api_key = read_api_key(supervised.settings.state_dir)
-    headers = {"Authorization": f"Bearer {api_key}"}
-    ca = str(supervised.settings.ca_file)
 
     def infer(index: int) -> httpx.Response:
-        body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
-                            "data": images[index].ravel().tolist()}]}
-        return httpx.post(f"{supervised.url}/v2/models/demo/infer", json=body, timeout=30,
-                          headers=headers, verify=ca)
+        return _infer(supervised, index)
 
     _signal_workers(supervised, signal.SIGSTOP)  # the requests wait in the stream
     try:
@@ -209,22 +213,53 @@ def test_answers_still_arrive_at_redis_maxmemory(supervised: LocalStack) -> None
 
 
 def test_redis_stall_fails_no_healthy_request(supervised: LocalStack) -> None:
-    """Finding 6: Redis frozen 5 s (longer than three heartbeats). New requests get a fast
-    503 while it is frozen; on its return no live worker is taken for dead, and nothing
-    that waited through the stall is failed."""
+    """Finding 6: Redis frozen 5 s (longer than three heartbeats) under load. New requests
+    get a fast 503 while it is frozen; requests queued before it are answered after it; on
+    its return no live worker is taken for dead."""
+    import concurrent.futures
+
+    images, _ = demo_samples()
+    expected = _predictions(images[:8])
+    admin = _admin(supervised)
+    redis_process = supervised.redis.process
+    assert redis_process is not None
     gateway_log = supervised.log_dir / "gateway.log"
     logged_before = gateway_log.stat().st_size
-    run = run_fault_detailed(supervised, "redis-stall", freeze_s=5.0, after_s=3.0)
-    _check(run.report)
-    refused = [o for o in run.outcomes if o.status == 503]
-    assert refused, "no request was refused while Redis was frozen"
-    # refused at once (the command deadline), and only while Redis did not answer
-    assert max(o.finished - o.started for o in refused) < 3.0, run.report
-    assert all(o.finished < run.over + 1.5 for o in refused), run.report
-    # what was queued before or during the stall was answered after it
-    waited = [o for o in run.outcomes if o.status == 200 and o.started < run.over - 1
-              and o.finished > run.over]
-    assert waited, "no request waited through the stall"
+    timeout = supervised.settings.gateway.request_timeout_s
+    with SteadyLoad(supervised.url, read_api_key(supervised.settings.state_dir),
+                    str(supervised.settings.ca_file), 8, timeout + 5) as load, \
+            concurrent.futures.ThreadPoolExecutor(8) as pool:
+        time.sleep(1.0)
+        # eight requests certainly waiting in the stream when Redis freezes
+        _signal_workers(supervised, signal.SIGSTOP)
+        try:
+            queued = [pool.submit(_infer, supervised, index) for index in range(8)]
+            assert wait_until(lambda: admin.xlen("ppml:{demo}:req") >= 8, 5)
+            injected = time.monotonic()
+            redis_process.send_signal(signal.SIGSTOP)
+        finally:
+            _signal_workers(supervised, signal.SIGCONT)
+        try:
+            time.sleep(2.0)
+            probe_started = time.monotonic()
+            probe = _infer(supervised, 0)  # a new request while Redis is frozen
+            probe_s = time.monotonic() - probe_started
+            time.sleep(max(0.0, 5.0 - (time.monotonic() - injected)))
+        finally:
+            redis_process.send_signal(signal.SIGCONT)
+        over = time.monotonic()
+        answers = [future.result(timeout=timeout + 5) for future in queued]
+        assert wait_ready(supervised, 30)
+        time.sleep(2.0)
+    _check(summarize("redis-stall", load.outcomes, injected, timeout))
+    assert [answer.status_code for answer in answers] == [200] * 8, [a.text for a in answers]
+    predicted = [int(np.argmax(answer.json()["outputs"][0]["data"])) for answer in answers]
+    assert predicted == expected.tolist()
+    # refused at once (the command deadline), not after the client's patience ran out
+    assert probe.status_code == 503 and probe.headers.get("retry-after"), probe.text
+    assert probe_s < 2.5, f"the refusal took {probe_s:.1f} s"
+    refused = [o for o in load.outcomes if o.status == 503]  # only while Redis was frozen
+    assert all(injected < o.finished < over + 1.5 for o in refused), refused
     with gateway_log.open() as handle:
         handle.seek(logged_before)
         assert "no live worker" not in handle.read()

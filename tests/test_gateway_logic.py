@@ -14,7 +14,8 @@ import pytest
 from starlette.testclient import TestClient
 
 from ppml_serve.codecs.tensors import ModelSpec, TensorSpec
-from ppml_serve.crypto.envelope import Keyring
+from ppml_serve.crypto.envelope import SPEC as ENVELOPE_SPEC
+from ppml_serve.crypto.envelope import Keyring, associated_data
 from ppml_serve.errors import NotReady
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore, add_api_key
@@ -24,6 +25,8 @@ from ppml_serve.settings import GatewaySettings
 
 SPEC = ModelSpec("demo", (TensorSpec("image", "UINT8", (-1, 8, 8)),),
                  (TensorSpec("probabilities", "FP32", (-1, 10)),))
+KEYRING = Keyring({"k": os.urandom(32)}, "k")
+"""The data key the stand-in workers and the gateway share."""
 
 
 class StandInBroker:
@@ -44,8 +47,10 @@ class StandInBroker:
     async def close(self) -> None:
         pass
 
-    async def models(self) -> dict[str, str]:
-        return {"demo": json.dumps(SPEC.as_json())}
+    async def models(self) -> dict[str, bytes]:
+        # as workers announce it: sealed
+        return {"demo": KEYRING.seal(json.dumps(SPEC.as_json()).encode(),
+                                     associated_data("demo", "", ENVELOPE_SPEC))}
 
     async def live_workers(self, model: str, max_age_s: float) -> int:
         return 1
@@ -95,7 +100,7 @@ class StandInBroker:
 def client_for(broker: StandInBroker, tmp_path: Path, **gateway: object) -> tuple[TestClient, str]:
     token = add_api_key(tmp_path / "keys.json", "test", ["*"])
     settings = GatewaySettings(**gateway)  # type: ignore[arg-type]
-    plane = DataPlane(broker, Keyring({"k": os.urandom(32)}, "k"), settings,
+    plane = DataPlane(broker, KEYRING, settings,
                       worker_max_age_s=1.0)
     app = create_app(plane, ApiKeyStore.load(tmp_path / "keys.json"), 1 << 20, Metrics())
     return TestClient(app), token

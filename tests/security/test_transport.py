@@ -11,6 +11,7 @@ import pytest
 
 from ppml_serve.errors import NotReady
 from ppml_serve.models import demo_model_path
+from ppml_serve.private_files import write_private
 from ppml_serve.settings import load_settings
 from ppml_serve.state import prepare_state
 from ppml_serve.worker import runner
@@ -43,7 +44,7 @@ def test_worker_checks_the_queue_before_asking_for_keys(tmp_path: Path,
     with socket.socket() as probe:  # a port where no Redis listens
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    settings.redis_url_file.write_text(f"rediss://ppml:x@127.0.0.1:{port}/0\n")
+    write_private(settings.redis_url_file, f"rediss://ppml:x@127.0.0.1:{port}/0\n".encode())
     asked: list[str] = []
     monkeypatch.setattr(runner, "UNAVAILABLE_PATIENCE_S", 0.5)
     monkeypatch.setattr(runner, "obtain_keys", lambda *args, **kwargs: asked.append("keys"))
