@@ -16,15 +16,16 @@ need_redis() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 }
 
-need_venv() {
+need_venv() {  # $1: what to install (the service alone, or with the test tools); $2: its marker
+    local spec=$1 marker="$VENV/.installed-${2}"
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
     fi
-    if [ ! -f "$VENV/.installed" ] || [ pyproject.toml -nt "$VENV/.installed" ]; then
-        echo "installing ppml-serve and its dependencies into $VENV..." >&2
+    if [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
+        echo "installing $spec and its dependencies into $VENV..." >&2
         "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
-        "$VENV/bin/python" -m pip install -q -e '.[dev]'
-        touch "$VENV/.installed"
+        "$VENV/bin/python" -m pip install -q -e "$spec"
+        touch "$marker"
     fi
 }
 
@@ -33,12 +34,12 @@ shift || true
 case "$command" in
     up)
         need_redis
-        need_venv
+        need_venv . run
         exec "$VENV/bin/ppml-serve" up "$@"
         ;;
     test)
         need_redis
-        need_venv
+        need_venv '.[dev,convert]' dev
         "$VENV/bin/ruff" check src tests scripts
         "$VENV/bin/mypy"
         exec "$VENV/bin/python" -m pytest "$@"
