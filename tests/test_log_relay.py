@@ -15,7 +15,7 @@ from ppml_serve.logs import RotatingLogFile
 
 def test_an_unread_pipe_costs_lines_never_a_blocked_writer() -> None:
     read_end, write_end = os.pipe()
-    output = DroppingOutput(os.fdopen(write_end, "wb"), max_bytes=64 * 1024)
+    output = DroppingOutput(write_end, max_bytes=64 * 1024)
     started = time.monotonic()
     for index in range(20_000):  # ~2 MB: the pipe (64 KiB) and the buffer fill long before
         output.write(f"line {index:06d} " + "x" * 80 + "\n")
@@ -42,7 +42,7 @@ def test_an_unread_pipe_costs_lines_never_a_blocked_writer() -> None:
 def test_a_closed_reader_is_a_counter_not_an_exception() -> None:
     read_end, write_end = os.pipe()
     os.close(read_end)
-    output = DroppingOutput(os.fdopen(write_end, "wb"))
+    output = DroppingOutput(write_end)
     for _ in range(100):
         output.write("nobody reads this\n")  # EPIPE in the writer thread, never here
     deadline = time.monotonic() + 5

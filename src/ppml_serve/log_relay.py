@@ -26,13 +26,15 @@ DEFAULT_BUFFER_BYTES = 1 << 20
 
 
 class DroppingOutput:
-    """A text stream (``write``/``flush``) over a binary one, written by its own thread.
+    """A text stream (``write``/``flush``) over a file descriptor, written by its own thread.
 
     ``write`` never blocks and never raises: past ``max_bytes`` of unwritten output it drops
     the line and counts it; once the reader catches up it says how many were dropped. A
-    closed reader (EPIPE, a closed terminal) turns it into a counter only."""
+    closed reader (EPIPE, a closed terminal) turns it into a counter only. The thread writes
+    with ``os.write`` on its own descriptor, holding no lock of Python's streams, so a
+    reader that never reads cannot hold up the interpreter's exit either."""
 
-    def __init__(self, target: BinaryIO, max_bytes: int = DEFAULT_BUFFER_BYTES,
+    def __init__(self, target: int, max_bytes: int = DEFAULT_BUFFER_BYTES,
                  name: str = "output", where_logs_are: str = "") -> None:
         self._target = target
         self._max_bytes = max_bytes
@@ -96,9 +98,10 @@ class DroppingOutput:
             if data is None:
                 return
             try:
-                self._target.write(data)
-                self._target.flush()
-            except (OSError, ValueError):  # EPIPE, a closed terminal, a closed file
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(self._target, view):]
+            except OSError:  # EPIPE, a closed terminal, a closed descriptor
                 with self._lock:
                     self.broken = True
                     self.dropped += max(1, data.count(b"\n"))
@@ -132,7 +135,8 @@ class LogFollower:
         """Follow ``path`` from its current end: lines of earlier runs are not copied again.
         Call it before the writer starts, so that none of its lines is missed."""
         with self._lock:
-            if path in self._files:
+            if path in self._files:  # a restarted or replaced part: its lines go on
+                self._files[path].on_line = on_line
                 return
             followed = self._files[path] = _Followed(path, on_line)
             with contextlib.suppress(FileNotFoundError):

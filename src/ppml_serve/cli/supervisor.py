@@ -8,7 +8,7 @@ import signal
 import sys
 import threading
 import time
-from typing import BinaryIO, TextIO
+from typing import TextIO
 
 from ppml_serve.client import Client, ClientError
 from ppml_serve.errors import NotReady
@@ -31,7 +31,12 @@ def self_check(url: str, settings: Settings) -> str:
 
 def _output(stream: TextIO | None, name: str, where_logs_are: str = "") -> DroppingOutput:
     """``up``'s stdout or stderr, never waited for (a closed one: a null device)."""
-    target: BinaryIO = getattr(stream, "buffer", None) or open(os.devnull, "wb")  # noqa: SIM115
+    try:
+        if stream is None:
+            raise ValueError("no stream")
+        target = os.dup(stream.fileno())
+    except (OSError, ValueError, AttributeError):  # closed, or not backed by a descriptor
+        target = os.open(os.devnull, os.O_WRONLY)
     return DroppingOutput(target, name=name, where_logs_are=where_logs_are)
 
 
