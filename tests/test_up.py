@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import selectors
 import signal
 import stat
@@ -11,29 +10,8 @@ import sys
 import time
 from pathlib import Path
 
+from ppml_serve.bench.up_faults import alive, processes_mentioning
 from ppml_serve.queue.redis_server import free_port
-
-
-def _processes_mentioning(text: str) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit() or int(entry.name) == os.getpid():
-            continue
-        try:
-            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
-        except OSError:
-            continue
-        if text in cmdline:
-            found.append(int(entry.name))
-    return found
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_up_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
@@ -70,18 +48,18 @@ def test_up_serves_demo_and_stops_cleanly(tmp_path: Path) -> None:
         assert stat.S_IMODE(socket_file.stat().st_mode) == 0o700
         assert stat.S_IMODE((state / "redis").stat().st_mode) == 0o700
         redis_pid = int((state / "redis" / "redis.pid").read_text())
-        children = _processes_mentioning(str(state))
+        children = processes_mentioning(str(state))
         assert len(children) >= 3  # supervisor, worker, gateway
-        assert _alive(redis_pid)
+        assert alive(redis_pid)
         secret = (state / "redis.url").read_text().split(":")[2].split("@")[0]
-        assert not _processes_mentioning(secret), "Redis password visible in a command line"
+        assert not processes_mentioning(secret), "Redis password visible in a command line"
     finally:
         process.send_signal(signal.SIGTERM)
         remaining, _ = process.communicate(timeout=60)
     assert process.returncode == 0, remaining.decode()
     time.sleep(0.5)
-    assert not _processes_mentioning(str(state)), "a child process outlived 'up'"
-    assert not _alive(redis_pid), "redis-server outlived 'up'"
+    assert not processes_mentioning(str(state)), "a child process outlived 'up'"
+    assert not alive(redis_pid), "redis-server outlived 'up'"
 
 
 def _up_until_ready(state: Path, port: int) -> subprocess.Popen[bytes]:
