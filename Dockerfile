@@ -3,11 +3,23 @@
 #   docker build -t ppml-serve:openvino --build-arg EXTRAS=openvino .
 # No key, certificate or password is baked in: they are mounted at run time.
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
+ARG RUST_IMAGE=rust:1.85-slim-bookworm
+
+# The Rust toolchain only builds the native extension (native/); the image runs without it.
+FROM ${RUST_IMAGE} AS rust
 
 FROM ${PYTHON_IMAGE} AS build
 ARG EXTRAS=""
+ENV RUSTUP_HOME=/usr/local/rustup CARGO_HOME=/usr/local/cargo PATH=/usr/local/cargo/bin:$PATH
+COPY --from=rust /usr/local/rustup /usr/local/rustup
+COPY --from=rust /usr/local/cargo /usr/local/cargo
+# aws-lc (AES-GCM under the envelope) is C: it needs a compiler
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev \
+    && rm -rf /var/lib/apt/lists/*
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
+COPY native ./native
 COPY src ./src
 RUN python -m venv /opt/ppml \
     && /opt/ppml/bin/pip install --no-cache-dir ".${EXTRAS:+[$EXTRAS]}"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything a fresh machine needs, then run the service or the tests.
 #   ./dev.sh up [ppml-serve up options]   serve the demo model (managed TLS Redis, dev certs, local KMS)
-#   ./dev.sh test [pytest options]         ruff, mypy and the test suite (starts its own servers)
+#   ./dev.sh test [pytest options]         ruff, mypy, the Rust checks and the test suite (starts its own servers)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,12 +16,22 @@ need_redis() {
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq redis-server >/dev/null
 }
 
+need_rust() {
+    if command -v cargo >/dev/null 2>&1; then return; fi
+    echo "error: cargo not found: the native data plane (native/) is Rust; install the Rust" \
+         "toolchain (rustup, or Debian's cargo >= 1.80)" >&2
+    exit 1
+}
+
 need_venv() {  # $1: what to install (the service alone, or with the test tools); $2: its marker
     local spec=$1 marker="$VENV/.installed-${2}"
     if [ ! -x "$VENV/bin/python" ]; then
         python3 -m venv "$VENV"
     fi
-    if [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ]; then
+    # pyproject.toml or the Rust crate changed since: install (and build) again
+    if [ ! -f "$marker" ] || [ pyproject.toml -nt "$marker" ] \
+            || [ -n "$(find native -newer "$marker" \( -name '*.rs' -o -name 'Cargo.*' \) \
+                       -not -path '*/target/*' -print -quit)" ]; then
         echo "installing $spec and its dependencies into $VENV..." >&2
         "$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
         "$VENV/bin/python" -m pip install -q -e "$spec"
@@ -34,14 +44,18 @@ shift || true
 case "$command" in
     up)
         need_redis
+        need_rust
         need_venv . run
         exec "$VENV/bin/ppml-serve" up "$@"
         ;;
     test)
         need_redis
+        need_rust
         need_venv '.[dev,convert]' dev
         "$VENV/bin/ruff" check src tests scripts
         "$VENV/bin/mypy"
+        (cd native && cargo fmt --check && cargo clippy --all-targets -q -- -D warnings \
+            && cargo test -q -p ppml-core)
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

@@ -11,13 +11,10 @@ Every failure to open a record raises the same opaque ``IntegrityError``, as Fer
 from __future__ import annotations
 
 import json
-import os
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from typing import Protocol
 
-from cryptography.exceptions import InvalidTag
-from cryptography.hazmat.primitives.ciphers.aead import AESGCM
-
+from ppml_serve import _native
 from ppml_serve.errors import IntegrityError
 
 MAGIC = b"PE"
@@ -47,55 +44,35 @@ class Sealer(Protocol):
 class Keyring:
     """Data keys by id; seals under the active key, opens under any key it holds.
 
-    Holding older keys after a rotation keeps records sealed before it readable.
+    Holding older keys after a rotation keeps records sealed before it readable. The
+    AES-256-GCM work is ppml-core's (Rust, aws-lc), with the GIL released: the one
+    implementation of the envelope that the native data plane shares.
     """
 
-    def __init__(
-        self,
-        keys: Mapping[str, bytes],
-        active_key_id: str,
-        random_bytes: Callable[[int], bytes] = os.urandom,
-    ) -> None:
-        if active_key_id not in keys:
-            raise ValueError("the active key id is not among the keys")
-        self._ciphers: dict[bytes, AESGCM] = {}
-        for key_id, key in keys.items():
-            encoded = key_id.encode("ascii")
-            if not 0 < len(encoded) < 256:
-                raise ValueError("a key id must be 1-255 ASCII characters")
-            if len(key) != KEY_SIZE:
-                raise ValueError("data keys must be 256-bit")
-            self._ciphers[encoded] = AESGCM(key)
-        self._active = active_key_id.encode("ascii")
-        self._random = random_bytes
+    def __init__(self, keys: Mapping[str, bytes], active_key_id: str) -> None:
+        self._ring = _native.Keyring(dict(keys), active_key_id)
+        self._ids = list(keys)
 
     @property
     def active_key_id(self) -> str:
-        return self._active.decode()
+        active: str = self._ring.active_key_id
+        return active
 
     def __repr__(self) -> str:
-        ids = ", ".join(key_id.decode() for key_id in self._ciphers)
-        return f"Keyring(active={self.active_key_id!r}, key_ids=[{ids}])"
+        return f"Keyring(active={self.active_key_id!r}, key_ids=[{', '.join(self._ids)}])"
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
-        nonce = self._random(NONCE_SIZE)
-        header = b"%s%c%c%s%s" % (MAGIC, VERSION, len(self._active), self._active, nonce)
-        return header + self._ciphers[self._active].encrypt(nonce, plaintext, header + aad)
+        sealed: bytes = self._ring.seal(_bytes(plaintext), aad)
+        return sealed
 
     def open(self, record: bytes, aad: bytes) -> bytes:
-        if len(record) < 4 or record[:2] != MAGIC or record[2] != VERSION:
-            raise IntegrityError("record is not a ppml-serve envelope")
-        id_end = 4 + record[3]
-        header_end = id_end + NONCE_SIZE
-        cipher = self._ciphers.get(record[4:id_end])
-        if cipher is None or len(record) < header_end + 16:
-            raise IntegrityError("record failed authentication")
-        view = memoryview(record)  # slices of a view copy nothing
-        try:
-            return cipher.decrypt(view[id_end:header_end], view[header_end:],
-                                  bytes(view[:header_end]) + aad)
-        except InvalidTag:
-            raise IntegrityError("record failed authentication") from None
+        opened: bytes = self._ring.open(_bytes(record), aad)
+        return opened
+
+
+def _bytes(data: bytes | bytearray | memoryview) -> bytes:
+    """The native side takes ``bytes``; other buffers are copied once."""
+    return data if isinstance(data, bytes) else bytes(data)
 
 
 class PlaintextSealer:

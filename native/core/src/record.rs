@@ -1,0 +1,340 @@
+//! Framing of tensors inside a queue record, before sealing (the format of
+//! `ppml_serve.codecs.record`): no pickle, every field checked before anything is sized by it.
+//!
+//! Layout: `b"PT"`, version byte (1), 4-byte little-endian header length, a JSON header
+//! `{"meta": {...}, "tensors": [{"name", "datatype", "shape"}, ...]}`, then each tensor's
+//! raw C-order bytes in header order.
+
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+pub const MAGIC: &[u8; 3] = b"PT\x01";
+pub const PREFIX_SIZE: usize = 7;
+pub const MAX_HEADER: usize = 1 << 20;
+pub const MAX_TENSORS: usize = 256;
+pub const MAX_DIMS: usize = 16;
+pub const MAX_DIM_SIZE: u64 = (1 << 31) - 1;
+
+/// The KServe v2 datatypes a record may carry, with their item sizes.
+pub const DATATYPES: [(&str, usize); 12] = [
+    ("BOOL", 1),
+    ("UINT8", 1),
+    ("UINT16", 2),
+    ("UINT32", 4),
+    ("UINT64", 8),
+    ("INT8", 1),
+    ("INT16", 2),
+    ("INT32", 4),
+    ("INT64", 8),
+    ("FP16", 2),
+    ("FP32", 4),
+    ("FP64", 8),
+];
+
+/// Why a record was refused; the words are those of the Python implementation.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum RecordError {
+    #[error("record too short")]
+    TooShort,
+    #[error("record has an unknown framing version")]
+    UnknownVersion,
+    #[error("record header length is invalid")]
+    HeaderLength,
+    #[error("record header is not valid")]
+    Header,
+    #[error("record tensor description is not valid")]
+    Tensor,
+    #[error("record is shorter than its header says")]
+    Truncated,
+    #[error("record names a tensor twice")]
+    Duplicate,
+    #[error("record has trailing bytes")]
+    Trailing,
+}
+
+/// One tensor of a record: where its bytes lie in the record.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TensorEntry {
+    pub name: String,
+    pub datatype: &'static str,
+    pub shape: Vec<u64>,
+    pub offset: usize,
+    pub nbytes: usize,
+}
+
+/// A parsed record: its metadata object and its tensors, in order.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Record {
+    pub meta: Map<String, Value>,
+    pub tensors: Vec<TensorEntry>,
+}
+
+fn item_size(datatype: &str) -> Option<(&'static str, usize)> {
+    DATATYPES
+        .iter()
+        .copied()
+        .find(|(name, _)| *name == datatype)
+}
+
+fn tensor_spec(spec: &Value) -> Result<(String, &'static str, Vec<u64>), RecordError> {
+    let spec = spec.as_object().ok_or(RecordError::Tensor)?;
+    let name = spec.get("name").and_then(Value::as_str);
+    let datatype = spec.get("datatype").and_then(Value::as_str);
+    let shape = spec.get("shape").and_then(Value::as_array);
+    let (Some(name), Some(datatype), Some(shape)) = (name, datatype, shape) else {
+        return Err(RecordError::Tensor);
+    };
+    let (datatype, _) = item_size(datatype).ok_or(RecordError::Tensor)?;
+    if shape.len() > MAX_DIMS {
+        return Err(RecordError::Tensor);
+    }
+    let dims = shape
+        .iter()
+        .map(|d| d.as_u64().filter(|d| *d <= MAX_DIM_SIZE))
+        .collect::<Option<Vec<u64>>>()
+        .ok_or(RecordError::Tensor)?;
+    Ok((name.to_owned(), datatype, dims))
+}
+
+/// Parse and check a record's framing; tensor bytes are located, not copied.
+pub fn parse(data: &[u8]) -> Result<Record, RecordError> {
+    if data.len() < PREFIX_SIZE {
+        return Err(RecordError::TooShort);
+    }
+    if &data[..3] != MAGIC {
+        return Err(RecordError::UnknownVersion);
+    }
+    let header_len = u32::from_le_bytes([data[3], data[4], data[5], data[6]]) as usize;
+    if header_len > MAX_HEADER || PREFIX_SIZE + header_len > data.len() {
+        return Err(RecordError::HeaderLength);
+    }
+    let mut offset = PREFIX_SIZE + header_len;
+    let header: Value =
+        serde_json::from_slice(&data[PREFIX_SIZE..offset]).map_err(|_| RecordError::Header)?;
+    let (Some(meta), Some(specs)) = (
+        header.get("meta").and_then(Value::as_object),
+        header.get("tensors").and_then(Value::as_array),
+    ) else {
+        return Err(RecordError::Header);
+    };
+    if specs.len() > MAX_TENSORS {
+        return Err(RecordError::Header);
+    }
+    let mut tensors: Vec<TensorEntry> = Vec::with_capacity(specs.len());
+    for spec in specs {
+        let (name, datatype, shape) = tensor_spec(spec)?;
+        let (_, item) = item_size(datatype).ok_or(RecordError::Tensor)?;
+        // checked: sixteen dimensions of 2^31 overflow any integer
+        let nbytes = shape
+            .iter()
+            .try_fold(item as u64, |size, d| size.checked_mul(*d))
+            .and_then(|size| usize::try_from(size).ok())
+            .ok_or(RecordError::Truncated)?;
+        let end = offset.checked_add(nbytes).ok_or(RecordError::Truncated)?;
+        if end > data.len() {
+            return Err(RecordError::Truncated);
+        }
+        if tensors.iter().any(|t| t.name == name) {
+            return Err(RecordError::Duplicate);
+        }
+        tensors.push(TensorEntry {
+            name,
+            datatype,
+            shape,
+            offset,
+            nbytes,
+        });
+        offset = end;
+    }
+    if offset != data.len() {
+        return Err(RecordError::Trailing);
+    }
+    Ok(Record {
+        meta: meta.clone(),
+        tensors,
+    })
+}
+
+#[derive(Serialize)]
+struct HeaderOut<'a> {
+    meta: &'a Map<String, Value>,
+    tensors: Vec<TensorOut<'a>>,
+}
+
+#[derive(Serialize)]
+struct TensorOut<'a> {
+    name: &'a str,
+    datatype: &'a str,
+    shape: &'a [u64],
+}
+
+/// One tensor to frame: its name, datatype, shape and raw C-order bytes.
+pub struct TensorIn<'a> {
+    pub name: &'a str,
+    pub datatype: &'a str,
+    pub shape: &'a [u64],
+    pub data: &'a [u8],
+}
+
+/// Frame tensors (and a small metadata object) as one record; refuses what `parse` would.
+pub fn pack(meta: &Map<String, Value>, tensors: &[TensorIn<'_>]) -> Result<Vec<u8>, RecordError> {
+    if tensors.len() > MAX_TENSORS {
+        return Err(RecordError::Header);
+    }
+    for (index, tensor) in tensors.iter().enumerate() {
+        let (_, item) = item_size(tensor.datatype).ok_or(RecordError::Tensor)?;
+        let expected = tensor
+            .shape
+            .iter()
+            .try_fold(item as u64, |size, d| size.checked_mul(*d));
+        if tensor.shape.len() > MAX_DIMS
+            || tensor.shape.iter().any(|d| *d > MAX_DIM_SIZE)
+            || expected != Some(tensor.data.len() as u64)
+        {
+            return Err(RecordError::Tensor);
+        }
+        if tensors[..index].iter().any(|t| t.name == tensor.name) {
+            return Err(RecordError::Duplicate);
+        }
+    }
+    let header = serde_json::to_vec(&HeaderOut {
+        meta,
+        tensors: tensors
+            .iter()
+            .map(|t| TensorOut {
+                name: t.name,
+                datatype: t.datatype,
+                shape: t.shape,
+            })
+            .collect(),
+    })
+    .map_err(|_| RecordError::Header)?;
+    if header.len() > MAX_HEADER {
+        return Err(RecordError::HeaderLength);
+    }
+    let body: usize = tensors.iter().map(|t| t.data.len()).sum();
+    let mut record = Vec::with_capacity(PREFIX_SIZE + header.len() + body);
+    record.extend_from_slice(MAGIC);
+    record.extend_from_slice(&(header.len() as u32).to_le_bytes());
+    record.extend_from_slice(&header);
+    for tensor in tensors {
+        record.extend_from_slice(tensor.data);
+    }
+    Ok(record)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn frame(header: &str, body: &[u8]) -> Vec<u8> {
+        let mut record = MAGIC.to_vec();
+        record.extend_from_slice(&(header.len() as u32).to_le_bytes());
+        record.extend_from_slice(header.as_bytes());
+        record.extend_from_slice(body);
+        record
+    }
+
+    #[test]
+    fn a_python_record_parses() {
+        // what ppml_serve.codecs.record.pack writes for {"image": uint8 [1, 2, 2]}
+        let header =
+            r#"{"meta":{},"tensors":[{"name":"image","datatype":"UINT8","shape":[1,2,2]}]}"#;
+        let record = parse(&frame(header, &[1, 2, 3, 4])).unwrap();
+        assert_eq!(record.tensors.len(), 1);
+        let tensor = &record.tensors[0];
+        assert_eq!((tensor.name.as_str(), tensor.datatype), ("image", "UINT8"));
+        assert_eq!(
+            (tensor.shape.as_slice(), tensor.offset, tensor.nbytes),
+            (&[1, 2, 2][..], 7 + header.len(), 4)
+        );
+        let packed = pack(
+            &Map::new(),
+            &[TensorIn {
+                name: "image",
+                datatype: "UINT8",
+                shape: &[1, 2, 2],
+                data: &[1, 2, 3, 4],
+            }],
+        )
+        .unwrap();
+        assert_eq!(
+            packed,
+            frame(header, &[1, 2, 3, 4]),
+            "byte for byte what Python writes"
+        );
+    }
+
+    fn single(datatype: &str, shape: &str) -> String {
+        format!(
+            r#"{{"meta":{{}},"tensors":[{{"name":"x","datatype":"{datatype}","shape":{shape}}}]}}"#
+        )
+    }
+
+    #[test]
+    fn malformed_records_are_refused_with_their_reason() {
+        let twice = r#"{"meta":{},"tensors":[{"name":"x","datatype":"UINT8","shape":[1]},{"name":"x","datatype":"UINT8","shape":[1]}]}"#;
+        let cases: Vec<(String, &[u8], RecordError)> = vec![
+            ("{}".into(), b"", RecordError::Header),
+            (single("FP32", "[2]"), b"1234", RecordError::Truncated),
+            (single("UINT8", "[1]"), b"12", RecordError::Trailing),
+            (single("UINT8", "[true]"), b"1", RecordError::Tensor),
+            (single("UINT8", "[1.0]"), b"1", RecordError::Tensor),
+            (single("UINT8", "[-1]"), b"1", RecordError::Tensor),
+            (single("BF16", "[1]"), b"12", RecordError::Tensor),
+            (
+                single("UINT8", &format!("[{}]", ["2147483647"; 5].join(","))),
+                b"",
+                RecordError::Truncated,
+            ),
+            (twice.into(), b"12", RecordError::Duplicate),
+        ];
+        for (header, body, error) in cases {
+            assert_eq!(parse(&frame(&header, body)), Err(error), "{header}");
+        }
+        assert_eq!(parse(b"PT\x01"), Err(RecordError::TooShort));
+        assert_eq!(parse(b"PT\x02\0\0\0\0"), Err(RecordError::UnknownVersion));
+        assert_eq!(
+            parse(b"PT\x01\xff\xff\xff\x7f"),
+            Err(RecordError::HeaderLength)
+        );
+    }
+
+    fn datatype() -> impl Strategy<Value = (&'static str, usize)> {
+        proptest::sample::select(DATATYPES.to_vec())
+    }
+
+    proptest! {
+        #[test]
+        fn packed_records_parse_back(tensors in proptest::collection::vec(
+            (datatype(), proptest::collection::vec(0u64..4, 0..4)), 0..6)) {
+            let named: Vec<(String, &str, Vec<u64>, Vec<u8>)> = tensors.iter().enumerate()
+                .map(|(i, ((dt, size), shape))| {
+                    let count: u64 = shape.iter().product();
+                    (format!("t{i}"), *dt, shape.clone(), vec![i as u8; count as usize * size])
+                }).collect();
+            let inputs: Vec<TensorIn<'_>> = named.iter().map(|(n, dt, s, d)|
+                TensorIn { name: n, datatype: dt, shape: s, data: d }).collect();
+            let record = pack(&Map::new(), &inputs).unwrap();
+            let parsed = parse(&record).unwrap();
+            prop_assert_eq!(parsed.tensors.len(), named.len());
+            for (entry, (name, dt, shape, data)) in parsed.tensors.iter().zip(&named) {
+                prop_assert_eq!(&entry.name, name);
+                prop_assert_eq!(entry.datatype, *dt);
+                prop_assert_eq!(&entry.shape, shape);
+                prop_assert_eq!(&record[entry.offset..entry.offset + entry.nbytes], data.as_slice());
+            }
+        }
+
+        #[test]
+        fn arbitrary_bytes_never_panic(data in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = parse(&data);
+        }
+
+        #[test]
+        fn arbitrary_headers_never_panic(header in "\\PC{0,200}", body in proptest::collection::vec(any::<u8>(), 0..64)) {
+            let _ = parse(&frame(&header, &body));
+        }
+    }
+}
