@@ -28,6 +28,8 @@ pub enum EnvelopeError {
     InvalidKey(&'static str),
     #[error("the system's random generator failed")]
     Random,
+    #[error("the output buffer has the wrong length")]
+    OutputLength,
 }
 
 struct DataKey {
@@ -97,24 +99,44 @@ impl Keyring {
         std::str::from_utf8(&self.keys[self.active].id).unwrap_or_default()
     }
 
-    fn header(&self, nonce: &[u8; NONCE_SIZE]) -> Vec<u8> {
+    fn header_len(&self) -> usize {
+        4 + self.keys[self.active].id.len() + NONCE_SIZE
+    }
+
+    fn write_header(&self, nonce: &[u8; NONCE_SIZE], out: &mut [u8]) {
         let id = &self.keys[self.active].id;
-        let mut header = Vec::with_capacity(4 + id.len() + NONCE_SIZE);
-        header.extend_from_slice(MAGIC);
-        header.push(VERSION);
-        header.push(id.len() as u8); // at most 255: checked in new()
-        header.extend_from_slice(id);
-        header.extend_from_slice(nonce);
-        header
+        out[..2].copy_from_slice(MAGIC);
+        out[2] = VERSION;
+        out[3] = id.len() as u8; // at most 255: checked in new()
+        out[4..4 + id.len()].copy_from_slice(id);
+        out[4 + id.len()..4 + id.len() + NONCE_SIZE].copy_from_slice(nonce);
+    }
+
+    /// Length of the record that sealing `plaintext_len` bytes makes.
+    pub fn sealed_len(&self, plaintext_len: usize) -> usize {
+        self.header_len() + plaintext_len + TAG_SIZE
     }
 
     /// Seal `plaintext`, bound to `aad`, under the active key with a fresh random nonce.
     pub fn seal(&self, plaintext: &[u8], aad: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let mut record = vec![0u8; self.sealed_len(plaintext.len())];
+        self.seal_into(plaintext, aad, &mut record)?;
+        Ok(record)
+    }
+
+    /// Seal into `out` (exactly [`Self::sealed_len`] bytes): the ciphertext is written once,
+    /// straight from `plaintext`, with no intermediate copy.
+    pub fn seal_into(
+        &self,
+        plaintext: &[u8],
+        aad: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), EnvelopeError> {
         let mut nonce = [0u8; NONCE_SIZE];
         self.random
             .fill(&mut nonce)
             .map_err(|_| EnvelopeError::Random)?;
-        self.seal_with_nonce(plaintext, aad, nonce)
+        self.seal_with_nonce(plaintext, aad, nonce, out)
     }
 
     fn seal_with_nonce(
@@ -122,37 +144,64 @@ impl Keyring {
         plaintext: &[u8],
         aad: &[u8],
         nonce: [u8; NONCE_SIZE],
-    ) -> Result<Vec<u8>, EnvelopeError> {
-        let header = self.header(&nonce);
-        let mut record = Vec::with_capacity(header.len() + plaintext.len() + TAG_SIZE);
-        record.extend_from_slice(&header);
-        record.extend_from_slice(plaintext);
-        let bound = [header.as_slice(), aad].concat();
-        let tag = self.keys[self.active]
+        out: &mut [u8],
+    ) -> Result<(), EnvelopeError> {
+        if out.len() != self.sealed_len(plaintext.len()) {
+            return Err(EnvelopeError::OutputLength);
+        }
+        let header_len = self.header_len();
+        self.write_header(&nonce, out);
+        let (header, body) = out.split_at_mut(header_len);
+        let bound = [&*header, aad].concat();
+        self.keys[self.active]
             .key
-            .seal_in_place_separate_tag(
+            .seal_in_place_scatter(
                 Nonce::assume_unique_for_key(nonce),
                 Aad::from(bound.as_slice()),
-                &mut record[header.len()..],
+                &mut [],
+                plaintext,
+                body,
             )
-            .map_err(|_| EnvelopeError::Authentication)?;
-        record.extend_from_slice(tag.as_ref());
-        Ok(record)
+            .map_err(|_| EnvelopeError::Authentication)
+    }
+
+    /// Length of `record`'s plaintext, if it is an envelope of a key held here.
+    pub fn opened_len(&self, record: &[u8]) -> Result<usize, EnvelopeError> {
+        let (_, header_end) = self.parse(record)?;
+        Ok(record.len() - header_end - TAG_SIZE)
     }
 
     /// The plaintext of `record` if it was sealed under one of these keys and bound to `aad`.
     pub fn open(&self, record: &[u8], aad: &[u8]) -> Result<Vec<u8>, EnvelopeError> {
+        let mut plaintext = vec![0u8; self.opened_len(record)?];
+        self.open_into(record, aad, &mut plaintext)?;
+        Ok(plaintext)
+    }
+
+    /// Open into `out` (exactly [`Self::opened_len`] bytes), decrypting straight from the
+    /// record. On an error `out` holds garbage and must be discarded.
+    pub fn open_into(
+        &self,
+        record: &[u8],
+        aad: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), EnvelopeError> {
         let (key, header_end) = self.parse(record)?;
-        let mut sealed = record[header_end..].to_vec();
+        let tag_start = record.len() - TAG_SIZE;
+        if out.len() != tag_start - header_end {
+            return Err(EnvelopeError::Authentication);
+        }
         let bound = [&record[..header_end], aad].concat();
         let nonce = Nonce::try_assume_unique_for_key(&record[header_end - NONCE_SIZE..header_end])
             .map_err(|_| EnvelopeError::Authentication)?;
-        let length = key
-            .open_in_place(nonce, Aad::from(bound.as_slice()), &mut sealed)
-            .map_err(|_| EnvelopeError::Authentication)?
-            .len();
-        sealed.truncate(length);
-        Ok(sealed)
+        key.open_separate_gather(
+            nonce,
+            Aad::from(bound.as_slice()),
+            &record[header_end..tag_start],
+            &record[tag_start..],
+            out,
+        )
+        .map_err(|_| EnvelopeError::Authentication)
     }
 
     /// The key a record names and where its ciphertext starts.
@@ -191,8 +240,9 @@ mod tests {
         let record = hex("504501036e6577070707070707070707070707\
                           f536b3630a36c4864e50bc62d041892b88b3a4a844352fd60812018a");
         assert_eq!(ring().open(&record, b"aad").unwrap(), b"tensor bytes");
-        let ours = ring()
-            .seal_with_nonce(b"tensor bytes", b"aad", [7u8; 12])
+        let mut ours = vec![0u8; ring().sealed_len(12)];
+        ring()
+            .seal_with_nonce(b"tensor bytes", b"aad", [7u8; 12], &mut ours)
             .unwrap();
         assert_eq!(ours, record, "the same inputs must give the same record");
     }

@@ -25,14 +25,6 @@ fn envelope_error(py: Python<'_>, error: EnvelopeError) -> PyErr {
     }
 }
 
-fn bytes_or_error<'py>(
-    py: Python<'py>,
-    result: Result<Vec<u8>, EnvelopeError>,
-) -> PyResult<Bound<'py, PyBytes>> {
-    let data = result.map_err(|error| envelope_error(py, error))?;
-    Ok(PyBytes::new(py, &data))
-}
-
 /// Data keys by id: seals under the active key, opens under any key it holds.
 #[pyclass(frozen, module = "ppml_serve._native")]
 struct Keyring {
@@ -60,22 +52,35 @@ impl Keyring {
         self.inner.active_key_id()
     }
 
+    /// Seal straight into the returned ``bytes`` (one allocation, no copy), GIL released.
     fn seal<'py>(
         &self,
         py: Python<'py>,
         plaintext: &[u8],
         aad: &[u8],
     ) -> PyResult<Bound<'py, PyBytes>> {
-        bytes_or_error(py, py.detach(|| self.inner.seal(plaintext, aad)))
+        let length = self.inner.sealed_len(plaintext.len());
+        PyBytes::new_with(py, length, |out| {
+            py.detach(|| self.inner.seal_into(plaintext, aad, out))
+                .map_err(|error| envelope_error(py, error))
+        })
     }
 
+    /// Open straight into the returned ``bytes`` (one allocation, no copy), GIL released.
     fn open<'py>(
         &self,
         py: Python<'py>,
         record: &[u8],
         aad: &[u8],
     ) -> PyResult<Bound<'py, PyBytes>> {
-        bytes_or_error(py, py.detach(|| self.inner.open(record, aad)))
+        let length = self
+            .inner
+            .opened_len(record)
+            .map_err(|error| envelope_error(py, error))?;
+        PyBytes::new_with(py, length, |out| {
+            py.detach(|| self.inner.open_into(record, aad, out))
+                .map_err(|error| envelope_error(py, error))
+        })
     }
 
     fn __repr__(&self) -> String {
