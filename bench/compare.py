@@ -20,6 +20,7 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+import zipfile
 from io import BytesIO
 from pathlib import Path
 from typing import Any
@@ -39,13 +40,30 @@ def resolve(revision: str) -> str:
 
 
 def export(revision: str, into: Path) -> Path:
-    """The revision's ``src`` tree under ``into``; fails with git's message."""
-    archive = subprocess.run(["git", "archive", "--format=tar", revision, "src"],
+    """The revision's ``src`` tree under ``into``, with its native extension built in place
+    when it has one (``native/``, via ``maturin build``); fails with git's or cargo's words."""
+    archive = subprocess.run(["git", "archive", "--format=tar", revision, "src", "native",
+                              "pyproject.toml", "README.md", "LICENSE"],
                              capture_output=True, check=False)
+    if archive.returncode != 0:  # an older revision without native/
+        archive = subprocess.run(["git", "archive", "--format=tar", revision, "src"],
+                                 capture_output=True, check=False)
     if archive.returncode != 0:
         sys.exit(f"git archive {revision}: {archive.stderr.decode().strip()}")
     with tarfile.open(fileobj=BytesIO(archive.stdout)) as tar:
         tar.extractall(into, filter="data")
+    if (into / "native").is_dir():
+        wheels = into / "wheels"
+        built = subprocess.run(["maturin", "build", "--release", "--quiet", "--out",
+                                str(wheels)], cwd=into, capture_output=True, text=True,
+                               check=False)
+        if built.returncode != 0:
+            sys.exit(f"building {revision}'s native extension failed:\n{built.stderr[-2000:]}")
+        for wheel in wheels.glob("*.whl"):
+            with zipfile.ZipFile(wheel) as archive_file:
+                for name in archive_file.namelist():
+                    if name.startswith("ppml_serve/_native"):
+                        (into / "src" / name).write_bytes(archive_file.read(name))
     return into / "src"
 
 
