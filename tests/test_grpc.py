@@ -87,3 +87,30 @@ def test_bad_tensor_is_invalid_argument(stack: Stack, client: triton.InferenceSe
         client.infer("demo", [tensor], headers={"authorization": f"Bearer {stack.api_key}"})
     assert caught.value.status() == "StatusCode.INVALID_ARGUMENT"
     assert "shape [1, 8, 9] does not match" in caught.value.message()
+
+
+def test_malformed_and_unknown_rpcs_get_our_words_and_no_traceback(stack: Stack) -> None:
+    """Found from outside: a keyless caller's malformed or unknown RPC logged ~1 KB of
+    traceback at ERROR per call and answered with a Python exception's words."""
+    gateway_log = stack.local.log_dir / "gateway.log"
+    before = gateway_log.stat().st_size
+    credentials = grpc.ssl_channel_credentials(stack.ca_file.read_bytes())
+    with grpc.secure_channel(stack.local.grpc_address, credentials) as channel:
+        infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
+        with pytest.raises(grpc.RpcError) as malformed:
+            infer(b"\xff\xff\xff not a protobuf message", timeout=10)
+        unknown = channel.unary_unary("/inference.GRPCInferenceService/ModelStreamInfer")
+        with pytest.raises(grpc.RpcError) as streaming:
+            unknown(b"", timeout=10)
+        elsewhere = channel.unary_unary("/some.Other/Thing")
+        with pytest.raises(grpc.RpcError) as other:
+            elsewhere(b"", timeout=10)
+    assert malformed.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "not a valid ModelInferRequest message" in malformed.value.details()
+    for refused in (streaming.value, other.value):
+        assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
+        assert "this server implements inference.GRPCInferenceService" in refused.details()
+    with gateway_log.open() as handle:
+        handle.seek(before)
+        logged = handle.read()
+    assert "Traceback" not in logged and "Exception deserializing" not in logged, logged[-2000:]

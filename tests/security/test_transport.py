@@ -19,11 +19,11 @@ from ppml_serve.worker import runner
 from ..conftest import Stack
 
 
-def _handshake(stack: Stack, ciphers: str) -> str:
+def _handshake(stack: Stack, ciphers: str, port: int | None = None) -> str:
     context = ssl.create_default_context(cafile=str(stack.ca_file))
     context.minimum_version = context.maximum_version = ssl.TLSVersion.TLSv1_2
     context.set_ciphers(ciphers)
-    port = stack.local.redis.port
+    port = port or stack.local.redis.port
     with socket.create_connection(("127.0.0.1", port), timeout=5) as raw, \
             context.wrap_socket(raw, server_hostname="localhost") as tls:
         return str(tls.cipher()[0])
@@ -35,6 +35,18 @@ def test_redis_refuses_cbc_and_sha1_suites_on_tls_1_2(stack: Stack) -> None:
         with pytest.raises(ssl.SSLError):
             _handshake(stack, legacy)
     assert "GCM" in _handshake(stack, "ECDHE+AESGCM")
+
+
+@pytest.mark.parametrize("which", ["https", "grpc"])
+def test_gateway_ports_refuse_cbc_and_sha1_suites_on_tls_1_2(stack: Stack, which: str) -> None:
+    """Found from outside: the HTTPS port also accepted CBC suites."""
+    port = int(stack.url.rsplit(":", 1)[1]) if which == "https" else \
+        int(stack.local.grpc_address.rsplit(":", 1)[1])
+    for legacy in ("AES128-SHA", "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES256-SHA384",
+                   "AES256-GCM-SHA384"):
+        with pytest.raises(ssl.SSLError):
+            _handshake(stack, legacy, port)
+    assert "GCM" in _handshake(stack, "ECDHE+AESGCM", port)
 
 
 def test_worker_checks_the_queue_before_asking_for_keys(tmp_path: Path,

@@ -16,6 +16,10 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from ppml_serve.private_files import read_protected, write_private
 
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""TLS 1.2 suites every server of ours offers (gateway, Redis): forward-secret AEAD only, no
+CBC, no SHA-1 MACs. TLS 1.3's suites are all AEAD already."""
+
 
 @dataclass(frozen=True)
 class DevPki:

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf.message import DecodeError
 from tritonclient.grpc import service_pb2 as pb
 from tritonclient.grpc import service_pb2_grpc
 
@@ -210,6 +211,66 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         return await self._call(context, "ModelInfer", request.model_name, infer)
 
 
+SERVICE = "inference.GRPCInferenceService"
+_MALFORMED = object()
+"""Stands for a request whose bytes are not the method's message."""
+
+
+def _lenient(parse: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
+    """A deserializer that never raises: grpc would log a traceback per malformed call (which
+    any caller, keyless, can send) and answer INTERNAL; the handler answers instead."""
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except DecodeError:
+            return _MALFORMED
+    return deserialize
+
+
+def _refusing_malformed(method: Callable[[Any, Context], Awaitable[Any]], message: str
+                        ) -> Callable[[Any, Context], Awaitable[Any]]:
+    async def handle(request: Any, context: Context) -> Any:
+        if request is _MALFORMED:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                f"the request is not a valid {message} message "
+                                "(KServe v2 / Open Inference Protocol gRPC)")
+        return await method(request, context)
+    return handle
+
+
+def _service_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
+    """The KServe v2 methods this gateway implements, each refusing malformed requests with
+    INVALID_ARGUMENT in our words (methods it does not implement fall through to
+    ``_UnknownMethods``)."""
+    service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
+    handlers = {}
+    for method in service.methods:
+        implemented = getattr(type(servicer), method.name, None)
+        inherited = getattr(service_pb2_grpc.GRPCInferenceServiceServicer, method.name, None)
+        if implemented is None or implemented is inherited or method.client_streaming:
+            continue
+        request_type = getattr(pb, method.input_type.name)
+        response_type = getattr(pb, method.output_type.name)
+        handlers[method.name] = grpc.unary_unary_rpc_method_handler(
+            _refusing_malformed(getattr(servicer, method.name), method.input_type.name),
+            request_deserializer=_lenient(request_type.FromString),
+            response_serializer=response_type.SerializeToString)
+    return grpc.method_handlers_generic_handler(SERVICE, handlers)
+
+
+class _UnknownMethods(grpc.GenericRpcHandler):
+    """Any other method: UNIMPLEMENTED, saying what is served (no traceback, no class name)."""
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
+        method = str(details.method)
+
+        async def refuse(request: Any, context: Context) -> Any:
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                                f"no method {method[:200]!r} here: this server implements "
+                                f"{SERVICE} (KServe v2) without streaming or shared memory")
+        return grpc.unary_unary_rpc_method_handler(refuse)
+
+
 def build_grpc_server(servicer: InferenceServicer, host: str, port: int,
                       cert_file: Path | None, key_file: Path | None,
                       client_ca_file: Path | None, max_message_bytes: int,
@@ -222,7 +283,7 @@ def build_grpc_server(servicer: InferenceServicer, host: str, port: int,
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1 if shared_port else 0),
     ])
-    service_pb2_grpc.add_GRPCInferenceServiceServicer_to_server(servicer, server)
+    server.add_generic_rpc_handlers((_service_handlers(servicer), _UnknownMethods()))
     address = f"{host}:{port}"
     if cert_file is None or key_file is None:
         server.add_insecure_port(address)

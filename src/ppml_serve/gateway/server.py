@@ -16,6 +16,7 @@ from typing import Any
 import uvicorn
 
 from ppml_serve.crypto.keys import make_sealer
+from ppml_serve.crypto.tls import SERVER_CIPHERS
 from ppml_serve.disk import DiskWatch
 from ppml_serve.errors import ConfigError
 from ppml_serve.gateway.app import Metrics, create_app
@@ -163,5 +164,6 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                             proxy_headers=False, server_header=False, date_header=False,
                             ssl_certfile=str(settings.server_cert_file) if secure_http else None,
                             ssl_keyfile=str(settings.server_key_file) if secure_http else None,
+                            ssl_ciphers=SERVER_CIPHERS,
                             **_mutual_tls(settings))
     return uvicorn.Server(config)

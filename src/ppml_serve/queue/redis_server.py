@@ -19,6 +19,7 @@ from urllib.parse import quote
 
 from pydantic import SecretStr
 
+from ppml_serve.crypto.tls import SERVER_CIPHERS
 from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.private_files import write_private
 from ppml_serve.queue.redis_streams import ping_sync
@@ -84,7 +85,7 @@ class ManagedRedis:
                     "tls-auth-clients no",
                     'tls-protocols "TLSv1.2 TLSv1.3"',
                     # TLS 1.2: forward-secret AEAD suites only (no CBC, no SHA-1 MACs).
-                    'tls-ciphers "ECDHE+AESGCM:ECDHE+CHACHA20"',
+                    f'tls-ciphers "{SERVER_CIPHERS}"',
                     "tls-prefer-server-ciphers yes",
                 ]
                 if self.tls
