@@ -21,7 +21,7 @@ from ppml_serve.cluster.ray_pool import PoolSpec, RayWorkerPool, queue_stats_sou
 from ppml_serve.engines import load_engine
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_model_path, demo_samples
-from ppml_serve.queue.redis_streams import live_workers_sync
+from ppml_serve.queue.redis_common import live_workers_sync
 from ppml_serve.state import read_api_key
 
 from .conftest import stack_settings

@@ -22,8 +22,8 @@ from ppml_serve.client import Client
 from ppml_serve.engines import load_engine
 from ppml_serve.local_stack import write_dev_policy
 from ppml_serve.models import demo_model_path, demo_samples
+from ppml_serve.queue.redis_common import live_workers_sync
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
-from ppml_serve.queue.redis_streams import live_workers_sync
 from ppml_serve.settings import load_settings
 from ppml_serve.state import prepare_state
 

@@ -15,15 +15,11 @@ import redis
 from pydantic import SecretStr
 
 from ppml_serve.queue.contract import Reply
+from ppml_serve.queue.redis_common import Keys, connect, connect_async
+from ppml_serve.queue.redis_gateway import RedisGatewayBroker
 from ppml_serve.queue.redis_lane import BlockingRedisLane, RedisLane
 from ppml_serve.queue.redis_server import ManagedRedis, free_port
-from ppml_serve.queue.redis_streams import (
-    Keys,
-    RedisGatewayBroker,
-    RedisWorkerBroker,
-    connect,
-    connect_async,
-)
+from ppml_serve.queue.redis_worker import RedisWorkerBroker
 from ppml_serve.settings import load_settings
 from ppml_serve.state import prepare_state
 

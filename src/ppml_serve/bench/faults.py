@@ -29,7 +29,7 @@ from ppml_serve.engines import load_engine
 from ppml_serve.errors import NotReady
 from ppml_serve.local_stack import Child, LocalStack
 from ppml_serve.models import DEMO_NAME, demo_model_path, demo_samples
-from ppml_serve.queue.redis_streams import live_workers_sync
+from ppml_serve.queue.redis_common import live_workers_sync
 from ppml_serve.state import read_api_key
 
 FAULTS = ("worker-kill", "worker-freeze", "worker-rolling-restart", "redis-kill",

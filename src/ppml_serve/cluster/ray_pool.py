@@ -32,7 +32,7 @@ log = logging.getLogger("ppml_serve.ray")
 
 def queue_stats_source(settings: Any, model: str) -> Callable[[], QueueStats]:
     """Reads the model's queue statistics from Redis (the driver needs only the URL)."""
-    from ppml_serve.queue.redis_streams import Keys, connect, queue_stats_sync
+    from ppml_serve.queue.redis_common import Keys, connect, queue_stats_sync
 
     client = connect(settings.redis_url(), settings.ca_file, settings.redis.cluster)
     keys = Keys(settings.redis.prefix)

@@ -23,8 +23,9 @@ from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.guarded_http import guarded_protocol
+from ppml_serve.queue.redis_common import Keys, connect_async
+from ppml_serve.queue.redis_gateway import RedisGatewayBroker
 from ppml_serve.queue.redis_lane import RedisLane
-from ppml_serve.queue.redis_streams import Keys, RedisGatewayBroker, connect_async
 from ppml_serve.queue.spool import PayloadSpool
 from ppml_serve.settings import Settings
 

@@ -17,7 +17,7 @@ Meaning of the operations, as the worker sees them:
   caller with an error, and ack it.
 
 Nothing is ever trimmed from a request stream: requests leave it only by being answered.
-Only this module and ``redis_streams`` know the field layout; everything else sees the
+Only this module and the ``redis_*`` modules know the field layout; everything else sees the
 records below.
 
 Each served model version has its own queue, named by ``queue_name``; the name is also what

@@ -22,7 +22,7 @@ from pydantic import SecretStr
 from ppml_serve.crypto.tls import SERVER_CIPHERS
 from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.private_files import write_private
-from ppml_serve.queue.redis_streams import ping_sync
+from ppml_serve.queue.redis_common import ping_sync
 
 SERVICE_USER = "ppml"
 

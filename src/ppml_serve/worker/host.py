@@ -35,12 +35,8 @@ from ppml_serve.queue.contract import (
     VersionStatus,
     queue_name,
 )
-from ppml_serve.queue.redis_streams import (
-    Keys,
-    RedisRepositoryControl,
-    connect,
-    queue_stats_sync,
-)
+from ppml_serve.queue.redis_common import Keys, connect, queue_stats_sync
+from ppml_serve.queue.redis_repository import RedisRepositoryControl
 from ppml_serve.repository import ModelEntry, Repository
 from ppml_serve.settings import Settings
 from ppml_serve.worker.metrics import WorkerMetrics

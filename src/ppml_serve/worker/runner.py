@@ -26,8 +26,9 @@ from ppml_serve.engines.postprocess import TopK
 from ppml_serve.errors import ConfigError, NotReady
 from ppml_serve.keybroker.client import ReleasedKeys, obtain_keys
 from ppml_serve.queue.contract import queue_name
+from ppml_serve.queue.redis_common import Keys, connect, ping_sync
 from ppml_serve.queue.redis_lane import BlockingRedisLane
-from ppml_serve.queue.redis_streams import Keys, RedisWorkerBroker, connect, ping_sync
+from ppml_serve.queue.redis_worker import RedisWorkerBroker
 from ppml_serve.queue.spool import PayloadSpool
 from ppml_serve.repository import ModelConfig, Repository, VersionSource
 from ppml_serve.repository.layout import source_of
