@@ -229,9 +229,8 @@ class LocalStack:
         self.settings = settings
         self.log_dir = settings.state_dir / "logs"
         """Each part's rotating log file, ``PART.log``."""
-        self.output = output
-        """Where the parts' log lines are copied (never waited for); None: files only."""
         self.follower = LogFollower(output)
+        """Copies the parts' log lines to ``output`` (never waited for; None: files only)."""
         self.workers = workers
         self.unserved = unserved
         """Models the gateway knows but no worker is started for (tests of refusal)."""

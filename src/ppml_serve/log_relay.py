@@ -10,7 +10,6 @@ blocks in ``write()``, and neither does ``up``'s supervision loop.
 from __future__ import annotations
 
 import contextlib
-import logging
 import os
 import threading
 from collections import deque
@@ -18,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
-
-log = logging.getLogger("ppml_serve.stack")
 
 DEFAULT_BUFFER_BYTES = 1 << 20
 """What an output holds for a slow reader before it starts dropping lines."""
@@ -140,9 +137,7 @@ class LogFollower:
                 return
             followed = self._files[path] = _Followed(path, on_line)
             with contextlib.suppress(FileNotFoundError):
-                self._open(followed)
-                if followed.handle is not None:
-                    followed.handle.seek(0, os.SEEK_END)
+                self._open(followed).seek(0, os.SEEK_END)
         if self._thread is None:
             self._thread = threading.Thread(target=self._run, name="log follower", daemon=True)
             self._thread.start()
@@ -181,15 +176,15 @@ class LogFollower:
                 followed.handle.close()  # rotated: the rest of the old file is read
                 followed.handle = None
         if followed.handle is None and status is not None:
-            self._open(followed)  # a new file (after a rotation): all of it
-            if followed.handle is not None:
-                self._emit(followed, followed.handle.read())
+            # a new file (after a rotation): all of it
+            self._emit(followed, self._open(followed).read())
 
     @staticmethod
-    def _open(followed: _Followed) -> None:
+    def _open(followed: _Followed) -> BinaryIO:
         fd = os.open(followed.path, os.O_RDONLY | os.O_NOFOLLOW)
         followed.handle = os.fdopen(fd, "rb")
         followed.inode = os.fstat(fd).st_ino
+        return followed.handle
 
     def _emit(self, followed: _Followed, data: bytes) -> None:
         if not data:

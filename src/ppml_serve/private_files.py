@@ -82,7 +82,7 @@ def read_protected(path: Path, secret: bool = True, max_bytes: int = MAX_PRIVATE
         if status.st_size > max_bytes:
             raise _refuse(path, f"{status.st_size} bytes, more than {max_bytes}",
                           "is it the right file?")
-        return handle.read(max_bytes + 1)[:max_bytes]
+        return handle.read(max_bytes)
 
 
 def secure_directory(path: Path) -> None:

@@ -76,7 +76,17 @@ fn item_size(datatype: &str) -> Option<(&'static str, usize)> {
         .find(|(name, _)| *name == datatype)
 }
 
-fn tensor_spec(spec: &Value) -> Result<(String, &'static str, Vec<u64>), RecordError> {
+/// Bytes of a tensor of `shape` with items of `item` bytes; None past what a `u64` holds
+/// (sixteen dimensions of 2^31 overflow any integer).
+fn byte_size(item: usize, shape: &[u64]) -> Option<u64> {
+    shape
+        .iter()
+        .try_fold(item as u64, |size, d| size.checked_mul(*d))
+}
+
+type Spec = (String, &'static str, usize, Vec<u64>);
+
+fn tensor_spec(spec: &Value) -> Result<Spec, RecordError> {
     let spec = spec.as_object().ok_or(RecordError::Tensor)?;
     let name = spec.get("name").and_then(Value::as_str);
     let datatype = spec.get("datatype").and_then(Value::as_str);
@@ -84,7 +94,7 @@ fn tensor_spec(spec: &Value) -> Result<(String, &'static str, Vec<u64>), RecordE
     let (Some(name), Some(datatype), Some(shape)) = (name, datatype, shape) else {
         return Err(RecordError::Tensor);
     };
-    let (datatype, _) = item_size(datatype).ok_or(RecordError::Tensor)?;
+    let (datatype, item) = item_size(datatype).ok_or(RecordError::Tensor)?;
     if shape.len() > MAX_DIMS {
         return Err(RecordError::Tensor);
     }
@@ -93,7 +103,7 @@ fn tensor_spec(spec: &Value) -> Result<(String, &'static str, Vec<u64>), RecordE
         .map(|d| d.as_u64().filter(|d| *d <= MAX_DIM_SIZE))
         .collect::<Option<Vec<u64>>>()
         .ok_or(RecordError::Tensor)?;
-    Ok((name.to_owned(), datatype, dims))
+    Ok((name.to_owned(), datatype, item, dims))
 }
 
 /// Parse and check a record's framing; tensor bytes are located, not copied.
@@ -122,12 +132,8 @@ pub fn parse(data: &[u8]) -> Result<Record, RecordError> {
     }
     let mut tensors: Vec<TensorEntry> = Vec::with_capacity(specs.len());
     for spec in specs {
-        let (name, datatype, shape) = tensor_spec(spec)?;
-        let (_, item) = item_size(datatype).ok_or(RecordError::Tensor)?;
-        // checked: sixteen dimensions of 2^31 overflow any integer
-        let nbytes = shape
-            .iter()
-            .try_fold(item as u64, |size, d| size.checked_mul(*d))
+        let (name, datatype, item, shape) = tensor_spec(spec)?;
+        let nbytes = byte_size(item, &shape)
             .and_then(|size| usize::try_from(size).ok())
             .ok_or(RecordError::Truncated)?;
         let end = offset.checked_add(nbytes).ok_or(RecordError::Truncated)?;
@@ -183,10 +189,7 @@ pub fn pack(meta: &Map<String, Value>, tensors: &[TensorIn<'_>]) -> Result<Vec<u
     }
     for (index, tensor) in tensors.iter().enumerate() {
         let (_, item) = item_size(tensor.datatype).ok_or(RecordError::Tensor)?;
-        let expected = tensor
-            .shape
-            .iter()
-            .try_fold(item as u64, |size, d| size.checked_mul(*d));
+        let expected = byte_size(item, tensor.shape);
         if tensor.shape.len() > MAX_DIMS
             || tensor.shape.iter().any(|d| *d > MAX_DIM_SIZE)
             || expected != Some(tensor.data.len() as u64)

@@ -8,6 +8,7 @@ Used by the tests (``tests/test_up_faults.py``) and ``bench/faults.py --up``.
 from __future__ import annotations
 
 import asyncio
+import functools
 import os
 import selectors
 import signal
@@ -16,6 +17,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -95,12 +97,20 @@ class Counts:
             report.errors[status] = report.errors.get(status, 0) + count
 
 
+@functools.cache
+def _expected_classes() -> np.ndarray[Any, Any]:
+    """The demo model's answers to its samples, run here once (the reference)."""
+    images, _ = demo_samples()
+    classes: np.ndarray[Any, Any] = load_engine(DEMO_NAME, demo_model_path().read_bytes()).infer(
+        {"image": images})["probabilities"].argmax(axis=1)
+    return classes
+
+
 def send_requests(port: int, state: Path, count: int, concurrency: int = 16,
                   timeout_s: float = 20) -> Counts:
     """``count`` one-image requests from ``concurrency`` clients; every answer checked."""
     images, _ = demo_samples()
-    expected = load_engine(DEMO_NAME, demo_model_path().read_bytes()).infer(
-        {"image": images})["probabilities"].argmax(axis=1)
+    expected = _expected_classes()
     key = (state / "api-key").read_text().strip()
     counts = Counts(sent=count)
 
