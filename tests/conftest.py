@@ -62,8 +62,9 @@ class Stack:
     def workers(self) -> list[Child]:
         return [c for c in self.local.children if c.name.startswith("worker")]
 
-    def keyring(self) -> Keyring:
-        return data_key_table(self.settings).keyring(open_kms(self.settings))
+    def keyring(self, model: str = "demo") -> Keyring:
+        """The keys a worker attested for ``model`` receives (its derivations only)."""
+        return data_key_table(self.settings).keyring(open_kms(self.settings)).for_model(model)
 
     def admin(self) -> redis.Redis:
         return redis.Redis.from_url(self.local.redis.admin_url.get_secret_value(),

@@ -88,7 +88,9 @@ def test_parts_on_separate_state_dirs_and_addresses(tmp_path: Path, parts: Parts
         "models": {"demo": str(demo_model_path())},
         "gateway": {"host": GATEWAY, "port": ports["gateway"]},
         "keybroker": {"host": BROKER, "port": ports["broker"]},
-        "security": {"keybroker_url": f"https://{BROKER}:{ports['broker']}"},
+        # simulated attestation: its platform key is the one file each worker host holds
+        "security": {"keybroker_url": f"https://{BROKER}:{ports['broker']}",
+                     "attestation": "simulated"},
         "worker": {"heartbeat_s": 0.3, "claim_idle_ms": 1500, "engine_threads": 1},
     }))
     common = ["--config", str(config)]

@@ -49,8 +49,8 @@ class StandInBroker:
 
     async def models(self) -> dict[str, bytes]:
         # as workers announce it: sealed
-        return {"demo": KEYRING.seal(json.dumps(SPEC.as_json()).encode(),
-                                     associated_data("demo", "", ENVELOPE_SPEC))}
+        return {"demo": KEYRING.for_model("demo").seal(json.dumps(SPEC.as_json()).encode(),
+                                                       associated_data("demo", "", ENVELOPE_SPEC))}
 
     async def live_workers(self, model: str, max_age_s: float) -> int:
         return 1

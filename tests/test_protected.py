@@ -1,7 +1,8 @@
 """Protected models and attested key release, end to end, on AWS KMS (a local moto server).
 
 The stack serves the demo model from an *encrypted* file; workers get the model key and the
-record keys only from the key broker, after simulated attestation against a policy file.
+record keys only from the key broker, after attestation with DCAP quotes from the state
+directory's TEST PKI (the default; a declared stand-in for SGX hardware) against a policy file.
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from moto.server import ThreadedMotoServer
 
 from ppml_serve.client import Client
 from ppml_serve.crypto.attestation.base import AttestationRefused, report_data
+from ppml_serve.crypto.attestation.dcap import DcapVerifier
 from ppml_serve.crypto.attestation.policy import Policy
-from ppml_serve.crypto.attestation.simulated import SimulatedProvider, SimulatedVerifier
+from ppml_serve.crypto.attestation.test_pki import ROOT_FILE, TestPkiProvider
 from ppml_serve.crypto.keys import open_kms
 from ppml_serve.crypto.kms.aws import AwsKMS
 from ppml_serve.crypto.model_file import encrypt_model
@@ -35,6 +37,7 @@ from ppml_serve.engines import load_engine
 from ppml_serve.errors import IntegrityError
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_model_path, demo_samples
+from ppml_serve.settings import Settings
 from ppml_serve.state import prepare_state
 from ppml_serve.worker.runner import release_entry, worker_measurement
 
@@ -76,7 +79,7 @@ def protected(tmp_path_factory: pytest.TempPathFactory, moto_url: str) -> Iterat
     settings = stack_settings(state, security=security,
                               models={"demo": encrypted, "locked": demo_model_path()})
     (state / "policy.yaml").write_text(yaml.safe_dump({
-        "allowed_providers": ["simulated"], "allow_debug": True, "max_evidence_age_s": 60,
+        "allowed_providers": ["dcap"], "allow_test_root": True, "max_evidence_age_s": 60,
         "releases": [release_entry(settings, "demo", encrypted)]}))
     local = LocalStack(settings, workers=1, log_level="INFO", unserved=frozenset({"locked"}))
     try:
@@ -84,6 +87,12 @@ def protected(tmp_path_factory: pytest.TempPathFactory, moto_url: str) -> Iterat
         yield Stack(local)
     finally:
         local.stop()
+
+
+def stack_quote_verifier(settings: Settings) -> DcapVerifier:
+    """What a client of this development stack verifies workers' quotes with: the real DCAP
+    verifier, rooted at the stack's TEST PKI (never Intel's root: no hardware here)."""
+    return DcapVerifier(test_root_der=(settings.attestation_dir / ROOT_FILE).read_bytes())
 
 
 def run_worker(stack: Stack, model: str, *extra: str) -> subprocess.CompletedProcess[str]:
@@ -160,18 +169,18 @@ def test_model_without_keyed_worker_answers_503(protected: Stack) -> None:
 def test_key_broker_refuses_replayed_evidence_over_https(protected: Stack) -> None:
     settings = protected.settings
     broker_url = settings.keybroker_url()
-    provider = SimulatedProvider(settings.attestation_dir)
+    provider = TestPkiProvider(settings.attestation_dir)
     measurement = worker_measurement(settings, "demo", settings.models["demo"]).value
     key = X25519PrivateKey.generate()
     with httpx.Client(base_url=broker_url, verify=str(settings.ca_file)) as http:
         nonce = http.post("/v1/nonce").json()["nonce"]
-        body = {"provider": "simulated", "model": "demo",
+        body = {"provider": "dcap", "model": "demo", "nonce": nonce,
                 "evidence": provider.evidence(measurement, report_data(public_bytes(key), nonce),
                                               nonce),
                 "public_key": base64.b64encode(public_bytes(key)).decode()}
         first = http.post("/v1/release", json=body)
         second = http.post("/v1/release", json=body)
-        junk = http.post("/v1/release", json={"provider": "simulated"})
+        junk = http.post("/v1/release", json={"provider": "dcap"})
     assert first.status_code == 200 and "sealed_keys" in first.json()
     assert second.status_code == 403 and "replayed" in second.json()["error"]
     assert junk.status_code == 400
@@ -202,8 +211,8 @@ def test_end_to_end_sealed_inference_hides_input_from_gateway_and_redis(
         protected: Stack) -> None:
     settings = protected.settings
     measurement = worker_measurement(settings, "demo", settings.models["demo"]).value
-    verifier = SimulatedVerifier.from_directory(settings.attestation_dir)
-    policy = Policy(allowed_providers=["simulated"], allow_debug=True, max_evidence_age_s=300,
+    verifier = stack_quote_verifier(settings)
+    policy = Policy(allowed_providers=["dcap"], allow_test_root=True, max_evidence_age_s=300,
                     allowed_measurements=[measurement])
     marker = os.urandom(8).hex().encode()  # 16 printable bytes, fresh for this run
     image = np.frombuffer((marker * 4)[:64], dtype=np.uint8).reshape(1, 8, 8)
@@ -222,7 +231,7 @@ def test_end_to_end_sealed_inference_hides_input_from_gateway_and_redis(
         client.infer("demo", np.frombuffer((control * 4)[:64], np.uint8).reshape(1, 8, 8))
         assert _gateway_memory_contains(protected, control)
 
-        stranger = Policy(allowed_providers=["simulated"], allow_debug=True,
+        stranger = Policy(allowed_providers=["dcap"], allow_test_root=True,
                           allowed_measurements=["0" * 64])
         with pytest.raises(AttestationRefused, match="not allowed by the policy"):
             client.infer_sealed("demo", {"image": image}, verifier, stranger)
@@ -249,8 +258,8 @@ def test_a_poisoned_end_to_end_record_is_named_for_what_it_is(protected: Stack) 
 
     settings = protected.settings
     measurement = worker_measurement(settings, "demo", settings.models["demo"]).value
-    verifier = SimulatedVerifier.from_directory(settings.attestation_dir)
-    policy = Policy(allowed_providers=["simulated"], allow_debug=True, max_evidence_age_s=300,
+    verifier = stack_quote_verifier(settings)
+    policy = Policy(allowed_providers=["dcap"], allow_test_root=True, max_evidence_age_s=300,
                     allowed_measurements=[measurement])
     with Client(protected.url, api_key=protected.api_key, ca_file=protected.ca_file) as client:
         session = ClientSession(client.worker_key("demo", verifier, policy))

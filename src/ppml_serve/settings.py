@@ -207,6 +207,13 @@ class KeyBrokerSettings(_Section):
     is first released; it must be writable and persist. Default: ``KMS_DIR/inference-keys.json``."""
     jwt_issuer: str | None = None
     """Expected ``iss`` of attestation tokens (e.g. https://NAME.REGION.attest.azure.net)."""
+    dcap_test_root_file: Path | None = None
+    """DEVELOPMENT ONLY: a TEST root certificate (DER) that replaces Intel's pinned SGX Root CA
+    for DCAP quotes (``up`` sets it for its test PKI). Claims verified against it say
+    ``hardware_protected: false``; a policy accepts them only with ``allow_test_root``."""
+    collateral_dir: Path | None = None
+    """Cache of Intel DCAP collateral (``attest collateral fetch``), used offline.
+    Default: ``STATE_DIR/attestation/collateral``."""
 
 
 class SecuritySettings(_Section):
@@ -242,9 +249,10 @@ class SecuritySettings(_Section):
     policy_file: Path | None = None
     """Key-release policy (YAML) of the key broker. Default: ``STATE_DIR/policy.yaml``;
     without one, the strict production policy applies (simulated attestation refused)."""
-    attestation: Literal["simulated", "none"] = "simulated"
-    """Attestation provider of the worker. ``simulated`` signs evidence with a local platform
-    key and gives NO hardware protection (development only)."""
+    attestation: Literal["dcap-test", "simulated", "none"] = "dcap-test"
+    """Attestation provider of the worker. ``dcap-test`` makes Intel DCAP quotes from the
+    state directory's TEST PKI, checked by the real quote verifier; ``simulated`` signs
+    claims with a local platform key. Both give NO hardware protection (development only)."""
 
 
 class TracingSettings(_Section):
@@ -358,6 +366,10 @@ class Settings(BaseSettings):
     @property
     def attestation_dir(self) -> Path:
         return self.state_dir / "attestation"
+
+    @property
+    def collateral_dir(self) -> Path:
+        return self.keybroker.collateral_dir or self.attestation_dir / "collateral"
 
     def keybroker_url(self) -> str:
         if self.security.keybroker_url:

@@ -7,6 +7,7 @@ import secrets
 from pathlib import Path
 
 from ppml_serve.crypto.attestation.simulated import ensure_platform_key
+from ppml_serve.crypto.attestation.test_pki import ensure_test_pki
 from ppml_serve.crypto.keys import PASSPHRASE_ENV, kms_passphrase, open_kms
 from ppml_serve.crypto.keystore import DATA_KEYS_FILE, DataKeyTable
 from ppml_serve.crypto.kms.local import PRIMARY_FILE, LocalKMS
@@ -34,6 +35,8 @@ def prepare_state(settings: Settings) -> None:
         DataKeyTable.create(settings.kms_dir / DATA_KEYS_FILE, kms)
     if settings.security.attestation == "simulated":
         ensure_platform_key(settings.attestation_dir)
+    if settings.security.attestation == "dcap-test":
+        ensure_test_pki(settings.attestation_dir)
     key_file = state / "api-key"
     if not key_file.exists() or not settings.api_keys_file.exists():
         if settings.api_keys_file.exists() and any(

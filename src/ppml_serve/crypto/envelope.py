@@ -6,6 +6,11 @@ caller's associated data, which binds model, request id and direction, so a reco
 be replayed for another request or turned from a request into a reply.
 
 Every failure to open a record raises the same opaque ``IntegrityError``, as Fernet does.
+
+Records are sealed under per-model keys, derived from the KMS-wrapped record keys with
+HKDF-SHA256 and the model's name (``model_keys``): the gateway, which holds the record keys,
+derives each model's; the key broker releases to a worker only the keys of the model its
+attestation was bound to, so a worker attested for one model cannot open another's records.
 """
 
 from __future__ import annotations
@@ -13,6 +18,9 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping
 from typing import Protocol
+
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from ppml_serve import _native
 from ppml_serve.errors import IntegrityError
@@ -33,12 +41,29 @@ def associated_data(model: str, request_id: str, direction: str) -> bytes:
     return json.dumps(["ppml-serve/1", model, request_id, direction]).encode()
 
 
+MODEL_KEY_INFO = b"ppml-serve record key v1\0"
+
+
+def model_keys(keys: Mapping[str, bytes], model: str) -> dict[str, bytes]:
+    """Each record key's derivation for ``model`` (same key ids: a rotation stays readable)."""
+    def derive(key: bytes) -> bytes:
+        return HKDF(hashes.SHA256(), KEY_SIZE, salt=None,
+                    info=MODEL_KEY_INFO + model.encode()).derive(key)
+    return {key_id: derive(key) for key_id, key in keys.items()}
+
+
 class Sealer(Protocol):
     """Seals and opens records; implementations must authenticate ``aad``."""
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
 
     def open(self, record: bytes, aad: bytes) -> bytes: ...
+
+
+class ModelSealers(Protocol):
+    """The gateway's sealers: one per model (name, without version)."""
+
+    def for_model(self, model: str) -> Sealer: ...
 
 
 class Keyring:
@@ -52,6 +77,16 @@ class Keyring:
     def __init__(self, keys: Mapping[str, bytes], active_key_id: str) -> None:
         self._ring = _native.Keyring(dict(keys), active_key_id)
         self._ids = list(keys)
+        self._keys = dict(keys)
+        self._models: dict[str, Keyring] = {}
+
+    def for_model(self, model: str) -> Keyring:
+        """The keyring of ``model``'s derived keys (what the broker releases for it)."""
+        ring = self._models.get(model)
+        if ring is None:
+            ring = self._models[model] = Keyring(model_keys(self._keys, model),
+                                                 self.active_key_id)
+        return ring
 
     @property
     def active_key_id(self) -> str:
@@ -82,6 +117,9 @@ class PlaintextSealer:
 
     def __repr__(self) -> str:
         return "PlaintextSealer(INSECURE)"
+
+    def for_model(self, model: str) -> PlaintextSealer:
+        return self
 
     def seal(self, plaintext: bytes, aad: bytes) -> bytes:
         return self._MARK + plaintext

@@ -6,7 +6,7 @@ import os
 
 from pydantic import SecretStr
 
-from ppml_serve.crypto.envelope import PlaintextSealer, Sealer
+from ppml_serve.crypto.envelope import ModelSealers, PlaintextSealer
 from ppml_serve.crypto.keystore import DATA_KEYS_FILE, DataKeyTable
 from ppml_serve.crypto.kms.base import KMS
 from ppml_serve.errors import ConfigError
@@ -57,8 +57,9 @@ def data_key_table(settings: Settings) -> DataKeyTable:
     return DataKeyTable.load(settings.kms_dir / DATA_KEYS_FILE)
 
 
-def make_sealer(settings: Settings) -> Sealer:
-    """The gateway's record sealer: the keyring from the KMS, or nothing in plain mode."""
+def make_sealer(settings: Settings) -> ModelSealers:
+    """The gateway's record sealers: each model's keyring derived from the KMS's record keys,
+    or nothing in plain mode."""
     if not settings.security.encrypt_payloads:
         return PlaintextSealer()
     return data_key_table(settings).keyring(open_kms(settings))

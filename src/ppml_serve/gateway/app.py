@@ -173,6 +173,13 @@ def _log_access(request: Request, response: Response, key_name: str, seconds: fl
                        "bytes_out": int(sent) if sent.isdigit() else 0})
 
 
+DEV_ATTESTATION = {
+    "simulated": "simulated: NO hardware protection (development only)",
+    "dcap-test": "dcap-test: DCAP quotes from a TEST PKI, verified for real; NO hardware "
+                 "protection (development only)",
+}
+
+
 def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                metrics: Metrics, secure: bool = True, attestation: str = "simulated",
                access_log: bool = True, repository_timeout_s: float = 120.0,
@@ -253,9 +260,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             "extensions": ["binary_tensor_data"],
             "security": {
                 "payload_encryption": "AES-256-GCM" if secure else "OFF (insecure)",
-                "worker_attestation": (
-                    "simulated: NO hardware protection (development only)"
-                    if attestation == "simulated" else attestation),
+                "worker_attestation": DEV_ATTESTATION.get(attestation, attestation),
                 "end_to_end_sealing": "X25519-HKDF-SHA256-AES-256-GCM",
             },
         })

@@ -19,7 +19,7 @@ from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
 from ppml_serve.codecs.tensors import ModelSpec, TooManyRows
 from ppml_serve.codecs.v2 import InferRequest, check_outputs, encode_response, parse_request
-from ppml_serve.crypto.envelope import REPLY, REQUEST, SPEC, Sealer, associated_data
+from ppml_serve.crypto.envelope import REPLY, REQUEST, SPEC, ModelSealers, Sealer, associated_data
 from ppml_serve.disk import DiskWatch
 from ppml_serve.errors import (
     DeadlineExceeded,
@@ -75,14 +75,14 @@ class DataPlane:
     Public methods take a model's name and version (``None``: the newest ready version);
     below them everything is keyed by the version's queue name (``queue_name``)."""
 
-    def __init__(self, broker: GatewayBroker, sealer: Sealer, settings: GatewaySettings,
+    def __init__(self, broker: GatewayBroker, sealer: ModelSealers, settings: GatewaySettings,
                  worker_max_age_s: float,
                  on_reply: Callable[[str, ReplyMessage], None] | None = None,
                  configured_models: set[str] | None = None,
                  max_rows: int | None = None, disk: DiskWatch | None = None) -> None:
         self._broker = broker
         self._disk = disk
-        self._sealer = sealer
+        self._sealers = sealer
         self._settings = settings
         self._worker_max_age_s = worker_max_age_s
         self._waiting: dict[str, _Waiter] = {}
@@ -103,6 +103,10 @@ class DataPlane:
         except NotReady as exc:
             log.warning("starting without the queue (%s); will keep trying", exc)
         self._tasks = [asyncio.create_task(self._watch_workers(), name="worker-watch")]
+
+    def _sealer_of(self, queue: str) -> Sealer:
+        """Records of every version of a model are sealed under that model's keys."""
+        return self._sealers.for_model(split_queue_name(queue)[0])
 
     def _ensure_reader(self, model: str) -> None:
         """One reply reader per model (its reply stream shares the model's Redis Cluster
@@ -224,7 +228,7 @@ class DataPlane:
             self._announced = {}
             for queue, sealed in table.items():
                 try:
-                    spec = self._sealer.open(sealed, associated_data(queue, "", SPEC))
+                    spec = self._sealer_of(queue).open(sealed, associated_data(queue, "", SPEC))
                     self._announced[queue] = json.loads(spec)
                 except (IntegrityError, ProtocolError, ValueError):
                     # not sealed with our keys, or altered in Redis: not a model we serve
@@ -520,7 +524,8 @@ class DataPlane:
 
     def _open_reply(self, model: str, request_id: str, ok: bool, body: bytes) -> bytes:
         try:
-            plaintext = self._sealer.open(body, associated_data(model, request_id, REPLY))
+            plaintext = self._sealer_of(model).open(body,
+                                                  associated_data(model, request_id, REPLY))
         except IntegrityError:
             log.error("reply for request %s refused: record failed authentication", request_id)
             raise
@@ -532,7 +537,8 @@ class DataPlane:
                     timeout: float) -> ReplyMessage:
         """Seal, enqueue and wait for the (still sealed) answer."""
         with span("seal", bytes=len(payload)):
-            sealed = self._sealer.seal(payload, associated_data(model, request_id, REQUEST))
+            sealed = self._sealer_of(model).seal(payload,
+                                                 associated_data(model, request_id, REQUEST))
         future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
         self._ensure_reader(model)
         self._waiting[request_id] = _Waiter(model, future)
@@ -562,7 +568,7 @@ class DataPlane:
         ttl = self._settings.job_ttl_s
         await self._broker.save_job(job_id, Job(queue, owner, request.outputs,
                                                 request.binary_default), ttl)
-        sealed = self._sealer.seal(record.pack(request.inputs),
+        sealed = self._sealer_of(queue).seal(record.pack(request.inputs),
                                    associated_data(queue, job_id, REQUEST))
         deadline_ms = int((time.time() + self._settings.job_timeout_s) * 1000)
         await self._broker.enqueue(queue, job_id, sealed, deadline_ms, job_ttl_s=ttl)

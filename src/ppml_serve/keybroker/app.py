@@ -28,7 +28,8 @@ def create_app(broker: KeyBroker) -> Starlette:
                 public_key=base64.b64decode(document["public_key"], validate=True),
                 model=str(document["model"]),
                 model_key=base64.b64decode(model_key, validate=True) if model_key else None,
-                peer=request.client.host if request.client else "")
+                peer=request.client.host if request.client else "",
+                nonce=str(document["nonce"]) if document.get("nonce") else None)
             if len(release_request.public_key) != 32:
                 raise ValueError
         except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error):

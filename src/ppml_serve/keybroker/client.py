@@ -37,6 +37,7 @@ def obtain_keys(broker_url: str, ca_file: Path | None, provider: Provider, measu
             response = http.post("/v1/release", json={
                 "provider": provider.name, "evidence": evidence,
                 "public_key": base64.b64encode(public_key).decode(), "model": model,
+                "nonce": nonce,
                 "model_key": base64.b64encode(model_key).decode() if model_key else None})
     except httpx.HTTPError as exc:
         raise NotReady(f"key broker unreachable at {broker_url} ({type(exc).__name__})") from None

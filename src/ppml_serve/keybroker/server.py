@@ -7,23 +7,34 @@ import logging
 import uvicorn
 
 from ppml_serve.crypto.attestation.base import Verifier
+from ppml_serve.crypto.attestation.collateral import CollateralStore
+from ppml_serve.crypto.attestation.dcap import DcapVerifier
 from ppml_serve.crypto.attestation.jwt_token import JwtVerifier
 from ppml_serve.crypto.attestation.policy import PolicyFile
 from ppml_serve.crypto.attestation.simulated import PUBLIC_FILE, SimulatedVerifier
+from ppml_serve.crypto.attestation.snp import SnpVerifier
 from ppml_serve.crypto.keys import data_key_table, open_kms
 from ppml_serve.guarded_http import guarded_protocol
 from ppml_serve.keybroker.app import create_app
 from ppml_serve.keybroker.service import InferenceKeys, KeyBroker
+from ppml_serve.private_files import read_protected
 from ppml_serve.settings import Settings
 
 audit = logging.getLogger("ppml_serve.audit")
 
 
 def verifiers(settings: Settings) -> dict[str, Verifier]:
-    found: dict[str, Verifier] = {}
+    broker = settings.keybroker
+    test_root = read_protected(broker.dcap_test_root_file, secret=False) \
+        if broker.dcap_test_root_file is not None else None
+    if test_root is not None:
+        audit.warning("DCAP quotes are verified against a TEST root (%s), not Intel's: no "
+                      "hardware protection", broker.dcap_test_root_file)
+    found: dict[str, Verifier] = {
+        "dcap": DcapVerifier(CollateralStore(settings.collateral_dir), test_root),
+        "snp": SnpVerifier()}
     if (settings.attestation_dir / PUBLIC_FILE).exists():
         found["simulated"] = SimulatedVerifier.from_directory(settings.attestation_dir)
-    broker = settings.keybroker
     if broker.jwks_file is not None and broker.jwt_issuer:
         found["jwt"] = JwtVerifier.from_file(broker.jwks_file, broker.jwt_issuer)
     return found

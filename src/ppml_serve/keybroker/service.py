@@ -13,13 +13,9 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-from ppml_serve.crypto.attestation.base import (
-    AttestationRefused,
-    Claims,
-    Verifier,
-    report_data,
-)
+from ppml_serve.crypto.attestation.base import AttestationRefused, Claims, Verifier
 from ppml_serve.crypto.attestation.policy import Policy, PolicyFile
+from ppml_serve.crypto.envelope import model_keys
 from ppml_serve.crypto.kms.base import KMS
 from ppml_serve.crypto.sealed_box import public_bytes, seal_to
 from ppml_serve.errors import IntegrityError, NotReady
@@ -41,6 +37,8 @@ class ReleaseRequest:
     model_key: bytes | None = field(default=None, repr=False)
     peer: str = ""
     """Network address of the caller (for the audit log)."""
+    nonce: str | None = None
+    """The broker's nonce the evidence binds (hardware quotes carry it only hashed)."""
 
 
 def _measured(claims: Claims | None) -> str:
@@ -113,9 +111,13 @@ class KeyBroker:
             claims = verifier.verify(request.evidence)
             if claims.provider != request.provider:
                 raise AttestationRefused("evidence is from another provider than claimed")
-            self._consume_nonce(claims.nonce)
-            if claims.report_data != report_data(request.public_key, claims.nonce):
-                raise AttestationRefused("evidence does not bind the presented public key")
+            if request.nonce and claims.nonce and request.nonce != claims.nonce:
+                raise AttestationRefused("evidence carries another nonce than the request")
+            nonce = request.nonce or claims.nonce
+            self._consume_nonce(nonce)
+            if not claims.binds(request.public_key, nonce):
+                raise AttestationRefused("evidence does not bind the presented public key "
+                                         "and the broker's nonce (report_data differs)")
             policy = self._policy.current() if isinstance(self._policy, PolicyFile) \
                 else self._policy
             policy.check_release(claims, request.model, request.model_key, self._clock())
@@ -133,7 +135,9 @@ class KeyBroker:
         inference = X25519PrivateKey.from_private_bytes(
             self._inference_keys.private_key(request.model))
         payload = {
-            "record_keys": {k: base64.b64encode(v).decode() for k, v in self._record_keys.items()},
+            # this model's derivations only: a worker never holds another model's record keys
+            "record_keys": {k: base64.b64encode(v).decode()
+                            for k, v in model_keys(self._record_keys, request.model).items()},
             "active": self._active,
             "model_key": base64.b64encode(model_key).decode() if model_key else None,
             "inference_key": base64.b64encode(

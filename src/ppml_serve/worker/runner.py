@@ -17,6 +17,7 @@ from ppml_serve.crypto.attestation.base import AttestationRefused, Provider
 from ppml_serve.crypto.attestation.measurement import Measurement, measure
 from ppml_serve.crypto.attestation.policy import key_fingerprint
 from ppml_serve.crypto.attestation.simulated import SimulatedProvider
+from ppml_serve.crypto.attestation.test_pki import TestPkiProvider
 from ppml_serve.crypto.e2e import WorkerKey
 from ppml_serve.crypto.envelope import Keyring, PlaintextSealer, Sealer
 from ppml_serve.crypto.model_file import decrypt_model
@@ -106,6 +107,10 @@ def repository_releases(settings: Settings, repository: Repository,
 
 
 def attestation_provider(settings: Settings) -> Provider:
+    if settings.security.attestation == "dcap-test":
+        log.warning("attestation uses a TEST PKI's DCAP quotes: no hardware protection "
+                    "(development only)")
+        return TestPkiProvider(settings.attestation_dir)
     if settings.security.attestation == "simulated":
         log.warning("attestation is SIMULATED: no hardware protection (development only)")
         return SimulatedProvider(settings.attestation_dir)

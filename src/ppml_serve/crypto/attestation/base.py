@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+import hmac
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from ppml_serve.errors import PPMLError
@@ -19,12 +21,36 @@ class Claims:
 
     provider: str
     measurement: str
+    """The primary measurement: MRENCLAVE (SGX), MRTD (TDX), MEASUREMENT (SNP), or the
+    simulated worker's code + config + model digest."""
     report_data: str
-    """Hex SHA-256 binding a public key (and the broker's nonce) to this evidence."""
+    """Hex report data: SHA-256 binding a public key (and the broker's nonce) to this
+    evidence, then (hardware quotes carry 64 bytes) 32 zero bytes."""
     issued_at: float
     debug: bool
     nonce: str | None = None
     hardware_protected: bool = False
+    tee: str = ""
+    """sgx, tdx or snp for hardware evidence; empty for simulated and tokens."""
+    measurements: Mapping[str, str] = field(default_factory=dict)
+    """Typed measurements (mrenclave, mrsigner, isv_prod_id, isv_svn / mrtd, rtmr0-3 /
+    measurement, host_data, tcb), hex or decimal strings."""
+    tcb_status: str = ""
+    """The platform's TCB status from the vendor's collateral (UpToDate, OutOfDate, ...)."""
+    advisories: tuple[str, ...] = ()
+    collateral_issued: str = ""
+    """Issue date (ISO 8601) of the TCB info the quote was judged by."""
+    collateral_sha256: str = ""
+    evidence_sha256: str = ""
+    test_root: bool = False
+    """Verified against a TEST root, not the vendor's: no hardware protection."""
+
+    def binds(self, public_key: bytes, nonce: str | None) -> bool:
+        """Whether report_data is SHA-256(public key || nonce), then zeros (constant time)."""
+        expected = report_data(public_key, nonce)
+        if len(self.report_data) == 128:
+            expected += "0" * 64
+        return hmac.compare_digest(self.report_data.lower().encode(), expected.encode())
 
 
 def report_data(public_key: bytes, nonce: str | None) -> str:

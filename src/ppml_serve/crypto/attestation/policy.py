@@ -3,34 +3,56 @@
 The key broker applies one before releasing keys; a client applies its own before sealing
 its input to a worker's key (end-to-end mode).
 
-The default (no policy file) is the strict production policy: only hardware-backed token
-evidence (``jwt``), no debug enclaves, and no measurement allowed until one is listed, so
-simulated attestation gets nothing.
+The default (no policy file) is the strict production policy: only hardware evidence (DCAP
+quotes, SEV-SNP reports, tokens of an attestation service), verified against the vendors'
+pinned roots, on a platform whose TCB is ``UpToDate``, no debug enclaves, and no measurement
+allowed until one is listed, so simulated and test-root evidence get nothing.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import datetime as dt
 import hashlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ppml_serve.crypto.attestation.base import AttestationRefused, Claims, Verifier, report_data
+from ppml_serve.crypto.attestation.base import AttestationRefused, Claims, Verifier
 from ppml_serve.errors import ConfigError
 from ppml_serve.private_files import read_protected
 
+Hex = str
+
 
 class Release(BaseModel):
-    """One key release the broker may make: this measurement gets this model's keys."""
+    """One key release the broker may make: a worker with these measurements gets this
+    model's keys. Every field that is set must match; ``measurement`` is the TEE's primary
+    one (MRENCLAVE, MRTD, SNP MEASUREMENT, or the simulated digest)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    measurement: str
-    """Hex measurement of the worker (``ppml-serve attest measure``)."""
+    measurement: Hex | None = None
+    """Hex primary measurement (``ppml-serve attest measure``); may be left out for SGX
+    when ``mrsigner`` and ``isv_prod_id`` name the enclave instead."""
+    tee: Literal["sgx", "tdx", "snp"] | None = None
+    """Only evidence of this TEE kind (any, when unset)."""
+    mrsigner: Hex | None = None
+    """SGX: the enclave signer's key hash."""
+    isv_prod_id: int | None = Field(None, ge=0, le=0xFFFF)
+    """SGX: the enclave's product id (with ``mrsigner``)."""
+    min_isv_svn: int | None = Field(None, ge=0, le=0xFFFF)
+    """SGX: the lowest security version of the enclave accepted."""
+    rtmr: list[Hex] | None = Field(None, min_length=4, max_length=4)
+    """TDX: RTMR0-3 (firmware, OS loader, kernel, application), each 48 bytes hex."""
+    host_data: Hex | None = None
+    """SNP: the HOST_DATA the VM was launched with (32 bytes hex)."""
+    min_tcb: dict[str, int] | None = None
+    """SNP: lowest reported TCB components accepted (bootloader, tee, snp, microcode)."""
     model: str
     """The model (name) whose keys it may receive: its file key and end-to-end key."""
     model_sha256: str
@@ -43,6 +65,37 @@ class Release(BaseModel):
     """The repository version this entry was written for (for readers of the policy; the
     measurement already binds the model file)."""
 
+    @model_validator(mode="after")
+    def _names_a_worker(self) -> Release:
+        if self.measurement is None and (self.mrsigner is None or self.isv_prod_id is None):
+            raise ValueError("a release needs 'measurement', or 'mrsigner' with 'isv_prod_id'")
+        return self
+
+    def mismatch(self, claims: Claims) -> str | None:
+        """Why this entry does not describe the attested worker (None: it does)."""
+        values = claims.measurements
+        if self.tee is not None and claims.tee != self.tee:
+            return f"the entry is for {self.tee.upper()} evidence"
+        if self.measurement is not None and \
+                self.measurement.lower() != claims.measurement.lower():
+            return "measurement differs"
+        expected: dict[str, str | None] = {"mrsigner": self.mrsigner,
+                                           "host_data": self.host_data}
+        for index, register in enumerate(self.rtmr or []):
+            expected[f"rtmr{index}"] = register
+        for name, wanted in expected.items():
+            if wanted is not None and values.get(name, "").lower() != wanted.lower():
+                return f"{name} differs"
+        if self.isv_prod_id is not None and values.get("isv_prod_id") != str(self.isv_prod_id):
+            return "isv_prod_id differs"
+        if self.min_isv_svn is not None and \
+                int(values.get("isv_svn", "-1")) < self.min_isv_svn:
+            return f"isv_svn is below {self.min_isv_svn}"
+        for component, least in (self.min_tcb or {}).items():
+            if int(values.get(f"tcb_{component}", "-1")) < least:
+                return f"reported TCB {component} is below {least}"
+        return None
+
 
 def key_fingerprint(wrapped_key: bytes) -> str:
     return hashlib.sha256(wrapped_key).hexdigest()
@@ -51,8 +104,24 @@ def key_fingerprint(wrapped_key: bytes) -> str:
 class Policy(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    allowed_providers: list[str] = Field(default_factory=lambda: ["jwt"])
-    """Evidence kinds accepted; ``simulated`` gives no hardware protection."""
+    allowed_providers: list[str] = Field(default_factory=lambda: ["dcap", "snp", "jwt"])
+    """Evidence kinds accepted: ``dcap`` (SGX/TDX quotes), ``snp``, ``jwt`` (an attestation
+    service's token); ``simulated`` gives no hardware protection."""
+    allowed_tcb_statuses: list[str] = Field(default_factory=lambda: ["UpToDate"])
+    """DCAP: the platform TCB statuses accepted (Intel's names: UpToDate, SWHardeningNeeded,
+    ConfigurationNeeded, ConfigurationAndSWHardeningNeeded, OutOfDate, ...). Revoked never."""
+    refused_advisories: list[str] = Field(default_factory=list)
+    """DCAP: Intel security advisories (INTEL-SA-xxxxx) that refuse a platform outright."""
+    max_collateral_age_days: float | None = Field(None, gt=0)
+    """DCAP: refuse a quote judged by TCB info issued longer ago than this (expired
+    collateral is always refused)."""
+    allow_test_root: bool = False
+    """Accept DCAP quotes verified against a TEST root (``test_pki``): development only,
+    no hardware protection."""
+    max_vmpl: int = Field(0, ge=0, le=3)
+    """SNP: the least privileged VM privilege level whose report is accepted."""
+    allow_migration_agent: bool = False
+    """SNP: accept guests whose policy allows a migration agent."""
     allowed_measurements: list[str] = Field(default_factory=list)
     """Hex measurements (``ppml-serve attest measure``) of workers a client trusts with its
     input (end-to-end mode). The key broker does not release keys on this list alone."""
@@ -83,7 +152,7 @@ class Policy(BaseModel):
         except (KeyError, ValueError, binascii.Error):
             raise AttestationRefused("worker attestation document is malformed") from None
         claims = verifier.verify(evidence)
-        if claims.report_data != report_data(public_key, None):
+        if not claims.binds(public_key, None):
             raise AttestationRefused("evidence does not bind the published public key")
         self.check(claims, now)
         return public_key
@@ -92,8 +161,8 @@ class Policy(BaseModel):
         """Evidence a client may trust: provider, debug, freshness and measurement."""
         self._check_evidence(claims, now)
         allowed = {m.lower() for m in self.allowed_measurements}
-        allowed |= {release.measurement.lower() for release in self.releases}
-        if claims.measurement.lower() not in allowed:
+        if claims.measurement.lower() not in allowed and \
+                all(release.mismatch(claims) is not None for release in self.releases):
             raise AttestationRefused(
                 f"measurement {claims.measurement[:16]}… is not allowed by the policy "
                 "(the worker's code, configuration or model differs)")
@@ -103,9 +172,14 @@ class Policy(BaseModel):
         """The release entry that lets this worker have ``model``'s keys (and, for an
         encrypted model, unwrap ``model_key``); ``AttestationRefused`` says why not."""
         self._check_evidence(claims, now)
-        measurement = claims.measurement.lower()
-        bound = [r for r in self.releases if r.measurement.lower() == measurement]
+        bound = [r for r in self.releases if r.mismatch(claims) is None]
         if not bound:
+            measurement = claims.measurement.lower()
+            near = [r for r in self.releases if r.model == model and r.measurement is not None
+                    and r.measurement.lower() == measurement]
+            if near:
+                raise AttestationRefused(f"the worker's measurement is model {model!r}'s but "
+                                         f"{near[0].mismatch(claims)}")
             if measurement in {m.lower() for m in self.allowed_measurements}:
                 raise AttestationRefused(
                     f"measurement {claims.measurement[:16]}… is not bound to any model: list "
@@ -130,9 +204,38 @@ class Policy(BaseModel):
             raise AttestationRefused(f"provider {claims.provider!r} is not allowed by the policy")
         if claims.debug and not self.allow_debug:
             raise AttestationRefused("debug (or simulated) evidence is not allowed by the policy")
+        if claims.test_root and not self.allow_test_root:
+            raise AttestationRefused("the quote is signed by a TEST root, not Intel's: no "
+                                     "hardware protection (the policy does not allow_test_root)")
         age = now - claims.issued_at
         if age > self.max_evidence_age_s or age < -5:
             raise AttestationRefused(f"evidence is stale ({age:.0f} s old)")
+        if claims.tee in ("sgx", "tdx"):
+            self._check_tcb(claims, now)
+        if claims.tee == "snp":
+            values = claims.measurements
+            if int(values.get("vmpl", "0")) > self.max_vmpl:
+                raise AttestationRefused(f"the report is from VMPL {values.get('vmpl')}, above "
+                                         f"the policy's {self.max_vmpl}")
+            if values.get("migrate_ma") == "true" and not self.allow_migration_agent:
+                raise AttestationRefused("the guest allows a migration agent; the policy not")
+
+    def _check_tcb(self, claims: Claims, now: float) -> None:
+        if claims.tcb_status not in self.allowed_tcb_statuses or claims.tcb_status == "Revoked":
+            raise AttestationRefused(
+                f"the platform's TCB status is {claims.tcb_status}"
+                + (f" ({', '.join(claims.advisories)})" if claims.advisories else "")
+                + f"; the policy accepts {', '.join(self.allowed_tcb_statuses)}")
+        refused = sorted(set(claims.advisories) & set(self.refused_advisories))
+        if refused:
+            raise AttestationRefused(f"the platform is affected by {', '.join(refused)}")
+        if self.max_collateral_age_days is not None and claims.collateral_issued:
+            issued = dt.datetime.fromisoformat(claims.collateral_issued.replace("Z", "+00:00"))
+            age_days = (now - issued.timestamp()) / 86400
+            if age_days > self.max_collateral_age_days:
+                raise AttestationRefused(
+                    f"the collateral was issued {age_days:.0f} days ago, more than the "
+                    f"policy's {self.max_collateral_age_days:g}: fetch fresh collateral")
 
 
 class PolicyFile:
