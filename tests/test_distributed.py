@@ -6,6 +6,7 @@ here, as it would on separate machines."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import signal
 import subprocess
@@ -81,7 +82,8 @@ def _wait_for(condition: object, what: str, timeout_s: float = 60) -> None:
 def test_parts_on_separate_state_dirs_and_addresses(tmp_path: Path, parts: Parts) -> None:
     operator, machines = tmp_path / "operator", tmp_path / "machines"
     subprocess.run([*RUN, "init", "--state-dir", str(operator)], check=True,
-                   capture_output=True, timeout=60)
+                   capture_output=True, timeout=60,
+                   env={**os.environ, "PPML_SECURITY__ATTESTATION": "simulated"})
     ports = {"redis": free_port(), "broker": free_port(), "gateway": free_port()}
     config = tmp_path / "ppml.yaml"
     config.write_text(yaml.safe_dump({

@@ -279,6 +279,9 @@ class LogSettings(_Section):
     without ever waiting for a reader."""
     file_max_bytes: int = Field(10 << 20, ge=4096)
     """Size at which a log file is rotated."""
+    audit_dir: Path | None = None
+    """Where each part keeps its tamper-evident audit log (``PART.jsonl``, hash-chained;
+    ``ppml-serve audit verify``). Default: ``STATE_DIR/audit``."""
     file_backups: int = Field(3, ge=0, le=100)
     """Rotated files kept (``PART.log.1`` …); the state directory holds at most
     ``(file_backups + 1) * file_max_bytes`` of logs per part."""
@@ -366,6 +369,9 @@ class Settings(BaseSettings):
     @property
     def attestation_dir(self) -> Path:
         return self.state_dir / "attestation"
+
+    def audit_log(self, part: str) -> Path:
+        return (self.log.audit_dir or self.state_dir / "audit") / f"{part}.jsonl"
 
     @property
     def collateral_dir(self) -> Path:

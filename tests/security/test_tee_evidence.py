@@ -69,11 +69,11 @@ def test_genuine_sgx_quote_verifies_with_its_measurements_and_status() -> None:
     assert claims.hardware_protected and not claims.test_root
     # The default policy takes only UpToDate platforms, and says which status it saw.
     with pytest.raises(AttestationRefused, match="ConfigurationAndSWHardeningNeeded"):
-        Policy()._check_tcb(claims, SGX_AT)
-    Policy(allowed_tcb_statuses=["ConfigurationAndSWHardeningNeeded"])._check_tcb(claims, SGX_AT)
+        Policy().check_tcb(claims, SGX_AT)
+    Policy(allowed_tcb_statuses=["ConfigurationAndSWHardeningNeeded"]).check_tcb(claims, SGX_AT)
     with pytest.raises(AttestationRefused, match="affected by INTEL-SA-00615"):
         Policy(allowed_tcb_statuses=["ConfigurationAndSWHardeningNeeded"],
-               refused_advisories=["INTEL-SA-00615"])._check_tcb(claims, SGX_AT)
+               refused_advisories=["INTEL-SA-00615"]).check_tcb(claims, SGX_AT)
 
 
 @needs_fixtures
@@ -83,9 +83,9 @@ def test_genuine_tdx_quote_verifies_up_to_date() -> None:
     assert (claims.tee, claims.measurement, claims.tcb_status) == ("tdx", MRTD, "UpToDate")
     assert claims.report_data.startswith("9a9d48e7f6799642d3d1b34e1e5e1742")
     assert set(claims.measurements) >= {"rtmr0", "rtmr1", "rtmr2", "rtmr3"}
-    Policy()._check_tcb(claims, TDX_AT)
+    Policy().check_tcb(claims, TDX_AT)
     with pytest.raises(AttestationRefused, match=r"issued 1 days ago, more than the policy's 0\.5"):
-        Policy(max_collateral_age_days=0.5)._check_tcb(claims, TDX_AT + 86400)
+        Policy(max_collateral_age_days=0.5).check_tcb(claims, TDX_AT + 86400)
 
 
 @needs_fixtures
@@ -319,3 +319,34 @@ def test_typed_release_fields_must_all_match() -> None:
         "the entry is for SGX evidence"
     with pytest.raises(ValueError, match="needs 'measurement'"):
         Release(model="m", model_sha256="0" * 64)
+
+
+# --- the operator's command ---------------------------------------------------------------
+
+def F(name: str) -> str:
+    return str(FIXTURES / name)
+
+
+SGX_TIME, TDX_TIME = "2025-06-19T11:56:11Z", "2025-06-19T11:16:03Z"
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("args", "code", "says"), [
+    ([F("tdx_quote"), "--collateral", F("tdx_quote_collateral.json"), "--at", TDX_TIME], 0,
+     "accepted by the policy"),
+    ([F("tdx_quote"), "--collateral", F("tdx_quote_collateral.json")], 1, "collateral expired"),
+    ([F("sgx_quote"), "--collateral", F("sgx_quote_collateral.json"), "--at", SGX_TIME], 1,
+     "TCB status is ConfigurationAndSWHardeningNeeded"),
+    ([F("snp/attestation.bin"), "--collateral", F("snp/kds_vcek.der"),
+      "--ask", F("snp/milan_ask.der"), "--ark", F("snp/milan_ark.der")], 1, "debug"),
+    ([F("snp/attestation.bin")], 2, "needs --collateral VCEK.der"),
+])
+def test_attest_verify_command(args: list[str], code: int, says: str,
+                               capsys: pytest.CaptureFixture[str]) -> None:
+    from ppml_serve.cli.main import main
+
+    with pytest.raises(SystemExit) as exited:
+        main(["attest", "verify", *args])
+    captured = capsys.readouterr()
+    assert exited.value.code == code
+    assert says in captured.out + captured.err

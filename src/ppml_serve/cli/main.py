@@ -271,6 +271,32 @@ def build_parser() -> argparse.ArgumentParser:
     measure.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH")
     _engine_options(measure)
 
+    verify = attest_commands.add_parser(
+        "verify", help="verify TEE evidence (SGX/TDX quote, SEV-SNP report) offline",
+        description="Detects the evidence kind, verifies it against Intel's or AMD's pinned "
+        "roots at the given time, prints the TEE type, measurements, report_data, TCB status "
+        "and advisories, and exits 1 with the reason when the policy (default: the production "
+        "one, UpToDate platforms only) refuses it.")
+    verify.add_argument("evidence", type=Path, help="raw quote or SEV-SNP report file")
+    verify.add_argument("--collateral", type=Path, help="DCAP collateral JSON (SGX/TDX), or "
+                        "the VCEK certificate (DER) for SEV-SNP")
+    verify.add_argument("--ask", type=Path, help="SEV-SNP: the ASK certificate (DER)")
+    verify.add_argument("--ark", type=Path, help="SEV-SNP: the ARK certificate (DER); must be "
+                        "one of AMD's pinned roots")
+    verify.add_argument("--at", metavar="ISO-8601", help="verify as of this time "
+                        "(default now; collateral expires)")
+    verify.add_argument("--policy", type=Path, help="judge with this policy file instead")
+    verify.add_argument("--test-root", type=Path, help="DEVELOPMENT: a test PKI's root "
+                        "certificate (DER) instead of Intel's")
+    verify.add_argument("--json", action="store_true", help="print one JSON document")
+
+    audit = commands.add_parser("audit", help="audit log tools")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True,
+                                          metavar="ACTION")
+    audit_check = audit_commands.add_parser(
+        "verify", help="check an audit log's hash chain (edits, insertions, truncation)")
+    audit_check.add_argument("log", type=Path, help="e.g. STATE/audit/keybroker.jsonl")
+
     ray = commands.add_parser(
         "ray", help="run a model's workers as Ray actors, autoscaled on the queue's lag",
         description="Each actor is a full worker (its own attestation and keys, read from "
@@ -478,11 +504,22 @@ def run(args: argparse.Namespace) -> int:
             return model_commands.model_add(_settings(args), args)
         return model_commands.model_decrypt(_settings(args), args)
 
+    if args.command == "attest" and args.attest_command == "verify":
+        from ppml_serve.cli.attest_commands import attest_verify
+
+        return attest_verify(args.evidence, args.collateral, args.ask, args.ark, args.at,
+                             args.json, args.policy, args.test_root)
+
     if args.command == "attest":
         from ppml_serve.cli.model_commands import attest_measure
 
         name, path = args.model
         return attest_measure(_settings(args), name, path)
+
+    if args.command == "audit":
+        from ppml_serve.cli.attest_commands import audit_verify
+
+        return audit_verify(args.log)
 
     if args.command == "ray":
         return _ray_pool(args)

@@ -15,6 +15,7 @@ from typing import Any
 
 import uvicorn
 
+from ppml_serve.audit_chain import attach
 from ppml_serve.crypto.keys import make_sealer
 from ppml_serve.crypto.tls import SERVER_CIPHERS
 from ppml_serve.disk import DiskWatch
@@ -112,6 +113,7 @@ def listening_sockets(settings: Settings) -> list[socket.socket] | None:
 
 def build_gateway(settings: Settings) -> uvicorn.Server:
     """Everything is checked here, before the port opens, so errors surface at start."""
+    attach(settings.audit_log("gateway"), "gateway")
     keys = ApiKeyStore.load(settings.api_keys_file)
     sealer = make_sealer(settings)
     url = settings.redis_url()

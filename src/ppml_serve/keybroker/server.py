@@ -6,6 +6,7 @@ import logging
 
 import uvicorn
 
+from ppml_serve.audit_chain import attach
 from ppml_serve.crypto.attestation.base import Verifier
 from ppml_serve.crypto.attestation.collateral import CollateralStore
 from ppml_serve.crypto.attestation.dcap import DcapVerifier
@@ -41,6 +42,7 @@ def verifiers(settings: Settings) -> dict[str, Verifier]:
 
 
 def build_broker(settings: Settings) -> KeyBroker:
+    attach(settings.audit_log("keybroker"), "keybroker")
     kms = open_kms(settings)
     table = data_key_table(settings)
     policy = PolicyFile(settings.policy_file, lambda problem: audit.error(

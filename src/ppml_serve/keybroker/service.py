@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import logging
 import secrets
@@ -41,8 +42,10 @@ class ReleaseRequest:
     """The broker's nonce the evidence binds (hardware quotes carry it only hashed)."""
 
 
-def _measured(claims: Claims | None) -> str:
-    return claims.measurement if claims is not None else ""
+def _escaped(value: str) -> str:
+    """A caller-chosen value as it may appear inside a log line: control characters (a CR/LF
+    would start a forged line) and quotes escaped, at most 128 characters."""
+    return json.dumps(value[:128])[1:-1]
 
 
 class InferenceKeys:
@@ -94,12 +97,24 @@ class KeyBroker:
             raise AttestationRefused("nonce expired (stale evidence)")
 
     def _audit(self, request: ReleaseRequest, outcome: str, reason: str,
-                measurement: str = "") -> None:
-        """One line per release decision: who asked for which model, and what happened."""
+               claims: Claims | None = None) -> None:
+        """One entry per release decision: who asked for which model, on what evidence, and
+        what happened. Caller-chosen fields are escaped (no forged lines)."""
         level = logging.INFO if outcome == "released" else logging.WARNING
+        measurement = claims.measurement if claims is not None else ""
+        fields: dict[str, object] = {
+            "decision": outcome, "model": request.model, "provider": request.provider,
+            "peer": request.peer, "reason": reason, "measurement": measurement,
+            "evidence_sha256": hashlib.sha256(request.evidence.encode()).hexdigest()}
+        if claims is not None:
+            fields.update(tee=claims.tee, tcb_status=claims.tcb_status,
+                          advisories=list(claims.advisories),
+                          collateral_sha256=claims.collateral_sha256,
+                          hardware_protected=claims.hardware_protected)
         audit.log(level, "key release %s: model=%r measurement=%s provider=%s peer=%s%s",
-                  outcome, request.model, measurement or "-", request.provider,
-                  request.peer or "-", f" ({reason})" if reason else "")
+                  outcome, request.model, measurement or "-",
+                  _escaped(request.provider), _escaped(request.peer) or "-",
+                  f" ({reason})" if reason else "", extra={"audit": fields})
 
     def release(self, request: ReleaseRequest) -> bytes:
         """The keys sealed to ``request.public_key``; ``AttestationRefused`` says why not."""
@@ -123,14 +138,13 @@ class KeyBroker:
             policy.check_release(claims, request.model, request.model_key, self._clock())
             model_key = self._kms.unwrap(request.model_key) if request.model_key else None
         except AttestationRefused as exc:
-            self._audit(request, "refused", str(exc), _measured(claims))
+            self._audit(request, "refused", str(exc), claims)
             raise
         except IntegrityError:
-            self._audit(request, "refused", "the model's wrapped key is not valid",
-                        _measured(claims))
+            self._audit(request, "refused", "the model's wrapped key is not valid", claims)
             raise AttestationRefused("the model's wrapped key is not valid") from None
         except NotReady as exc:
-            self._audit(request, "unavailable", str(exc), _measured(claims))
+            self._audit(request, "unavailable", str(exc), claims)
             raise
         inference = X25519PrivateKey.from_private_bytes(
             self._inference_keys.private_key(request.model))
@@ -145,5 +159,5 @@ class KeyBroker:
             "inference_public_key": base64.b64encode(public_bytes(inference)).decode(),
         }
         self._audit(request, "released", "" if claims.hardware_protected
-                    else "NO hardware protection", claims.measurement)
+                    else "NO hardware protection", claims)
         return seal_to(request.public_key, json.dumps(payload).encode(), RELEASE_INFO)

@@ -159,7 +159,7 @@ class Policy(BaseModel):
 
     def check(self, claims: Claims, now: float) -> None:
         """Evidence a client may trust: provider, debug, freshness and measurement."""
-        self._check_evidence(claims, now)
+        self.check_evidence(claims, now)
         allowed = {m.lower() for m in self.allowed_measurements}
         if claims.measurement.lower() not in allowed and \
                 all(release.mismatch(claims) is not None for release in self.releases):
@@ -171,7 +171,7 @@ class Policy(BaseModel):
                       now: float) -> Release:
         """The release entry that lets this worker have ``model``'s keys (and, for an
         encrypted model, unwrap ``model_key``); ``AttestationRefused`` says why not."""
-        self._check_evidence(claims, now)
+        self.check_evidence(claims, now)
         bound = [r for r in self.releases if r.mismatch(claims) is None]
         if not bound:
             measurement = claims.measurement.lower()
@@ -199,7 +199,7 @@ class Policy(BaseModel):
             f"measurement {claims.measurement[:16]}… may receive keys for {models}, "
             f"not for model {model!r}")
 
-    def _check_evidence(self, claims: Claims, now: float) -> None:
+    def check_evidence(self, claims: Claims, now: float) -> None:
         if claims.provider not in self.allowed_providers:
             raise AttestationRefused(f"provider {claims.provider!r} is not allowed by the policy")
         if claims.debug and not self.allow_debug:
@@ -211,7 +211,7 @@ class Policy(BaseModel):
         if age > self.max_evidence_age_s or age < -5:
             raise AttestationRefused(f"evidence is stale ({age:.0f} s old)")
         if claims.tee in ("sgx", "tdx"):
-            self._check_tcb(claims, now)
+            self.check_tcb(claims, now)
         if claims.tee == "snp":
             values = claims.measurements
             if int(values.get("vmpl", "0")) > self.max_vmpl:
@@ -220,7 +220,7 @@ class Policy(BaseModel):
             if values.get("migrate_ma") == "true" and not self.allow_migration_agent:
                 raise AttestationRefused("the guest allows a migration agent; the policy not")
 
-    def _check_tcb(self, claims: Claims, now: float) -> None:
+    def check_tcb(self, claims: Claims, now: float) -> None:
         if claims.tcb_status not in self.allowed_tcb_statuses or claims.tcb_status == "Revoked":
             raise AttestationRefused(
                 f"the platform's TCB status is {claims.tcb_status}"

@@ -1,0 +1,123 @@
+"""``attest verify`` (judge a piece of TEE evidence as the key broker would) and ``audit
+verify`` (check an audit log's hash chain), for operators and security reviewers."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
+from ppml_serve.crypto.attestation.dcap import DcapVerifier
+from ppml_serve.crypto.attestation.policy import Policy
+from ppml_serve.crypto.attestation.snp import REPORT_BYTES, SnpVerifier
+from ppml_serve.errors import ConfigError
+
+SNP_CHAIN_HELP = ("an SEV-SNP report needs --collateral VCEK.der and --ask/--ark (AMD KDS's "
+                  "cert_chain); the ARK is checked against the pinned Milan/Genoa/Turin roots")
+
+
+def _when(text: str | None) -> float:
+    if text is None:
+        return time.time()
+    try:
+        moment = dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+    except ValueError:
+        raise ConfigError(f"--at: {text!r} is not an ISO-8601 time "
+                          "(e.g. 2025-06-19T11:56:11Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=dt.timezone.utc)
+    return moment.timestamp()
+
+
+def _read(path: Path | None, what: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{what}: cannot read {path} ({exc.strerror})") from None
+
+
+def _judge(evidence: bytes, collateral: bytes | None, ask: bytes | None, ark: bytes | None,
+           at: float, test_root: bytes | None) -> Claims:
+    if len(evidence) == REPORT_BYTES and evidence[:4] in (b"\x02\0\0\0", b"\x03\0\0\0",
+                                                          b"\x05\0\0\0"):
+        if collateral is None or ask is None or ark is None:
+            raise ConfigError(SNP_CHAIN_HELP)
+        return SnpVerifier().verify_report(evidence, collateral, ask, ark, at)
+    if collateral is None:
+        raise ConfigError("a DCAP quote needs --collateral (the collateral JSON: PCK CRL, TCB "
+                          "info, QE identity, as 'attest collateral fetch' stores it)")
+    try:
+        document: dict[str, Any] = json.loads(collateral)
+    except ValueError:
+        raise ConfigError("--collateral is not DCAP collateral JSON") from None
+    return DcapVerifier(test_root_der=test_root).verify_quote(evidence, document, at)
+
+
+def attest_verify(evidence_path: Path, collateral_path: Path | None, ask_path: Path | None,
+                  ark_path: Path | None, at_text: str | None, as_json: bool,
+                  policy_path: Path | None, test_root_path: Path | None) -> int:
+    """Exit 0 when the evidence verifies and the policy (default: the production one) takes
+    it; 1 with the reason otherwise."""
+    at = _when(at_text)
+    evidence = _read(evidence_path, "evidence") or b""
+    policy = Policy.load(policy_path) if policy_path is not None else Policy()
+    report: dict[str, Any] = {"file": str(evidence_path),
+                              "verified_at": dt.datetime.fromtimestamp(
+                                  at, dt.timezone.utc).isoformat()}
+    try:
+        claims = _judge(evidence, _read(collateral_path, "--collateral"),
+                        _read(ask_path, "--ask"), _read(ark_path, "--ark"), at,
+                        _read(test_root_path, "--test-root"))
+    except AttestationRefused as exc:
+        report.update(verified=False, accepted=False, reason=str(exc))
+        return _print(report, as_json)
+    report.update(verified=True, tee=claims.tee, measurement=claims.measurement,
+                  measurements=dict(claims.measurements), report_data=claims.report_data,
+                  tcb_status=claims.tcb_status, advisories=list(claims.advisories),
+                  debug=claims.debug, hardware_protected=claims.hardware_protected)
+    try:
+        policy.check_evidence(claims, at)
+        report.update(accepted=True)
+    except AttestationRefused as exc:
+        report.update(accepted=False, reason=f"the policy refuses it: {exc}")
+    return _print(report, as_json)
+
+
+def _print(report: dict[str, Any], as_json: bool) -> int:
+    if as_json:
+        print(json.dumps(report, indent=2))
+    else:
+        lines = [f"evidence:     {report['file']} (judged at {report['verified_at']})"]
+        if report["verified"]:
+            lines.append(f"TEE:          {str(report['tee']).upper()}"
+                         f"{'' if report['hardware_protected'] else ' (TEST ROOT)'}")
+            for name, value in report["measurements"].items():
+                lines.append(f"{name + ':':<13} {value}")
+            lines.append(f"report_data:  {report['report_data']}")
+            lines.append(f"TCB status:   {report['tcb_status']}")
+            lines.append(f"advisories:   {', '.join(report['advisories']) or 'none'}")
+        lines.append("accepted by the policy" if report["accepted"]
+                     else f"REFUSED: {report['reason']}")
+        print("\n".join(lines))
+    return 0 if report["accepted"] else 1
+
+
+def audit_verify(path: Path) -> int:
+    from ppml_serve.audit_chain import verify
+
+    try:
+        verdict = verify(path)
+    except OSError as exc:
+        raise ConfigError(f"audit verify: cannot read {path} ({exc.strerror})") from None
+    if verdict.problem is None:
+        print(f"{path}: {verdict.entries} entries, hash chain intact")
+        return 0
+    print(f"{path}: TAMPERED after {verdict.entries} good entries: {verdict.problem}",
+          file=sys.stderr)
+    return 1
