@@ -211,6 +211,11 @@ class KeyBrokerSettings(_Section):
     """DEVELOPMENT ONLY: a TEST root certificate (DER) that replaces Intel's pinned SGX Root CA
     for DCAP quotes (``up`` sets it for its test PKI). Claims verified against it say
     ``hardware_protected: false``; a policy accepts them only with ``allow_test_root``."""
+    policy_signers: dict[str, str] = Field(default_factory=dict)
+    """Operators whose Ed25519 signatures a policy needs (name -> base64 public key, from
+    ``ppml-serve policy keygen``). Empty: the policy file is taken unsigned."""
+    policy_threshold: int = Field(1, ge=1)
+    """How many of ``policy_signers`` must have signed a policy (k of n)."""
     collateral_dir: Path | None = None
     """Cache of Intel DCAP collateral (``attest collateral fetch``), used offline.
     Default: ``STATE_DIR/attestation/collateral``."""

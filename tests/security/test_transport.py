@@ -37,11 +37,12 @@ def test_redis_refuses_cbc_and_sha1_suites_on_tls_1_2(stack: Stack) -> None:
     assert "GCM" in _handshake(stack, "ECDHE+AESGCM")
 
 
-@pytest.mark.parametrize("which", ["https", "grpc"])
+@pytest.mark.parametrize("which", ["https", "grpc", "keybroker"])
 def test_gateway_ports_refuse_cbc_and_sha1_suites_on_tls_1_2(stack: Stack, which: str) -> None:
-    """Found from outside: the HTTPS port also accepted CBC suites."""
-    port = int(stack.url.rsplit(":", 1)[1]) if which == "https" else \
-        int(stack.local.grpc_address.rsplit(":", 1)[1])
+    """Found from outside: the HTTPS port (and the key broker's) also accepted CBC suites."""
+    port = {"https": lambda: int(stack.url.rsplit(":", 1)[1]),
+            "grpc": lambda: int(stack.local.grpc_address.rsplit(":", 1)[1]),
+            "keybroker": lambda: stack.settings.keybroker.port}[which]()
     for legacy in ("AES128-SHA", "ECDHE-RSA-AES128-SHA", "ECDHE-RSA-AES256-SHA384",
                    "AES256-GCM-SHA384"):
         with pytest.raises(ssl.SSLError):

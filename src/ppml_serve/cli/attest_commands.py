@@ -121,3 +121,43 @@ def audit_verify(path: Path) -> int:
     print(f"{path}: TAMPERED after {verdict.entries} good entries: {verdict.problem}",
           file=sys.stderr)
     return 1
+
+
+def policy_keygen(out: Path, name: str) -> int:
+    from ppml_serve.crypto.attestation.policy_signing import generate_signer
+
+    if out.exists():
+        raise ConfigError(f"{out} exists; choose another --out (a signing key is never "
+                          "overwritten)")
+    public = generate_signer(out)
+    print(f"signing key written to {out} (keep it off the broker's machine)\n"
+          f"add to the key broker's settings:\n  keybroker:\n    policy_signers:\n"
+          f"      {name}: {public}")
+    return 0
+
+
+def policy_sign(policy: Path, key: Path, name: str) -> int:
+    from ppml_serve.crypto.attestation.policy_signing import sign_policy, signature_path
+
+    digest = sign_policy(policy, key, name)
+    print(f"{name} signed {policy} (sha256 {digest}) into {signature_path(policy)}")
+    return 0
+
+
+def policy_verify(policy: Path, signers: dict[str, str], threshold: int) -> int:
+    from ppml_serve.crypto.attestation.policy_signing import PolicyUnsigned, check_signatures
+    from ppml_serve.private_files import read_protected
+
+    if not signers:
+        raise ConfigError("keybroker.policy_signers is empty: name the operators' keys in "
+                          "the settings (--config) first")
+    data = read_protected(policy, secret=False)
+    try:
+        names = check_signatures(data, policy, signers, threshold)
+    except PolicyUnsigned as exc:
+        print(f"REFUSED: {exc}", file=sys.stderr)
+        return 1
+    Policy.parse(data, policy)
+    print(f"{policy}: signed by {', '.join(names)} ({len(names)} of {threshold} required); "
+          "the key broker will take it")
+    return 0

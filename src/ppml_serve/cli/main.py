@@ -290,6 +290,26 @@ def build_parser() -> argparse.ArgumentParser:
                         "certificate (DER) instead of Intel's")
     verify.add_argument("--json", action="store_true", help="print one JSON document")
 
+    policy = commands.add_parser(
+        "policy", help="sign key-release policies (k of n operators)",
+        description="With keybroker.policy_signers set, the key broker takes a policy only "
+        "when keybroker.policy_threshold of those operators signed its exact bytes; an "
+        "unsigned or badly signed edit is refused and audited, the old policy stays.")
+    policy_commands = policy.add_subparsers(dest="policy_command", required=True,
+                                            metavar="ACTION")
+    keygen = policy_commands.add_parser("keygen", help="make an operator's signing key")
+    keygen.add_argument("name", help="the operator's name in keybroker.policy_signers")
+    keygen.add_argument("--out", type=Path, required=True, help="private key file to write")
+    sign = policy_commands.add_parser("sign", help="sign a policy file's current bytes")
+    sign.add_argument("policy", type=Path)
+    sign.add_argument("--key", type=Path, required=True, help="the operator's signing key")
+    sign.add_argument("--name", required=True, help="the operator's name")
+    check = policy_commands.add_parser(
+        "verify", help="check a policy's signatures against the settings' signers")
+    _common(check)
+    check.add_argument("policy", type=Path, nargs="?",
+                       help="policy file (default: security.policy_file)")
+
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True,
                                           metavar="ACTION")
@@ -515,6 +535,18 @@ def run(args: argparse.Namespace) -> int:
 
         name, path = args.model
         return attest_measure(_settings(args), name, path)
+
+    if args.command == "policy":
+        from ppml_serve.cli import attest_commands
+
+        if args.policy_command == "keygen":
+            return attest_commands.policy_keygen(args.out, args.name)
+        if args.policy_command == "sign":
+            return attest_commands.policy_sign(args.policy, args.key, args.name)
+        settings = _settings(args)
+        return attest_commands.policy_verify(args.policy or settings.policy_file,
+                                             settings.keybroker.policy_signers,
+                                             settings.keybroker.policy_threshold)
 
     if args.command == "audit":
         from ppml_serve.cli.attest_commands import audit_verify

@@ -15,6 +15,8 @@ from ppml_serve.crypto.attestation.policy import PolicyFile
 from ppml_serve.crypto.attestation.simulated import PUBLIC_FILE, SimulatedVerifier
 from ppml_serve.crypto.attestation.snp import SnpVerifier
 from ppml_serve.crypto.keys import data_key_table, open_kms
+from ppml_serve.crypto.tls import SERVER_CIPHERS
+from ppml_serve.errors import ConfigError
 from ppml_serve.guarded_http import guarded_protocol
 from ppml_serve.keybroker.app import create_app
 from ppml_serve.keybroker.service import InferenceKeys, KeyBroker
@@ -45,8 +47,20 @@ def build_broker(settings: Settings) -> KeyBroker:
     attach(settings.audit_log("keybroker"), "keybroker")
     kms = open_kms(settings)
     table = data_key_table(settings)
-    policy = PolicyFile(settings.policy_file, lambda problem: audit.error(
-        "policy change refused, the previous policy stays in force: %s", problem))
+    broker = settings.keybroker
+    if broker.policy_signers and broker.policy_threshold > len(broker.policy_signers):
+        raise ConfigError(f"keybroker.policy_threshold: {broker.policy_threshold} signatures "
+                          f"required but only {len(broker.policy_signers)} signers named")
+    policy = PolicyFile(
+        settings.policy_file,
+        lambda problem: audit.error("policy change refused, the previous policy stays in "
+                                    "force: %s", problem,
+                                    extra={"audit": {"decision": "refused"}}),
+        broker.policy_signers, broker.policy_threshold,
+        lambda digest, signers: audit.info(
+            "policy in force: sha256=%s signed by %s", digest, ", ".join(signers) or "nobody "
+            "(no signers configured)",
+            extra={"audit": {"policy_sha256": digest, "signed_by": signers}}))
     return KeyBroker(kms, table.unwrap_all(kms), table.active, policy,
                      verifiers(settings),
                      InferenceKeys(settings.keybroker.inference_keys_file
@@ -60,6 +74,8 @@ def build_keybroker_server(settings: Settings) -> uvicorn.Server:
                             # the same head-size and read-deadline limits as the gateway
                             http=guarded_protocol(16 * 1024, 10.0, 10.0),
                             limit_concurrency=256,
+                            # TLS 1.2 with forward-secret AEAD suites only (or 1.3)
+                            ssl_ciphers=SERVER_CIPHERS,
                             access_log=False, ssl_certfile=str(settings.server_cert_file),
                             ssl_keyfile=str(settings.server_key_file))
     return uvicorn.Server(config)

@@ -15,7 +15,7 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Literal
 
@@ -23,6 +23,11 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Claims, Verifier
+from ppml_serve.crypto.attestation.policy_signing import (
+    PolicyUnsigned,
+    check_signatures,
+    signature_path,
+)
 from ppml_serve.errors import ConfigError
 from ppml_serve.private_files import read_protected
 
@@ -137,8 +142,12 @@ class Policy(BaseModel):
         path = Path(path) if path is not None else None
         if path is None or not path.exists():
             return cls()
+        return cls.parse(read_protected(path, secret=False), path)
+
+    @classmethod
+    def parse(cls, data: bytes, path: Path) -> Policy:
         try:
-            return cls.model_validate(yaml.safe_load(read_protected(path, secret=False)) or {})
+            return cls.model_validate(yaml.safe_load(data) or {})
         except (ValidationError, yaml.YAMLError) as exc:
             raise ConfigError(f"security.policy_file: {path} is not a valid policy: "
                               f"{str(exc).splitlines()[0]}") from None
@@ -241,27 +250,52 @@ class Policy(BaseModel):
 class PolicyFile:
     """A policy file re-read when it changes, so that owners can allow a new model or
     version (``ppml-serve model add``) without restarting the key broker. A change that does
-    not parse is refused (logged) and the last good policy stays in force."""
+    not parse, or (with ``signers``) lacks ``threshold`` valid operator signatures, is
+    refused (reported to ``on_error``) and the last good policy stays in force."""
 
-    def __init__(self, path: Path, on_error: Callable[[str], None] | None = None) -> None:
+    def __init__(self, path: Path, on_error: Callable[[str], None] | None = None,
+                 signers: Mapping[str, str] | None = None, threshold: int = 1,
+                 on_accept: Callable[[str, list[str]], None] | None = None) -> None:
         self._path = path
         self._on_error = on_error
+        self._on_accept = on_accept
+        self._signers = dict(signers or {})
+        self._threshold = threshold
         self._stamp = self._read_stamp()
-        self._policy = Policy.load(path)
+        self._policy = self._load()
 
-    def _read_stamp(self) -> tuple[int, int] | None:
+    def _read_stamp(self) -> tuple[tuple[int, int] | None, ...]:
+        stamps: list[tuple[int, int] | None] = []
+        for path in (self._path, signature_path(self._path)):
+            try:
+                stat = path.stat()
+                stamps.append((stat.st_mtime_ns, stat.st_size))
+            except FileNotFoundError:
+                stamps.append(None)
+        return tuple(stamps)
+
+    def _load(self) -> Policy:
+        """Read once, check the signatures of exactly those bytes, then parse them."""
         try:
-            stat = self._path.stat()
+            data = read_protected(self._path, secret=False)
         except FileNotFoundError:
-            return None
-        return stat.st_mtime_ns, stat.st_size
+            if self._signers:
+                raise PolicyUnsigned(f"{self._path} does not exist") from None
+            return Policy()
+        signed_by: list[str] = []
+        if self._signers:
+            signed_by = check_signatures(data, self._path, self._signers, self._threshold)
+        policy = Policy.parse(data, self._path)
+        if self._on_accept is not None:
+            self._on_accept(hashlib.sha256(data).hexdigest(), signed_by)
+        return policy
 
     def current(self) -> Policy:
         stamp = self._read_stamp()
         if stamp != self._stamp:
             self._stamp = stamp
             try:
-                self._policy = Policy.load(self._path)
+                self._policy = self._load()
             except ConfigError as exc:
                 if self._on_error is not None:
                     self._on_error(str(exc))
