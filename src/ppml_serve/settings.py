@@ -254,10 +254,13 @@ class SecuritySettings(_Section):
     policy_file: Path | None = None
     """Key-release policy (YAML) of the key broker. Default: ``STATE_DIR/policy.yaml``;
     without one, the strict production policy applies (simulated attestation refused)."""
-    attestation: Literal["dcap-test", "simulated", "none"] = "dcap-test"
-    """Attestation provider of the worker. ``dcap-test`` makes Intel DCAP quotes from the
-    state directory's TEST PKI, checked by the real quote verifier; ``simulated`` signs
-    claims with a local platform key. Both give NO hardware protection (development only)."""
+    attestation: Literal["dcap-test", "simulated", "gramine", "tdx", "snp", "auto",
+                         "none"] = "dcap-test"
+    """Attestation provider of the worker. Hardware: ``gramine`` (SGX DCAP quotes through
+    /dev/attestation), ``tdx`` and ``snp`` (through Linux configfs-tsm), ``auto`` (whichever
+    this machine has). Development: ``dcap-test`` makes DCAP quotes from the state
+    directory's TEST PKI, checked by the real quote verifier; ``simulated`` signs claims
+    with a local platform key. Both give NO hardware protection."""
 
 
 class TracingSettings(_Section):

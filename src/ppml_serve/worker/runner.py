@@ -16,6 +16,7 @@ from ppml_serve.backoff import Backoff
 from ppml_serve.crypto.attestation.base import AttestationRefused, Provider
 from ppml_serve.crypto.attestation.measurement import Measurement, measure
 from ppml_serve.crypto.attestation.policy import key_fingerprint
+from ppml_serve.crypto.attestation.providers import GramineProvider, TsmProvider, auto_provider
 from ppml_serve.crypto.attestation.simulated import SimulatedProvider
 from ppml_serve.crypto.attestation.test_pki import TestPkiProvider
 from ppml_serve.crypto.e2e import WorkerKey
@@ -107,6 +108,15 @@ def repository_releases(settings: Settings, repository: Repository,
 
 
 def attestation_provider(settings: Settings) -> Provider:
+    kind = settings.security.attestation
+    if kind == "gramine":
+        return GramineProvider()
+    if kind in ("tdx", "snp"):
+        return TsmProvider(kind)
+    if kind == "auto":
+        provider = auto_provider()
+        log.info("attestation provider: %r", provider)
+        return provider
     if settings.security.attestation == "dcap-test":
         log.warning("attestation uses a TEST PKI's DCAP quotes: no hardware protection "
                     "(development only)")
