@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from moto.server import ThreadedMotoServer
 
 from ppml_serve.client import Client
+from ppml_serve.codecs import record
 from ppml_serve.crypto.attestation.base import AttestationRefused, report_data
 from ppml_serve.crypto.attestation.dcap import DcapVerifier
 from ppml_serve.crypto.attestation.policy import Policy
@@ -272,3 +274,49 @@ def test_a_poisoned_end_to_end_record_is_named_for_what_it_is(protected: Stack) 
     assert response.status_code == 400, response.text
     assert "opened by the model's workers, but" in response.json()["error"]
     assert garbage.status_code == 400 and "could not be opened" in garbage.json()["error"]
+
+
+def test_a_replayed_end_to_end_request_is_refused(protected: Stack) -> None:
+    """Found from outside: 3/3 replayed sealed requests were answered. The sealed blob binds
+    its time, and workers remember it (in Redis, for every worker) for that window."""
+    from ppml_serve.crypto.e2e import ClientSession
+
+    settings = protected.settings
+    measurement = worker_measurement(settings, "demo", settings.models["demo"]).value
+    policy = Policy(allowed_providers=["dcap"], allow_test_root=True, max_evidence_age_s=300,
+                    allowed_measurements=[measurement])
+    with Client(protected.url, api_key=protected.api_key, ca_file=protected.ca_file) as client:
+        session = ClientSession(client.worker_key("demo", stack_quote_verifier(settings),
+                                                  policy))
+    sealed = session.seal_request(record.pack({"image": IMAGES[:1]}), "demo")
+    with protected.http() as http:
+        answers = [http.post("/v2/models/demo/infer-sealed", content=sealed,
+                             headers={"Content-Type": "application/octet-stream"})
+                   for _ in range(3)]
+    assert answers[0].status_code == 200, answers[0].text
+    for replay in answers[1:]:
+        assert replay.status_code == 400 and "replayed" in replay.json()["error"], replay.text
+
+
+def test_the_client_takes_only_its_models_fresh_worker_key(protected: Stack) -> None:
+    """Found from outside: a client asking for 'demo' accepted another model's worker
+    document. The published evidence binds the key to the model and the time."""
+    settings = protected.settings
+    measurement = worker_measurement(settings, "demo", settings.models["demo"]).value
+    verifier = stack_quote_verifier(settings)
+    policy = Policy(allowed_providers=["dcap"], allow_test_root=True, max_evidence_age_s=300,
+                    allowed_measurements=[measurement])
+    with protected.http() as http:
+        (document, *_) = http.get("/v2/models/demo/attestation").json()["workers"]
+    now = time.time()
+    assert policy.check_worker_key(document, verifier, now, "demo")
+    with pytest.raises(AttestationRefused, match="attested for model 'demo', not 'rep'"):
+        policy.check_worker_key(document, verifier, now, "rep")
+    relabelled = {**document, "model": "rep"}  # the document edited to claim another model
+    with pytest.raises(AttestationRefused, match="does not bind"):
+        policy.check_worker_key(relabelled, verifier, now, "rep")
+    with pytest.raises(AttestationRefused, match="stale"):
+        policy.check_worker_key(document, verifier, now + 301, "demo")
+    older = {**document, "issued_at": float(document["issued_at"]) - 5}  # another time claimed
+    with pytest.raises(AttestationRefused, match="does not bind"):
+        policy.check_worker_key(older, verifier, now, "demo")

@@ -96,11 +96,12 @@ def _raise_for_status(response: httpx.Response) -> None:
     raise ClientError(response.status_code, message)
 
 
-def _trusted_key(document: dict[str, Any], verifier: Verifier, policy: Policy) -> bytes:
+def _trusted_key(document: dict[str, Any], verifier: Verifier, policy: Policy,
+                 model: str) -> bytes:
     reasons = []
     for worker in document.get("workers", []):
         try:
-            return policy.check_worker_key(worker, verifier, time.time())
+            return policy.check_worker_key(worker, verifier, time.time(), model)
         except AttestationRefused as exc:
             reasons.append(str(exc))
     raise AttestationRefused("no worker key passed the client's policy: "
@@ -228,7 +229,7 @@ class Client(_Base):
         """The model's end-to-end public key, after checking its evidence against ``policy``."""
         response = self._http.get(f"/v2/models/{model}/attestation")
         _raise_for_status(response)
-        return _trusted_key(response.json(), verifier, policy)
+        return _trusted_key(response.json(), verifier, policy, model)
 
     def infer_sealed(self, model: str, inputs: Arrays, verifier: Verifier,
                      policy: Policy) -> Arrays:
@@ -322,7 +323,7 @@ class AsyncClient(_Base):
         """The model's end-to-end public key, after checking its evidence against ``policy``."""
         response = await self._http.get(f"/v2/models/{model}/attestation")
         _raise_for_status(response)
-        return _trusted_key(response.json(), verifier, policy)
+        return _trusted_key(response.json(), verifier, policy, model)
 
     async def infer_sealed(self, model: str, inputs: Arrays, verifier: Verifier,
                            policy: Policy) -> Arrays:

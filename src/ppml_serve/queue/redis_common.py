@@ -21,6 +21,7 @@ are keyed by the model's name alone, so ``…/jobs/ID`` finds a job whatever its
     PREFIX:{MODEL}:dead     dead-letter stream: the request's fields plus reason, deliveries
     PREFIX:{MODEL}:workers  sorted set worker-id -> last heartbeat (unix seconds)
     PREFIX:{MODEL}:attest   hash worker-id -> attestation JSON (public key + evidence)
+    PREFIX:{MODEL}:seen:ID  string: an end-to-end blob already received (expires)
     PREFIX:{MODEL}:job:ID   hash of a job: state, model, owner, output options, and the
                             answer as the worker sealed it; expires after the job TTL
     PREFIX:models           hash queue name -> model spec JSON (inputs, outputs, labels),
@@ -89,6 +90,10 @@ class Keys:
 
     def attestations(self, model: str) -> str:
         return f"{self._of(model)}:attest"
+
+    def seen(self, model: str, token: str) -> str:
+        """An end-to-end request blob already received (replay refusal), expiring."""
+        return f"{self._of(model)}:seen:{token}"
 
     def job(self, model: str, job_id: str) -> str:
         return f"{self._of(model.partition('@')[0])}:job:{job_id}"

@@ -170,6 +170,14 @@ class RedisWorkerBroker:
     def publish_attestation(self, document: str) -> None:
         self._client.hset(self._keys.attestations(self._model), self._consumer, document)
 
+    def remember_once(self, token: str, owner: str, ttl_ms: int) -> bool:
+        key = self._keys.seen(self._model, token)
+        if self._client.set(key, owner, nx=True, px=ttl_ms):
+            return True
+        recorded = self._client.get(key)
+        return recorded is not None and (recorded.decode() if isinstance(recorded, bytes)
+                                         else str(recorded)) == owner
+
     def leave(self) -> None:
         """Stop being counted as live; leave the group if nothing is pending here."""
         # If Redis is already gone, the heartbeat entry simply ages out.

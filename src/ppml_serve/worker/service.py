@@ -23,6 +23,8 @@ from opentelemetry.context import Context
 from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
 from ppml_serve.crypto.attestation.base import Provider, report_data
+from ppml_serve.crypto.attestation.policy import publication_binding
+from ppml_serve.crypto.e2e import WINDOW_S as E2E_WINDOW_S
 from ppml_serve.crypto.e2e import WorkerKey
 from ppml_serve.crypto.envelope import REPLY, REQUEST, SPEC, Sealer, associated_data
 from ppml_serve.engines.base import Engine
@@ -103,10 +105,14 @@ class Worker:
         if time.monotonic() - self._attested_at < ATTESTATION_REFRESH_S:
             return
         public = self._worker_key.public
-        evidence = self._provider.evidence(self._measurement, report_data(public, None), None)
+        issued_at = int(time.time())
+        binding = publication_binding(self._model, issued_at)
+        evidence = self._provider.evidence(self._measurement, report_data(public, binding),
+                                           binding)
         self._broker.publish_attestation(json.dumps({
-            "provider": self._provider.name, "evidence": evidence,
-            "public_key": base64.b64encode(public).decode(), "measurement": self._measurement}))
+            "provider": self._provider.name, "evidence": evidence, "model": self._model,
+            "issued_at": issued_at, "public_key": base64.b64encode(public).decode(),
+            "measurement": self._measurement}))
         self._attested_at = time.monotonic()
 
     def stop(self) -> None:
@@ -374,7 +380,14 @@ class Worker:
         if delivery.mode is Mode.SEALED:
             if self._worker_key is None:
                 raise IntegrityError("this worker holds no end-to-end key")
-            opened, entry.reply_key = self._worker_key.open_request(opened, self._name)
+            sealed = self._worker_key.open_request(opened, self._name)
+            # the same blob again within its window, through any gateway to any worker: a
+            # replay (a redelivery of the same request carries the same request id)
+            if not self._broker.remember_once(sealed.replay_id, delivery.request_id,
+                                              int(E2E_WINDOW_S * 2000)):
+                raise InvalidInput("this sealed request was already received: a replayed "
+                                   "request is not answered again (seal each request anew)")
+            opened, entry.reply_key = sealed.plaintext, sealed.reply_key
         _, inputs = record.unpack(opened)
         self._engine.spec.check_inputs(inputs, self._settings.max_rows_per_request)
         return inputs

@@ -102,6 +102,12 @@ class Release(BaseModel):
         return None
 
 
+def publication_binding(queue: str, issued_at: float) -> str:
+    """What a worker's published attestation binds beside its key (the "nonce" hashed into
+    report_data): the model version it serves and when, to the second."""
+    return f"publish|{queue}|{int(issued_at)}"
+
+
 def key_fingerprint(wrapped_key: bytes) -> str:
     return hashlib.sha256(wrapped_key).hexdigest()
 
@@ -153,16 +159,29 @@ class Policy(BaseModel):
                               f"{str(exc).splitlines()[0]}") from None
 
     def check_worker_key(self, document: dict[str, object], verifier: Verifier,
-                         now: float) -> bytes:
-        """A worker's published end-to-end key, if its evidence passes: the raw public key."""
+                         now: float, model: str) -> bytes:
+        """A worker's published end-to-end key for ``model``, if its evidence passes: the
+        raw public key. The evidence must bind the key, the model it serves and the time it
+        was made (``publication_binding``), so neither another model's key nor an old
+        attestation of a key is taken."""
         try:
             public_key = base64.b64decode(str(document["public_key"]), validate=True)
             evidence = str(document["evidence"])
+            served = str(document["model"])
+            issued_at = float(str(document["issued_at"]))
         except (KeyError, ValueError, binascii.Error):
-            raise AttestationRefused("worker attestation document is malformed") from None
+            raise AttestationRefused("worker attestation document is malformed (or from a "
+                                     "worker too old to bind its model and time)") from None
+        if served.partition("@")[0] != model:
+            raise AttestationRefused(f"the worker key is attested for model "
+                                     f"{served.partition('@')[0]!r}, not {model!r}")
+        age = now - issued_at
+        if age > self.max_evidence_age_s or age < -5:
+            raise AttestationRefused(f"the worker's attestation is stale ({age:.0f} s old)")
         claims = verifier.verify(evidence)
-        if not claims.binds(public_key, None):
-            raise AttestationRefused("evidence does not bind the published public key")
+        if not claims.binds(public_key, publication_binding(served, issued_at)):
+            raise AttestationRefused("evidence does not bind the published public key to "
+                                     "this model and time")
         self.check(claims, now)
         return public_key
 
