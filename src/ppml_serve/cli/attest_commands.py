@@ -161,3 +161,29 @@ def policy_verify(policy: Path, signers: dict[str, str], threshold: int) -> int:
     print(f"{policy}: signed by {', '.join(names)} ({len(names)} of {threshold} required); "
           "the key broker will take it")
     return 0
+
+
+def collateral_fetch(store_dir: Path, evidence: list[Path], pccs: str | None, kds: str | None,
+                     product: str) -> int:
+    """Cache what each piece of evidence needs (a DCAP quote: from the PCCS; an SEV-SNP
+    report: its VCEK and chain from AMD's KDS)."""
+    from ppml_serve.crypto.attestation.collateral import CollateralStore
+    from ppml_serve.crypto.attestation.collateral_fetch import fetch_dcap, fetch_snp
+
+    store = CollateralStore(store_dir)
+    for path in evidence:
+        data = _read(path, "evidence") or b""
+        if len(data) == REPORT_BYTES:
+            if kds is None:
+                raise ConfigError(f"{path} is an SEV-SNP report: give --kds URL "
+                                  "(https://kdsintf.amd.com)")
+            cached_at = fetch_snp(store, kds, data, product)
+            print(f"{path}: VCEK and {product} chain cached in {cached_at}")
+            continue
+        if pccs is None:
+            raise ConfigError(f"{path} is a DCAP quote: give --pccs URL (a PCCS, or Intel's "
+                              "https://api.trustedservices.intel.com)")
+        cached, next_update = fetch_dcap(store, pccs, data)
+        print(f"{path}: collateral cached in {cached} (next update {next_update}; fetch "
+              "again before then)")
+    return 0

@@ -310,6 +310,23 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("policy", type=Path, nargs="?",
                        help="policy file (default: security.policy_file)")
 
+    collateral = attest_commands.add_parser(
+        "collateral", help="the key broker's cache of Intel/AMD collateral")
+    collateral_commands = collateral.add_subparsers(dest="collateral_command", required=True,
+                                                    metavar="ACTION")
+    fetch = collateral_commands.add_parser(
+        "fetch", help="fetch what these quotes/reports need into the collateral cache",
+        description="For each DCAP quote, the PCK CRL, TCB info and QE identity of its "
+        "platform (from a PCCS or Intel's PCS); for each SEV-SNP report, its chip's VCEK at "
+        "its TCB and the ASK/ARK chain (from AMD's KDS). The key broker then verifies "
+        "offline; collateral expires (see its next update), so run this regularly.")
+    _common(fetch)
+    fetch.add_argument("evidence", type=Path, nargs="+", help="quote or report files")
+    fetch.add_argument("--pccs", help="PCCS or Intel PCS base URL")
+    fetch.add_argument("--kds", help="AMD KDS base URL")
+    fetch.add_argument("--product", default="Milan", choices=["Milan", "Genoa", "Turin"],
+                       help="SEV-SNP processor product (default Milan)")
+
     audit = commands.add_parser("audit", help="audit log tools")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True,
                                           metavar="ACTION")
@@ -523,6 +540,12 @@ def run(args: argparse.Namespace) -> int:
         if args.model_command == "add":
             return model_commands.model_add(_settings(args), args)
         return model_commands.model_decrypt(_settings(args), args)
+
+    if args.command == "attest" and args.attest_command == "collateral":
+        from ppml_serve.cli.attest_commands import collateral_fetch
+
+        return collateral_fetch(_settings(args).collateral_dir, args.evidence, args.pccs,
+                                args.kds, args.product)
 
     if args.command == "attest" and args.attest_command == "verify":
         from ppml_serve.cli.attest_commands import attest_verify

@@ -2,20 +2,68 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
+import datetime as dt
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ppml_serve.crypto.attestation.base import AttestationRefused
+from ppml_serve.crypto.attestation.collateral import CollateralStore
 from ppml_serve.errors import NotReady
 from ppml_serve.keybroker.service import KeyBroker, ReleaseRequest
 
+log = logging.getLogger("ppml_serve.keybroker")
+EXPIRY_WARNING = dt.timedelta(days=7)
+CHECK_EVERY_S = 3600.0
 
-def create_app(broker: KeyBroker) -> Starlette:
+
+def warn_of_expiry(store: CollateralStore) -> None:
+    """A log line before expiry bites (and one while it does)."""
+    now = dt.datetime.now(dt.timezone.utc)
+    for name, expiry in store.expiries():
+        if expiry < now:
+            log.error("collateral %s expired at %s: quotes of that platform are refused; run "
+                      "'ppml-serve attest collateral fetch'", name, expiry.isoformat())
+        elif expiry - now < EXPIRY_WARNING:
+            log.warning("collateral %s expires in %.1f days (%s): run 'ppml-serve attest "
+                        "collateral fetch'", name, (expiry - now).total_seconds() / 86400,
+                        expiry.isoformat())
+
+
+def create_app(broker: KeyBroker, collateral: CollateralStore | None = None) -> Starlette:
+    registry = CollectorRegistry()
+    expiry_gauge = Gauge("ppml_attestation_collateral_expiry_seconds",
+                         "Seconds until cached DCAP collateral expires (negative: expired; "
+                         "quotes of that platform are refused)", ["file"], registry=registry)
+
+    async def metrics(request: Request) -> Response:
+        now = dt.datetime.now(dt.timezone.utc)
+        for name, expiry in collateral.expiries() if collateral is not None else ():
+            expiry_gauge.labels(name).set((expiry - now).total_seconds())
+        return Response(generate_latest(registry),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        async def watch() -> None:
+            while collateral is not None:
+                warn_of_expiry(collateral)
+                await asyncio.sleep(CHECK_EVERY_S)
+        task = asyncio.create_task(watch())
+        try:
+            yield
+        finally:
+            task.cancel()
+
     async def nonce(request: Request) -> Response:
         return JSONResponse({"nonce": broker.issue_nonce()})
 
@@ -50,4 +98,5 @@ def create_app(broker: KeyBroker) -> Starlette:
         Route("/v1/nonce", nonce, methods=["POST"]),
         Route("/v1/release", release, methods=["POST"]),
         Route("/v1/health", health),
-    ])
+        Route("/v1/metrics", metrics),
+    ], lifespan=lifespan)

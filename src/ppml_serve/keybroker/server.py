@@ -35,7 +35,7 @@ def verifiers(settings: Settings) -> dict[str, Verifier]:
                       "hardware protection", broker.dcap_test_root_file)
     found: dict[str, Verifier] = {
         "dcap": DcapVerifier(CollateralStore(settings.collateral_dir), test_root),
-        "snp": SnpVerifier()}
+        "snp": SnpVerifier(CollateralStore(settings.collateral_dir))}
     if (settings.attestation_dir / PUBLIC_FILE).exists():
         found["simulated"] = SimulatedVerifier.from_directory(settings.attestation_dir)
     if broker.jwks_file is not None and broker.jwt_issuer:
@@ -68,7 +68,7 @@ def build_broker(settings: Settings) -> KeyBroker:
 
 
 def build_keybroker_server(settings: Settings) -> uvicorn.Server:
-    app = create_app(build_broker(settings))
+    app = create_app(build_broker(settings), CollateralStore(settings.collateral_dir))
     config = uvicorn.Config(app, host=settings.keybroker.host, port=settings.keybroker.port,
                             loop="uvloop", log_level="warning",
                             # the same head-size and read-deadline limits as the gateway

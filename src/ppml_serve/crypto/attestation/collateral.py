@@ -50,6 +50,31 @@ class CollateralStore:
         write_private(path, json.dumps(collateral, indent=1).encode())
         return path
 
+    def _snp_path(self, chip_id: str, tcb: dict[str, int]) -> Path:
+        if not _SAFE.match(chip_id):
+            raise AttestationRefused("no VCEK for this chip")
+        level = "-".join(f"{name}{value}" for name, value in sorted(tcb.items()))
+        return self.directory / f"snp-{chip_id[:32]}-{level}.json"
+
+    def put_snp(self, chip_id: str, tcb: dict[str, int], vcek: bytes, ask: bytes,
+                ark: bytes) -> Path:
+        self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = self._snp_path(chip_id, tcb)
+        write_private(path, json.dumps({name: value.hex() for name, value in
+                                        (("vcek", vcek), ("ask", ask), ("ark", ark))}).encode())
+        return path
+
+    def snp_certificates(self, chip_id: str, tcb: dict[str, int]) -> dict[str, bytes]:
+        path = self._snp_path(chip_id, tcb)
+        try:
+            document = json.loads(read_protected(path, secret=False))
+            return {name: bytes.fromhex(document[name]) for name in ("vcek", "ask", "ark")}
+        except FileNotFoundError:
+            raise AttestationRefused("no VCEK cached for this chip at its reported TCB: run "
+                                     "'ppml-serve attest collateral fetch --kds'") from None
+        except (ValueError, KeyError, TypeError):
+            raise AttestationRefused(f"the cached VCEK {path.name} is damaged") from None
+
     def for_quote(self, quote: bytes, tee: str) -> dict[str, Any]:
         try:
             fmspc = dcap_qvl.parse_quote(quote).fmspc()
@@ -70,7 +95,8 @@ class CollateralStore:
 
     def expiries(self) -> Iterator[tuple[str, dt.datetime]]:
         """(file name, next update) of each cached DCAP collateral, for the expiry gauge."""
-        for path in sorted(self.directory.glob("*.json")) if self.directory.is_dir() else ():
+        for path in sorted(self.directory.glob("[st][gd]x-*.json")) \
+                if self.directory.is_dir() else ():
             try:
                 expiry = _expiry(json.loads(read_protected(path, secret=False)))
             except (OSError, ValueError):

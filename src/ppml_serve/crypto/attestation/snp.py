@@ -31,6 +31,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
+from ppml_serve.crypto.attestation.collateral import CollateralStore
 
 NAME = "snp"
 REPORT_BYTES = 0x4A0
@@ -150,7 +151,9 @@ def _product(ark: x509.Certificate) -> str:
 class SnpVerifier:
     name = NAME
 
-    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, collateral: CollateralStore | None = None,
+                 clock: Callable[[], float] = time.time) -> None:
+        self._collateral = collateral
         self._clock = clock
 
     def __repr__(self) -> str:
@@ -165,8 +168,21 @@ class SnpVerifier:
             raise AttestationRefused("evidence is not an SEV-SNP evidence document")
         report, vcek = _der(document, "report"), _der(document, "vcek")
         ask, ark = _der(document, "ask"), _der(document, "ark")
-        if report is None or vcek is None or ask is None or ark is None:
-            raise AttestationRefused("SEV-SNP evidence needs the report, VCEK, ASK and ARK")
+        if report is None:
+            raise AttestationRefused("SEV-SNP evidence needs the report")
+        if (vcek is None or ask is None or ark is None) and self._collateral is not None:
+            parsed = Report.parse(report)
+            for product in PINNED_ARKS:  # the cache knows which product's chain it holds
+                try:
+                    cached = self._collateral.snp_certificates(parsed.chip_id.hex(),
+                                                               parsed.tcb(product))
+                except AttestationRefused:
+                    continue
+                vcek, ask, ark = cached["vcek"], cached["ask"], cached["ark"]
+                break
+        if vcek is None or ask is None or ark is None:
+            raise AttestationRefused("SEV-SNP evidence needs the VCEK, ASK and ARK (from the "
+                                     "extended report, or the collateral cache)")
         return self.verify_report(report, vcek, ask, ark)
 
     def verify_report(self, raw: bytes, vcek_der: bytes, ask_der: bytes, ark_der: bytes,
