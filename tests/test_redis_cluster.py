@@ -61,7 +61,9 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, Pa
         "state_dir": str(state), "redis": {"cluster": True},
         "models": {name: str(demo_model_path()) for name in MODELS},
         "gateway": {"port": free_port(), "request_timeout_s": 20},
-        "keybroker": {"port": free_port()},
+        # a development stack's quotes come from its TEST PKI: its broker names that root
+        "keybroker": {"port": free_port(),
+                      "dcap_test_root_file": str(state / "attestation" / "test-pki-root.der")},
         "worker": {"heartbeat_s": 0.3, "claim_idle_ms": 1500, "engine_threads": 1},
     }))
     settings = load_settings(config)

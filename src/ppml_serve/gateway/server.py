@@ -113,9 +113,9 @@ def listening_sockets(settings: Settings) -> list[socket.socket] | None:
 
 def build_gateway(settings: Settings) -> uvicorn.Server:
     """Everything is checked here, before the port opens, so errors surface at start."""
-    attach(settings.audit_log("gateway"), "gateway")
     keys = ApiKeyStore.load(settings.api_keys_file)
     sealer = make_sealer(settings)
+    attach(settings.audit_log("gateway"), "gateway")
     url = settings.redis_url()
     ca_file = settings.ca_file
     gateway = settings.gateway

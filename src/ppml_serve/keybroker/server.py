@@ -44,9 +44,9 @@ def verifiers(settings: Settings) -> dict[str, Verifier]:
 
 
 def build_broker(settings: Settings) -> KeyBroker:
-    attach(settings.audit_log("keybroker"), "keybroker")
     kms = open_kms(settings)
     table = data_key_table(settings)
+    attach(settings.audit_log("keybroker"), "keybroker")
     broker = settings.keybroker
     if broker.policy_signers and broker.policy_threshold > len(broker.policy_signers):
         raise ConfigError(f"keybroker.policy_threshold: {broker.policy_threshold} signatures "

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from typing import Any
 
 import dcap_qvl
+from cryptography import x509
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
 from ppml_serve.crypto.attestation.collateral import CollateralStore
@@ -65,6 +66,16 @@ def _reason(exc: Exception) -> str:
         return (f"the collateral expired (its CRL's next update was {when:%Y-%m-%d %H:%M} UTC):"
                 " fetch fresh collateral")
     return text.removeprefix("Verification failed: ")[:200]
+
+
+def _from_test_pki(quote: bytes) -> bool:
+    try:
+        chain = dcap_qvl.parse_quote(quote).cert_chain_pem_bytes() or b""
+    except ValueError:
+        return False
+    return b"ppml-serve TEST" in b"".join(
+        cert.subject.public_bytes() for cert in x509.load_pem_x509_certificates(chain)) \
+        if chain else False
 
 
 def quote_measurements(quote: bytes) -> tuple[str, dict[str, str], bytes, bool]:
@@ -136,6 +147,11 @@ class DcapVerifier:
             else:
                 verified = dcap_qvl.verify(quote, parsed, now)
         except ValueError as exc:
+            if self._test_root is None and _from_test_pki(quote):
+                raise AttestationRefused(
+                    f"{tee.upper()} quote refused: it is signed by a ppml-serve TEST PKI, not "
+                    "Intel's (a development stack's key broker names that root in "
+                    "keybroker.dcap_test_root_file)") from None
             raise AttestationRefused(f"{tee.upper()} quote refused: {_reason(exc)}") from None
         tcb_info = json.loads(str(collateral.get("tcb_info", "{}")))
         primary = values["mrtd"] if tee == "tdx" else values["mrenclave"]
