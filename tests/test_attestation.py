@@ -4,12 +4,15 @@ unbound keys refused; JWT attestation tokens verified against published signing 
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import time
 from pathlib import Path
 
 import jwt
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import rsa
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import SecretStr
@@ -156,7 +159,7 @@ def token(key: rsa.RSAPrivateKey, **claims: object) -> str:
 def test_jwt_token_verified_against_published_keys(service_key: rsa.RSAPrivateKey) -> None:
     verifier = JwtVerifier(jwks(service_key), ISSUER)
     claims = verifier.verify(token(service_key))
-    assert claims.measurement == GOOD and claims.report_data == "11" * 32
+    assert claims.measurement == GOOD and claims.report_data == "11" * 32 + "00" * 32
     assert claims.hardware_protected and not claims.debug
     Policy(allowed_measurements=[GOOD]).check(claims, time.time())
 
@@ -182,3 +185,43 @@ def test_debug_enclave_refused_by_production_policy(service_key: rsa.RSAPrivateK
         token(service_key, **{"x-ms-sgx-is-debuggable": True}))
     with pytest.raises(AttestationRefused, match="debug"):
         Policy(allowed_measurements=[GOOD]).check(claims, time.time())
+
+
+def x5c_only(key: rsa.RSAPrivateKey) -> dict[str, object]:
+    """A JWKS entry as Azure Attestation publishes it: the key only as a certificate."""
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "attestation service")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
+            .public_key(key.public_key()).serial_number(1)
+            .not_valid_before(now - datetime.timedelta(days=1))
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    der = cert.public_bytes(serialization.Encoding.DER)
+    return {"keys": [{"kid": "broken", "kty": "RSA", "n": "!!"},
+                     {"kid": "service-1", "kty": "RSA", "x5c": [base64.b64encode(der).decode()]}]}
+
+
+def test_jwks_with_only_x5c_certificates_and_ps384(service_key: rsa.RSAPrivateKey) -> None:
+    """Found from outside: PyJWK refused x5c-only entries and the error escaped the
+    constructor; PS384 was not accepted."""
+    verifier = JwtVerifier(x5c_only(service_key), ISSUER)  # the broken entry is skipped
+    now = int(time.time())
+    body = {"iss": ISSUER, "iat": now, "exp": now + 300, "x-ms-sgx-mrenclave": GOOD,
+            "x-ms-sgx-report-data": "11" * 64}
+    signed = jwt.encode(body, service_key, algorithm="PS384", headers={"kid": "service-1"})
+    claims = verifier.verify(signed)
+    assert claims.measurement == GOOD and claims.report_data == "11" * 32
+    with pytest.raises(AttestationRefused, match="no usable key"):
+        JwtVerifier({"keys": [{"kid": "broken", "kty": "RSA", "n": "!!"}]}, ISSUER)
+
+
+def test_intel_trust_authority_nested_claims(service_key: rsa.RSAPrivateKey) -> None:
+    mrtd = "ab" * 48
+    claims = JwtVerifier(jwks(service_key), ISSUER).verify(token(
+        service_key, **{"x-ms-sgx-mrenclave": None},
+        tdx={"tdx_mrtd": mrtd, "tdx_report_data": "22" * 32 + "00" * 32,
+             "tdx_is_debuggable": False}, attester_tcb_status="OutOfDate"))
+    assert (claims.tee, claims.measurement, claims.tcb_status) == ("tdx", mrtd, "OutOfDate")
+    with pytest.raises(AttestationRefused, match="TCB status is OutOfDate"):
+        Policy(allowed_measurements=[mrtd]).check(claims, time.time())
+    Policy(allowed_measurements=[mrtd], allowed_tcb_statuses=["UpToDate", "OutOfDate"]).check(
+        claims, time.time())

@@ -238,7 +238,8 @@ class Policy(BaseModel):
         age = now - claims.issued_at
         if age > self.max_evidence_age_s or age < -5:
             raise AttestationRefused(f"evidence is stale ({age:.0f} s old)")
-        if claims.tee in ("sgx", "tdx"):
+        # DCAP quotes always carry a TCB judgement; a token only when its service gives one
+        if claims.tee in ("sgx", "tdx") and (claims.tcb_status or claims.provider == "dcap"):
             self.check_tcb(claims, now)
         if claims.tee == "snp":
             values = claims.measurements
