@@ -113,3 +113,15 @@ def test_kms_outage_is_503_with_retry_after_not_a_refusal(tmp_path: Path) -> Non
     assert response.headers["retry-after"] == "1"
     assert "unavailable" in response.json()["error"]
     assert malformed.status_code == 400
+
+
+def test_kms_unwraps_each_key_once(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Found from outside: three synchronous KMS unwraps per release. Now each wrapped key
+    (the model's file key, its end-to-end key) is unwrapped once per broker process."""
+    setup = Setup(tmp_path)
+    calls: list[int] = []
+    unwrap = setup.kms.unwrap
+    monkeypatch.setattr(setup.kms, "unwrap", lambda wrapped: calls.append(1) or unwrap(wrapped))
+    for _ in range(3):
+        assert setup.broker.release(setup.request(DEMO, "demo", setup.demo_key.wrapped))
+    assert len(calls) == 2

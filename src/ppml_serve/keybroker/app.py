@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import datetime as dt
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from pydantic import ValidationError
 from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -20,6 +20,7 @@ from ppml_serve.crypto.attestation.base import AttestationRefused
 from ppml_serve.crypto.attestation.collateral import CollateralStore
 from ppml_serve.errors import NotReady
 from ppml_serve.keybroker.service import KeyBroker, ReleaseRequest
+from ppml_serve.keybroker.wire import NonceAnswer, ReleaseAnswer, ReleaseAsk
 
 log = logging.getLogger("ppml_serve.keybroker")
 EXPIRY_WARNING = dt.timedelta(days=7)
@@ -65,31 +66,26 @@ def create_app(broker: KeyBroker, collateral: CollateralStore | None = None) -> 
             task.cancel()
 
     async def nonce(request: Request) -> Response:
-        return JSONResponse({"nonce": broker.issue_nonce()})
+        return JSONResponse(NonceAnswer(nonce=broker.issue_nonce()).model_dump())
 
     async def release(request: Request) -> Response:
         try:
-            document = await request.json()
-            model_key = document.get("model_key")
-            release_request = ReleaseRequest(
-                provider=str(document["provider"]), evidence=str(document["evidence"]),
-                public_key=base64.b64decode(document["public_key"], validate=True),
-                model=str(document["model"]),
-                model_key=base64.b64decode(model_key, validate=True) if model_key else None,
-                peer=request.client.host if request.client else "",
-                nonce=str(document["nonce"]) if document.get("nonce") else None)
-            if len(release_request.public_key) != 32:
-                raise ValueError
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError, binascii.Error):
+            ask = ReleaseAsk.model_validate_json(await request.body())
+        except (ValidationError, RecursionError):
             return JSONResponse({"error": "malformed key-release request"}, status_code=400)
+        release_request = ReleaseRequest(
+            provider=ask.provider, evidence=ask.evidence, public_key=ask.public_key,
+            model=ask.model, model_key=ask.model_key, nonce=ask.nonce,
+            peer=request.client.host if request.client else "")
         try:
-            sealed = broker.release(release_request)
+            # verification and KMS unwraps block: off the event loop
+            sealed = await run_in_threadpool(broker.release, release_request)
         except AttestationRefused as exc:
             return JSONResponse({"error": f"key release refused: {exc}"}, status_code=403)
         except NotReady as exc:  # the KMS is down: the worker retries, it is not refused
             return JSONResponse({"error": f"keys unavailable: {exc}"}, status_code=503,
                                 headers={"Retry-After": "1"})
-        return JSONResponse({"sealed_keys": base64.b64encode(sealed).decode()})
+        return JSONResponse(ReleaseAnswer(sealed_keys=sealed).model_dump(mode="json"))
 
     async def health(request: Request) -> Response:
         return JSONResponse({"live": True})

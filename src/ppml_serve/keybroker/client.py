@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import base64
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import ValidationError
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Provider, report_data
 from ppml_serve.crypto.sealed_box import open_sealed, public_bytes
 from ppml_serve.errors import NotReady
 from ppml_serve.keybroker.service import RELEASE_INFO
+from ppml_serve.keybroker.wire import NonceAnswer, ReleaseAnswer, ReleaseAsk, ReleasedKeysPayload
 
 
 @dataclass(frozen=True)
@@ -32,25 +32,24 @@ def obtain_keys(broker_url: str, ca_file: Path | None, provider: Provider, measu
     verify: str | bool = str(ca_file) if ca_file else True
     try:
         with httpx.Client(base_url=broker_url, verify=verify, timeout=timeout_s) as http:
-            nonce = http.post("/v1/nonce").json()["nonce"]
+            nonce = NonceAnswer.model_validate_json(http.post("/v1/nonce").content).nonce
             evidence = provider.evidence(measurement, report_data(public_key, nonce), nonce)
-            response = http.post("/v1/release", json={
-                "provider": provider.name, "evidence": evidence,
-                "public_key": base64.b64encode(public_key).decode(), "model": model,
-                "nonce": nonce,
-                "model_key": base64.b64encode(model_key).decode() if model_key else None})
+            ask = ReleaseAsk(provider=provider.name, evidence=evidence, public_key=public_key,
+                             model=model, model_key=model_key, nonce=nonce)
+            response = http.post("/v1/release", json=ask.model_dump(mode="json"))
     except httpx.HTTPError as exc:
         raise NotReady(f"key broker unreachable at {broker_url} ({type(exc).__name__})") from None
     if response.status_code == 403:
         raise AttestationRefused(response.json().get("error", "key release refused"))
     if response.status_code != 200:
         raise NotReady(f"key broker answered {response.status_code}")
-    payload = json.loads(open_sealed(ephemeral, base64.b64decode(
-        response.json()["sealed_keys"]), RELEASE_INFO))
+    try:
+        sealed = ReleaseAnswer.model_validate_json(response.content).sealed_keys
+        payload = ReleasedKeysPayload.model_validate_json(
+            open_sealed(ephemeral, sealed, RELEASE_INFO))
+    except ValidationError:
+        raise NotReady("the key broker's answer is malformed") from None
     return ReleasedKeys(
-        record_keys={k: base64.b64decode(v) for k, v in payload["record_keys"].items()},
-        active_record_key=payload["active"],
-        model_key=base64.b64decode(payload["model_key"]) if payload["model_key"] else None,
-        inference_key=X25519PrivateKey.from_private_bytes(
-            base64.b64decode(payload["inference_key"])),
-    )
+        record_keys=dict(payload.record_keys), active_record_key=payload.active,
+        model_key=payload.model_key,
+        inference_key=X25519PrivateKey.from_private_bytes(payload.inference_key))

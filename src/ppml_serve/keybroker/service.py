@@ -7,6 +7,7 @@ import hashlib
 import json
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -20,6 +21,7 @@ from ppml_serve.crypto.envelope import model_keys
 from ppml_serve.crypto.kms.base import KMS
 from ppml_serve.crypto.sealed_box import public_bytes, seal_to
 from ppml_serve.errors import IntegrityError, NotReady
+from ppml_serve.keybroker.wire import ReleasedKeysPayload
 from ppml_serve.private_files import read_protected, write_private
 
 log = logging.getLogger("ppml_serve.keybroker")
@@ -57,12 +59,22 @@ class InferenceKeys:
         self._wrapped: dict[str, str] = (json.loads(read_protected(path, secret=False))
                                          if path.exists() else {})
 
+        self._plain: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"InferenceKeys(models={sorted(self._wrapped)})"
+
     def private_key(self, model: str) -> bytes:
-        if model not in self._wrapped:
-            key = self._kms.generate_data_key()  # 32 random bytes make an X25519 private key
-            self._wrapped[model] = base64.b64encode(key.wrapped).decode()
-            write_private(self._path, json.dumps(self._wrapped, indent=2).encode())
-        return self._kms.unwrap(base64.b64decode(self._wrapped[model]))
+        """The model's key, unwrapped by the KMS once per broker process."""
+        with self._lock:
+            if model not in self._plain:
+                if model not in self._wrapped:
+                    key = self._kms.generate_data_key()  # 32 random bytes: an X25519 key
+                    self._wrapped[model] = base64.b64encode(key.wrapped).decode()
+                    write_private(self._path, json.dumps(self._wrapped, indent=2).encode())
+                self._plain[model] = self._kms.unwrap(base64.b64decode(self._wrapped[model]))
+            return self._plain[model]
 
 
 class KeyBroker:
@@ -78,19 +90,35 @@ class KeyBroker:
         self._inference_keys = inference_keys
         self._clock = clock
         self._nonces: dict[str, float] = {}
+        self._lock = threading.Lock()  # releases run on a thread pool
+        self._model_keys: dict[bytes, bytes] = {}
+
+    def _unwrap_once(self, wrapped: bytes) -> bytes:
+        """A model's file key: the KMS unwraps each wrapped key once per broker process
+        (the policy already bound the wrapped key to the model before this is reached)."""
+        digest = hashlib.sha256(wrapped).digest()
+        with self._lock:
+            cached = self._model_keys.get(digest)
+        if cached is None:
+            cached = self._kms.unwrap(wrapped)
+            with self._lock:
+                self._model_keys[digest] = cached
+        return cached
 
     def __repr__(self) -> str:
         return f"KeyBroker(providers={sorted(self._verifiers)})"
 
     def issue_nonce(self) -> str:
         now = self._clock()
-        self._nonces = {n: t for n, t in self._nonces.items() if t > now}
         nonce = secrets.token_urlsafe(24)
-        self._nonces[nonce] = now + NONCE_TTL_S
+        with self._lock:
+            self._nonces = {n: t for n, t in self._nonces.items() if t > now}
+            self._nonces[nonce] = now + NONCE_TTL_S
         return nonce
 
     def _consume_nonce(self, nonce: str | None) -> None:
-        expiry = self._nonces.pop(nonce, None) if nonce else None
+        with self._lock:
+            expiry = self._nonces.pop(nonce, None) if nonce else None
         if expiry is None:
             raise AttestationRefused("nonce unknown or already used (replayed evidence)")
         if expiry < self._clock():
@@ -136,7 +164,7 @@ class KeyBroker:
             policy = self._policy.current() if isinstance(self._policy, PolicyFile) \
                 else self._policy
             policy.check_release(claims, request.model, request.model_key, self._clock())
-            model_key = self._kms.unwrap(request.model_key) if request.model_key else None
+            model_key = self._unwrap_once(request.model_key) if request.model_key else None
         except AttestationRefused as exc:
             self._audit(request, "refused", str(exc), claims)
             raise
@@ -146,18 +174,13 @@ class KeyBroker:
         except NotReady as exc:
             self._audit(request, "unavailable", str(exc), claims)
             raise
-        inference = X25519PrivateKey.from_private_bytes(
-            self._inference_keys.private_key(request.model))
-        payload = {
+        inference_private = self._inference_keys.private_key(request.model)
+        inference = X25519PrivateKey.from_private_bytes(inference_private)
+        payload = ReleasedKeysPayload(
             # this model's derivations only: a worker never holds another model's record keys
-            "record_keys": {k: base64.b64encode(v).decode()
-                            for k, v in model_keys(self._record_keys, request.model).items()},
-            "active": self._active,
-            "model_key": base64.b64encode(model_key).decode() if model_key else None,
-            "inference_key": base64.b64encode(
-                self._inference_keys.private_key(request.model)).decode(),
-            "inference_public_key": base64.b64encode(public_bytes(inference)).decode(),
-        }
+            record_keys=model_keys(self._record_keys, request.model), active=self._active,
+            model_key=model_key, inference_key=inference_private,
+            inference_public_key=public_bytes(inference))
         self._audit(request, "released", "" if claims.hardware_protected
                     else "NO hardware protection", claims)
-        return seal_to(request.public_key, json.dumps(payload).encode(), RELEASE_INFO)
+        return seal_to(request.public_key, payload.model_dump_json().encode(), RELEASE_INFO)
