@@ -194,6 +194,7 @@ class TestPki:
 
     def save(self, directory: Path) -> None:
         """Private keys (0600) and the root certificate the broker's test setting names."""
+        directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         parts = [f"ppid {self.ppid.hex()}\n".encode()]
         parts += [self.keys[name].private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
@@ -284,7 +285,6 @@ def ensure_test_pki(directory: Path) -> None:
     """Create the state directory's test PKI once (``init``/``up``)."""
     if (directory / KEYS_FILE).exists():
         return
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
     TestPki.generate().save(directory)
 
 
