@@ -35,6 +35,7 @@ class RecordingBroker:
 
     def __init__(self) -> None:
         self.replies: list[Reply] = []
+        self.seen: dict[str, str] = {}
 
     def finish(self, replies: Sequence[Reply]) -> int:
         self.replies.extend(replies)
@@ -42,6 +43,10 @@ class RecordingBroker:
 
     def drop(self, deliveries: Sequence[Delivery]) -> None:
         pass
+
+    def remember_once(self, token: str, owner: str, ttl_ms: int) -> bool:
+        """End-to-end replay refusal, as Redis keeps it (SET NX; the same owner may redo)."""
+        return self.seen.setdefault(token, owner) == owner
 
     def __getattr__(self, name: str) -> Any:  # the rest of the contract is not used here
         raise AssertionError(f"unexpected broker call {name}")
