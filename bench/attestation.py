@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import SecretStr
 
 from ppml_serve.crypto.attestation.base import report_data
-from ppml_serve.crypto.attestation.dcap import DcapVerifier, evidence_document
+from ppml_serve.crypto.attestation.dcap import DcapVerifier
 from ppml_serve.crypto.attestation.policy import Policy, Release
 from ppml_serve.crypto.attestation.snp import SnpVerifier
 from ppml_serve.crypto.attestation.test_pki import TestPki, TestPkiProvider
@@ -57,7 +57,9 @@ def genuine(rounds: int) -> dict[str, dict[str, float]]:
     if not FIXTURES.is_dir():
         print(f"skipping genuine evidence: {FIXTURES} not found", file=sys.stderr)
         return {}
-    read = (lambda name: (FIXTURES / name).read_bytes())
+    def read(name: str) -> bytes:
+        return (FIXTURES / name).read_bytes()
+
     dcap = DcapVerifier()
     sgx = json.loads(read("sgx_quote_collateral.json"))
     tdx = json.loads(read("tdx_quote_collateral.json"))

@@ -350,3 +350,27 @@ def test_attest_verify_command(args: list[str], code: int, says: str,
     captured = capsys.readouterr()
     assert exited.value.code == code
     assert says in captured.out + captured.err
+
+
+@needs_fixtures
+@pytest.mark.parametrize(("evidence", "extra"), [
+    ("tdx_quote", ["--collateral", F("tdx_quote_collateral.json"), "--at", TDX_TIME]),
+    ("sgx_quote", ["--collateral", F("sgx_quote_collateral.json"), "--at", SGX_TIME]),
+    ("snp/attestation.bin", ["--collateral", F("snp/kds_vcek.der"),
+                             "--ask", F("snp/milan_ask.der"), "--ark", F("snp/milan_ark.der")]),
+])
+def test_attest_measure_writes_an_entry_that_matches_the_tee(evidence: str, extra: list[str],
+                                                             tmp_path: Path) -> None:
+    from ppml_serve.cli.attest_commands import _judge, _when, hardware_entry
+
+    args = dict(zip(extra[::2], extra[1::2], strict=True))
+    def read(flag: str) -> bytes | None:
+        return Path(args[flag]).read_bytes() if flag in args else None
+    def path(flag: str) -> Path | None:
+        return Path(args[flag]) if flag in args else None
+    entry = hardware_entry(Path(F(evidence)), path("--collateral"), path("--ask"),
+                           path("--ark"), args.get("--at"))
+    release = Release.model_validate({"model": "demo", "model_sha256": "0" * 64, **entry})
+    claims = _judge(fixture(evidence), read("--collateral"), read("--ask"), read("--ark"),
+                    _when(args.get("--at")), None)
+    assert release.mismatch(claims) is None and release.tee == claims.tee

@@ -187,3 +187,26 @@ def collateral_fetch(store_dir: Path, evidence: list[Path], pccs: str | None, kd
         print(f"{path}: collateral cached in {cached} (next update {next_update}; fetch "
               "again before then)")
     return 0
+
+
+def hardware_entry(evidence_path: Path, collateral_path: Path | None, ask_path: Path | None,
+                   ark_path: Path | None, at_text: str | None) -> dict[str, object]:
+    """The typed release fields of a verified piece of TEE evidence (``attest measure``)."""
+    try:
+        claims = _judge(_read(evidence_path, "--evidence") or b"",
+                        _read(collateral_path, "--collateral"), _read(ask_path, "--ask"),
+                        _read(ark_path, "--ark"), _when(at_text), None)
+    except AttestationRefused as exc:
+        raise ConfigError(f"--evidence does not verify: {exc}") from None
+    values = claims.measurements
+    entry: dict[str, object] = {"tee": claims.tee, "measurement": claims.measurement}
+    if claims.tee == "sgx":
+        entry.update(mrsigner=values["mrsigner"], isv_prod_id=int(values["isv_prod_id"]),
+                     min_isv_svn=int(values["isv_svn"]))
+    elif claims.tee == "tdx":
+        entry["rtmr"] = [values[f"rtmr{index}"] for index in range(4)]
+    else:
+        entry["host_data"] = values["host_data"]
+        entry["min_tcb"] = {name: int(values[f"tcb_{name}"])
+                            for name in ("bootloader", "tee", "snp", "microcode")}
+    return entry

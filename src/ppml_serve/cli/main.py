@@ -269,6 +269,13 @@ def build_parser() -> argparse.ArgumentParser:
         "measure", help="print the measurement a worker would report (for the policy file)")
     _common(measure)
     measure.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH")
+    measure.add_argument("--evidence", type=Path, help="a TEE's quote or SEV-SNP report from "
+                         "the worker's build: the entry then names its SGX, TDX or SNP "
+                         "measurements instead of the software digest")
+    measure.add_argument("--collateral", type=Path, help="with --evidence: as 'attest verify'")
+    measure.add_argument("--ask", type=Path, help="with an SEV-SNP --evidence")
+    measure.add_argument("--ark", type=Path, help="with an SEV-SNP --evidence")
+    measure.add_argument("--at", metavar="ISO-8601", help="with --evidence: verify as of then")
     _engine_options(measure)
 
     verify = attest_commands.add_parser(
@@ -557,7 +564,13 @@ def run(args: argparse.Namespace) -> int:
         from ppml_serve.cli.model_commands import attest_measure
 
         name, path = args.model
-        return attest_measure(_settings(args), name, path)
+        hardware = None
+        if args.evidence is not None:
+            from ppml_serve.cli.attest_commands import hardware_entry
+
+            hardware = hardware_entry(args.evidence, args.collateral, args.ask, args.ark,
+                                      args.at)
+        return attest_measure(_settings(args), name, path, hardware)
 
     if args.command == "policy":
         from ppml_serve.cli import attest_commands

@@ -104,15 +104,20 @@ def keys_rotate(settings: Settings) -> int:
     return 0
 
 
-def attest_measure(settings: Settings, model: str, path: Path) -> int:
+def attest_measure(settings: Settings, model: str, path: Path,
+                   hardware: dict[str, object] | None = None) -> int:
+    """The software measurement and its policy entry; with ``hardware`` (a TEE's verified
+    measurements), the entry names those instead, still bound to this model and key."""
     import yaml
 
     from ppml_serve.worker.runner import release_entry, worker_measurement
 
     print(json.dumps(worker_measurement(settings, model, path).describe(), indent=2))
+    entry: dict[str, object] = dict(release_entry(settings, model, path))
+    if hardware is not None:
+        entry.update(hardware)
     print("# key-broker policy entry (add it under 'releases:'):", file=sys.stderr)
-    print(yaml.safe_dump([release_entry(settings, model, path)], sort_keys=False).rstrip(),
-          file=sys.stderr)
+    print(yaml.safe_dump([entry], sort_keys=False).rstrip(), file=sys.stderr)
     return 0
 
 
