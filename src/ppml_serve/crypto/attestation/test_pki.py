@@ -166,6 +166,8 @@ def enclave_report(report_data: bytes, mrenclave: bytes, mrsigner: bytes, *, deb
 class TestPki:
     """The test keys and certificates; ``generate`` once, ``save``/``load`` in a state dir."""
 
+    __test__ = False  # a fixture maker, not a pytest test class
+
     keys: dict[str, ec.EllipticCurvePrivateKey] = field(repr=False)
     certs: dict[str, x509.Certificate]
     ppid: bytes = field(repr=False)
@@ -294,6 +296,7 @@ class TestPkiProvider:
     NO hardware protection (``up`` says so; the default policy refuses it)."""
 
     name = "dcap"
+    __test__ = False
 
     def __init__(self, directory: Path) -> None:
         try:
