@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import json
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
@@ -51,6 +52,17 @@ class Claims:
         if len(self.report_data) == 128:
             expected += "0" * 64
         return hmac.compare_digest(self.report_data.lower().encode(), expected.encode())
+
+
+def evidence_document(evidence: str, kind: str) -> dict[str, object]:
+    """A JSON evidence document (DCAP, SEV-SNP) as a dict; ``AttestationRefused`` if not."""
+    try:
+        document = json.loads(evidence)
+    except (ValueError, RecursionError):
+        raise AttestationRefused(f"evidence is not {kind} evidence document") from None
+    if not isinstance(document, dict):
+        raise AttestationRefused(f"evidence is not {kind} evidence document")
+    return document
 
 
 def report_data(public_key: bytes, nonce: str | None) -> str:

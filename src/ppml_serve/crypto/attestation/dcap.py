@@ -31,6 +31,7 @@ import dcap_qvl
 from cryptography import x509
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
+from ppml_serve.crypto.attestation.base import evidence_document as parse_evidence
 from ppml_serve.crypto.attestation.collateral import CollateralStore
 
 NAME = "dcap"
@@ -111,12 +112,7 @@ class DcapVerifier:
         return f"DcapVerifier(root={'TEST' if self._test_root else 'Intel SGX Root CA'})"
 
     def verify(self, evidence: str) -> Claims:
-        try:
-            document = json.loads(evidence)
-        except (ValueError, RecursionError):
-            raise AttestationRefused("evidence is not a DCAP evidence document") from None
-        if not isinstance(document, dict):
-            raise AttestationRefused("evidence is not a DCAP evidence document")
+        document = parse_evidence(evidence, "a DCAP")
         quote = _b64(document.get("quote"), "quote")
         collateral = document.get("collateral")
         if collateral is not None and not isinstance(collateral, dict):

@@ -17,7 +17,6 @@ import base64
 import binascii
 import datetime as dt
 import hashlib
-import json
 import struct
 import time
 import warnings
@@ -31,6 +30,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, padding, rsa
 from cryptography.hazmat.primitives.asymmetric.utils import encode_dss_signature
 
 from ppml_serve.crypto.attestation.base import AttestationRefused, Claims
+from ppml_serve.crypto.attestation.base import evidence_document as parse_evidence
 from ppml_serve.crypto.attestation.collateral import CollateralStore
 
 NAME = "snp"
@@ -160,12 +160,7 @@ class SnpVerifier:
         return "SnpVerifier(ARK pinned: Milan, Genoa, Turin)"
 
     def verify(self, evidence: str) -> Claims:
-        try:
-            document = json.loads(evidence)
-        except (ValueError, RecursionError):
-            raise AttestationRefused("evidence is not an SEV-SNP evidence document") from None
-        if not isinstance(document, dict):
-            raise AttestationRefused("evidence is not an SEV-SNP evidence document")
+        document = parse_evidence(evidence, "an SEV-SNP")
         report, vcek = _der(document, "report"), _der(document, "vcek")
         ask, ark = _der(document, "ask"), _der(document, "ark")
         if report is None:
