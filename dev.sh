@@ -55,7 +55,7 @@ case "$command" in
         "$VENV/bin/ruff" check src tests scripts
         "$VENV/bin/mypy"
         (cd native && cargo fmt --check && cargo clippy --all-targets -q -- -D warnings \
-            && cargo test -q -p ppml-core)
+            && cargo test -q -p ppml-core -p ppml-front)
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

@@ -168,3 +168,10 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         local.stop()
 
 
+def gateway_rss_mb(stack: LocalStack) -> float:
+    """Resident memory of a stack's gateway process."""
+    assert stack.gateway is not None and stack.gateway.process is not None
+    for line in Path(f"/proc/{stack.gateway.process.pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")

@@ -11,7 +11,6 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import numpy as np
@@ -22,7 +21,7 @@ from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_samples
 from ppml_serve.state import read_api_key
 
-from ..conftest import running_stack, stack_settings
+from ..conftest import gateway_rss_mb, running_stack, stack_settings
 
 IMAGES, _ = demo_samples()
 HEADER_TIMEOUT_S = 1.0
@@ -73,14 +72,6 @@ def _read_until_closed(sock: ssl.SSLSocket, limit_s: float) -> tuple[bytes, floa
     return received, time.monotonic() - started
 
 
-def _rss_mb(stack: LocalStack) -> float:
-    assert stack.gateway is not None and stack.gateway.process is not None
-    for line in Path(f"/proc/{stack.gateway.process.pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
-
-
 def test_slow_header_is_cut_off_within_the_timeout(hardened: LocalStack) -> None:
     sock = _tls(hardened)
     sock.sendall(b"POST /v2/models/demo/infer HTTP/1.1\r\nHost: x\r\n")
@@ -114,7 +105,7 @@ def test_slow_body_is_cut_off_with_408(hardened: LocalStack) -> None:
 
 
 def test_endless_headers_get_431_and_memory_stays_bounded(hardened: LocalStack) -> None:
-    before = _rss_mb(hardened)
+    before = gateway_rss_mb(hardened)
     sockets = [_tls(hardened) for _ in range(20)]
     line = b"X-Junk: " + b"a" * 8000 + b"\r\n"
     answers = []
@@ -125,7 +116,7 @@ def test_endless_headers_get_431_and_memory_stays_bounded(hardened: LocalStack) 
                 sock.sendall(line)
         except (ssl.SSLError, ConnectionError, OSError):
             pass
-    peak = _rss_mb(hardened)
+    peak = gateway_rss_mb(hardened)
     for sock in sockets:
         received, _ = _read_until_closed(sock, 5)
         answers.append(received[:12])

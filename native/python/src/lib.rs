@@ -1,13 +1,15 @@
 //! `ppml_serve._native`: ppml-core's envelope and record framing for the Python package.
 //! Crypto runs with the GIL released; errors are the package's own exception classes.
 
+mod front;
+
 use ppml_core::envelope::{EnvelopeError, Keyring as CoreKeyring};
 use ppml_core::record;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyType};
 
-fn package_error(py: Python<'_>, class: &str, message: String) -> PyErr {
+pub(crate) fn package_error(py: Python<'_>, class: &str, message: String) -> PyErr {
     let found = py
         .import("ppml_serve.errors")
         .and_then(|errors| errors.getattr(class));
@@ -110,6 +112,7 @@ fn parse_record(
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Keyring>()?;
+    module.add_class::<front::Front>()?;
     module.add_function(wrap_pyfunction!(parse_record, module)?)?;
     Ok(())
 }

@@ -23,6 +23,7 @@ from ppml_serve.errors import ConfigError
 from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.gateway.front import APP_KEEP_ALIVE_S, FrontedServer, NativeFront
 from ppml_serve.guarded_http import guarded_protocol
 from ppml_serve.queue.redis_common import Keys, connect_async
 from ppml_serve.queue.redis_gateway import RedisGatewayBroker
@@ -98,9 +99,10 @@ def _spool_sweeper(spool: PayloadSpool, older_than_s: float
 
 def listening_sockets(settings: Settings) -> list[socket.socket] | None:
     """With several gateway processes, each binds the HTTPS port with SO_REUSEPORT (only
-    processes of the same user can join it); with one, uvicorn binds it alone."""
+    processes of the same user can join it); with one, uvicorn binds it alone. The native
+    front binds the port itself (the same way)."""
     gateway = settings.gateway
-    if gateway.processes == 1:
+    if gateway.processes == 1 or gateway.front == "native":
         return None
     family = socket.getaddrinfo(gateway.host, gateway.port, type=socket.SOCK_STREAM)[0][0]
     try:
@@ -153,6 +155,20 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                      access_log=settings.log.access_log,
                      repository_timeout_s=settings.gateway.repository_timeout_s,
                      services=services)
+    if gateway.front == "native":
+        front = NativeFront(settings)
+        # behind the front: its private socket, no TLS, and the front caps connections
+        config = uvicorn.Config(app, uds=str(front.upstream), loop="uvloop",
+                                log_level="warning",
+                                http=guarded_protocol(gateway.max_header_bytes,
+                                                      gateway.header_timeout_s,
+                                                      gateway.body_timeout_s,
+                                                      gateway.max_request_bytes),
+                                timeout_keep_alive=APP_KEEP_ALIVE_S, access_log=False,
+                                lifespan="on",
+                                timeout_graceful_shutdown=gateway.shutdown_grace_s,
+                                proxy_headers=False, server_header=False, date_header=False)
+        return FrontedServer(config, front)
     secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
                             loop="uvloop", log_level="warning",

@@ -1,0 +1,497 @@
+//! Accepting and serving client connections, and passing their requests upstream.
+
+use std::convert::Infallible;
+use std::net::{SocketAddr, ToSocketAddrs};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::graceful::{GracefulShutdown, Watcher};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Runtime;
+use tokio::sync::{watch, OwnedSemaphorePermit, Semaphore};
+use tokio_rustls::TlsAcceptor;
+
+use crate::body::{Breach, BreachCell, GuardedBody};
+use crate::config::FrontConfig;
+use crate::upstream::{Upstream, UpstreamError};
+
+/// hyper's smallest read and write buffer; a connection holds at most this much of each
+/// (so a client that pipelines requests and never reads the answers holds little).
+const CONNECTION_BUFFER: usize = 64 * 1024;
+/// Streams one HTTP/2 connection may have open at once.
+const MAX_STREAMS: u32 = 64;
+/// Connections refused at the cap are still answered (503), up to this many at once.
+const MAX_REFUSING: usize = 256;
+
+/// Why a front could not start; its words name the setting to fix.
+#[derive(Debug, thiserror::Error)]
+pub enum FrontError {
+    #[error("{0}")]
+    Config(String),
+    #[error("gateway.port: cannot listen on {address} ({reason})")]
+    Listen { address: String, reason: String },
+}
+
+/// Counts since the front started, for the gateway's metrics.
+#[derive(Debug, Default)]
+pub struct FrontStats {
+    pub connections: AtomicU64,
+    pub refused_connections: AtomicU64,
+    pub requests: AtomicU64,
+    pub slow_bodies: AtomicU64,
+    pub oversized_bodies: AtomicU64,
+    pub upstream_failures: AtomicU64,
+}
+
+struct Shared {
+    config: FrontConfig,
+    tls: Option<TlsAcceptor>,
+    upstream: Upstream<GuardedBody>,
+    connections: Arc<Semaphore>,
+    refusing: Arc<Semaphore>,
+    stats: Arc<FrontStats>,
+}
+
+/// A bound front: `start` serves, `stop` drains and ends it.
+pub struct Front {
+    shared: Arc<Shared>,
+    runtime: Option<Runtime>,
+    listener: Mutex<Option<std::net::TcpListener>>,
+    shutdown: watch::Sender<Option<Duration>>,
+    serving: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    local_addr: SocketAddr,
+}
+
+fn bind(config: &FrontConfig) -> Result<std::net::TcpListener, FrontError> {
+    let address = format!("{}:{}", config.host, config.port);
+    let failed = |reason: String| FrontError::Listen {
+        address: address.clone(),
+        reason,
+    };
+    let target: SocketAddr = (config.host.as_str(), config.port)
+        .to_socket_addrs()
+        .map_err(|e| failed(e.to_string()))?
+        .next()
+        .ok_or_else(|| failed("the host name has no address".into()))?;
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )
+    .map_err(|e| failed(e.to_string()))?;
+    socket
+        .set_reuse_address(true)
+        .map_err(|e| failed(e.to_string()))?;
+    if config.reuse_port {
+        socket
+            .set_reuse_port(true)
+            .map_err(|e| failed(e.to_string()))?;
+    }
+    socket
+        .bind(&target.into())
+        .map_err(|e| failed(e.kind().to_string()))?;
+    socket.listen(2048).map_err(|e| failed(e.to_string()))?;
+    socket
+        .set_nonblocking(true)
+        .map_err(|e| failed(e.to_string()))?;
+    Ok(socket.into())
+}
+
+impl Front {
+    /// Check the TLS files and bind the port (errors surface here, before serving).
+    pub fn bind(config: FrontConfig) -> Result<Self, FrontError> {
+        let tls = match &config.tls {
+            Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(files)?)),
+            None => None,
+        };
+        let listener = bind(&config)?;
+        let local_addr = listener
+            .local_addr()
+            .map_err(|e| FrontError::Config(e.to_string()))?;
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(config.threads.max(1))
+            .thread_name("ppml-front")
+            .enable_all()
+            .build()
+            .map_err(|e| FrontError::Config(format!("cannot start the front's threads: {e}")))?;
+        let (shutdown, _) = watch::channel(None);
+        let shared = Arc::new(Shared {
+            upstream: Upstream::new(config.upstream.clone()),
+            connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
+            refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            stats: Arc::new(FrontStats::default()),
+            tls,
+            config,
+        });
+        Ok(Self {
+            shared,
+            runtime: Some(runtime),
+            listener: Mutex::new(Some(listener)),
+            shutdown,
+            serving: Mutex::new(None),
+            local_addr,
+        })
+    }
+
+    pub fn local_addr(&self) -> SocketAddr {
+        self.local_addr
+    }
+
+    pub fn stats(&self) -> Arc<FrontStats> {
+        self.shared.stats.clone()
+    }
+
+    /// Accept connections in the background (once; later calls do nothing).
+    pub fn start(&self) -> Result<(), FrontError> {
+        let Some(runtime) = &self.runtime else {
+            return Ok(());
+        };
+        let Some(listener) = self
+            .listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+        else {
+            return Ok(());
+        };
+        let _entered = runtime.enter();
+        let listener = TcpListener::from_std(listener)
+            .map_err(|e| FrontError::Config(format!("cannot serve the bound port: {e}")))?;
+        let task = runtime.spawn(accept_loop(
+            listener,
+            self.shared.clone(),
+            self.shutdown.subscribe(),
+        ));
+        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        Ok(())
+    }
+
+    /// Stop accepting, let requests in flight finish for up to `grace`, then close the rest.
+    pub fn stop(&mut self, grace: Duration) {
+        self.shutdown.send_replace(Some(grace));
+        let task = self
+            .serving
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
+        if let (Some(runtime), Some(task)) = (&self.runtime, task) {
+            let _ = runtime.block_on(async {
+                tokio::time::timeout(grace + Duration::from_secs(1), task).await
+            });
+        }
+        if let Some(runtime) = self.runtime.take() {
+            runtime.shutdown_timeout(Duration::from_millis(200));
+        }
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        if self.runtime.is_some() {
+            self.stop(Duration::ZERO);
+        }
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<Option<Duration>>,
+) {
+    let graceful = GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    shared.stats.connections.fetch_add(1, Ordering::Relaxed);
+                    let permit = shared.connections.clone().try_acquire_owned().ok();
+                    if permit.is_none() {
+                        shared.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
+                    }
+                    tokio::spawn(connection(stream, peer, permit, shared.clone(), graceful.watcher()));
+                }
+                // Out of file descriptors or a connection reset before accept: go on,
+                // a little later (an immediate retry would spin on EMFILE).
+                Err(_) => tokio::time::sleep(Duration::from_millis(10)).await,
+            },
+            _ = shutdown.changed() => break,
+        }
+    }
+    drop(listener);
+    let grace = shutdown.borrow().unwrap_or(Duration::ZERO);
+    let _ = tokio::time::timeout(grace, graceful.shutdown()).await;
+}
+
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    permit: Option<OwnedSemaphorePermit>,
+    shared: Arc<Shared>,
+    watcher: Watcher,
+) {
+    // Over the cap: answer 503 while few are being refused, else just close.
+    let refusal = match permit {
+        Some(permit) => Err(permit),
+        None => match shared.refusing.clone().try_acquire_owned() {
+            Ok(refusing) => Ok(refusing),
+            Err(_) => return,
+        },
+    };
+    let head_deadline = shared.config.head_deadline();
+    match &shared.tls {
+        Some(acceptor) => {
+            let Ok(Ok(tls)) = tokio::time::timeout(head_deadline, acceptor.accept(stream)).await
+            else {
+                return; // no TLS within the head deadline, or a failed handshake
+            };
+            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
+            serve(
+                TokioIo::new(tls),
+                h2,
+                peer,
+                refusal.is_ok(),
+                shared.clone(),
+                watcher,
+            )
+            .await;
+        }
+        None => {
+            serve(
+                TokioIo::new(stream),
+                false,
+                peer,
+                refusal.is_ok(),
+                shared.clone(),
+                watcher,
+            )
+            .await
+        }
+    }
+    drop(refusal);
+}
+
+async fn serve<I>(
+    io: TokioIo<I>,
+    h2: bool,
+    peer: SocketAddr,
+    refused: bool,
+    shared: Arc<Shared>,
+    watcher: Watcher,
+) where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let config = &shared.config;
+    let service_shared = shared.clone();
+    let service = service_fn(move |request: Request<Incoming>| {
+        let shared = service_shared.clone();
+        async move { Ok::<_, Infallible>(answer(&shared, request, peer, refused).await) }
+    });
+    if h2 {
+        let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
+        builder
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(config.max_header_bytes).unwrap_or(u32::MAX))
+            .max_concurrent_streams(if refused { 1 } else { MAX_STREAMS })
+            .max_send_buf_size(CONNECTION_BUFFER)
+            .keep_alive_interval(Some(config.keep_alive))
+            .keep_alive_timeout(config.head_deadline());
+        let _ = watcher.watch(builder.serve_connection(io, service)).await;
+    } else {
+        let mut builder = hyper::server::conn::http1::Builder::new();
+        builder
+            .timer(TokioTimer::new())
+            .header_read_timeout(config.head_deadline())
+            .max_header_size(config.max_header_bytes)
+            .max_buf_size(CONNECTION_BUFFER.max(config.max_header_bytes))
+            .keep_alive(!refused);
+        let _ = watcher.watch(builder.serve_connection(io, service)).await;
+    }
+}
+
+fn error(status: StatusCode, message: &str, close: bool, retry: bool) -> Response<Full<Bytes>> {
+    let body = format!("{{\"error\":{}}}", json_string(message));
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if close {
+        headers.insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    if retry {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+fn too_large(shared: &Shared) -> Response<Full<Bytes>> {
+    shared
+        .stats
+        .oversized_bodies
+        .fetch_add(1, Ordering::Relaxed);
+    let message = format!(
+        "request body is larger than {} bytes (gateway.max_request_bytes)",
+        shared.config.max_request_bytes
+    );
+    error(StatusCode::PAYLOAD_TOO_LARGE, &message, true, false)
+}
+
+fn json_string(text: &str) -> String {
+    let mut out = String::with_capacity(text.len() + 2);
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    out.push('"');
+    out
+}
+
+/// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and
+/// `expect`, which the front answers itself.
+fn hop_by_hop(name: &HeaderName) -> bool {
+    matches!(
+        name.as_str(),
+        "connection"
+            | "keep-alive"
+            | "proxy-connection"
+            | "te"
+            | "trailer"
+            | "transfer-encoding"
+            | "upgrade"
+            | "expect"
+    )
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+async fn answer(
+    shared: &Shared,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    refused: bool,
+) -> Response<Full<Bytes>> {
+    let config = &shared.config;
+    if refused {
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the gateway is at its connection limit (gateway.max_connections); retry",
+            true,
+            true,
+        );
+    }
+    shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+    if declared_length(request.headers()).is_some_and(|n| n > config.max_request_bytes) {
+        return too_large(shared);
+    }
+    let (parts, body) = request.into_parts();
+    let breach = BreachCell::default();
+    let body = GuardedBody::new(
+        body,
+        config.body_timeout,
+        config.max_request_bytes,
+        breach.clone(),
+    );
+    let mut upstream = Request::new(body);
+    *upstream.method_mut() = parts.method;
+    *upstream.uri_mut() = parts
+        .uri
+        .path_and_query()
+        .map(|p| Uri::from(p.clone()))
+        .unwrap_or_else(|| Uri::from_static("/"));
+    let headers = upstream.headers_mut();
+    for (name, value) in &parts.headers {
+        if !hop_by_hop(name) {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    if !headers.contains_key(header::HOST) {
+        if let Some(authority) = parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        {
+            headers.insert(header::HOST, authority);
+        }
+    }
+    if let Ok(address) = HeaderValue::from_str(&peer.to_string()) {
+        headers.insert(HeaderName::from_static("x-ppml-client"), address);
+    }
+    let answered =
+        tokio::time::timeout(config.upstream_timeout, shared.upstream.call(upstream)).await;
+    match (answered, breach.get()) {
+        (_, Breach::Slow) => {
+            shared.stats.slow_bodies.fetch_add(1, Ordering::Relaxed);
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time (gateway.body_timeout_s)",
+                true,
+                false,
+            )
+        }
+        (_, Breach::TooLarge) => too_large(shared),
+        (Ok(Ok(response)), _) => {
+            let (mut parts, body) = response.into_parts();
+            let keep: Vec<HeaderName> = parts
+                .headers
+                .keys()
+                .filter(|n| hop_by_hop(n))
+                .cloned()
+                .collect();
+            for name in keep {
+                parts.headers.remove(name);
+            }
+            Response::from_parts(parts, Full::new(body))
+        }
+        (_, Breach::Client) => error(
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+            true,
+            false,
+        ),
+        (Ok(Err(failure)), _) => {
+            shared
+                .stats
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
+            let message = match failure {
+                UpstreamError::Unreachable => "the gateway is starting or stopping; retry",
+                UpstreamError::Failed => "the gateway could not answer this request; retry",
+            };
+            error(StatusCode::SERVICE_UNAVAILABLE, message, true, true)
+        }
+        (Err(_), _) => {
+            shared
+                .stats
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
+            error(
+                StatusCode::GATEWAY_TIMEOUT,
+                "no answer in time; retry later",
+                true,
+                false,
+            )
+        }
+    }
+}
