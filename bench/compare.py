@@ -27,7 +27,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-FIGURES = ("throughput", "p50_ms", "gateway", "redis", "worker", "cpu_sum")
+PARTS = ("gateway", "redis", "worker")
+FIGURES = ("throughput", "p50_ms", "gateway", "front", "redis", "worker", "cpu_sum")
 
 
 def resolve(revision: str) -> str:
@@ -83,8 +84,9 @@ def run_once(source: Path, args: argparse.Namespace, out: Path) -> dict[int, dic
         cpu = run.get("cpu_ms_per_request", {})
         figures[run["concurrency"]] = {
             "throughput": run["throughput"], "p50_ms": run["p50_ms"],
-            **{part: cpu.get(part, 0.0) for part in ("gateway", "redis", "worker")},
-            "cpu_sum": round(sum(cpu.values()), 3)}
+            **{part: cpu.get(part, 0.0) for part in PARTS},
+            "front": cpu.get("front", 0.0),
+            "cpu_sum": round(sum(cpu.get(part, 0.0) for part in PARTS), 3)}
     return figures
 
 
@@ -98,7 +100,9 @@ def summarise(pairs: list[dict[str, dict[int, dict[str, float]]]]) -> dict[str, 
             ratios = [a / b for a, b in zip(after, before, strict=True) if b]
             rows[figure] = {"before": statistics.median(before),
                             "after": statistics.median(after),
-                            "paired_ratio": round(statistics.median(ratios), 3)}
+                            # none where the old side lacks the figure (no front before)
+                            "paired_ratio": (round(statistics.median(ratios), 3) if ratios
+                                             else None)}
         summary[f"concurrency_{concurrency}"] = rows
     return summary
 
@@ -129,8 +133,10 @@ def main() -> int:
     for concurrency, rows in summary.items():
         print(concurrency)
         for figure, row in rows.items():
+            ratio = row["paired_ratio"]
             print(f"  {figure:10s} before {row['before']:9.2f}  after {row['after']:9.2f}  "
-                  f"after/before (paired median) {row['paired_ratio']:.3f}")
+                  f"after/before (paired median) "
+                  f"{'-' if ratio is None else format(ratio, '.3f')}")
     if args.json:
         args.json.write_text(json.dumps({
             "before": commits["before"], "after": commits["after"], "duration_s": args.duration,

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +37,7 @@ class StandInBroker:
         self._backlog = backlog
         self.down = down
         self.enqueued: list[str] = []
+        self.deadlines_ms: list[int] = []
         self.traceparents: list[str] = []
         self.jobs: dict[str, Job] = {}
         self.stream = "ppml:{demo}:reply:test"
@@ -64,6 +66,7 @@ class StandInBroker:
         if self.down:
             raise NotReady("queue unreachable: ConnectionError")
         self.enqueued.append(request_id)
+        self.deadlines_ms.append(deadline_ms)
         self.traceparents.append(traceparent)
 
     def reply_stream(self, model: str) -> str:
@@ -97,12 +100,14 @@ class StandInBroker:
         return []
 
 
-def client_for(broker: StandInBroker, tmp_path: Path, **gateway: object) -> tuple[TestClient, str]:
+def client_for(broker: StandInBroker, tmp_path: Path, behind_front: bool = False,
+               **gateway: object) -> tuple[TestClient, str]:
     token = add_api_key(tmp_path / "keys.json", "test", ["*"])
     settings = GatewaySettings(**gateway)  # type: ignore[arg-type]
     plane = DataPlane(broker, KEYRING, settings,
                       worker_max_age_s=1.0)
-    app = create_app(plane, ApiKeyStore.load(tmp_path / "keys.json"), 1 << 20, Metrics())
+    app = create_app(plane, ApiKeyStore.load(tmp_path / "keys.json"), 1 << 20, Metrics(),
+                     behind_front=behind_front)
     return TestClient(app), token
 
 
@@ -131,6 +136,41 @@ def test_no_answer_in_time_is_504(tmp_path: Path) -> None:
     assert response.status_code == 504
     assert response.json() == {"error": "no answer from model 'demo' within 0.3 s"}
     assert len(broker.enqueued) == 1
+
+
+def _received_ms_ago(seconds: float) -> dict[str, str]:
+    return {"x-ppml-received-ms": str(int((time.time() - seconds) * 1000))}
+
+
+def test_deadline_counts_from_when_the_front_received_the_request(tmp_path: Path) -> None:
+    # found: with 400 clients some answers took 32 s, past the 30 s deadline, because the
+    # time a request waited before the gateway started on it was not counted
+    broker = StandInBroker()
+    client, token = client_for(broker, tmp_path, behind_front=True, request_timeout_s=2.0)
+    auth = {"Authorization": f"Bearer {token}"}
+    with client:
+        started = time.monotonic()
+        late = client.post("/v2/models/demo/infer", json=BODY,
+                           headers={**auth, **_received_ms_ago(0.8)})
+        waited = time.monotonic() - started
+        saturated = client.post("/v2/models/demo/infer", json=BODY,
+                                headers={**auth, **_received_ms_ago(1.5)})
+    assert late.status_code == 504 and waited < 1.6, (late.status_code, waited)
+    received_ms = int(time.time() * 1000) - int(waited * 1000) - 800
+    assert abs(broker.deadlines_ms[0] - (received_ms + 2000)) < 400, broker.deadlines_ms
+    assert saturated.status_code == 429 and saturated.headers["Retry-After"] == "1"
+    assert "waited 1.5 s before it could be started" in saturated.json()["error"]
+    assert len(broker.enqueued) == 1, "a request refused at admission is not queued"
+
+
+def test_the_front_header_is_ignored_without_the_front(tmp_path: Path) -> None:
+    broker = StandInBroker()
+    client, token = client_for(broker, tmp_path, request_timeout_s=0.3)
+    with client:  # a client cannot shorten (or stretch) its deadline through the header
+        response = client.post("/v2/models/demo/infer", json=BODY,
+                               headers={"Authorization": f"Bearer {token}",
+                                        **_received_ms_ago(100)})
+    assert response.status_code == 504
 
 
 @pytest.mark.parametrize("path", ["/v2/health/ready", "/v2/models/demo/infer"])

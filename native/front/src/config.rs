@@ -35,6 +35,9 @@ pub struct FrontConfig {
     pub max_request_bytes: u64,
     /// Concurrent client connections; beyond it new ones get 503.
     pub max_connections: usize,
+    /// Inference requests (`POST …/infer`) passed to the application at once; more get 429
+    /// at once, so that none waits unboundedly in front of the application.
+    pub max_inflight: usize,
     /// How long the application may take to answer before 504 (its own deadline plus a
     /// margin: the application answers 504 itself first).
     pub upstream_timeout: Duration,

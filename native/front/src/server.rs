@@ -50,6 +50,7 @@ pub struct FrontStats {
     pub slow_bodies: AtomicU64,
     pub oversized_bodies: AtomicU64,
     pub upstream_failures: AtomicU64,
+    pub overloaded: AtomicU64,
 }
 
 struct Shared {
@@ -58,6 +59,7 @@ struct Shared {
     upstream: Upstream<GuardedBody>,
     connections: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
+    inflight: Arc<Semaphore>,
     stats: Arc<FrontStats>,
 }
 
@@ -128,6 +130,7 @@ impl Front {
             upstream: Upstream::new(config.upstream.clone()),
             connections: Arc::new(Semaphore::new(config.max_connections.max(1))),
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
+            inflight: Arc::new(Semaphore::new(config.max_inflight.max(1))),
             stats: Arc::new(FrontStats::default()),
             tls,
             config,
@@ -379,6 +382,11 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
+/// `POST …/infer` (REST, any model and version): what queues for a worker.
+fn is_inference<B>(request: &Request<B>) -> bool {
+    request.method() == http::Method::POST && request.uri().path().ends_with("/infer")
+}
+
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
     headers
         .get(header::CONTENT_LENGTH)
@@ -405,6 +413,26 @@ async fn answer(
     if declared_length(request.headers()).is_some_and(|n| n > config.max_request_bytes) {
         return too_large(shared);
     }
+    // Held until the application answers: bounds the requests queued in front of it.
+    let _admitted = if is_inference(&request) {
+        match shared.inflight.clone().try_acquire_owned() {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+                let message = format!(
+                    "this gateway holds {} inference requests; retry later (gateway.max_inflight)",
+                    config.max_inflight
+                );
+                return error(StatusCode::TOO_MANY_REQUESTS, &message, false, true);
+            }
+        }
+    } else {
+        None
+    };
+    let received_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0);
     let (parts, body) = request.into_parts();
     let breach = BreachCell::default();
     let body = GuardedBody::new(
@@ -438,6 +466,10 @@ async fn answer(
     if let Ok(address) = HeaderValue::from_str(&peer.to_string()) {
         headers.insert(HeaderName::from_static("x-ppml-client"), address);
     }
+    headers.insert(
+        HeaderName::from_static("x-ppml-received-ms"),
+        HeaderValue::from(received_ms as u64),
+    );
     let answered =
         tokio::time::timeout(config.upstream_timeout, shared.upstream.call(upstream)).await;
     match (answered, breach.get()) {

@@ -31,6 +31,9 @@ fn echo_upstream(path: PathBuf) -> std::thread::JoinHandle<()> {
                 };
                 tokio::spawn(async move {
                     let service = service_fn(|request: Request<Incoming>| async move {
+                        if request.uri().path().starts_with("/slow") {
+                            tokio::time::sleep(Duration::from_millis(800)).await;
+                        }
                         let mut text = format!("{} {}\n", request.method(), request.uri());
                         for (name, value) in request.headers() {
                             text += &format!("{name}: {}\n", value.to_str().unwrap_or("?"));
@@ -62,6 +65,7 @@ fn config(upstream: PathBuf) -> FrontConfig {
         max_request_bytes: 1 << 20,
         max_connections: 4,
         upstream_timeout: Duration::from_secs(5),
+        max_inflight: 8,
         threads: 1,
     }
 }
@@ -209,6 +213,49 @@ fn keep_alive_serves_several_requests_on_one_connection() {
     stream.write_all(&all).expect("write");
     let answer = read_all(&mut stream);
     assert_eq!(answer.matches("HTTP/1.1 200").count(), 4, "{answer}");
+}
+
+#[test]
+fn inference_past_the_inflight_cap_is_429_at_once_and_stamped_with_its_arrival() {
+    let rig = rig("inflight", true, |c| c.max_inflight = 2);
+    let request = b"POST /slow/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
+                    X-Ppml-Received-Ms: 1\r\nContent-Length: 0\r\n\r\n";
+    let mut held: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut stream = connect(&rig);
+            stream.write_all(request).expect("write");
+            stream
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let refused = exchange(&rig, request);
+    assert!(refused.starts_with("HTTP/1.1 429"), "{refused}");
+    assert!(refused.contains("gateway.max_inflight"), "{refused}");
+    assert!(started.elapsed() < Duration::from_millis(500));
+    // other routes are not inference: not held to the cap
+    let other = exchange(
+        &rig,
+        b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(other.starts_with("HTTP/1.1 200"), "{other}");
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_millis();
+    for stream in &mut held {
+        let answer = read_all(stream);
+        assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+        let stamp: u128 = answer
+            .lines()
+            .find_map(|line| line.strip_prefix("x-ppml-received-ms: "))
+            .and_then(|v| v.parse().ok())
+            .expect("the front stamps the arrival");
+        assert!(
+            stamp + 5_000 > now_ms && stamp <= now_ms,
+            "{stamp} vs {now_ms}"
+        );
+    }
 }
 
 #[test]

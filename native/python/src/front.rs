@@ -31,7 +31,7 @@ impl Front {
                         client_ca_file=None, reuse_port=false, max_header_bytes=16384,
                         header_timeout_s=10.0, keep_alive_s=5.0, body_timeout_s=60.0,
                         max_request_bytes=67108864, max_connections=1024,
-                        upstream_timeout_s=60.0, threads=2))]
+                        upstream_timeout_s=60.0, max_inflight=512, threads=2))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -49,6 +49,7 @@ impl Front {
         max_request_bytes: u64,
         max_connections: usize,
         upstream_timeout_s: f64,
+        max_inflight: usize,
         threads: usize,
     ) -> PyResult<Self> {
         let tls = match (cert_file, key_file) {
@@ -79,6 +80,7 @@ impl Front {
             max_request_bytes,
             max_connections,
             upstream_timeout: seconds(upstream_timeout_s, "upstream_timeout_s")?,
+            max_inflight,
             threads,
         };
         let front = py
@@ -132,6 +134,7 @@ impl Front {
                 ("slow_bodies", &stats.slow_bodies),
                 ("oversized_bodies", &stats.oversized_bodies),
                 ("upstream_failures", &stats.upstream_failures),
+                ("overloaded", &stats.overloaded),
             ] {
                 out.set_item(name, value.load(Ordering::Relaxed))?;
             }

@@ -9,6 +9,9 @@ from ppml_serve.local_stack import Child, LocalStack
 
 _TICKS = os.sysconf("SC_CLK_TCK")
 PARTS = ("gateway", "redis", "worker")
+FRONT_THREAD = "ppml-front"
+"""Threads of the native front (Rust) in a gateway process: reported as ``front``, a share
+of ``gateway`` (not a part of its own: sums of parts leave it out)."""
 
 
 def cpu_seconds(pid: int) -> float:
@@ -18,6 +21,20 @@ def cpu_seconds(pid: int) -> float:
     except OSError:
         return 0.0
     return (int(fields[11]) + int(fields[12])) / _TICKS
+
+
+def front_cpu_seconds(pid: int) -> float:
+    """CPU time so far of the native front's threads in gateway process ``pid``."""
+    total = 0.0
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            if (task / "comm").read_text().strip() != FRONT_THREAD:
+                continue
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the thread ended meanwhile
+            continue
+        total += (int(fields[11]) + int(fields[12])) / _TICKS
+    return total
 
 
 def part_pids(stack: LocalStack, extra: list[Child] | None = None) -> dict[str, list[int]]:
@@ -36,7 +53,9 @@ def part_pids(stack: LocalStack, extra: list[Child] | None = None) -> dict[str, 
 
 
 def snapshot(pids: dict[str, list[int]]) -> dict[str, float]:
-    return {part: sum(cpu_seconds(pid) for pid in ids) for part, ids in pids.items()}
+    parts = {part: sum(cpu_seconds(pid) for pid in ids) for part, ids in pids.items()}
+    parts["front"] = sum(front_cpu_seconds(pid) for pid in pids.get("gateway", []))
+    return parts
 
 
 def per_request_ms(before: dict[str, float], after: dict[str, float],

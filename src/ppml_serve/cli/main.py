@@ -760,6 +760,8 @@ def _report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
         cpu = run.get("cpu_ms_per_request")
         parts = (f"  {cpu['gateway']:.2f}/{cpu['redis']:.2f}/{cpu['worker']:.2f}"
                  if cpu else "")
+        if cpu and cpu.get("front"):
+            parts += f" (front {cpu['front']:.2f} of gateway)"
         print(f"{run['name']:<40} {run['mode']:<8} {run['concurrency']:>4} "
               f"{run['throughput']:>9.1f} {run['p50_ms']:>8.2f} {run['p99_ms']:>8.2f} "
               f"{run['errors']:>3}{parts}")

@@ -31,7 +31,7 @@ from ppml_serve.errors import (
     Unauthorized,
 )
 from ppml_serve.gateway.auth import ApiKeyStore
-from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.gateway.dataplane import DataPlane, request_received
 from ppml_serve.gateway.errors import status_of
 from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
@@ -49,6 +49,15 @@ def inference_response(payload: bytes, header_length: int | None) -> Response:
         return Response(payload, media_type="application/json")
     return Response(payload, media_type="application/octet-stream",
                     headers={"Inference-Header-Content-Length": str(header_length)})
+
+
+FRONT_RECEIVED = "x-ppml-received-ms"
+"""Set by the native front on every request (a client's own is replaced): when it arrived."""
+
+
+def _received(request: Request) -> float | None:
+    value = request.headers.get(FRONT_RECEIVED, "")
+    return int(value) / 1000 if value.isdigit() else None
 
 
 def error_response(exc: PPMLError) -> JSONResponse:
@@ -183,10 +192,11 @@ DEV_ATTESTATION = {
 def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                metrics: Metrics, secure: bool = True, attestation: str = "simulated",
                access_log: bool = True, repository_timeout_s: float = 120.0,
-               services: Sequence[Callable[[], AbstractAsyncContextManager[None]]] = ()
-               ) -> Starlette:
+               services: Sequence[Callable[[], AbstractAsyncContextManager[None]]] = (),
+               behind_front: bool = False) -> Starlette:
     """Build the app; ``dataplane`` and ``services`` (e.g. the gRPC server) are started and
-    stopped with the app's lifespan."""
+    stopped with the app's lifespan. ``behind_front``: the app is reached only through the
+    native front (a private socket), so the headers it sets can be trusted."""
 
     def model_label(model: str) -> str:
         # Names come from URLs: only served models get a label of their own (bounded).
@@ -219,6 +229,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             async def handle(request: Request) -> Response:
                 rid = uuid.uuid4().hex
                 token = request_id.set(rid)
+                received = request_received.set(_received(request) if behind_front else None)
                 started = time.perf_counter()
                 key_name = "-"
                 response: Response | None = None
@@ -249,6 +260,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                             logging.INFO):  # nothing to format when nobody listens
                         _log_access(request, response, key_name, seconds)
                     request_id.reset(token)
+                    request_received.reset(received)
                 response.headers["X-Request-ID"] = rid
                 return response
             return endpoint

@@ -10,6 +10,7 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,6 +56,14 @@ WATCH_INTERVAL_S = 0.5
 """How often waiting requests are checked against the live workers of their model."""
 REPOSITORY_TTL_S = 0.5
 """How long the merged view of the worker hosts is reused (hot path: version routing)."""
+ADMISSION_SHARE = 0.5
+"""A request that waited this share of ``request_timeout_s`` before the gateway could start
+on it (received by the front, not yet admitted: the gateway is saturated) gets 429 at once:
+it would likely miss its deadline, and its answer would come too late to matter."""
+
+request_received: ContextVar[float | None] = ContextVar("request_received", default=None)
+"""When the native front received the request's head (epoch seconds): deadlines count from
+there, not from when this process got to it. Unset without the front."""
 
 
 @dataclass
@@ -450,7 +459,12 @@ class DataPlane:
 
     @contextlib.asynccontextmanager
     async def _admission(self, model: str) -> AsyncIterator[None]:
-        """Bound the requests held at once, per gateway and per model: beyond, 429 at once."""
+        """Bound the requests held at once, per gateway and per model, and the time they may
+        have waited before this process started on them: beyond, 429 at once."""
+        waited = self._waited_s()
+        if waited > self._settings.request_timeout_s * ADMISSION_SHARE:
+            raise Overloaded(f"this gateway is saturated: the request waited {waited:.1f} s "
+                             "before it could be started; retry later")
         if len(self._waiting) >= self._settings.max_inflight:
             raise Overloaded(f"this gateway holds {len(self._waiting)} requests; retry later")
         if self._inflight[model] >= self._settings.max_inflight_per_model:
@@ -463,6 +477,11 @@ class DataPlane:
             self._inflight[model] -= 1
             if not self._inflight[model]:
                 del self._inflight[model]
+
+    @staticmethod
+    def _waited_s() -> float:
+        received = request_received.get()
+        return 0.0 if received is None else max(0.0, time.time() - received)
 
     async def infer(self, model: str, version: str, body: bytes,
                     header_length: str | None) -> tuple[bytes, int | None]:
@@ -518,8 +537,9 @@ class DataPlane:
 
     async def _exchange(self, model: str, payload: bytes, mode: Mode = Mode.STANDARD) -> bytes:
         request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
-        message = await self._send(model, request_id, payload, mode,
-                                   self._settings.request_timeout_s)
+        # the deadline counts from when the front received the request
+        timeout = max(0.001, self._settings.request_timeout_s - self._waited_s())
+        message = await self._send(model, request_id, payload, mode, timeout)
         return self._open_reply(model, request_id, message.ok, message.body)
 
     def _open_reply(self, model: str, request_id: str, ok: bool, body: bytes) -> bytes:
@@ -552,7 +572,8 @@ class DataPlane:
             with span("wait"):
                 message = await asyncio.wait_for(future, timeout)
         except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"no answer from model {model!r} within {timeout:g} s") from None
+            raise DeadlineExceeded(f"no answer from model {model!r} within "
+                                   f"{self._settings.request_timeout_s:g} s") from None
         finally:
             self._waiting.pop(request_id, None)
         return message

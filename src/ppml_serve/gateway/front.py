@@ -52,6 +52,7 @@ class NativeFront:
                 body_timeout_s=gateway.body_timeout_s,
                 max_request_bytes=gateway.max_request_bytes,
                 max_connections=gateway.max_connections,
+                max_inflight=gateway.max_inflight,
                 upstream_timeout_s=max(gateway.request_timeout_s, gateway.repository_timeout_s,
                                        gateway.job_timeout_s) + UPSTREAM_MARGIN_S,
                 threads=gateway.front_threads)

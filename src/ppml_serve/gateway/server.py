@@ -154,7 +154,7 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                      attestation=settings.security.attestation,
                      access_log=settings.log.access_log,
                      repository_timeout_s=settings.gateway.repository_timeout_s,
-                     services=services)
+                     services=services, behind_front=gateway.front == "native")
     if gateway.front == "native":
         front = NativeFront(settings)
         # behind the front: its private socket, no TLS, and the front caps connections
