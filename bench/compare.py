@@ -68,12 +68,14 @@ def export(revision: str, into: Path) -> Path:
     return into / "src"
 
 
-def run_once(source: Path, args: argparse.Namespace, out: Path) -> dict[int, dict[str, float]]:
-    """One bench run of the code in ``source``: figures by concurrency."""
+def run_once(source: Path, args: argparse.Namespace, out: Path,
+             settings: dict[str, str] | None = None) -> dict[int, dict[str, float]]:
+    """One bench run of the code in ``source`` (with ``settings`` as ``PPML_*`` environment
+    variables): figures by concurrency."""
     command = [sys.executable, "-m", "ppml_serve", "bench", "--null-model",
                "--configs", "secure", "--concurrency", "1,32", "--repeats", "1",
                "--duration", str(args.duration), "--json", str(out)]
-    env = {**os.environ, "PYTHONPATH": str(source)}
+    env = {**os.environ, **(settings or {}), "PYTHONPATH": str(source)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
         sys.exit(f"bench failed ({source}):\n{done.stderr[-2000:]}")
@@ -114,19 +116,34 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=5, help="before/after pairs to run")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--json", type=Path, help="write pairs and summary here")
+    for side in ("before", "after"):
+        parser.add_argument(f"--{side}-setting", action="append", default=[],
+                            metavar="PPML_NAME=VALUE",
+                            help=f"a setting for the {side} side's service (repeatable), e.g. "
+                                 "PPML_GATEWAY__FRONT=python: two configurations of one "
+                                 "revision compared the same way")
     args = parser.parse_args()
+    side_settings = {}
+    for side in ("before", "after"):
+        pairs_given = [item.partition("=") for item in getattr(args, f"{side}_setting")]
+        if any(not name.startswith("PPML_") or not sep for name, sep, _ in pairs_given):
+            parser.error(f"--{side}-setting takes PPML_NAME=VALUE")
+        side_settings[side] = {name: value for name, _, value in pairs_given}
     if args.pairs < 1 or args.duration <= 0:
         parser.error("--pairs must be at least 1 and --duration positive")
     commits = {side: resolve(getattr(args, side)) for side in ("before", "after")}
     scratch = Path(tempfile.mkdtemp(prefix="ppml-compare-"))
-    sources = {side: export(commit, scratch / side) for side, commit in commits.items()}
+    sources = {"before": export(commits["before"], scratch / "before")}
+    sources["after"] = (sources["before"] if commits["after"] == commits["before"]
+                        else export(commits["after"], scratch / "after"))
     pairs: list[dict[str, dict[int, dict[str, float]]]] = []
     with tqdm(total=2 * args.pairs, desc="bench runs", unit="run") as progress:
         for index in range(args.pairs):
             order = ("before", "after") if index % 2 == 0 else ("after", "before")
             pair = {}
             for side in order:
-                pair[side] = run_once(sources[side], args, scratch / f"{side}-{index}.json")
+                pair[side] = run_once(sources[side], args, scratch / f"{side}-{index}.json",
+                                      side_settings[side])
                 progress.update()
             pairs.append(pair)
     summary = summarise(pairs)
@@ -140,6 +157,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "before": commits["before"], "after": commits["after"], "duration_s": args.duration,
+            "settings": side_settings,
             "summary": summary, "pairs": pairs}, indent=1))
     return 0
 

@@ -29,7 +29,7 @@ RSS_SLACK_MB = 100
 def fronted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
     settings = stack_settings(tmp_path_factory.mktemp("front"),
                               gateway={"port": 0, "max_header_bytes": MAX_HEADER_BYTES,
-                                       "header_timeout_s": 3.0},
+                                       "keep_alive_s": 30},
                               worker={"engine_threads": 1})
     assert settings.gateway.front == "native"
     with running_stack(settings) as local:
@@ -162,3 +162,23 @@ def test_clients_that_pipeline_and_never_read_hold_bounded_memory(fronted: Local
     with Client(fronted.url, api_key=key.decode(), ca_file=fronted.settings.ca_file) as client:
         outputs = client.infer("demo", IMAGES[:4])["probabilities"]
     assert list(outputs.argmax(axis=1)) == list(_local(IMAGES[:4]))
+
+
+def test_a_thousand_idle_keep_alive_connections_hold_bounded_memory(fronted: LocalStack) -> None:
+    baseline = gateway_rss_mb(fronted)
+    idle = []
+    try:
+        for _ in range(1000):
+            sock = _tls(fronted)
+            sock.sendall(b"GET /v2/health/live HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert _answer(sock).startswith(b"HTTP/1.1 200")
+            idle.append(sock)  # kept alive, idle
+        held = gateway_rss_mb(fronted)
+        key = read_api_key(fronted.settings.state_dir)
+        with Client(fronted.url, api_key=key, ca_file=fronted.settings.ca_file) as client:
+            outputs = client.infer("demo", IMAGES[:2])["probabilities"]
+    finally:
+        for sock in idle:
+            sock.close()
+    assert held <= baseline + RSS_SLACK_MB, (baseline, held)
+    assert list(outputs.argmax(axis=1)) == list(_local(IMAGES[:2]))
