@@ -182,3 +182,48 @@ def test_allocator_thresholds_are_raised_unless_left_alone(
     assert tune_allocator() is True  # glibc here
     monkeypatch.setenv("PPML_ALLOCATOR", "default")
     assert tune_allocator() is False
+
+
+def test_a_zipmap_output_is_refused_with_the_skl2onnx_option_that_avoids_it() -> None:
+    # found: skl2onnx's default ZipMap output was refused without saying how to avoid it
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [helper.make_node("ZipMap", ["scores"], ["label_probabilities"],
+                          classlabels_int64s=[0, 1], domain="ai.onnx.ml")],
+        "zipmap", [helper.make_tensor_value_info("scores", TensorProto.FLOAT, [None, 2])],
+        [helper.make_value_info("label_probabilities", helper.make_sequence_type_proto(
+            helper.make_map_type_proto(TensorProto.INT64, helper.make_tensor_type_proto(
+                TensorProto.FLOAT, []))))])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    with pytest.raises(EngineError, match=r"ZipMap.*'zipmap': False"):
+        load_engine("classifier", model.SerializeToString())
+
+
+def test_quantizing_a_scikit_learn_model_says_in_one_sentence_why_not(tmp_path: Path) -> None:
+    # found: 'model quantize' on a scikit-learn ONNX model ended in a 22-line traceback
+    from onnx import TensorProto, helper, save_model
+
+    graph = helper.make_graph(
+        [helper.make_node("LinearClassifier", ["x"], ["label", "probabilities"],
+                          domain="ai.onnx.ml", classlabels_ints=[0, 1],
+                          coefficients=[0.5, -0.5, -0.5, 0.5], intercepts=[0.0, 0.0],
+                          post_transform="SOFTMAX")],
+        "linear", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 2])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None]),
+         helper.make_tensor_value_info("probabilities", TensorProto.FLOAT, [None, 2])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    source = tmp_path / "linear.onnx"
+    save_model(model, str(source))
+    samples = tmp_path / "x.npy"
+    np.save(samples, np.random.default_rng(0).random((8, 2), dtype=np.float32))
+    done = _ppml("model", "quantize", str(source), str(tmp_path / "int8.onnx"),
+                 "--calibration", str(samples))
+    assert done.returncode != 0
+    assert "Traceback" not in done.stderr, done.stderr
+    assert "ONNX-ML operators (LinearClassifier)" in done.stderr, done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1, done.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -252,3 +253,69 @@ def test_concurrent_requests_share_one_lookup_and_failures_are_not_cached() -> N
         assert broker.host_reads == 3, "a failed read is not cached: the next caller reads again"
 
     asyncio.run(scenario())
+
+
+def _compressed(data: bytes, wbits: int) -> bytes:
+    packer = zlib.compressobj(wbits=wbits)
+    return packer.compress(data) + packer.flush()
+
+
+def test_gzip_and_deflate_bodies_are_decoded_and_held_to_the_limit(tmp_path: Path) -> None:
+    # found: tritonclient's request compression was answered "not valid JSON"
+    broker = StandInBroker()
+    client, token = client_for(broker, tmp_path, request_timeout_s=0.2)
+    body = json.dumps(BODY).encode()
+    auth = {"Authorization": f"Bearer {token}", "Content-Type": "application/json"}
+    with client:
+        answers = {encoding: client.post("/v2/models/demo/infer",
+                                         content=_compressed(body, wbits),
+                                         headers={**auth, "Content-Encoding": encoding})
+                   for encoding, wbits in (("gzip", 31), ("deflate", 15))}
+        bomb = client.post("/v2/models/demo/infer",
+                           content=_compressed(b"[" + b"0," * (1 << 20) + b"0]", 31),
+                           headers={**auth, "Content-Encoding": "gzip"})
+        broken = client.post("/v2/models/demo/infer", content=b"\x1f\x8bnot gzip",
+                             headers={**auth, "Content-Encoding": "gzip"})
+        unknown = client.post("/v2/models/demo/infer", content=body,
+                              headers={**auth, "Content-Encoding": "br"})
+    # decoded and queued (the stand-in workers never answer: 504)
+    assert [a.status_code for a in answers.values()] == [504, 504]
+    assert len(broker.enqueued) == 2
+    assert bomb.status_code == 413 and "once decompressed" in bomb.json()["error"]
+    assert broken.status_code == 400 and "not valid gzip" in broken.json()["error"]
+    assert unknown.status_code == 415 and "'br' is not supported" in unknown.json()["error"]
+
+
+def test_statistics_of_every_model_and_clear_words_for_unsupported_extensions(
+        tmp_path: Path) -> None:
+    # found: get_inference_statistics() for all models answered 404 "model 'stats' is not
+    # served here"; shared memory, trace and log settings answered "no such endpoint"
+    client, token = client_for(StandInBroker(), tmp_path)
+    auth = {"Authorization": f"Bearer {token}"}
+    with client:
+        stats = client.get("/v2/models/stats", headers=auth)
+        unsupported = [client.post(path, headers=auth, json={}) for path in (
+            "/v2/systemsharedmemory/region/r/register", "/v2/cudasharedmemory/status",
+            "/v2/trace/setting", "/v2/models/demo/trace/setting", "/v2/logging")]
+        missing = client.get("/v2/no/such/thing", headers=auth)
+    assert stats.status_code == 200
+    assert [row["name"] for row in stats.json()["model_stats"]] == ["demo"]
+    assert all(r.status_code == 501 and "not supported" in r.json()["error"]
+               for r in unsupported), [r.text for r in unsupported]
+    assert missing.status_code == 404
+
+
+def test_a_callers_request_id_is_kept_but_never_used_as_the_queue_id(tmp_path: Path) -> None:
+    # found: a caller's X-Request-ID was replaced; it must not become the queue record's id
+    # either (a repeated one would collide with another caller's request)
+    broker = StandInBroker()
+    client, token = client_for(broker, tmp_path, request_timeout_s=0.2)
+    auth = {"Authorization": f"Bearer {token}"}
+    with client:
+        kept = client.post("/v2/models/demo/infer", json=BODY,
+                           headers={**auth, "X-Request-ID": "trace-42.a"})
+        unsafe = client.post("/v2/models/demo/infer", json=BODY,
+                             headers={**auth, "X-Request-ID": "x" * 65})
+    assert kept.headers["X-Request-ID"] == "trace-42.a"
+    assert unsafe.headers["X-Request-ID"] != "x" * 65
+    assert "trace-42.a" not in broker.enqueued and len(set(broker.enqueued)) == 2

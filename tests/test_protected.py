@@ -227,6 +227,9 @@ def test_end_to_end_sealed_inference_hides_input_from_gateway_and_redis(
         assert "ppml:{demo}:req" in commands
         assert marker.decode() not in commands
         assert not _gateway_memory_contains(protected, marker), "gateway saw the plaintext"
+        # found: a bare array (as infer takes) raised AttributeError
+        bare = client.infer_sealed("demo", image, verifier, policy)
+        np.testing.assert_allclose(bare["probabilities"], expected["probabilities"], rtol=1e-6)
 
         # Control: the same probe finds a marker that was sent the ordinary way.
         control = os.urandom(8).hex().encode()

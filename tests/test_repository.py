@@ -5,6 +5,7 @@ allow, load), and unloading with requests in flight."""
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import threading
@@ -231,6 +232,32 @@ def test_owner_loads_a_new_encrypted_model_and_a_new_version_without_a_restart(
         tc.close()
     assert load.outcomes["200"] > 20 and set(load.outcomes) == {"200"}, load.outcomes
     assert load.wrong == 0
+
+
+def test_a_load_with_a_failing_version_is_400_with_its_reasons_and_audited(
+        stack: Stack, repository: Path) -> None:
+    # found: loading a version the key broker refused answered 200 {} (the index said
+    # UNAVAILABLE, the audit log "loaded") because other versions of the model served
+    scaled_demo(repository / "digits" / "9" / "model.onnx", 0.5)  # never 'model add'-ed
+    http = httpx.Client(base_url=stack.url, verify=str(stack.ca_file), headers=headers(stack),
+                        timeout=180)
+    try:
+        refused = http.post("/v2/repository/models/digits/load", json={})
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert "version 9" in error and "model add" in error, error
+        assert "still serving: version 1" in error, error
+        with client_for(stack) as client:  # the versions that were there still answer
+            answer = client.infer("digits", IMAGES[:8], version="1")["probabilities"]
+        np.testing.assert_allclose(answer, EXPECTED, atol=1e-5)
+        audit = stack.settings.audit_log("gateway").read_text()
+        assert "'digits': load by key" in audit and "failed" in audit, audit[-500:]
+        missing = http.post("/v2/repository/models/nowhere/load", json={})
+        assert missing.status_code == 404 and "ppml-serve model add" in missing.json()["error"]
+    finally:
+        shutil.rmtree(repository / "digits" / "9")
+        assert http.post("/v2/repository/models/digits/load", json={}).status_code == 200
+        http.close()
 
 
 def test_unload_answers_the_requests_in_flight_then_stops_serving(stack: Stack) -> None:

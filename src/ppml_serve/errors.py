@@ -34,6 +34,10 @@ class PayloadTooLarge(PPMLError):
     """The request body exceeds the configured limit."""
 
 
+class UnsupportedEncoding(PPMLError):
+    """The request body's Content-Encoding is not one the gateway decodes."""
+
+
 class Overloaded(PPMLError):
     """The queue is over its backlog bound; the caller should retry later."""
 

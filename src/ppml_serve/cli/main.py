@@ -780,6 +780,9 @@ def _init_hint(args: argparse.Namespace, message: str) -> str:
     state = getattr(args, "state_dir", None) or Path(".ppml-serve")
     if args.command in ("init", "up", "bench") or Path(state).exists() or "init" in message:
         return ""
+    if args.command == "model" and getattr(args, "model_command", "") in ("quantize",
+                                                                         "convert"):
+        return ""  # these need no state directory unless the model is encrypted
     return (f"\n  (there is no state directory at {state}: run 'ppml-serve init' first, "
             "or pass --state-dir / --config)")
 

@@ -125,7 +125,13 @@ def model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     """Static INT8 quantization; encrypted in, encrypted out, plaintext only in memory/RAM."""
     from ppml_serve.crypto.model_file import encrypt_bytes
     from ppml_serve.engines.onnxruntime_engine import OnnxRuntimeEngine
-    from ppml_serve.engines.quantize import Samples, load_samples, quality_report, quantize_bytes
+    from ppml_serve.engines.quantize import (
+        Samples,
+        load_samples,
+        not_quantizable,
+        quality_report,
+        quantize_bytes,
+    )
 
     source, target = Path(args.input), Path(args.output)
     if not source.is_file():
@@ -135,6 +141,9 @@ def model_quantize(settings: Settings, args: argparse.Namespace) -> int:
     encrypted = is_encrypted(source)
     kms = open_kms(settings) if encrypted else None
     model = bytes(decrypt_model(source, kms=kms)) if encrypted else source.read_bytes()
+    why_not = not_quantizable(model)
+    if why_not is not None:
+        raise ConfigError(f"model quantize: {source.name} cannot be quantized: {why_not}")
     spec = OnnxRuntimeEngine("model", model).spec
     if len(spec.inputs) != 1:
         raise ConfigError("model quantize: only single-input models are supported")
@@ -159,6 +168,12 @@ def model_quantize(settings: Settings, args: argparse.Namespace) -> int:
                   file=sys.stderr) as bar:
             int8 = quantize_bytes(model, calibration, input_name, progress=bar.update,
                                   in_ram=encrypted)
+    except ConfigError:
+        raise
+    except (ValueError, RuntimeError, TypeError, KeyError) as exc:  # the quantizer's own
+        detail = (str(exc).splitlines() or ["no detail"])[0][:200]
+        raise ConfigError(f"model quantize: ONNX Runtime could not quantize {source.name} "
+                          f"({type(exc).__name__}: {detail})") from None
     finally:
         chatty.setLevel(level)
     report = {"output": str(target), "encrypted": encrypted,

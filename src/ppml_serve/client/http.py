@@ -161,14 +161,18 @@ class Client(_Base):
     def close(self) -> None:
         self._http.close()
 
-    def _encoded(self, model: str, inputs: np.ndarray[Any, Any] | Arrays
-                 ) -> tuple[bytes, dict[str, str]]:
-        """The binary request body; a bare array goes to the model's only input."""
+    def _inputs(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays:
+        """Named inputs; a bare array goes to the model's only input."""
         named = self._named(model, inputs)
         if named is None:
             self._remember(model, self.metadata(model))
             named = self._named(model, inputs)
-        return encode_inputs(named or {})
+        return named or {}
+
+    def _encoded(self, model: str, inputs: np.ndarray[Any, Any] | Arrays
+                 ) -> tuple[bytes, dict[str, str]]:
+        """The binary request body."""
+        return encode_inputs(self._inputs(model, inputs))
 
     def ready(self) -> bool:
         return self._http.get("/v2/health/ready").status_code == 200
@@ -231,13 +235,15 @@ class Client(_Base):
         _raise_for_status(response)
         return _trusted_key(response.json(), verifier, policy, model)
 
-    def infer_sealed(self, model: str, inputs: Arrays, verifier: Verifier,
-                     policy: Policy) -> Arrays:
+    def infer_sealed(self, model: str, inputs: np.ndarray[Any, Any] | Arrays,
+                     verifier: Verifier, policy: Policy) -> Arrays:
         """End-to-end sealed inference: only an attested worker can read inputs and outputs;
-        the gateway and Redis see ciphertext only."""
+        the gateway and Redis see ciphertext only. A bare array goes to the model's only
+        input, as with ``infer``."""
+        named = self._inputs(model, inputs)
         session = ClientSession(self.worker_key(model, verifier, policy))
         response = self._http.post(f"/v2/models/{model}/infer-sealed",
-                                   content=_sealed_request(session, model, inputs),
+                                   content=_sealed_request(session, model, named),
                                    headers=SEALED_HEADERS)
         return _sealed_answer(session, model, response)
 
@@ -261,13 +267,16 @@ class AsyncClient(_Base):
     async def close(self) -> None:
         await self._http.aclose()
 
-    async def _encoded(self, model: str, inputs: np.ndarray[Any, Any] | Arrays
-                       ) -> tuple[bytes, dict[str, str]]:
+    async def _inputs(self, model: str, inputs: np.ndarray[Any, Any] | Arrays) -> Arrays:
         named = self._named(model, inputs)
         if named is None:
             self._remember(model, await self.metadata(model))
             named = self._named(model, inputs)
-        return encode_inputs(named or {})
+        return named or {}
+
+    async def _encoded(self, model: str, inputs: np.ndarray[Any, Any] | Arrays
+                       ) -> tuple[bytes, dict[str, str]]:
+        return encode_inputs(await self._inputs(model, inputs))
 
     async def ready(self) -> bool:
         return (await self._http.get("/v2/health/ready")).status_code == 200
@@ -325,11 +334,12 @@ class AsyncClient(_Base):
         _raise_for_status(response)
         return _trusted_key(response.json(), verifier, policy, model)
 
-    async def infer_sealed(self, model: str, inputs: Arrays, verifier: Verifier,
-                           policy: Policy) -> Arrays:
+    async def infer_sealed(self, model: str, inputs: np.ndarray[Any, Any] | Arrays,
+                           verifier: Verifier, policy: Policy) -> Arrays:
         """End-to-end sealed inference (see ``Client.infer_sealed``)."""
+        named = await self._inputs(model, inputs)
         session = ClientSession(await self.worker_key(model, verifier, policy))
         response = await self._http.post(f"/v2/models/{model}/infer-sealed",
-                                         content=_sealed_request(session, model, inputs),
+                                         content=_sealed_request(session, model, named),
                                          headers=SEALED_HEADERS)
         return _sealed_answer(session, model, response)

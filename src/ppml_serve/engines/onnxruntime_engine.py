@@ -21,7 +21,13 @@ _ORT_TYPES = {
 def _spec(node: Any) -> TensorSpec:
     datatype = _ORT_TYPES.get(node.type)
     if datatype is None:
-        raise EngineError(f"tensor {node.name!r} has unsupported type {node.type}")
+        hint = ""
+        if node.type.startswith(("seq(", "map(")):
+            # skl2onnx's classifiers end in ZipMap (a sequence of maps) unless told otherwise
+            hint = (": a sequence or map output (scikit-learn's ZipMap?) cannot be served; "
+                    "convert with skl2onnx's options={id(model): {'zipmap': False}} (or "
+                    "{'zipmap': False} for every classifier) to get a probability tensor")
+        raise EngineError(f"tensor {node.name!r} has unsupported type {node.type}{hint}")
     shape = tuple(d if isinstance(d, int) and d >= 0 else -1 for d in node.shape)
     return TensorSpec(node.name, datatype, shape)
 

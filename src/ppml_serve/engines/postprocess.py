@@ -23,8 +23,12 @@ class TopK:
         if source is None:
             raise ConfigError(f"top_k_output: model {spec.name!r} has no output {output!r}")
         if source.datatype not in _FLOATS or len(source.shape) != 2:
-            raise ConfigError(f"top_k: output {source.name!r} must be float scores shaped "
-                              f"[batch, classes], not {source.datatype} {list(source.shape)}")
+            others = ", ".join(t.name for t in spec.outputs if t.name != source.name)
+            raise ConfigError(
+                f"top_k: output {source.name!r} must be float scores shaped [batch, classes], "
+                f"not {source.datatype} {list(source.shape)}"
+                + (f"; name the scores output with top_k_output (outputs: {others})"
+                   if others and output is None else ""))
         if source.shape[1] > 0 and k > source.shape[1]:
             raise ConfigError(f"top_k: {k} is more than the {source.shape[1]} classes")
         self._engine, self._k, self._source = engine, k, source.name

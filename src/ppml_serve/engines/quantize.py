@@ -53,6 +53,19 @@ def load_samples(path: Path, input_name: str) -> Samples:
     raise ConfigError(f"{path}: expected a .npy or .npz file, or a directory of .npy files")
 
 
+def not_quantizable(model: bytes) -> str | None:
+    """Why ``model`` cannot be quantized here, in one sentence's worth; None if it can."""
+    import onnx
+
+    graph = onnx.load_from_string(model).graph
+    learned = sorted({node.op_type for node in graph.node if node.domain == "ai.onnx.ml"})
+    if learned:
+        return (f"it uses ONNX-ML operators ({', '.join(learned[:4])}), as scikit-learn models "
+                "converted by skl2onnx do, which ONNX Runtime's INT8 quantization does not "
+                "quantize; serve it in FP32 (tree and linear models gain little from INT8)")
+    return None
+
+
 def quantize_bytes(model: bytes, calibration: np.ndarray[Any, Any], input_name: str,
                    batch_size: int = 16, progress: Callable[[int], None] | None = None,
                    in_ram: bool = False) -> bytes:

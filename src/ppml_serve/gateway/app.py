@@ -6,9 +6,11 @@ import asyncio
 import contextlib
 import json
 import logging
+import re
 import ssl
 import time
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import AbstractAsyncContextManager
 from typing import Any
@@ -29,6 +31,7 @@ from ppml_serve.errors import (
     PayloadTooLarge,
     PPMLError,
     Unauthorized,
+    UnsupportedEncoding,
 )
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane, request_received
@@ -147,10 +150,19 @@ def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any])
     loop.default_exception_handler(context)
 
 
+_DECODERS = {"gzip": 16 + zlib.MAX_WBITS, "x-gzip": 16 + zlib.MAX_WBITS,
+             "deflate": zlib.MAX_WBITS}
+"""zlib window bits per Content-Encoding (tritonclient's request compression)."""
+
+
 async def _read_body(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("identity", *_DECODERS):
+        raise UnsupportedEncoding(f"Content-Encoding {encoding[:32]!r} is not supported "
+                                  "(gzip, deflate or none)")
     chunks = []
     size = 0
     async for chunk in request.stream():
@@ -159,10 +171,49 @@ async def _read_body(request: Request, limit: int) -> bytes:
             raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit")
         if chunk:  # Starlette ends with an empty chunk; a lone body is then not copied
             chunks.append(chunk)
-    return b"".join(chunks)
+    body = b"".join(chunks)
+    return body if encoding == "identity" else _decompressed(body, encoding, limit)
 
 
-def _log_access(request: Request, response: Response, key_name: str, seconds: float) -> None:
+def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
+    """The body decoded, held to the same limit decoded as sent (no decompression bomb)."""
+    decoder = zlib.decompressobj(_DECODERS[encoding])
+    try:
+        plain = decoder.decompress(body, limit + 1)
+    except zlib.error:
+        raise InvalidInput(f"the request body is not valid {encoding} data") from None
+    if len(plain) > limit or decoder.unconsumed_tail:
+        raise PayloadTooLarge(f"request body exceeds the {limit}-byte limit once decompressed")
+    if not decoder.eof:
+        raise InvalidInput(f"the request body ends inside its {encoding} data")
+    return plain
+
+
+_UNSUPPORTED = (
+    (re.compile(r"/v2/(system|cuda)sharedmemory(/.*)?"),
+     "shared memory is not supported by ppml-serve: tensors travel inside each request (JSON "
+     "or the binary extension) and are sealed on the way; memory shared with the server "
+     "would bypass the envelope"),
+    (re.compile(r"/v2(/models/[^/]+(/versions/[^/]+)?)?/trace/setting"),
+     "changing trace settings over the API is not supported by ppml-serve: tracing is "
+     "configured in the settings (tracing.*) and exported over OTLP"),
+    (re.compile(r"/v2/logging"),
+     "changing log settings over the API is not supported by ppml-serve: logging is "
+     "configured in the settings (log.*) or with --log-level"),
+)
+"""Triton extensions that are not served: a 501 that says so, instead of a bare 404."""
+
+
+def _unsupported(path: str) -> str | None:
+    return next((why for pattern, why in _UNSUPPORTED if pattern.fullmatch(path)), None)
+
+
+_CALLER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
+"""A caller's X-Request-ID that is kept (echoed, logged): a short, plain token."""
+
+
+def _log_access(request: Request, response: Response, key_name: str, seconds: float,
+                caller_id: str = "") -> None:
     """One line per API call: who, what, outcome, how long, how big; never a payload."""
     model = request.path_params.get("model", "-")
     known = getattr(request.app.state, "served", None)
@@ -179,7 +230,8 @@ def _log_access(request: Request, response: Response, key_name: str, seconds: fl
                        "status": response.status_code,
                        "ms": round(seconds * 1000, 1),
                        "bytes_in": int(received) if received.isdigit() else 0,
-                       "bytes_out": int(sent) if sent.isdigit() else 0})
+                       "bytes_out": int(sent) if sent.isdigit() else 0,
+                       **({"caller_request_id": caller_id} if caller_id else {})})
 
 
 DEV_ATTESTATION = {
@@ -227,7 +279,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     return await handle(request)
 
             async def handle(request: Request) -> Response:
+                # Queue records and replies need an id no caller can choose (a repeated one
+                # would collide with another request's): the caller's is kept beside it.
                 rid = uuid.uuid4().hex
+                caller_id = request.headers.get("x-request-id", "")
+                caller_id = caller_id if _CALLER_ID.fullmatch(caller_id) else ""
                 token = request_id.set(rid)
                 received = request_received.set(_received(request) if behind_front else None)
                 started = time.perf_counter()
@@ -258,10 +314,10 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                         count(request, response.status_code, seconds)
                     if access_log and response is not None and access.isEnabledFor(
                             logging.INFO):  # nothing to format when nobody listens
-                        _log_access(request, response, key_name, seconds)
+                        _log_access(request, response, key_name, seconds, caller_id)
                     request_id.reset(token)
                     request_received.reset(received)
-                response.headers["X-Request-ID"] = rid
+                response.headers["X-Request-ID"] = caller_id or rid
                 return response
             return endpoint
         return wrap
@@ -307,6 +363,15 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         model, version = request.path_params["model"], request.state.version
         return JSONResponse(metrics.statistics.as_json(queue_name(model, version)))
 
+    @authenticated(model_route=False)
+    async def all_stats(request: Request) -> Response:
+        """Triton's statistics of every model version served (``get_inference_statistics()``
+        without a model)."""
+        queues = set(await dataplane.models()) | metrics.statistics.queues()
+        rows = [row for queue in sorted(queues)
+                for row in metrics.statistics.as_json(queue)["model_stats"]]
+        return JSONResponse({"model_stats": rows})
+
     @authenticated(model_route=False, scope="admin")
     async def repository_index(request: Request) -> Response:
         return JSONResponse(await dataplane.repository_index())
@@ -328,7 +393,12 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     raise InvalidInput(
                         "load and unload take no parameters here: model files and configs "
                         "come from the workers' repository (see 'ppml-serve model add')")
-            await dataplane.change_model(model, action, repository_timeout_s)
+            try:
+                await dataplane.change_model(model, action, repository_timeout_s)
+            except PPMLError as exc:  # the audit log says what happened, not what was asked
+                admin.warning("model %r: %s by key %s failed: %s", model[:64], action,
+                              request.state.principal, exc)
+                raise
             admin.info("model %r %sed by key %s", model, action, request.state.principal)
             return JSONResponse({})
         return change
@@ -402,6 +472,9 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             await dataplane.stop()
 
     async def not_found(request: Request, exc: Any) -> Response:
+        unsupported = _unsupported(request.url.path)
+        if unsupported is not None:
+            return JSONResponse({"error": unsupported}, status_code=501)
         return JSONResponse({"error": "no such endpoint"}, status_code=404)
 
     async def method_not_allowed(request: Request, exc: Any) -> Response:
@@ -409,6 +482,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
 
     routes = [  # the hot path first: routes are matched in order
         Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/stats", all_stats),
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),

@@ -373,7 +373,11 @@ class DataPlane:
         raises ``InvalidInput`` with the hosts' reasons."""
         view = await self.repository(refresh=True)
         if not view.knows(model):  # hosts list their directories every poll (0.5 s)
-            raise ModelNotFound(f"model {model[:64]!r} is in no worker's repository")
+            raise ModelNotFound(
+                f"model {model[:64]!r} is in no worker's repository: put its directory in "
+                "the workers' model repository and allow it with 'ppml-serve model add "
+                "REPOSITORY NAME' (which adds its measurement to the key broker's policy), "
+                "then load it")
         state = await self._broker.request_model_state(model, action)
         log.info("model %r: %s requested (serial %d)", model, action, state.serial)
         deadline = time.monotonic() + timeout_s
@@ -385,9 +389,17 @@ class DataPlane:
         else:
             raise DeadlineExceeded(f"model {model!r}: the {action} did not finish within "
                                    f"{timeout_s:g} s; see the repository index")
-        if action == "load" and not view.ready_versions(model):
-            reasons = "; ".join(view.failures(model)) or "no version to serve"
-            raise InvalidInput(f"model {model!r} could not be loaded: {reasons}")
+        if action != "load":
+            return
+        # Any version that failed fails the load (as Triton's does), even while others serve:
+        # a 200 would tell the caller the new version is there when it is not.
+        failures = view.failures(model)
+        ready = view.ready_versions(model)
+        if failures or not ready:
+            reasons = "; ".join(failures) or "no version to serve"
+            serving = (f" (still serving: version {', '.join(reversed(ready))})"
+                       if ready else "")
+            raise InvalidInput(f"model {model!r} could not be loaded: {reasons}{serving}")
 
     async def model_ready(self, model: str, version: str) -> bool:
         queue = queue_name(model, version)

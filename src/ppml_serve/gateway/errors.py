@@ -14,6 +14,7 @@ from ppml_serve.errors import (
     PayloadTooLarge,
     PPMLError,
     Unauthorized,
+    UnsupportedEncoding,
 )
 
 
@@ -29,6 +30,7 @@ _STATUSES: tuple[tuple[type[PPMLError], Status], ...] = (
     (Forbidden, Status(403, "PERMISSION_DENIED")),
     (ModelNotFound, Status(404, "NOT_FOUND")),
     (PayloadTooLarge, Status(413, "RESOURCE_EXHAUSTED")),
+    (UnsupportedEncoding, Status(415, "INVALID_ARGUMENT")),
     (Overloaded, Status(429, "RESOURCE_EXHAUSTED")),
     (NotReady, Status(503, "UNAVAILABLE")),
     (DeadlineExceeded, Status(504, "DEADLINE_EXCEEDED")),

@@ -101,6 +101,8 @@ def openapi_document() -> dict[str, Any]:
             "/v2/models/{model}/config": _get("Model configuration (Triton's shape)", model),
             "/v2/models/{model}/versions/{version}/config": _get(
                 "Model configuration (Triton's shape)", model, version),
+            "/v2/models/stats": _get("Inference statistics of every model version served "
+                                     "(Triton's shape)"),
             "/v2/models/{model}/stats": _get("Inference statistics (Triton's shape)", model),
             "/v2/models/{model}/versions/{version}/stats": _get(
                 "Inference statistics (Triton's shape)", model, version),

@@ -56,6 +56,11 @@ class InferenceStatistics:
             stats.compute_infer.add(engine_s)
             stats.batches[batch_size].add(engine_s)
 
+    def queues(self) -> set[str]:
+        """Model versions (queue names) with statistics so far."""
+        with self._lock:
+            return set(self._models)
+
     def as_json(self, queue: str) -> dict[str, Any]:
         """Statistics of one model version (by its queue name)."""
         model, version = split_queue_name(queue)

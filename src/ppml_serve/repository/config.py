@@ -12,6 +12,7 @@ Example::
       latest: 2               # or: specific: [1, 3]   or: all: true
     labels: labels.txt        # one class name per line, beside config.yaml
     top_k: 5                  # add OUTPUT_topk_indices / OUTPUT_topk_scores outputs
+    top_k_output: scores      # the output they are computed from (default: the first)
 """
 
 from __future__ import annotations
