@@ -9,8 +9,8 @@ import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as triton
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 from tritonclient.utils import InferenceServerException
 
 from ppml_serve.engines import load_engine
@@ -114,3 +114,22 @@ def test_malformed_and_unknown_rpcs_get_our_words_and_no_traceback(stack: Stack)
         handle.seek(before)
         logged = handle.read()
     assert "Traceback" not in logged and "Exception deserializing" not in logged, logged[-2000:]
+
+
+def test_model_config_and_statistics_over_grpc(stack: Stack,
+                                               client: triton.InferenceServerClient) -> None:
+    # found: ModelConfig and ModelStatistics answered a generic UNIMPLEMENTED
+    headers = {"authorization": f"Bearer {stack.api_key}"}
+    tensor = triton.InferInput("image", [1, 8, 8], "UINT8")
+    tensor.set_data_from_numpy(IMAGES[:1])
+    client.infer("demo", [tensor], headers=headers)
+    config = client.get_model_config("demo", headers=headers).config
+    assert config.name == "demo" and config.input[0].name == "image"
+    assert config.input[0].data_type == model_config_pb2.DataType.Value("TYPE_UINT8")
+    one = client.get_inference_statistics("demo", headers=headers).model_stats
+    assert [(s.name, s.version) for s in one] == [("demo", "1")]
+    assert one[0].inference_count >= 1 and one[0].inference_stats.success.count >= 1
+    every = client.get_inference_statistics(headers=headers).model_stats
+    assert "demo" in {s.name for s in every}
+    with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
+        client.get_inference_statistics()

@@ -17,9 +17,10 @@ from typing import Any, TypeVar
 
 import grpc
 import numpy as np
+from google.protobuf import json_format
 from google.protobuf.message import DecodeError
+from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
-from tritonclient.grpc import service_pb2_grpc
 
 from ppml_serve import __version__
 from ppml_serve.codecs.tensors import check_shape, datatype_name, numpy_dtype
@@ -28,7 +29,9 @@ from ppml_serve.errors import InvalidInput, PPMLError
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.errors import status_of
+from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
+from ppml_serve.queue.contract import queue_name
 from ppml_serve.tracing import span
 
 log = logging.getLogger("ppml_serve.gateway")
@@ -87,8 +90,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     """The v2 RPCs over ``DataPlane``; Triton-only RPCs stay UNIMPLEMENTED."""
 
     def __init__(self, dataplane: DataPlane, keys: ApiKeyStore, access_log: bool = True,
-                 repository_timeout_s: float = 120.0) -> None:
+                 repository_timeout_s: float = 120.0,
+                 statistics: InferenceStatistics | None = None) -> None:
         self._dataplane = dataplane
+        self._statistics = statistics or InferenceStatistics()
         self._keys = keys
         self._access_log = access_log
         self._repository_timeout_s = repository_timeout_s
@@ -167,6 +172,31 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                                                   shape=list(t.shape)) for t in spec.outputs])
         return await self._call(context, "ModelMetadata", request.name, metadata)
 
+    async def ModelConfig(self, request: Any, context: Context) -> Any:
+        async def config() -> Any:
+            version = await self._dataplane.resolve(request.name, request.version or None)
+            document = await self._dataplane.model_config(request.name, version)
+            return pb.ModelConfigResponse(config=json_format.ParseDict(
+                document, model_config_pb2.ModelConfig(), ignore_unknown_fields=True))
+        return await self._call(context, "ModelConfig", request.name, config)
+
+    async def ModelStatistics(self, request: Any, context: Context) -> Any:
+        """One model's statistics (its newest ready version, or the one named), or every
+        model's when no name is given, as HTTP's ``/v2/models/stats`` answers."""
+        async def statistics() -> Any:
+            if request.name:
+                version = await self._dataplane.resolve(request.name, request.version or None)
+                queues = {queue_name(request.name, version)}
+            else:
+                queues = set(await self._dataplane.models()) | self._statistics.queues()
+            rows = [row for queue in sorted(queues)
+                    for row in self._statistics.as_json(queue)["model_stats"]]
+            return json_format.ParseDict({"model_stats": rows}, pb.ModelStatisticsResponse(),
+                                         ignore_unknown_fields=True)
+        if request.name:
+            return await self._call(context, "ModelStatistics", request.name, statistics)
+        return await self._call(context, "ModelStatistics", None, statistics, scope="infer")
+
     async def RepositoryIndex(self, request: Any, context: Context) -> Any:
         async def index() -> Any:
             listed = pb.RepositoryIndexResponse
@@ -199,7 +229,15 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             decoded = InferRequest(request.id or None, _decode_inputs(request), wanted, True)
             version = await self._dataplane.resolve(request.model_name,
                                                     request.model_version or None)
-            outputs = await self._dataplane.infer_decoded(request.model_name, version, decoded)
+            started = time.perf_counter()
+            queue = queue_name(request.model_name, version)
+            try:
+                outputs = await self._dataplane.infer_decoded(request.model_name, version,
+                                                              decoded)
+            except PPMLError:
+                self._statistics.outcome(queue, False, time.perf_counter() - started)
+                raise
+            self._statistics.outcome(queue, True, time.perf_counter() - started)
             response = pb.ModelInferResponse(model_name=request.model_name,
                                              model_version=version, id=request.id)
             for name, array in outputs.items():

@@ -43,8 +43,8 @@ def _mutual_tls(settings: Settings) -> dict[str, Any]:
     return {"ssl_ca_certs": str(ca_file), "ssl_cert_reqs": ssl.CERT_REQUIRED}
 
 
-def _grpc_service(settings: Settings, dataplane: DataPlane, keys: ApiKeyStore
-                  ) -> Callable[[], AbstractAsyncContextManager[None]]:
+def _grpc_service(settings: Settings, dataplane: DataPlane, keys: ApiKeyStore,
+                  metrics: Metrics) -> Callable[[], AbstractAsyncContextManager[None]]:
     """The gRPC server, run beside the HTTPS one on the same event loop."""
     from ppml_serve.gateway.grpc_service import InferenceServicer, build_grpc_server
 
@@ -55,7 +55,7 @@ def _grpc_service(settings: Settings, dataplane: DataPlane, keys: ApiKeyStore
     async def serve() -> AsyncIterator[None]:
         server = build_grpc_server(
             InferenceServicer(dataplane, keys, settings.log.access_log,
-                              gateway.repository_timeout_s), gateway.host,
+                              gateway.repository_timeout_s, metrics.statistics), gateway.host,
             gateway.grpc_port or 0, settings.server_cert_file if secure else None,
             settings.server_key_file if secure else None,
             gateway.client_ca_file if secure else None, gateway.max_request_bytes,
@@ -143,7 +143,7 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                                          settings.redis.min_free_disk_mb << 20))
     services = []
     if gateway.grpc_port is not None:
-        services.append(_grpc_service(settings, dataplane, keys))
+        services.append(_grpc_service(settings, dataplane, keys, metrics))
     if spool is not None:
         # past its deadline a request is never read again, only dropped; the margin covers
         # clocks of processes on one host and a worker's reclaim delay
