@@ -3,6 +3,7 @@ tensor contents, API keys in metadata, errors as gRPC status codes."""
 
 from __future__ import annotations
 
+import queue
 from collections.abc import Iterator
 
 import grpc
@@ -99,7 +100,8 @@ def test_malformed_and_unknown_rpcs_get_our_words_and_no_traceback(stack: Stack)
         infer = channel.unary_unary("/inference.GRPCInferenceService/ModelInfer")
         with pytest.raises(grpc.RpcError) as malformed:
             infer(b"\xff\xff\xff not a protobuf message", timeout=10)
-        unknown = channel.unary_unary("/inference.GRPCInferenceService/ModelStreamInfer")
+        unknown = channel.unary_unary(
+            "/inference.GRPCInferenceService/SystemSharedMemoryStatus")
         with pytest.raises(grpc.RpcError) as streaming:
             unknown(b"", timeout=10)
         elsewhere = channel.unary_unary("/some.Other/Thing")
@@ -133,3 +135,28 @@ def test_model_config_and_statistics_over_grpc(stack: Stack,
     assert "demo" in {s.name for s in every}
     with pytest.raises(InferenceServerException, match="UNAUTHENTICATED"):
         client.get_inference_statistics()
+
+
+def test_a_stream_of_ordinary_requests_is_answered_in_order(
+        stack: Stack, client: triton.InferenceServerClient) -> None:
+    # found: ModelStreamInfer answered a generic UNIMPLEMENTED
+    answers: queue.Queue[tuple[object, object]] = queue.Queue()
+    client.start_stream(callback=lambda result, error: answers.put((result, error)),
+                        headers={"authorization": f"Bearer {stack.api_key}"})
+    try:
+        for index in range(3):
+            tensor = triton.InferInput("image", [1, 8, 8], "UINT8")
+            tensor.set_data_from_numpy(IMAGES[index:index + 1])
+            client.async_stream_infer("demo", [tensor], request_id=f"s{index}")
+        wrong = triton.InferInput("image", [1, 4], "UINT8")
+        wrong.set_data_from_numpy(np.zeros((1, 4), np.uint8))
+        client.async_stream_infer("demo", [wrong], request_id="bad")
+        got = [answers.get(timeout=30) for _ in range(4)]
+    finally:
+        client.stop_stream()
+    for index, (result, error) in enumerate(got[:3]):
+        assert error is None, error
+        assert result.get_response().id == f"s{index}"  # type: ignore[attr-defined]
+        np.testing.assert_allclose(result.as_numpy("probabilities"),  # type: ignore[attr-defined]
+                                   _expected(IMAGES[index:index + 1]), rtol=1e-5)
+    assert got[3][0] is None and "shape" in str(got[3][1]), got[3]

@@ -19,7 +19,7 @@ class Front:
         header_timeout_s: float = 10.0, keep_alive_s: float = 5.0,
         body_timeout_s: float = 60.0, max_request_bytes: int = 67108864,
         max_connections: int = 1024, upstream_timeout_s: float = 60.0,
-        max_inflight: int = 512, threads: int = 2,
+        max_inflight: int = 512, threads: int = 1,
     ) -> None: ...
     @property
     def port(self) -> int: ...

@@ -31,7 +31,7 @@ impl Front {
                         client_ca_file=None, reuse_port=false, max_header_bytes=16384,
                         header_timeout_s=10.0, keep_alive_s=5.0, body_timeout_s=60.0,
                         max_request_bytes=67108864, max_connections=1024,
-                        upstream_timeout_s=60.0, max_inflight=512, threads=2))]
+                        upstream_timeout_s=60.0, max_inflight=512, threads=1))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

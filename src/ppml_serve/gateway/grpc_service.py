@@ -11,7 +11,7 @@ from __future__ import annotations
 import logging
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -87,7 +87,8 @@ def _decode_inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
-    """The v2 RPCs over ``DataPlane``; Triton-only RPCs stay UNIMPLEMENTED."""
+    """The v2 RPCs over ``DataPlane``; Triton-only RPCs (shared memory, trace and log settings)
+    stay UNIMPLEMENTED."""
 
     def __init__(self, dataplane: DataPlane, keys: ApiKeyStore, access_log: bool = True,
                  repository_timeout_s: float = 120.0,
@@ -223,30 +224,58 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             return answer()
         return await self._call(context, f"Repository {action}", None, change, scope="admin")
 
+    async def _infer(self, request: Any) -> Any:
+        """One ModelInferRequest answered (shared by ModelInfer and ModelStreamInfer)."""
+        wanted = {output.name: True for output in request.outputs} or None
+        decoded = InferRequest(request.id or None, _decode_inputs(request), wanted, True)
+        version = await self._dataplane.resolve(request.model_name,
+                                                request.model_version or None)
+        started = time.perf_counter()
+        queue = queue_name(request.model_name, version)
+        try:
+            outputs = await self._dataplane.infer_decoded(request.model_name, version, decoded)
+        except PPMLError:
+            self._statistics.outcome(queue, False, time.perf_counter() - started)
+            raise
+        self._statistics.outcome(queue, True, time.perf_counter() - started)
+        response = pb.ModelInferResponse(model_name=request.model_name,
+                                         model_version=version, id=request.id)
+        for name, array in outputs.items():
+            contiguous = np.ascontiguousarray(array)
+            response.outputs.add(name=name, datatype=datatype_name(contiguous.dtype),
+                                 shape=list(contiguous.shape))
+            response.raw_output_contents.append(contiguous.tobytes())
+        return response
+
     async def ModelInfer(self, request: Any, context: Context) -> Any:
-        async def infer() -> Any:
-            wanted = {output.name: True for output in request.outputs} or None
-            decoded = InferRequest(request.id or None, _decode_inputs(request), wanted, True)
-            version = await self._dataplane.resolve(request.model_name,
-                                                    request.model_version or None)
-            started = time.perf_counter()
-            queue = queue_name(request.model_name, version)
+        return await self._call(context, "ModelInfer", request.model_name,
+                                lambda: self._infer(request))
+
+    async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: Context
+                               ) -> AsyncIterator[Any]:
+        """tritonclient's ``start_stream``: a bidirectional stream of ordinary requests,
+        answered in order; a request's error is its response's ``error_message`` and the
+        stream goes on. The key is checked for every request (a revoked key stops at once)."""
+        header = dict(context.invocation_metadata() or ()).get("authorization")
+        header = header if isinstance(header, str) else None
+        async for request in requests:
+            token = request_id.set(uuid.uuid4().hex)
             try:
-                outputs = await self._dataplane.infer_decoded(request.model_name, version,
-                                                              decoded)
-            except PPMLError:
-                self._statistics.outcome(queue, False, time.perf_counter() - started)
-                raise
-            self._statistics.outcome(queue, True, time.perf_counter() - started)
-            response = pb.ModelInferResponse(model_name=request.model_name,
-                                             model_version=version, id=request.id)
-            for name, array in outputs.items():
-                contiguous = np.ascontiguousarray(array)
-                response.outputs.add(name=name, datatype=datatype_name(contiguous.dtype),
-                                     shape=list(contiguous.shape))
-                response.raw_output_contents.append(contiguous.tobytes())
-            return response
-        return await self._call(context, "ModelInfer", request.model_name, infer)
+                if request is _MALFORMED:
+                    raise InvalidInput("the request is not a valid ModelInferRequest message "
+                                       "(KServe v2 / Open Inference Protocol gRPC)")
+                principal = self._keys.authenticate(header)
+                principal.authorize(request.model_name)
+                with span("gRPC ModelStreamInfer", server=True):
+                    answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
+            except PPMLError as exc:
+                answer = pb.ModelStreamInferResponse(error_message=str(exc))
+            except Exception as exc:  # a bug, not the client's doing: no detail leaks
+                log.error("unexpected %s in gRPC ModelStreamInfer", type(exc).__name__)
+                answer = pb.ModelStreamInferResponse(error_message="internal error")
+            finally:
+                request_id.reset(token)
+            yield answer
 
 
 SERVICE = "inference.GRPCInferenceService"
@@ -293,6 +322,10 @@ def _service_handlers(servicer: InferenceServicer) -> grpc.GenericRpcHandler:
             _refusing_malformed(getattr(servicer, method.name), method.input_type.name),
             request_deserializer=_lenient(request_type.FromString),
             response_serializer=response_type.SerializeToString)
+    handlers["ModelStreamInfer"] = grpc.stream_stream_rpc_method_handler(
+        servicer.ModelStreamInfer,
+        request_deserializer=_lenient(pb.ModelInferRequest.FromString),
+        response_serializer=pb.ModelStreamInferResponse.SerializeToString)
     return grpc.method_handlers_generic_handler(SERVICE, handlers)
 
 
@@ -305,7 +338,8 @@ class _UnknownMethods(grpc.GenericRpcHandler):
         async def refuse(request: Any, context: Context) -> Any:
             await context.abort(grpc.StatusCode.UNIMPLEMENTED,
                                 f"no method {method[:200]!r} here: this server implements "
-                                f"{SERVICE} (KServe v2) without streaming or shared memory")
+                                f"{SERVICE} (KServe v2) without shared memory, trace or "
+                                "log settings")
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
