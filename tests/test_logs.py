@@ -57,6 +57,7 @@ def test_access_lines_carry_request_ids_and_no_payload(json_logged: LocalStack) 
               if r["status"] == 200 and str(r["message"]).startswith("POST"))
     assert ok["key"] == "default" and ok["model"] == "demo" and ok["bytes_in"] > 0
     assert ok["version"] == "1"
+    assert str(ok["client"]).startswith("127.0.0.1:")  # through the native front
     assert len(str(ok["request_id"])) == 32
     bad = next(r for r in access if r["status"] == 400)
     assert bad["request_id"] == response.headers["x-request-id"]

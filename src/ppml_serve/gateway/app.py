@@ -58,6 +58,14 @@ FRONT_RECEIVED = "x-ppml-received-ms"
 """Set by the native front on every request (a client's own is replaced): when it arrived."""
 
 
+def _client(request: Request, behind_front: bool) -> str:
+    """The caller's address: the front's word for it behind the front (the app's own peer
+    is then the front's socket), else the connection's."""
+    if behind_front:
+        return request.headers.get("x-ppml-client", "")[:64]
+    return f"{request.client.host}:{request.client.port}" if request.client else ""
+
+
 def _received(request: Request) -> float | None:
     value = request.headers.get(FRONT_RECEIVED, "")
     return int(value) / 1000 if value.isdigit() else None
@@ -213,20 +221,25 @@ _CALLER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 
 
 def _log_access(request: Request, response: Response, key_name: str, seconds: float,
-                caller_id: str = "") -> None:
+                caller_id: str = "", client: str = "") -> None:
     """One line per API call: who, what, outcome, how long, how big; never a payload."""
     model = request.path_params.get("model", "-")
     known = getattr(request.app.state, "served", None)
-    if known is not None and not known(model):
+    if model != "-" and known is not None and not known(model):
         model = "_other"  # names from URLs are not echoed into logs unchecked
     received = request.headers.get("content-length", "0")
     sent = response.headers.get("content-length", "0")
-    version = request.path_params.get("version", "1")
-    version = version if version.isdigit() and len(version) < 10 else "_other"
-    access.info("%s %s key=%s model=%s version=%s status=%d ms=%.1f in=%s out=%s",
+    # the version that answered (an unversioned request's newest ready one), else the asked
+    version = getattr(request.state, "version", None) or request.path_params.get("version",
+                                                                                   "-")
+    version = version if version == "-" or (version.isdigit() and len(version) < 10) \
+        else "_other"
+    access.info("%s %s key=%s model=%s version=%s status=%d ms=%.1f in=%s out=%s client=%s",
                 request.method, request.url.path if model != "_other" else "(unknown model)",
                 key_name, model, version, response.status_code, seconds * 1000, received, sent,
+                client or "-",
                 extra={"key": key_name, "model": model, "version": version,
+                       "client": client or "-",
                        "status": response.status_code,
                        "ms": round(seconds * 1000, 1),
                        "bytes_in": int(received) if received.isdigit() else 0,
@@ -314,7 +327,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                         count(request, response.status_code, seconds)
                     if access_log and response is not None and access.isEnabledFor(
                             logging.INFO):  # nothing to format when nobody listens
-                        _log_access(request, response, key_name, seconds, caller_id)
+                        _log_access(request, response, key_name, seconds, caller_id,
+                                    _client(request, behind_front))
                     request_id.reset(token)
                     request_received.reset(received)
                 response.headers["X-Request-ID"] = caller_id or rid
