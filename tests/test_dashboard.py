@@ -28,3 +28,22 @@ def test_dashboard_uses_only_exported_metric_names() -> None:
             for name in re.findall(r"\bppml_[a-z_]+", target["expr"])}
     assert used, "the dashboard plots nothing"
     assert used <= exported, f"not exported: {sorted(used - exported)}"
+
+
+def test_every_per_model_series_of_gateway_and_worker_has_model_and_version_labels() -> None:
+    # found: request counters carried {model, version}, the queue, engine and batch series
+    # {model="m@2"}: the dashboard showed nothing for every version above 1
+    per_model = []
+    for registry in (Metrics().registry, WorkerMetrics().registry):
+        for family in registry.collect():
+            collector = registry._names_to_collectors.get(family.name)
+            labels = set(getattr(collector, "_labelnames", ()))
+            if "model" in labels:
+                per_model.append((family.name, labels))
+    assert len(per_model) >= 10, per_model
+    assert all({"model", "version"} <= labels for _, labels in per_model), per_model
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    for panel in panels:
+        for target in panel["targets"]:
+            grouping = re.findall(r"by \(([^)]*)\)", target["expr"])
+            assert all("version" in group for group in grouping), target["expr"]

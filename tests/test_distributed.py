@@ -146,7 +146,7 @@ def test_parts_on_separate_state_dirs_and_addresses(tmp_path: Path, parts: Parts
                                 headers={"Authorization": f"Bearer {api_key}"}, timeout=5)
         except httpx.HTTPError:
             return False
-        return 'ppml_live_workers{model="demo"} 2.0' in metrics.text
+        return 'ppml_live_workers{model="demo",version="1"} 2.0' in metrics.text
 
     _wait_for(both_workers_live, "two workers serving through the gateway")
     with Client(url, api_key=api_key, ca_file=operator / "ca.pem", timeout_s=10) as client:

@@ -91,9 +91,10 @@ def test_tritonclient_over_tls(stack: Stack, binary: bool) -> None:
 def _batch_counts(stack: Stack) -> tuple[float, float]:
     with stack.http() as http:
         text = http.get("/metrics").text
-    singles = float(re.search(r'ppml_batch_size_bucket\{le="1.0",model="demo"\} (\S+)',
-                              text).group(1))
-    total = float(re.search(r'ppml_batch_size_count\{model="demo"\} (\S+)', text).group(1))
+    singles = float(re.search(
+        r'ppml_batch_size_bucket\{le="1.0",model="demo",version="1"\} (\S+)', text).group(1))
+    total = float(re.search(r'ppml_batch_size_count\{model="demo",version="1"\} (\S+)',
+                            text).group(1))
     return singles, total
 
 
@@ -356,13 +357,13 @@ def test_metrics_split_queue_wait_from_engine_time_and_show_the_queue(stack: Sta
         assert found, f"{pattern} not in /metrics"
         return float(found.group(1))
 
-    assert value(r'ppml_queue_wait_seconds_count\{model="demo"\}') >= 5
-    assert value(r'ppml_engine_seconds_count\{model="demo"\}') >= 5
-    assert value(r'ppml_engine_seconds_sum\{model="demo"\}') > 0
+    assert value(r'ppml_queue_wait_seconds_count\{model="demo",version="1"\}') >= 5
+    assert value(r'ppml_engine_seconds_count\{model="demo",version="1"\}') >= 5
+    assert value(r'ppml_engine_seconds_sum\{model="demo",version="1"\}') > 0
     assert value(r'ppml_requests_total\{model="demo",status="200",version="1"\}') >= 5
-    assert value(r'ppml_live_workers\{model="demo"\}') == 2
-    assert value(r'ppml_queue_lag\{model="demo"\}') >= 0
-    assert value(r'ppml_inflight_requests\{model="demo"\}') >= 0
+    assert value(r'ppml_live_workers\{model="demo",version="1"\}') == 2
+    assert value(r'ppml_queue_lag\{model="demo",version="1"\}') >= 0
+    assert value(r'ppml_inflight_requests\{model="demo",version="1"\}') >= 0
     with stack.http(api_key="ppml_wrong") as http:  # refused calls are counted too
         http.post("/v2/models/demo/infer", json={"inputs": []})
     with stack.http() as http:

@@ -107,3 +107,23 @@ def test_jobs_survive_a_restart_of_up(tmp_path: Path) -> None:
     assert all(answer is not None for answer in answers), "a job was lost across the restart"
     predicted = [int(answer["probabilities"].argmax()) for answer in answers if answer]
     assert sum(p == int(label) for p, label in zip(predicted, labels[:5], strict=True)) >= 4
+
+
+def test_up_takes_the_ports_it_is_given_for_redis_and_the_key_broker(tmp_path: Path) -> None:
+    # found: up picked random ports for the managed Redis and the key broker (no firewall
+    # rule or remote worker could name them)
+    from ppml_serve.client import Client
+    from ppml_serve.models import demo_samples
+
+    from .conftest import running_stack, stack_settings
+
+    redis_port, broker_port = free_port(), free_port()
+    settings = stack_settings(tmp_path / "state", redis={"managed_port": redis_port},
+                              keybroker={"port": broker_port})
+    with running_stack(settings) as local:
+        assert local.redis.port == redis_port
+        assert (settings.state_dir / "keybroker.url").read_text().strip() \
+            == f"https://127.0.0.1:{broker_port}"
+        key = (settings.state_dir / "api-key").read_text().strip()
+        with Client(local.url, api_key=key, ca_file=settings.ca_file) as client:
+            assert client.infer("demo", demo_samples()[0][:1])["probabilities"].shape == (1, 10)

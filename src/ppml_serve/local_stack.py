@@ -253,7 +253,8 @@ class LocalStack:
         self.grpc_address = f"{settings.gateway.host}:{settings.gateway.grpc_port}"
         """host:port of the KServe v2 gRPC service (TLS unless plaintext_http)."""
         self.redis = ManagedRedis(
-            settings.state_dir / "redis", port=free_port(), cert_file=settings.server_cert_file,
+            settings.state_dir / "redis", port=settings.redis.managed_port or free_port(),
+            cert_file=settings.server_cert_file,
             key_file=settings.server_key_file, ca_file=settings.ca_file,
             prefix=settings.redis.prefix, tls=not settings.redis.allow_plaintext,
             persistence=settings.redis.persistence, max_memory_mb=settings.redis.max_memory_mb,
@@ -309,7 +310,10 @@ class LocalStack:
                 settings.keybroker.dcap_test_root_file is None:
             # the one place a test root is named: this stack's own key broker
             settings.keybroker.dcap_test_root_file = settings.attestation_dir / TEST_ROOT_FILE
-        settings.keybroker.port = free_port()
+        if "port" not in settings.keybroker.model_fields_set:
+            # its default (8444) is the gRPC port beside the default HTTPS one: unless it
+            # was set (config, PPML_KEYBROKER__PORT), a free port is picked
+            settings.keybroker.port = free_port()
         write_private(state / "keybroker.url",
                       f"https://127.0.0.1:{settings.keybroker.port}\n".encode())
         run_config = state / "run-config.yaml"

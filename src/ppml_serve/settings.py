@@ -70,6 +70,9 @@ class RedisSettings(_Section):
     """How long the gateway waits for Redis to answer a command on the request path (beyond a
     blocking read's own wait) before it takes Redis for stalled: new requests then get a fast
     503 + Retry-After, while those already queued keep waiting for their answers."""
+    managed_port: int | None = Field(None, ge=1, le=65535)
+    """``up``: the TCP (TLS) port of the managed Redis, for firewalls and workers on other
+    hosts. Unset: a free port is picked at each start."""
     max_memory_mb: int | None = Field(None, ge=16)
     """``maxmemory`` of the managed Redis. Unset: a quarter of this machine's memory. At the
     limit new requests get 503 + Retry-After while answers and heartbeats still get through

@@ -39,7 +39,7 @@ from ppml_serve.gateway.errors import status_of
 from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
-from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name
+from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name, split_queue_name
 from ppml_serve.tracing import span
 
 log = logging.getLogger("ppml_serve.gateway")
@@ -89,6 +89,10 @@ _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
             30)
 
 
+_MODEL_VERSION = ["model", "version"]
+"""The labels of every per-model series, gateway and worker alike (so that they join)."""
+
+
 class Metrics:
     """The gateway's Prometheus metrics. Label values are bounded: model names only of served
     models (others are ``_other``), statuses are HTTP codes."""
@@ -103,25 +107,25 @@ class Metrics:
                                  "version", ["model", "version"], registry=self.registry,
                                  buckets=_SECONDS)
         self.queue_wait = Histogram("ppml_queue_wait_seconds", "Time from enqueue until the "
-                                    "request's batch started in a worker", ["model"],
+                                    "request's batch started in a worker", _MODEL_VERSION,
                                     registry=self.registry, buckets=_SECONDS)
         self.engine = Histogram("ppml_engine_seconds", "Engine time of the batch each answer "
-                                "came from", ["model"], registry=self.registry,
+                                "came from", _MODEL_VERSION, registry=self.registry,
                                 buckets=_SECONDS)
         self.batch_size = Histogram("ppml_batch_size", "Size of the worker batch each answer "
-                                    "came from", ["model"], registry=self.registry,
+                                    "came from", _MODEL_VERSION, registry=self.registry,
                                     buckets=(1, 2, 4, 8, 16, 32, 64, 128))
         self.inflight = Gauge("ppml_inflight_requests", "Requests waiting for their answer "
-                              "in this gateway", ["model"], registry=self.registry)
+                              "in this gateway", _MODEL_VERSION, registry=self.registry)
         self.queue_depth = Gauge("ppml_queue_depth", "Requests in the model's stream "
-                                 "(waiting or being worked on)", ["model"],
+                                 "(waiting or being worked on)", _MODEL_VERSION,
                                  registry=self.registry)
         self.queue_lag = Gauge("ppml_queue_lag", "Requests no worker has taken yet (the "
-                               "consumer group's lag)", ["model"], registry=self.registry)
+                               "consumer group's lag)", _MODEL_VERSION, registry=self.registry)
         self.queue_pending = Gauge("ppml_queue_pending", "Requests taken by a worker, not yet "
-                                   "answered", ["model"], registry=self.registry)
+                                   "answered", _MODEL_VERSION, registry=self.registry)
         self.live_workers = Gauge("ppml_live_workers", "Workers with a fresh heartbeat",
-                                  ["model"], registry=self.registry)
+                                  _MODEL_VERSION, registry=self.registry)
         self.disk_free = Gauge("ppml_state_disk_free_bytes", "Free bytes on the volume of a "
                                "directory this gateway watches (below redis.min_free_disk_mb "
                                "it is not ready)", ["path"], registry=self.registry)
@@ -129,22 +133,25 @@ class Metrics:
         """The same events in Triton's statistics shape (``/v2/models/{m}/stats``)."""
 
     def observe_reply(self, model: str, message: ReplyMessage) -> None:
+        """``model``: the version's queue name."""
         self.statistics.answer(model, message.queue_s, message.engine_s, message.batch_size)
-        self.batch_size.labels(model).observe(message.batch_size)
-        self.queue_wait.labels(model).observe(message.queue_s)
-        self.engine.labels(model).observe(message.engine_s)
+        labels = split_queue_name(model)
+        self.batch_size.labels(*labels).observe(message.batch_size)
+        self.queue_wait.labels(*labels).observe(message.queue_s)
+        self.engine.labels(*labels).observe(message.engine_s)
 
     def set_disk_free(self, free: dict[str, int]) -> None:
         for path, value in free.items():
             self.disk_free.labels(path).set(value)
 
     def set_queue_state(self, inflight: dict[str, int], stats: dict[str, QueueStats]) -> None:
-        for model, state in stats.items():
-            self.inflight.labels(model).set(inflight.get(model, 0))
-            self.queue_depth.labels(model).set(state.depth)
-            self.queue_lag.labels(model).set(state.lag)
-            self.queue_pending.labels(model).set(state.pending)
-            self.live_workers.labels(model).set(state.live_workers)
+        for model, state in stats.items():  # by queue name
+            labels = split_queue_name(model)
+            self.inflight.labels(*labels).set(inflight.get(model, 0))
+            self.queue_depth.labels(*labels).set(state.depth)
+            self.queue_lag.labels(*labels).set(state.lag)
+            self.queue_pending.labels(*labels).set(state.pending)
+            self.live_workers.labels(*labels).set(state.live_workers)
 
 
 def _quiet_disconnects(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
