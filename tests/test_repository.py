@@ -238,7 +238,7 @@ def test_a_load_with_a_failing_version_is_400_with_its_reasons_and_audited(
         stack: Stack, repository: Path) -> None:
     # found: loading a version the key broker refused answered 200 {} (the index said
     # UNAVAILABLE, the audit log "loaded") because other versions of the model served
-    scaled_demo(repository / "digits" / "9" / "model.onnx", 0.5)  # never 'model add'-ed
+    scaled_demo(repository / "digits" / "9" / "model.onnx", 0.3)  # never 'model add'-ed
     http = httpx.Client(base_url=stack.url, verify=str(stack.ca_file), headers=headers(stack),
                         timeout=180)
     try:
