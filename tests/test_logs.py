@@ -58,6 +58,10 @@ def test_access_lines_carry_request_ids_and_no_payload(json_logged: LocalStack) 
     assert ok["key"] == "default" and ok["model"] == "demo" and ok["bytes_in"] > 0
     assert ok["version"] == "1"
     assert str(ok["client"]).startswith("127.0.0.1:")  # through the native front
+    # found: JSON lines did not say which part wrote them
+    assert ok["part"] == "gateway" and isinstance(ok["pid"], int)
+    assert {"gateway", "worker", "keybroker"} <= {str(r.get("part")) for r in records}, \
+        {str(r.get("part")) for r in records}
     assert len(str(ok["request_id"])) == 32
     bad = next(r for r in access if r["status"] == 400)
     assert bad["request_id"] == response.headers["x-request-id"]

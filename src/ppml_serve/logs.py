@@ -44,13 +44,20 @@ class TextFormatter(logging.Formatter):
 
 
 class JsonFormatter(logging.Formatter):
-    """One JSON object per line: time, level, logger, message, request_id and any ``extra``."""
+    """One JSON object per line: time, level, logger, message, request_id and any ``extra``;
+    with ``part``, which part wrote it (``gateway``, ``worker``, ``keybroker``…) and its
+    process id, so that lines of many parts gathered in one place can be told apart."""
+
+    def __init__(self, part: str | None = None) -> None:
+        super().__init__()
+        self._part = {"part": part, "pid": os.getpid()} if part else {}
 
     def format(self, record: logging.LogRecord) -> str:
         document: dict[str, Any] = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created))
             + f".{int(record.msecs):03d}Z",
-            "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+            "level": record.levelname, "logger": record.name, "message": record.getMessage(),
+            **self._part}
         for key, value in vars(record).items():
             if key not in _STANDARD and not key.startswith("_") and value not in ("", None):
                 document[key] = value
@@ -86,9 +93,10 @@ class RotatingLogFile(logging.handlers.RotatingFileHandler):
 
 def configure_logging(level: str = "INFO", log_format: str = "text",
                       log_file: Path | None = None, max_bytes: int = 10 << 20,
-                      backups: int = 3) -> None:
+                      backups: int = 3, part: str | None = None) -> None:
     """Replace the root handler's format (safe to call again once settings are known);
-    with ``log_file``, the root logger writes that rotating file instead of stderr."""
+    with ``log_file``, the root logger writes that rotating file instead of stderr; ``part``
+    names the writer in JSON lines."""
     root = logging.getLogger()
     root.setLevel(level)
     if log_file is not None and not any(isinstance(h, RotatingLogFile) for h in root.handlers):
@@ -98,7 +106,7 @@ def configure_logging(level: str = "INFO", log_format: str = "text",
     if not root.handlers:
         root.addHandler(logging.StreamHandler())
     for handler in root.handlers:
-        handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+        handler.setFormatter(JsonFormatter(part) if log_format == "json" else TextFormatter())
         if not any(isinstance(f, _RequestIdFilter) for f in handler.filters):
             handler.addFilter(_RequestIdFilter())
     logging.getLogger("httpx").setLevel(logging.WARNING)

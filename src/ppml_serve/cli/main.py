@@ -399,7 +399,8 @@ def _settings(args: argparse.Namespace, **extra: Any) -> Settings:
     logging takes their format from here on."""
     settings = load_settings(args.config, **_overrides(args), **extra)
     configure_logging(getattr(args, "log_level", "INFO"), settings.log.format,
-                      settings.log.file, settings.log.file_max_bytes, settings.log.file_backups)
+                      settings.log.file, settings.log.file_max_bytes, settings.log.file_backups,
+                      part=args.command)
     return settings
 
 
