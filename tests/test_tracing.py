@@ -62,6 +62,12 @@ def test_gateway_spans_continue_the_callers_trace_and_pass_it_on(
     recorded = {span.name: span for span in spans.get_finished_spans()}
     assert {"POST /v2/models/{model}/infer", "admit", "seal", "enqueue", "wait"} <= set(recorded)
     server = recorded["POST /v2/models/{model}/infer"]
+    # found: root spans carried no model or status
+    attributes = dict(server.attributes or {})
+    assert attributes["http.response.status_code"] == 504, attributes
+    assert attributes["ppml.model"] == "demo" and attributes["ppml.model_version"] == "1"
+    assert attributes["http.route"] == "/v2/models/{model}/infer"
+    assert attributes["http.request.body.size"] > 0
     assert format(server.context.trace_id, "032x") == TRACE_ID
     assert format(server.parent.span_id, "016x") == "00f067aa0ba902b7"
     (carried,) = broker.traceparents
@@ -126,3 +132,24 @@ def test_one_request_traced_through_real_processes(traced: tuple[LocalStack, Pat
     assert services == {"ppml-serve-gateway", "ppml-serve-worker"}
     text = spans_file.read_text()
     assert marker.decode() not in text and marker.hex() not in text
+
+
+def test_the_span_file_is_rotated_and_private(tmp_path: Path) -> None:
+    # found: the trace file grew without rotation (43 MB for 7,500 requests)
+    from ppml_serve.tracing import _file_exporter
+
+    path = tmp_path / "spans.jsonl"
+    exporter = _file_exporter(path, max_bytes=1 << 16, backups=2)
+    provider = TracerProvider()
+    provider.add_span_processor(SimpleSpanProcessor(exporter))
+    tracer = provider.get_tracer("test")
+    for index in range(600):
+        with tracer.start_as_current_span(f"span {index}", attributes={"pad": "x" * 200}):
+            pass
+    files = sorted(tmp_path.glob("spans.jsonl*"))
+    assert [f.name for f in files] == ["spans.jsonl", "spans.jsonl.1", "spans.jsonl.2"]
+    assert all(f.stat().st_size <= (1 << 16) + 2048 for f in files)
+    assert all(f.stat().st_mode & 0o777 == 0o600 for f in files)
+    for f in files:  # every line a whole span
+        assert all(json.loads(line)["name"].startswith("span ")
+                   for line in f.read_text().splitlines())

@@ -66,20 +66,27 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(document, default=str)
 
 
-class RotatingLogFile(logging.handlers.RotatingFileHandler):
-    """A size-bounded log file (``PATH``, ``PATH.1`` … ``PATH.N``), owner-only, never opened
-    through a symlink. The process's stdout and stderr follow it across rotations, so that
-    a traceback or a library's print lands in the current file too, never in a pipe that
-    someone has to read."""
+class PrivateRotatingFile(logging.handlers.RotatingFileHandler):
+    """A size-bounded file of lines (``PATH``, ``PATH.1`` … ``PATH.N``), owner-only, never
+    opened through a symlink."""
 
     def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
         super().__init__(path, maxBytes=max_bytes, backupCount=backups, delay=False)
-        self._redirect()
 
     def _open(self) -> Any:
         fd = os.open(self.baseFilename,
                      os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, 0o600)
         return os.fdopen(fd, "a", encoding="utf-8", errors="replace")
+
+
+class RotatingLogFile(PrivateRotatingFile):
+    """A process's log file. The process's stdout and stderr follow it across rotations, so
+    that a traceback or a library's print lands in the current file too, never in a pipe that
+    someone has to read."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        super().__init__(path, max_bytes, backups)
+        self._redirect()
 
     def doRollover(self) -> None:
         super().doRollover()

@@ -281,7 +281,11 @@ class TracingSettings(_Section):
     """OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces (default: the
     exporter's, or ``OTEL_EXPORTER_OTLP_TRACES_ENDPOINT``)."""
     file: Path | None = None
-    """File the ``file`` exporter appends spans to (one JSON object per line)."""
+    """File the ``file`` exporter appends spans to (one JSON object per line, 0600)."""
+    file_max_bytes: int = Field(50 << 20, ge=1 << 16)
+    """The span file is rotated at this size (``FILE.1`` … ``FILE.N``)."""
+    file_backups: int = Field(3, ge=1, le=100)
+    """Rotated span files kept."""
     sample_ratio: float = Field(1.0, ge=0, le=1)
     """Share of new traces recorded; a caller's sampled ``traceparent`` is always followed."""
 

@@ -10,10 +10,11 @@ span per line, for debugging and tests. Spans carry names, ids, sizes and timing
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from collections.abc import Mapping
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, cast
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -66,7 +67,8 @@ def configure_tracing(settings: TracingSettings, service: str) -> None:
     if settings.exporter == "file":
         if settings.file is None:
             raise ConfigError("tracing.file: needed with tracing.exporter 'file'")
-        provider.add_span_processor(SimpleSpanProcessor(_file_exporter(settings.file)))
+        provider.add_span_processor(SimpleSpanProcessor(
+            _file_exporter(settings.file, settings.file_max_bytes, settings.file_backups)))
     else:
         try:
             from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -79,12 +81,39 @@ def configure_tracing(settings: TracingSettings, service: str) -> None:
         trace.set_tracer_provider(provider)
 
 
-def _file_exporter(path: Path) -> Any:
+class _RotatingLines:
+    """A text stream (what the SDK's exporter writes to) over a rotating 0600 file: one
+    span per line, never split across files."""
+
+    def __init__(self, path: Path, max_bytes: int, backups: int) -> None:
+        from ppml_serve.logs import PrivateRotatingFile
+
+        self._file = PrivateRotatingFile(path, max_bytes, backups)
+        self._file.setFormatter(logging.Formatter("%(message)s"))
+
+    def write(self, text: str) -> int:
+        self._file.emit(logging.LogRecord("ppml_serve.trace", logging.INFO, "", 0,
+                                          text.rstrip("\n"), None, None))
+        return len(text)
+
+    def flush(self) -> None:
+        self._file.flush()
+
+
+def _file_exporter(path: Path, max_bytes: int = 50 << 20, backups: int = 3) -> Any:
     from opentelemetry.sdk.trace.export import ConsoleSpanExporter
 
-    stream: IO[str] = path.open("a", buffering=1)  # one line per span, flushed at once
+    stream = cast(IO[str], _RotatingLines(path, max_bytes, backups))
     return ConsoleSpanExporter(out=stream,
                                formatter=lambda span: span.to_json(indent=None) + "\n")
+
+
+def annotate(**attributes: Any) -> None:
+    """Add attributes to the current span (nothing while tracing is off)."""
+    if tracing_on():
+        trace.get_current_span().set_attributes(
+            {key.replace("__", "."): value for key, value in attributes.items()
+             if value is not None})
 
 
 def current_traceparent() -> str:

@@ -40,7 +40,7 @@ from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
 from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name, split_queue_name
-from ppml_serve.tracing import span
+from ppml_serve.tracing import annotate, span
 
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
@@ -56,6 +56,23 @@ def inference_response(payload: bytes, header_length: int | None) -> Response:
 
 FRONT_RECEIVED = "x-ppml-received-ms"
 """Set by the native front on every request (a client's own is replaced): when it arrived."""
+
+
+def _annotate_span(request: Request, response: Response) -> None:
+    """OpenTelemetry's HTTP attributes on the request's server span, and which model and
+    version answered (names of served models only)."""
+    model = request.path_params.get("model")
+    known = getattr(request.app.state, "served", None)
+    served = model is not None and (known is None or known(model))
+    sent = response.headers.get("content-length", "")
+    received = request.headers.get("content-length", "")
+    annotate(http__request__method=request.method,
+             http__route=getattr(request.scope.get("route"), "path", None),
+             http__response__status_code=response.status_code,
+             http__request__body__size=int(received) if received.isdigit() else None,
+             http__response__body__size=int(sent) if sent.isdigit() else None,
+             ppml__model=model if served else None,
+             ppml__model_version=getattr(request.state, "version", None) if served else None)
 
 
 def _client(request: Request, behind_front: bool) -> str:
@@ -330,6 +347,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     response = JSONResponse({"error": "internal error"}, status_code=500)
                 finally:
                     seconds = time.perf_counter() - started
+                    if response is not None:
+                        _annotate_span(request, response)
                     if counted and response is not None:
                         count(request, response.status_code, seconds)
                     if access_log and response is not None and access.isEnabledFor(
