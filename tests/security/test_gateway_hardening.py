@@ -199,6 +199,10 @@ def test_revoked_key_is_refused_without_a_restart_and_jobs_belong_to_the_key(
     with _http(hardened, impostor) as http:
         assert http.get(f"/v2/models/demo/jobs/{job}").status_code == 404
         assert http.get("/v2/models/demo").status_code == 200
+    # found: keys added or revoked from the CLI were audited only on its stderr; the
+    # service's own (chained) audit log now records what each reload changed
+    audit = hardened.settings.audit_log("gateway").read_text()
+    assert "API key in force: name='alice'" in audit and "API key revoked: name='alice'" in audit
 
 
 def test_key_names_are_unique_and_listed_without_secrets(hardened: LocalStack) -> None:

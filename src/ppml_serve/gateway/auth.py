@@ -102,6 +102,26 @@ def _parse(path: Path) -> list[_StoredKey]:
     return entries
 
 
+def _audit_changes(before: list[_StoredKey], after: list[_StoredKey]) -> None:
+    """What a reload changed, in this service's audit log: keys are added and revoked by
+    other processes (the CLI, an operator's edit), whose own records this log cannot see."""
+    old = {entry.principal.key_id: entry for entry in before}
+    new = {entry.principal.key_id: entry for entry in after}
+
+    def described(principal: Principal) -> str:
+        return (f"name={principal.name!r} id={principal.key_id} "
+                f"models={','.join(sorted(principal.models))} "
+                f"scopes={','.join(sorted(principal.scopes))}")
+
+    for key_id in sorted(new.keys() - old.keys()):
+        audit.info("API key in force: %s", described(new[key_id].principal))
+    for key_id in sorted(old.keys() - new.keys()):
+        audit.info("API key revoked: %s", described(old[key_id].principal))
+    for key_id in sorted(old.keys() & new.keys()):
+        if old[key_id] != new[key_id]:
+            audit.info("API key changed: %s", described(new[key_id].principal))
+
+
 class ApiKeyStore:
     """The keys of ``path``, re-read (at most once a second) when the file changes; a
     broken new version is refused with an error in the log and the previous keys stay."""
@@ -138,10 +158,12 @@ class ApiKeyStore:
             return
         self._stamp = stamp
         try:
-            self._entries = _parse(self._path)
+            entries = _parse(self._path)
         except ConfigError as exc:
             log.error("API keys not reloaded, keeping the previous ones: %s", exc)
             return
+        _audit_changes(self._entries, entries)
+        self._entries = entries
         log.info("API keys reloaded (%d keys)", len(self._entries))
 
     def authenticate(self, authorization: str | None) -> Principal:
