@@ -124,3 +124,26 @@ def test_record_framing_errors(mutate) -> None:  # type: ignore[no-untyped-def]
     packed = record.pack({"a": np.arange(4, dtype=np.int32)})
     with pytest.raises(ProtocolError):
         record.unpack(mutate(packed))
+
+
+def test_classification_is_triton_shaped_with_labels_and_refuses_non_scores() -> None:
+    from ppml_serve.codecs.v2 import classify, serialize_bytes
+
+    scores = np.array([[0.1, 0.7, 0.2], [0.5, 0.2, 0.3]], np.float32)
+    table = classify(scores, 2, ["cat", "dog", "eel"])
+    assert table.tolist() == [[b"0.700000:1:dog", b"0.200000:2:eel"],
+                              [b"0.500000:0:cat", b"0.300000:2:eel"]]
+    assert classify(scores[0], 5).tolist() == [b"0.700000:1", b"0.200000:2", b"0.100000:0"]
+    assert serialize_bytes(np.array([b"ab", b""], dtype=object)) == b"\x02\x00\x00\x00ab" + \
+        b"\x00" * 4
+    with pytest.raises(InvalidInput, match="float scores"):
+        classify(np.zeros((2, 3), np.int64), 1)
+
+
+def test_classification_counts_are_checked() -> None:
+    for count in (0, -1, True, "2"):
+        with pytest.raises(InvalidInput, match="positive integer"):
+            parse_request(json.dumps({"inputs": [{"name": "x", "datatype": "FP32",
+                                                  "shape": [1], "data": [1.0]}],
+                                      "outputs": [{"name": "p", "parameters": {
+                                          "classification": count}}]}).encode(), None)

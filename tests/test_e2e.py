@@ -88,6 +88,36 @@ def test_tritonclient_over_tls(stack: Stack, binary: bool) -> None:
     assert (probabilities.argmax(axis=1) == local_predictions(IMAGES[:3])).all()
 
 
+@pytest.mark.parametrize("binary", [True, False])
+def test_the_classification_extension_through_tritonclient(stack: Stack, binary: bool) -> None:
+    # found: class_count was silently ignored (the raw scores came back)
+    client = triton.InferenceServerClient(
+        url=stack.url.removeprefix("https://"), ssl=True,
+        ssl_options={"ca_certs": str(stack.ca_file)})
+    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    try:
+        tensor = triton.InferInput("image", [3, 8, 8], "UINT8")
+        tensor.set_data_from_numpy(IMAGES[:3])
+        wanted = triton.InferRequestedOutput("probabilities", binary_data=binary, class_count=2)
+        classes = client.infer("demo", [tensor], outputs=[wanted],
+                               headers=headers).as_numpy("probabilities")
+        with pytest.raises(triton.InferenceServerException, match="positive integer"):
+            bad = triton.InferRequestedOutput("probabilities", class_count=0)
+            bad._parameters["classification"] = 0  # tritonclient leaves 0 out
+            client.infer("demo", [tensor], outputs=[bad], headers=headers)
+    finally:
+        client.close()
+    assert classes.shape == (3, 2)
+    expected = load_engine("demo", demo_model_path().read_bytes()).infer(
+        {"image": IMAGES[:3]})["probabilities"]
+    for row, scores in zip(classes, expected, strict=True):
+        best = [item.decode() if isinstance(item, bytes) else str(item) for item in row]
+        score, index = best[0].split(":")[:2]
+        assert int(index) == int(scores.argmax())
+        assert abs(float(score) - float(scores.max())) < 1e-5
+        assert int(best[1].split(":")[1]) == int(np.argsort(-scores)[1])
+
+
 def _batch_counts(stack: Stack) -> tuple[float, float]:
     with stack.http() as http:
         text = http.get("/metrics").text

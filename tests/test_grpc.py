@@ -160,3 +160,18 @@ def test_a_stream_of_ordinary_requests_is_answered_in_order(
         np.testing.assert_allclose(result.as_numpy("probabilities"),  # type: ignore[attr-defined]
                                    _expected(IMAGES[index:index + 1]), rtol=1e-5)
     assert got[3][0] is None and "shape" in str(got[3][1]), got[3]
+
+
+def test_the_classification_extension_over_grpc(stack: Stack,
+                                                client: triton.InferenceServerClient) -> None:
+    headers = {"authorization": f"Bearer {stack.api_key}"}
+    tensor = triton.InferInput("image", [2, 8, 8], "UINT8")
+    tensor.set_data_from_numpy(IMAGES[:2])
+    wanted = triton.InferRequestedOutput("probabilities", class_count=3)
+    result = client.infer("demo", [tensor], outputs=[wanted], headers=headers)
+    classes = result.as_numpy("probabilities")
+    assert classes.shape == (2, 3)
+    expected = _expected(IMAGES[:2])
+    for row, scores in zip(classes, expected, strict=True):
+        assert [int(item.decode().split(":")[1]) for item in row] == \
+            list(np.argsort(-scores)[:3])

@@ -31,6 +31,8 @@ class InferRequest:
     """Requested output name -> binary?; ``None`` means all outputs, as ``binary_default``."""
     binary_default: bool = False
     parameters: dict[str, Any] = field(default_factory=dict)
+    classification: dict[str, int] = field(default_factory=dict)
+    """Output name -> class count (the classification extension's ``classification``)."""
 
 
 def _object(value: Any, where: str) -> dict[str, Any]:
@@ -126,6 +128,7 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
 
     binary_default = _binary_flag(parameters, "binary_data_output", "request")
     outputs: dict[str, bool] | None = None
+    classification: dict[str, int] = {}
     raw_outputs = document.get("outputs")
     if raw_outputs is not None:
         if not isinstance(raw_outputs, list):
@@ -141,20 +144,69 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
                 outputs[name] = _binary_flag(item_parameters, "binary_data", f"output {name!r}")
             else:
                 outputs[name] = binary_default
-    return InferRequest(request_id, inputs, outputs, binary_default, parameters)
+            if "classification" in item_parameters:
+                count = item_parameters["classification"]
+                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                    raise InvalidInput(f"output {name!r}: parameters.classification must be a "
+                                       "positive integer (the number of classes to return)")
+                classification[name] = count
+    return InferRequest(request_id, inputs, outputs, binary_default, parameters, classification)
+
+
+MAX_CLASS_COUNT = 1000
+
+
+def classify(scores: np.ndarray[Any, Any], count: int, labels: list[str] | None = None,
+             name: str = "output") -> np.ndarray[Any, Any]:
+    """The classification extension: the ``count`` best classes of each row of ``scores``
+    (``[batch, classes]``, or ``[classes]``) as Triton writes them, ``"score:index"`` or
+    ``"score:index:label"``, best first: a BYTES tensor ``[batch, count]`` (or ``[count]``)."""
+    if scores.dtype.kind != "f" or scores.ndim not in (1, 2):
+        raise InvalidInput(f"output {name!r}: classification needs float scores shaped "
+                           f"[batch, classes], not {scores.dtype} {list(scores.shape)}")
+    if count > MAX_CLASS_COUNT:
+        raise InvalidInput(f"output {name!r}: classification may ask for at most "
+                           f"{MAX_CLASS_COUNT} classes")
+    rows = scores.reshape(1, -1) if scores.ndim == 1 else scores
+    count = min(count, rows.shape[1])
+    best = np.argsort(-rows, axis=1, kind="stable")[:, :count]
+    table = np.empty(best.shape, dtype=object)
+    for row, indices in enumerate(best):
+        for column, index in enumerate(indices):
+            text = f"{float(rows[row, index]):f}:{int(index)}"
+            if labels and int(index) < len(labels):
+                text += f":{labels[int(index)]}"
+            table[row, column] = text.encode()
+    return table[0] if scores.ndim == 1 else table
+
+
+def serialize_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    """A BYTES tensor's binary form: each element's length (4 bytes, little-endian), then
+    its bytes, in C order."""
+    parts: list[bytes] = []
+    for item in array.ravel():
+        data = item if isinstance(item, bytes) else str(item).encode()
+        parts += [len(data).to_bytes(4, "little"), data]
+    return b"".join(parts)
 
 
 def check_outputs(request: InferRequest, spec: ModelSpec) -> None:
     """Requested outputs must exist in the model."""
     if request.outputs is None:
         return
-    known = {output.name for output in spec.outputs}
+    known = {output.name: output for output in spec.outputs}
     for name in request.outputs:
         if name not in known:
             raise InvalidInput(
                 f"output {name!r} is not an output of model {spec.name!r} "
                 f"(available: {', '.join(sorted(known))})"
             )
+    for name in request.classification:  # refused before the request is queued
+        declared = known[name]
+        if declared.datatype not in ("FP16", "FP32", "FP64") or len(declared.shape) not in (1, 2):
+            raise InvalidInput(f"output {name!r}: classification needs float scores shaped "
+                               f"[batch, classes], not {declared.datatype} "
+                               f"{list(declared.shape)}")
 
 
 def encode_response(
@@ -163,14 +215,30 @@ def encode_response(
     outputs: dict[str, np.ndarray[Any, Any]],
     model_version: str | None = None,
     parameters: dict[str, Any] | None = None,
+    labels: list[str] | None = None,
 ) -> tuple[bytes, int | None]:
-    """Encode outputs; returns the body and, when any output is binary, the JSON part's size."""
+    """Encode outputs; returns the body and, when any output is binary, the JSON part's size.
+    Outputs asked for with ``classification`` become BYTES tensors of the best classes
+    (``labels``: the model's class names, if it has them)."""
     selected = request.outputs or dict.fromkeys(outputs, request.binary_default)
     described: list[dict[str, Any]] = []
     chunks: list[bytes | memoryview] = []
     for name, binary in selected.items():
+        count = request.classification.get(name)
+        if count is not None:
+            classes = classify(np.asarray(outputs[name]), count, labels, name)
+            entry: dict[str, Any] = {"name": name, "datatype": "BYTES",
+                                     "shape": list(classes.shape)}
+            if binary:
+                serialized = serialize_bytes(classes)
+                entry["parameters"] = {"binary_data_size": len(serialized)}
+                chunks.append(serialized)
+            else:
+                entry["data"] = [item.decode() for item in classes.ravel()]
+            described.append(entry)
+            continue
         array = np.ascontiguousarray(outputs[name])
-        entry: dict[str, Any] = {
+        entry = {
             "name": name,
             "datatype": datatype_name(array.dtype),
             "shape": list(array.shape),

@@ -501,7 +501,12 @@ class DataPlane:
         async with self._admission(queue):
             request = await self._admit(queue, body, header_length)
             outputs = await self._round_trip(queue, request)
-        return encode_response(model, request, outputs, version)
+        return encode_response(model, request, outputs, version, labels=self.labels(queue))
+
+    def labels(self, queue: str) -> list[str] | None:
+        """The class names a worker announced for the version (``labels`` in its config)."""
+        labels = self._announced.get(queue, {}).get("labels")
+        return [str(label) for label in labels] if isinstance(labels, list) else None
 
     async def infer_decoded(self, model: str, version: str, request: InferRequest
                             ) -> dict[str, np.ndarray[Any, Any]]:
@@ -597,6 +602,9 @@ class DataPlane:
                      owner: str) -> str:
         queue = queue_name(model, version)
         request = await self._admit(queue, body, header_length)
+        if request.classification:  # a job's answer is fetched later, in its raw form
+            raise InvalidInput("the classification extension is not supported for jobs; ask "
+                               "for it on the model's /infer route")
         job_id = uuid.uuid4().hex
         ttl = self._settings.job_ttl_s
         await self._broker.save_job(job_id, Job(queue, owner, request.outputs,

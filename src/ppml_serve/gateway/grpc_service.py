@@ -24,7 +24,7 @@ from tritonclient.grpc import service_pb2 as pb
 
 from ppml_serve import __version__
 from ppml_serve.codecs.tensors import check_shape, datatype_name, numpy_dtype
-from ppml_serve.codecs.v2 import InferRequest
+from ppml_serve.codecs.v2 import InferRequest, classify, serialize_bytes
 from ppml_serve.errors import InvalidInput, PPMLError
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
@@ -227,7 +227,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
     async def _infer(self, request: Any) -> Any:
         """One ModelInferRequest answered (shared by ModelInfer and ModelStreamInfer)."""
         wanted = {output.name: True for output in request.outputs} or None
-        decoded = InferRequest(request.id or None, _decode_inputs(request), wanted, True)
+        classification = {}
+        for output in request.outputs:
+            if "classification" in output.parameters:
+                count = output.parameters["classification"].int64_param
+                if count < 1:
+                    raise InvalidInput(f"output {output.name!r}: parameters.classification must "
+                                       "be a positive integer (the number of classes)")
+                classification[output.name] = count
+        decoded = InferRequest(request.id or None, _decode_inputs(request), wanted, True,
+                               classification=classification)
         version = await self._dataplane.resolve(request.model_name,
                                                 request.model_version or None)
         started = time.perf_counter()
@@ -241,6 +250,12 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         response = pb.ModelInferResponse(model_name=request.model_name,
                                          model_version=version, id=request.id)
         for name, array in outputs.items():
+            if name in classification:
+                classes = classify(np.asarray(array), classification[name],
+                                   self._dataplane.labels(queue), name)
+                response.outputs.add(name=name, datatype="BYTES", shape=list(classes.shape))
+                response.raw_output_contents.append(serialize_bytes(classes))
+                continue
             contiguous = np.ascontiguousarray(array)
             response.outputs.add(name=name, datatype=datatype_name(contiguous.dtype),
                                  shape=list(contiguous.shape))
