@@ -67,12 +67,15 @@ async def test_async_client(stack: Stack) -> None:
     assert predicted == local_predictions(IMAGES[:16]).tolist()
 
 
+def _triton_http(stack: Stack) -> tuple[triton.InferenceServerClient, dict[str, str]]:
+    client = triton.InferenceServerClient(url=stack.url.removeprefix("https://"), ssl=True,
+                                          ssl_options={"ca_certs": str(stack.ca_file)})
+    return client, {"Authorization": f"Bearer {stack.api_key}"}
+
+
 @pytest.mark.parametrize("binary", [True, False])
 def test_tritonclient_over_tls(stack: Stack, binary: bool) -> None:
-    client = triton.InferenceServerClient(
-        url=stack.url.removeprefix("https://"), ssl=True,
-        ssl_options={"ca_certs": str(stack.ca_file)})
-    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    client, headers = _triton_http(stack)
     try:
         assert client.is_server_live()
         metadata = client.get_model_metadata("demo", headers=headers)
@@ -91,10 +94,7 @@ def test_tritonclient_over_tls(stack: Stack, binary: bool) -> None:
 @pytest.mark.parametrize("binary", [True, False])
 def test_the_classification_extension_through_tritonclient(stack: Stack, binary: bool) -> None:
     # found: class_count was silently ignored (the raw scores came back)
-    client = triton.InferenceServerClient(
-        url=stack.url.removeprefix("https://"), ssl=True,
-        ssl_options={"ca_certs": str(stack.ca_file)})
-    headers = {"Authorization": f"Bearer {stack.api_key}"}
+    client, headers = _triton_http(stack)
     try:
         tensor = triton.InferInput("image", [3, 8, 8], "UINT8")
         tensor.set_data_from_numpy(IMAGES[:3])
