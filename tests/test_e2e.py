@@ -349,6 +349,12 @@ def test_worker_metrics_endpoint(stack: Stack) -> None:
                 time.sleep(0.2)
         assert 'ppml_worker_items_total{model="demo",outcome="ok",version="1"}' in text
         assert "ppml_worker_engine_seconds_bucket" in text
+        # found: no process_* metrics, and nothing said which build a part runs
+        assert "process_cpu_seconds_total" in text and 'part="worker"' in text
+        with stack.http() as http:
+            gateway = http.get("/metrics").text
+        assert "process_resident_memory_bytes" in gateway
+        assert re.search(r'ppml_build_info\{part="gateway",python="[0-9.]+",version="', gateway)
     finally:
         extra.terminate()
         extra.wait(10)

@@ -23,6 +23,7 @@ from ppml_serve.client import Client, ClientError
 from ppml_serve.engines import load_engine
 from ppml_serve.models import demo_model_path, demo_samples
 from ppml_serve.queue.contract import HostStatus
+from ppml_serve.queue.redis_server import free_port
 from tests.conftest import Stack, running_stack, stack_settings
 from tests.repository_models import demo_ir, scaled_demo, torch_outputs, torchscript_net
 
@@ -65,7 +66,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def stack(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
     settings = stack_settings(tmp_path_factory.mktemp("state"), models={},
                               model_repository=repository)
-    with running_stack(settings) as local:
+    with running_stack(settings, worker_metrics_port=free_port()) as local:
         yield Stack(local)
 
 
@@ -232,6 +233,15 @@ def test_owner_loads_a_new_encrypted_model_and_a_new_version_without_a_restart(
         tc.close()
     assert load.outcomes["200"] > 20 and set(load.outcomes) == {"200"}, load.outcomes
     assert load.wrong == 0
+
+
+def test_repository_workers_get_a_metrics_port_too(stack: Stack) -> None:
+    # found: workers started for a model repository by 'up --worker-metrics-port' had none
+    with client_for(stack) as client:
+        client.infer("digits", IMAGES[:2], version="1")
+    (address,) = stack.local.worker_metrics
+    text = httpx.get(address, timeout=10).text
+    assert 'ppml_worker_items_total{model="digits",outcome="ok",version="1"}' in text
 
 
 def test_a_load_with_a_failing_version_is_400_with_its_reasons_and_audited(

@@ -327,21 +327,26 @@ class LocalStack:
         self.keybroker.start(self._env)
         self._wait_keybroker(f"https://127.0.0.1:{settings.keybroker.port}", ready_timeout_s)
         workers: list[Child] = []
+
+        def metrics_flags() -> list[str]:
+            """Each worker its own metrics port, the next one up (repository workers too)."""
+            if self.worker_metrics_port is None:
+                return []
+            port = self.worker_metrics_port + len(workers)
+            self.worker_metrics.append(f"http://{settings.worker.metrics_host}:{port}/metrics")
+            return ["--metrics-port", str(port)]
+
         for name, path in settings.models.items():
             if name in self.unserved:
                 continue
             for index in range(self.workers):
-                argv = [*base, "worker", *common, "--model", f"{name}={path}"]
-                if self.worker_metrics_port is not None:
-                    port = self.worker_metrics_port + len(workers)
-                    argv += ["--metrics-port", str(port)]
-                    self.worker_metrics.append(
-                        f"http://{settings.worker.metrics_host}:{port}/metrics")
+                argv = [*base, "worker", *common, "--model", f"{name}={path}",
+                        *metrics_flags()]
                 workers.append(self.child(f"worker {name} #{index}", argv))
         if settings.model_repository is not None:
             for index in range(self.workers):
                 argv = [*base, "worker", *common, "--model-repository",
-                        str(settings.model_repository)]
+                        str(settings.model_repository), *metrics_flags()]
                 workers.append(self.child(f"worker repository #{index}", argv))
         self.children = [self.keybroker, *workers]
         argv = [*base, "gateway", *common]

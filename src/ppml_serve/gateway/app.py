@@ -23,6 +23,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from ppml_serve import __version__
+from ppml_serve.build_info import register_process_metrics
 from ppml_serve.codecs.v2 import HEADER_LENGTH
 from ppml_serve.errors import (
     InvalidInput,
@@ -116,6 +117,7 @@ class Metrics:
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        register_process_metrics(self.registry, "gateway")
         self.requests = Counter("ppml_requests", "Inference and job requests by model, version "
                                 "and HTTP status, refused ones included ('_other' for names "
                                 "that are not served)", ["model", "version", "status"],

@@ -5,10 +5,13 @@ from __future__ import annotations
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
 
+from ppml_serve.build_info import register_process_metrics
+
 
 class WorkerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        register_process_metrics(self.registry, "worker")
         self.items = Counter("ppml_worker_items", "Requests answered, by outcome",
                              ["model", "version", "outcome"], registry=self.registry)
         self.batch_size = Histogram("ppml_worker_batch_size", "Requests per engine batch",
