@@ -182,3 +182,18 @@ def test_a_thousand_idle_keep_alive_connections_hold_bounded_memory(fronted: Loc
             sock.close()
     assert held <= baseline + RSS_SLACK_MB, (baseline, held)
     assert list(outputs.argmax(axis=1)) == list(_local(IMAGES[:2]))
+
+
+def test_the_fronts_counters_are_in_the_gateways_metrics(fronted: LocalStack) -> None:
+    with _tls(fronted) as sock:  # one refusal to count
+        sock.sendall(b"POST /v2/models/demo/infer HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Length: 1073741824\r\n\r\n")
+        assert _answer(sock).startswith(b"HTTP/1.1 413")
+    key = read_api_key(fronted.settings.state_dir)
+    text = httpx.get(f"{fronted.url}/metrics", headers={"Authorization": f"Bearer {key}"},
+                     verify=str(fronted.settings.ca_file), timeout=10).text
+    values = {line.split()[0]: float(line.split()[1]) for line in text.splitlines()
+              if line.startswith("ppml_front_")}
+    assert values["ppml_front_connections_total"] >= 2, values
+    assert values["ppml_front_oversized_bodies_total"] >= 1, values
+    assert "ppml_front_overloaded_total" in values

@@ -387,9 +387,11 @@ fn hop_by_hop(name: &HeaderName) -> bool {
     )
 }
 
-/// `POST …/infer` (REST, any model and version): what queues for a worker.
+/// `POST …/infer` and `…/infer-sealed` (any model and version): what waits for a worker.
 fn is_inference<B>(request: &Request<B>) -> bool {
-    request.method() == http::Method::POST && request.uri().path().ends_with("/infer")
+    let path = request.uri().path();
+    request.method() == http::Method::POST
+        && (path.ends_with("/infer") || path.ends_with("/infer-sealed"))
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {

@@ -16,7 +16,9 @@ from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
+from prometheus_client.registry import Collector
 from starlette.applications import Starlette
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
@@ -107,6 +109,33 @@ _SECONDS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 
             30)
 
 
+_FRONT_COUNTERS = {
+    "connections": "Client connections accepted by the native front",
+    "refused_connections": "Connections refused at gateway.max_connections (503)",
+    "requests": "Requests the native front passed on or answered",
+    "slow_bodies": "Request bodies cut off at gateway.body_timeout_s (408)",
+    "oversized_bodies": "Request bodies refused over gateway.max_request_bytes (413)",
+    "overloaded": "Inference requests refused at gateway.max_inflight (429)",
+    "upstream_failures": "Requests the app behind the front could not answer (503/504)",
+}
+
+
+class _FrontCollector(Collector):
+    """``ppml_front_*_total``: the native front's own counts, read when scraped."""
+
+    def __init__(self, stats: Callable[[], dict[str, int]]) -> None:
+        self._stats = stats
+
+    def describe(self) -> list[CounterMetricFamily]:
+        return [CounterMetricFamily(f"ppml_front_{name}", text)
+                for name, text in _FRONT_COUNTERS.items()]
+
+    def collect(self) -> list[CounterMetricFamily]:
+        values = self._stats()
+        return [CounterMetricFamily(f"ppml_front_{name}", text, value=values.get(name, 0))
+                for name, text in _FRONT_COUNTERS.items()]
+
+
 _MODEL_VERSION = ["model", "version"]
 """The labels of every per-model series, gateway and worker alike (so that they join)."""
 
@@ -158,6 +187,10 @@ class Metrics:
         self.batch_size.labels(*labels).observe(message.batch_size)
         self.queue_wait.labels(*labels).observe(message.queue_s)
         self.engine.labels(*labels).observe(message.engine_s)
+
+    def watch_front(self, stats: Callable[[], dict[str, int]]) -> None:
+        """Export the native front's counters (read from it at each scrape)."""
+        self.registry.register(_FrontCollector(stats))
 
     def set_disk_free(self, free: dict[str, int]) -> None:
         for path, value in free.items():

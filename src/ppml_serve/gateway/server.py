@@ -155,34 +155,24 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                      access_log=settings.log.access_log,
                      repository_timeout_s=settings.gateway.repository_timeout_s,
                      services=services, behind_front=gateway.front == "native")
+    common: dict[str, Any] = {
+        "loop": "uvloop", "log_level": "warning", "access_log": False, "lifespan": "on",
+        "http": guarded_protocol(gateway.max_header_bytes, gateway.header_timeout_s,
+                                 gateway.body_timeout_s, gateway.max_request_bytes),
+        "timeout_graceful_shutdown": gateway.shutdown_grace_s,
+        "proxy_headers": False, "server_header": False, "date_header": False}
     if gateway.front == "native":
         front = NativeFront(settings)
+        metrics.watch_front(front.stats)
         # behind the front: its private socket, no TLS, and the front caps connections
-        config = uvicorn.Config(app, uds=str(front.upstream), loop="uvloop",
-                                log_level="warning",
-                                http=guarded_protocol(gateway.max_header_bytes,
-                                                      gateway.header_timeout_s,
-                                                      gateway.body_timeout_s,
-                                                      gateway.max_request_bytes),
-                                timeout_keep_alive=APP_KEEP_ALIVE_S, access_log=False,
-                                lifespan="on",
-                                timeout_graceful_shutdown=gateway.shutdown_grace_s,
-                                proxy_headers=False, server_header=False, date_header=False)
-        return FrontedServer(config, front)
+        return FrontedServer(uvicorn.Config(app, uds=str(front.upstream),
+                                            timeout_keep_alive=APP_KEEP_ALIVE_S, **common),
+                             front)
     secure_http = not settings.gateway.plaintext_http
     config = uvicorn.Config(app, host=settings.gateway.host, port=settings.gateway.port,
-                            loop="uvloop", log_level="warning",
-                            http=guarded_protocol(gateway.max_header_bytes,
-                                                  gateway.header_timeout_s,
-                                                  gateway.body_timeout_s,
-                                                  gateway.max_request_bytes),
                             timeout_keep_alive=gateway.keep_alive_s,
-                            access_log=False, lifespan="on",
-                            timeout_graceful_shutdown=gateway.shutdown_grace_s,
                             limit_concurrency=gateway.max_connections,
-                            proxy_headers=False, server_header=False, date_header=False,
                             ssl_certfile=str(settings.server_cert_file) if secure_http else None,
                             ssl_keyfile=str(settings.server_key_file) if secure_http else None,
-                            ssl_ciphers=SERVER_CIPHERS,
-                            **_mutual_tls(settings))
+                            ssl_ciphers=SERVER_CIPHERS, **common, **_mutual_tls(settings))
     return uvicorn.Server(config)
