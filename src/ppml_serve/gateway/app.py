@@ -43,7 +43,7 @@ from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
 from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name, split_queue_name
-from ppml_serve.tracing import annotate, span
+from ppml_serve.tracing import annotate, span, tracing_on
 
 log = logging.getLogger("ppml_serve.gateway")
 access = logging.getLogger("ppml_serve.access")
@@ -63,7 +63,9 @@ FRONT_RECEIVED = "x-ppml-received-ms"
 
 def _annotate_span(request: Request, response: Response) -> None:
     """OpenTelemetry's HTTP attributes on the request's server span, and which model and
-    version answered (names of served models only)."""
+    version answered (names of served models only). Nothing while tracing is off."""
+    if not tracing_on():
+        return
     model = request.path_params.get("model")
     known = getattr(request.app.state, "served", None)
     served = model is not None and (known is None or known(model))
