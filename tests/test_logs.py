@@ -87,3 +87,27 @@ def test_key_releases_are_audited(json_logged: LocalStack) -> None:
         replacement.wait(10)
     assert audit, "no audit line for the key release"
     assert str(audit[0]["message"]).startswith("key release released: model='demo'")
+
+
+def test_grpc_access_lines_name_the_answering_version_and_sizes(
+        json_logged: LocalStack) -> None:
+    # found: gRPC access lines lacked the version and the sizes
+    import tritonclient.grpc as triton
+
+    key = read_api_key(json_logged.settings.state_dir)
+    client = triton.InferenceServerClient(json_logged.grpc_address, ssl=True,
+                                          root_certificates=str(json_logged.settings.ca_file))
+    try:
+        tensor = triton.InferInput("image", [1, 8, 8], "UINT8")
+        tensor.set_data_from_numpy(np.zeros((1, 8, 8), np.uint8))
+        client.infer("demo", [tensor], headers={"authorization": f"Bearer {key}"})
+    finally:
+        client.close()
+    time.sleep(0.2)
+    lines = [r for r in _json_lines(_logged(json_logged))
+             if r["logger"] == "ppml_serve.access" and str(r["message"]).startswith(
+                 "gRPC ModelInfer")]
+    assert lines, "no gRPC access line"
+    line = lines[-1]
+    assert line["version"] == "1" and line["status"] == "OK", line
+    assert int(str(line["bytes_in"])) >= 64 and int(str(line["bytes_out"])) >= 40, line

@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -44,6 +45,8 @@ _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_cont
              "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
 
 Response = TypeVar("Response")
+_answered_version: ContextVar[str] = ContextVar("answered_version", default="-")
+"""The version that answered the call being handled (for its access line)."""
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
@@ -101,19 +104,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def _call(self, context: Context, rpc: str, model: str | None,
                     handler: Callable[[], Awaitable[Response]],
-                    scope: str | None = None) -> Response:
+                    scope: str | None = None, request: Any = None) -> Response:
         """Authenticate (model RPCs, and those that need ``scope``), run, map errors to
-        status codes, log one access line."""
+        status codes, log one access line (with ``request``'s size and the answer's)."""
         metadata = dict(context.invocation_metadata() or ())
         with span(f"gRPC {rpc}", headers=metadata, server=True):
-            return await self._handle(context, rpc, model, handler, metadata, scope)
+            return await self._handle(context, rpc, model, handler, metadata, scope, request)
 
     async def _handle(self, context: Context, rpc: str, model: str | None,
                       handler: Callable[[], Awaitable[Response]],
-                      metadata: dict[str, Any], scope: str | None = None) -> Response:
+                      metadata: dict[str, Any], scope: str | None = None,
+                      request: Any = None) -> Response:
         token = request_id.set(uuid.uuid4().hex)
+        answered = _answered_version.set("-")
         started = time.perf_counter()
         key_name, code = "-", grpc.StatusCode.OK
+        response: Any = None
         try:
             if model is not None or scope is not None:
                 header = metadata.get("authorization")
@@ -123,7 +129,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                     principal.require(scope)
                 else:
                     principal.authorize(str(model))
-            return await handler()
+            result = await handler()
+            response = result
+            return result
         except PPMLError as exc:
             code = _status(exc)
             await context.abort(code, str(exc))
@@ -136,10 +144,16 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         finally:
             if self._access_log and model is not None and access.isEnabledFor(logging.INFO):
                 shown = model if self._dataplane.is_served(model) else "_other"
-                access.info("gRPC %s key=%s model=%s status=%s ms=%.1f", rpc, key_name, shown,
-                            code.name, (time.perf_counter() - started) * 1000,
-                            extra={"key": key_name, "model": shown, "status": code.name,
-                                   "ms": round((time.perf_counter() - started) * 1000, 1)})
+                version = _answered_version.get() if shown != "_other" else "_other"
+                received = request.ByteSize() if request is not None else 0
+                sent = response.ByteSize() if response is not None else 0
+                ms = round((time.perf_counter() - started) * 1000, 1)
+                access.info("gRPC %s key=%s model=%s version=%s status=%s ms=%.1f in=%d out=%d",
+                            rpc, key_name, shown, version, code.name, ms, received, sent,
+                            extra={"key": key_name, "model": shown, "version": version,
+                                   "status": code.name, "ms": ms, "bytes_in": received,
+                                   "bytes_out": sent})
+            _answered_version.reset(answered)
             request_id.reset(token)
 
     async def ServerLive(self, request: Any, context: Context) -> Any:
@@ -239,6 +253,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                                classification=classification)
         version = await self._dataplane.resolve(request.model_name,
                                                 request.model_version or None)
+        _answered_version.set(version)
         started = time.perf_counter()
         queue = queue_name(request.model_name, version)
         try:
@@ -264,7 +279,7 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     async def ModelInfer(self, request: Any, context: Context) -> Any:
         return await self._call(context, "ModelInfer", request.model_name,
-                                lambda: self._infer(request))
+                                lambda: self._infer(request), request=request)
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: Context
                                ) -> AsyncIterator[Any]:
