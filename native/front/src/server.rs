@@ -244,11 +244,12 @@ async fn connection(
     shared: Arc<Shared>,
     watcher: Watcher,
 ) {
-    // Over the cap: answer 503 while few are being refused, else just close.
-    let refusal = match permit {
-        Some(permit) => Err(permit),
+    // Over the cap: answer 503 while few are being refused, else just close. The permit
+    // (a connection's, or a refusal's) is held until the connection ends.
+    let (refused, _held) = match permit {
+        Some(permit) => (false, permit),
         None => match shared.refusing.clone().try_acquire_owned() {
-            Ok(refusing) => Ok(refusing),
+            Ok(refusing) => (true, refusing),
             Err(_) => return,
         },
     };
@@ -267,7 +268,7 @@ async fn connection(
                 TokioIo::new(tls),
                 h2,
                 peer,
-                refusal.is_ok(),
+                refused,
                 shared.clone(),
                 watcher,
             )
@@ -278,14 +279,13 @@ async fn connection(
                 TokioIo::new(stream),
                 false,
                 peer,
-                refusal.is_ok(),
+                refused,
                 shared.clone(),
                 watcher,
             )
             .await
         }
     }
-    drop(refusal);
 }
 
 async fn serve<I>(
@@ -327,7 +327,7 @@ async fn serve<I>(
 }
 
 fn error(status: StatusCode, message: &str, close: bool, retry: bool) -> Response<Full<Bytes>> {
-    let body = format!("{{\"error\":{}}}", json_string(message));
+    let body = serde_json::json!({ "error": message }).to_string();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
     let headers = response.headers_mut();
@@ -354,21 +354,6 @@ fn too_large(shared: &Shared) -> Response<Full<Bytes>> {
         shared.config.max_request_bytes
     );
     error(StatusCode::PAYLOAD_TOO_LARGE, &message, true, false)
-}
-
-fn json_string(text: &str) -> String {
-    let mut out = String::with_capacity(text.len() + 2);
-    out.push('"');
-    for c in text.chars() {
-        match c {
-            '"' => out.push_str("\\\""),
-            '\\' => out.push_str("\\\\"),
-            c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
-            c => out.push(c),
-        }
-    }
-    out.push('"');
-    out
 }
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and

@@ -185,8 +185,7 @@ def serialize_bytes(array: np.ndarray[Any, Any]) -> bytes:
     its bytes, in C order."""
     parts: list[bytes] = []
     for item in array.ravel():
-        data = item if isinstance(item, bytes) else str(item).encode()
-        parts += [len(data).to_bytes(4, "little"), data]
+        parts += [len(item).to_bytes(4, "little"), item]
     return b"".join(parts)
 
 

@@ -59,6 +59,18 @@ def inference_response(payload: bytes, header_length: int | None) -> Response:
 
 FRONT_RECEIVED = "x-ppml-received-ms"
 """Set by the native front on every request (a client's own is replaced): when it arrived."""
+FRONT_CLIENT = "x-ppml-client"
+"""Set by the native front the same way: the client's address."""
+
+
+def _served_model(request: Request) -> str | None:
+    """The route's model name if it is served here (names from URLs are not echoed into logs
+    or spans unchecked): ``None`` for routes without one, ``_other`` for unknown names."""
+    model = request.path_params.get("model")
+    known = getattr(request.app.state, "served", None)
+    if model is None or known is None or known(model):
+        return model
+    return "_other"
 
 
 def _annotate_span(request: Request, response: Response) -> None:
@@ -66,9 +78,8 @@ def _annotate_span(request: Request, response: Response) -> None:
     version answered (names of served models only). Nothing while tracing is off."""
     if not tracing_on():
         return
-    model = request.path_params.get("model")
-    known = getattr(request.app.state, "served", None)
-    served = model is not None and (known is None or known(model))
+    model = _served_model(request)
+    served = model not in (None, "_other")
     sent = response.headers.get("content-length", "")
     received = request.headers.get("content-length", "")
     annotate(http__request__method=request.method,
@@ -84,7 +95,7 @@ def _client(request: Request, behind_front: bool) -> str:
     """The caller's address: the front's word for it behind the front (the app's own peer
     is then the front's socket), else the connection's."""
     if behind_front:
-        return request.headers.get("x-ppml-client", "")[:64]
+        return request.headers.get(FRONT_CLIENT, "")[:64]
     return f"{request.client.host}:{request.client.port}" if request.client else ""
 
 
@@ -284,10 +295,7 @@ _CALLER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 def _log_access(request: Request, response: Response, key_name: str, seconds: float,
                 caller_id: str = "", client: str = "") -> None:
     """One line per API call: who, what, outcome, how long, how big; never a payload."""
-    model = request.path_params.get("model", "-")
-    known = getattr(request.app.state, "served", None)
-    if model != "-" and known is not None and not known(model):
-        model = "_other"  # names from URLs are not echoed into logs unchecked
+    model = _served_model(request) or "-"
     received = request.headers.get("content-length", "0")
     sent = response.headers.get("content-length", "0")
     # the version that answered (an unversioned request's newest ready one), else the asked
@@ -445,9 +453,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         """Triton's statistics of every model version served (``get_inference_statistics()``
         without a model)."""
         queues = set(await dataplane.models()) | metrics.statistics.queues()
-        rows = [row for queue in sorted(queues)
-                for row in metrics.statistics.as_json(queue)["model_stats"]]
-        return JSONResponse({"model_stats": rows})
+        return JSONResponse({"model_stats": metrics.statistics.rows(queues)})
 
     @authenticated(model_route=False, scope="admin")
     async def repository_index(request: Request) -> Response:

@@ -204,9 +204,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 queues = {queue_name(request.name, version)}
             else:
                 queues = set(await self._dataplane.models()) | self._statistics.queues()
-            rows = [row for queue in sorted(queues)
-                    for row in self._statistics.as_json(queue)["model_stats"]]
-            return json_format.ParseDict({"model_stats": rows}, pb.ModelStatisticsResponse(),
+            return json_format.ParseDict({"model_stats": self._statistics.rows(queues)},
+                                         pb.ModelStatisticsResponse(),
                                          ignore_unknown_fields=True)
         if request.name:
             return await self._call(context, "ModelStatistics", request.name, statistics)

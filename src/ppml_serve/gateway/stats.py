@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import defaultdict
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +61,10 @@ class InferenceStatistics:
         """Model versions (queue names) with statistics so far."""
         with self._lock:
             return set(self._models)
+
+    def rows(self, queues: Iterable[str]) -> list[dict[str, Any]]:
+        """Triton's ``model_stats`` entries of these model versions, in name order."""
+        return [row for queue in sorted(queues) for row in self.as_json(queue)["model_stats"]]
 
     def as_json(self, queue: str) -> dict[str, Any]:
         """Statistics of one model version (by its queue name)."""
