@@ -55,7 +55,8 @@ case "$command" in
         "$VENV/bin/ruff" check src tests scripts
         "$VENV/bin/mypy"
         (cd native && cargo fmt --check && cargo clippy --all-targets -q -- -D warnings \
-            && cargo test -q -p ppml-core -p ppml-front)
+            && cargo test -q -p ppml-core -p ppml-front \
+            && (cd fuzz && cargo fmt --check) && fuzz/run.sh "${PPML_FUZZ_SECONDS:-10}")
         exec "$VENV/bin/python" -m pytest "$@"
         ;;
     *)

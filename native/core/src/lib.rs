@@ -6,3 +6,4 @@
 
 pub mod envelope;
 pub mod record;
+pub mod v2;

@@ -4,7 +4,7 @@
 mod front;
 
 use ppml_core::envelope::{EnvelopeError, Keyring as CoreKeyring};
-use ppml_core::record;
+use ppml_core::{record, v2};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::types::{PyBytes, PyDict, PyType};
@@ -109,10 +109,69 @@ fn parse_record(
     Ok((meta, tensors))
 }
 
+/// One decoded input: name, datatype, shape, and either its offset in the body (binary
+/// extension; ``data`` is None) or its items read from JSON as little-endian bytes.
+type V2Input<'py> = (
+    String,
+    &'static str,
+    Vec<u64>,
+    usize,
+    Option<Bound<'py, PyBytes>>,
+);
+
+/// A KServe v2 REST body decoded by ppml-core (GIL released while it parses): the request
+/// id, its parameters as JSON text ("" when none), the inputs, the requested outputs with
+/// whether each is binary (None: all), the binary default and the classification counts.
+/// ``InvalidInput`` with the reason otherwise.
+#[pyfunction]
+#[pyo3(signature = (body, header_length=None))]
+#[allow(clippy::type_complexity)]
+fn parse_v2_request<'py>(
+    py: Python<'py>,
+    body: &[u8],
+    header_length: Option<&str>,
+) -> PyResult<(
+    Option<String>,
+    String,
+    Vec<V2Input<'py>>,
+    Option<Vec<(String, bool)>>,
+    bool,
+    Vec<(String, u64)>,
+)> {
+    let request = py
+        .detach(|| v2::parse_request(body, header_length))
+        .map_err(|error| package_error(py, "InvalidInput", error.0))?;
+    let parameters = if request.parameters.is_empty() {
+        String::new()
+    } else {
+        serde_json::Value::Object(request.parameters).to_string()
+    };
+    let inputs = request
+        .inputs
+        .into_iter()
+        .map(|input| {
+            let (offset, data) = match input.data {
+                v2::InputData::Binary { offset, .. } => (offset, None),
+                v2::InputData::Decoded(items) => (0, Some(PyBytes::new(py, &items))),
+            };
+            (input.name, input.datatype.name, input.shape, offset, data)
+        })
+        .collect();
+    Ok((
+        request.id,
+        parameters,
+        inputs,
+        request.outputs,
+        request.binary_default,
+        request.classification,
+    ))
+}
+
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Keyring>()?;
     module.add_class::<front::Front>()?;
     module.add_function(wrap_pyfunction!(parse_record, module)?)?;
+    module.add_function(wrap_pyfunction!(parse_v2_request, module)?)?;
     Ok(())
 }

@@ -222,8 +222,12 @@ class ModelHost:
         for (name, version), _ in self._loading.items():
             versions.setdefault(name, {})[version] = VersionStatus(VersionState.LOADING)
         for (name, version), served in self._served.items():
-            state = VersionState.UNLOADING if served.draining_since is not None \
-                else VersionState.READY
+            if served.draining_since is not None:
+                state = VersionState.UNLOADING
+            elif any(worker.joined for worker in served.workers):
+                state = VersionState.READY
+            else:  # started, not yet announced: a request now would find no spec
+                state = VersionState.LOADING
             versions.setdefault(name, {})[version] = VersionStatus(state)
         try:
             available = self._repository.available()

@@ -83,6 +83,7 @@ class Worker:
         self._settings = settings
         self._inbox: queue.Queue[Delivery] = queue.Queue(maxsize=settings.max_batch_size)
         self._stopping = threading.Event()
+        self._joined = threading.Event()
         self._worker_key = worker_key
         self._provider = provider
         self._measurement = measurement
@@ -122,6 +123,11 @@ class Worker:
     def stopping(self) -> bool:
         return self._stopping.is_set()
 
+    @property
+    def joined(self) -> bool:
+        """Whether its spec is announced: before that, gateways cannot route to it."""
+        return self._joined.is_set()
+
     def _submit(self, batch: list[Delivery]) -> None:
         """Run ``batch`` now, or beside the ones in flight when ``streams`` > 1.
 
@@ -151,6 +157,7 @@ class Worker:
     def run(self) -> None:
         """Serve until ``stop``; survives Redis outages (reconnects with backoff)."""
         self._retry_until_done(self._join, "joining the queue")
+        self._joined.set()
         reader = threading.Thread(target=self._read_loop, name="stream-reader", daemon=True)
         beater = threading.Thread(target=self._heartbeat_loop, name="heartbeat", daemon=True)
         reader.start()
