@@ -235,6 +235,40 @@ def test_owner_loads_a_new_encrypted_model_and_a_new_version_without_a_restart(
     assert load.wrong == 0
 
 
+def test_an_explicit_load_reads_config_yaml_again_and_loses_nothing(
+        stack: Stack, repository: Path) -> None:
+    # found: after editing config.yaml, 'model add' and load, version 1 kept its old config
+    run_config = str(stack.settings.state_dir / "run-config.yaml")
+    config = repository / "digits" / "config.yaml"
+    before = config.read_text()
+    tc = triton_client(stack)
+    try:
+        with Load(stack, "digits", version="1") as load:
+            config.write_text(before.replace("top_k: 3", "top_k: 2"))
+            cli("model", "add", str(repository), "digits", "--config", run_config)
+            tc.load_model("digits", headers=headers(stack))
+            with client_for(stack) as client:
+                reloaded = client.infer("digits", IMAGES[:8], version="1")
+            # a config.yaml that no longer reads: the load says why, the old load serves on
+            config.write_text("top_k: [not a number]\n")
+            with pytest.raises(triton.InferenceServerException) as refused:
+                tc.load_model("digits", headers=headers(stack))
+            with client_for(stack) as client:
+                kept = client.infer("digits", IMAGES[:8], version="1")
+            time.sleep(0.5)
+    finally:
+        config.write_text(before)
+        cli("model", "add", str(repository), "digits", "--config", run_config)
+        tc.load_model("digits", headers=headers(stack))
+        tc.close()
+    best = np.argsort(-EXPECTED, axis=1, kind="stable")[:, :2]
+    np.testing.assert_array_equal(reloaded["probabilities_topk_indices"], best)
+    np.testing.assert_array_equal(kept["probabilities_topk_indices"], best)
+    assert "top_k" in str(refused.value) and "still serving" in str(refused.value)
+    assert load.outcomes["200"] > 20 and set(load.outcomes) == {"200"}, load.outcomes
+    assert load.wrong == 0
+
+
 def test_repository_workers_get_a_metrics_port_too(stack: Stack) -> None:
     # found: workers started for a model repository by 'up --worker-metrics-port' had none
     with client_for(stack) as client:

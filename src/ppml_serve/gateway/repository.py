@@ -81,8 +81,10 @@ class RepositoryView:
 
     def failures(self, model: str) -> list[str]:
         """Why versions of ``model`` are unavailable (for a load that did not succeed)."""
+        # a READY version with a reason: loading it again failed, its previous load serves
         reasons = [f"version {version}: {status.reason}"
                    for version, status in sorted(self.states(model).items())
-                   if status.state is VersionState.UNAVAILABLE and status.reason]
+                   if status.state in (VersionState.UNAVAILABLE, VersionState.READY)
+                   and status.reason]
         reasons += [host.errors[model] for host in self.hosts if model in host.errors]
         return list(dict.fromkeys(reasons))

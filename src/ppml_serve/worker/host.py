@@ -6,7 +6,10 @@ one loaded engine, so small models do not each cost a process. The host reconcil
 serves with what is asked every ``poll_s``:
 
 - a model with no request, or whose last request is ``load``, serves the versions its
-  version policy picks (the directory is read again at each new load request);
+  version policy picks (the directory is read again at each new load request, and a served
+  version whose ``config.yaml``, labels or model file changed is loaded again, as Triton
+  does: the new load takes over once its batch loops have joined, the old one then drains;
+  if the new load fails, the old one keeps serving and the load reports why);
 - ``unload`` (or a version the policy no longer picks) drains: the version is reported
   ``UNLOADING`` so gateways stop sending to it, its batch loops answer everything queued for
   it, and only then stop. A version being replaced stays until its successors are ready.
@@ -50,16 +53,38 @@ QUIET_BEFORE_UNLOAD_S = 1.0
 gateways take to see it is no longer ready (they re-read the hosts every 0.5 s)."""
 
 
+Fingerprint = tuple[str, tuple[str, ...], str, int, int]
+
+
+def _fingerprint(entry: ModelEntry, version: str) -> Fingerprint:
+    """What a served version was loaded from: its config, labels and model file."""
+    source = entry.versions[version]
+    try:
+        stat = source.path.stat()
+        mtime, size = stat.st_mtime_ns, stat.st_size
+    except OSError:
+        mtime = size = -1
+    return entry.config.model_dump_json(), entry.labels, str(source.path), mtime, size
+
+
 @dataclass
 class _Served:
     loaded: LoadedVersion
     workers: list[Worker]
     threads: list[threading.Thread]
+    fingerprint: Fingerprint | None = None
     draining_since: float | None = None
     empty_since: float | None = None
+    predecessor: _Served | None = None
+    """The load this one replaces (a reload): it serves until this one's loops have joined."""
+    reload_error: str = ""
+    """Why the last reload failed (this load kept serving)."""
 
     def alive(self) -> bool:
         return any(thread.is_alive() for thread in self.threads)
+
+    def joined(self) -> bool:
+        return any(worker.joined for worker in self.workers)
 
 
 @dataclass
@@ -69,6 +94,8 @@ class _ModelView:
     serial: int = -1
     failed: dict[str, Exception] = field(default_factory=dict)
     """Versions that failed to load since the last load request, and why."""
+    reloading: set[str] = field(default_factory=set)
+    """Served versions being loaded again for the last load request."""
 
 
 Key = tuple[str, str]
@@ -97,6 +124,7 @@ class ModelHost:
         self._models: dict[str, _ModelView] = {}
         self._served: dict[Key, _Served] = {}
         self._loading: dict[Key, concurrent.futures.Future[LoadedVersion]] = {}
+        self._fingerprints: dict[Key, Fingerprint] = {}
         self._loader = concurrent.futures.ThreadPoolExecutor(1, "model-loader")
         self._stopping = threading.Event()
 
@@ -139,24 +167,38 @@ class ModelHost:
             target: list[str] = []
         else:
             serial = state.serial if state is not None else 0
-            if serial != view.serial:  # a new load request: read the directory again
+            fresh = serial != view.serial
+            if fresh:  # a new load request: read the directory again
                 view.serial, view.failed = serial, {}
                 try:
                     view.entry, view.error = self._repository.entry(name), ""
                 except PPMLError as exc:
                     view.entry, view.error = None, str(exc)
                     log.error("model %r cannot be served: %s", name, exc)
-            target = view.entry.served_versions() if view.entry is not None else []
+                for key, served in self._served.items():
+                    if key[0] == name:
+                        served.reload_error = ""
+            if view.entry is not None:
+                target = view.entry.served_versions()
+            else:  # unreadable now (say, a bad config.yaml edit): what serves keeps serving
+                target = [key[1] for key, served in self._served.items()
+                          if key[0] == name and served.draining_since is None]
         for version in target:
             key = (name, version)
             if key in self._served:
                 served = self._served[key]
                 if not any(worker.stopping for worker in served.workers):
                     served.draining_since = None  # asked for again before it stopped: keep it
+                if fresh and view.entry is not None and key not in self._loading \
+                        and served.fingerprint != _fingerprint(view.entry, version):
+                    log.info("reloading model %r version %s: its config or model changed",
+                             name, version)
+                    self._submit_load(view.entry, version)
+                    view.reloading.add(version)
             elif key not in self._loading and version not in view.failed \
                     and view.entry is not None:
                 log.info("loading model %r version %s", name, version)
-                self._loading[key] = self._loader.submit(self._load, view.entry, version)
+                self._submit_load(view.entry, version)
         settled = all((name, v) in self._served or v in view.failed for v in target)
         for key, draining in self._served.items():
             if key[0] == name and key[1] not in target and draining.draining_since is None \
@@ -164,15 +206,28 @@ class ModelHost:
                 log.info("unloading model %r version %s: draining its queue", *key)
                 draining.draining_since = time.monotonic()
 
+    def _submit_load(self, entry: ModelEntry, version: str) -> None:
+        key = (entry.name, version)
+        self._fingerprints[key] = _fingerprint(entry, version)
+        self._loading[key] = self._loader.submit(self._load, entry, version)
+
     def _collect_loads(self) -> None:
         for key, future in list(self._loading.items()):
             if not future.done():
                 continue
             del self._loading[key]
+            fingerprint = self._fingerprints.pop(key, None)
             view = self._models.setdefault(key[0], _ModelView())
+            current = self._served.get(key)
+            view.reloading.discard(key[1])
             try:
                 loaded = future.result()
             except Exception as exc:
+                if current is not None:  # a reload: the load that serves goes on serving
+                    current.reload_error = _reason(exc)
+                    log.error("model %r version %s failed to load again (%s); its previous "
+                              "load keeps serving", *key, _reason(exc))
+                    continue
                 view.failed[key[1]] = exc
                 log.error("model %r version %s failed to load: %s", *key, _reason(exc))
                 continue
@@ -182,11 +237,19 @@ class ModelHost:
                                         name=f"serve {key[0]}/{key[1]}") for worker in workers]
             for thread in threads:
                 thread.start()
-            self._served[key] = _Served(loaded, workers, threads)
-            log.info("model %r version %s is ready", *key)
+            self._served[key] = _Served(loaded, workers, threads, fingerprint,
+                                        predecessor=current)
+            log.info("model %r version %s is %s", *key, "reloaded" if current else "ready")
 
     def _progress_drains(self) -> None:
         now = time.monotonic()
+        for served in self._served.values():
+            old = served.predecessor
+            if old is not None and (served.joined() or not served.alive()):
+                for worker in old.workers:  # its successor takes requests now: drain
+                    worker.stop()
+                if not old.alive():
+                    served.predecessor = None
         for key, served in list(self._served.items()):
             if served.draining_since is None:
                 if not served.alive():
@@ -222,26 +285,34 @@ class ModelHost:
         for (name, version), _ in self._loading.items():
             versions.setdefault(name, {})[version] = VersionStatus(VersionState.LOADING)
         for (name, version), served in self._served.items():
+            reason = ""
             if served.draining_since is not None:
                 state = VersionState.UNLOADING
-            elif any(worker.joined for worker in served.workers):
+            elif served.joined() or served.predecessor is not None:
                 state = VersionState.READY
+                if served.reload_error:
+                    reason = (f"loading it again failed ({served.reload_error}); its "
+                              "previous load still serves")
             else:  # started, not yet announced: a request now would find no spec
                 state = VersionState.LOADING
-            versions.setdefault(name, {})[version] = VersionStatus(state)
+            versions.setdefault(name, {})[version] = VersionStatus(state, reason)
         try:
             available = self._repository.available()
         except OSError:
             available = {}
-        serials = {name: view.serial for name, view in self._models.items()}
+        # a load request is reported done only once its reloads have finished
+        serials = {name: view.serial - 1 if view.reloading else view.serial
+                   for name, view in self._models.items()}
         return HostStatus(self.host_id, time.time(), available, versions, errors, serials)
 
     def _shutdown(self) -> None:
         self._loader.shutdown(wait=True, cancel_futures=True)
-        for served in self._served.values():
+        every = [*self._served.values(),
+                 *(s.predecessor for s in self._served.values() if s.predecessor)]
+        for served in every:
             for worker in served.workers:
                 worker.stop()
-        for served in self._served.values():
+        for served in every:
             for thread in served.threads:
                 thread.join()
         try:
