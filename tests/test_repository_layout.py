@@ -137,9 +137,15 @@ class _Loop:
 
     def __init__(self) -> None:
         self._stop = threading.Event()
+        self._joined = threading.Event()
 
     def run(self) -> None:
+        self._joined.set()  # as a Worker does once its spec is announced
         self._stop.wait()
+
+    @property
+    def joined(self) -> bool:
+        return self._joined.is_set()
 
     def stop(self) -> None:
         self._stop.set()

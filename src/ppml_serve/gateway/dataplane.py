@@ -43,6 +43,7 @@ from ppml_serve.queue.contract import (
     Mode,
     QueueStats,
     ReplyMessage,
+    VersionState,
     parse_error,
     queue_name,
     split_queue_name,
@@ -409,8 +410,11 @@ class DataPlane:
     async def _queue_ready(self, queue: str) -> bool:
         view = await self.repository()
         model, version = split_queue_name(queue)
-        if view.knows(model) and version not in view.ready_versions(model):
-            return False  # loading, draining for an unload, or failed
+        state = view.states(model).get(version)
+        if view.knows(model) and (state is None or state.state not in (VersionState.READY,
+                                                                       VersionState.LOADING)):
+            return False  # draining for an unload, failed, or not loaded
+        # LOADING: ready once its workers are live (hosts report READY up to a poll later)
 
         async def load() -> bool:
             return await self._broker.live_workers(queue, self._worker_max_age_s) > 0

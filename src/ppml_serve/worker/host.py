@@ -219,10 +219,10 @@ class ModelHost:
             fingerprint = self._fingerprints.pop(key, None)
             view = self._models.setdefault(key[0], _ModelView())
             current = self._served.get(key)
-            view.reloading.discard(key[1])
             try:
                 loaded = future.result()
             except Exception as exc:
+                view.reloading.discard(key[1])
                 if current is not None:  # a reload: the load that serves goes on serving
                     current.reload_error = _reason(exc)
                     log.error("model %r version %s failed to load again (%s); its previous "
@@ -243,13 +243,14 @@ class ModelHost:
 
     def _progress_drains(self) -> None:
         now = time.monotonic()
-        for served in self._served.values():
+        for key, served in self._served.items():
             old = served.predecessor
             if old is not None and (served.joined() or not served.alive()):
                 for worker in old.workers:  # its successor takes requests now: drain
                     worker.stop()
-                if not old.alive():
+                if not old.alive():  # drained: the load request is done
                     served.predecessor = None
+                    self._models.setdefault(key[0], _ModelView()).reloading.discard(key[1])
         for key, served in list(self._served.items()):
             if served.draining_since is None:
                 if not served.alive():
