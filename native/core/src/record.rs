@@ -8,28 +8,14 @@
 use serde::Serialize;
 use serde_json::{Map, Value};
 
+use crate::v2::Datatype;
+
 pub const MAGIC: &[u8; 3] = b"PT\x01";
 pub const PREFIX_SIZE: usize = 7;
 pub const MAX_HEADER: usize = 1 << 20;
 pub const MAX_TENSORS: usize = 256;
 pub const MAX_DIMS: usize = 16;
 pub const MAX_DIM_SIZE: u64 = (1 << 31) - 1;
-
-/// The KServe v2 datatypes a record may carry, with their item sizes.
-pub const DATATYPES: [(&str, usize); 12] = [
-    ("BOOL", 1),
-    ("UINT8", 1),
-    ("UINT16", 2),
-    ("UINT32", 4),
-    ("UINT64", 8),
-    ("INT8", 1),
-    ("INT16", 2),
-    ("INT32", 4),
-    ("INT64", 8),
-    ("FP16", 2),
-    ("FP32", 4),
-    ("FP64", 8),
-];
 
 /// Why a record was refused; the words are those of the Python implementation.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -70,10 +56,7 @@ pub struct Record {
 }
 
 fn item_size(datatype: &str) -> Option<(&'static str, usize)> {
-    DATATYPES
-        .iter()
-        .copied()
-        .find(|(name, _)| *name == datatype)
+    Datatype::named(datatype).map(|d| (d.name, d.size))
 }
 
 /// Bytes of a tensor of `shape` with items of `item` bytes; None past what a `u64` holds
@@ -305,7 +288,12 @@ mod tests {
     }
 
     fn datatype() -> impl Strategy<Value = (&'static str, usize)> {
-        proptest::sample::select(DATATYPES.to_vec())
+        proptest::sample::select(
+            crate::v2::DATATYPES
+                .iter()
+                .map(|d| (d.name, d.size))
+                .collect::<Vec<_>>(),
+        )
     }
 
     proptest! {
