@@ -230,11 +230,21 @@ def test_redis_stall_fails_no_healthy_request(supervised: LocalStack) -> None:
                     str(supervised.settings.ca_file), 8, timeout + 5) as load, \
             concurrent.futures.ThreadPoolExecutor(8) as pool:
         time.sleep(1.0)
-        # eight requests certainly waiting in the stream when Redis freezes
+        # eight requests certainly waiting in the stream when Redis freezes: the workers
+        # are paused meanwhile, their heartbeats kept fresh as a worker's own heartbeat
+        # thread keeps them through a long engine call (the pause is not the fault under
+        # test; on a slow machine it can outlast three heartbeats)
+        beating = admin.zrange("ppml:{demo}:workers", 0, -1)
+        assert beating, "no worker heartbeat to keep"
+
+        def pinned() -> bool:
+            admin.zadd("ppml:{demo}:workers", dict.fromkeys(beating, time.time()), xx=True)
+            return int(admin.xlen("ppml:{demo}:req")) >= 8
+
         _signal_workers(supervised, signal.SIGSTOP)
         try:
             queued = [pool.submit(_infer, supervised, index) for index in range(8)]
-            assert wait_until(lambda: admin.xlen("ppml:{demo}:req") >= 8, 5)
+            assert wait_until(pinned, 10)
             injected = time.monotonic()
             redis_process.send_signal(signal.SIGSTOP)
         finally:
