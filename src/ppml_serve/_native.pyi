@@ -1,11 +1,27 @@
 """Types of the native extension module (Rust, ``native/``), built by maturin."""
 
+from typing import Any
+
 class Keyring:
     def __init__(self, keys: dict[str, bytes], active_key_id: str) -> None: ...
     @property
     def active_key_id(self) -> str: ...
     def seal(self, plaintext: bytes, aad: bytes) -> bytes: ...
     def open(self, record: bytes, aad: bytes) -> bytes: ...
+    def open_batch(
+        self, records: list[bytes], aads: list[bytes], layout: BatchLayout, max_rows: int,
+    ) -> OpenedBatch: ...
+
+class BatchLayout:
+    @staticmethod
+    def of(inputs: list[tuple[str, str, list[int]]]) -> BatchLayout | None: ...
+    def columns(self) -> list[tuple[str, str, list[int]]]: ...
+
+# (one bytes per input, rows stacked, per record ("stacked", start, rows), ("refused",
+# error) or ("unfit", plaintext))
+OpenedBatch = tuple[list[bytes], int, list[tuple[Any, ...]]]
+
+def stack_batch(plaintexts: list[bytes], layout: BatchLayout, max_rows: int) -> OpenedBatch: ...
 
 def parse_record(
     data: bytes,

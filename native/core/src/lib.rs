@@ -4,6 +4,7 @@
 //! formats are those the Python implementation wrote before, so records already queued (or in
 //! an AOF) still open.
 
+pub mod batch;
 pub mod envelope;
 pub mod record;
 pub mod v2;

@@ -1,12 +1,14 @@
 //! `ppml_serve._native`: ppml-core's envelope and record framing for the Python package.
 //! Crypto runs with the GIL released; errors are the package's own exception classes.
 
+mod batch;
 mod front;
 
 use ppml_core::envelope::{EnvelopeError, Keyring as CoreKeyring};
 use ppml_core::{record, v2};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::{PyBytes, PyDict, PyType};
 
 pub(crate) fn package_error(py: Python<'_>, class: &str, message: String) -> PyErr {
@@ -83,6 +85,19 @@ impl Keyring {
             py.detach(|| self.inner.open_into(record, aad, out))
                 .map_err(|error| envelope_error(py, error))
         })
+    }
+
+    /// Open a worker's micro-batch and stack the rows that fit ``layout`` (see
+    /// ``batch::open_batch``), GIL released.
+    fn open_batch<'py>(
+        &self,
+        py: Python<'py>,
+        records: Vec<PyBackedBytes>,
+        aads: Vec<PyBackedBytes>,
+        layout: PyRef<'_, batch::BatchLayout>,
+        max_rows: u64,
+    ) -> PyResult<batch::Opened<'py>> {
+        batch::open_batch(py, &self.inner, records, aads, &layout.inner, max_rows)
     }
 
     fn __repr__(&self) -> String {
@@ -171,7 +186,9 @@ fn parse_v2_request<'py>(
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Keyring>()?;
     module.add_class::<front::Front>()?;
+    module.add_class::<batch::BatchLayout>()?;
     module.add_function(wrap_pyfunction!(parse_record, module)?)?;
+    module.add_function(wrap_pyfunction!(batch::stack_batch, module)?)?;
     module.add_function(wrap_pyfunction!(parse_v2_request, module)?)?;
     Ok(())
 }

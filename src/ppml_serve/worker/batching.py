@@ -14,6 +14,16 @@ from ppml_serve.errors import EngineError
 Tensors = dict[str, np.ndarray[Any, Any]]
 
 
+@dataclass(frozen=True)
+class Stacked:
+    """Where an item's rows lie in columns shared with its batch-mates (``BatchIntake``):
+    rows ``start:stop`` of each column."""
+
+    columns: Tensors
+    start: int
+    stop: int
+
+
 @dataclass
 class Item:
     """One request's inputs and, after ``run_batched``, its outputs or error."""
@@ -22,6 +32,9 @@ class Item:
     outputs: Tensors | None = None
     error: Exception | None = None
     batch_size: int = field(default=1)
+    stacked: Stacked | None = None
+    """Set when ``inputs`` are rows of stacked columns: adjacent items then share one
+    engine call without a copy."""
 
     @property
     def rows(self) -> int:
@@ -56,6 +69,21 @@ def run_batched(items: list[Item], infer: Callable[[Tensors], Tensors],
             _run_chunk(chunk, infer)
 
 
+def _adjacent(chunk: list[Item]) -> Tensors | None:
+    """The chunk's inputs as one slice of the columns they were stacked in, when its items
+    lie there one after the other (else ``None``: they must be concatenated)."""
+    first = chunk[0].stacked
+    if first is None:
+        return None
+    stop = first.stop
+    for item in chunk[1:]:
+        if item.stacked is None or item.stacked.columns is not first.columns \
+                or item.stacked.start != stop:
+            return None
+        stop = item.stacked.stop
+    return {name: column[first.start:stop] for name, column in first.columns.items()}
+
+
 def _run_alone(item: Item, infer: Callable[[Tensors], Tensors]) -> None:
     try:
         item.outputs = infer(item.inputs)
@@ -69,7 +97,8 @@ def _run_chunk(chunk: list[Item], infer: Callable[[Tensors], Tensors]) -> None:
         _run_alone(chunk[0], infer)
         return
     names = list(chunk[0].inputs)
-    joined = {name: np.concatenate([item.inputs[name] for item in chunk]) for name in names}
+    joined = _adjacent(chunk) or {
+        name: np.concatenate([item.inputs[name] for item in chunk]) for name in names}
     try:
         outputs = infer(joined)
     except EngineError:
