@@ -148,6 +148,6 @@ class PlaintextSealer:
         columns, rows, fates = _native.stack_batch(
             [record[2:] if ok else b"" for record, ok in zip(records, marked, strict=True)],
             layout, max_rows)
-        refused = ("refused", IntegrityError("record is not a plaintext record"))
-        return columns, rows, [fate if ok else refused
-                               for fate, ok in zip(fates, marked, strict=True)]
+        return columns, rows, [
+            fate if ok else ("refused", IntegrityError("record is not a plaintext record"))
+            for fate, ok in zip(fates, marked, strict=True)]
