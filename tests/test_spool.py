@@ -21,7 +21,7 @@ from ppml_serve.client import Client, ClientError
 from ppml_serve.errors import ConfigError
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_samples
-from ppml_serve.queue.spool import PayloadSpool
+from ppml_serve.queue.spool import RESCAN_S, PayloadSpool
 from ppml_serve.state import read_api_key
 
 from .conftest import running_stack, stack_settings
@@ -43,9 +43,59 @@ def test_spool_round_trip_names_and_sweep(tmp_path: Path) -> None:
     assert spool.sweep(older_than_s=600) == 1
     assert spool.take(old) is None and spool.take(fresh) == b"new"
     assert (tmp_path / "spool" / "not-ours").exists(), "only names the spool makes are swept"
-    spool.remove(name)
-    spool.remove(name)  # twice: already gone is fine
+    spool.release(name)
+    spool.release(name)  # twice: already gone is fine
     assert spool.take(name) is None
+
+
+def _payloads(spool_dir: Path) -> list[str]:
+    """The payload files in a spool (not its free/ pool)."""
+    return sorted(name for name in os.listdir(spool_dir) if (spool_dir / name).is_file())
+
+
+def test_a_released_file_is_reused_whole_and_never_shared(tmp_path: Path) -> None:
+    spool = PayloadSpool.configured(tmp_path / "spool")
+    assert spool is not None
+    assert stat.S_IMODE((tmp_path / "spool" / "free").stat().st_mode) == 0o700
+    first = spool.put(b"x" * 100_000)
+    inode = (tmp_path / "spool" / first).stat().st_ino
+    spool.release(first)
+    assert spool.take(first) is None and _payloads(tmp_path / "spool") == []
+    time.sleep(RESCAN_S)  # the first put found free/ empty: it looks again after this
+    second = spool.put(b"short")
+    assert (tmp_path / "spool" / second).stat().st_ino == inode  # its pages, reused
+    assert spool.take(second) == b"short"  # nothing of the longer payload is left
+    assert os.listdir(tmp_path / "spool" / "free") == []
+    # a free file another writer claims (or a sweep deletes) after this one listed it
+    spool.release(second)
+    spool.release(spool.put(b"other"))  # reuses second's file: one free file again...
+    spool.release(spool.put(b"and another"))  # ...and a new one: two
+    time.sleep(RESCAN_S)
+    third = spool.put(b"third")  # lists both free files, claims one
+    for name in os.listdir(tmp_path / "spool" / "free"):
+        (tmp_path / "spool" / "free" / name).unlink()  # the other is taken meanwhile
+    fourth = spool.put(b"fourth")  # its listed name is gone: a new file instead
+    assert spool.take(third) == b"third" and spool.take(fourth) == b"fourth"
+    assert _payloads(tmp_path / "spool") == sorted([third, fourth])
+    assert all(stat.S_IMODE((tmp_path / "spool" / n).stat().st_mode) == 0o600
+               for n in (third, fourth))
+
+
+def test_sweep_trims_idle_free_files_and_dead_writers_leftovers(tmp_path: Path) -> None:
+    spool = PayloadSpool.configured(tmp_path / "spool")
+    assert spool is not None
+    kept = spool.put(b"kept")
+    spool.release(spool.put(b"released"))
+    (tmp_path / "spool" / f"{'a' * 32}.w").write_bytes(b"half")  # a writer died here
+    assert spool.sweep(older_than_s=600) == 0
+    assert len(os.listdir(tmp_path / "spool" / "free")) == 1, "not idle long enough yet"
+    assert (tmp_path / "spool" / f"{'a' * 32}.w").exists(), "not old enough yet"
+    assert spool.sweep(older_than_s=600, free_idle_s=0) == 0
+    assert os.listdir(tmp_path / "spool" / "free") == []
+    time.sleep(0.05)
+    assert spool.sweep(older_than_s=0.01) == 1  # the payload, now stale
+    assert not (tmp_path / "spool" / f"{'a' * 32}.w").exists()
+    assert spool.take(kept) is None
 
 
 def test_spool_open_to_others_is_refused(tmp_path: Path) -> None:
@@ -95,9 +145,9 @@ def test_payloads_skip_redis_and_are_removed_once_answered(spooled: LocalStack) 
             try:
                 answers = [pool.submit(client.infer, "demo", images[i:i + 2]) for i in range(4)]
                 deadline = time.monotonic() + 10
-                while len(os.listdir(spool_dir)) < 4 and time.monotonic() < deadline:
+                while len(_payloads(spool_dir)) < 4 and time.monotonic() < deadline:
                     time.sleep(0.05)
-                files = os.listdir(spool_dir)
+                files = _payloads(spool_dir)
                 assert len(files) == 4, files
                 for name in files:
                     assert stat.S_IMODE((spool_dir / name).stat().st_mode) == 0o600
@@ -113,9 +163,10 @@ def test_payloads_skip_redis_and_are_removed_once_answered(spooled: LocalStack) 
                 assert probabilities.shape == (2, 10)
                 assert (probabilities.argmax(axis=1) == labels[i:i + 2]).mean() >= 0.5
     deadline = time.monotonic() + 5
-    while os.listdir(spool_dir) and time.monotonic() < deadline:
+    while _payloads(spool_dir) and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert os.listdir(spool_dir) == [], "answered payloads must be removed"
+    assert _payloads(spool_dir) == [], "answered payloads must be released"
+    assert len(os.listdir(spool_dir / "free")) >= 1, "released files are kept for reuse"
 
 
 def test_a_payload_missing_from_the_spool_is_a_clear_error(spooled: LocalStack) -> None:
@@ -129,9 +180,9 @@ def test_a_payload_missing_from_the_spool_is_a_clear_error(spooled: LocalStack) 
             try:
                 answer = pool.submit(client.infer, "demo", images[:1])
                 deadline = time.monotonic() + 10
-                while not os.listdir(spool_dir) and time.monotonic() < deadline:
+                while not _payloads(spool_dir) and time.monotonic() < deadline:
                     time.sleep(0.05)
-                for name in os.listdir(spool_dir):
+                for name in _payloads(spool_dir):
                     (spool_dir / name).unlink()  # e.g. a worker on another host
             finally:
                 os.kill(pid, signal.SIGCONT)

@@ -145,7 +145,7 @@ class RedisGatewayBroker:
                     await self._xadd(model, fields)
         except BaseException:  # not queued (or not known to be): the payload goes too
             if spool is not None:
-                spool.remove(fields["file"])
+                spool.release(fields["file"])
             raise
 
     async def _xadd(self, model: str, fields: dict[Any, Any]) -> None:

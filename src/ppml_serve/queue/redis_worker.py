@@ -206,12 +206,12 @@ class RedisWorkerBroker:
                 for entry_id, fields in entries if fields]
 
     def _forget_payloads(self, deliveries: Iterable[Delivery]) -> None:
-        """Remove spooled payloads of entries this worker acked (and so no one else will
+        """Release spooled payloads of entries this worker acked (and so no one else will
         read): after the ack, so that a crash in between leaves a file, never a lost one."""
         if self._spool is not None:
             for delivery in deliveries:
                 if delivery.payload_file:
-                    self._spool.remove(delivery.payload_file)
+                    self._spool.release(delivery.payload_file)
 
     def finish(self, replies: Sequence[Reply]) -> int:
         """Post, ack and delete; returns how many were still ours to answer."""
