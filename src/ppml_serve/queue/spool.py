@@ -44,6 +44,9 @@ class PayloadSpool:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
         self.free = directory / "free"
+        # plain strings on the per-payload path: pathlib's joins cost more than the syscalls
+        self._directory = os.fspath(directory)
+        self._free = os.fspath(self.free)
         self._reusable: list[str] = []
         self._next_listing = 0.0
 
@@ -86,17 +89,17 @@ class PayloadSpool:
         """Write ``payload`` under a fresh name (into a recycled file when there is one) and
         return the name."""
         name = uuid.uuid4().hex
+        final = f"{self._directory}/{name}"
         while (reusable := self._next_reusable()) is not None:
-            working = self.directory / f"{name}.w"
+            working = f"{final}.w"
             try:
-                os.rename(self.free / reusable, working)  # the claim: one claimer wins
+                os.rename(f"{self._free}/{reusable}", working)  # the claim: one claimer wins
             except FileNotFoundError:
                 continue  # taken by another writer, or deleted by a sweep
             self._write(working, payload, os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-            os.rename(working, self.directory / name)
+            os.rename(working, final)
             return name
-        self._write(self.directory / name, payload,
-                    os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
+        self._write(final, payload, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC)
         return name
 
     def _next_reusable(self) -> str | None:
@@ -104,7 +107,7 @@ class PayloadSpool:
         it finds nothing (a listing per payload would cost more than it saves)."""
         if not self._reusable and time.monotonic() >= self._next_listing:
             try:
-                with os.scandir(self.free) as entries:
+                with os.scandir(self._free) as entries:
                     for entry in entries:
                         if _NAME.fullmatch(entry.name):
                             self._reusable.append(entry.name)
@@ -117,7 +120,7 @@ class PayloadSpool:
         return self._reusable.pop() if self._reusable else None
 
     @staticmethod
-    def _write(path: Path, payload: bytes | memoryview, flags: int) -> None:
+    def _write(path: str, payload: bytes | memoryview, flags: int) -> None:
         """``path`` holds exactly ``payload`` (a recycled file is cut to its length), or is
         gone and the error raised."""
         descriptor = os.open(path, flags, 0o600)
@@ -130,7 +133,7 @@ class PayloadSpool:
         except BaseException:
             os.close(descriptor)
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(path)
             raise
         os.close(descriptor)
 
@@ -149,14 +152,14 @@ class PayloadSpool:
         is deleted when it cannot); already gone is fine."""
         if not _NAME.fullmatch(name):
             return
-        path = self.directory / name
+        path = f"{self._directory}/{name}"
         try:
-            os.rename(path, self.free / name)
+            os.rename(path, f"{self._free}/{name}")
         except FileNotFoundError:
             return
         except OSError:  # no free/ here (an older part made this spool)
             with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+                os.unlink(path)
 
     def sweep(self, older_than_s: float, free_idle_s: float = FREE_IDLE_S) -> int:
         """Remove payloads written more than ``older_than_s`` ago, and working files a
