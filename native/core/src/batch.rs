@@ -20,7 +20,6 @@ struct Column {
     first: Option<u64>,
     /// Every dimension after the first, all fixed.
     tail: Vec<u64>,
-    row_bytes: usize,
 }
 
 /// The stackable inputs of a model, in its declared order.
@@ -53,10 +52,6 @@ impl Layout {
                         .filter(|d| *d <= record::MAX_DIM_SIZE)
                 })
                 .collect::<Option<Vec<u64>>>()?;
-            let row_bytes = tail
-                .iter()
-                .try_fold(datatype.size as u64, |size, d| size.checked_mul(*d))
-                .and_then(|size| usize::try_from(size).ok())?;
             if columns.iter().any(|c| c.name == *name) {
                 return None;
             }
@@ -65,7 +60,6 @@ impl Layout {
                 datatype: datatype.name,
                 first,
                 tail,
-                row_bytes,
             });
         }
         Some(Self { columns })
