@@ -55,3 +55,30 @@ def torch_outputs(source: Path, inputs: np.ndarray) -> np.ndarray:
     module = torch.jit.load(str(source)).eval()
     with torch.no_grad():
         return module(torch.from_numpy(inputs)).numpy()
+
+
+TEXT_LABELS = {"spam": 1, "ham": 0}
+"""What the text model maps each word to (anything else: -1)."""
+
+
+def text_model(target: Path) -> Path:
+    """A text model: BYTES ``text`` [-1] in, the same strings (``echo``, ONNX Identity) and
+    each string's label (``label`` INT64, ai.onnx.ml LabelEncoder) out."""
+    from onnx import TensorProto
+
+    graph = helper.make_graph(
+        [helper.make_node("Identity", ["text"], ["echo"]),
+         helper.make_node("LabelEncoder", ["text"], ["label"], domain="ai.onnx.ml",
+                          keys_strings=list(TEXT_LABELS), values_int64s=list(TEXT_LABELS.values()),
+                          default_int64=-1)],
+        "text",
+        [helper.make_tensor_value_info("text", TensorProto.STRING, [None])],
+        [helper.make_tensor_value_info("echo", TensorProto.STRING, [None]),
+         helper.make_tensor_value_info("label", TensorProto.INT64, [None])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17),
+                                                    helper.make_opsetid("ai.onnx.ml", 3)])
+    model.ir_version = 8
+    onnx.checker.check_model(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    onnx.save(model, str(target))
+    return target

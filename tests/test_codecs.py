@@ -8,7 +8,13 @@ import numpy as np
 import pytest
 
 from ppml_serve.codecs import record
-from ppml_serve.codecs.tensors import ModelSpec, TensorSpec
+from ppml_serve.codecs.tensors import (
+    ModelSpec,
+    TensorSpec,
+    as_tensor,
+    datatype_name,
+    deserialize_bytes,
+)
 from ppml_serve.codecs.v2 import encode_response, parse_request
 from ppml_serve.errors import InvalidInput, ProtocolError
 
@@ -147,3 +153,44 @@ def test_classification_counts_are_checked() -> None:
                                                   "shape": [1], "data": [1.0]}],
                                       "outputs": [{"name": "p", "parameters": {
                                           "classification": count}}]}).encode(), None)
+
+
+def test_bytes_tensors_round_trip_through_records_and_bodies() -> None:
+    text = as_tensor(np.array([["spam", "été"], ["", "x"]]))
+    assert text.dtype == object and text[0, 1] == "été".encode()
+    _, tensors = record.unpack(record.pack({"text": text, "n": np.arange(2, dtype=np.int8)}))
+    np.testing.assert_array_equal(tensors["text"], text)
+    assert tensors["text"].shape == (2, 2)
+    spec = ModelSpec("m", (TensorSpec("text", "BYTES", (-1, 2)),), ())
+    spec.check_inputs({"text": text})
+    with pytest.raises(InvalidInput, match="datatype BYTES does not match the model's FP32"):
+        ModelSpec("m", (TensorSpec("text", "FP32", (-1, 2)),), ()).check_inputs({"text": text})
+
+    request = parse_request(json.dumps({"inputs": [
+        {"name": "text", "datatype": "BYTES", "shape": [2], "data": ["a", "é"]}]}).encode(), None)
+    np.testing.assert_array_equal(request.inputs["text"], np.array([b"a", "é".encode()], object))
+    body, size = encode_response("m", request, {"text": request.inputs["text"]})
+    assert size is None and json.loads(body)["outputs"][0]["data"] == ["a", "é"]
+
+    # JSON cannot carry bytes that are not UTF-8: the error names the binary extension
+    raw = np.array([b"\xff"], dtype=object)
+    with pytest.raises(InvalidInput, match=r"not UTF-8 text.*binary_data = true"):
+        encode_response("m", request, {"text": raw})
+    request.binary_default = True
+    body, size = encode_response("m", request, {"text": raw})
+    assert size is not None and body[size:] == b"\x01\x00\x00\x00\xff"
+
+
+def test_malformed_bytes_data_is_refused_in_words() -> None:
+    with pytest.raises(InvalidInput, match="prefixed by its length"):
+        deserialize_bytes(b"\x05\x00\x00\x00ab", [1])
+    with pytest.raises(InvalidInput, match="has 1 elements but shape \\[2\\] needs 2"):
+        deserialize_bytes(b"\x00\x00\x00\x00", [2])
+    with pytest.raises(InvalidInput, match="must hold bytes or str"):
+        as_tensor(np.array([1, "a"], dtype=object))
+    with pytest.raises(InvalidInput, match="text: pass bytes or str"):
+        datatype_name(np.dtype("S3"))
+    forged = record.pack({"text": np.array([b"ab"], dtype=object)}).replace(b'"nbytes":6',
+                                                                              b'"nbytes":5')
+    with pytest.raises(ProtocolError):
+        record.unpack(forged[:-1])

@@ -25,7 +25,14 @@ from ppml_serve.models import demo_model_path, demo_samples
 from ppml_serve.queue.contract import HostStatus
 from ppml_serve.queue.redis_server import free_port
 from tests.conftest import Stack, running_stack, stack_settings
-from tests.repository_models import demo_ir, scaled_demo, torch_outputs, torchscript_net
+from tests.repository_models import (
+    TEXT_LABELS,
+    demo_ir,
+    scaled_demo,
+    text_model,
+    torch_outputs,
+    torchscript_net,
+)
 
 IMAGES, _ = demo_samples()
 EXPECTED = load_engine("demo", demo_model_path().read_bytes()).infer(
@@ -59,6 +66,7 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "model.onnx").write_bytes(demo_model_path().read_bytes())
     (root / "broken" / "config.yaml").write_text("engine: tensorrt\n")
+    text_model(root / "text" / "1" / "model.onnx")
     return root
 
 
@@ -95,7 +103,8 @@ def test_one_worker_process_serves_every_model_and_reports_what_it_cannot(
     (host,) = hosts(stack)
     ready = {(model, version) for model, states in host.versions.items()
              for version, status in states.items() if status.state.value == "READY"}
-    assert ready == {("digits", "1"), ("digits", "2"), ("vino", "1"), ("torchnet", "1")}
+    assert ready == {("digits", "1"), ("digits", "2"), ("vino", "1"), ("torchnet", "1"),
+                     ("text", "1")}
     index = client_for(stack).repository_index()
     broken = [row for row in index if row["name"] == "broken"]
     assert broken and all(row["state"] == "UNAVAILABLE" for row in broken)
@@ -367,3 +376,91 @@ def test_the_repository_api_over_grpc(stack: Stack) -> None:
         assert "UNAUTHENTICATED" in str(refused.value.status())
     finally:
         client.close()
+
+
+def test_text_models_take_and_answer_bytes_tensors(stack: Stack) -> None:
+    """BYTES tensors end to end: JSON strings, the binary extension, gRPC raw and typed
+    contents and the project client, through gateway, Redis and an ONNX Runtime worker."""
+    import tritonclient.grpc as triton_grpc
+
+    words = ["spam", "ham", "été", ""]
+    labels = [TEXT_LABELS.get(word, -1) for word in words]
+    expected_echo = np.array([word.encode() for word in words], dtype=object)
+    text = np.array(words, dtype=object)
+
+    plain = stack.http().post("/v2/models/text/infer", json={"inputs": [
+        {"name": "text", "datatype": "BYTES", "shape": [4], "data": words}]})
+    assert plain.status_code == 200, plain.text
+    outputs = {item["name"]: item for item in plain.json()["outputs"]}
+    assert outputs["echo"] == {"name": "echo", "datatype": "BYTES", "shape": [4],
+                               "data": words}
+    assert outputs["label"]["data"] == labels
+
+    http_client = triton_client(stack)
+    try:
+        for binary_in in (True, False):
+            tensor = triton.InferInput("text", [4], "BYTES")
+            tensor.set_data_from_numpy(text, binary_data=binary_in)
+            asked = [triton.InferRequestedOutput("echo", binary_data=not binary_in),
+                     triton.InferRequestedOutput("label")]
+            result = http_client.infer("text", [tensor], outputs=asked, headers=headers(stack))
+            echo = result.as_numpy("echo")  # tritonclient: bytes if binary, str from JSON
+            assert [item.encode() if binary_in else item for item in echo] == list(expected_echo)
+            np.testing.assert_array_equal(result.as_numpy("label"), labels)
+        assert http_client.get_model_metadata("text", headers=headers(stack))["inputs"] == [
+            {"name": "text", "datatype": "BYTES", "shape": [-1]}]
+    finally:
+        http_client.close()
+
+    grpc_client = triton_grpc.InferenceServerClient(stack.local.grpc_address, ssl=True,
+                                                    root_certificates=str(stack.ca_file))
+    auth = {"authorization": f"Bearer {stack.api_key}"}
+    try:
+        tensor = triton_grpc.InferInput("text", [4], "BYTES")
+        tensor.set_data_from_numpy(text)
+        result = grpc_client.infer("text", [tensor], headers=auth)
+        np.testing.assert_array_equal(result.as_numpy("echo"), expected_echo)
+        np.testing.assert_array_equal(result.as_numpy("label"), labels)
+    finally:
+        grpc_client.close()
+
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    credentials = grpc.ssl_channel_credentials(stack.ca_file.read_bytes())
+    with grpc.secure_channel(stack.local.grpc_address, credentials) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="text")
+        typed = request.inputs.add(name="text", datatype="BYTES", shape=[2])
+        typed.contents.bytes_contents.extend([b"ham", b"spam"])
+        response = stub.ModelInfer(request, metadata=tuple(auth.items()), timeout=30)
+    label_at = [output.name for output in response.outputs].index("label")
+    assert np.frombuffer(response.raw_output_contents[label_at], np.int64).tolist() == [0, 1]
+
+    with client_for(stack) as client:  # numpy str arrays go as BYTES
+        answered = client.infer("text", {"text": np.array(["ham", "x"])})
+        np.testing.assert_array_equal(answered["echo"], np.array([b"ham", b"x"], dtype=object))
+        np.testing.assert_array_equal(answered["label"], [0, -1])
+
+    # not UTF-8 (ONNX strings are): that request alone is refused, in words that say so
+    body, extra = encode_bytes_request([b"ham", b"\xff\xfe"])
+    refused = stack.http().post("/v2/models/text/infer", content=body, headers=extra)
+    assert refused.status_code == 400 and "UTF-8" in refused.json()["error"], refused.text
+    body, extra = encode_bytes_request([b"ham"], declared=2)
+    malformed = stack.http().post("/v2/models/text/infer", content=body, headers=extra)
+    assert malformed.status_code == 400
+    assert "BYTES data has 1 elements but shape [2] needs 2" in malformed.json()["error"]
+
+
+def encode_bytes_request(items: list[bytes], declared: int | None = None
+                         ) -> tuple[bytes, dict[str, str]]:
+    """A binary-extension request of one BYTES input (``declared`` elements in its shape)."""
+    import json
+
+    data = b"".join(len(item).to_bytes(4, "little") + item for item in items)
+    header = json.dumps({"inputs": [{
+        "name": "text", "datatype": "BYTES", "shape": [declared or len(items)],
+        "parameters": {"binary_data_size": len(data)}}]}).encode()
+    return header + data, {"Inference-Header-Content-Length": str(len(header)),
+                           "Content-Type": "application/octet-stream"}

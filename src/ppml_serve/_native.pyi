@@ -47,5 +47,5 @@ class Front:
 def parse_v2_request(
     body: bytes, header_length: str | None = None,
 ) -> tuple[str | None, str,
-           list[tuple[str, str, list[int], int, bytes | None]],
+           list[tuple[str, str, list[int], int, bytes | None, int]],
            list[tuple[str, bool]] | None, bool, list[tuple[str, int]]]: ...

@@ -3,12 +3,13 @@
 //!
 //! Layout: `b"PT"`, version byte (1), 4-byte little-endian header length, a JSON header
 //! `{"meta": {...}, "tensors": [{"name", "datatype", "shape"}, ...]}`, then each tensor's
-//! raw C-order bytes in header order.
+//! raw C-order bytes in header order. A BYTES tensor's entry also gives its size
+//! (`"nbytes"`), and its bytes are its elements each prefixed by a 4-byte little-endian length.
 
 use serde::Serialize;
 use serde_json::{Map, Value};
 
-use crate::v2::Datatype;
+use crate::v2::{bytes_count, Datatype, MAX_BYTES_ELEMENTS};
 
 pub const MAGIC: &[u8; 3] = b"PT\x01";
 pub const PREFIX_SIZE: usize = 7;
@@ -36,6 +37,8 @@ pub enum RecordError {
     Duplicate,
     #[error("record has trailing bytes")]
     Trailing,
+    #[error("record holds a malformed BYTES tensor")]
+    Bytes,
 }
 
 /// One tensor of a record: where its bytes lie in the record.
@@ -67,7 +70,9 @@ fn byte_size(item: usize, shape: &[u64]) -> Option<u64> {
         .try_fold(item as u64, |size, d| size.checked_mul(*d))
 }
 
-type Spec = (String, &'static str, usize, Vec<u64>);
+/// A tensor's description: name, datatype, item size (0 for BYTES), shape and, for BYTES,
+/// its declared size in bytes.
+type Spec = (String, &'static str, usize, Vec<u64>, Option<u64>);
 
 fn tensor_spec(spec: &Value) -> Result<Spec, RecordError> {
     let spec = spec.as_object().ok_or(RecordError::Tensor)?;
@@ -86,7 +91,13 @@ fn tensor_spec(spec: &Value) -> Result<Spec, RecordError> {
         .map(|d| d.as_u64().filter(|d| *d <= MAX_DIM_SIZE))
         .collect::<Option<Vec<u64>>>()
         .ok_or(RecordError::Tensor)?;
-    Ok((name.to_owned(), datatype, item, dims))
+    let nbytes = match (item, spec.get("nbytes")) {
+        (0, Some(size)) => Some(size.as_u64().ok_or(RecordError::Tensor)?),
+        (0, None) => return Err(RecordError::Tensor),
+        (_, None) => None,
+        (_, Some(_)) => return Err(RecordError::Tensor),
+    };
+    Ok((name.to_owned(), datatype, item, dims, nbytes))
 }
 
 /// Parse and check a record's framing; tensor bytes are located, not copied.
@@ -115,13 +126,17 @@ pub fn parse(data: &[u8]) -> Result<Record, RecordError> {
     }
     let mut tensors: Vec<TensorEntry> = Vec::with_capacity(specs.len());
     for spec in specs {
-        let (name, datatype, item, shape) = tensor_spec(spec)?;
-        let nbytes = byte_size(item, &shape)
+        let (name, datatype, item, shape, declared) = tensor_spec(spec)?;
+        let nbytes = declared
+            .or_else(|| byte_size(item, &shape))
             .and_then(|size| usize::try_from(size).ok())
             .ok_or(RecordError::Truncated)?;
         let end = offset.checked_add(nbytes).ok_or(RecordError::Truncated)?;
         if end > data.len() {
             return Err(RecordError::Truncated);
+        }
+        if declared.is_some() {
+            check_bytes(&data[offset..end], &shape)?;
         }
         if tensors.iter().any(|t| t.name == name) {
             return Err(RecordError::Duplicate);
@@ -144,6 +159,15 @@ pub fn parse(data: &[u8]) -> Result<Record, RecordError> {
     })
 }
 
+/// A BYTES tensor's elements must be whole and as many as its shape says (and bounded).
+fn check_bytes(data: &[u8], shape: &[u64]) -> Result<(), RecordError> {
+    let count = byte_size(1, shape).map(u128::from);
+    match (bytes_count(data), count) {
+        (Some(found), Some(count)) if found == count && count <= MAX_BYTES_ELEMENTS => Ok(()),
+        _ => Err(RecordError::Bytes),
+    }
+}
+
 #[derive(Serialize)]
 struct HeaderOut<'a> {
     meta: &'a Map<String, Value>,
@@ -155,9 +179,12 @@ struct TensorOut<'a> {
     name: &'a str,
     datatype: &'a str,
     shape: &'a [u64],
+    #[serde(skip_serializing_if = "Option::is_none")]
+    nbytes: Option<usize>,
 }
 
-/// One tensor to frame: its name, datatype, shape and raw C-order bytes.
+/// One tensor to frame: its name, datatype, shape and raw C-order bytes (for BYTES, its
+/// binary form).
 pub struct TensorIn<'a> {
     pub name: &'a str,
     pub datatype: &'a str,
@@ -172,11 +199,12 @@ pub fn pack(meta: &Map<String, Value>, tensors: &[TensorIn<'_>]) -> Result<Vec<u
     }
     for (index, tensor) in tensors.iter().enumerate() {
         let (_, item) = item_size(tensor.datatype).ok_or(RecordError::Tensor)?;
-        let expected = byte_size(item, tensor.shape);
-        if tensor.shape.len() > MAX_DIMS
-            || tensor.shape.iter().any(|d| *d > MAX_DIM_SIZE)
-            || expected != Some(tensor.data.len() as u64)
-        {
+        if tensor.shape.len() > MAX_DIMS || tensor.shape.iter().any(|d| *d > MAX_DIM_SIZE) {
+            return Err(RecordError::Tensor);
+        }
+        if item == 0 {
+            check_bytes(tensor.data, tensor.shape)?;
+        } else if byte_size(item, tensor.shape) != Some(tensor.data.len() as u64) {
             return Err(RecordError::Tensor);
         }
         if tensors[..index].iter().any(|t| t.name == tensor.name) {
@@ -191,6 +219,9 @@ pub fn pack(meta: &Map<String, Value>, tensors: &[TensorIn<'_>]) -> Result<Vec<u
                 name: t.name,
                 datatype: t.datatype,
                 shape: t.shape,
+                nbytes: item_size(t.datatype)
+                    .filter(|(_, item)| *item == 0)
+                    .map(|_| t.data.len()),
             })
             .collect(),
     })
@@ -287,6 +318,89 @@ mod tests {
         );
     }
 
+    fn binary_form(items: &[&[u8]]) -> Vec<u8> {
+        items
+            .iter()
+            .flat_map(|item| {
+                let mut element = (item.len() as u32).to_le_bytes().to_vec();
+                element.extend_from_slice(item);
+                element
+            })
+            .collect()
+    }
+
+    #[test]
+    fn bytes_tensors_carry_their_size_and_whole_elements() {
+        let data = binary_form(&[b"spam", b"", "\u{e9}t\u{e9}".as_bytes()]);
+        let packed = pack(
+            &Map::new(),
+            &[TensorIn {
+                name: "text",
+                datatype: "BYTES",
+                shape: &[3],
+                data: &data,
+            }],
+        )
+        .unwrap();
+        let header = format!(
+            r#"{{"meta":{{}},"tensors":[{{"name":"text","datatype":"BYTES","shape":[3],"nbytes":{}}}]}}"#,
+            data.len()
+        );
+        assert_eq!(packed, frame(&header, &data), "what Python writes");
+        let parsed = parse(&packed).unwrap();
+        let entry = &parsed.tensors[0];
+        assert_eq!(&packed[entry.offset..entry.offset + entry.nbytes], data);
+
+        let bytes = |shape: &str, nbytes: &str| {
+            format!(
+                r#"{{"meta":{{}},"tensors":[{{"name":"t","datatype":"BYTES","shape":{shape}{nbytes}}}]}}"#
+            )
+        };
+        let cases: Vec<(String, Vec<u8>, RecordError)> = vec![
+            (bytes("[3]", ""), data.clone(), RecordError::Tensor),
+            (
+                bytes("[2]", &format!(r#","nbytes":{}"#, data.len())),
+                data.clone(),
+                RecordError::Bytes,
+            ),
+            (
+                bytes("[1]", r#","nbytes":5"#),
+                vec![9, 0, 0, 0, b'x'],
+                RecordError::Bytes,
+            ),
+            (
+                bytes("[1]", r#","nbytes":3"#),
+                vec![0, 0, 0],
+                RecordError::Bytes,
+            ),
+            (
+                bytes("[1]", r#","nbytes":9"#),
+                vec![0, 0, 0, 0],
+                RecordError::Truncated,
+            ),
+            (bytes("[1]", r#","nbytes":-1"#), vec![], RecordError::Tensor),
+            (
+                single("UINT8", r#"[1],"nbytes":1"#),
+                vec![1],
+                RecordError::Tensor,
+            ),
+        ];
+        for (header, body, error) in cases {
+            assert_eq!(parse(&frame(&header, &body)), Err(error), "{header}");
+        }
+        let short = binary_form(&[b"a"]);
+        let refused = pack(
+            &Map::new(),
+            &[TensorIn {
+                name: "t",
+                datatype: "BYTES",
+                shape: &[2],
+                data: &short,
+            }],
+        );
+        assert_eq!(refused, Err(RecordError::Bytes));
+    }
+
     fn datatype() -> impl Strategy<Value = (&'static str, usize)> {
         proptest::sample::select(
             crate::v2::DATATYPES
@@ -316,6 +430,19 @@ mod tests {
                 prop_assert_eq!(&entry.shape, shape);
                 prop_assert_eq!(&record[entry.offset..entry.offset + entry.nbytes], data.as_slice());
             }
+        }
+
+        #[test]
+        fn bytes_elements_parse_back(items in proptest::collection::vec(
+            proptest::collection::vec(any::<u8>(), 0..12), 0..8)) {
+            let slices: Vec<&[u8]> = items.iter().map(Vec::as_slice).collect();
+            let data = binary_form(&slices);
+            let shape = [items.len() as u64];
+            let record = pack(&Map::new(), &[TensorIn {
+                name: "t", datatype: "BYTES", shape: &shape, data: &data }]).unwrap();
+            let parsed = parse(&record).unwrap();
+            let entry = &parsed.tensors[0];
+            prop_assert_eq!(&record[entry.offset..entry.offset + entry.nbytes], data.as_slice());
         }
 
         #[test]

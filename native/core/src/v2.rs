@@ -30,16 +30,17 @@ enum Kind {
     Unsigned,
     Signed,
     Float,
+    Bytes,
 }
 
-/// A v2 datatype this service carries (BYTES is not one of them).
+/// A v2 datatype this service carries.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Datatype {
     /// The v2 name (`FP32`).
     pub name: &'static str,
     /// numpy's name, used in error messages (`float32`).
     pub numpy: &'static str,
-    /// Bytes per item.
+    /// Bytes per item; 0 for BYTES, whose items are length-prefixed (see [`bytes_count`]).
     pub size: usize,
     kind: Kind,
 }
@@ -119,10 +120,79 @@ pub const DATATYPES: [Datatype; 12] = [
     },
 ];
 
+/// Variable-length byte strings (text). In a body or a record a BYTES tensor is its
+/// elements in C order, each a 4-byte little-endian length and that many bytes: the binary
+/// form of the KServe binary extension and of Triton's `raw_input_contents`.
+pub const BYTES: Datatype = Datatype {
+    name: "BYTES",
+    numpy: "object",
+    size: 0,
+    kind: Kind::Bytes,
+};
+
+/// At most this many elements in one BYTES tensor: each becomes a Python object in the
+/// gateway and the worker, so their number is bounded apart from the body's size.
+pub const MAX_BYTES_ELEMENTS: u128 = 1 << 20;
+
 impl Datatype {
     pub fn named(name: &str) -> Option<Datatype> {
-        DATATYPES.iter().copied().find(|d| d.name == name)
+        DATATYPES
+            .iter()
+            .copied()
+            .find(|d| d.name == name)
+            .or((name == BYTES.name).then_some(BYTES))
     }
+
+    /// Whether items are length-prefixed byte strings (BYTES) rather than fixed-size.
+    pub fn is_bytes(&self) -> bool {
+        self.kind == Kind::Bytes
+    }
+}
+
+/// The number of elements in a BYTES tensor's binary form, or `None` when `data` is not a
+/// whole sequence of length-prefixed elements (a length past the end, a partial prefix).
+pub fn bytes_count(data: &[u8]) -> Option<u128> {
+    let mut rest = data;
+    let mut count = 0u128;
+    while !rest.is_empty() {
+        let (prefix, tail) = rest.split_first_chunk::<4>()?;
+        let len = usize::try_from(u32::from_le_bytes(*prefix)).ok()?;
+        rest = tail.get(len..)?;
+        count += 1;
+    }
+    Some(count)
+}
+
+/// Refuses a BYTES tensor whose binary form is malformed or does not hold `count` elements.
+pub fn check_bytes(
+    data: &[u8],
+    count: Option<u128>,
+    shape: &[u64],
+    where_: &str,
+) -> Result<(), V2Error> {
+    let Some(found) = bytes_count(data) else {
+        return refuse(format!(
+            "{where_}: BYTES data must be elements each prefixed by its length \
+             (4 bytes, little-endian)"
+        ));
+    };
+    if Some(found) != count {
+        return refuse(format!(
+            "{where_}: BYTES data has {found} elements but shape {} needs {}",
+            list(shape),
+            count.map_or_else(|| "too many".into(), |n| n.to_string())
+        ));
+    }
+    Ok(())
+}
+
+fn check_bytes_count(count: Option<u128>, where_: &str) -> Result<(), V2Error> {
+    if count.map_or(true, |n| n > MAX_BYTES_ELEMENTS) {
+        return refuse(format!(
+            "{where_}: at most {MAX_BYTES_ELEMENTS} BYTES elements per tensor (split the request)"
+        ));
+    }
+    Ok(())
 }
 
 /// Where an input's bytes are.
@@ -282,7 +352,7 @@ fn datatype_of(raw: Option<&RawValue>, where_: &str) -> Result<Datatype, V2Error
         None | Some(Value::Null) => py_repr("None"),
         Some(other) => py_repr(&other.to_string()),
     };
-    let supported: Vec<&str> = DATATYPES.iter().map(|d| d.name).collect();
+    let supported: Vec<&str> = DATATYPES.iter().chain([&BYTES]).map(|d| d.name).collect();
     refuse(format!(
         "{where_}: unsupported datatype {shown} (supported: {})",
         supported.join(", ")
@@ -351,6 +421,9 @@ pub fn parse_request(body: &[u8], header_length: Option<&str>) -> Result<InferRe
             item.get("parameters").copied(),
             format!("{where_}: parameters must be a JSON object"),
         )?;
+        if datatype.is_bytes() {
+            check_bytes_count(count, &where_)?;
+        }
         let data = match item_parameters.get("binary_data_size") {
             Some(size) => {
                 let Some(size) = size.as_u64() else {
@@ -359,7 +432,7 @@ pub fn parse_request(body: &[u8], header_length: Option<&str>) -> Result<InferRe
                     ));
                 };
                 let needed = count.and_then(|n| n.checked_mul(datatype.size as u128));
-                if needed != Some(size as u128) {
+                if !datatype.is_bytes() && needed != Some(size as u128) {
                     let needed = needed.map_or_else(|| "too many".into(), |n| n.to_string());
                     return refuse(format!(
                         "{where_}: binary_data_size {size} does not match shape {} of {} \
@@ -377,6 +450,10 @@ pub fn parse_request(body: &[u8], header_length: Option<&str>) -> Result<InferRe
                         "{where_}: binary data is shorter than binary_data_size"
                     ));
                 }
+                if datatype.is_bytes() {
+                    let start = json_size + offset;
+                    check_bytes(&body[start..start + size], count, &shape, &where_)?;
+                }
                 let located = InputData::Binary {
                     offset: json_size + offset,
                     len: size,
@@ -388,7 +465,12 @@ pub fn parse_request(body: &[u8], header_length: Option<&str>) -> Result<InferRe
                 let Some(raw_data) = item.get("data") else {
                     return refuse(format!("{where_}: has neither data nor binary_data_size"));
                 };
-                InputData::Decoded(decode_data(raw_data, datatype, count, &shape, &where_)?)
+                let decoded = if datatype.is_bytes() {
+                    decode_strings(raw_data, count, &shape, &where_)?
+                } else {
+                    decode_data(raw_data, datatype, count, &shape, &where_)?
+                };
+                InputData::Decoded(decoded)
             }
         };
         inputs.push(Input {
@@ -593,6 +675,7 @@ impl Items<'_> {
                 Some(n) => store_integer(out, n, datatype),
                 None => false,
             },
+            Kind::Bytes => false, // strings are read by `decode_strings`
         };
         if !stored {
             self.unreadable = true;
@@ -729,6 +812,77 @@ fn decode_data(
     Ok(out)
 }
 
+/// Walks BYTES `data` (a string, or nested lists of strings) writing each string in the
+/// binary form; stops storing, and only counts, past `expected`.
+struct Strings<'b> {
+    expected: u128,
+    count: u128,
+    out: &'b mut Vec<u8>,
+}
+
+impl<'de> DeserializeSeed<'de> for &mut Strings<'_> {
+    type Value = ();
+
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<(), D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for &mut Strings<'_> {
+    type Value = ();
+
+    fn expecting(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
+        formatter.write_str("strings or lists of them")
+    }
+
+    fn visit_str<E: serde::de::Error>(self, v: &str) -> Result<(), E> {
+        self.count += 1;
+        if self.count <= self.expected {
+            let len = u32::try_from(v.len()).map_err(|_| E::custom(UNREADABLE))?;
+            self.out.extend_from_slice(&len.to_le_bytes());
+            self.out.extend_from_slice(v.as_bytes());
+        }
+        Ok(())
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<(), A::Error> {
+        while seq.next_element_seed(&mut *self)?.is_some() {}
+        Ok(())
+    }
+}
+
+/// BYTES `data` from JSON strings (UTF-8 text, as JSON can carry) into the binary form.
+fn decode_strings(
+    raw: &RawValue,
+    count: Option<u128>,
+    shape: &[u64],
+    where_: &str,
+) -> Result<Vec<u8>, V2Error> {
+    let expected = count.unwrap_or(u128::MAX);
+    let mut out = Vec::new();
+    let mut strings = Strings {
+        expected,
+        count: 0,
+        out: &mut out,
+    };
+    let mut deserializer = serde_json::Deserializer::from_str(raw.get());
+    if (&mut strings).deserialize(&mut deserializer).is_err() {
+        return refuse(format!(
+            "{where_}: BYTES data must be strings (or lists of strings); send other bytes \
+             with the binary extension"
+        ));
+    }
+    if strings.count != expected {
+        let needed = count.map_or_else(|| "too many".into(), |n| n.to_string());
+        return refuse(format!(
+            "{where_}: data has {} elements but shape {} needs {needed}",
+            strings.count,
+            list(shape)
+        ));
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -774,6 +928,70 @@ mod tests {
     }
 
     #[test]
+    fn bytes_tensors_are_read_from_strings_and_from_the_binary_form() {
+        let request = parse(
+            r#"{"inputs": [{"name": "t", "datatype": "BYTES", "shape": [2, 1], "data": [["spam"], ["\u00e9"]]}]}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            decoded(&request, 0),
+            [
+                &[4, 0, 0, 0][..],
+                b"spam",
+                &[2, 0, 0, 0],
+                "\u{e9}".as_bytes()
+            ]
+            .concat()
+        );
+        let binary = [&[1u8, 0, 0, 0, 0xff][..], &[0, 0, 0, 0]].concat();
+        let header = r#"{"inputs": [{"name": "t", "datatype": "BYTES", "shape": [2], "parameters": {"binary_data_size": 9}}]}"#;
+        let body = [header.as_bytes(), &binary].concat();
+        let request = parse_request(&body, Some(&header.len().to_string())).unwrap();
+        assert_eq!(
+            request.inputs[0].data,
+            InputData::Binary {
+                offset: header.len(),
+                len: 9
+            }
+        );
+        let binary_refused = |shape: &str, data: &[u8]| {
+            let header = format!(
+                r#"{{"inputs": [{{"name": "t", "datatype": "BYTES", "shape": {shape}, "parameters": {{"binary_data_size": {}}}}}]}}"#,
+                data.len()
+            );
+            let body = [header.as_bytes(), data].concat();
+            parse_request(&body, Some(&header.len().to_string()))
+                .expect_err("refused")
+                .0
+        };
+        assert_eq!(
+            binary_refused("[3]", &binary),
+            "input 't': BYTES data has 2 elements but shape [3] needs 3"
+        );
+        assert!(binary_refused("[1]", &[5, 0, 0, 0, b'a']).contains("prefixed by its length"));
+        assert!(binary_refused("[1]", &[0, 0]).contains("prefixed by its length"));
+        assert!(binary_refused("[2000000]", &[]).contains("at most 1048576 BYTES elements"));
+        for (data, message) in [
+            (r#"[1, 2]"#, "BYTES data must be strings"),
+            (r#"["a", ["b", 3]]"#, "BYTES data must be strings"),
+            (r#"["a"]"#, "data has 1 elements but shape [2] needs 2"),
+        ] {
+            let body = format!(
+                r#"{{"inputs": [{{"name": "t", "datatype": "BYTES", "shape": [2], "data": {data}}}]}}"#
+            );
+            assert!(
+                refused(&body).contains(message),
+                "{data}: {}",
+                refused(&body)
+            );
+        }
+        assert!(refused(
+            r#"{"inputs": [{"name": "t", "datatype": "STRING", "shape": [1], "data": ["a"]}]}"#
+        )
+        .ends_with("FP64, BYTES)"));
+    }
+
+    #[test]
     fn binary_inputs_are_located_not_copied() {
         let header = r#"{"inputs": [
             {"name": "a", "datatype": "UINT8", "shape": [3], "parameters": {"binary_data_size": 3}},
@@ -810,9 +1028,9 @@ mod tests {
                 "inputs[0]: name must be a non-empty string",
             ),
             (
-                r#"{"inputs": [{"name": "x", "datatype": "BYTES", "shape": [1]}]}"#,
-                "input 'x': unsupported datatype 'BYTES' (supported: BOOL, UINT8, UINT16, \
-                 UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64)",
+                r#"{"inputs": [{"name": "x", "datatype": "STRING", "shape": [1]}]}"#,
+                "input 'x': unsupported datatype 'STRING' (supported: BOOL, UINT8, UINT16, \
+                 UINT32, UINT64, INT8, INT16, INT32, INT64, FP16, FP32, FP64, BYTES)",
             ),
             (
                 r#"{"inputs": [{"name": "x", "datatype": "FP32", "shape": [-1]}]}"#,
@@ -982,6 +1200,23 @@ mod tests {
                 }
                 prop_assert_eq!(at, body.len());
             }
+        }
+
+        #[test]
+        fn bytes_count_never_panics_and_counts_whole_elements(
+            data in proptest::collection::vec(any::<u8>(), 0..64),
+            items in proptest::collection::vec("\\PC{0,6}", 0..6)) {
+            let _ = bytes_count(&data);
+            let form: Vec<u8> = items.iter().flat_map(|item| {
+                let mut element = (item.len() as u32).to_le_bytes().to_vec();
+                element.extend_from_slice(item.as_bytes());
+                element
+            }).collect();
+            prop_assert_eq!(bytes_count(&form), Some(items.len() as u128));
+            let json = serde_json::to_string(&items).unwrap();
+            let body = format!(r#"{{"inputs": [{{"name": "t", "datatype": "BYTES", "shape": [{}], "data": {json}}}]}}"#, items.len());
+            let request = parse(&body).unwrap();
+            prop_assert_eq!(decoded(&request, 0), form.as_slice());
         }
 
         #[test]

@@ -125,13 +125,15 @@ fn parse_record(
 }
 
 /// One decoded input: name, datatype, shape, and either its offset in the body (binary
-/// extension; ``data`` is None) or its items read from JSON as little-endian bytes.
+/// extension; ``data`` is None) or its items read from JSON as little-endian bytes (BYTES:
+/// their binary form), and its size in bytes.
 type V2Input<'py> = (
     String,
     &'static str,
     Vec<u64>,
     usize,
     Option<Bound<'py, PyBytes>>,
+    usize,
 );
 
 /// A KServe v2 REST body decoded by ppml-core (GIL released while it parses): the request
@@ -165,11 +167,18 @@ fn parse_v2_request<'py>(
         .inputs
         .into_iter()
         .map(|input| {
-            let (offset, data) = match input.data {
-                v2::InputData::Binary { offset, .. } => (offset, None),
-                v2::InputData::Decoded(items) => (0, Some(PyBytes::new(py, &items))),
+            let (offset, data, size) = match input.data {
+                v2::InputData::Binary { offset, len } => (offset, None, len),
+                v2::InputData::Decoded(items) => (0, Some(PyBytes::new(py, &items)), items.len()),
             };
-            (input.name, input.datatype.name, input.shape, offset, data)
+            (
+                input.name,
+                input.datatype.name,
+                input.shape,
+                offset,
+                data,
+                size,
+            )
         })
         .collect();
     Ok((

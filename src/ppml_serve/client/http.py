@@ -13,7 +13,14 @@ import httpx
 import numpy as np
 
 from ppml_serve.codecs import record
-from ppml_serve.codecs.tensors import datatype_name, numpy_dtype
+from ppml_serve.codecs.tensors import (
+    BYTES,
+    as_tensor,
+    datatype_name,
+    deserialize_bytes,
+    numpy_dtype,
+    tensor_bytes,
+)
 from ppml_serve.crypto.attestation.base import AttestationRefused, Verifier
 from ppml_serve.crypto.attestation.policy import Policy
 from ppml_serve.crypto.e2e import ClientSession
@@ -52,12 +59,13 @@ def _tls(ca_file: str | Path | None, verify: bool,
 def encode_inputs(inputs: Arrays) -> tuple[bytes, dict[str, str]]:
     described = []
     chunks = []
-    for name, array in inputs.items():
-        array = np.ascontiguousarray(array)
+    for name, given in inputs.items():
+        array = as_tensor(given, f"input {name!r}")  # text (str/bytes) becomes BYTES
+        data = tensor_bytes(array)
         described.append({"name": name, "datatype": datatype_name(array.dtype),
                           "shape": list(array.shape),
-                          "parameters": {"binary_data_size": array.nbytes}})
-        chunks.append(array.tobytes())
+                          "parameters": {"binary_data_size": len(data)}})
+        chunks.append(data)
     header = json.dumps({"inputs": described, "parameters": {"binary_data_output": True}},
                         separators=(",", ":")).encode()
     return header + b"".join(chunks), {
@@ -77,7 +85,13 @@ def _decode(response: httpx.Response) -> Arrays:
         dtype = numpy_dtype(item["datatype"])
         shape = tuple(item["shape"])
         size = item.get("parameters", {}).get("binary_data_size")
-        if size is None:
+        if item["datatype"] == BYTES:
+            data = (memoryview(body)[offset:offset + size] if size is not None
+                    else b"".join(len(text.encode()).to_bytes(4, "little") + text.encode()
+                                  for text in np.ravel(item["data"])))
+            outputs[item["name"]] = deserialize_bytes(data, shape, f"output {item['name']!r}")
+            offset += size or 0
+        elif size is None:
             outputs[item["name"]] = np.asarray(item["data"], dtype=dtype).reshape(shape)
         else:
             outputs[item["name"]] = np.frombuffer(body, dtype=dtype, count=size // dtype.itemsize,
@@ -112,7 +126,8 @@ SEALED_HEADERS = {"Content-Type": "application/octet-stream"}
 
 
 def _sealed_request(session: ClientSession, model: str, inputs: Arrays) -> bytes:
-    return session.seal_request(record.pack(inputs), model)
+    tensors = {name: as_tensor(array, f"input {name!r}") for name, array in inputs.items()}
+    return session.seal_request(record.pack(tensors), model)
 
 
 def _sealed_answer(session: ClientSession, model: str, response: httpx.Response) -> Arrays:

@@ -13,7 +13,10 @@ from ppml_serve.errors import InvalidInput
 class TooManyRows(InvalidInput):
     """More rows in one request than a worker takes (the gateway answers 413)."""
 
-# KServe v2 datatype names. BYTES (variable-length strings) is not supported.
+# KServe v2 datatype names. BYTES (variable-length byte strings, text) is held in numpy as an
+# object array of ``bytes``; on the wire and in records it is its binary form (each element's
+# 4-byte little-endian length, then its bytes).
+BYTES = "BYTES"
 _DATATYPES: dict[str, np.dtype[Any]] = {
     "BOOL": np.dtype(np.bool_),
     "UINT8": np.dtype(np.uint8),
@@ -27,6 +30,7 @@ _DATATYPES: dict[str, np.dtype[Any]] = {
     "FP16": np.dtype(np.float16),
     "FP32": np.dtype(np.float32),
     "FP64": np.dtype(np.float64),
+    BYTES: np.dtype(object),
 }
 _NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
 
@@ -58,10 +62,100 @@ def numpy_dtype(datatype: str, where: str = "tensor") -> np.dtype[Any]:
 
 def datatype_name(dtype: np.dtype[Any]) -> str:
     """The v2 datatype name of a numpy dtype (native byte order)."""
+    dtype = np.dtype(dtype)
+    if dtype.kind == "O":
+        return BYTES
     try:
-        return _NAMES[np.dtype(dtype).newbyteorder("=")]
+        return _NAMES[dtype.newbyteorder("=")]
     except KeyError:
-        raise InvalidInput(f"unsupported numpy dtype {dtype}") from None
+        hint = " (text: pass bytes or str, sent as BYTES)" if dtype.kind in "SU" else ""
+        raise InvalidInput(f"unsupported numpy dtype {dtype}{hint}") from None
+
+
+MAX_BYTES_ELEMENTS = 1 << 20
+"""At most this many elements in one BYTES tensor (each is a Python object); the same bound
+as ppml-core's."""
+
+
+def check_bytes_count(count: int, where: str) -> None:
+    """``InvalidInput`` when a BYTES tensor of ``count`` elements is past the bound."""
+    if count > MAX_BYTES_ELEMENTS:
+        raise InvalidInput(f"{where}: at most {MAX_BYTES_ELEMENTS} BYTES elements per tensor "
+                           "(split the request)")
+
+
+def as_tensor(given: Any, where: str = "tensor") -> np.ndarray[Any, Any]:
+    """``array`` as the service carries it: text (numpy ``str_``/``bytes_`` arrays, or object
+    arrays of ``str``) becomes an object array of UTF-8 ``bytes``; anything else is kept."""
+    array: np.ndarray[Any, Any] = np.asarray(given)
+    if array.dtype.kind not in "OSU":
+        return array
+    out = np.empty(array.shape, dtype=object)
+    for index, item in np.ndenumerate(array):
+        if isinstance(item, str):
+            out[index] = item.encode()
+        elif isinstance(item, bytes):
+            out[index] = item
+        else:
+            raise InvalidInput(f"{where}: an object array must hold bytes or str (BYTES), "
+                               f"not {type(item).__name__}")
+    return out
+
+
+def serialize_bytes(array: np.ndarray[Any, Any]) -> bytes:
+    """A BYTES tensor's binary form: each element's length (4 bytes, little-endian), then
+    its bytes, in C order."""
+    parts: list[bytes] = []
+    for item in array.ravel():
+        parts += [len(item).to_bytes(4, "little"), item]
+    return b"".join(parts)
+
+
+def deserialize_bytes(data: bytes | memoryview, shape: list[int] | tuple[int, ...],
+                      where: str = "tensor") -> np.ndarray[Any, Any]:
+    """The object array of ``bytes`` that a BYTES tensor's binary form holds, shaped
+    ``shape``; ``InvalidInput`` when the form is malformed or the count differs."""
+    view = memoryview(data).cast("B")
+    items: list[bytes] = []
+    at, end = 0, len(view)
+    while at < end:
+        if end - at < 4:
+            raise InvalidInput(f"{where}: BYTES data must be elements each prefixed by its "
+                               "length (4 bytes, little-endian)")
+        size = int.from_bytes(view[at:at + 4], "little")
+        at += 4
+        if size > end - at:
+            raise InvalidInput(f"{where}: BYTES data must be elements each prefixed by its "
+                               "length (4 bytes, little-endian)")
+        items.append(bytes(view[at:at + size]))
+        at += size
+    count = 1
+    for dim in shape:
+        count *= dim
+    if len(items) != count:
+        raise InvalidInput(f"{where}: BYTES data has {len(items)} elements but shape "
+                           f"{list(shape)} needs {count}")
+    out = np.empty(len(items), dtype=object)
+    out[:] = items
+    return out.reshape(shape)
+
+
+def tensor_bytes(array: np.ndarray[Any, Any]) -> bytes | memoryview:
+    """An array's bytes on the wire: raw C order, or the binary form for BYTES."""
+    if array.dtype.kind == "O":
+        return serialize_bytes(array)
+    contiguous = np.ascontiguousarray(array)
+    return contiguous.data.cast("B") if contiguous.size else b""
+
+
+def text_items(array: np.ndarray[Any, Any], where: str) -> list[str]:
+    """A BYTES tensor's elements as JSON strings: UTF-8 text only (JSON cannot carry other
+    bytes; ask for the output with ``binary_data`` instead)."""
+    try:
+        return [item.decode() for item in array.ravel()]
+    except UnicodeDecodeError:
+        raise InvalidInput(f"{where} holds bytes that are not UTF-8 text, which JSON cannot "
+                           "carry: ask for it with parameters.binary_data = true") from None
 
 
 @dataclass(frozen=True)

@@ -16,7 +16,16 @@ from typing import Any
 import numpy as np
 
 from ppml_serve import _native
-from ppml_serve.codecs.tensors import ModelSpec, datatype_name, numpy_dtype
+from ppml_serve.codecs.tensors import (
+    BYTES,
+    ModelSpec,
+    datatype_name,
+    deserialize_bytes,
+    numpy_dtype,
+    serialize_bytes,
+    tensor_bytes,
+    text_items,
+)
 from ppml_serve.errors import InvalidInput
 
 HEADER_LENGTH = "inference-header-content-length"
@@ -45,7 +54,11 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
     request_id, parameters, entries, outputs, binary_default, classification = \
         _native.parse_v2_request(body, header_length)
     inputs: dict[str, np.ndarray[Any, Any]] = {}
-    for name, datatype, shape, offset, data in entries:
+    for name, datatype, shape, offset, data, nbytes in entries:
+        if datatype == BYTES:  # its elements counted and bounded by the decoder
+            source = memoryview(body)[offset:offset + nbytes] if data is None else data
+            inputs[name] = deserialize_bytes(source, shape, f"input {name!r}")
+            continue
         dtype = numpy_dtype(datatype)
         if data is None:
             array = np.frombuffer(body, dtype=dtype, count=math.prod(shape), offset=offset)
@@ -82,15 +95,6 @@ def classify(scores: np.ndarray[Any, Any], count: int, labels: list[str] | None 
                 text += f":{labels[int(index)]}"
             table[row, column] = text.encode()
     return table[0] if scores.ndim == 1 else table
-
-
-def serialize_bytes(array: np.ndarray[Any, Any]) -> bytes:
-    """A BYTES tensor's binary form: each element's length (4 bytes, little-endian), then
-    its bytes, in C order."""
-    parts: list[bytes] = []
-    for item in array.ravel():
-        parts += [len(item).to_bytes(4, "little"), item]
-    return b"".join(parts)
 
 
 def check_outputs(request: InferRequest, spec: ModelSpec) -> None:
@@ -137,18 +141,21 @@ def encode_response(
                 entry["parameters"] = {"binary_data_size": len(serialized)}
                 chunks.append(serialized)
             else:
-                entry["data"] = [item.decode() for item in classes.ravel()]
+                entry["data"] = text_items(classes, f"output {name!r}")
             described.append(entry)
             continue
-        array = np.ascontiguousarray(outputs[name])
+        array = outputs[name]
         entry = {
             "name": name,
             "datatype": datatype_name(array.dtype),
             "shape": list(array.shape),
         }
         if binary:
-            entry["parameters"] = {"binary_data_size": array.nbytes}
-            chunks.append(array.data.cast("B") if array.size else b"")
+            data = tensor_bytes(array)
+            entry["parameters"] = {"binary_data_size": len(data)}
+            chunks.append(data)
+        elif entry["datatype"] == BYTES:
+            entry["data"] = text_items(array, f"output {name!r}")
         else:
             entry["data"] = array.ravel().tolist()
         described.append(entry)

@@ -8,13 +8,14 @@ import numpy as np
 import onnxruntime as ort
 
 from ppml_serve.codecs.tensors import ModelSpec, TensorSpec
-from ppml_serve.errors import EngineError
+from ppml_serve.errors import EngineError, InvalidInput
 
 _ORT_TYPES = {
     "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
     "tensor(uint32)": "UINT32", "tensor(uint64)": "UINT64", "tensor(int8)": "INT8",
     "tensor(int16)": "INT16", "tensor(int32)": "INT32", "tensor(int64)": "INT64",
     "tensor(float16)": "FP16", "tensor(float)": "FP32", "tensor(double)": "FP64",
+    "tensor(string)": "BYTES",
 }
 
 
@@ -65,8 +66,32 @@ class OnnxRuntimeEngine:
         return self._spec
 
     def infer(self, inputs: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        feed = {name: _text(name, array) if array.dtype.kind == "O" else array
+                for name, array in inputs.items()}
         try:
-            results = self._session.run(self._output_names, inputs)
+            results = self._session.run(self._output_names, feed)
         except Exception as exc:
             raise EngineError(f"model {self._spec.name!r} failed: {type(exc).__name__}") from None
-        return dict(zip(self._output_names, results, strict=True))
+        return {name: _utf8(result) if result.dtype.kind in "OU" else result
+                for name, result in zip(self._output_names, results, strict=True)}
+
+
+def _text(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """A BYTES input as ONNX strings: ORT takes ``str`` (UTF-8 by the ONNX standard) and
+    would turn ``bytes`` into their repr."""
+    out = np.empty(array.shape, dtype=object)
+    try:
+        for index, item in np.ndenumerate(array):
+            out[index] = item.decode()
+    except UnicodeDecodeError:
+        raise InvalidInput(f"input {name!r}: BYTES elements must be UTF-8 text for this "
+                           "model (ONNX string tensors hold UTF-8)") from None
+    return out
+
+
+def _utf8(array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+    """An ONNX string output as BYTES (object array of UTF-8 ``bytes``)."""
+    out = np.empty(array.shape, dtype=object)
+    for index, item in np.ndenumerate(array):
+        out[index] = str(item).encode()
+    return out

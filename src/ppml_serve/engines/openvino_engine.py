@@ -28,7 +28,9 @@ def _spec(port: Any) -> TensorSpec:
     element = port.get_element_type().get_type_name()
     datatype = _OV_TYPES.get(element)
     if datatype is None:
-        raise EngineError(f"tensor {port.get_any_name()!r} has unsupported type {element}")
+        hint = ": serve models with string (BYTES) tensors with onnxruntime" \
+            if element == "string" else ""
+        raise EngineError(f"tensor {port.get_any_name()!r} has unsupported type {element}{hint}")
     shape = tuple(d.get_length() if d.is_static else -1 for d in port.get_partial_shape())
     return TensorSpec(port.get_any_name(), datatype, shape)
 

@@ -24,8 +24,17 @@ from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from ppml_serve import __version__
-from ppml_serve.codecs.tensors import check_shape, datatype_name, numpy_dtype
-from ppml_serve.codecs.v2 import InferRequest, classify, serialize_bytes
+from ppml_serve.codecs.tensors import (
+    BYTES,
+    check_bytes_count,
+    check_shape,
+    datatype_name,
+    deserialize_bytes,
+    numpy_dtype,
+    serialize_bytes,
+    tensor_bytes,
+)
+from ppml_serve.codecs.v2 import InferRequest, classify
 from ppml_serve.errors import InvalidInput, PPMLError
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
@@ -42,7 +51,8 @@ access = logging.getLogger("ppml_serve.access")
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
              "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
              "UINT16": "uint_contents", "UINT32": "uint_contents",
-             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents"}
+             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
+             BYTES: "bytes_contents"}
 
 Response = TypeVar("Response")
 _answered_version: ContextVar[str] = ContextVar("answered_version", default="-")
@@ -67,7 +77,11 @@ def _decode_inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:
         dtype = numpy_dtype(tensor.datatype, where)
         shape = check_shape(tuple(int(d) for d in tensor.shape), where)
         count = int(np.prod(shape, dtype=object)) if shape else 1
-        if raw:
+        if tensor.datatype == BYTES:
+            check_bytes_count(count, where)
+        if raw and tensor.datatype == BYTES:
+            array = deserialize_bytes(raw[position], shape, where)
+        elif raw:
             if len(raw[position]) != count * dtype.itemsize:
                 raise InvalidInput(f"{where}: raw contents hold {len(raw[position])} bytes, "
                                    f"shape {list(shape)} needs {count * dtype.itemsize}")
@@ -79,7 +93,11 @@ def _decode_inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:
                 raise InvalidInput(f"{where}: contents hold {len(values)} values, shape "
                                    f"{list(shape)} needs {count}")
             try:
-                array = np.asarray(values, dtype=dtype)
+                if tensor.datatype == BYTES:
+                    array = np.empty(count, dtype=object)
+                    array[:] = list(values)
+                else:
+                    array = np.asarray(values, dtype=dtype)
             except (ValueError, OverflowError):
                 raise InvalidInput(f"{where}: contents cannot be read as "
                                    f"{tensor.datatype}") from None
@@ -270,10 +288,9 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                 response.outputs.add(name=name, datatype="BYTES", shape=list(classes.shape))
                 response.raw_output_contents.append(serialize_bytes(classes))
                 continue
-            contiguous = np.ascontiguousarray(array)
-            response.outputs.add(name=name, datatype=datatype_name(contiguous.dtype),
-                                 shape=list(contiguous.shape))
-            response.raw_output_contents.append(contiguous.tobytes())
+            response.outputs.add(name=name, datatype=datatype_name(array.dtype),
+                                 shape=list(array.shape))
+            response.raw_output_contents.append(bytes(tensor_bytes(array)))
         return response
 
     async def ModelInfer(self, request: Any, context: Context) -> Any:

@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ppml_serve.errors import EngineError
+from ppml_serve.errors import EngineError, InvalidInput
 
 Tensors = dict[str, np.ndarray[Any, Any]]
 
@@ -88,7 +88,7 @@ def _run_alone(item: Item, infer: Callable[[Tensors], Tensors]) -> None:
     try:
         item.outputs = infer(item.inputs)
         item.batch_size = 1
-    except EngineError as exc:
+    except (EngineError, InvalidInput) as exc:  # the engine refused this item's data
         item.error = exc
 
 
@@ -101,7 +101,7 @@ def _run_chunk(chunk: list[Item], infer: Callable[[Tensors], Tensors]) -> None:
         name: np.concatenate([item.inputs[name] for item in chunk]) for name in names}
     try:
         outputs = infer(joined)
-    except EngineError:
+    except (EngineError, InvalidInput):
         # One bad item must not fail its batch-mates: retry each on its own.
         for item in chunk:
             _run_alone(item, infer)
