@@ -195,11 +195,18 @@ def test_wiring_is_consistent(overlay: str) -> None:
 
     scaled = by_kind["ScaledObject"]["ppml-worker-demo"]
     assert scaled["spec"]["scaleTargetRef"]["name"] in by_kind["Deployment"]
-    trigger = scaled["spec"]["triggers"][0]
-    assert trigger["type"] == "redis-streams" and "lagCount" in trigger["metadata"]
-    assert trigger["metadata"]["stream"] == f"{settings.redis.prefix}:{{demo}}:req"
-    assert trigger["metadata"]["consumerGroup"] == "workers"
-    assert trigger["authenticationRef"]["name"] in by_kind["TriggerAuthentication"]
+    # closed-loop load shows as requests workers hold (pending), a queue as lag: both count
+    triggers = {t["name"]: t for t in scaled["spec"]["triggers"]}
+    assert set(triggers) == {"pending", "lag"}
+    assert "pendingEntriesCount" in triggers["pending"]["metadata"]
+    assert "lagCount" in triggers["lag"]["metadata"]
+    for trigger in triggers.values():
+        assert trigger["type"] == "redis-streams"
+        assert trigger["metadata"]["stream"] == f"{settings.redis.prefix}:{{demo}}:req"
+        assert trigger["metadata"]["consumerGroup"] == "workers"
+        assert trigger["authenticationRef"]["name"] in by_kind["TriggerAuthentication"]
+    assert len({t["metadata"]["address"] for t in triggers.values()}) == 1, "one Redis"
+    trigger = triggers["lag"]
     if "StatefulSet" in by_kind:
         redis = by_kind["Service"]["ppml-redis"]
         assert trigger["metadata"]["address"].startswith("ppml-redis.ppml-serve.svc:")

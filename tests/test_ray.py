@@ -1,10 +1,11 @@
 """Workers as Ray actors on a real local multi-node Ray cluster (ray.cluster_utils.Cluster,
 one CPU per node so that two actors must land on two nodes): requests served from more than
-one node; a node removed under load loses nothing; the pool grows under a backlog and
-shrinks after it."""
+one node; a node removed under load loses nothing; the pool grows under closed-loop clients
+and shrinks when they stop."""
 
 from __future__ import annotations
 
+import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -17,10 +18,16 @@ from ray.cluster_utils import Cluster
 
 from ppml_serve.bench.faults import SteadyLoad, summarize, wait_until
 from ppml_serve.client import Client
-from ppml_serve.cluster.ray_pool import PoolSpec, RayWorkerPool, queue_stats_source
+from ppml_serve.cluster.ray_pool import (
+    Autoscaler,
+    PoolSpec,
+    RayWorkerPool,
+    queue_stats_source,
+)
 from ppml_serve.engines import load_engine
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.models import demo_model_path, demo_samples
+from ppml_serve.queue.contract import QueueStats
 from ppml_serve.queue.redis_common import live_workers_sync
 from ppml_serve.state import read_api_key
 
@@ -98,18 +105,56 @@ def test_actors_on_two_nodes_serve_and_a_lost_node_loses_nothing(ray_stack: RayS
     pool.scale_to(0)
 
 
-def test_pool_grows_under_a_backlog_and_shrinks_after(ray_stack: RayStack) -> None:
+def test_pool_grows_under_closed_loop_clients_and_shrinks_when_idle(ray_stack: RayStack) -> None:
+    """32 clients that each wait for their answer before sending again: the backlog (lag +
+    pending: what workers hold counts too) grows the pool, and idleness shrinks it."""
     ray_stack.cluster.add_node(num_cpus=1)
-    pool = ray_stack.pool(min_replicas=1, max_replicas=2, target_lag=4,
+    pool = ray_stack.pool(min_replicas=1, max_replicas=2, target_backlog=8,
                           scale_up_cooldown_s=0, scale_down_cooldown_s=2)
     pool.scale_to(1)
     assert _wait(lambda: ray_stack.live_workers() >= 1)
-    heavy = np.tile(IMAGES[:64], (16, 1, 1))  # 1,024 rows: a job takes the engine a while
-    with ray_stack.client() as client:
-        jobs = [client.submit("demo", heavy) for _ in range(150)]
-        grew = _wait(lambda: pool.step() == 2, timeout_s=30)
-        answers = [client.result("demo", job, wait_s=60) for job in jobs]
-    assert grew, "the pool did not grow under a backlog"
-    assert all(answer is not None for answer in answers)
-    assert _wait(lambda: pool.step() == 1, timeout_s=30), "the pool did not shrink"
+    stats = queue_stats_source(ray_stack.stack.settings, "demo")
+    heavy = np.tile(IMAGES[:64], (4, 1, 1))  # 256 rows: the engine, not the gateway, is busy
+    stop = threading.Event()
+    answered: list[int] = []
+
+    def closed_loop() -> None:
+        with ray_stack.client() as client:
+            while not stop.is_set():
+                answered.append(len(client.infer("demo", heavy)["probabilities"]))
+
+    clients = [threading.Thread(target=closed_loop, daemon=True) for _ in range(32)]
+    samples: list[QueueStats] = []
+
+    def grown() -> bool:
+        samples.append(stats())
+        return pool.step() == 2
+
+    for thread in clients:
+        thread.start()
+    try:
+        grew = _wait(grown, timeout_s=40)
+    finally:
+        stop.set()
+        for thread in clients:
+            thread.join(60)
+    assert grew, f"the pool did not grow under 32 closed-loop clients: {samples[-5:]}"
+    assert any(sample.pending for sample in samples), "workers held none of the requests"
+    assert answered and set(answered) == {256}
+    assert _wait(lambda: pool.step() == 1, timeout_s=30), "the pool did not shrink when idle"
     pool.scale_to(0)
+
+
+def test_the_autoscaler_counts_requests_workers_hold() -> None:
+    """The finding: 32 closed-loop clients, all their requests taken by prefetching workers,
+    lag 0. Sized on the backlog, the pool grows; with nothing unanswered it shrinks."""
+    clock = [0.0]
+    spec = PoolSpec("demo", demo_model_path(), min_replicas=1, max_replicas=8,
+                    target_backlog=16, scale_up_cooldown_s=0, scale_down_cooldown_s=10)
+    scaler = Autoscaler(spec, clock=lambda: clock[0])
+    assert scaler.desired(1, QueueStats(depth=32, lag=0, pending=32, live_workers=1)) == 2
+    assert scaler.desired(2, QueueStats(depth=40, lag=20, pending=30, live_workers=2)) == 4
+    clock[0] = 5.0
+    assert scaler.desired(4, QueueStats(depth=0, lag=0, pending=0, live_workers=4)) == 4
+    clock[0] = 20.0
+    assert scaler.desired(4, QueueStats(depth=0, lag=0, pending=0, live_workers=4)) == 1

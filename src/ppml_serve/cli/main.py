@@ -342,18 +342,20 @@ def build_parser() -> argparse.ArgumentParser:
     audit_check.add_argument("log", type=Path, help="e.g. STATE/audit/keybroker.jsonl")
 
     ray = commands.add_parser(
-        "ray", help="run a model's workers as Ray actors, autoscaled on the queue's lag",
+        "ray", help="run a model's workers as Ray actors, autoscaled on the queue's backlog",
         description="Each actor is a full worker (its own attestation and keys, read from "
         "its node's state directory); Ray places and restarts them; this driver keeps the "
-        "pool between --min-replicas and --max-replicas from the consumer group's lag. "
+        "pool between --min-replicas and --max-replicas from the queue's backlog (requests "
+        "waiting or being served: lag + pending). "
         "Needs: pip install 'ppml-serve[ray]'.")
     _common(ray)
     ray.add_argument("--address", default="auto", help="Ray cluster address (default auto)")
     ray.add_argument("--model", type=_model_pair, required=True, metavar="NAME=PATH")
     ray.add_argument("--min-replicas", type=int, default=1, help="0 allows scaling to zero")
     ray.add_argument("--max-replicas", type=int, default=4)
-    ray.add_argument("--target-lag", type=int, default=16,
-                     help="waiting requests per replica to aim for (default 16)")
+    ray.add_argument("--target-backlog", "--target-lag", dest="target_backlog", type=int,
+                     default=16, help="unanswered requests (waiting or being served) per "
+                     "replica to aim for (default 16); --target-lag is its old name")
     ray.add_argument("--num-cpus", type=float, default=1.0, help="CPUs per actor")
     ray.add_argument("--num-gpus", type=float, default=0.0, help="GPUs per actor")
     ray.add_argument("--max-restarts", type=int, default=-1,
@@ -614,7 +616,7 @@ def _ray_pool(args: argparse.Namespace) -> int:
     name, path = args.model
     spec = PoolSpec(name, Path(path).resolve(), args.config.resolve() if args.config else None,
                     settings.state_dir.resolve(), args.min_replicas, args.max_replicas,
-                    args.target_lag, args.num_cpus, args.num_gpus, args.max_restarts,
+                    args.target_backlog, args.num_cpus, args.num_gpus, args.max_restarts,
                     scale_down_cooldown_s=args.scale_down_cooldown)
     ray_module().init(address=args.address, logging_level="WARNING")
     pool = RayWorkerPool(spec, queue_stats_source(settings, name))

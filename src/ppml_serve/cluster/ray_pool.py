@@ -1,4 +1,4 @@
-"""A model's workers as a pool of Ray actors, sized from the consumer group's lag.
+"""A model's workers as a pool of Ray actors, sized from the queue's backlog.
 
 Each actor is a full worker: it attests and obtains its own keys on its node, reads its
 credentials from that node's state directory (the operator distributes them as for any worker
@@ -6,8 +6,9 @@ machine: nothing secret travels through Ray), and joins the model's consumer gro
 actors (``num_cpus``, ``num_gpus``) and restarts them when they or their node die
 (``max_restarts``); the queue's heartbeat liveness hands a dead actor's requests to the others
 at once. The driver's autoscaler keeps the pool between ``min_replicas`` and ``max_replicas``:
-one replica per ``target_lag`` requests waiting, with cool-downs; surplus actors are drained
-(they answer what they hold, then leave). On KubeRay, actors that cannot be placed make Ray's
+one replica per ``target_backlog`` requests not yet answered (waiting or taken by a worker:
+lag + pending, which closed-loop clients drive as much as a queue does), with cool-downs;
+surplus actors are drained (they answer what they hold, then leave). On KubeRay, actors that cannot be placed make Ray's
 own autoscaler add nodes.
 
 Ray is optional: ``pip install ppml-serve[ray]``.
@@ -58,8 +59,8 @@ class PoolSpec:
     state_dir: Path | None = None
     min_replicas: int = 1
     max_replicas: int = 4
-    target_lag: int = 16
-    """Requests waiting (consumer-group lag) per replica the pool aims for."""
+    target_backlog: int = 16
+    """Requests not yet answered (lag + pending) per replica the pool aims for."""
     num_cpus: float = 1.0
     num_gpus: float = 0.0
     max_restarts: int = -1
@@ -70,24 +71,22 @@ class PoolSpec:
     def __post_init__(self) -> None:
         if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
             raise ConfigError("--min-replicas/--max-replicas: need 0 <= min <= max, max >= 1")
-        if self.target_lag < 1:
-            raise ConfigError("--target-lag: must be at least 1")
+        if self.target_backlog < 1:
+            raise ConfigError("--target-backlog: must be at least 1")
 
 
 @dataclass
 class Autoscaler:
-    """The replica count for a lag: ``ceil(lag / target_lag)``, kept within bounds; grows
-    at most once per up cool-down, shrinks only after the down cool-down without growth.
-    At zero lag it keeps the replicas serving requests already taken (``pending``)."""
+    """The replica count for a backlog: ``ceil((lag + pending) / target_backlog)``, kept
+    within bounds; grows at most once per up cool-down, shrinks only after the down
+    cool-down without growth."""
 
     spec: PoolSpec
     clock: Callable[[], float] = time.monotonic
     _last_change: float = field(default=float("-inf"), init=False)
 
     def desired(self, current: int, stats: QueueStats) -> int:
-        wanted = math.ceil(stats.lag / self.spec.target_lag)
-        if stats.pending and wanted == 0:
-            wanted = 1
+        wanted = math.ceil(stats.backlog / self.spec.target_backlog)
         wanted = max(self.spec.min_replicas, min(self.spec.max_replicas, wanted))
         now = self.clock()
         if wanted > current and now - self._last_change >= self.spec.scale_up_cooldown_s:
@@ -129,7 +128,7 @@ class WorkerActor:
 
 
 class RayWorkerPool:
-    """The driver's side: actors of one model, scaled from the queue's lag."""
+    """The driver's side: actors of one model, scaled from the queue's backlog."""
 
     def __init__(self, spec: PoolSpec, stats: Callable[[], QueueStats]) -> None:
         self.spec = spec

@@ -359,3 +359,9 @@ class QueueStats:
     pending: int
     """Requests taken by a worker and not yet answered."""
     live_workers: int
+
+    @property
+    def backlog(self) -> int:
+        """Requests not yet answered: waiting or taken (lag + pending). Closed-loop clients
+        keep the lag near 0 (workers take requests at once), so only this sees their load."""
+        return self.lag + self.pending
