@@ -8,8 +8,8 @@ actors (``num_cpus``, ``num_gpus``) and restarts them when they or their node di
 at once. The driver's autoscaler keeps the pool between ``min_replicas`` and ``max_replicas``:
 one replica per ``target_backlog`` requests not yet answered (waiting or taken by a worker:
 lag + pending, which closed-loop clients drive as much as a queue does), with cool-downs;
-surplus actors are drained (they answer what they hold, then leave). On KubeRay, actors that cannot be placed make Ray's
-own autoscaler add nodes.
+surplus actors are drained (they answer what they hold, then leave). On KubeRay, actors that
+cannot be placed make Ray's own autoscaler add nodes.
 
 Ray is optional: ``pip install ppml-serve[ray]``.
 """
