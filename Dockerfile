@@ -1,4 +1,6 @@
-# ppml-serve: one image for every part (gateway, worker, key broker); the command picks it.
+# ppml-serve: one image for every part (gateway, worker, key broker, or all of them with 'up');
+# the command picks it:
+#   docker run -p 8443:8443 ppml-serve up --host 0.0.0.0      # a trial: the demo model
 #   docker build -t ppml-serve .                                # ONNX Runtime
 #   docker build -t ppml-serve:openvino --build-arg EXTRAS=openvino .
 # No key, certificate or password is baked in: they are mounted at run time.
@@ -27,6 +29,11 @@ RUN python -m venv /opt/ppml \
 FROM ${PYTHON_IMAGE}
 LABEL org.opencontainers.image.title="ppml-serve" \
       org.opencontainers.image.licenses="Apache-2.0"
+# redis-server: 'ppml-serve up' (everything in one container, for a trial) starts its own;
+# gateway, worker and key broker never run it.
+# hadolint ignore=DL3008
+RUN apt-get update && apt-get install -y --no-install-recommends redis-server \
+    && rm -rf /var/lib/apt/lists/*
 RUN useradd --uid 10001 --user-group --no-create-home --shell /usr/sbin/nologin ppml \
     && mkdir -p /var/lib/ppml && chown ppml:ppml /var/lib/ppml
 COPY --from=build /opt/ppml /opt/ppml

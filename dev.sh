@@ -39,6 +39,17 @@ need_venv() {  # $1: what to install (the service alone, or with the test tools)
     fi
 }
 
+need_checkov() {  # the Kubernetes policy checker, in a venv of its own (pinned dependencies)
+    local marker=.venv-checkov/.installed
+    if [ ! -f "$marker" ] || [ deploy/checkov-requirements.txt -nt "$marker" ]; then
+        echo "installing checkov into .venv-checkov..." >&2
+        python3 -m venv .venv-checkov
+        .venv-checkov/bin/python -m pip install -q --upgrade pip >/dev/null
+        .venv-checkov/bin/python -m pip install -q -r deploy/checkov-requirements.txt
+        touch "$marker"
+    fi
+}
+
 command=${1:-}
 shift || true
 case "$command" in
@@ -52,6 +63,7 @@ case "$command" in
         need_redis
         need_rust
         need_venv '.[dev,convert]' dev
+        need_checkov
         "$VENV/bin/ruff" check src tests scripts
         "$VENV/bin/mypy"
         (cd native && cargo fmt --check && cargo clippy --all-targets -q -- -D warnings \

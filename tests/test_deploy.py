@@ -69,14 +69,23 @@ def _documents(path: Path) -> list[dict[str, Any]]:
 
 
 def render(directory: Path) -> list[dict[str, Any]]:
-    """The subset of kustomize these manifests use: resources, components, namespace and
-    JSON 6902 patches by kind and name."""
+    """The subset of kustomize these manifests (and 'kubernetes generate') use: resources,
+    components, namespace, JSON 6902 patches by kind and name, strategic-merge patches of
+    whole documents by kind and name (maps merged) and image replacements."""
     kustomization = yaml.safe_load((directory / "kustomization.yaml").read_text())
     resources: list[dict[str, Any]] = []
     for entry in kustomization.get("resources", []) + kustomization.get("components", []):
         target = directory / entry
         resources += render(target) if target.is_dir() else _documents(target)
     for patch in kustomization.get("patches", []):
+        if "path" in patch:
+            for document in _documents(directory / patch["path"]):
+                matches = [r for r in resources if r["kind"] == document["kind"]
+                           and r["metadata"]["name"] == document["metadata"]["name"]]
+                assert matches, f"{directory}: {patch['path']} patches nothing"
+                for resource in matches:
+                    _merge(resource, document)
+            continue
         wanted = patch["target"]
         matches = [r for r in resources if r["kind"] == wanted["kind"]
                    and r["metadata"]["name"] == wanted["name"]]
@@ -89,7 +98,24 @@ def render(directory: Path) -> list[dict[str, Any]]:
     for resource in resources:
         if namespace and resource["kind"] != "Namespace":
             resource["metadata"]["namespace"] = namespace
+    for image in kustomization.get("images", []):
+        for resource in resources:
+            pod = resource.get("spec", {}).get("template", {}).get("spec", {})
+            for container in pod.get("containers", []):
+                name = container["image"].split("@")[0].rsplit(":", 1)[0]
+                if name == image["name"]:
+                    new = image.get("newName", name)
+                    container["image"] = (f"{new}@{image['digest']}" if "digest" in image
+                                          else f"{new}:{image['newTag']}")
     return resources
+
+
+def _merge(into: dict[str, Any], patch: dict[str, Any]) -> None:
+    for key, value in patch.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            _merge(into[key], value)
+        else:
+            into[key] = value
 
 
 def test_dockerfile_passes_hadolint() -> None:

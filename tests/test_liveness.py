@@ -62,3 +62,26 @@ def test_small_delays_are_not_stalls() -> None:
     watch, clock = _watch()
     watch.answered(0.2)
     assert watch.live_since(3.0) == clock.now - 3.0
+
+
+def test_the_worker_readiness_endpoint_follows_its_check() -> None:
+    """``/ready`` on the metrics port: 200 while the host's check holds, 503 with a reason
+    otherwise; ``/metrics`` unchanged beside it."""
+    import httpx
+
+    from ppml_serve.queue.redis_server import free_port
+    from ppml_serve.worker.metrics import WorkerMetrics
+
+    state = {"ready": False}
+    port = free_port()
+    server = WorkerMetrics().serve(port, "127.0.0.1", lambda: state["ready"])
+    try:
+        base = f"http://127.0.0.1:{port}"
+        refused = httpx.get(f"{base}/ready", timeout=5)
+        assert refused.status_code == 503 and "not ready" in refused.text
+        state["ready"] = True
+        assert httpx.get(f"{base}/ready", timeout=5).status_code == 200
+        assert "ppml_build_info" in httpx.get(f"{base}/metrics", timeout=5).text
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -285,6 +285,9 @@ def test_repository_workers_get_a_metrics_port_too(stack: Stack) -> None:
     (address,) = stack.local.worker_metrics
     text = httpx.get(address, timeout=10).text
     assert 'ppml_worker_items_total{model="digits",outcome="ok",version="1"}' in text
+    # the readiness probe of the Kubernetes manifests (serving, and the queue reachable)
+    ready = httpx.get(address.rstrip("/").removesuffix("/metrics") + "/ready", timeout=10)
+    assert ready.status_code == 200 and ready.text == "ready\n"
 
 
 def test_a_load_with_a_failing_version_is_400_with_its_reasons_and_audited(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from ppml_serve import __version__
+from ppml_serve.cluster import KUBERNETES_OVERLAYS as KUBE_OVERLAYS
 from ppml_serve.errors import ConfigError, PPMLError
 from ppml_serve.logs import configure_logging
 from ppml_serve.settings import Settings, load_settings
@@ -341,6 +342,49 @@ def build_parser() -> argparse.ArgumentParser:
         "verify", help="check an audit log's hash chain (edits, insertions, truncation)")
     audit_check.add_argument("log", type=Path, help="e.g. STATE/audit/keybroker.jsonl")
 
+    kubernetes = commands.add_parser(
+        "kubernetes", help="write the Secrets and ConfigMaps of a Kubernetes deployment")
+    kube_commands = kubernetes.add_subparsers(dest="kube_command", required=True,
+                                              metavar="ACTION")
+    kube = kube_commands.add_parser(
+        "generate", help="keys, certificates, Redis users, policy and a kustomization for "
+        "'kubectl apply -k'",
+        description="Writes into OUT (0700, files 0600) every Secret and ConfigMap the "
+        "manifests of deploy/kubernetes need: a CA and a certificate per service, Redis ACL "
+        "users and redis.conf, an admin API key (its token in OUT/api-key, never applied), a "
+        "local KMS, the key broker's policy with the releases of the models given, and a "
+        "kustomization.yaml that pins the image. OUT holds every key of the deployment: keep "
+        "it private.")
+    kube.add_argument("--out", type=Path, required=True, metavar="DIR",
+                      help="a new directory for the files")
+    kube.add_argument("--overlay", choices=KUBE_OVERLAYS, default="dev",
+                      help="which overlay of the manifests to deploy (default dev)")
+    kube.add_argument("--manifests", type=Path, default=Path("deploy/kubernetes"),
+                      help="the repository's deploy/kubernetes (default: ./deploy/kubernetes)")
+    kube.add_argument("--model", action="append", type=_model_pair, default=[],
+                      metavar="NAME=PATH", help="the model file the workers serve as NAME: "
+                      "measured into the policy's releases (repeatable)")
+    kube.add_argument("--image", metavar="REF",
+                      help="image to run, REGISTRY/ppml-serve@sha256:… (or a fixed tag)")
+    kube.add_argument("--redis-image", metavar="REF",
+                      help="Redis image of the in-cluster Redis, redis@sha256:… (or a tag)")
+    kube.add_argument("--gateway-host", action="append", default=[], metavar="NAME",
+                      help="a DNS name or address clients reach the gateway by (repeatable)")
+    kube.add_argument("--redis-address", metavar="HOST:PORT",
+                      help="the Redis of the external-redis overlay")
+    kube.add_argument("--force", action="store_true", help="write into a non-empty OUT")
+    kube_policy = kube_commands.add_parser(
+        "policy", help="measure model files into a generated deployment's policy",
+        description="Rewrites OUT/configmaps.yaml so that the key broker releases the keys of "
+        "the models given (e.g. encrypted with 'ppml-serve model encrypt --state-dir "
+        "OUT/state') to this deployment's workers; no key changes.")
+    kube_policy.add_argument("--out", type=Path, required=True, metavar="DIR",
+                             help="the directory 'kubernetes generate' wrote")
+    kube_policy.add_argument("--manifests", type=Path, default=Path("deploy/kubernetes"),
+                             help="the repository's deploy/kubernetes")
+    kube_policy.add_argument("--model", action="append", type=_model_pair, required=True,
+                             metavar="NAME=PATH", help="a model file the workers serve")
+
     ray = commands.add_parser(
         "ray", help="run a model's workers as Ray actors, autoscaled on the queue's backlog",
         description="Each actor is a full worker (its own attestation and keys, read from "
@@ -595,6 +639,19 @@ def run(args: argparse.Namespace) -> int:
     if args.command == "ray":
         return _ray_pool(args)
 
+    if args.command == "kubernetes" and args.kube_command == "policy":
+        from ppml_serve.cluster.kubernetes import write_policy
+
+        releases = write_policy(args.out, args.manifests,
+                                {name: Path(path) for name, path in args.model})
+        print(f"{args.out / 'configmaps.yaml'}: releases for "
+              f"{', '.join(entry['model'] for entry in releases)}; apply with "
+              f"kubectl apply -k {args.out}")
+        return 0
+
+    if args.command == "kubernetes":
+        return _kubernetes_generate(args)
+
     if args.command == "keybroker":
         from ppml_serve.keybroker.server import build_keybroker_server
 
@@ -605,6 +662,26 @@ def run(args: argparse.Namespace) -> int:
         build_keybroker_server(settings).run()
         return 0
     raise PPMLError(f"unknown command {args.command!r}")  # argparse normally stops it first
+
+
+def _kubernetes_generate(args: argparse.Namespace) -> int:
+    from ppml_serve.cluster.kubernetes import generate
+
+    done = generate(args.out, args.overlay, args.manifests,
+                    {name: Path(path) for name, path in args.model}, args.image,
+                    tuple(args.gateway_host), args.redis_address, args.force,
+                    args.redis_image)
+    print(f"wrote {len(done.secrets)} Secrets, 2 ConfigMaps and kustomization.yaml to "
+          f"{done.directory}")
+    print(f"  apply:       kubectl apply -k {done.directory}")
+    print(f"  admin key:   {done.api_key_file} (Authorization: Bearer …; not in the cluster)")
+    if args.overlay == "external-redis":
+        print(f"  Redis users: add {done.directory / 'redis-users.acl'} to your Redis's ACL")
+    print(f"  models:      ppml-serve model encrypt --state-dir {done.directory / 'state'} "
+          "MODEL.onnx demo.onnx, copy it into the ppml-models volume, then "
+          f"ppml-serve kubernetes policy --out {done.directory} --model demo=demo.onnx")
+    print("  keep this directory private: it holds every key of the deployment")
+    return 0
 
 
 def _ray_pool(args: argparse.Namespace) -> int:

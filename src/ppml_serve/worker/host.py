@@ -127,6 +127,15 @@ class ModelHost:
         self._fingerprints: dict[Key, Fingerprint] = {}
         self._loader = concurrent.futures.ThreadPoolExecutor(1, "model-loader")
         self._stopping = threading.Event()
+        self._published_at = float("-inf")
+
+    def ready(self) -> bool:
+        """Serving at least one version, and the queue took this host's status lately (a
+        readiness probe: a host cut off from Redis, or serving nothing, is not ready)."""
+        return (not self._stopping.is_set()
+                and time.monotonic() - self._published_at < self._max_age_s
+                and any(served.alive() and served.draining_since is None
+                        for served in self._served.values()))
 
     def stop(self) -> None:
         self._stopping.set()
@@ -159,6 +168,7 @@ class ModelHost:
             self._reconcile(name, states.get(name))
         self._progress_drains()
         self._control.publish_host(self.status(), self._max_age_s)
+        self._published_at = time.monotonic()
 
     def _reconcile(self, name: str, state: ModelState | None) -> None:
         view = self._models.setdefault(name, _ModelView())
@@ -327,8 +337,6 @@ def build_host(settings: Settings, repository: Repository) -> ModelHost:
     keys = Keys(settings.redis.prefix)
     client = connect(settings.redis_url(), settings.ca_file, settings.redis.cluster)
     metrics = WorkerMetrics()
-    if settings.worker.metrics_port is not None:
-        metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host)
 
     def load(entry: ModelEntry, version: str) -> LoadedVersion:
         return load_version(settings, entry.name, version, entry.versions[version],
@@ -337,7 +345,10 @@ def build_host(settings: Settings, repository: Repository) -> ModelHost:
     def backlog(queue: str) -> int:
         return queue_stats_sync(client, keys, queue, settings.worker.dead_after_s).depth
 
-    return ModelHost(repository, RedisRepositoryControl(client, keys), load,
+    host = ModelHost(repository, RedisRepositoryControl(client, keys), load,
                      lambda loaded: worker_for(settings, loaded, metrics), backlog,
                      settings.worker.dead_after_s,
                      drain_timeout_s=settings.gateway.request_timeout_s)
+    if settings.worker.metrics_port is not None:
+        metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host, host.ready)
+    return host

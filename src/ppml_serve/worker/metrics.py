@@ -1,9 +1,15 @@
-"""Prometheus metrics of one worker process, every model and version it serves (served on
-``worker.metrics_port`` when set)."""
+"""Prometheus metrics of one worker process, every model and version it serves, and its
+readiness (``/ready``), served on ``worker.metrics_port`` when set."""
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+import threading
+from collections.abc import Callable, Iterable
+from socketserver import ThreadingMixIn
+from typing import Any
+from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 
 from ppml_serve.build_info import register_process_metrics
 
@@ -33,5 +39,31 @@ class WorkerMetrics:
                                      "Requests moved to the dead-letter stream",
                                      ["model", "version"], registry=self.registry)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1",
+              ready: Callable[[], bool] = lambda: True) -> WSGIServer:
+        """Serve ``/metrics`` (and every other path, as prometheus_client does) and
+        ``/ready``: 200 while ``ready()`` holds, else 503 (a Kubernetes readiness probe)."""
+        metrics = make_wsgi_app(self.registry)
+
+        def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            if environ.get("PATH_INFO") == "/ready":
+                ok = ready()
+                start_response("200 OK" if ok else "503 Service Unavailable",
+                               [("Content-Type", "text/plain; charset=utf-8")])
+                return [b"ready\n" if ok else b"not ready: no model serving, or the queue "
+                        b"unreachable\n"]
+            return metrics(environ, start_response)  # type: ignore[no-any-return]
+
+        server = make_server(host, port, app, _ThreadingServer, _QuietHandler)
+        threading.Thread(target=server.serve_forever, name="worker-metrics",
+                         daemon=True).start()
+        return server
+
+
+class _ThreadingServer(ThreadingMixIn, WSGIServer):
+    daemon_threads = True  # a slow scraper never holds up the process's exit
+
+
+class _QuietHandler(WSGIRequestHandler):
+    def log_message(self, format: str, *args: Any) -> None:
+        """Scrapes and probes are not logged (they come every few seconds)."""
