@@ -67,6 +67,11 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "broken" / "1" / "model.onnx").write_bytes(demo_model_path().read_bytes())
     (root / "broken" / "config.yaml").write_text("engine: tensorrt\n")
     text_model(root / "text" / "1" / "model.onnx")
+    (root / "text" / "config.yaml").write_text(
+        "warmup: {batch_size: 3, runs: 2, data: random}\n")
+    (root / "cold" / "1").mkdir(parents=True)  # a warm-up that cannot run: never READY
+    (root / "cold" / "1" / "model.onnx").write_bytes(demo_model_path().read_bytes())
+    (root / "cold" / "config.yaml").write_text("warmup: {shapes: {pixels: [1, 8, 8]}}\n")
     return root
 
 
@@ -109,6 +114,9 @@ def test_one_worker_process_serves_every_model_and_reports_what_it_cannot(
     broken = [row for row in index if row["name"] == "broken"]
     assert broken and all(row["state"] == "UNAVAILABLE" for row in broken)
     assert "engine" in broken[0]["reason"] and "tensorrt" in broken[0]["reason"]
+    (cold,) = [row for row in index if row["name"] == "cold"]
+    assert cold["state"] == "UNAVAILABLE"
+    assert "warmup.shapes: ['pixels'] are not inputs of the model" in cold["reason"]
 
 
 def test_requests_reach_the_version_they_ask_for(stack: Stack) -> None:
@@ -412,6 +420,13 @@ def test_text_models_take_and_answer_bytes_tensors(stack: Stack) -> None:
             np.testing.assert_array_equal(result.as_numpy("label"), labels)
         assert http_client.get_model_metadata("text", headers=headers(stack))["inputs"] == [
             {"name": "text", "datatype": "BYTES", "shape": [-1]}]
+        # its config.yaml's warm-up ran before it was READY, as its config says
+        config = http_client.get_model_config("text", headers=headers(stack))
+        (warmup,) = config["model_warmup"]
+        assert (warmup["batch_size"], warmup["count"]) == (3, 2)
+        assert warmup["inputs"]["text"] == {"data_type": "TYPE_BYTES", "dims": [],
+                                            "random_data": True}
+        assert float(config["parameters"]["warmup_seconds"]["string_value"]) > 0
     finally:
         http_client.close()
 

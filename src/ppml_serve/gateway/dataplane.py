@@ -335,6 +335,16 @@ class DataPlane:
                     for t in specs]
 
         delay_us = int(float(announced.get("max_batch_delay_ms", 0)) * 1000)
+        parameters = {"labels": {"string_value": json.dumps(announced.get("labels", []))}}
+        warmup: list[dict[str, Any]] = []
+        if isinstance(announced.get("warmup"), dict):  # what the worker ran before READY
+            ran = announced["warmup"]
+            data = "random_data" if ran.get("data") == "random" else "zero_data"
+            warmup = [{"name": "config.yaml warmup", "batch_size": int(ran.get("batch_size", 1)),
+                       "count": int(ran.get("runs", 1)),
+                       "inputs": {t["name"]: {"data_type": t["data_type"], "dims": t["dims"],
+                                              data: True} for t in tensors(spec.inputs)}}]
+            parameters["warmup_seconds"] = {"string_value": str(ran.get("seconds", ""))}
         return {"name": spec.name, "platform": f"{spec.platform}_onnx"
                 if spec.platform == "onnxruntime" else spec.platform,
                 "backend": spec.platform,
@@ -349,8 +359,8 @@ class DataPlane:
                 "dynamic_batching": {"max_queue_delay_microseconds": delay_us,
                                      "max_requests_per_batch": int(
                                          announced.get("max_batch_size", 0))},
-                "parameters": {"labels": {"string_value": json.dumps(
-                    announced.get("labels", []))}}}
+                "model_warmup": warmup,
+                "parameters": parameters}
 
     async def repository_index(self) -> list[dict[str, str]]:
         """Every model and version the worker hosts hold, with state (repository API)."""

@@ -13,6 +13,11 @@ Example::
     labels: labels.txt        # one class name per line, beside config.yaml
     top_k: 5                  # add OUTPUT_topk_indices / OUTPUT_topk_scores outputs
     top_k_output: scores      # the output they are computed from (default: the first)
+    warmup:                   # run the engine before the version is READY (first requests
+      batch_size: 8           #   then do not pay for lazy initialisation)
+      runs: 2
+      data: random            # zeros (default) | random
+      shapes: {tokens: [-1, 128]}  # sizes of an input's other -1 dimensions
 """
 
 from __future__ import annotations
@@ -93,6 +98,20 @@ def read_model_file(directory: Path, name: str, max_bytes: int = MAX_CONFIG_BYTE
     return data
 
 
+class Warmup(_Strict):
+    """Synthetic requests the engine runs once loaded, before the version is published
+    READY (Triton's ``model_warmup``)."""
+
+    batch_size: int = Field(1, ge=1, le=4096)
+    """Rows of each warm-up batch (an input's first -1 dimension)."""
+    runs: int = Field(1, ge=1, le=100)
+    data: Literal["zeros", "random"] = "zeros"
+    """Zeros (empty strings for BYTES) or random values of each input's type."""
+    shapes: dict[str, list[int]] = Field(default_factory=dict)
+    """Per input, its full shape when it has dynamic dimensions past the first (``-1`` there
+    takes ``batch_size``)."""
+
+
 class ModelConfig(_Strict):
     engine: Literal["onnxruntime", "openvino", "auto"] | None = None
     precision: Literal["fp32", "bf16"] | None = None
@@ -109,6 +128,7 @@ class ModelConfig(_Strict):
     top_k: int | None = Field(None, ge=1, le=1000)
     """Add the k best classes of the first output (or ``top_k_output``) as two outputs."""
     top_k_output: str | None = None
+    warmup: Warmup | None = None
 
     @classmethod
     def load(cls, path: Path) -> ModelConfig:
@@ -137,4 +157,4 @@ class ModelConfig(_Strict):
 
     def measured(self) -> dict[str, Any]:
         """What of this config changes what a worker computes (part of its measurement)."""
-        return self.model_dump(mode="json", exclude={"instances", "version_policy"})
+        return self.model_dump(mode="json", exclude={"instances", "version_policy", "warmup"})

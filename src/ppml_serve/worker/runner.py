@@ -37,6 +37,7 @@ from ppml_serve.repository.layout import source_of
 from ppml_serve.settings import Settings, WorkerSettings
 from ppml_serve.worker.metrics import WorkerMetrics
 from ppml_serve.worker.service import Worker
+from ppml_serve.worker.warmup import run_warmup
 
 log = logging.getLogger("ppml_serve.worker")
 
@@ -213,6 +214,9 @@ def load_version(settings: Settings, name: str, version: str, source: VersionSou
     del plain
     if config.top_k is not None:
         engine = TopK(engine, config.top_k, config.top_k_output)
+    warmed_s = None
+    if config.warmup is not None:  # before anything is published: READY means warm
+        warmed_s = run_warmup(engine, config.warmup, f"model {name!r} version {version}")
     sealer: Sealer = PlaintextSealer()
     if settings.security.encrypt_payloads and released is not None:
         sealer = Keyring(released.record_keys, released.active_record_key)
@@ -222,6 +226,9 @@ def load_version(settings: Settings, name: str, version: str, source: VersionSou
                 "instances": config.instances,
                 "version_policy": config.version_policy.describe(),
                 "labels": list(labels)}
+    if config.warmup is not None and warmed_s is not None:
+        announce["warmup"] = {**config.warmup.model_dump(include={"batch_size", "runs", "data"}),
+                              "seconds": round(warmed_s, 4)}
     return LoadedVersion(name, version, engine, sealer, worker_settings, measurement.value,
                          provider, worker_key, announce)
 
