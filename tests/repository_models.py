@@ -82,3 +82,38 @@ def text_model(target: Path) -> Path:
     target.parent.mkdir(parents=True, exist_ok=True)
     onnx.save(model, str(target))
     return target
+
+
+_KERAS_NET = """
+import sys
+import numpy as np
+import keras
+import tensorflow as tf
+keras.utils.set_random_seed(0)
+features = keras.Input(shape=(64,), name="features")
+hidden = keras.layers.Dense(32, activation="relu")(features)
+scores = keras.layers.Dense(10, activation="softmax")(hidden)
+keras.Model(features, scores).export(sys.argv[1], verbose=False)
+inputs = np.load(sys.argv[2])
+signature = tf.saved_model.load(sys.argv[1]).signatures["serving_default"]
+np.save(sys.argv[3], signature(features=tf.constant(inputs))["output_0"].numpy())
+"""
+
+
+def keras_savedmodel(target: Path, inputs: np.ndarray) -> np.ndarray:
+    """A small Keras MLP (fixed seed) exported as a TensorFlow SavedModel at ``target``, and
+    TensorFlow's own outputs for ``inputs``. TensorFlow runs in a child process: it never
+    shares the test process with torch and the engines."""
+    import subprocess
+    import sys
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    given, expected = target.parent / "keras-inputs.npy", target.parent / "keras-outputs.npy"
+    np.save(given, inputs)
+    done = subprocess.run([sys.executable, "-c", _KERAS_NET, str(target), str(given),
+                           str(expected)], capture_output=True, text=True, timeout=300,
+                          check=False, env={**__import__("os").environ,
+                                            "TF_CPP_MIN_LOG_LEVEL": "2"})
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-2000:])
+    return np.load(expected)

@@ -5,6 +5,7 @@ allow, load), and unloading with requests in flight."""
 
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -28,6 +29,7 @@ from tests.conftest import Stack, running_stack, stack_settings
 from tests.repository_models import (
     TEXT_LABELS,
     demo_ir,
+    keras_savedmodel,
     scaled_demo,
     text_model,
     torch_outputs,
@@ -63,6 +65,13 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     converted = cli("model", "convert", str(source), str(root / "torchnet" / "1"),
                     "--input", "x:2,64:float32", "--output", "probabilities")
     assert '"max_abs_diff_vs_source"' in converted.stdout
+    keras_reference = keras_savedmodel(root.parent / "sources" / "keras", FLAT)
+    np.save(root.parent / "sources" / "keras-reference.npy", keras_reference)
+    converted = cli("model", "convert", str(root.parent / "sources" / "keras"),
+                    str(root / "kerasnet" / "1"), "--to", "openvino",
+                    "--input", "features:8,64:float32")
+    # compared with TensorFlow's own output, in the converter
+    assert json.loads(converted.stdout)["max_abs_diff_vs_source"] < 1e-5
     (root / "broken" / "1").mkdir(parents=True)
     (root / "broken" / "1" / "model.onnx").write_bytes(demo_model_path().read_bytes())
     (root / "broken" / "config.yaml").write_text("engine: tensorrt\n")
@@ -109,7 +118,7 @@ def test_one_worker_process_serves_every_model_and_reports_what_it_cannot(
     ready = {(model, version) for model, states in host.versions.items()
              for version, status in states.items() if status.state.value == "READY"}
     assert ready == {("digits", "1"), ("digits", "2"), ("vino", "1"), ("torchnet", "1"),
-                     ("text", "1")}
+                     ("text", "1"), ("kerasnet", "1")}
     index = client_for(stack).repository_index()
     broken = [row for row in index if row["name"] == "broken"]
     assert broken and all(row["state"] == "UNAVAILABLE" for row in broken)
@@ -158,10 +167,14 @@ def test_ir_and_converted_models_answer_like_their_sources(stack: Stack,
     with client_for(stack) as client:
         vino = client.infer("vino", IMAGES[:8])["probabilities"]
         converted = client.infer("torchnet", {"x": FLAT})["probabilities"]
+        keras = client.infer("kerasnet", {"features": FLAT})["output_0"]
         assert client.metadata("vino")["platform"] == "openvino"
     np.testing.assert_allclose(vino, EXPECTED, atol=1e-5)  # OpenVINO IR, FP32 vs ONNX Runtime
     reference = torch_outputs(repository.parent / "sources" / "net.pt", FLAT)
     np.testing.assert_allclose(converted, reference, atol=1e-5)  # ONNX Runtime vs PyTorch
+    # a TensorFlow SavedModel (Keras), served as OpenVINO IR, against TensorFlow itself
+    keras_reference = np.load(repository.parent / "sources" / "keras-reference.npy")
+    np.testing.assert_allclose(keras, keras_reference, atol=1e-5)
 
 
 class Load:

@@ -5,7 +5,8 @@ owner's machine, so that workers only ever need ONNX Runtime or OpenVINO.
   -> ONNX (torch's exporter), and -> OpenVINO IR through that ONNX model, so both formats
   have the same input and output names.
 - TensorFlow SavedModel (a directory with ``saved_model.pb``) -> OpenVINO IR (OpenVINO
-  reads it itself).
+  reads it itself); checked against TensorFlow's own output of its ``serving_default``
+  signature when TensorFlow is installed (the ``convert`` extra brings the CPU wheel).
 
 Every conversion is checked: the converted model runs on random inputs of the declared
 shape next to the source model, and the largest difference is reported. torch and
@@ -120,6 +121,29 @@ def _torch_to_onnx(source: Path, kind: str, inputs: list[InputSpec],
     return buffer.getvalue(), run
 
 
+def _tensorflow_outputs(source: Path, inputs: list[InputSpec],
+                        examples: list[np.ndarray[Any, Any]]) -> dict[str, Any] | None:
+    """The SavedModel's ``serving_default`` outputs for ``examples``, by name; ``None``
+    without TensorFlow (the conversion is then not compared)."""
+    try:
+        import tensorflow as tf
+    except ImportError:
+        return None
+    loaded = tf.saved_model.load(str(source))
+    signature = loaded.signatures.get("serving_default")
+    if signature is None:
+        raise ConfigError(f"model convert: {source} has no serving_default signature "
+                          "(save it with tf.saved_model.save or Keras's model.export)")
+    declared = set(signature.structured_input_signature[1])
+    given = {spec.name for spec in inputs}
+    if given != declared:
+        raise ConfigError(f"model convert: --input names {sorted(given)} must be the "
+                          f"signature's inputs {sorted(declared)}")
+    result = signature(**{spec.name: tf.constant(example)
+                          for spec, example in zip(inputs, examples, strict=True)})
+    return {name: tensor.numpy() for name, tensor in result.items()}
+
+
 def _onnx_to_ir(model: bytes) -> ModelPackage:
     import openvino as ov
 
@@ -145,6 +169,8 @@ def convert(source: Path, target: Target, inputs: list[InputSpec],
         raise ConfigError("model convert: give each input with --input NAME:SHAPE:DTYPE")
     rng = np.random.default_rng(0)
     examples = [spec.example(rng) for spec in inputs]
+    by_name: dict[str, Any] | None = None
+    reference: list[Any] | None = None
     if kind == "tensorflow":
         if target != "openvino":
             raise ConfigError("model convert: TensorFlow SavedModels convert to OpenVINO IR "
@@ -153,7 +179,7 @@ def convert(source: Path, target: Target, inputs: list[InputSpec],
 
         with tempfile.TemporaryDirectory() as scratch:
             package = _save_ir(ov.convert_model(str(source)), Path(scratch))
-        reference = None
+        by_name = _tensorflow_outputs(source, inputs, examples)
     else:
         with warnings.catch_warnings():  # the exporters' advice is for torch developers
             warnings.simplefilter("ignore")
@@ -165,6 +191,15 @@ def convert(source: Path, target: Target, inputs: list[InputSpec],
     got = engine.infer({spec.name: example for spec, example in zip(inputs, examples,
                                                                      strict=True)})
     diff: float | None = None
+    if by_name is not None:  # TensorFlow's outputs by name: match them by name
+        names = [t.name for t in engine.spec.outputs]
+        if set(by_name) <= set(names):
+            reference = [by_name[name] for name in names if name in by_name]
+        elif len(by_name) == len(names) == 1:
+            reference = list(by_name.values())
+        else:
+            raise ConfigError(f"model convert: TensorFlow's outputs {sorted(by_name)} do not "
+                              f"match the converted model's {names}")
     if reference is not None:
         diff = 0.0
         for expected, name in zip(reference, [t.name for t in engine.spec.outputs],
