@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Set up everything a fresh machine needs, then run the service or the tests.
 #   ./dev.sh up [ppml-serve up options]   serve the demo model (managed TLS Redis, dev certs, local KMS)
-#   ./dev.sh test [pytest options]         ruff, mypy, the Rust checks and the test suite (starts its own servers)
+#   ./dev.sh test [pytest options]         ruff, mypy, the Rust checks, the docs site and the test suite (starts its own servers)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -66,6 +66,7 @@ case "$command" in
         need_checkov
         "$VENV/bin/ruff" check src tests scripts
         "$VENV/bin/mypy"
+        NO_MKDOCS_2_WARNING=1 "$VENV/bin/mkdocs" build --strict --quiet --site-dir "$(mktemp -d)"
         (cd native && cargo fmt --check && cargo clippy --all-targets -q -- -D warnings \
             && cargo test -q -p ppml-core -p ppml-front \
             && (cd fuzz && cargo fmt --check) && fuzz/run.sh "${PPML_FUZZ_SECONDS:-10}")

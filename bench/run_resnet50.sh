@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the README's benchmark table: ResNet-50 (random weights) FP32 and INT8,
+# Reproduce the benchmark table of docs/performance.md: ResNet-50 (random weights) FP32 and INT8,
 # ONNX Runtime and OpenVINO (fp32, bf16, int8), secure and plain, against the raw engine.
 # Needs torch (CPU) once, to build the model: pip install torch==2.13.0
 set -euo pipefail

@@ -24,7 +24,7 @@ ROOT = Path(__file__).parents[1]
 KUBE = ROOT / "deploy" / "kubernetes"
 OVERLAYS = sorted(path.name for path in (KUBE / "overlays").iterdir())
 K8S_VERSION = "1.30"
-SECRETS = {  # what an operator creates (README "Running on a cluster"); never in the repo
+SECRETS = {  # made by 'ppml-serve kubernetes generate' (docs/deployment.md); never in the repo
     "ppml-api-keys", "ppml-kms", "ppml-kms-passphrase", "ppml-gateway-tls",
     "ppml-keybroker-tls", "ppml-redis-tls", "ppml-redis-config", "ppml-redis-gateway",
     "ppml-redis-worker", "ppml-redis-keda", "ppml-simulated-platform-key",

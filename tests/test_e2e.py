@@ -282,6 +282,25 @@ def test_health_and_metadata(stack: Stack) -> None:
         assert http.get("/v2/models/demo/ready").json() == {"name": "demo", "ready": True}
 
 
+def test_the_openapi_document_has_a_browsable_page_served_locally(stack: Stack) -> None:
+    with stack.http(api_key=None) as http:
+        page = http.get("/v2/docs")
+        assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+        # every script and style comes from this gateway: no CDN, and the policy says so
+        sources = re.findall(r'(?:src|href)="([^"]+)"', page.text)
+        assert sources and all(source.startswith("/v2/docs/") for source in sources)
+        assert "script-src 'self'" in page.headers["content-security-policy"]
+        for source in sources:
+            asset = http.get(source)
+            assert asset.status_code == 200 and asset.content, source
+        assert "/v2/openapi.json" in http.get("/v2/docs/init.js").text
+        assert "SwaggerUIBundle" in http.get("/v2/docs/swagger-ui-bundle.js").text
+        for probe in ("/v2/docs/index.html", "/v2/docs/..%2F..%2Fpyproject.toml",
+                      "/v2/docs/swagger-ui.js.map"):
+            assert http.get(probe).status_code == 404, probe
+        assert http.get("/v2/openapi.json").json()["openapi"].startswith("3.")
+
+
 def test_killed_worker_loses_no_request(stack: Stack) -> None:
     """SIGKILL a worker while it holds requests; another worker reclaims and answers them."""
     victim = stack.workers[0]

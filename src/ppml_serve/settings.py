@@ -34,7 +34,8 @@ MODEL_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # the docstrings under fields become their descriptions (the configuration reference)
+    model_config = ConfigDict(extra="forbid", use_attribute_docstrings=True)
 
 
 class RedisSettings(_Section):
@@ -314,7 +315,8 @@ class Settings(BaseSettings):
     """All settings of a ppml-serve process."""
 
     model_config = SettingsConfigDict(
-        env_prefix="PPML_", env_nested_delimiter="__", extra="forbid", validate_default=True
+        env_prefix="PPML_", env_nested_delimiter="__", extra="forbid", validate_default=True,
+        use_attribute_docstrings=True,
     )
 
     state_dir: Path = Path(".ppml-serve")

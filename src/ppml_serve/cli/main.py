@@ -94,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("--no-demo", action="store_true", help="do not serve the demo model")
     up.add_argument("--model-repository", type=Path, metavar="DIR",
                     help="also serve the models of this repository (DIR/<model>/<version>/, "
-                    "see README 'Model repository'); --workers worker processes serve them all")
+                    "see docs/models.md); --workers worker processes serve them all")
     up.add_argument("--worker-metrics-port", type=int, metavar="PORT",
                     help="serve each worker's Prometheus metrics on PORT, PORT+1, … "
                     "(worker.metrics_host, default 127.0.0.1)")

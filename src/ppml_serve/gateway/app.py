@@ -36,6 +36,7 @@ from ppml_serve.errors import (
     Unauthorized,
     UnsupportedEncoding,
 )
+from ppml_serve.gateway.api_docs import docs_routes
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane, request_received
 from ppml_serve.gateway.errors import status_of
@@ -570,6 +571,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/health/live", live),
         Route("/v2/health/ready", ready),
         Route("/v2/openapi.json", openapi),
+        *docs_routes(),
         Route("/v2/models/{model}", model_metadata),
         Route("/v2/models/{model}/versions/{version}", model_metadata),
         Route("/v2/models/{model}/ready", model_ready),
