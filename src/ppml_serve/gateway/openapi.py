@@ -59,6 +59,14 @@ def _get(summary: str, *params: dict[str, Any], public: bool = False) -> dict[st
     return {"get": operation}
 
 
+def _page(summary: str, media_type: str, *params: dict[str, Any]) -> dict[str, Any]:
+    """A public GET answering a file of ``media_type`` (the browsable API page)."""
+    return {"get": {"summary": summary, "parameters": list(params), "security": [],
+                    "responses": {"200": {"description": "OK", "content": {
+                                      media_type: {"schema": {"type": "string"}}}},
+                                  "404": _json(description="No such file")}}}
+
+
 def _repository_change(summary: str, *params: dict[str, Any]) -> dict[str, Any]:
     return {"post": {
         "summary": summary, "parameters": list(params),
@@ -93,6 +101,10 @@ def openapi_document() -> dict[str, Any]:
             "/v2/health/ready": _get("Readiness (queue reachable, every model served)",
                                      public=True),
             "/v2/openapi.json": _get("This document", public=True),
+            "/v2/docs": _page("This document, browsable (Swagger UI)", "text/html"),
+            "/v2/docs/init.js": _page("The browsable page's script", "text/javascript"),
+            "/v2/docs/{name}": _page("Swagger UI's files (served here, no CDN)", "*/*",
+                                     _param("name", "swagger-ui.css")),
             "/v2/models/{model}": _get("Model metadata", model),
             "/v2/models/{model}/ready": _get("Model readiness", model),
             "/v2/models/{model}/versions/{version}": _get("Model metadata", model, version),
