@@ -111,7 +111,10 @@ def test_malformed_and_unknown_rpcs_get_our_words_and_no_traceback(stack: Stack)
     assert "not a valid ModelInferRequest message" in malformed.value.details()
     for refused in (streaming.value, other.value):
         assert refused.code() == grpc.StatusCode.UNIMPLEMENTED
-        assert "this server implements inference.GRPCInferenceService" in refused.details()
+    # Triton's shared memory: why it is not served (as HTTP's 501 says); anything else:
+    # what this server is
+    assert "shared memory is not supported by ppml-serve" in streaming.value.details()
+    assert "this server implements inference.GRPCInferenceService" in other.value.details()
     with gateway_log.open() as handle:
         handle.seek(before)
         logged = handle.read()

@@ -39,7 +39,12 @@ from ppml_serve.errors import (
 from ppml_serve.gateway.api_docs import docs_routes
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane, request_received
-from ppml_serve.gateway.errors import status_of
+from ppml_serve.gateway.errors import (
+    LOG_SETTINGS_UNSUPPORTED,
+    SHARED_MEMORY_UNSUPPORTED,
+    TRACE_SETTINGS_UNSUPPORTED,
+    status_of,
+)
 from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
@@ -271,16 +276,10 @@ def _decompressed(body: bytes, encoding: str, limit: int) -> bytes:
 
 
 _UNSUPPORTED = (
-    (re.compile(r"/v2/(system|cuda)sharedmemory(/.*)?"),
-     "shared memory is not supported by ppml-serve: tensors travel inside each request (JSON "
-     "or the binary extension) and are sealed on the way; memory shared with the server "
-     "would bypass the envelope"),
+    (re.compile(r"/v2/(system|cuda)sharedmemory(/.*)?"), SHARED_MEMORY_UNSUPPORTED),
     (re.compile(r"/v2(/models/[^/]+(/versions/[^/]+)?)?/trace/setting"),
-     "changing trace settings over the API is not supported by ppml-serve: tracing is "
-     "configured in the settings (tracing.*) and exported over OTLP"),
-    (re.compile(r"/v2/logging"),
-     "changing log settings over the API is not supported by ppml-serve: logging is "
-     "configured in the settings (log.*) or with --log-level"),
+     TRACE_SETTINGS_UNSUPPORTED),
+    (re.compile(r"/v2/logging"), LOG_SETTINGS_UNSUPPORTED),
 )
 """Triton extensions that are not served: a 501 that says so, instead of a bare 404."""
 

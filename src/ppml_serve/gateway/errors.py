@@ -40,3 +40,17 @@ INTERNAL = Status(500, "INTERNAL")
 
 def status_of(error: PPMLError) -> Status:
     return next((status for kind, status in _STATUSES if isinstance(error, kind)), INTERNAL)
+
+
+SHARED_MEMORY_UNSUPPORTED = (
+    "shared memory is not supported by ppml-serve: tensors travel inside each request (JSON "
+    "or the binary extension) and are sealed on the way; memory shared with the server would "
+    "bypass the envelope")
+TRACE_SETTINGS_UNSUPPORTED = (
+    "changing trace settings over the API is not supported by ppml-serve: tracing is "
+    "configured in the settings (tracing.*) and exported over OTLP")
+LOG_SETTINGS_UNSUPPORTED = (
+    "changing log settings over the API is not supported by ppml-serve: logging is "
+    "configured in the settings (log.*) or with --log-level")
+"""Triton extensions that are not served, in the words both fronts answer with (HTTP 501,
+gRPC UNIMPLEMENTED)."""

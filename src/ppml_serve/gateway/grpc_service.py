@@ -38,7 +38,12 @@ from ppml_serve.codecs.v2 import InferRequest, classify
 from ppml_serve.errors import InvalidInput, PPMLError
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
-from ppml_serve.gateway.errors import status_of
+from ppml_serve.gateway.errors import (
+    LOG_SETTINGS_UNSUPPORTED,
+    SHARED_MEMORY_UNSUPPORTED,
+    TRACE_SETTINGS_UNSUPPORTED,
+    status_of,
+)
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
 from ppml_serve.queue.contract import queue_name
@@ -380,12 +385,16 @@ class _UnknownMethods(grpc.GenericRpcHandler):
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler[Any, Any]:
         method = str(details.method)
+        name = method.removeprefix(f"/{SERVICE}/")  # Triton's own methods get their reason
+        reason = (SHARED_MEMORY_UNSUPPORTED if name.startswith(("SystemSharedMemory",
+                                                                "CudaSharedMemory"))
+                  else TRACE_SETTINGS_UNSUPPORTED if name == "TraceSetting"
+                  else LOG_SETTINGS_UNSUPPORTED if name == "LogSettings" else None)
 
         async def refuse(request: Any, context: Context) -> Any:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED,
-                                f"no method {method[:200]!r} here: this server implements "
-                                f"{SERVICE} (KServe v2) without shared memory, trace or "
-                                "log settings")
+            await context.abort(grpc.StatusCode.UNIMPLEMENTED, reason or (
+                f"no method {method[:200]!r} here: this server implements {SERVICE} "
+                "(KServe v2) without shared memory, trace or log settings"))
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
