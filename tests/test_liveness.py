@@ -3,6 +3,10 @@ which the workers that were alive when it began still count; a dead one does not
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import pytest
+
 from ppml_serve.queue.liveness import StallWatch
 
 
@@ -82,6 +86,40 @@ def test_the_worker_readiness_endpoint_follows_its_check() -> None:
         state["ready"] = True
         assert httpx.get(f"{base}/ready", timeout=5).status_code == 200
         assert "ppml_build_info" in httpx.get(f"{base}/metrics", timeout=5).text
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_worker_metrics_behind_tls_and_the_metrics_scope(tmp_path: Path) -> None:
+    """``worker.metrics_tls`` and ``metrics_auth``: HTTPS with the host's certificate, and
+    the gateway's rule for /metrics (a key with the metrics scope); /ready stays open."""
+    import httpx
+
+    from ppml_serve.crypto.tls import ensure_dev_pki, server_context
+    from ppml_serve.gateway.auth import add_api_key, metrics_authorizer
+    from ppml_serve.queue.redis_server import free_port
+    from ppml_serve.worker.metrics import WorkerMetrics
+
+    pki = ensure_dev_pki(tmp_path)
+    keys = tmp_path / "api-keys.json"
+    scraper = add_api_key(keys, "prometheus", ["*"], ("metrics",))
+    client = add_api_key(keys, "client", ["*"], ("infer",))
+    port = free_port()
+    server = WorkerMetrics().serve(port, "127.0.0.1", lambda: True,
+                                   server_context(pki.cert_file, pki.key_file),
+                                   metrics_authorizer(keys))
+    base = f"https://127.0.0.1:{port}"
+    try:
+        with httpx.Client(verify=str(pki.ca_file), timeout=5) as https:
+            assert https.get(f"{base}/metrics").status_code == 401
+            bad = https.get(f"{base}/metrics", headers={"Authorization": f"Bearer {client}"})
+            assert bad.status_code == 403 and "metrics" in bad.text
+            good = https.get(f"{base}/metrics", headers={"Authorization": f"Bearer {scraper}"})
+            assert good.status_code == 200 and "ppml_build_info" in good.text
+            assert https.get(f"{base}/ready").status_code == 200
+        with pytest.raises(httpx.HTTPError):  # no plain HTTP on a TLS port
+            httpx.get(f"http://127.0.0.1:{port}/ready", timeout=5)
     finally:
         server.shutdown()
         server.server_close()

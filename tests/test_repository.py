@@ -86,8 +86,13 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def stack(repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    # these workers' metrics are behind TLS and the metrics scope (worker.metrics_tls, _auth)
     settings = stack_settings(tmp_path_factory.mktemp("state"), models={},
-                              model_repository=repository)
+                              model_repository=repository,
+                              worker={"claim_idle_ms": 1500, "heartbeat_s": 0.3,
+                                      "max_batch_delay_ms": 5, "max_deliveries": 3,
+                                      "engine_threads": 1, "metrics_tls": True,
+                                      "metrics_auth": True})
     with running_stack(settings, worker_metrics_port=free_port()) as local:
         yield Stack(local)
 
@@ -304,10 +309,13 @@ def test_repository_workers_get_a_metrics_port_too(stack: Stack) -> None:
     with client_for(stack) as client:
         client.infer("digits", IMAGES[:2], version="1")
     (address,) = stack.local.worker_metrics
-    text = httpx.get(address, timeout=10).text
+    assert address.startswith("https://")
+    with httpx.Client(verify=str(stack.ca_file), timeout=10) as https:
+        assert https.get(address).status_code == 401  # metrics_auth: the metrics scope
+        text = https.get(address, headers=headers(stack)).text
+        # the readiness probe of the Kubernetes manifests (serving, the queue reachable)
+        ready = https.get(address.removesuffix("/metrics") + "/ready")
     assert 'ppml_worker_items_total{model="digits",outcome="ok",version="1"}' in text
-    # the readiness probe of the Kubernetes manifests (serving, and the queue reachable)
-    ready = httpx.get(address.rstrip("/").removesuffix("/metrics") + "/ready", timeout=10)
     assert ready.status_code == 200 and ready.text == "ready\n"
 
 

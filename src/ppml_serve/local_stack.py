@@ -333,7 +333,8 @@ class LocalStack:
             if self.worker_metrics_port is None:
                 return []
             port = self.worker_metrics_port + len(workers)
-            self.worker_metrics.append(f"http://{settings.worker.metrics_host}:{port}/metrics")
+            scheme = "https" if settings.worker.metrics_tls else "http"
+            self.worker_metrics.append(f"{scheme}://{settings.worker.metrics_host}:{port}/metrics")
             return ["--metrics-port", str(port)]
 
         for name, path in settings.models.items():

@@ -200,6 +200,13 @@ class WorkerSettings(_Section):
     hold no payload; give the address to your Prometheus only."""
     metrics_host: str = "127.0.0.1"
     """Interface of the worker's metrics endpoint (e.g. 0.0.0.0 in a container)."""
+    metrics_tls: bool = False
+    """Serve the metrics port over HTTPS, with this host's server certificate
+    (``gateway.cert_file``/``key_file``; by default the state directory's)."""
+    metrics_auth: bool = False
+    """Require an API key with the ``metrics`` scope on the metrics port, as the gateway's
+    ``/metrics`` does (its ``api-keys.json``, re-read when it changes); ``/ready`` stays open
+    for probes. Use it with ``metrics_tls``: a key sent in clear could be read."""
 
     @property
     def dead_after_s(self) -> float:

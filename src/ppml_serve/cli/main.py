@@ -508,7 +508,12 @@ def run(args: argparse.Namespace) -> int:
             raise ConfigError("worker: give --model NAME=PATH or --model-repository DIR")
         repository = Repository(root, dict(args.model))
         configure_tracing(settings.tracing, "ppml-serve-worker")
-        host = build_host(settings, repository)
+        metrics_auth = None
+        if settings.worker.metrics_auth:
+            from ppml_serve.gateway.auth import metrics_authorizer
+
+            metrics_auth = metrics_authorizer(settings.api_keys_file)
+        host = build_host(settings, repository, metrics_auth)
         _stop_on_signals(host.stop)
         failures = host.start()
         refused = [exc for exc in failures if isinstance(exc, AttestationRefused)]

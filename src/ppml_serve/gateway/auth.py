@@ -21,6 +21,7 @@ import logging
 import os
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,3 +227,21 @@ def revoke_api_key(path: Path, name_or_id: str) -> dict[str, Any]:
     _write(path, [item for item in keys if item not in matches])
     audit.info("API key revoked: name=%r id=%s", matches[0].get("name"), matches[0]["id"])
     return {"id": matches[0]["id"], "name": matches[0].get("name")}
+
+
+def metrics_authorizer(api_keys_file: Path) -> Callable[[str | None], tuple[int, str] | None]:
+    """The gateway's rule for ``/metrics`` as a check of an Authorization header, for other
+    metrics endpoints (a worker's): ``None`` for a key with the ``metrics`` scope, else the
+    refusal's status and words."""
+    keys = ApiKeyStore.load(api_keys_file)
+
+    def authorize(header: str | None) -> tuple[int, str] | None:
+        try:
+            keys.authenticate(header).require("metrics")
+        except Unauthorized as exc:
+            return 401, str(exc)
+        except Forbidden as exc:
+            return 403, str(exc)
+        return None
+
+    return authorize

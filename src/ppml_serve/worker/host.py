@@ -29,6 +29,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from ppml_serve.crypto.tls import server_context
 from ppml_serve.errors import PPMLError
 from ppml_serve.queue.contract import (
     HostStatus,
@@ -42,7 +43,7 @@ from ppml_serve.queue.redis_common import Keys, connect, queue_stats_sync
 from ppml_serve.queue.redis_repository import RedisRepositoryControl
 from ppml_serve.repository import ModelEntry, Repository
 from ppml_serve.settings import Settings
-from ppml_serve.worker.metrics import WorkerMetrics
+from ppml_serve.worker.metrics import Authorize, WorkerMetrics
 from ppml_serve.worker.runner import LoadedVersion, load_version, worker_for
 from ppml_serve.worker.service import Worker
 
@@ -332,8 +333,10 @@ class ModelHost:
             log.warning("could not remove this host's status (%s)", type(exc).__name__)
 
 
-def build_host(settings: Settings, repository: Repository) -> ModelHost:
-    """A host serving ``repository`` against the configured queue and key broker."""
+def build_host(settings: Settings, repository: Repository,
+               metrics_authorize: Authorize | None = None) -> ModelHost:
+    """A host serving ``repository`` against the configured queue and key broker;
+    ``metrics_authorize`` guards its metrics port (``worker.metrics_auth``)."""
     keys = Keys(settings.redis.prefix)
     client = connect(settings.redis_url(), settings.ca_file, settings.redis.cluster)
     metrics = WorkerMetrics()
@@ -350,5 +353,9 @@ def build_host(settings: Settings, repository: Repository) -> ModelHost:
                      settings.worker.dead_after_s,
                      drain_timeout_s=settings.gateway.request_timeout_s)
     if settings.worker.metrics_port is not None:
-        metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host, host.ready)
+        metrics.serve(settings.worker.metrics_port, settings.worker.metrics_host, host.ready,
+                      server_context(settings.server_cert_file, settings.server_key_file)
+                      if settings.worker.metrics_tls else None,
+                      metrics_authorize)
     return host
+

@@ -3,6 +3,7 @@ readiness (``/ready``), served on ``worker.metrics_port`` when set."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 from collections.abc import Callable, Iterable
 from socketserver import ThreadingMixIn
@@ -12,6 +13,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 from prometheus_client import CollectorRegistry, Counter, Histogram, make_wsgi_app
 
 from ppml_serve.build_info import register_process_metrics
+
+Authorize = Callable[[str | None], tuple[int, str] | None]
+"""Given a request's Authorization header: ``None`` to serve it, else (status, words)."""
 
 
 class WorkerMetrics:
@@ -40,21 +44,37 @@ class WorkerMetrics:
                                      ["model", "version"], registry=self.registry)
 
     def serve(self, port: int, host: str = "127.0.0.1",
-              ready: Callable[[], bool] = lambda: True) -> WSGIServer:
+              ready: Callable[[], bool] = lambda: True, tls: ssl.SSLContext | None = None,
+              authorize: Authorize | None = None,
+              ) -> WSGIServer:
         """Serve ``/metrics`` (and every other path, as prometheus_client does) and
-        ``/ready``: 200 while ``ready()`` holds, else 503 (a Kubernetes readiness probe)."""
+        ``/ready``: 200 while ``ready()`` holds, else 503 (a Kubernetes readiness probe).
+        ``tls``: HTTPS. ``authorize``: given the Authorization header, ``None`` to serve the
+        metrics or the refusal's (status, words); ``/ready`` is never refused."""
         metrics = make_wsgi_app(self.registry)
 
         def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            plain = [("Content-Type", "text/plain; charset=utf-8")]
             if environ.get("PATH_INFO") == "/ready":
                 ok = ready()
-                start_response("200 OK" if ok else "503 Service Unavailable",
-                               [("Content-Type", "text/plain; charset=utf-8")])
+                start_response("200 OK" if ok else "503 Service Unavailable", plain)
                 return [b"ready\n" if ok else b"not ready: no model serving, or the queue "
                         b"unreachable\n"]
+            refused = authorize(environ.get("HTTP_AUTHORIZATION")) if authorize else None
+            if refused is not None:
+                status, words = refused
+                reason = "401 Unauthorized" if status == 401 else "403 Forbidden"
+                start_response(reason, [*plain, *([("WWW-Authenticate", "Bearer")]
+                                                  if status == 401 else [])])
+                return [words.encode() + b"\n"]
             return metrics(environ, start_response)  # type: ignore[no-any-return]
 
         server = make_server(host, port, app, _ThreadingServer, _QuietHandler)
+        if tls is not None:
+            # the handshake runs in each connection's thread, on its first read: a slow
+            # client cannot hold up accepting others
+            server.socket = tls.wrap_socket(server.socket, server_side=True,
+                                            do_handshake_on_connect=False)
         threading.Thread(target=server.serve_forever, name="worker-metrics",
                          daemon=True).start()
         return server
@@ -65,5 +85,6 @@ class _ThreadingServer(ThreadingMixIn, WSGIServer):
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10  # a connection that sends nothing is closed
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes and probes are not logged (they come every few seconds)."""

@@ -49,7 +49,8 @@ def measured_config(settings: Settings, config: ModelConfig | None = None) -> di
     # Operational knobs that do not change what the worker computes stay out of it.
     measured: dict[str, Any] = {
         "worker": worker.model_dump(mode="json", exclude={"heartbeat_s", "metrics_port",
-                                                          "metrics_host"}),
+                                                          "metrics_host", "metrics_tls",
+                                                          "metrics_auth"}),
         "encrypt_payloads": settings.security.encrypt_payloads}
     if config is not None and config.top_k is not None:
         measured["postprocess"] = {"top_k": config.top_k, "top_k_output": config.top_k_output}
