@@ -17,6 +17,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+import onnxruntime
 import pytest
 import tritonclient.http as triton
 
@@ -81,6 +82,9 @@ def repository(tmp_path_factory: pytest.TempPathFactory) -> Path:
     (root / "cold" / "1").mkdir(parents=True)  # a warm-up that cannot run: never READY
     (root / "cold" / "1" / "model.onnx").write_bytes(demo_model_path().read_bytes())
     (root / "cold" / "config.yaml").write_text("warmup: {shapes: {pixels: [1, 8, 8]}}\n")
+    (root / "gpunet" / "1").mkdir(parents=True)  # a GPU asked of a machine without one
+    (root / "gpunet" / "1" / "model.onnx").write_bytes(demo_model_path().read_bytes())
+    (root / "gpunet" / "config.yaml").write_text("device: cuda\nexecution_provider: auto\n")
     return root
 
 
@@ -128,6 +132,9 @@ def test_one_worker_process_serves_every_model_and_reports_what_it_cannot(
     broken = [row for row in index if row["name"] == "broken"]
     assert broken and all(row["state"] == "UNAVAILABLE" for row in broken)
     assert "engine" in broken[0]["reason"] and "tensorrt" in broken[0]["reason"]
+    if "CUDAExecutionProvider" not in onnxruntime.get_available_providers():
+        (gpunet,) = [row for row in index if row["name"] == "gpunet"]
+        assert gpunet["state"] == "UNAVAILABLE" and "no GPU provider" in gpunet["reason"]
     (cold,) = [row for row in index if row["name"] == "cold"]
     assert cold["state"] == "UNAVAILABLE"
     assert "warmup.shapes: ['pixels'] are not inputs of the model" in cold["reason"]

@@ -174,9 +174,18 @@ class WorkerSettings(_Section):
     """Longest wait for a batch to fill once its first request has arrived."""
     engine: Literal["onnxruntime", "openvino", "auto"] = "onnxruntime"
     """Inference engine; ``auto`` picks OpenVINO on Intel CPUs when it is installed."""
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["fp32", "bf16", "fp16", "int8"] = "fp32"
     """Compute precision of float models. ``fp32`` really means f32 (OpenVINO would otherwise
-    use bf16 on capable CPUs); ``bf16`` needs OpenVINO. INT8 comes from the model file."""
+    use bf16 on capable CPUs); ``bf16`` needs OpenVINO; ``fp16`` and ``int8`` are TensorRT's
+    (on a GPU). On the CPU, INT8 comes from the model file (``model quantize``)."""
+    device: str = Field("cpu", pattern=r"^(cpu|cuda(:\d{1,2})?)$")
+    """Where ONNX Runtime runs the model: ``cpu``, or ``cuda`` / ``cuda:N`` (an NVIDIA GPU;
+    ONNX Runtime's GPU build, the ``gpu`` extra). A GPU asked for and not usable fails the
+    load with the reason; it never falls back to the CPU silently."""
+    execution_provider: Literal["auto", "cpu", "cuda", "tensorrt"] = "auto"
+    """ONNX Runtime's provider on a GPU: ``auto`` takes TensorRT when installed, else CUDA
+    (logged). TensorRT engines are built when a version loads, never cached on disk (a cached
+    engine holds the weights in the clear)."""
     engine_threads: int = Field(0, ge=0, le=256)
     """Threads per engine call; 0 lets the engine use every core."""
     streams: int = Field(1, ge=1, le=64)

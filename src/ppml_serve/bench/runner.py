@@ -65,6 +65,8 @@ class BenchOptions:
     threads: int = 0
     streams: int = 1
     repeats: int = 3
+    device: str = "cpu"
+    """Where ONNX Runtime runs (``cuda[:N]``: raw engine and pipeline on the GPU)."""
 
 
 def _entry(config: BenchConfig, mode: str, result: LoadResult, **extra: Any) -> dict[str, Any]:
@@ -123,7 +125,8 @@ def _stack(config: BenchConfig, options: BenchOptions, state: Path) -> LocalStac
         worker={"max_batch_size": options.max_batch_size,
                 "max_batch_delay_ms": options.max_batch_delay_ms,
                 "engine_threads": options.threads, "engine": config.engine,
-                "precision": config.precision, "streams": options.streams},
+                "precision": config.precision, "streams": options.streams,
+                "device": options.device},
     )
     return LocalStack(settings, options.workers, log_level="WARNING")
 
@@ -156,7 +159,8 @@ def run_external(service: ExternalService, config: BenchConfig, options: BenchOp
                  step: Callable[[str], None]) -> list[dict[str, Any]]:
     """Pipeline runs against ``service``, interleaved with the raw engine run here."""
     engine = load_engine(config.model, config.model_path.read_bytes(), config.engine,
-                         options.threads, config.precision, options.streams)
+                         options.threads, config.precision, options.streams,
+                         device=options.device)
     inputs = sample_inputs(engine.spec.inputs, options.items_per_request)
     body, headers = encode_inputs(inputs)
     request = _request_to(service.url, config.model, body, headers, service.api_key)
@@ -186,7 +190,8 @@ def run_group(configs: list[BenchConfig], options: BenchOptions,
     shared machine hits all of them alike. The stacks stay up (idle) between turns."""
     first = configs[0]
     engine = load_engine(first.model, first.model_path.read_bytes(), first.engine,
-                         options.threads, first.precision, options.streams)
+                         options.threads, first.precision, options.streams,
+                         device=options.device)
     inputs = sample_inputs(engine.spec.inputs, options.items_per_request)
     body, headers = encode_inputs(inputs)
     raw: dict[int, list[LoadResult]] = {}

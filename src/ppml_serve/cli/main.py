@@ -67,8 +67,13 @@ def _engine_options(parser: argparse.ArgumentParser) -> None:
     _worker_options(parser)
     parser.add_argument("--engine", choices=["onnxruntime", "openvino", "auto"],
                         help="inference engine (auto: OpenVINO on Intel CPUs if installed)")
-    parser.add_argument("--precision", choices=["fp32", "bf16"],
-                        help="compute precision of float models (bf16: OpenVINO only)")
+    parser.add_argument("--precision", choices=["fp32", "bf16", "fp16", "int8"],
+                        help="compute precision of float models (bf16: OpenVINO; fp16, int8: "
+                        "TensorRT on a GPU)")
+    parser.add_argument("--device", help="cpu (default), cuda or cuda:N (ONNX Runtime's "
+                        "GPU build)")
+    parser.add_argument("--execution-provider", choices=["auto", "cpu", "cuda", "tensorrt"],
+                        help="ONNX Runtime provider on a GPU (auto: TensorRT if installed)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -148,8 +153,12 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--engines", default="onnxruntime",
                        help="comma list of: onnxruntime, openvino")
     bench.add_argument("--precisions", default="fp32",
-                       help="comma list of: fp32, bf16 (OpenVINO, float models only); an INT8 "
-                       "model (from 'model quantize') is reported as int8")
+                       help="comma list of: fp32, bf16 (OpenVINO, float models only), fp16 and "
+                       "int8 (TensorRT, with --device cuda); an INT8 model (from 'model "
+                       "quantize') is reported as int8")
+    bench.add_argument("--device", default="cpu",
+                       help="cpu (default), cuda or cuda:N: the raw engine and the workers on "
+                       "that GPU (ONNX Runtime's GPU build)")
     bench.add_argument("--streams", type=int, default=1,
                        help="OpenVINO streams = batches in flight in the worker (default 1)")
     bench.add_argument("--concurrency", default="1,8,32", help="comma list of concurrencies")
@@ -427,7 +436,8 @@ def _overrides(args: argparse.Namespace) -> dict[str, Any]:
         ("max_batch_size", "worker", "max_batch_size"),
         ("max_batch_delay_ms", "worker", "max_batch_delay_ms"),
         ("threads", "worker", "engine_threads"), ("engine", "worker", "engine"),
-        ("precision", "worker", "precision"),
+        ("precision", "worker", "precision"), ("device", "worker", "device"),
+        ("execution_provider", "worker", "execution_provider"),
         ("redis_url_file", "redis", "url_file"), ("redis_ca", "redis", "ca_file"),
         ("redis_url", "redis", "url"), ("metrics_port", "worker", "metrics_port"),
     ]:
@@ -751,7 +761,7 @@ def _bench(args: argparse.Namespace) -> int:
     kinds = _choices(args.configs, "--configs",
                      {"secure", "plain", "secure-memory", "secure-tls"})
     engines = _choices(args.engines, "--engines", {"onnxruntime", "openvino"})
-    precisions = _choices(args.precisions, "--precisions", {"fp32", "bf16"})
+    precisions = _choices(args.precisions, "--precisions", {"fp32", "bf16", "fp16", "int8"})
     models = list(args.model)
     if args.null_model:
         import tempfile
@@ -770,6 +780,9 @@ def _bench(args: argparse.Namespace) -> int:
             for precision in precisions:
                 if precision == "bf16" and (engine != "openvino" or is_int8(Path(path))):
                     continue  # bf16 is an OpenVINO choice for float models only
+                if precision in ("fp16", "int8") and (engine != "onnxruntime"
+                                                      or args.device == "cpu"):
+                    continue  # TensorRT's, on a GPU
                 for kind in kinds:
                     label = "int8" if is_int8(Path(path)) else precision
                     configs.append(BenchConfig(
@@ -777,14 +790,16 @@ def _bench(args: argparse.Namespace) -> int:
                         kind != "plain", "none" if kind == "secure-memory" else "aof",
                         local_socket=kind != "secure-tls"))
     if not configs:
-        raise PPMLError("no configuration to run (bf16 needs --engines openvino)")
+        raise PPMLError("no configuration to run (bf16 needs --engines openvino; fp16 and "
+                        "int8 need --device cuda)")
     options = BenchOptions(
         concurrencies=_int_list(args.concurrency, "--concurrency"),
         duration_s=args.duration, warmup_s=args.warmup, items_per_request=args.items,
         workers=args.workers, gateways=args.gateways,
         max_batch_size=args.max_batch_size or 16,
         max_batch_delay_ms=args.max_batch_delay_ms if args.max_batch_delay_ms is not None
-        else 2.0, threads=args.threads or 0, streams=args.streams, repeats=args.repeats)
+        else 2.0, threads=args.threads or 0, streams=args.streams, repeats=args.repeats,
+        device=args.device)
     if args.url is not None:
         return _bench_external(args, configs, options)
     raw_steps = 1 if options.max_batch_size == 1 else 2

@@ -48,11 +48,14 @@ def resolve_engine(engine: str, model_format: str = "onnx") -> str:
 
 def load_engine(name: str, model: bytes | ModelPackage, engine: str = "onnxruntime",
                 threads: int = 0, precision: str = "fp32", streams: int = 1,
-                spin_wait: bool = False) -> Engine:
+                spin_wait: bool = False, device: str = "cpu",
+                execution_provider: str = "auto") -> Engine:
     """Load ``model`` (ONNX bytes, or a package: ONNX or OpenVINO IR) into the named engine.
 
-    ``precision`` is the compute precision for float models (``fp32`` or, with OpenVINO,
-    ``bf16``); INT8 is a property of the model file (``model quantize``).
+    ``precision`` is the compute precision for float models (``fp32``; with OpenVINO
+    ``bf16``; with TensorRT on a GPU ``fp16`` or ``int8``); on the CPU, INT8 is a property of
+    the model file (``model quantize``). ``device`` and ``execution_provider``: see
+    ``engines/providers.py``.
     """
     package = model if isinstance(model, ModelPackage) else ModelPackage.from_bytes(model, name)
     engine = resolve_engine(engine, package.format)
@@ -60,11 +63,18 @@ def load_engine(name: str, model: bytes | ModelPackage, engine: str = "onnxrunti
         if package.format != "onnx":
             raise EngineError(f"model {name!r} is an OpenVINO IR: serve it with engine "
                               "'openvino' (or 'auto')")
-        if precision != "fp32":
-            raise EngineError("ONNX Runtime runs float models in fp32 only; use OpenVINO for bf16")
-        from ppml_serve.engines.onnxruntime_engine import OnnxRuntimeEngine
+        import onnxruntime as ort
 
-        return OnnxRuntimeEngine(name, package.files["model.onnx"], threads, spin_wait)
+        from ppml_serve.engines.onnxruntime_engine import OnnxRuntimeEngine
+        from ppml_serve.engines.providers import choose_providers
+
+        choice = choose_providers(device, execution_provider, precision,
+                                  ort.get_available_providers())
+        return OnnxRuntimeEngine(name, package.files["model.onnx"], threads, spin_wait,
+                                 choice)
+    if device != "cpu" or execution_provider not in ("auto", "cpu"):
+        raise EngineError(f"device {device} / execution_provider {execution_provider}: GPUs "
+                          "are served by engine onnxruntime (CUDA or TensorRT)")
     if engine == "openvino":
         if not openvino_available():
             raise EngineError("engine 'openvino' is not installed (pip install openvino)")

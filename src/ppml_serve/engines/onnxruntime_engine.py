@@ -1,4 +1,8 @@
-"""ONNX Runtime engine (CPU)."""
+"""ONNX Runtime engine: CPU, or an NVIDIA GPU through CUDA or TensorRT (``providers.py``).
+
+On a GPU a batch's inputs are bound to device memory (one host-to-device copy per input per
+batch) and its outputs bound to host memory (one copy back), through ONNX Runtime's I/O
+binding, instead of letting each run allocate and copy on its own."""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ppml_serve.codecs.tensors import ModelSpec, TensorSpec
+from ppml_serve.engines.providers import ProviderChoice, check_used
 from ppml_serve.errors import EngineError, InvalidInput
 
 _ORT_TYPES = {
@@ -37,7 +42,8 @@ class OnnxRuntimeEngine:
     """One ONNX Runtime session; ``threads`` = 0 lets ORT use every core."""
 
     def __init__(self, name: str, model: bytes, threads: int = 0,
-                 spin_wait: bool = False) -> None:
+                 spin_wait: bool = False, choice: ProviderChoice | None = None) -> None:
+        self._choice = choice or ProviderChoice(["CPUExecutionProvider"])
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1
@@ -49,10 +55,12 @@ class OnnxRuntimeEngine:
             options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         try:
             self._session = ort.InferenceSession(model, options,
-                                                 providers=["CPUExecutionProvider"])
-        except Exception as exc:  # ORT raises its own untyped errors
-            raise EngineError(f"model {name!r} could not be loaded by ONNX Runtime: "
-                              f"{type(exc).__name__}") from None
+                                                 providers=self._choice.providers)
+        except Exception as exc:  # ORT raises its own untyped errors (TensorRT: a model it
+            # cannot build fails here)
+            raise EngineError(f"model {name!r} could not be loaded by ONNX Runtime "
+                              f"({self._choice.label}): {type(exc).__name__}") from None
+        check_used(self._choice, self._session.get_providers())
         self._spec = ModelSpec(
             name=name,
             inputs=tuple(_spec(node) for node in self._session.get_inputs()),
@@ -69,11 +77,31 @@ class OnnxRuntimeEngine:
         feed = {name: _text(name, array) if array.dtype.kind == "O" else array
                 for name, array in inputs.items()}
         try:
-            results = self._session.run(self._output_names, feed)
+            if self._choice.device_type == "cpu" or any(a.dtype.kind == "O"
+                                                        for a in feed.values()):
+                results = self._session.run(self._output_names, feed)
+            else:  # strings stay on the host: ONNX Runtime keeps them there
+                results = self.run_bound(feed, self._choice.device_type,
+                                         self._choice.device_id)
         except Exception as exc:
             raise EngineError(f"model {self._spec.name!r} failed: {type(exc).__name__}") from None
         return {name: _utf8(result) if result.dtype.kind in "OU" else result
                 for name, result in zip(self._output_names, results, strict=True)}
+
+
+    def run_bound(self, feed: dict[str, np.ndarray[Any, Any]], device_type: str,
+                  device_id: int) -> list[np.ndarray[Any, Any]]:
+        """One run through I/O binding: each input copied once to ``device_type``, every
+        output bound to host memory and copied back once."""
+        binding = self._session.io_binding()
+        for name, array in feed.items():
+            value = ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), device_type,
+                                                     device_id)
+            binding.bind_ortvalue_input(name, value)
+        for name in self._output_names:
+            binding.bind_output(name, "cpu")
+        self._session.run_with_iobinding(binding)
+        return [np.asarray(value) for value in binding.copy_outputs_to_cpu()]
 
 
 def _text(name: str, array: np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:

@@ -4,7 +4,9 @@ Every field is optional; what is left out comes from the worker's settings (``wo
 Example::
 
     engine: openvino          # onnxruntime | openvino | auto
-    precision: fp32           # fp32 | bf16 (OpenVINO)
+    precision: fp32           # fp32 | bf16 (OpenVINO) | fp16, int8 (TensorRT)
+    device: cuda:0            # cpu (default) | cuda | cuda:N
+    execution_provider: auto  # auto | cpu | cuda | tensorrt
     max_batch_size: 32
     max_batch_delay_ms: 2
     instances: 1              # batch loops per worker process sharing one loaded model
@@ -114,7 +116,9 @@ class Warmup(_Strict):
 
 class ModelConfig(_Strict):
     engine: Literal["onnxruntime", "openvino", "auto"] | None = None
-    precision: Literal["fp32", "bf16"] | None = None
+    precision: Literal["fp32", "bf16", "fp16", "int8"] | None = None
+    device: str | None = Field(None, pattern=r"^(cpu|cuda(:\d{1,2})?)$")
+    execution_provider: Literal["auto", "cpu", "cuda", "tensorrt"] | None = None
     engine_threads: int | None = Field(None, ge=0, le=256)
     streams: int | None = Field(None, ge=1, le=64)
     max_batch_size: int | None = Field(None, ge=1, le=4096)
@@ -150,7 +154,8 @@ class ModelConfig(_Strict):
 
     def worker_settings(self, base: WorkerSettings) -> WorkerSettings:
         """The worker settings for this model: ``base`` with this config's choices."""
-        chosen = self.model_dump(include={"engine", "precision", "engine_threads", "streams",
+        chosen = self.model_dump(include={"engine", "precision", "device", "execution_provider",
+                                          "engine_threads", "streams",
                                           "max_batch_size", "max_batch_delay_ms"},
                                  exclude_none=True)
         return base.model_copy(update=chosen)

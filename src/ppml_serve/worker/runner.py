@@ -210,6 +210,8 @@ def load_version(settings: Settings, name: str, version: str, source: VersionSou
     engine: Engine = load_engine(name, plain, worker_settings.engine,
                                  threads=worker_settings.engine_threads,
                                  precision=worker_settings.precision,
+                                 device=worker_settings.device,
+                                 execution_provider=worker_settings.execution_provider,
                                  streams=worker_settings.streams,
                                  spin_wait=worker_settings.engine_spin_wait)
     del plain
