@@ -117,3 +117,21 @@ def test_the_demo_model_on_the_gpu_answers_as_on_the_cpu(provider: str) -> None:
                          execution_provider=provider)
     got = engine.infer({"image": IMAGES})
     np.testing.assert_allclose(got["probabilities"], cpu["probabilities"], atol=1e-4)
+
+
+def test_the_benchmark_reports_host_cores_per_1000_requests_and_gpu_use() -> None:
+    from ppml_serve.bench.gpu import GpuSampler, cores_per_1000_rps
+
+    # 1 ms of CPU per request across the parts keeps one core busy at 1,000 req/s
+    assert cores_per_1000_rps({"gateway": 0.5, "redis": 0.1, "worker": 0.4,
+                               "front": 0.3}) == 1.0  # front is a share of gateway
+    assert cores_per_1000_rps({}) is None
+    sampler = GpuSampler(0, interval_s=0.01).start()
+    utilization = sampler.stop()
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        pynvml.nvmlShutdown()
+    except Exception:  # no NVIDIA driver here: nothing to read, nothing invented
+        assert utilization is None

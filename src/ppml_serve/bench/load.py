@@ -28,6 +28,8 @@ class LoadResult:
     """Every connection sends its next request as soon as one returns (the load generator)."""
     cpu_ms_per_request: dict[str, float] = field(default_factory=dict)
     """CPU of each part of the service per request, when the service runs here."""
+    gpu_utilization: float | None = None
+    """Mean GPU utilisation (percent) during the run, on a GPU."""
 
     @property
     def window_throughput(self) -> float:

@@ -15,11 +15,13 @@ from typing import Any
 import numpy as np
 
 from ppml_serve.bench.cpu import part_pids, per_request_ms, snapshot
+from ppml_serve.bench.gpu import GpuSampler, cores_per_1000_rps
 from ppml_serve.bench.load import LoadResult, build_request, run_load
 from ppml_serve.bench.raw import run_raw
 from ppml_serve.client.http import encode_inputs
 from ppml_serve.crypto.tls import client_context
 from ppml_serve.engines import load_engine
+from ppml_serve.engines.providers import parse_device
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.settings import load_settings
 from ppml_serve.state import read_api_key
@@ -78,8 +80,11 @@ def _entry(config: BenchConfig, mode: str, result: LoadResult, **extra: Any) -> 
         "p50_ms": round(result.percentile(50), 3),
         "p95_ms": round(result.percentile(95), 3), "p99_ms": round(result.percentile(99), 3),
         "errors": result.errors, "requests": result.requests,
-        **({"cpu_ms_per_request": result.cpu_ms_per_request}
+        **({"cpu_ms_per_request": result.cpu_ms_per_request,
+            "cores_per_1000_rps": cores_per_1000_rps(result.cpu_ms_per_request)}
            if result.cpu_ms_per_request else {}),
+        **({"gpu_utilization": result.gpu_utilization}
+           if result.gpu_utilization is not None else {}),
         **extra,
     }
 
@@ -218,9 +223,12 @@ def run_group(configs: list[BenchConfig], options: BenchOptions,
                     step(f"{config.name}: pipeline, concurrency {concurrency} ({repeat + 1})")
                     pids = part_pids(stack)
                     before = snapshot(pids)
+                    gpu = GpuSampler(parse_device(options.device)[1]).start() \
+                        if options.device != "cpu" else None
                     result = asyncio.run(run_load(
                         stack.url, request, options.items_per_request, concurrency,
                         options.duration_s, options.warmup_s, context))
+                    result.gpu_utilization = gpu.stop() if gpu is not None else None
                     # over warm-up and window alike: requests = rate x whole run
                     done = (result.throughput / options.items_per_request
                             * (options.duration_s + options.warmup_s))

@@ -6,6 +6,7 @@ binding, instead of letting each run allocate and copy on its own."""
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,8 @@ import onnxruntime as ort
 from ppml_serve.codecs.tensors import ModelSpec, TensorSpec
 from ppml_serve.engines.providers import ProviderChoice, check_used
 from ppml_serve.errors import EngineError, InvalidInput
+
+log = logging.getLogger("ppml_serve.worker")
 
 _ORT_TYPES = {
     "tensor(bool)": "BOOL", "tensor(uint8)": "UINT8", "tensor(uint16)": "UINT16",
@@ -60,7 +63,11 @@ class OnnxRuntimeEngine:
             # cannot build fails here)
             raise EngineError(f"model {name!r} could not be loaded by ONNX Runtime "
                               f"({self._choice.label}): {type(exc).__name__}") from None
-        check_used(self._choice, self._session.get_providers())
+        used = self._session.get_providers()
+        check_used(self._choice, used)
+        if self._choice.device_type != "cpu":  # the choice 'auto' made, for the operator
+            log.info("model %r runs with %s (providers %s)", name, self._choice.label,
+                     ", ".join(used))
         self._spec = ModelSpec(
             name=name,
             inputs=tuple(_spec(node) for node in self._session.get_inputs()),
