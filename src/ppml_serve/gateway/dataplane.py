@@ -40,9 +40,13 @@ from ppml_serve.queue.contract import (
     GatewayBroker,
     Job,
     JobState,
+    JobStore,
     Mode,
+    Presence,
     QueueStats,
+    Registry,
     ReplyMessage,
+    RequestQueue,
     VersionState,
     parse_error,
     queue_name,
@@ -90,7 +94,11 @@ class DataPlane:
                  on_reply: Callable[[str, ReplyMessage], None] | None = None,
                  configured_models: set[str] | None = None,
                  max_rows: int | None = None, disk: DiskWatch | None = None) -> None:
-        self._broker = broker
+        self._broker = broker  # connection only (ping, close); the roles below use it too
+        self._queue: RequestQueue = broker
+        self._presence: Presence = broker
+        self._registry: Registry = broker
+        self._jobs: JobStore = broker
         self._disk = disk
         self._sealers = sealer
         self._settings = settings
@@ -149,7 +157,7 @@ class DataPlane:
         cached = self._cache.get("models")
         if cached is not None:
             models |= set(cached.value)
-        return {model: await self._broker.queue_stats(model, self._worker_max_age_s)
+        return {model: await self._presence.queue_stats(model, self._worker_max_age_s)
                 for model in sorted(models)}
 
     def _fail_waiting(self, error: Exception, model: str | None = None) -> None:
@@ -161,7 +169,7 @@ class DataPlane:
         backoff = Backoff(0.05, 2.0)
         while True:
             try:
-                messages = await self._broker.read_replies(model, block_ms=1000)
+                messages = await self._queue.read_replies(model, block_ms=1000)
             except QueueStalled as exc:
                 # Frozen, not gone: what it holds is answered once it recovers, so waiting
                 # callers keep waiting (up to their deadline); new ones get a fast 503.
@@ -194,7 +202,7 @@ class DataPlane:
             await asyncio.sleep(WATCH_INTERVAL_S)
             for model in {waiter.model for waiter in self._waiting.values()}:
                 try:
-                    live = await self._broker.live_workers(model, self._worker_max_age_s)
+                    live = await self._presence.live_workers(model, self._worker_max_age_s)
                 except NotReady:
                     continue  # the reply reader handles a lost queue
                 self._cache[f"ready:{model}"] = _Cached(live > 0,
@@ -234,7 +242,7 @@ class DataPlane:
             self._cache.pop("models", None)
 
         async def load() -> dict[str, ModelSpec]:
-            table = await self._broker.models()
+            table = await self._presence.models()
             self._announced = {}
             for queue, sealed in table.items():
                 try:
@@ -256,7 +264,7 @@ class DataPlane:
             self._cache.pop("repository", None)
 
         async def load() -> RepositoryView:
-            return RepositoryView(await self._broker.host_statuses(self._worker_max_age_s))
+            return RepositoryView(await self._registry.host_statuses(self._worker_max_age_s))
 
         view: RepositoryView = await self._cached("repository", REPOSITORY_TTL_S, load)
         return view
@@ -389,7 +397,7 @@ class DataPlane:
                 "the workers' model repository and allow it with 'ppml-serve model add "
                 "REPOSITORY NAME' (which adds its measurement to the key broker's policy), "
                 "then load it")
-        state = await self._broker.request_model_state(model, action)
+        state = await self._registry.request_model_state(model, action)
         log.info("model %r: %s requested (serial %d)", model, action, state.serial)
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -427,7 +435,7 @@ class DataPlane:
         # LOADING: ready once its workers are live (hosts report READY up to a poll later)
 
         async def load() -> bool:
-            return await self._broker.live_workers(queue, self._worker_max_age_s) > 0
+            return await self._presence.live_workers(queue, self._worker_max_age_s) > 0
 
         ready: bool = await self._cached(f"ready:{queue}", 0.5, load)
         return ready
@@ -455,7 +463,7 @@ class DataPlane:
 
     async def _check_backlog(self, model: str) -> None:
         backlog: int = await self._cached(f"backlog:{model}", 0.1,
-                                          lambda: self._broker.backlog(model))
+                                          lambda: self._queue.backlog(model))
         if backlog >= self._settings.max_queue_length:
             raise Overloaded(f"model {model!r} has {backlog} queued requests; retry later")
 
@@ -539,7 +547,7 @@ class DataPlane:
     async def attestations(self, model: str, version: str) -> list[dict[str, Any]]:
         queue = queue_name(model, version)
         await self._spec_of(queue)
-        return [json.loads(item) for item in await self._broker.attestations(queue)]
+        return [json.loads(item) for item in await self._presence.attestations(queue)]
 
     async def infer_sealed(self, model: str, version: str, blob: bytes) -> bytes:
         """End-to-end mode: ``blob`` is sealed by the client to the workers' key; the gateway
@@ -597,7 +605,7 @@ class DataPlane:
             with span("enqueue"):
                 # The worker's spans continue from here: the context rides in the record's
                 # clear header, never in the sealed payload.
-                await self._broker.enqueue(model, request_id, sealed,
+                await self._queue.enqueue(model, request_id, sealed,
                                            int((time.time() + timeout) * 1000), mode,
                                            traceparent=current_traceparent())
             with span("wait"):
@@ -621,18 +629,18 @@ class DataPlane:
                                "for it on the model's /infer route")
         job_id = uuid.uuid4().hex
         ttl = self._settings.job_ttl_s
-        await self._broker.save_job(job_id, Job(queue, owner, request.outputs,
+        await self._jobs.save_job(job_id, Job(queue, owner, request.outputs,
                                                 request.binary_default), ttl)
         sealed = self._sealer_of(queue).seal(record.pack(request.inputs),
                                    associated_data(queue, job_id, REQUEST))
         deadline_ms = int((time.time() + self._settings.job_timeout_s) * 1000)
-        await self._broker.enqueue(queue, job_id, sealed, deadline_ms, job_ttl_s=ttl)
+        await self._queue.enqueue(queue, job_id, sealed, deadline_ms, job_ttl_s=ttl)
         return job_id
 
     async def job_result(self, model: str, job_id: str,
                          owner: str) -> tuple[bytes, int | None] | None:
         """The answer, ``None`` while pending; unknown, expired or foreign jobs are 404."""
-        job = await self._broker.load_job(model, job_id)
+        job = await self._jobs.load_job(model, job_id)
         if job is None or split_queue_name(job.model)[0] != model or job.owner != owner:
             raise ModelNotFound(f"no job {job_id!r} for model {model!r} (unknown or expired)")
         if job.state is JobState.PENDING:
