@@ -135,3 +135,17 @@ def test_the_benchmark_reports_host_cores_per_1000_requests_and_gpu_use() -> Non
         pynvml.nvmlShutdown()
     except Exception:  # no NVIDIA driver here: nothing to read, nothing invented
         assert utilization is None
+
+
+def test_a_model_tensorrt_cannot_build_fails_its_load_in_words(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """ONNX Runtime raises when TensorRT cannot build an engine (a stand-in here for what only
+    a GPU machine can show): the load fails naming the provider, no traceback."""
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise RuntimeError("TensorRT EP failed to create engine from network")
+
+    monkeypatch.setattr(ort, "InferenceSession", refuse)
+    choice = choose_providers("cuda", "tensorrt", "fp16", GPU_BUILD)
+    with pytest.raises(EngineError, match=r"could not be loaded by ONNX Runtime \(TensorRT "
+                                          r"fp16 on cuda:0\): RuntimeError"):
+        OnnxRuntimeEngine("demo", demo_model_path().read_bytes(), choice=choice)
