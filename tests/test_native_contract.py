@@ -16,9 +16,17 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ppml_serve import _native
 from ppml_serve.codecs import record
-from ppml_serve.crypto.envelope import Keyring
-from ppml_serve.errors import IntegrityError, ProtocolError
+from ppml_serve.codecs.tensors import ModelSpec, TensorSpec, TooManyRows
+from ppml_serve.codecs.v2 import parse_request
+from ppml_serve.crypto.envelope import Keyring, PlaintextSealer
+from ppml_serve.errors import (
+    IntegrityError,
+    InvalidInput,
+    PayloadTooLarge,
+    ProtocolError,
+)
 
 KEYS = {"old": os.urandom(32), "new": os.urandom(32)}
 
@@ -107,3 +115,68 @@ def test_records_framed_either_way_parse_the_same(specs: list[tuple[type, list[i
 def test_malformed_records_are_protocol_errors_naming_why(data: bytes, words: str) -> None:
     with pytest.raises(ProtocolError, match=words):
         record.unpack(data)
+
+
+SPEC = ModelSpec("demo", (TensorSpec("image", "UINT8", (-1, 2, 2)),
+                          TensorSpec("mask", "BOOL", (-1,))), ())
+NATIVE_SPEC = _native.ModelInputs("demo", [(t.name, t.datatype, list(t.shape))
+                                           for t in SPEC.inputs])
+
+
+def _body(*inputs: dict[str, object]) -> bytes:
+    return json.dumps({"inputs": list(inputs), "outputs": [{"name": "p"}]}).encode()
+
+
+IMAGE = {"name": "image", "datatype": "UINT8", "shape": [2, 2, 2], "data": list(range(8))}
+MASK = {"name": "mask", "datatype": "BOOL", "shape": [2], "data": [True, False]}
+ADMISSION_CASES = [
+    _body(IMAGE, MASK),
+    _body(IMAGE),
+    _body({**IMAGE, "name": "img"}, MASK),
+    _body({**IMAGE, "datatype": "INT8"}, MASK),
+    _body({**IMAGE, "shape": [2, 4]}, MASK),
+    _body(IMAGE, {**MASK, "shape": [3], "data": [1, 0, 1]}),
+    _body({**IMAGE, "shape": [3, 2, 2], "data": list(range(12))},
+          {**MASK, "shape": [3], "data": [1, 0, 1]}),
+    b'{"inputs": []}',
+    b"not json",
+]
+
+
+@pytest.mark.parametrize("body", ADMISSION_CASES, ids=range(len(ADMISSION_CASES)))
+@pytest.mark.parametrize("sealer", ["keyring", "plain"])
+def test_native_admission_says_and_seals_what_the_python_path_did(body: bytes,
+                                                                  sealer: str) -> None:
+    """The gateway's REST admission (decode, check against the model, seal the record) in one
+    native call refuses with the Python check's words and class, and seals the record the
+    Python path packed (max 2 rows here)."""
+    ring: Keyring | PlaintextSealer = (Keyring({"k1": os.urandom(32)}, "k1")
+                                       if sealer == "keyring" else PlaintextSealer())
+    expected: BaseException | dict[str, np.ndarray] | None = None
+    try:
+        request = parse_request(body, None)
+        try:
+            SPEC.check_inputs(request.inputs, 2)
+        except TooManyRows as exc:
+            raise PayloadTooLarge(str(exc)) from None
+        expected = request.inputs
+    except (InvalidInput, PayloadTooLarge) as exc:
+        expected = exc
+    if isinstance(expected, BaseException):
+        with pytest.raises(type(expected)) as refused:
+            ring.seal_v2_request(body, None, NATIVE_SPEC, 2, b"aad")
+        assert str(refused.value) == str(expected)
+        assert type(refused.value) is type(expected)
+        return
+    sealed, request_id, parameters, outputs, binary, classes = ring.seal_v2_request(
+        body, None, NATIVE_SPEC, 2, b"aad")
+    assert (request_id, parameters, outputs, binary, classes) == (
+        None, "", [("p", False)], False, [])
+    _, tensors = record.unpack(ring.open(sealed, b"aad"))
+    assert expected is not None and tensors.keys() == expected.keys()
+    for name, array in expected.items():
+        np.testing.assert_array_equal(tensors[name], array)
+        assert tensors[name].dtype == array.dtype
+    if sealer == "keyring":
+        with pytest.raises(IntegrityError):
+            ring.open(sealed, b"other request")

@@ -11,6 +11,22 @@ class Keyring:
     def open_batch(
         self, records: list[bytes], aads: list[bytes], layout: BatchLayout, max_rows: int,
     ) -> OpenedBatch: ...
+    def seal_v2_request(
+        self, body: bytes, header_length: str | None, model: ModelInputs,
+        max_rows: int | None, aad: bytes,
+    ) -> Prepared: ...
+
+class ModelInputs:
+    def __init__(self, model: str, inputs: list[tuple[str, str, list[int]]]) -> None: ...
+
+# (record, request id, parameters as JSON text, requested outputs (name, binary) or None,
+# binary default, classification counts)
+Prepared = tuple[bytes, str | None, str, list[tuple[str, bool]] | None, bool,
+                 list[tuple[str, int]]]
+
+def pack_v2_request(
+    body: bytes, header_length: str | None, model: ModelInputs, max_rows: int | None,
+) -> Prepared: ...
 
 class BatchLayout:
     @staticmethod

@@ -139,6 +139,44 @@ impl Keyring {
         self.seal_with_nonce(plaintext, aad, nonce, out)
     }
 
+    /// Seal the concatenation of `parts` into `out` (exactly [`Self::sealed_len`] of their
+    /// total): each part is copied once, into place, and encrypted there.
+    pub fn seal_parts_into(
+        &self,
+        parts: &[&[u8]],
+        aad: &[u8],
+        out: &mut [u8],
+    ) -> Result<(), EnvelopeError> {
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        if out.len() != self.sealed_len(total) {
+            return Err(EnvelopeError::OutputLength);
+        }
+        let mut nonce = [0u8; NONCE_SIZE];
+        self.random
+            .fill(&mut nonce)
+            .map_err(|_| EnvelopeError::Random)?;
+        let header_len = self.header_len();
+        self.write_header(&nonce, out);
+        let (header, rest) = out.split_at_mut(header_len);
+        let (body, tag_out) = rest.split_at_mut(total);
+        let mut at = 0;
+        for part in parts {
+            body[at..at + part.len()].copy_from_slice(part);
+            at += part.len();
+        }
+        let bound = [&*header, aad].concat();
+        let tag = self.keys[self.active]
+            .key
+            .seal_in_place_separate_tag(
+                Nonce::assume_unique_for_key(nonce),
+                Aad::from(bound.as_slice()),
+                body,
+            )
+            .map_err(|_| EnvelopeError::Authentication)?;
+        tag_out.copy_from_slice(tag.as_ref());
+        Ok(())
+    }
+
     fn seal_with_nonce(
         &self,
         plaintext: &[u8],

@@ -7,4 +7,5 @@
 pub mod batch;
 pub mod envelope;
 pub mod record;
+pub mod request;
 pub mod v2;

@@ -194,6 +194,16 @@ pub struct TensorIn<'a> {
 
 /// Frame tensors (and a small metadata object) as one record; refuses what `parse` would.
 pub fn pack(meta: &Map<String, Value>, tensors: &[TensorIn<'_>]) -> Result<Vec<u8>, RecordError> {
+    let mut record = head(meta, tensors)?;
+    for tensor in tensors {
+        record.extend_from_slice(tensor.data);
+    }
+    Ok(record)
+}
+
+/// A record's prefix and header for `tensors`, whose bytes follow it in order (so that a
+/// record can be written straight into its envelope, part by part, without being joined).
+pub fn head(meta: &Map<String, Value>, tensors: &[TensorIn<'_>]) -> Result<Vec<u8>, RecordError> {
     if tensors.len() > MAX_TENSORS {
         return Err(RecordError::Header);
     }
@@ -234,9 +244,6 @@ pub fn pack(meta: &Map<String, Value>, tensors: &[TensorIn<'_>]) -> Result<Vec<u
     record.extend_from_slice(MAGIC);
     record.extend_from_slice(&(header.len() as u32).to_le_bytes());
     record.extend_from_slice(&header);
-    for tensor in tensors {
-        record.extend_from_slice(tensor.data);
-    }
     Ok(record)
 }
 

@@ -3,6 +3,7 @@
 
 mod batch;
 mod front;
+mod request;
 
 use ppml_core::envelope::{EnvelopeError, Keyring as CoreKeyring};
 use ppml_core::{record, v2};
@@ -85,6 +86,28 @@ impl Keyring {
             py.detach(|| self.inner.open_into(record, aad, out))
                 .map_err(|error| envelope_error(py, error))
         })
+    }
+
+    /// A KServe v2 REST body decoded, checked against ``model``'s inputs and sealed as its
+    /// queue record in one pass (see ``request::prepare``), GIL released.
+    #[pyo3(signature = (body, header_length, model, max_rows, aad))]
+    fn seal_v2_request<'py>(
+        &self,
+        py: Python<'py>,
+        body: &[u8],
+        header_length: Option<&str>,
+        model: PyRef<'_, request::ModelInputs>,
+        max_rows: Option<u64>,
+        aad: &[u8],
+    ) -> PyResult<request::Prepared<'py>> {
+        request::prepare(
+            py,
+            body,
+            header_length,
+            &model,
+            max_rows,
+            Some((&self.inner, aad)),
+        )
     }
 
     /// Open a worker's micro-batch and stack the rows that fit ``layout`` (see
@@ -196,6 +219,8 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Keyring>()?;
     module.add_class::<front::Front>()?;
     module.add_class::<batch::BatchLayout>()?;
+    module.add_class::<request::ModelInputs>()?;
+    module.add_function(wrap_pyfunction!(request::pack_v2_request, module)?)?;
     module.add_function(wrap_pyfunction!(parse_record, module)?)?;
     module.add_function(wrap_pyfunction!(batch::stack_batch, module)?)?;
     module.add_function(wrap_pyfunction!(parse_v2_request, module)?)?;

@@ -70,6 +70,16 @@ def parse_request(body: bytes, header_length: str | None) -> InferRequest:
                         dict(classification))
 
 
+def described_request(request_id: str | None, parameters: str,
+                      outputs: list[tuple[str, bool]] | None, binary_default: bool,
+                      classification: list[tuple[str, int]]) -> InferRequest:
+    """What answering a request needs when its inputs went to the queue without becoming
+    arrays here (``Sealer.seal_v2_request``): its id, parameters and requested outputs."""
+    return InferRequest(request_id, {}, dict(outputs) if outputs is not None else None,
+                        binary_default, json.loads(parameters) if parameters else {},
+                        dict(classification))
+
+
 MAX_CLASS_COUNT = 1000
 
 

@@ -26,7 +26,7 @@ from ppml_serve import _native
 from ppml_serve.errors import IntegrityError
 
 if TYPE_CHECKING:
-    from ppml_serve._native import BatchLayout, OpenedBatch
+    from ppml_serve._native import BatchLayout, OpenedBatch, Prepared
 
 MAGIC = b"PE"
 VERSION = 1
@@ -66,6 +66,13 @@ class Sealer(Protocol):
                    max_rows: int) -> OpenedBatch:
         """Open many records at once and stack the rows of the tensor records that fit
         ``layout`` (``ppml_serve._native``'s ``open_batch``: one call, GIL released)."""
+
+    def seal_v2_request(self, body: bytes, header_length: str | None,
+                        model: _native.ModelInputs, max_rows: int | None,
+                        aad: bytes) -> Prepared:
+        """A KServe v2 REST body decoded, checked against the model's inputs (the words of
+        ``ModelSpec.check_inputs``; ``InvalidInput``, or ``PayloadTooLarge`` for too many
+        rows) and sealed as its queue record: one native call, GIL released."""
 
 
 class ModelSealers(Protocol):
@@ -116,6 +123,11 @@ class Keyring:
                    max_rows: int) -> OpenedBatch:
         return self._ring.open_batch(records, aads, layout, max_rows)
 
+    def seal_v2_request(self, body: bytes, header_length: str | None,
+                        model: _native.ModelInputs, max_rows: int | None,
+                        aad: bytes) -> Prepared:
+        return self._ring.seal_v2_request(_bytes(body), header_length, model, max_rows, aad)
+
 
 def _bytes(data: bytes | bytearray | memoryview) -> bytes:
     """The native side takes ``bytes``; other buffers are copied once."""
@@ -140,6 +152,13 @@ class PlaintextSealer:
         if record[:2] != self._MARK:
             raise IntegrityError("record is not a plaintext record")
         return record[2:]
+
+    def seal_v2_request(self, body: bytes, header_length: str | None,
+                        model: _native.ModelInputs, max_rows: int | None,
+                        aad: bytes) -> Prepared:
+        record, rid, parameters, outputs, binary, classes = _native.pack_v2_request(
+            _bytes(body), header_length, model, max_rows)
+        return self._MARK + record, rid, parameters, outputs, binary, classes
 
     def open_batch(self, records: list[bytes], aads: list[bytes], layout: BatchLayout,
                    max_rows: int) -> OpenedBatch:

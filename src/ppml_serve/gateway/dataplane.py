@@ -16,10 +16,16 @@ from typing import Any
 
 import numpy as np
 
+from ppml_serve import _native
 from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
 from ppml_serve.codecs.tensors import ModelSpec, TooManyRows
-from ppml_serve.codecs.v2 import InferRequest, check_outputs, encode_response, parse_request
+from ppml_serve.codecs.v2 import (
+    InferRequest,
+    check_outputs,
+    described_request,
+    encode_response,
+)
 from ppml_serve.crypto.envelope import REPLY, REQUEST, SPEC, ModelSealers, Sealer, associated_data
 from ppml_serve.disk import DiskWatch
 from ppml_serve.errors import (
@@ -113,6 +119,7 @@ class DataPlane:
         self._configured = configured_models or set()
         self._max_rows = max_rows
         self._announced: dict[str, dict[str, Any]] = {}
+        self._native_inputs: dict[str, tuple[ModelSpec, _native.ModelInputs]] = {}
 
     async def start(self) -> None:
         """Start even while Redis is down: readiness reports it, requests get 503."""
@@ -467,11 +474,22 @@ class DataPlane:
         if backlog >= self._settings.max_queue_length:
             raise Overloaded(f"model {model!r} has {backlog} queued requests; retry later")
 
-    async def _admit(self, queue: str, body: bytes, header_length: str | None) -> InferRequest:
-        """Decode and validate a request against the model, then check it can be served."""
+    async def _admit(self, queue: str, body: bytes, header_length: str | None,
+                     request_id: str) -> tuple[InferRequest, bytes]:
+        """A REST body decoded, checked against the model and sealed as the queue record
+        ``request_id`` (one native call: the record is written straight into its envelope),
+        then checked that it can be served; what answering it needs, and the record."""
         with span("admit", bytes=len(body)):
             spec = await self._spec_of(queue)
-            return await self._admit_decoded(queue, spec, parse_request(body, header_length))
+            with span("seal", bytes=len(body)):
+                sealed, rid, parameters, selected, binary, classes = \
+                    self._sealer_of(queue).seal_v2_request(
+                        body, header_length, self._model_inputs(queue, spec), self._max_rows,
+                        associated_data(queue, request_id, REQUEST))
+            request = described_request(rid, parameters, selected, binary, classes)
+            check_outputs(request, spec)
+            await self._check_serving(queue)
+        return request, sealed
 
     async def _admit_decoded(self, model: str, spec: ModelSpec,
                              request: InferRequest) -> InferRequest:
@@ -521,9 +539,20 @@ class DataPlane:
                     header_length: str | None) -> tuple[bytes, int | None]:
         queue = queue_name(model, version)
         async with self._admission(queue):
-            request = await self._admit(queue, body, header_length)
-            outputs = await self._round_trip(queue, request)
+            request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
+            request, sealed = await self._admit(queue, body, header_length, request_id)
+            plaintext = await self._exchange_sealed(queue, request_id, sealed)
+        _, outputs = record.unpack(plaintext)
         return encode_response(model, request, outputs, version, labels=self.labels(queue))
+
+    def _model_inputs(self, queue: str, spec: ModelSpec) -> _native.ModelInputs:
+        """The native form of a version's declared inputs, made once per announced spec."""
+        known = self._native_inputs.get(queue)
+        if known is None or known[0] is not spec:
+            known = (spec, _native.ModelInputs(
+                spec.name, [(t.name, t.datatype, list(t.shape)) for t in spec.inputs]))
+            self._native_inputs[queue] = known
+        return known[1]
 
     def labels(self, queue: str) -> list[str] | None:
         """The class names a worker announced for the version (``labels`` in its config)."""
@@ -576,9 +605,16 @@ class DataPlane:
 
     async def _exchange(self, model: str, payload: bytes, mode: Mode = Mode.STANDARD) -> bytes:
         request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
+        with span("seal", bytes=len(payload)):
+            sealed = self._sealer_of(model).seal(payload,
+                                                 associated_data(model, request_id, REQUEST))
+        return await self._exchange_sealed(model, request_id, sealed, mode)
+
+    async def _exchange_sealed(self, model: str, request_id: str, sealed: bytes,
+                               mode: Mode = Mode.STANDARD) -> bytes:
         # the deadline counts from when the front received the request
         timeout = max(0.001, self._settings.request_timeout_s - self._waited_s())
-        message = await self._send(model, request_id, payload, mode, timeout)
+        message = await self._send(model, request_id, sealed, mode, timeout)
         return self._open_reply(model, request_id, message.ok, message.body)
 
     def _open_reply(self, model: str, request_id: str, ok: bool, body: bytes) -> bytes:
@@ -592,12 +628,9 @@ class DataPlane:
             raise parse_error(plaintext)
         return plaintext
 
-    async def _send(self, model: str, request_id: str, payload: bytes, mode: Mode,
+    async def _send(self, model: str, request_id: str, sealed: bytes, mode: Mode,
                     timeout: float) -> ReplyMessage:
-        """Seal, enqueue and wait for the (still sealed) answer."""
-        with span("seal", bytes=len(payload)):
-            sealed = self._sealer_of(model).seal(payload,
-                                                 associated_data(model, request_id, REQUEST))
+        """Enqueue a sealed record and wait for the (still sealed) answer."""
         future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
         self._ensure_reader(model)
         self._waiting[request_id] = _Waiter(model, future)
@@ -623,16 +656,14 @@ class DataPlane:
     async def submit(self, model: str, version: str, body: bytes, header_length: str | None,
                      owner: str) -> str:
         queue = queue_name(model, version)
-        request = await self._admit(queue, body, header_length)
+        job_id = uuid.uuid4().hex
+        request, sealed = await self._admit(queue, body, header_length, job_id)
         if request.classification:  # a job's answer is fetched later, in its raw form
             raise InvalidInput("the classification extension is not supported for jobs; ask "
                                "for it on the model's /infer route")
-        job_id = uuid.uuid4().hex
         ttl = self._settings.job_ttl_s
         await self._jobs.save_job(job_id, Job(queue, owner, request.outputs,
                                                 request.binary_default), ttl)
-        sealed = self._sealer_of(queue).seal(record.pack(request.inputs),
-                                   associated_data(queue, job_id, REQUEST))
         deadline_ms = int((time.time() + self._settings.job_timeout_s) * 1000)
         await self._queue.enqueue(queue, job_id, sealed, deadline_ms, job_ttl_s=ttl)
         return job_id

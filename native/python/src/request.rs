@@ -1,0 +1,123 @@
+//! The gateway's admission of a REST inference request in one native call: decode the body
+//! (ppml-core's v2 parser), check it against the model's declared inputs, and seal it as
+//! its queue record, written part by part straight into the returned ``bytes``.
+
+use ppml_core::envelope::Keyring;
+use ppml_core::request::{check, record_parts, CheckError, Declared, Inputs};
+use ppml_core::v2::{self, Datatype};
+use pyo3::prelude::*;
+use pyo3::types::PyBytes;
+
+use crate::package_error;
+
+/// A model's declared inputs, built once per served version.
+#[pyclass(frozen, module = "ppml_serve._native")]
+pub struct ModelInputs {
+    inner: Inputs,
+}
+
+#[pymethods]
+impl ModelInputs {
+    /// ``model``'s name and its inputs as (name, v2 datatype, shape with -1 for any size).
+    #[new]
+    fn new(model: String, inputs: Vec<(String, String, Vec<i64>)>) -> PyResult<Self> {
+        let inputs = inputs
+            .into_iter()
+            .map(|(name, datatype, shape)| {
+                let datatype = Datatype::named(&datatype).ok_or_else(|| {
+                    pyo3::exceptions::PyValueError::new_err(format!(
+                        "input {name}: unknown datatype {datatype}"
+                    ))
+                })?;
+                Ok(Declared {
+                    name,
+                    datatype,
+                    shape,
+                })
+            })
+            .collect::<PyResult<Vec<Declared>>>()?;
+        Ok(Self {
+            inner: Inputs { model, inputs },
+        })
+    }
+}
+
+/// The record (sealed, or plain for the insecure benchmark sealer) and what the response
+/// needs: request id, parameters as JSON text ("" when none), requested outputs with
+/// whether each is binary (None: all), the binary default and the classification counts.
+pub type Prepared<'py> = (
+    Bound<'py, PyBytes>,
+    Option<String>,
+    String,
+    Option<Vec<(String, bool)>>,
+    bool,
+    Vec<(String, u64)>,
+);
+
+pub fn prepare<'py>(
+    py: Python<'py>,
+    body: &[u8],
+    header_length: Option<&str>,
+    model: &ModelInputs,
+    max_rows: Option<u64>,
+    seal: Option<(&Keyring, &[u8])>,
+) -> PyResult<Prepared<'py>> {
+    let request = py
+        .detach(|| {
+            let request = v2::parse_request(body, header_length)
+                .map_err(|error| ("InvalidInput", error.0))?;
+            check(&request, &model.inner, max_rows).map_err(|error| match error {
+                CheckError::Invalid(message) => ("InvalidInput", message),
+                CheckError::TooManyRows(message) => ("PayloadTooLarge", message),
+            })?;
+            Ok(request)
+        })
+        .map_err(|(class, message): (&str, String)| package_error(py, class, message))?;
+    let (head, data) = record_parts(&request, body)
+        .map_err(|error| package_error(py, "InvalidInput", error.to_string()))?;
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(data.len() + 1);
+    parts.push(&head);
+    parts.extend(data);
+    let total: usize = parts.iter().map(|part| part.len()).sum();
+    let record = match seal {
+        Some((keyring, aad)) => PyBytes::new_with(py, keyring.sealed_len(total), |out| {
+            py.detach(|| keyring.seal_parts_into(&parts, aad, out))
+                .map_err(|error| package_error(py, "IntegrityError", error.to_string()))
+        })?,
+        None => PyBytes::new_with(py, total, |out| {
+            let mut at = 0;
+            for part in &parts {
+                out[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            Ok(())
+        })?,
+    };
+    let parameters = if request.parameters.is_empty() {
+        String::new()
+    } else {
+        serde_json::Value::Object(request.parameters).to_string()
+    };
+    Ok((
+        record,
+        request.id,
+        parameters,
+        request.outputs,
+        request.binary_default,
+        request.classification,
+    ))
+}
+
+/// ``Keyring.seal_v2_request`` without the envelope: the plain record (the insecure
+/// benchmark sealer frames it itself).
+#[pyfunction]
+#[pyo3(signature = (body, header_length, model, max_rows))]
+pub fn pack_v2_request<'py>(
+    py: Python<'py>,
+    body: &[u8],
+    header_length: Option<&str>,
+    model: PyRef<'_, ModelInputs>,
+    max_rows: Option<u64>,
+) -> PyResult<Prepared<'py>> {
+    prepare(py, body, header_length, &model, max_rows, None)
+}
