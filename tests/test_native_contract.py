@@ -180,3 +180,37 @@ def test_native_admission_says_and_seals_what_the_python_path_did(body: bytes,
     if sealer == "keyring":
         with pytest.raises(IntegrityError):
             ring.open(sealed, b"other request")
+
+
+@pytest.mark.parametrize("asked", [None, {"p": True}, {"k": False, "p": False},
+                                   {"t": True, "k": True}])
+@pytest.mark.parametrize("binary_default", [False, True])
+def test_native_responses_say_what_the_python_encoder_said(
+        asked: dict[str, bool] | None, binary_default: bool) -> None:
+    """The answer record straight to a response body (ppml-core) against the Python
+    encoder: the same document (numbers compared as JSON reads them) and binary parts."""
+    from ppml_serve.codecs.v2 import InferRequest, encode_response
+
+    outputs = {"p": np.array([[0.1, 1e-7, 3.5e12]], np.float32),
+               "t": np.array([b"\xc3\xa9t\xc3\xa9", b""], dtype=object),
+               "k": np.array([-3, 2**40], np.int64), "b": np.array([True, False])}
+    answer = record.pack(outputs)
+    request = InferRequest("r7", {}, asked, binary_default)
+    want_body, want_size = encode_response("m", request, outputs, "3")
+    got_body, got_size = _native.encode_v2_response(
+        answer, "m", "3", "r7", list(asked.items()) if asked is not None else None,
+        binary_default)
+    assert got_size == want_size
+    split_want, split_got = want_size or len(want_body), got_size or len(got_body)
+    assert json.loads(got_body[:split_got]) == json.loads(want_body[:split_want])
+    assert got_body[split_got:] == want_body[split_want:]
+
+
+def test_a_bytes_output_that_is_not_text_cannot_be_json() -> None:
+    answer = record.pack({"t": np.array([b"\xff"], dtype=object)})
+    with pytest.raises(InvalidInput, match=r"not UTF-8 text.*binary_data = true"):
+        _native.encode_v2_response(answer, "m", None, None, None, False)
+    body, size = _native.encode_v2_response(answer, "m", None, None, None, True)
+    assert size is not None and body[size:] == b"\x01\x00\x00\x00\xff"
+    with pytest.raises(ProtocolError):
+        _native.encode_v2_response(b"not a record", "m", None, None, None, False)

@@ -65,3 +65,8 @@ def parse_v2_request(
 ) -> tuple[str | None, str,
            list[tuple[str, str, list[int], int, bytes | None, int]],
            list[tuple[str, bool]] | None, bool, list[tuple[str, int]]]: ...
+
+def encode_v2_response(
+    answer: bytes, model: str, version: str | None, request_id: str | None,
+    outputs: list[tuple[str, bool]] | None, binary_default: bool,
+) -> tuple[bytes, int | None]: ...

@@ -8,4 +8,5 @@ pub mod batch;
 pub mod envelope;
 pub mod record;
 pub mod request;
+pub mod response;
 pub mod v2;

@@ -221,6 +221,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<batch::BatchLayout>()?;
     module.add_class::<request::ModelInputs>()?;
     module.add_function(wrap_pyfunction!(request::pack_v2_request, module)?)?;
+    module.add_function(wrap_pyfunction!(request::encode_v2_response, module)?)?;
     module.add_function(wrap_pyfunction!(parse_record, module)?)?;
     module.add_function(wrap_pyfunction!(batch::stack_batch, module)?)?;
     module.add_function(wrap_pyfunction!(parse_v2_request, module)?)?;

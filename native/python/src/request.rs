@@ -4,6 +4,7 @@
 
 use ppml_core::envelope::Keyring;
 use ppml_core::request::{check, record_parts, CheckError, Declared, Inputs};
+use ppml_core::response;
 use ppml_core::v2::{self, Datatype};
 use pyo3::prelude::*;
 use pyo3::types::PyBytes;
@@ -120,4 +121,37 @@ pub fn pack_v2_request<'py>(
     max_rows: Option<u64>,
 ) -> PyResult<Prepared<'py>> {
     prepare(py, body, header_length, &model, max_rows, None)
+}
+
+/// The REST response body for a worker's answer record (the layout of the Python
+/// ``encode_response``), and the size of its JSON part when any output is binary.
+#[pyfunction]
+#[pyo3(signature = (answer, model, version, request_id, outputs, binary_default))]
+pub fn encode_v2_response<'py>(
+    py: Python<'py>,
+    answer: &[u8],
+    model: &str,
+    version: Option<&str>,
+    request_id: Option<&str>,
+    outputs: Option<Vec<(String, bool)>>,
+    binary_default: bool,
+) -> PyResult<(Bound<'py, PyBytes>, Option<usize>)> {
+    let wanted = response::Wanted {
+        model,
+        version,
+        id: request_id,
+        parameters: None,
+        outputs: outputs.as_deref(),
+        binary_default,
+    };
+    let (body, size) = py
+        .detach(|| response::encode(answer, &wanted))
+        .map_err(|error| {
+            let class = match error {
+                response::ResponseError::NotText(_) => "InvalidInput",
+                _ => "ProtocolError",
+            };
+            package_error(py, class, error.to_string())
+        })?;
+    Ok((PyBytes::new(py, &body), size))
 }

@@ -541,9 +541,15 @@ class DataPlane:
         async with self._admission(queue):
             request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
             request, sealed = await self._admit(queue, body, header_length, request_id)
-            plaintext = await self._exchange_sealed(queue, request_id, sealed)
-        _, outputs = record.unpack(plaintext)
-        return encode_response(model, request, outputs, version, labels=self.labels(queue))
+            answer = await self._exchange_sealed(queue, request_id, sealed)
+        if request.classification:  # the best classes need numpy and the model's labels
+            _, outputs = record.unpack(answer)
+            return encode_response(model, request, outputs, version, labels=self.labels(queue))
+        # the answer record straight to the response body (ppml-core): no arrays, no tolist
+        return _native.encode_v2_response(
+            answer, model, version, request.id,
+            list(request.outputs.items()) if request.outputs is not None else None,
+            request.binary_default)
 
     def _model_inputs(self, queue: str, spec: ModelSpec) -> _native.ModelInputs:
         """The native form of a version's declared inputs, made once per announced spec."""
