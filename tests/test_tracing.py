@@ -28,6 +28,7 @@ from ppml_serve.models import demo_model_path, demo_samples
 from ppml_serve.queue.contract import Delivery
 from ppml_serve.settings import WorkerSettings
 from ppml_serve.state import read_api_key
+from ppml_serve.tracing import install
 from ppml_serve.worker.service import Worker
 
 from .conftest import running_stack, stack_settings
@@ -44,7 +45,7 @@ def spans() -> InMemorySpanExporter:
     provider = trace.get_tracer_provider()
     if not isinstance(provider, TracerProvider):
         provider = TracerProvider()
-        trace.set_tracer_provider(provider)
+    install(provider)  # spans on (OpenTelemetry keeps the first provider it was given)
     provider.add_span_processor(SimpleSpanProcessor(exporter))
     return exporter
 

@@ -33,9 +33,24 @@ def tracer() -> Tracer:
     return trace.get_tracer(TRACER_NAME)
 
 
+_installed = False
+"""Set once a provider is installed here. Asking OpenTelemetry instead costs an environment
+lookup per call while tracing is off (3 % of the gateway's event loop in py-spy, C=32)."""
+
+
 def tracing_on() -> bool:
-    """Whether a tracer provider is installed (``configure_tracing``, or a test's own)."""
-    return not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
+    """Whether a tracer provider is installed (``configure_tracing``, or ``install``)."""
+    return _installed
+
+
+def install(provider: trace.TracerProvider) -> None:
+    """Make ``provider`` the process's tracer provider (OpenTelemetry takes one per process)
+    and turn spans on."""
+    global _installed
+    with _configured:
+        if isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider):
+            trace.set_tracer_provider(provider)
+        _installed = not isinstance(trace.get_tracer_provider(), trace.ProxyTracerProvider)
 
 
 _OFF: contextlib.nullcontext[None] = contextlib.nullcontext()
@@ -77,8 +92,7 @@ def configure_tracing(settings: TracingSettings, service: str) -> None:
                               "pip install 'ppml-serve[otlp]'") from None
         provider.add_span_processor(BatchSpanProcessor(
             OTLPSpanExporter(endpoint=settings.otlp_endpoint)))
-    with _configured:
-        trace.set_tracer_provider(provider)
+    install(provider)
 
 
 class _RotatingLines:
