@@ -268,7 +268,7 @@ def test_keys_certificates_and_api_key_work(generated: dict[str, Path], tmp_path
 
 
 def test_refusals_name_the_fix(generated: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match=r"not empty.*--force"):
+    with pytest.raises(ConfigError, match=r"not empty.*kubernetes policy"):
         _generate(generated["dev"], "dev")
     with pytest.raises(ConfigError, match="never latest"):
         generate(tmp_path / "a", "dev", KUBE, {}, image="registry/ppml-serve:latest")

@@ -381,7 +381,6 @@ def build_parser() -> argparse.ArgumentParser:
                       help="a DNS name or address clients reach the gateway by (repeatable)")
     kube.add_argument("--redis-address", metavar="HOST:PORT",
                       help="the Redis of the external-redis overlay")
-    kube.add_argument("--force", action="store_true", help="write into a non-empty OUT")
     kube_policy = kube_commands.add_parser(
         "policy", help="measure model files into a generated deployment's policy",
         description="Rewrites OUT/configmaps.yaml so that the key broker releases the keys of "
@@ -684,8 +683,7 @@ def _kubernetes_generate(args: argparse.Namespace) -> int:
 
     done = generate(args.out, args.overlay, args.manifests,
                     {name: Path(path) for name, path in args.model}, args.image,
-                    tuple(args.gateway_host), args.redis_address, args.force,
-                    args.redis_image)
+                    tuple(args.gateway_host), args.redis_address, args.redis_image)
     print(f"wrote {len(done.secrets)} Secrets, 2 ConfigMaps and kustomization.yaml to "
           f"{done.directory}")
     print(f"  apply:       kubectl apply -k {done.directory}")

@@ -161,7 +161,7 @@ def _policy(overlay: str, releases: list[dict[str, str]]) -> str:
 
 def generate(out: Path, overlay: str, manifests: Path, models: dict[str, Path],
              image: str | None = None, gateway_hosts: tuple[str, ...] = (),
-             redis_address: str | None = None, force: bool = False,
+             redis_address: str | None = None,
              redis_image: str | None = None) -> Generated:
     """Write the Secrets, ConfigMaps and kustomization of one deployment into ``out``."""
     if overlay not in OVERLAYS:
@@ -173,9 +173,11 @@ def generate(out: Path, overlay: str, manifests: Path, models: dict[str, Path],
     if overlay == "external-redis" and not redis_address:
         raise ConfigError("--redis-address HOST:PORT is needed for external-redis (the "
                           "Redis that gateways, workers and KEDA reach)")
-    if out.exists() and any(out.iterdir()) and not force:
-        raise ConfigError(f"{out} is not empty: it may hold a deployment's keys; choose a new "
-                          "directory, or --force to replace its files")
+    if out.exists() and any(out.iterdir()):
+        # never over a deployment's keys: models encrypted with its KMS would no longer open
+        raise ConfigError(f"{out} is not empty: it may hold a deployment's keys, which "
+                          "generating again would replace; choose a new directory (to change "
+                          "only the policy: ppml-serve kubernetes policy)")
     images = [_image(IMAGE, image, "--image")] if image else []
     if redis_image:
         images.append(_image("redis", redis_image, "--redis-image"))
