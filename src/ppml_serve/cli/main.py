@@ -876,7 +876,8 @@ def _report(runs: list[dict[str, Any]], args: argparse.Namespace) -> None:
 def _init_hint(args: argparse.Namespace, message: str) -> str:
     """Most errors on a machine without a state directory mean 'ppml-serve init' was not run."""
     state = getattr(args, "state_dir", None) or Path(".ppml-serve")
-    if args.command in ("init", "up", "bench") or Path(state).exists() or "init" in message:
+    if args.command in ("init", "up", "bench", "kubernetes") or Path(state).exists() \
+            or "init" in message:  # kubernetes generate makes a deployment's keys itself
         return ""
     if args.command == "model" and getattr(args, "model_command", "") in ("quantize",
                                                                          "convert"):
