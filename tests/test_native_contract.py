@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import struct
 
 import numpy as np
@@ -214,3 +215,32 @@ def test_a_bytes_output_that_is_not_text_cannot_be_json() -> None:
     assert size is not None and body[size:] == b"\x01\x00\x00\x00\xff"
     with pytest.raises(ProtocolError):
         _native.encode_v2_response(b"not a record", "m", None, None, None, False)
+
+
+@pytest.mark.parametrize("body", ADMISSION_CASES[:7], ids=range(7))
+def test_decoded_tensors_get_the_same_admission(body: bytes) -> None:
+    """gRPC's decoded tensors go through the same native check and record as REST bodies."""
+    from ppml_serve.codecs.tensors import datatype_name, tensor_bytes
+
+    ring = Keyring({"k1": os.urandom(32)}, "k1")
+    inputs = parse_request(body, None).inputs
+    decoded = [(name, datatype_name(a.dtype), list(a.shape), bytes(tensor_bytes(a)))
+               for name, a in inputs.items()]
+    try:
+        SPEC.check_inputs(inputs, 2)
+    except TooManyRows as exc:
+        with pytest.raises(PayloadTooLarge, match=re.escape(str(exc))):
+            ring.seal_tensors(decoded, NATIVE_SPEC, 2, b"aad")
+        return
+    except InvalidInput as exc:
+        with pytest.raises(InvalidInput) as refused:
+            ring.seal_tensors(decoded, NATIVE_SPEC, 2, b"aad")
+        assert str(refused.value) == str(exc) and type(refused.value) is InvalidInput
+        return
+    _, tensors = record.unpack(ring.open(ring.seal_tensors(decoded, NATIVE_SPEC, 2, b"aad"),
+                                         b"aad"))
+    for name, array in inputs.items():
+        np.testing.assert_array_equal(tensors[name], array)
+    plain = PlaintextSealer().seal_tensors(decoded, NATIVE_SPEC, 2, b"aad")
+    assert PlaintextSealer().open(plain, b"aad") == ring.open(
+        ring.seal_tensors(decoded, NATIVE_SPEC, 2, b"aad"), b"aad")

@@ -15,6 +15,10 @@ class Keyring:
         self, body: bytes, header_length: str | None, model: ModelInputs,
         max_rows: int | None, aad: bytes,
     ) -> Prepared: ...
+    def seal_tensors(
+        self, decoded: list[tuple[str, str, list[int], bytes]], model: ModelInputs,
+        max_rows: int | None, aad: bytes,
+    ) -> bytes: ...
 
 class ModelInputs:
     def __init__(self, model: str, inputs: list[tuple[str, str, list[int]]]) -> None: ...
@@ -23,6 +27,11 @@ class ModelInputs:
 # binary default, classification counts)
 Prepared = tuple[bytes, str | None, str, list[tuple[str, bool]] | None, bool,
                  list[tuple[str, int]]]
+
+def pack_tensors(
+    decoded: list[tuple[str, str, list[int], bytes]], model: ModelInputs,
+    max_rows: int | None,
+) -> bytes: ...
 
 def pack_v2_request(
     body: bytes, header_length: str | None, model: ModelInputs, max_rows: int | None,

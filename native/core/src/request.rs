@@ -38,14 +38,41 @@ fn python_list<T: ToString>(items: &[T]) -> String {
     format!("[{}]", items.join(", "))
 }
 
+/// One input of a request, wherever it was decoded from (a REST body, a gRPC message).
+#[derive(Debug, Clone, Copy)]
+pub struct Tensor<'a> {
+    pub name: &'a str,
+    pub datatype: Datatype,
+    pub shape: &'a [u64],
+    /// Raw little-endian items in C order (BYTES: their binary form).
+    pub data: &'a [u8],
+}
+
+/// The inputs of a decoded REST request, their bytes borrowed from `body` or the request.
+pub fn tensors<'a>(request: &'a InferRequest, body: &'a [u8]) -> Vec<Tensor<'a>> {
+    request
+        .inputs
+        .iter()
+        .map(|input| Tensor {
+            name: &input.name,
+            datatype: input.datatype,
+            shape: &input.shape,
+            data: match &input.data {
+                InputData::Binary { offset, len } => &body[*offset..*offset + *len],
+                InputData::Decoded(bytes) => bytes.as_slice(),
+            },
+        })
+        .collect()
+}
+
 /// Every declared input present with its datatype and shape, nothing else, one batch size,
 /// and at most `max_rows` rows.
 pub fn check(
-    request: &InferRequest,
+    inputs: &[Tensor<'_>],
     model: &Inputs,
     max_rows: Option<u64>,
 ) -> Result<(), CheckError> {
-    for input in &request.inputs {
+    for input in inputs {
         if !model
             .inputs
             .iter()
@@ -55,7 +82,7 @@ pub fn check(
             expected.sort_unstable();
             return Err(CheckError::Invalid(format!(
                 "input {} is not an input of model {} (expected: {})",
-                py_repr(&input.name),
+                py_repr(input.name),
                 py_repr(&model.model),
                 expected.join(", ")
             )));
@@ -63,7 +90,7 @@ pub fn check(
     }
     for declared in &model.inputs {
         let where_ = format!("input {}", py_repr(&declared.name));
-        let Some(input) = request.inputs.iter().find(|i| i.name == declared.name) else {
+        let Some(input) = inputs.iter().find(|i| i.name == declared.name) else {
             return Err(CheckError::Invalid(format!("{where_} is missing")));
         };
         if input.datatype.name != declared.datatype.name {
@@ -76,18 +103,18 @@ pub fn check(
             && declared
                 .shape
                 .iter()
-                .zip(&input.shape)
+                .zip(input.shape)
                 .all(|(want, got)| *want == -1 || u64::try_from(*want).ok() == Some(*got));
         if !fits {
             return Err(CheckError::Invalid(format!(
                 "{where_}: shape {} does not match the model's {} (-1 = any size)",
-                python_list(&input.shape),
+                python_list(input.shape),
                 python_list(&declared.shape)
             )));
         }
     }
     let mut batch: Option<u64> = None;
-    for input in request.inputs.iter().filter(|i| !i.shape.is_empty()) {
+    for input in inputs.iter().filter(|i| !i.shape.is_empty()) {
         match batch {
             Some(rows) if rows != input.shape[0] => {
                 return Err(CheckError::Invalid(
@@ -108,34 +135,20 @@ pub fn check(
     Ok(())
 }
 
-/// The record of a checked request: its head (prefix and header) and each input's bytes in
-/// request order, borrowed from the body or the decoded JSON. Sealing writes them straight
-/// into the envelope ([`crate::envelope::Keyring::seal_parts_into`]).
-pub fn record_parts<'a>(
-    request: &'a InferRequest,
-    body: &'a [u8],
-) -> Result<(Vec<u8>, Vec<&'a [u8]>), RecordError> {
-    let data: Vec<&[u8]> = request
-        .inputs
+/// The head (prefix and header) of the record of checked `inputs`, whose bytes follow it in
+/// order: sealing writes them straight into the envelope
+/// ([`crate::envelope::Keyring::seal_parts_into`]).
+pub fn record_head(inputs: &[Tensor<'_>]) -> Result<Vec<u8>, RecordError> {
+    let framed: Vec<TensorIn<'_>> = inputs
         .iter()
-        .map(|input| match &input.data {
-            InputData::Binary { offset, len } => &body[*offset..*offset + *len],
-            InputData::Decoded(bytes) => bytes.as_slice(),
-        })
-        .collect();
-    let tensors: Vec<TensorIn<'_>> = request
-        .inputs
-        .iter()
-        .zip(&data)
-        .map(|(input, bytes)| TensorIn {
-            name: &input.name,
+        .map(|input| TensorIn {
+            name: input.name,
             datatype: input.datatype.name,
-            shape: &input.shape,
-            data: bytes,
+            shape: input.shape,
+            data: input.data,
         })
         .collect();
-    let head = record::head(&Map::new(), &tensors)?;
-    Ok((head, data))
+    record::head(&Map::new(), &framed)
 }
 
 #[cfg(test)]
@@ -159,8 +172,13 @@ mod tests {
         parse_request(body.as_bytes(), None).unwrap()
     }
 
+    fn checked(body: &str, model: &Inputs, max_rows: Option<u64>) -> Result<(), CheckError> {
+        let parsed = request(body);
+        check(&tensors(&parsed, body.as_bytes()), model, max_rows)
+    }
+
     fn refusal(body: &str, max_rows: Option<u64>) -> CheckError {
-        check(&request(body), &demo(), max_rows).expect_err("refused")
+        checked(body, &demo(), max_rows).expect_err("refused")
     }
 
     #[test]
@@ -200,7 +218,7 @@ mod tests {
                     .into()
             )
         );
-        check(&request(two), &demo(), Some(2)).unwrap();
+        checked(two, &demo(), Some(2)).unwrap();
         let mut pair = demo();
         pair.inputs.push(Declared {
             name: "mask".into(),
@@ -208,12 +226,12 @@ mod tests {
             shape: vec![-1],
         });
         assert_eq!(
-            check(&request(two), &pair, None),
+            checked(two, &pair, None),
             Err(CheckError::Invalid("input 'mask' is missing".into()))
         );
         let disagree = r#"{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 2, 2], "data": [1, 2, 3, 4, 5, 6, 7, 8]}, {"name": "mask", "datatype": "BOOL", "shape": [3], "data": [1, 0, 1]}]}"#;
         assert_eq!(
-            check(&request(disagree), &pair, None),
+            checked(disagree, &pair, None),
             Err(CheckError::Invalid(
                 "inputs disagree on the batch size (first dimension)".into()
             ))
@@ -225,8 +243,10 @@ mod tests {
         let header = r#"{"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 2, 2], "parameters": {"binary_data_size": 4}}]}"#;
         let body = [header.as_bytes(), &[9, 8, 7, 6]].concat();
         let parsed = parse_request(&body, Some(&header.len().to_string())).unwrap();
-        check(&parsed, &demo(), None).unwrap();
-        let (head, parts) = record_parts(&parsed, &body).unwrap();
+        let inputs = tensors(&parsed, &body);
+        check(&inputs, &demo(), None).unwrap();
+        let head = record_head(&inputs).unwrap();
+        let parts: Vec<&[u8]> = inputs.iter().map(|t| t.data).collect();
         let joined = [head.as_slice(), parts.concat().as_slice()].concat();
         let record = record::parse(&joined).unwrap();
         assert_eq!(record.tensors[0].shape, vec![1, 2, 2]);

@@ -110,6 +110,19 @@ impl Keyring {
         )
     }
 
+    /// Tensors another front end decoded, checked against ``model`` and sealed as one
+    /// record (``request::admit_tensors``).
+    fn seal_tensors<'py>(
+        &self,
+        py: Python<'py>,
+        decoded: Vec<(String, String, Vec<u64>, PyBackedBytes)>,
+        model: PyRef<'_, request::ModelInputs>,
+        max_rows: Option<u64>,
+        aad: &[u8],
+    ) -> PyResult<Bound<'py, PyBytes>> {
+        request::admit_tensors(py, &decoded, &model, max_rows, Some((&self.inner, aad)))
+    }
+
     /// Open a worker's micro-batch and stack the rows that fit ``layout`` (see
     /// ``batch::open_batch``), GIL released.
     fn open_batch<'py>(
@@ -222,6 +235,7 @@ fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<request::ModelInputs>()?;
     module.add_function(wrap_pyfunction!(request::pack_v2_request, module)?)?;
     module.add_function(wrap_pyfunction!(request::encode_v2_response, module)?)?;
+    module.add_function(wrap_pyfunction!(request::pack_tensors, module)?)?;
     module.add_function(wrap_pyfunction!(parse_record, module)?)?;
     module.add_function(wrap_pyfunction!(batch::stack_batch, module)?)?;
     module.add_function(wrap_pyfunction!(parse_v2_request, module)?)?;

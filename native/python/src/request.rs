@@ -3,10 +3,11 @@
 //! its queue record, written part by part straight into the returned ``bytes``.
 
 use ppml_core::envelope::Keyring;
-use ppml_core::request::{check, record_parts, CheckError, Declared, Inputs};
+use ppml_core::request::{check, record_head, tensors, CheckError, Declared, Inputs, Tensor};
 use ppml_core::response;
 use ppml_core::v2::{self, Datatype};
 use pyo3::prelude::*;
+use pyo3::pybacked::PyBackedBytes;
 use pyo3::types::PyBytes;
 
 use crate::package_error;
@@ -55,6 +56,45 @@ pub type Prepared<'py> = (
     Vec<(String, u64)>,
 );
 
+fn refusal(py: Python<'_>, error: CheckError) -> PyErr {
+    match error {
+        CheckError::Invalid(message) => package_error(py, "InvalidInput", message),
+        CheckError::TooManyRows(message) => package_error(py, "PayloadTooLarge", message),
+    }
+}
+
+/// `inputs` checked against `model` and written as one record, sealed (or plain), into the
+/// returned ``bytes``: the one admission of REST and gRPC requests alike.
+fn admit<'py>(
+    py: Python<'py>,
+    inputs: &[Tensor<'_>],
+    model: &ModelInputs,
+    max_rows: Option<u64>,
+    seal: Option<(&Keyring, &[u8])>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    check(inputs, &model.inner, max_rows).map_err(|error| refusal(py, error))?;
+    let head = record_head(inputs)
+        .map_err(|error| package_error(py, "InvalidInput", error.to_string()))?;
+    let mut parts: Vec<&[u8]> = Vec::with_capacity(inputs.len() + 1);
+    parts.push(&head);
+    parts.extend(inputs.iter().map(|input| input.data));
+    let total: usize = parts.iter().map(|part| part.len()).sum();
+    match seal {
+        Some((keyring, aad)) => PyBytes::new_with(py, keyring.sealed_len(total), |out| {
+            py.detach(|| keyring.seal_parts_into(&parts, aad, out))
+                .map_err(|error| package_error(py, "IntegrityError", error.to_string()))
+        }),
+        None => PyBytes::new_with(py, total, |out| {
+            let mut at = 0;
+            for part in &parts {
+                out[at..at + part.len()].copy_from_slice(part);
+                at += part.len();
+            }
+            Ok(())
+        }),
+    }
+}
+
 pub fn prepare<'py>(
     py: Python<'py>,
     body: &[u8],
@@ -64,36 +104,9 @@ pub fn prepare<'py>(
     seal: Option<(&Keyring, &[u8])>,
 ) -> PyResult<Prepared<'py>> {
     let request = py
-        .detach(|| {
-            let request = v2::parse_request(body, header_length)
-                .map_err(|error| ("InvalidInput", error.0))?;
-            check(&request, &model.inner, max_rows).map_err(|error| match error {
-                CheckError::Invalid(message) => ("InvalidInput", message),
-                CheckError::TooManyRows(message) => ("PayloadTooLarge", message),
-            })?;
-            Ok(request)
-        })
-        .map_err(|(class, message): (&str, String)| package_error(py, class, message))?;
-    let (head, data) = record_parts(&request, body)
-        .map_err(|error| package_error(py, "InvalidInput", error.to_string()))?;
-    let mut parts: Vec<&[u8]> = Vec::with_capacity(data.len() + 1);
-    parts.push(&head);
-    parts.extend(data);
-    let total: usize = parts.iter().map(|part| part.len()).sum();
-    let record = match seal {
-        Some((keyring, aad)) => PyBytes::new_with(py, keyring.sealed_len(total), |out| {
-            py.detach(|| keyring.seal_parts_into(&parts, aad, out))
-                .map_err(|error| package_error(py, "IntegrityError", error.to_string()))
-        })?,
-        None => PyBytes::new_with(py, total, |out| {
-            let mut at = 0;
-            for part in &parts {
-                out[at..at + part.len()].copy_from_slice(part);
-                at += part.len();
-            }
-            Ok(())
-        })?,
-    };
+        .detach(|| v2::parse_request(body, header_length))
+        .map_err(|error| package_error(py, "InvalidInput", error.0))?;
+    let record = admit(py, &tensors(&request, body), model, max_rows, seal)?;
     let parameters = if request.parameters.is_empty() {
         String::new()
     } else {
@@ -154,4 +167,44 @@ pub fn encode_v2_response<'py>(
             package_error(py, class, error.to_string())
         })?;
     Ok((PyBytes::new(py, &body), size))
+}
+
+/// Tensors another front end decoded (gRPC: name, v2 datatype, shape, raw bytes) checked
+/// against ``model`` and written as one record: sealed with ``seal``'s keyring and
+/// associated data, or plain. The same admission as REST bodies get.
+pub fn admit_tensors<'py>(
+    py: Python<'py>,
+    decoded: &[(String, String, Vec<u64>, PyBackedBytes)],
+    model: &ModelInputs,
+    max_rows: Option<u64>,
+    seal: Option<(&Keyring, &[u8])>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    let mut inputs = Vec::with_capacity(decoded.len());
+    for (name, datatype, shape, data) in decoded {
+        let datatype = Datatype::named(datatype).ok_or_else(|| {
+            package_error(
+                py,
+                "InvalidInput",
+                format!("input {name}: unknown datatype"),
+            )
+        })?;
+        inputs.push(Tensor {
+            name,
+            datatype,
+            shape,
+            data,
+        });
+    }
+    admit(py, &inputs, model, max_rows, seal)
+}
+
+/// ``Keyring.seal_tensors`` without the envelope (the insecure benchmark sealer).
+#[pyfunction]
+pub fn pack_tensors<'py>(
+    py: Python<'py>,
+    decoded: Vec<(String, String, Vec<u64>, PyBackedBytes)>,
+    model: PyRef<'_, ModelInputs>,
+    max_rows: Option<u64>,
+) -> PyResult<Bound<'py, PyBytes>> {
+    admit_tensors(py, &decoded, &model, max_rows, None)
 }

@@ -74,6 +74,11 @@ class Sealer(Protocol):
         ``ModelSpec.check_inputs``; ``InvalidInput``, or ``PayloadTooLarge`` for too many
         rows) and sealed as its queue record: one native call, GIL released."""
 
+    def seal_tensors(self, decoded: list[tuple[str, str, list[int], bytes]],
+                     model: _native.ModelInputs, max_rows: int | None, aad: bytes) -> bytes:
+        """Tensors another front end decoded (name, datatype, shape, raw bytes), checked and
+        sealed as ``seal_v2_request`` does: one admission for REST and gRPC."""
+
 
 class ModelSealers(Protocol):
     """The gateway's sealers: one per model (name, without version)."""
@@ -128,6 +133,11 @@ class Keyring:
                         aad: bytes) -> Prepared:
         return self._ring.seal_v2_request(_bytes(body), header_length, model, max_rows, aad)
 
+    def seal_tensors(self, decoded: list[tuple[str, str, list[int], bytes]],
+                     model: _native.ModelInputs, max_rows: int | None, aad: bytes) -> bytes:
+        sealed: bytes = self._ring.seal_tensors(decoded, model, max_rows, aad)
+        return sealed
+
 
 def _bytes(data: bytes | bytearray | memoryview) -> bytes:
     """The native side takes ``bytes``; other buffers are copied once."""
@@ -159,6 +169,10 @@ class PlaintextSealer:
         record, rid, parameters, outputs, binary, classes = _native.pack_v2_request(
             _bytes(body), header_length, model, max_rows)
         return self._MARK + record, rid, parameters, outputs, binary, classes
+
+    def seal_tensors(self, decoded: list[tuple[str, str, list[int], bytes]],
+                     model: _native.ModelInputs, max_rows: int | None, aad: bytes) -> bytes:
+        return self._MARK + _native.pack_tensors(decoded, model, max_rows)
 
     def open_batch(self, records: list[bytes], aads: list[bytes], layout: BatchLayout,
                    max_rows: int) -> OpenedBatch:

@@ -19,7 +19,7 @@ import numpy as np
 from ppml_serve import _native
 from ppml_serve.backoff import Backoff
 from ppml_serve.codecs import record
-from ppml_serve.codecs.tensors import ModelSpec, TooManyRows
+from ppml_serve.codecs.tensors import ModelSpec, datatype_name, tensor_bytes
 from ppml_serve.codecs.v2 import (
     InferRequest,
     check_outputs,
@@ -35,7 +35,6 @@ from ppml_serve.errors import (
     ModelNotFound,
     NotReady,
     Overloaded,
-    PayloadTooLarge,
     ProtocolError,
     QueueStalled,
 )
@@ -491,16 +490,6 @@ class DataPlane:
             await self._check_serving(queue)
         return request, sealed
 
-    async def _admit_decoded(self, model: str, spec: ModelSpec,
-                             request: InferRequest) -> InferRequest:
-        try:
-            spec.check_inputs(request.inputs, self._max_rows)
-        except TooManyRows as exc:
-            raise PayloadTooLarge(str(exc)) from None
-        check_outputs(request, spec)
-        await self._check_serving(model)
-        return request
-
     async def _check_serving(self, queue: str) -> None:
         if self._disk is not None:
             self._disk.check()  # room for the answers in flight, not for more work
@@ -571,10 +560,19 @@ class DataPlane:
         the requested outputs (all when ``request.outputs`` is ``None``)."""
         queue = queue_name(model, version)
         async with self._admission(queue):
+            request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
             with span("admit"):
                 spec = await self._spec_of(queue)
-                request = await self._admit_decoded(queue, spec, request)
-            outputs = await self._round_trip(queue, request)
+                with span("seal"):  # the same native admission as a REST body's
+                    sealed = self._sealer_of(queue).seal_tensors(
+                        [(name, datatype_name(array.dtype), list(array.shape), _raw(array))
+                         for name, array in request.inputs.items()],
+                        self._model_inputs(queue, spec), self._max_rows,
+                        associated_data(queue, request_id, REQUEST))
+                check_outputs(request, spec)
+                await self._check_serving(queue)
+            answer = await self._exchange_sealed(queue, request_id, sealed)
+        _, outputs = record.unpack(answer)
         if request.outputs is None:
             return outputs
         return {name: outputs[name] for name in request.outputs}
@@ -603,11 +601,6 @@ class DataPlane:
                 raise InvalidInput("the sealed request was opened by the model's workers, but "
                                    "what it holds is not a valid inference request record "
                                    "(check the client's encoding)") from None
-
-    async def _round_trip(self, model: str, request: InferRequest) -> dict[str, Any]:
-        plaintext = await self._exchange(model, record.pack(request.inputs))
-        _, outputs = record.unpack(plaintext)
-        return outputs
 
     async def _exchange(self, model: str, payload: bytes, mode: Mode = Mode.STANDARD) -> bytes:
         request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
@@ -688,3 +681,15 @@ class DataPlane:
         _, outputs = record.unpack(plaintext)
         request = InferRequest(job_id, {}, job.outputs, job.binary)
         return encode_response(model, request, outputs, split_queue_name(job.model)[1])
+
+
+def _raw(array: np.ndarray[Any, Any]) -> bytes:
+    """An input's bytes for the native admission: the ``bytes`` a decoder's array is a whole
+    view of (gRPC's raw contents: no copy), else its bytes on the wire."""
+    base = array.base
+    while isinstance(base, np.ndarray):  # a reshape of frombuffer's array
+        base = base.base
+    if isinstance(base, bytes) and len(base) == array.nbytes and array.flags.c_contiguous \
+            and array.dtype.kind != "O":
+        return base
+    return bytes(tensor_bytes(array))
