@@ -419,6 +419,8 @@ def test_metrics_split_queue_wait_from_engine_time_and_show_the_queue(stack: Sta
     assert value(r'ppml_live_workers\{model="demo",version="1"\}') == 2
     assert value(r'ppml_queue_lag\{model="demo",version="1"\}') >= 0
     assert value(r'ppml_inflight_requests\{model="demo",version="1"\}') >= 0
+    # answered by the front's native path, and counted as the app counts its own
+    assert value(r"\nppml_front_native_answers_total") >= 5
     with stack.http(api_key="ppml_wrong") as http:  # refused calls are counted too
         http.post("/v2/models/demo/infer", json={"inputs": []})
     with stack.http() as http:

@@ -147,6 +147,12 @@ class GatewaySettings(_Section):
     """What terminates client connections on the HTTPS port: ``native``, the Rust front
     (rustls TLS 1.3/1.2 AEAD-only, HTTP/1.1 and HTTP/2, every connection limit below) before
     the app on a private socket; ``python``, uvicorn alone (HTTP/1.1 only)."""
+    native_infer: bool = True
+    """With the native front: answer REST inference (``POST …/infer``) in the front itself,
+    from the key check to the response, with no Python on the way (the app keeps the routes,
+    keys and metrics up to date). A Redis Cluster, tracing, compressed bodies and the
+    classification extension always take the app's path; ``false`` sends every request
+    there (for comparison)."""
     front_threads: int = Field(1, ge=1, le=64)
     """Threads of the native front (TLS, HTTP, limits) in each gateway process. One keeps a
     request's hand-offs between its tasks on one thread: with two, the 602 KB null-model

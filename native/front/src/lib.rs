@@ -9,9 +9,12 @@
 
 mod body;
 mod config;
+mod plane;
 mod server;
+mod spool;
 mod tls;
 mod upstream;
 
 pub use config::{FrontConfig, TlsFiles};
+pub use plane::{Caller, Event, ModelRoute, Plane, PlaneConfig, RedisTarget, VersionRoute};
 pub use server::{Front, FrontError, FrontStats};

@@ -3,13 +3,13 @@
 use std::convert::Infallible;
 use std::net::{SocketAddr, ToSocketAddrs};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, StatusCode, Uri};
-use http_body_util::Full;
+use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::{Breach, BreachCell, GuardedBody};
 use crate::config::FrontConfig;
+use crate::plane::Plane;
 use crate::upstream::{Upstream, UpstreamError};
 
 /// hyper's smallest read and write buffer; a connection holds at most this much of each
@@ -53,6 +54,7 @@ pub struct FrontStats {
     pub oversized_bodies: AtomicU64,
     pub upstream_failures: AtomicU64,
     pub overloaded: AtomicU64,
+    pub native_answers: AtomicU64,
 }
 
 struct Shared {
@@ -63,6 +65,8 @@ struct Shared {
     refusing: Arc<Semaphore>,
     inflight: Arc<Semaphore>,
     stats: Arc<FrontStats>,
+    /// The native inference path, once the application installed it.
+    plane: OnceLock<Arc<Plane>>,
 }
 
 /// A bound front: `start` serves, `stop` drains and ends it.
@@ -134,6 +138,7 @@ impl Front {
             refusing: Arc::new(Semaphore::new(MAX_REFUSING)),
             inflight: Arc::new(Semaphore::new(config.max_inflight.max(1))),
             stats: Arc::new(FrontStats::default()),
+            plane: OnceLock::new(),
             tls,
             config,
         });
@@ -153,6 +158,12 @@ impl Front {
 
     pub fn stats(&self) -> Arc<FrontStats> {
         self.shared.stats.clone()
+    }
+
+    /// Answer inference requests on the native path from now on (once; false if one was
+    /// installed already).
+    pub fn install_plane(&self, plane: Arc<Plane>) -> bool {
+        self.shared.plane.set(plane).is_ok()
     }
 
     /// Accept connections in the background (once; later calls do nothing).
@@ -356,6 +367,28 @@ fn too_large(shared: &Shared) -> Response<Full<Bytes>> {
     error(StatusCode::PAYLOAD_TOO_LARGE, &message, true, false)
 }
 
+/// The answer to a body cut off at a limit (or by its client).
+fn breached(shared: &Shared, breach: Breach) -> Response<Full<Bytes>> {
+    match breach {
+        Breach::Slow => {
+            shared.stats.slow_bodies.fetch_add(1, Ordering::Relaxed);
+            error(
+                StatusCode::REQUEST_TIMEOUT,
+                "the request body did not arrive in time (gateway.body_timeout_s)",
+                true,
+                false,
+            )
+        }
+        Breach::TooLarge => too_large(shared),
+        Breach::Client | Breach::None => error(
+            StatusCode::BAD_REQUEST,
+            "the request body could not be read",
+            true,
+            false,
+        ),
+    }
+}
+
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and
 /// `expect`, which the front answers itself.
 fn hop_by_hop(name: &HeaderName) -> bool {
@@ -406,7 +439,7 @@ async fn answer(
         return too_large(shared);
     }
     // Held until the application answers: bounds the requests queued in front of it.
-    let _admitted = if is_inference(&request) {
+    let admitted = if is_inference(&request) {
         match shared.inflight.clone().try_acquire_owned() {
             Ok(permit) => Some(permit),
             Err(_) => {
@@ -421,18 +454,50 @@ async fn answer(
     } else {
         None
     };
+    let received_at = Instant::now();
     let received_ms = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
+    let target = match shared.plane.get() {
+        Some(plane) if admitted.is_some() => plane
+            .route(request.uri().path(), request.headers())
+            .map(|target| (plane, target)),
+        _ => None,
+    };
     let (parts, body) = request.into_parts();
     let breach = BreachCell::default();
-    let body = GuardedBody::new(
+    let mut body = GuardedBody::new(
         body,
         config.body_timeout,
         config.max_request_bytes,
         breach.clone(),
     );
+    if let Some((plane, target)) = target {
+        let Ok(collected) = body.collect().await else {
+            return breached(shared, breach.get());
+        };
+        let bytes = collected.to_bytes();
+        let received = (received_at, received_ms as f64 / 1000.0);
+        let path = parts.uri.path();
+        match plane
+            .answer(
+                &target,
+                path,
+                &parts.headers,
+                &bytes,
+                received,
+                peer.to_string(),
+            )
+            .await
+        {
+            Some(response) => {
+                shared.stats.native_answers.fetch_add(1, Ordering::Relaxed);
+                return response;
+            }
+            None => body = GuardedBody::buffered(bytes, breach.clone()),
+        }
+    }
     let mut upstream = Request::new(body);
     *upstream.method_mut() = parts.method;
     *upstream.uri_mut() = parts
@@ -465,16 +530,7 @@ async fn answer(
     let answered =
         tokio::time::timeout(config.upstream_timeout, shared.upstream.call(upstream)).await;
     match (answered, breach.get()) {
-        (_, Breach::Slow) => {
-            shared.stats.slow_bodies.fetch_add(1, Ordering::Relaxed);
-            error(
-                StatusCode::REQUEST_TIMEOUT,
-                "the request body did not arrive in time (gateway.body_timeout_s)",
-                true,
-                false,
-            )
-        }
-        (_, Breach::TooLarge) => too_large(shared),
+        (_, cut @ (Breach::Slow | Breach::TooLarge)) => breached(shared, cut),
         (Ok(Ok(response)), _) => {
             let (mut parts, body) = response.into_parts();
             let keep: Vec<HeaderName> = parts
@@ -488,12 +544,7 @@ async fn answer(
             }
             Response::from_parts(parts, Full::new(body))
         }
-        (_, Breach::Client) => error(
-            StatusCode::BAD_REQUEST,
-            "the request body could not be read",
-            true,
-            false,
-        ),
+        (_, Breach::Client) => breached(shared, Breach::Client),
         (Ok(Err(failure)), _) => {
             shared
                 .stats

@@ -1,16 +1,36 @@
 //! `ppml_serve._native.Front`: the HTTPS front (ppml-front) run inside the gateway process,
 //! on threads of its own; the Python application answers behind it on a private socket.
 
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::Ordering;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
-use ppml_front::{Front as CoreFront, FrontConfig, FrontError, TlsFiles};
+use ppml_front::{
+    Caller, Front as CoreFront, FrontConfig, FrontError, ModelRoute, Plane, PlaneConfig,
+    RedisTarget, TlsFiles, VersionRoute,
+};
 use pyo3::prelude::*;
-use pyo3::types::PyDict;
+use pyo3::types::{PyDict, PyList};
 
 use crate::package_error;
+use crate::request::ModelInputs;
+use crate::Keyring;
+
+/// One version as Python describes it to the native path: queue name, request stream,
+/// reply stream, declared inputs, output names, the model's keyring, and the associated
+/// data of a request and of a reply split around the request id.
+type VersionSpec<'py> = (
+    String,
+    String,
+    String,
+    PyRef<'py, ModelInputs>,
+    Vec<String>,
+    PyRef<'py, Keyring>,
+    (Vec<u8>, Vec<u8>),
+    (Vec<u8>, Vec<u8>),
+);
 
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(value)
@@ -21,7 +41,14 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
 #[pyclass(frozen, module = "ppml_serve._native")]
 pub(crate) struct Front {
     inner: Mutex<Option<CoreFront>>,
+    plane: OnceLock<Arc<Plane>>,
     port: u16,
+}
+
+impl Front {
+    fn plane(&self) -> Option<&Arc<Plane>> {
+        self.plane.get()
+    }
 }
 
 #[pymethods]
@@ -89,6 +116,7 @@ impl Front {
         let port = front.local_addr().port();
         Ok(Self {
             inner: Mutex::new(Some(front)),
+            plane: OnceLock::new(),
             port,
         })
     }
@@ -135,9 +163,182 @@ impl Front {
                 ("oversized_bodies", &stats.oversized_bodies),
                 ("upstream_failures", &stats.upstream_failures),
                 ("overloaded", &stats.overloaded),
+                ("native_answers", &stats.native_answers),
             ] {
                 out.set_item(name, value.load(Ordering::Relaxed))?;
             }
+        }
+        Ok(out)
+    }
+
+    /// Answer inference requests on the native path (see ppml-front's `plane`): the
+    /// queue's address and user, the deadlines and bounds of `gateway.*`, the spool.
+    /// Nothing is served on it before ``set_routes`` and ``set_enabled(True)``.
+    #[pyo3(signature = (*, unix_path, host, port, tls, ca_file, username, password, db,
+                        command_timeout_s, request_timeout_s, max_inflight_per_model,
+                        max_rows, spool, spool_min_bytes))]
+    #[allow(clippy::too_many_arguments)]
+    fn install_plane(
+        &self,
+        py: Python<'_>,
+        unix_path: Option<PathBuf>,
+        host: String,
+        port: u16,
+        tls: bool,
+        ca_file: Option<PathBuf>,
+        username: Option<String>,
+        password: Option<String>,
+        db: i64,
+        command_timeout_s: f64,
+        request_timeout_s: f64,
+        max_inflight_per_model: usize,
+        max_rows: Option<u64>,
+        spool: Option<PathBuf>,
+        spool_min_bytes: usize,
+    ) -> PyResult<()> {
+        let ca_pem = match &ca_file {
+            Some(path) => Some(std::fs::read(path).map_err(|e| {
+                package_error(
+                    py,
+                    "ConfigError",
+                    format!("redis CA file {}: {e}", path.display()),
+                )
+            })?),
+            None => None,
+        };
+        let config = PlaneConfig {
+            redis: RedisTarget {
+                unix_path,
+                host,
+                port,
+                tls,
+                ca_pem,
+                username,
+                password,
+                db,
+            },
+            command_timeout: seconds(command_timeout_s, "command_timeout_s")?,
+            request_timeout: seconds(request_timeout_s, "request_timeout_s")?,
+            max_inflight_per_model,
+            max_rows,
+            spool,
+            spool_min_bytes,
+        };
+        let plane = Arc::new(
+            Plane::new(config).map_err(|message| package_error(py, "ConfigError", message))?,
+        );
+        let guard = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        let installed = guard
+            .as_ref()
+            .is_some_and(|front| front.install_plane(plane.clone()));
+        if installed {
+            let _ = self.plane.set(plane);
+        }
+        Ok(())
+    }
+
+    /// Serve inference on the native path (or pass every request to the application).
+    fn set_plane_enabled(&self, enabled: bool) {
+        if let Some(plane) = self.plane() {
+            plane.set_enabled(enabled);
+        }
+    }
+
+    /// What the native path may serve now: model -> (default version, version -> spec).
+    fn set_routes(
+        &self,
+        routes: HashMap<String, (Option<String>, HashMap<String, VersionSpec<'_>>)>,
+    ) {
+        let Some(plane) = self.plane() else {
+            return;
+        };
+        let table = routes
+            .into_iter()
+            .map(|(model, (default_version, versions))| {
+                let versions = versions
+                    .into_iter()
+                    .map(|(version, spec)| {
+                        let (queue, request_stream, reply_stream, inputs, outputs, keys, a, b) =
+                            spec;
+                        let route = VersionRoute {
+                            queue,
+                            request_stream,
+                            reply_stream,
+                            inputs: inputs.inner.clone(),
+                            outputs,
+                            keyring: keys.inner.clone(),
+                            request_aad: a,
+                            reply_aad: b,
+                        };
+                        (version, Arc::new(route))
+                    })
+                    .collect();
+                let route = ModelRoute {
+                    default_version,
+                    versions,
+                };
+                (model, route)
+            })
+            .collect();
+        plane.set_routes(table);
+    }
+
+    /// The API keys that may call inference: (sha256 digest, key name, models or None).
+    fn set_callers(&self, callers: Vec<([u8; 32], String, Option<Vec<String>>)>) {
+        if let Some(plane) = self.plane() {
+            plane.set_callers(
+                callers
+                    .into_iter()
+                    .map(|(digest, name, models)| {
+                        let models = models.map(|m| m.into_iter().collect::<HashSet<_>>());
+                        (digest, Caller { name, models })
+                    })
+                    .collect(),
+            );
+        }
+    }
+
+    /// Fail the requests the native path holds for ``queue`` with a 503 and ``message``.
+    fn fail_waiting(&self, queue: &str, message: &str) -> usize {
+        self.plane()
+            .map_or(0, |plane| plane.fail_waiting(queue, message))
+    }
+
+    /// Queues the native path holds requests for.
+    fn waiting_queues(&self) -> Vec<String> {
+        self.plane()
+            .map_or_else(Vec::new, |plane| plane.waiting_queues())
+    }
+
+    /// Requests in flight on the native path, by queue.
+    fn plane_inflight(&self) -> HashMap<String, usize> {
+        self.plane()
+            .map_or_else(HashMap::new, |plane| plane.inflight())
+    }
+
+    /// The requests the native path answered since the last call, as tuples:
+    /// ((model, version, queue, path, status, seconds), (key name, request id, caller id,
+    /// client, bytes in, bytes out), (batch size, queue s, engine s) or None, failure or
+    /// None).
+    fn drain_events<'py>(&self, py: Python<'py>) -> PyResult<Bound<'py, PyList>> {
+        let events = self
+            .plane()
+            .map_or_else(Vec::new, |plane| plane.drain_events());
+        let out = PyList::empty(py);
+        for e in events {
+            out.append((
+                (e.model, e.version, e.queue, e.path, e.status, e.seconds),
+                (
+                    e.key_name,
+                    e.request_id,
+                    e.caller_id,
+                    e.client,
+                    e.bytes_in,
+                    e.bytes_out,
+                ),
+                e.answer,
+                e.failure,
+            ))?;
         }
         Ok(out)
     }

@@ -32,8 +32,8 @@ fn envelope_error(py: Python<'_>, error: EnvelopeError) -> PyErr {
 
 /// Data keys by id: seals under the active key, opens under any key it holds.
 #[pyclass(frozen, module = "ppml_serve._native")]
-struct Keyring {
-    inner: CoreKeyring,
+pub(crate) struct Keyring {
+    pub(crate) inner: std::sync::Arc<CoreKeyring>,
 }
 
 #[pymethods]
@@ -49,7 +49,9 @@ impl Keyring {
             active_key_id,
         )
         .map_err(|error| envelope_error(keys.py(), error))?;
-        Ok(Self { inner })
+        Ok(Self {
+            inner: std::sync::Arc::new(inner),
+        })
     }
 
     #[getter]
@@ -106,7 +108,7 @@ impl Keyring {
             header_length,
             &model,
             max_rows,
-            Some((&self.inner, aad)),
+            Some((&*self.inner, aad)),
         )
     }
 
@@ -120,7 +122,7 @@ impl Keyring {
         max_rows: Option<u64>,
         aad: &[u8],
     ) -> PyResult<Bound<'py, PyBytes>> {
-        request::admit_tensors(py, &decoded, &model, max_rows, Some((&self.inner, aad)))
+        request::admit_tensors(py, &decoded, &model, max_rows, Some((&*self.inner, aad)))
     }
 
     /// Open a worker's micro-batch and stack the rows that fit ``layout`` (see

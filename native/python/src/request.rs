@@ -15,7 +15,7 @@ use crate::package_error;
 /// A model's declared inputs, built once per served version.
 #[pyclass(frozen, module = "ppml_serve._native")]
 pub struct ModelInputs {
-    inner: Inputs,
+    pub(crate) inner: Inputs,
 }
 
 #[pymethods]

@@ -113,6 +113,11 @@ class Keyring:
         active: str = self._ring.active_key_id
         return active
 
+    @property
+    def native(self) -> _native.Keyring:
+        """The ppml-core keyring itself, shared with the native front's inference path."""
+        return self._ring
+
     def __repr__(self) -> str:
         return f"Keyring(active={self.active_key_id!r}, key_ids=[{', '.join(self._ids)}])"
 

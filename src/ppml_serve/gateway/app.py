@@ -45,6 +45,7 @@ from ppml_serve.gateway.errors import (
     TRACE_SETTINGS_UNSUPPORTED,
     status_of,
 )
+from ppml_serve.gateway.native_path import Answered, NativePath
 from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
@@ -136,6 +137,8 @@ _FRONT_COUNTERS = {
     "oversized_bodies": "Request bodies refused over gateway.max_request_bytes (413)",
     "overloaded": "Inference requests refused at gateway.max_inflight (429)",
     "upstream_failures": "Requests the app behind the front could not answer (503/504)",
+    "native_answers": "Inference requests the front answered itself (the native path), "
+                      "errors included",
 }
 
 
@@ -296,20 +299,27 @@ def _log_access(request: Request, response: Response, key_name: str, seconds: fl
                 caller_id: str = "", client: str = "") -> None:
     """One line per API call: who, what, outcome, how long, how big; never a payload."""
     model = _served_model(request) or "-"
-    received = request.headers.get("content-length", "0")
-    sent = response.headers.get("content-length", "0")
     # the version that answered (an unversioned request's newest ready one), else the asked
     version = getattr(request.state, "version", None) or request.path_params.get("version",
                                                                                    "-")
+    access_line(request.method, request.url.path, key_name, model, version,
+                response.status_code, seconds, request.headers.get("content-length", "0"),
+                response.headers.get("content-length", "0"), client, caller_id)
+
+
+def access_line(method: str, path: str, key_name: str, model: str, version: str, status: int,
+                seconds: float, received: str, sent: str, client: str,
+                caller_id: str) -> None:
+    """The access log's line, for the app's requests and the native front's alike."""
     version = version if version == "-" or (version.isdigit() and len(version) < 10) \
         else "_other"
     access.info("%s %s key=%s model=%s version=%s status=%d ms=%.1f in=%s out=%s client=%s",
-                request.method, request.url.path if model != "_other" else "(unknown model)",
-                key_name, model, version, response.status_code, seconds * 1000, received, sent,
+                method, path if model != "_other" else "(unknown model)",
+                key_name, model, version, status, seconds * 1000, received, sent,
                 client or "-",
                 extra={"key": key_name, "model": model, "version": version,
                        "client": client or "-",
-                       "status": response.status_code,
+                       "status": status,
                        "ms": round(seconds * 1000, 1),
                        "bytes_in": int(received) if received.isdigit() else 0,
                        "bytes_out": int(sent) if sent.isdigit() else 0,
@@ -327,7 +337,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                metrics: Metrics, secure: bool = True, attestation: str = "simulated",
                access_log: bool = True, repository_timeout_s: float = 120.0,
                services: Sequence[Callable[[], AbstractAsyncContextManager[None]]] = (),
-               behind_front: bool = False) -> Starlette:
+               behind_front: bool = False, native: NativePath | None = None) -> Starlette:
     """Build the app; ``dataplane`` and ``services`` (e.g. the gRPC server) are started and
     stopped with the app's lifespan. ``behind_front``: the app is reached only through the
     native front (a private socket), so the headers it sets can be trusted."""
@@ -347,6 +357,32 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         metrics.latency.labels(*labels).observe(seconds)
         if model != "_other" and version != "_other" and request.scope["path"].endswith("/infer"):
             metrics.statistics.outcome(queue_name(model, version), status == 200, seconds)
+
+    def native_answered(answered: Answered) -> None:
+        """A request the native front answered: counted, timed and logged as the app's own."""
+        labels = (model_label(answered.model), answered.version)
+        metrics.requests.labels(*labels, str(answered.status)).inc()
+        metrics.latency.labels(*labels).observe(answered.seconds)
+        metrics.statistics.outcome(answered.queue, answered.status == 200, answered.seconds)
+        if answered.answer is not None:
+            batch_size, queue_s, engine_s = answered.answer
+            metrics.observe_reply(answered.queue, ReplyMessage(
+                answered.request_id, True, b"", batch_size, queue_s, engine_s))
+        token = request_id.set(answered.request_id)
+        try:
+            if answered.failure is not None:
+                log.error("%s", answered.failure)
+            if access_log and access.isEnabledFor(logging.INFO):
+                access_line("POST", answered.path, answered.key_name, answered.model,
+                            answered.version, answered.status, answered.seconds,
+                            str(answered.bytes_in), str(answered.bytes_out), answered.client,
+                            answered.caller_id)
+        finally:
+            request_id.reset(token)
+
+    if native is not None:
+        native.on_answered = native_answered
+        services = [*services, native.serve]
 
     def authenticated(model_route: bool = True, scope: str | None = None,
                       counted: bool = False) -> Callable[
@@ -445,6 +481,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
 
     @authenticated()
     async def model_stats(request: Request) -> Response:
+        if native is not None:
+            native.drain()
         model, version = request.path_params["model"], request.state.version
         return JSONResponse(metrics.statistics.as_json(queue_name(model, version)))
 
@@ -452,6 +490,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
     async def all_stats(request: Request) -> Response:
         """Triton's statistics of every model version served (``get_inference_statistics()``
         without a model)."""
+        if native is not None:
+            native.drain()
         queues = set(await dataplane.models()) | metrics.statistics.queues()
         return JSONResponse({"model_stats": metrics.statistics.rows(queues)})
 
@@ -536,6 +576,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
 
     @authenticated(model_route=False, scope="metrics")
     async def metrics_endpoint(request: Request) -> Response:
+        if native is not None:
+            native.drain()  # the front's answers so far, counted before they are shown
         metrics.set_disk_free(dataplane.disk_free())
         # With Redis down the gauges keep their last values; readiness tells the rest.
         with contextlib.suppress(NotReady):

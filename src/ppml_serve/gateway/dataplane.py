@@ -12,7 +12,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextvars import ContextVar
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -76,6 +76,18 @@ request_received: ContextVar[float | None] = ContextVar("request_received", defa
 there, not from when this process got to it. Unset without the front."""
 
 
+class NativeRequests(Protocol):
+    """The requests the native front's inference path holds (``gateway/native_path.py``):
+    counted with this process's own against the per-model bound, failed with them when a
+    model's last worker dies."""
+
+    def waiting_queues(self) -> list[str]: ...
+
+    def plane_inflight(self) -> dict[str, int]: ...
+
+    def fail_waiting(self, queue: str, message: str) -> int: ...
+
+
 @dataclass
 class _Cached:
     value: Any
@@ -119,6 +131,7 @@ class DataPlane:
         self._max_rows = max_rows
         self._announced: dict[str, dict[str, Any]] = {}
         self._native_inputs: dict[str, tuple[ModelSpec, _native.ModelInputs]] = {}
+        self._native: NativeRequests | None = None
 
     async def start(self) -> None:
         """Start even while Redis is down: readiness reports it, requests get 503."""
@@ -149,13 +162,24 @@ class DataPlane:
         self._fail_waiting(NotReady("the gateway is shutting down"))
         await self._broker.close()
 
+    async def forget_streams(self, streams: set[str]) -> None:
+        """Delete reply streams the native front read (at shutdown)."""
+        await self._broker.delete_streams(streams)
+
+    def attach_native(self, native: NativeRequests) -> None:
+        """Count and watch the native front's requests with this process's own."""
+        self._native = native
+
     def disk_free(self) -> dict[str, int]:
         """Free bytes of the watched volumes, by directory."""
         return self._disk.free_bytes() if self._disk is not None else {}
 
     def inflight(self) -> dict[str, int]:
-        """Requests waiting for their answer here, by model."""
-        return dict(self._inflight)
+        """Requests waiting for their answer here (the native front's included), by model."""
+        counts = Counter(self._inflight)
+        if self._native is not None:
+            counts.update(self._native.plane_inflight())
+        return dict(counts)
 
     async def queue_stats(self) -> dict[str, QueueStats]:
         """Queue depth, lag, pending and live workers of every served model."""
@@ -206,7 +230,8 @@ class DataPlane:
         worker comes up in time, it answers them instead)."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            for model in {waiter.model for waiter in self._waiting.values()}:
+            native = set(self._native.waiting_queues()) if self._native is not None else set()
+            for model in {waiter.model for waiter in self._waiting.values()} | native:
                 try:
                     live = await self._presence.live_workers(model, self._worker_max_age_s)
                 except NotReady:
@@ -216,7 +241,10 @@ class DataPlane:
                 if live == 0:
                     log.warning("model %r has no live worker: failing its waiting requests",
                                 model)
-                    self._fail_waiting(NotReady(f"model {model!r} has no live worker"), model)
+                    message = f"model {model!r} has no live worker"
+                    self._fail_waiting(NotReady(message), model)
+                    if self._native is not None:
+                        self._native.fail_waiting(model, message)
 
     async def _cached(self, key: str, ttl_s: float, load: Callable[[], Awaitable[Any]]) -> Any:
         """``load()``'s value, reused for ``ttl_s``. Concurrent callers of an expired key
@@ -467,6 +495,38 @@ class DataPlane:
         except NotReady:
             return False
 
+    async def open_versions(self) -> dict[str, tuple[str | None, dict[str, ModelSpec]]]:
+        """For the native front's inference path: per served model, the version an
+        unversioned request goes to (``None``: not an open one) and the versions that take
+        requests now — announced with a spec that opens with this gateway's keys, live
+        workers, backlog under its bound, room on disk: the checks ``infer`` makes. Requests
+        for anything else are left to this process, which answers them with its reasons."""
+        if self._disk is not None and self._disk.shortage() is not None:
+            return {}
+        view = await self.repository()
+        specs = await self.models()
+        names = self._configured | view.names() | {split_queue_name(q)[0] for q in specs}
+        table: dict[str, tuple[str | None, dict[str, ModelSpec]]] = {}
+        for name in sorted(names):
+            versions: dict[str, ModelSpec] = {}
+            for version in view.present(name) if view.knows(name) else ["1"]:
+                queue = queue_name(name, version)
+                spec = specs.get(queue)
+                try:
+                    if spec is None or not await self._queue_ready(queue):
+                        continue
+                    await self._check_backlog(queue)
+                except Overloaded:
+                    continue
+                versions[version] = spec
+            if versions:
+                try:
+                    default: str | None = await self.resolve(name, None)
+                except (ModelNotFound, NotReady):
+                    default = None
+                table[name] = (default if default in versions else None, versions)
+        return table
+
     async def _check_backlog(self, model: str) -> None:
         backlog: int = await self._cached(f"backlog:{model}", 0.1,
                                           lambda: self._queue.backlog(model))
@@ -483,7 +543,7 @@ class DataPlane:
             with span("seal", bytes=len(body)):
                 sealed, rid, parameters, selected, binary, classes = \
                     self._sealer_of(queue).seal_v2_request(
-                        body, header_length, self._model_inputs(queue, spec), self._max_rows,
+                        body, header_length, self.native_inputs(queue, spec), self._max_rows,
                         associated_data(queue, request_id, REQUEST))
             request = described_request(rid, parameters, selected, binary, classes)
             check_outputs(request, spec)
@@ -508,9 +568,10 @@ class DataPlane:
                              "before it could be started; retry later")
         if len(self._waiting) >= self._settings.max_inflight:
             raise Overloaded(f"this gateway holds {len(self._waiting)} requests; retry later")
-        if self._inflight[model] >= self._settings.max_inflight_per_model:
-            raise Overloaded(f"model {model!r} has {self._inflight[model]} requests in flight "
-                             "here; retry later")
+        held = self._inflight[model] + (self._native.plane_inflight().get(model, 0)
+                                        if self._native is not None else 0)
+        if held >= self._settings.max_inflight_per_model:
+            raise Overloaded(f"model {model!r} has {held} requests in flight here; retry later")
         self._inflight[model] += 1
         try:
             yield
@@ -540,7 +601,7 @@ class DataPlane:
             list(request.outputs.items()) if request.outputs is not None else None,
             request.binary_default)
 
-    def _model_inputs(self, queue: str, spec: ModelSpec) -> _native.ModelInputs:
+    def native_inputs(self, queue: str, spec: ModelSpec) -> _native.ModelInputs:
         """The native form of a version's declared inputs, made once per announced spec."""
         known = self._native_inputs.get(queue)
         if known is None or known[0] is not spec:
@@ -567,7 +628,7 @@ class DataPlane:
                     sealed = self._sealer_of(queue).seal_tensors(
                         [(name, datatype_name(array.dtype), list(array.shape), _raw(array))
                          for name, array in request.inputs.items()],
-                        self._model_inputs(queue, spec), self._max_rows,
+                        self.native_inputs(queue, spec), self._max_rows,
                         associated_data(queue, request_id, REQUEST))
                 check_outputs(request, spec)
                 await self._check_serving(queue)

@@ -19,6 +19,7 @@ import uvicorn
 
 from ppml_serve import _native
 from ppml_serve.errors import ConfigError
+from ppml_serve.queue.redis_lane import Endpoint
 from ppml_serve.settings import Settings
 
 UPSTREAM_MARGIN_S = 10.0
@@ -66,6 +67,31 @@ class NativeFront:
 
     def stats(self) -> dict[str, int]:
         return self._front.stats()
+
+    @property
+    def native(self) -> _native.Front:
+        return self._front
+
+    def install_plane(self, settings: Settings) -> bool:
+        """Let the front answer inference itself (``gateway/native_path.py`` keeps it in
+        step); ``False`` where it cannot: turned off, or a Redis Cluster (only redis-py's
+        client routes keys to its nodes here)."""
+        gateway = settings.gateway
+        if not gateway.native_infer or settings.redis.cluster:
+            return False
+        endpoint = Endpoint.parse(settings.redis_url(), settings.ca_file)
+        spool = settings.redis.payload_spool
+        self._front.install_plane(
+            unix_path=endpoint.path, host=endpoint.host, port=endpoint.port, tls=endpoint.tls,
+            ca_file=str(endpoint.ca_file) if endpoint.tls and endpoint.ca_file else None,
+            username=endpoint.username, password=endpoint.password, db=endpoint.db,
+            command_timeout_s=settings.redis.command_timeout_s,
+            request_timeout_s=gateway.request_timeout_s,
+            max_inflight_per_model=gateway.max_inflight_per_model,
+            max_rows=settings.worker.max_rows_per_request,
+            spool=str(spool) if spool is not None else None,
+            spool_min_bytes=settings.redis.payload_spool_min_bytes)
+        return True
 
     def _remove_directory(self) -> None:
         shutil.rmtree(self._directory, ignore_errors=True)

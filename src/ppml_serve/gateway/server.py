@@ -24,12 +24,14 @@ from ppml_serve.gateway.app import Metrics, create_app
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.front import APP_KEEP_ALIVE_S, FrontedServer, NativeFront
+from ppml_serve.gateway.native_path import NativePath
 from ppml_serve.guarded_http import guarded_protocol
 from ppml_serve.queue.redis_common import Keys, connect_async
 from ppml_serve.queue.redis_gateway import RedisGatewayBroker
 from ppml_serve.queue.redis_lane import RedisLane
 from ppml_serve.queue.spool import PayloadSpool
 from ppml_serve.settings import Settings
+from ppml_serve.tracing import tracing_on
 
 log = logging.getLogger("ppml_serve.gateway")
 
@@ -131,7 +133,8 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     spool = PayloadSpool.configured(spool_dir)
     # a Cluster routes each key to its node: only redis-py's client knows how
     lanes = None if cluster else functools.partial(RedisLane, url, ca_file, deadline)
-    broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), uuid.uuid4().hex,
+    gateway_id = uuid.uuid4().hex
+    broker = RedisGatewayBroker(client, reader, Keys(settings.redis.prefix), gateway_id,
                                 spool, settings.redis.payload_spool_min_bytes, lanes)
     metrics = Metrics()
     dataplane = DataPlane(broker, sealer, settings.gateway,
@@ -149,20 +152,27 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
         # clocks of processes on one host and a worker's reclaim delay
         services.append(_spool_sweeper(spool, gateway.request_timeout_s
                                        + settings.worker.dead_after_s + 60))
+    front = NativeFront(settings) if gateway.front == "native" else None
+    native = None
+    if front is not None and front.install_plane(settings):
+        # its reply streams are its own (a reader each): the app's readers never see them
+        native = NativePath(front.native, dataplane, keys, sealer, Keys(settings.redis.prefix),
+                            f"{gateway_id}n", enabled=lambda: not tracing_on())
+        dataplane.attach_native(front.native)
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads,
                      attestation=settings.security.attestation,
                      access_log=settings.log.access_log,
                      repository_timeout_s=settings.gateway.repository_timeout_s,
-                     services=services, behind_front=gateway.front == "native")
+                     services=services, behind_front=gateway.front == "native",
+                     native=native)
     common: dict[str, Any] = {
         "loop": "uvloop", "log_level": "warning", "access_log": False, "lifespan": "on",
         "http": guarded_protocol(gateway.max_header_bytes, gateway.header_timeout_s,
                                  gateway.body_timeout_s, gateway.max_request_bytes),
         "timeout_graceful_shutdown": gateway.shutdown_grace_s,
         "proxy_headers": False, "server_header": False, "date_header": False}
-    if gateway.front == "native":
-        front = NativeFront(settings)
+    if front is not None:
         metrics.watch_front(front.stats)
         # behind the front: its private socket, no TLS, and the front caps connections
         return FrontedServer(uvicorn.Config(app, uds=str(front.upstream),

@@ -354,6 +354,10 @@ class GatewayBroker(RequestQueue, Presence, Registry, JobStore, Protocol):
 
     async def close(self) -> None: ...
 
+    async def delete_streams(self, streams: set[str]) -> None:
+        """Remove reply streams of this gateway's that another reader used (the native
+        front's); Redis down is fine (they expire with the trimming)."""
+
 
 class RepositoryControl(Protocol):
     """A worker process's side of the model repository's control records."""

@@ -116,6 +116,11 @@ class RedisGatewayBroker:
                 if lane is not None:
                     await lane.close()
 
+    async def delete_streams(self, streams: set[str]) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            for stream in sorted(streams):  # one key at a time: they live in many slots
+                await self._client.delete(stream)
+
     async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
                       mode: Mode = Mode.STANDARD, job_ttl_s: int = 0,
                       traceparent: str = "") -> None:

@@ -36,7 +36,7 @@ Arg = str | bytes | int | float
 
 
 @dataclass(frozen=True)
-class _Endpoint:
+class Endpoint:
     """Where and as whom to connect, from a redis-py URL (``redis://``, ``rediss://``,
     ``unix://``; user, password, db)."""
 
@@ -50,7 +50,7 @@ class _Endpoint:
     password: str | None = field(repr=False)
 
     @classmethod
-    def parse(cls, url: SecretStr, ca_file: Path | None) -> _Endpoint:
+    def parse(cls, url: SecretStr, ca_file: Path | None) -> Endpoint:
         text = url.get_secret_value()
         options = parse_url(text)
         return cls(str(options.get("host", "localhost")), int(options.get("port", 6379)),
@@ -136,7 +136,7 @@ class RedisLane:
     """One pipelined connection, opened on first use and reopened after a loss."""
 
     def __init__(self, url: SecretStr, ca_file: Path | None, timeout_s: float = 5.0) -> None:
-        self._endpoint = _Endpoint.parse(url, ca_file)
+        self._endpoint = Endpoint.parse(url, ca_file)
         self._timeout_s = timeout_s
         self._replies: _Replies | None = None
         self._connecting: asyncio.Lock | None = None
@@ -217,7 +217,7 @@ class BlockingRedisLane:
     first use and reopened after a loss. Errors are redis-py's, as with ``RedisLane``."""
 
     def __init__(self, url: SecretStr, ca_file: Path | None, timeout_s: float = 5.0) -> None:
-        self._endpoint = _Endpoint.parse(url, ca_file)
+        self._endpoint = Endpoint.parse(url, ca_file)
         self._timeout_s = timeout_s
         self._lock = threading.Lock()
         self._socket: socket.socket | None = None

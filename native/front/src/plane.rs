@@ -1,0 +1,1201 @@
+//! The native inference path: `POST /v2/models/{m}[/versions/{v}]/infer` answered by the
+//! front itself — API key, admission (decode, check, seal: ppml-core), spool or XADD,
+//! the per-version reply reader, opening the answer and writing the response — with no
+//! Python on the way.
+//!
+//! Python keeps the control: it installs what the path may serve (`set_routes`: per model,
+//! the default version and each open version's streams, keys and declared tensors, rebuilt
+//! every ~100 ms from the same checks it applies itself: live workers, backlog, disk) and
+//! who may call (`set_callers`, from the key file it reloads). Anything the path does not
+//! hold — an unknown model or version, a version that is not open now, a key that is not
+//! an `infer` key for the model, compressed bodies, the classification extension — is passed
+//! on to the Python application, whose answer (and words) are the reference. Every request
+//! answered here becomes an `Event` that Python drains for its metrics, statistics and
+//! access log, so those stay one implementation.
+
+use std::collections::{HashMap, HashSet};
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
+
+use aws_lc_rs::constant_time::verify_slices_are_equal;
+use aws_lc_rs::digest::{digest, SHA256};
+use aws_lc_rs::rand::{SecureRandom, SystemRandom};
+use bytes::Bytes;
+use http::header::{self, HeaderMap, HeaderValue};
+use http::{Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Body as _;
+use ppml_core::envelope::Keyring;
+use ppml_core::request::{check, record_head, tensors, CheckError, Inputs};
+use ppml_core::response;
+use ppml_core::v2::{self, py_repr};
+use redis::aio::MultiplexedConnection;
+use redis::{Client, ConnectionAddr, ConnectionInfo, RedisConnectionInfo, Value};
+use tokio::sync::oneshot;
+
+use crate::spool::Spool;
+
+/// A saturated gateway: a request that waited this share of its deadline before the
+/// front could start on it gets 429 (it would likely miss the deadline anyway).
+const ADMISSION_SHARE: f64 = 0.5;
+/// Replies read at once from a reply stream, and how long one read blocks.
+const REPLY_COUNT: usize = 512;
+const REPLY_BLOCK_MS: u64 = 1000;
+/// Events kept for Python to drain; beyond, the oldest are dropped (Python stopped).
+const MAX_EVENTS: usize = 100_000;
+/// `X-Request-ID` values a caller may set that are kept (echoed, logged).
+const CALLER_ID_MAX: usize = 64;
+
+/// Where the queue is, and as whom (the password never reaches a log or Debug output).
+pub struct RedisTarget {
+    pub unix_path: Option<PathBuf>,
+    pub host: String,
+    pub port: u16,
+    pub tls: bool,
+    pub ca_pem: Option<Vec<u8>>,
+    pub username: Option<String>,
+    pub password: Option<String>,
+    pub db: i64,
+}
+
+pub struct PlaneConfig {
+    pub redis: RedisTarget,
+    pub command_timeout: Duration,
+    pub request_timeout: Duration,
+    pub max_inflight_per_model: usize,
+    pub max_rows: Option<u64>,
+    pub spool: Option<PathBuf>,
+    pub spool_min_bytes: usize,
+}
+
+/// One version the path may serve now.
+pub struct VersionRoute {
+    /// The queue name (`model`, or `model@version`): the key of waiting and statistics.
+    pub queue: String,
+    pub request_stream: String,
+    pub reply_stream: String,
+    pub inputs: Inputs,
+    /// Declared outputs (name, v2 datatype): requested outputs are checked against them.
+    pub outputs: Vec<String>,
+    pub keyring: Arc<Keyring>,
+    /// The associated data of a request and of its answer, around the request id.
+    pub request_aad: (Vec<u8>, Vec<u8>),
+    pub reply_aad: (Vec<u8>, Vec<u8>),
+}
+
+#[derive(Default)]
+pub struct ModelRoute {
+    /// What an unversioned request goes to (the newest ready version).
+    pub default_version: Option<String>,
+    pub versions: HashMap<String, Arc<VersionRoute>>,
+}
+
+/// An API key's holder, as far as the inference path needs it.
+pub struct Caller {
+    pub name: String,
+    /// `None`: every model.
+    pub models: Option<HashSet<String>>,
+}
+
+/// A request answered by the path, for Python's metrics, statistics and access log.
+#[derive(Debug, Clone)]
+pub struct Event {
+    pub model: String,
+    pub version: String,
+    pub queue: String,
+    pub path: String,
+    pub status: u16,
+    pub seconds: f64,
+    pub key_name: String,
+    pub request_id: String,
+    pub caller_id: String,
+    pub client: String,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The worker's batch size, queue wait and engine seconds, for a successful answer.
+    pub answer: Option<(u64, f64, f64)>,
+    /// Set for a 500: what went wrong, for the error log (never request data).
+    pub failure: Option<String>,
+}
+
+struct Reply {
+    ok: bool,
+    body: Vec<u8>,
+    batch_size: u64,
+    queue_s: f64,
+    engine_s: f64,
+}
+
+/// API keys by the SHA-256 of their token.
+type Callers = Vec<([u8; 32], Arc<Caller>)>;
+
+type Waiting = HashMap<String, (String, oneshot::Sender<Result<Reply, Refusal>>)>;
+
+/// An answer that is an error: status, words, and whether to ask for a retry.
+#[derive(Debug, Clone)]
+struct Refusal {
+    status: StatusCode,
+    message: String,
+    retry: bool,
+    failure: Option<String>,
+}
+
+impl Refusal {
+    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        let retry = matches!(
+            status,
+            StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
+        );
+        Self {
+            status,
+            message: message.into(),
+            retry,
+            failure: None,
+        }
+    }
+
+    fn internal(message: impl Into<String>, failure: String) -> Self {
+        Self {
+            failure: Some(failure),
+            ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+        }
+    }
+}
+
+/// What `route` found: the request is the path's to answer.
+pub struct Target {
+    route: Arc<VersionRoute>,
+    model: String,
+    version: String,
+    key_name: String,
+    caller_id: String,
+}
+
+pub struct Plane {
+    config: PlaneConfig,
+    client: Client,
+    sender: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    routes: RwLock<Arc<HashMap<String, ModelRoute>>>,
+    callers: RwLock<Arc<Callers>>,
+    enabled: AtomicBool,
+    waiting: Mutex<Waiting>,
+    readers: Mutex<HashSet<String>>,
+    inflight: Mutex<HashMap<String, usize>>,
+    events: Mutex<Vec<Event>>,
+    spool: Option<Spool>,
+    random: SystemRandom,
+}
+
+/// Python's `{:g}` for the deadlines in messages (30 -> "30", 0.5 -> "0.5").
+fn seconds_text(value: f64) -> String {
+    if value.fract() == 0.0 && value.abs() < 1e15 {
+        format!("{}", value as i64)
+    } else {
+        format!("{value}")
+    }
+}
+
+fn is_caller_id(text: &str) -> bool {
+    !text.is_empty()
+        && text.len() <= CALLER_ID_MAX
+        && text
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"._:@-".contains(&b))
+}
+
+/// `/v2/models/{model}/infer` or `/v2/models/{model}/versions/{version}/infer`.
+fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
+    let rest = path.strip_prefix("/v2/models/")?.strip_suffix("/infer")?;
+    match rest.split('/').collect::<Vec<_>>().as_slice() {
+        [model] if !model.is_empty() => Some((model, None)),
+        [model, "versions", version] if !model.is_empty() && !version.is_empty() => {
+            Some((model, Some(version)))
+        }
+        _ => None,
+    }
+}
+
+fn field<'a>(fields: &'a HashMap<String, Value>, name: &str) -> Option<&'a [u8]> {
+    match fields.get(name) {
+        Some(Value::BulkString(bytes)) => Some(bytes.as_slice()),
+        _ => None,
+    }
+}
+
+fn number(fields: &HashMap<String, Value>, name: &str) -> f64 {
+    field(fields, name)
+        .and_then(|b| std::str::from_utf8(b).ok())
+        .and_then(|t| t.parse::<f64>().ok())
+        .unwrap_or(0.0)
+}
+
+impl Plane {
+    pub fn new(config: PlaneConfig) -> Result<Self, String> {
+        let target = &config.redis;
+        let redis = RedisConnectionInfo {
+            db: target.db,
+            username: target.username.clone(),
+            password: target.password.clone(),
+            ..Default::default()
+        };
+        let client = match (&target.unix_path, target.tls) {
+            (Some(path), _) => Client::open(ConnectionInfo {
+                addr: ConnectionAddr::Unix(path.clone()),
+                redis,
+            }),
+            (None, true) => Client::build_with_tls(
+                ConnectionInfo {
+                    addr: ConnectionAddr::TcpTls {
+                        host: target.host.clone(),
+                        port: target.port,
+                        insecure: false,
+                        tls_params: None,
+                    },
+                    redis,
+                },
+                redis::TlsCertificates {
+                    client_tls: None,
+                    root_cert: target.ca_pem.clone(),
+                },
+            ),
+            (None, false) => Client::open(ConnectionInfo {
+                addr: ConnectionAddr::Tcp(target.host.clone(), target.port),
+                redis,
+            }),
+        }
+        // the library's words only: its error never holds the password
+        .map_err(|e| {
+            format!(
+                "redis.url: the native path cannot use it ({})",
+                e.category()
+            )
+        })?;
+        let spool = config.spool.clone().map(Spool::new);
+        Ok(Self {
+            client,
+            sender: tokio::sync::Mutex::new(None),
+            routes: RwLock::new(Arc::new(HashMap::new())),
+            callers: RwLock::new(Arc::new(Vec::new())),
+            enabled: AtomicBool::new(false),
+            waiting: Mutex::new(HashMap::new()),
+            readers: Mutex::new(HashSet::new()),
+            inflight: Mutex::new(HashMap::new()),
+            events: Mutex::new(Vec::new()),
+            spool,
+            random: SystemRandom::new(),
+            config,
+        })
+    }
+
+    pub fn set_enabled(&self, enabled: bool) {
+        self.enabled.store(enabled, Ordering::Release);
+    }
+
+    pub fn set_routes(&self, routes: HashMap<String, ModelRoute>) {
+        *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+    }
+
+    pub fn set_callers(&self, callers: Vec<([u8; 32], Caller)>) {
+        let callers = callers.into_iter().map(|(d, c)| (d, Arc::new(c))).collect();
+        *self.callers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(callers);
+    }
+
+    /// Fail the requests waiting on `queue` (its last worker died, say) with a 503.
+    pub fn fail_waiting(&self, queue: &str, message: &str) -> usize {
+        let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let ids: Vec<String> = waiting
+            .iter()
+            .filter(|(_, (q, _))| q == queue)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &ids {
+            if let Some((_, sender)) = waiting.remove(id) {
+                let _ = sender.send(Err(Refusal::new(StatusCode::SERVICE_UNAVAILABLE, message)));
+            }
+        }
+        ids.len()
+    }
+
+    /// Queues with requests waiting for an answer here.
+    pub fn waiting_queues(&self) -> Vec<String> {
+        let waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
+        let queues: HashSet<&String> = waiting.values().map(|(q, _)| q).collect();
+        queues.into_iter().cloned().collect()
+    }
+
+    /// Requests in flight on the path, by queue.
+    pub fn inflight(&self) -> HashMap<String, usize> {
+        self.inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    pub fn drain_events(&self) -> Vec<Event> {
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    fn caller(&self, headers: &HeaderMap) -> Option<Arc<Caller>> {
+        let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
+        let (scheme, token) = value.split_once(' ')?;
+        let token = token.trim();
+        if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+            return None;
+        }
+        let hashed = digest(&SHA256, token.as_bytes());
+        let callers = self
+            .callers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let mut found = None;
+        for (stored, caller) in callers.iter() {
+            // every entry compared: the time taken does not tell which matched
+            if verify_slices_are_equal(stored, hashed.as_ref()).is_ok() {
+                found = Some(caller.clone());
+            }
+        }
+        found
+    }
+
+    /// Whether this request is the path's to answer; `None` passes it to Python.
+    pub fn route(&self, path: &str, headers: &HeaderMap) -> Option<Target> {
+        if !self.enabled.load(Ordering::Acquire) {
+            return None;
+        }
+        let (model, version) = infer_path(path)?;
+        if headers
+            .get(header::CONTENT_ENCODING)
+            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
+        {
+            return None;
+        }
+        let routes = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let served = routes.get(model)?;
+        let version = match version {
+            Some(version) => version,
+            None => served.default_version.as_deref()?,
+        };
+        let route = served.versions.get(version)?.clone();
+        let caller = self.caller(headers)?;
+        if caller.models.as_ref().is_some_and(|m| !m.contains(model)) {
+            return None;
+        }
+        let caller_id = headers
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .filter(|v| is_caller_id(v))
+            .unwrap_or("")
+            .to_owned();
+        Some(Target {
+            route,
+            model: model.to_owned(),
+            version: version.to_owned(),
+            key_name: caller.name.clone(),
+            caller_id,
+        })
+    }
+
+    fn request_id(&self) -> String {
+        let mut raw = [0u8; 16];
+        let _ = self.random.fill(&mut raw);
+        raw[6] = (raw[6] & 0x0f) | 0x40; // a uuid4, as the Python side makes them
+        raw[8] = (raw[8] & 0x3f) | 0x80;
+        raw.iter().fold(String::with_capacity(32), |mut out, b| {
+            let _ = write!(out, "{b:02x}");
+            out
+        })
+    }
+
+    /// Answer `target` with its `body` (read by the front within its limits), counting
+    /// the request's deadline from `received`. `None`: Python must answer it after all
+    /// (the classification extension needs numpy and the model's labels).
+    pub async fn answer(
+        self: &Arc<Self>,
+        target: &Target,
+        path: &str,
+        headers: &HeaderMap,
+        body: &Bytes,
+        received: (Instant, f64),
+        client: String,
+    ) -> Option<Response<Full<Bytes>>> {
+        let started = Instant::now();
+        let request_id = self.request_id();
+        let outcome = self
+            .exchange(target, headers, body, received, &request_id)
+            .await;
+        let (response, answer, failure) = match outcome {
+            Ok(None) => return None,
+            Ok(Some((response, answer))) => (response, Some(answer), None),
+            Err(refusal) => {
+                let failure = refusal.failure.clone();
+                (refused(&refusal), None, failure)
+            }
+        };
+        let mut response = response;
+        let shown = if target.caller_id.is_empty() {
+            &request_id
+        } else {
+            &target.caller_id
+        };
+        if let Ok(value) = HeaderValue::from_str(shown) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        let bytes_out = response
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or_else(|| response.body().size_hint().exact().unwrap_or(0));
+        let bytes_in = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        self.record(Event {
+            model: target.model.clone(),
+            version: target.version.clone(),
+            queue: target.route.queue.clone(),
+            path: path.to_owned(),
+            status: response.status().as_u16(),
+            seconds: started.elapsed().as_secs_f64(),
+            key_name: target.key_name.clone(),
+            request_id,
+            caller_id: target.caller_id.clone(),
+            client,
+            bytes_in,
+            bytes_out,
+            answer,
+            failure,
+        });
+        Some(response)
+    }
+
+    fn record(&self, event: Event) {
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if events.len() >= MAX_EVENTS {
+            events.remove(0);
+        }
+        events.push(event);
+    }
+
+    async fn exchange(
+        self: &Arc<Self>,
+        target: &Target,
+        headers: &HeaderMap,
+        body: &Bytes,
+        received: (Instant, f64),
+        request_id: &str,
+    ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+        let route = &target.route;
+        let waited = received.0.elapsed().as_secs_f64();
+        let deadline = self.config.request_timeout.as_secs_f64();
+        if waited > deadline * ADMISSION_SHARE {
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "this gateway is saturated: the request waited {waited:.1} s before it \
+                     could be started; retry later"
+                ),
+            ));
+        }
+        let header_length = headers
+            .get("inference-header-content-length")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let request = v2::parse_request(body, header_length.as_deref())
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.0))?;
+        if !request.classification.is_empty() {
+            return Ok(None); // numpy and the model's labels: Python's
+        }
+        let inputs = tensors(&request, body);
+        check(&inputs, &route.inputs, self.config.max_rows).map_err(|e| match e {
+            CheckError::Invalid(m) => Refusal::new(StatusCode::BAD_REQUEST, m),
+            CheckError::TooManyRows(m) => Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, m),
+        })?;
+        if let Some(asked) = &request.outputs {
+            for (name, _) in asked {
+                if !route.outputs.iter().any(|known| known == name) {
+                    let mut known = route.outputs.clone();
+                    known.sort();
+                    return Err(Refusal::new(
+                        StatusCode::BAD_REQUEST,
+                        format!(
+                            "output {} is not an output of model {} (available: {})",
+                            py_repr(name),
+                            py_repr(&route.inputs.model),
+                            known.join(", ")
+                        ),
+                    ));
+                }
+            }
+        }
+        let head = record_head(&inputs)
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+        let mut parts: Vec<&[u8]> = Vec::with_capacity(inputs.len() + 1);
+        parts.push(&head);
+        parts.extend(inputs.iter().map(|input| input.data));
+        let total: usize = parts.iter().map(|part| part.len()).sum();
+        let mut aad = route.request_aad.0.clone();
+        aad.extend_from_slice(request_id.as_bytes());
+        aad.extend_from_slice(&route.request_aad.1);
+        let mut sealed = vec![0u8; route.keyring.sealed_len(total)];
+        route
+            .keyring
+            .seal_parts_into(&parts, &aad, &mut sealed)
+            .map_err(|e| Refusal::internal("internal error", format!("sealing failed: {e}")))?;
+        drop(parts);
+
+        let _held = self.hold(&route.queue)?;
+        let remaining = (deadline - waited).max(0.001);
+        let reply = self
+            .send(route, request_id, sealed, received.1 + deadline, remaining)
+            .await?;
+        let mut aad = route.reply_aad.0.clone();
+        aad.extend_from_slice(request_id.as_bytes());
+        aad.extend_from_slice(&route.reply_aad.1);
+        let plaintext = route.keyring.open(&reply.body, &aad).map_err(|_| {
+            Refusal::internal(
+                "internal error",
+                format!("reply for request {request_id} refused: record failed authentication"),
+            )
+        })?;
+        if !reply.ok {
+            return Err(worker_error(&plaintext));
+        }
+        let wanted = response::Wanted {
+            model: &target.model,
+            version: Some(&target.version),
+            id: request.id.as_deref(),
+            parameters: None,
+            outputs: request.outputs.as_deref(),
+            binary_default: request.binary_default,
+        };
+        let (document, json_size) = response::encode(&plaintext, &wanted).map_err(|e| match e {
+            response::ResponseError::NotText(_) => {
+                Refusal::new(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            _ => Refusal::internal("internal error", format!("ProtocolError: {e}")),
+        })?;
+        let mut response = Response::new(Full::new(Bytes::from(document)));
+        let headers = response.headers_mut();
+        match json_size {
+            None => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            Some(size) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                headers.insert("inference-header-content-length", HeaderValue::from(size));
+            }
+        }
+        Ok(Some((
+            response,
+            (reply.batch_size, reply.queue_s, reply.engine_s),
+        )))
+    }
+
+    /// One more request in flight on `queue`, within `worker`'s per-model bound.
+    fn hold(&self, queue: &str) -> Result<Held<'_>, Refusal> {
+        let mut inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let count = inflight.entry(queue.to_owned()).or_insert(0);
+        if *count >= self.config.max_inflight_per_model {
+            return Err(Refusal::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "model {} has {} requests in flight here; retry later",
+                    py_repr(queue),
+                    count
+                ),
+            ));
+        }
+        *count += 1;
+        Ok(Held {
+            plane: self,
+            queue: queue.to_owned(),
+        })
+    }
+
+    async fn connection(&self) -> Result<MultiplexedConnection, Refusal> {
+        let mut sender = self.sender.lock().await;
+        if let Some(connection) = sender.as_ref() {
+            return Ok(connection.clone());
+        }
+        let connected = tokio::time::timeout(
+            self.config.command_timeout,
+            self.client.get_multiplexed_async_connection(),
+        )
+        .await;
+        match connected {
+            Ok(Ok(connection)) => {
+                *sender = Some(connection.clone());
+                Ok(connection)
+            }
+            Ok(Err(e)) => Err(unreachable_queue(&e)),
+            Err(_) => Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "queue did not answer in time to take the request",
+            )),
+        }
+    }
+
+    async fn send(
+        self: &Arc<Self>,
+        route: &Arc<VersionRoute>,
+        request_id: &str,
+        sealed: Vec<u8>,
+        deadline_at: f64,
+        remaining: f64,
+    ) -> Result<Reply, Refusal> {
+        self.ensure_reader(route);
+        let (tell, answer) = oneshot::channel();
+        self.waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(request_id.to_owned(), (route.queue.clone(), tell));
+        let waiting = Unwait {
+            plane: self,
+            request_id,
+        };
+        let mut command = redis::cmd("XADD");
+        command
+            .arg(&route.request_stream)
+            .arg("*")
+            .arg("id")
+            .arg(request_id)
+            .arg("deadline")
+            .arg(((deadline_at) * 1000.0) as u64)
+            .arg("reply")
+            .arg(&route.reply_stream);
+        let spooled = match &self.spool {
+            Some(spool) if sealed.len() >= self.config.spool_min_bytes => {
+                let name = self.request_id();
+                match spool.put(&name, &sealed) {
+                    Ok(()) => Some(name),
+                    Err(_) => None, // e.g. its disk is full: Redis takes the payload
+                }
+            }
+            _ => None,
+        };
+        match &spooled {
+            Some(name) => command.arg("file").arg(name),
+            None => command.arg("body").arg(sealed.as_slice()),
+        };
+        let queued = self.enqueue(&command).await;
+        if let Err(refusal) = queued {
+            if let (Some(spool), Some(name)) = (&self.spool, &spooled) {
+                spool.release(name);
+            }
+            return Err(refusal);
+        }
+        let outcome = tokio::time::timeout(Duration::from_secs_f64(remaining), answer).await;
+        drop(waiting);
+        match outcome {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "the gateway is shutting down",
+            )),
+            Err(_) => Err(Refusal::new(
+                StatusCode::GATEWAY_TIMEOUT,
+                format!(
+                    "no answer from model {} within {} s",
+                    py_repr(&route.queue),
+                    seconds_text(self.config.request_timeout.as_secs_f64())
+                ),
+            )),
+        }
+    }
+
+    async fn enqueue(&self, command: &redis::Cmd) -> Result<(), Refusal> {
+        let mut connection = self.connection().await?;
+        let sent = tokio::time::timeout(
+            self.config.command_timeout,
+            command.query_async::<Value>(&mut connection),
+        )
+        .await;
+        match sent {
+            Ok(Ok(_)) => Ok(()),
+            Ok(Err(e)) => {
+                if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
+                    *self.sender.lock().await = None;
+                }
+                Err(match e.code() {
+                    // e.g. Redis at maxmemory refusing writes: overloaded, nothing dropped
+                    Some(code) => Refusal::new(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("queue refused to take the request: {code}"),
+                    ),
+                    None => unreachable_queue(&e),
+                })
+            }
+            Err(_) => {
+                *self.sender.lock().await = None;
+                Err(Refusal::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "queue did not answer in time to take the request",
+                ))
+            }
+        }
+    }
+
+    fn ensure_reader(self: &Arc<Self>, route: &Arc<VersionRoute>) {
+        let mut readers = self.readers.lock().unwrap_or_else(|p| p.into_inner());
+        if readers.insert(route.reply_stream.clone()) {
+            let plane = Arc::clone(self);
+            let (queue, stream) = (route.queue.clone(), route.reply_stream.clone());
+            tokio::spawn(async move { plane.read_replies(queue, stream).await });
+        }
+    }
+
+    /// One reader per version's reply stream: each answer goes to its waiting request.
+    async fn read_replies(self: Arc<Self>, queue: String, stream: String) {
+        let mut last = "0-0".to_owned();
+        let mut delay = Duration::from_millis(50);
+        let mut connection: Option<MultiplexedConnection> = None;
+        loop {
+            if connection.is_none() {
+                match tokio::time::timeout(
+                    self.config.command_timeout,
+                    self.client.get_multiplexed_async_connection(),
+                )
+                .await
+                {
+                    Ok(Ok(c)) => connection = Some(c),
+                    Ok(Err(_)) => {
+                        // gone (refused, no socket): what was in transit may never come
+                        self.lost(&queue);
+                        tokio::time::sleep(delay).await;
+                        delay = (delay * 2).min(Duration::from_secs(2));
+                        continue;
+                    }
+                    // frozen: its answers come once it recovers; the waiting keep waiting
+                    Err(_) => continue,
+                }
+            }
+            let Some(conn) = connection.as_mut() else {
+                continue;
+            };
+            let mut command = redis::cmd("XREAD");
+            command
+                .arg("COUNT")
+                .arg(REPLY_COUNT)
+                .arg("BLOCK")
+                .arg(REPLY_BLOCK_MS)
+                .arg("STREAMS")
+                .arg(&stream)
+                .arg(&last);
+            let patience = self.config.command_timeout + Duration::from_millis(REPLY_BLOCK_MS);
+            let read = tokio::time::timeout(
+                patience,
+                command.query_async::<Option<redis::streams::StreamReadReply>>(conn),
+            )
+            .await;
+            match read {
+                Ok(Ok(reply)) => {
+                    delay = Duration::from_millis(50);
+                    for key in reply.map(|r| r.keys).unwrap_or_default() {
+                        for entry in key.ids {
+                            last = entry.id.clone();
+                            self.deliver(&entry.map);
+                        }
+                    }
+                }
+                // Frozen, not gone: what it holds is answered once it recovers, so the
+                // waiting requests keep waiting (up to their deadlines).
+                Err(_) => connection = None,
+                Ok(Err(_)) => {
+                    // Answers in transit on a lost connection may never arrive: 503 now
+                    // rather than at the deadline.
+                    connection = None;
+                    self.lost(&queue);
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
+    }
+
+    fn lost(&self, queue: &str) {
+        self.fail_waiting(
+            queue,
+            "the connection to the queue was lost while waiting for the answer; retry",
+        );
+    }
+
+    fn deliver(&self, fields: &HashMap<String, Value>) {
+        let Some(id) = field(fields, "id").and_then(|b| std::str::from_utf8(b).ok()) else {
+            return;
+        };
+        let waiter = self
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if let Some((_, tell)) = waiter {
+            let reply = Reply {
+                ok: field(fields, "ok") == Some(b"1"),
+                body: field(fields, "body").unwrap_or_default().to_vec(),
+                batch_size: (number(fields, "bs") as u64).max(1),
+                queue_s: number(fields, "qw") / 1000.0,
+                engine_s: number(fields, "et") / 1000.0,
+            };
+            let _ = tell.send(Ok(reply));
+        }
+    }
+}
+
+/// A request's place in `inflight`, given back however the request ends.
+struct Held<'a> {
+    plane: &'a Plane,
+    queue: String,
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let mut inflight = self
+            .plane
+            .inflight
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if let Some(count) = inflight.get_mut(&self.queue) {
+            *count = count.saturating_sub(1);
+            if *count == 0 {
+                inflight.remove(&self.queue);
+            }
+        }
+    }
+}
+
+/// A request's entry in `waiting`, removed however the request ends (a client gone too).
+struct Unwait<'a> {
+    plane: &'a Plane,
+    request_id: &'a str,
+}
+
+impl Drop for Unwait<'_> {
+    fn drop(&mut self) {
+        self.plane
+            .waiting
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(self.request_id);
+    }
+}
+
+fn unreachable_queue(error: &redis::RedisError) -> Refusal {
+    Refusal::new(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!("queue unreachable ({})", error.category()),
+    )
+}
+
+/// A worker's error answer (`{"kind": …, "error": …}`): invalid input is the caller's
+/// (400), anything else the service's (500).
+fn worker_error(plaintext: &[u8]) -> Refusal {
+    let problem: Option<(String, String)> = serde_json::from_slice::<serde_json::Value>(plaintext)
+        .ok()
+        .and_then(|v| {
+            let kind = v.get("kind")?.as_str()?.to_owned();
+            let error = match v.get("error")? {
+                serde_json::Value::String(s) => s.clone(),
+                other => other.to_string(),
+            };
+            Some((kind, error))
+        });
+    match problem {
+        Some((kind, message)) if kind == "invalid_input" => {
+            Refusal::new(StatusCode::BAD_REQUEST, message)
+        }
+        Some((kind, message))
+            if matches!(
+                kind.as_str(),
+                "integrity" | "protocol" | "engine" | "dead_letter"
+            ) =>
+        {
+            let class = match kind.as_str() {
+                "integrity" => "IntegrityError",
+                "protocol" => "ProtocolError",
+                _ => "EngineError",
+            };
+            let failure = format!("request failed: {class}: {message}");
+            Refusal {
+                failure: Some(failure),
+                ..Refusal::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+            }
+        }
+        _ => {
+            let message = "the worker's error answer is malformed";
+            Refusal::internal(message, format!("request failed: ProtocolError: {message}"))
+        }
+    }
+}
+
+fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
+    let body = serde_json::json!({ "error": refusal.message }).to_string();
+    let mut response = Response::new(Full::new(Bytes::from(body)));
+    *response.status_mut() = refusal.status;
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    if refusal.retry {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+    }
+    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn infer_paths_are_recognised_exactly() {
+        assert_eq!(infer_path("/v2/models/demo/infer"), Some(("demo", None)));
+        assert_eq!(
+            infer_path("/v2/models/demo/versions/2/infer"),
+            Some(("demo", Some("2")))
+        );
+        assert_eq!(infer_path("/v2/models//infer"), None);
+        assert_eq!(infer_path("/v2/models/demo/infer-sealed"), None);
+        assert_eq!(infer_path("/v2/models/demo/jobs"), None);
+        assert_eq!(infer_path("/v2/models/a/b/infer"), None);
+    }
+
+    #[test]
+    fn caller_ids_are_short_plain_tokens() {
+        assert!(is_caller_id("trace-1.2:3@x_Y"));
+        assert!(!is_caller_id(""));
+        assert!(!is_caller_id("has space"));
+        assert!(!is_caller_id(&"a".repeat(65)));
+    }
+
+    #[test]
+    fn worker_errors_keep_their_status_and_words() {
+        let r = worker_error(br#"{"kind": "invalid_input", "error": "bad shape"}"#);
+        assert_eq!(
+            (r.status, r.message.as_str()),
+            (StatusCode::BAD_REQUEST, "bad shape")
+        );
+        let r = worker_error(br#"{"kind": "engine", "error": "boom"}"#);
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            r.failure.as_deref(),
+            Some("request failed: EngineError: boom")
+        );
+        let r = worker_error(b"not json");
+        assert_eq!(r.message, "the worker's error answer is malformed");
+    }
+
+    fn plane() -> Plane {
+        let config = PlaneConfig {
+            redis: RedisTarget {
+                unix_path: Some(PathBuf::from("/nonexistent/redis.sock")),
+                host: String::new(),
+                port: 0,
+                tls: false,
+                ca_pem: None,
+                username: Some("gateway".into()),
+                password: Some("secret-password".into()),
+                db: 0,
+            },
+            command_timeout: Duration::from_secs(1),
+            request_timeout: Duration::from_secs(5),
+            max_inflight_per_model: 2,
+            max_rows: Some(64),
+            spool: None,
+            spool_min_bytes: 32 * 1024,
+        };
+        let plane = Plane::new(config).unwrap();
+        let keyring = Keyring::new([("k1", [7u8; 32].as_slice())], "k1").unwrap();
+        let version = Arc::new(VersionRoute {
+            queue: "demo".into(),
+            request_stream: "ppml:{demo}:req".into(),
+            reply_stream: "ppml:{demo}:reply:gw".into(),
+            inputs: Inputs {
+                model: "demo".into(),
+                inputs: vec![],
+            },
+            outputs: vec!["scores".into()],
+            keyring: Arc::new(keyring),
+            request_aad: (b"[".to_vec(), b"]".to_vec()),
+            reply_aad: (b"[".to_vec(), b"]".to_vec()),
+        });
+        let mut versions = HashMap::new();
+        versions.insert("1".to_owned(), version);
+        let mut routes = HashMap::new();
+        routes.insert(
+            "demo".to_owned(),
+            ModelRoute {
+                default_version: Some("1".into()),
+                versions,
+            },
+        );
+        plane.set_routes(routes);
+        let digest_of = |token: &str| {
+            let mut out = [0u8; 32];
+            out.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
+            out
+        };
+        plane.set_callers(vec![
+            (
+                digest_of("ppml_all"),
+                Caller {
+                    name: "all".into(),
+                    models: None,
+                },
+            ),
+            (
+                digest_of("ppml_other"),
+                Caller {
+                    name: "other".into(),
+                    models: Some(HashSet::from(["other".to_owned()])),
+                },
+            ),
+        ]);
+        plane.set_enabled(true);
+        plane
+    }
+
+    fn headers(pairs: &[(&'static str, &str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_str(value).unwrap());
+        }
+        map
+    }
+
+    #[test]
+    fn only_installed_routes_and_infer_keys_for_the_model_take_the_native_path() {
+        let plane = plane();
+        let key = [("authorization", "Bearer ppml_all")];
+        let target = plane
+            .route("/v2/models/demo/infer", &headers(&key))
+            .unwrap();
+        assert_eq!(
+            (target.version.as_str(), target.key_name.as_str()),
+            ("1", "all")
+        );
+        assert!(plane
+            .route("/v2/models/demo/versions/1/infer", &headers(&key))
+            .is_some());
+        // everything else is the application's to answer, with its words
+        for (path, pairs) in [
+            ("/v2/models/demo/versions/2/infer", key.to_vec()),
+            ("/v2/models/nope/infer", key.to_vec()),
+            ("/v2/models/demo/infer", vec![]),
+            (
+                "/v2/models/demo/infer",
+                vec![("authorization", "Bearer ppml_wrong")],
+            ),
+            (
+                "/v2/models/demo/infer",
+                vec![("authorization", "Basic ppml_all")],
+            ),
+            (
+                "/v2/models/demo/infer",
+                vec![("authorization", "Bearer ppml_other")],
+            ),
+            (
+                "/v2/models/demo/infer",
+                vec![
+                    ("authorization", "Bearer ppml_all"),
+                    ("content-encoding", "gzip"),
+                ],
+            ),
+        ] {
+            assert!(
+                plane.route(path, &headers(&pairs)).is_none(),
+                "{path} {pairs:?}"
+            );
+        }
+        plane.set_enabled(false);
+        assert!(plane
+            .route("/v2/models/demo/infer", &headers(&key))
+            .is_none());
+    }
+
+    #[test]
+    fn a_callers_request_id_is_kept_only_when_plain() {
+        let plane = plane();
+        let kept = headers(&[
+            ("authorization", "bearer ppml_all"),
+            ("x-request-id", "abc-1"),
+        ]);
+        assert_eq!(
+            plane
+                .route("/v2/models/demo/infer", &kept)
+                .unwrap()
+                .caller_id,
+            "abc-1"
+        );
+        let odd = headers(&[
+            ("authorization", "Bearer ppml_all"),
+            ("x-request-id", "a b"),
+        ]);
+        assert_eq!(
+            plane
+                .route("/v2/models/demo/infer", &odd)
+                .unwrap()
+                .caller_id,
+            ""
+        );
+        let id = plane.request_id();
+        assert_eq!(id.len(), 32);
+        assert_eq!(&id[12..13], "4");
+    }
+
+    #[test]
+    fn the_per_model_bound_is_held_and_given_back() {
+        let plane = plane();
+        let first = plane.hold("demo").unwrap();
+        let _second = plane.hold("demo").unwrap();
+        let refused = plane.hold("demo").err().unwrap();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(
+            refused.message,
+            "model 'demo' has 2 requests in flight here; retry later"
+        );
+        drop(first);
+        assert!(plane.hold("demo").is_ok());
+        assert_eq!(plane.inflight().get("demo"), Some(&1));
+    }
+
+    #[test]
+    fn requests_waiting_for_a_queue_are_failed_together() {
+        let plane = plane();
+        let (tell, mut answer) = oneshot::channel();
+        plane
+            .waiting
+            .lock()
+            .unwrap()
+            .insert("r1".into(), ("demo".into(), tell));
+        assert_eq!(plane.waiting_queues(), vec!["demo".to_owned()]);
+        assert_eq!(plane.fail_waiting("other", "x"), 0);
+        assert_eq!(
+            plane.fail_waiting("demo", "model 'demo' has no live worker"),
+            1
+        );
+        let refused = answer.try_recv().unwrap().err().unwrap();
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(refused.retry);
+    }
+
+    #[test]
+    fn deadlines_read_as_python_writes_them() {
+        assert_eq!(seconds_text(30.0), "30");
+        assert_eq!(seconds_text(0.5), "0.5");
+    }
+}

@@ -1,0 +1,164 @@
+"""Keeps the native front's inference path in step with this gateway (issue 20).
+
+The front answers ``POST /v2/models/{m}[/versions/{v}]/infer`` itself (ppml-front's
+``plane``: key check, admission, seal, spool or XADD, its own reply readers, the answer
+opened and encoded) for what this module installs, every ``REFRESH_S``:
+
+- the routes: per model, the version an unversioned request goes to and each version that
+  takes requests now (``DataPlane.open_versions``: the checks the app's path makes), with
+  its streams, declared tensors, keyring and associated data;
+- the callers: the ``infer`` keys of the key file, reloaded as the app reloads them.
+
+Whatever is not installed (an unknown model, a version without live workers or over its
+backlog, a full disk, Redis down, a key that may not call the model) goes to the app, whose
+answer and words are the reference. Every request the front answered comes back here as an
+event, for the app's metrics, statistics and access log: one implementation of those.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+from ppml_serve import _native
+from ppml_serve.crypto.envelope import REPLY, REQUEST, ModelSealers, associated_data
+from ppml_serve.errors import NotReady
+from ppml_serve.gateway.auth import ApiKeyStore
+from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.queue.contract import queue_name
+from ppml_serve.queue.redis_common import Keys
+
+log = logging.getLogger("ppml_serve.gateway")
+
+REFRESH_S = 0.1
+"""How often routes and callers are rebuilt, and answered requests collected: the same
+staleness as the app's own cached checks (backlog 0.1 s, live workers 0.5 s)."""
+_ID_MARK = "ppml-request-id"
+
+
+@dataclass(frozen=True)
+class Answered:
+    """A request the native front answered."""
+
+    model: str
+    version: str
+    queue: str
+    path: str
+    status: int
+    seconds: float
+    key_name: str
+    request_id: str
+    caller_id: str
+    client: str
+    bytes_in: int
+    bytes_out: int
+    answer: tuple[int, float, float] | None
+    """The worker's batch size, queue wait and engine seconds (a successful answer)."""
+    failure: str | None
+    """For a 500: what went wrong, for the error log."""
+
+    @classmethod
+    def of(cls, event: Any) -> Answered:
+        (model, version, queue, path, status, seconds), \
+            (key, rid, caller, client, bytes_in, bytes_out), answer, failure = event
+        return cls(model, version, queue, path, status, seconds, key, rid, caller, client,
+                   bytes_in, bytes_out, answer, failure)
+
+
+def _around_id(aad: bytes) -> tuple[bytes, bytes]:
+    """Associated data split around its request id (the front puts its own in between)."""
+    head, _, tail = aad.partition(_ID_MARK.encode())
+    return head, tail
+
+
+class NativePath:
+    """Owned by the gateway process; ``serve`` runs it beside the app."""
+
+    def __init__(self, front: _native.Front, dataplane: DataPlane, keys: ApiKeyStore,
+                 sealers: ModelSealers, layout: Keys, gateway_id: str,
+                 enabled: Callable[[], bool]) -> None:
+        self._front = front
+        self._dataplane = dataplane
+        self._keys = keys
+        self._sealers = sealers
+        self._layout = layout
+        self._gateway_id = gateway_id
+        self._enabled = enabled
+        self._callers: list[tuple[bytes, str, list[str] | None]] | None = None
+        self._streams: set[str] = set()
+        self.on_answered: Callable[[Answered], None] = lambda answered: None
+
+    def reply_stream(self, queue: str) -> str:
+        return self._layout.replies(queue, self._gateway_id)
+
+    def _version_spec(self, queue: str, spec: Any) -> tuple[Any, ...] | None:
+        model = queue.partition("@")[0]
+        keyring = getattr(self._sealers.for_model(model), "native", None)
+        if keyring is None:
+            return None  # not sealed by ppml-core (the plaintext benchmark mode)
+        stream = self.reply_stream(queue)
+        self._streams.add(stream)
+        return (queue, self._layout.requests(queue), stream,
+                self._dataplane.native_inputs(queue, spec),
+                [output.name for output in spec.outputs], keyring,
+                _around_id(associated_data(queue, _ID_MARK, REQUEST)),
+                _around_id(associated_data(queue, _ID_MARK, REPLY)))
+
+    async def refresh(self) -> None:
+        """Install what the front may serve now, and collect what it answered."""
+        callers = self._keys.inference_callers()
+        if callers != self._callers:
+            self._front.set_callers(callers)
+            self._callers = callers
+        try:
+            table = await self._dataplane.open_versions() if self._enabled() else {}
+        except NotReady:
+            table = {}  # Redis unreachable: the app answers 503 with its reason
+        routes: dict[str, tuple[str | None, dict[str, tuple[Any, ...]]]] = {}
+        for model, (default, versions) in table.items():
+            built = {version: self._version_spec(queue_name(model, version), spec)
+                     for version, spec in versions.items()}
+            usable = {version: spec for version, spec in built.items() if spec is not None}
+            if usable:
+                routes[model] = (default if default in usable else None, usable)
+        self._front.set_routes(routes)
+        self._front.set_plane_enabled(bool(routes))
+        self.drain()
+
+    def drain(self) -> None:
+        """Hand what the front answered since the last call to ``on_answered``."""
+        for event in self._front.drain_events():
+            try:
+                self.on_answered(Answered.of(event))
+            except Exception:  # a metrics or logging bug must not stop the refreshes
+                log.exception("recording a natively answered request failed")
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh()
+            except Exception:  # keep serving; the app's path answers meanwhile
+                log.exception("updating the native inference path failed")
+                self._front.set_plane_enabled(False)
+            await asyncio.sleep(REFRESH_S)
+
+    def streams(self) -> set[str]:
+        """The reply streams the front may have read (deleted when the gateway stops)."""
+        return set(self._streams)
+
+    @contextlib.asynccontextmanager
+    async def serve(self) -> AsyncIterator[None]:
+        task = asyncio.create_task(self.run(), name="native-path")
+        try:
+            yield
+        finally:
+            self._front.set_plane_enabled(False)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            self.drain()
+            await self._dataplane.forget_streams(self.streams())

@@ -1,0 +1,193 @@
+"""The native front's inference path (issue 20): REST inference answered by the Rust front
+itself (key check, admission, seal, queue, reply, response), with the app keeping the routes
+and keys up to date and counting, timing and logging what the front answered.
+
+A real stack: TLS Redis, workers with the demo model, the gateway with its native front.
+What the path does not hold must reach the app and get the app's own answer; what it does
+answer must read exactly as the app's path would (the app's words are the reference: the
+same request compressed takes the app's path)."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import re
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+
+from ppml_serve.engines import load_engine
+from ppml_serve.gateway.auth import add_api_key, revoke_api_key
+from ppml_serve.models import demo_model_path, demo_samples
+
+from .conftest import Stack, running_stack, stack_settings
+
+IMAGES, _ = demo_samples()
+
+
+@pytest.fixture(scope="module")
+def native(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    settings = stack_settings(
+        tmp_path_factory.mktemp("native"),
+        worker={"heartbeat_s": 0.3, "max_batch_delay_ms": 5, "engine_threads": 1,
+                "max_rows_per_request": 64})
+    with running_stack(settings, workers=1, log_level="INFO") as local:
+        yield Stack(local)
+
+
+def answered_natively(stack: Stack) -> int:
+    with stack.http() as http:
+        text = http.get("/metrics").text
+    found = re.search(r"\nppml_front_native_answers_total (\S+)", text)
+    assert found, "the front's counter is missing from /metrics"
+    return int(float(found.group(1)))
+
+
+def json_request(rows: int = 1, **extra: object) -> dict[str, object]:
+    return {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [rows, 8, 8],
+                        "data": IMAGES[:rows].ravel().tolist()}], **extra}
+
+
+def by_the_app(http: httpx.Client, path: str, body: dict[str, object]) -> httpx.Response:
+    """The same request through the app's path: a compressed body is the app's to read."""
+    return http.post(path, content=gzip.compress(json.dumps(body).encode()),
+                     headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+
+
+def gateway_log(stack: Stack) -> str:
+    return (stack.settings.state_dir / "logs" / "gateway.log").read_text()
+
+
+def test_the_front_answers_inference_itself_and_the_app_counts_and_logs_it(
+        native: Stack) -> None:
+    before = answered_natively(native)
+    expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": IMAGES[:3]})
+    with native.http() as http:
+        response = http.post("/v2/models/demo/infer", json=json_request(3, id="mine"),
+                             headers={"X-Request-ID": "native-probe-1"})
+        assert response.status_code == 200, response.text
+        assert response.headers["x-request-id"] == "native-probe-1"
+        document = response.json()
+        assert (document["model_name"], document["model_version"], document["id"]) == \
+            ("demo", "1", "mine")
+        output = document["outputs"][0]
+        scores = np.array(output["data"], dtype=np.float32).reshape(output["shape"])
+        np.testing.assert_allclose(scores, expected[output["name"]], rtol=1e-5, atol=1e-6)
+        versioned = http.post("/v2/models/demo/versions/1/infer", json=json_request(1))
+        assert versioned.status_code == 200
+        # the app's path gives the same document for the same request
+        again = by_the_app(http, "/v2/models/demo/infer", json_request(3, id="mine"))
+        assert again.status_code == 200 and again.json() == document
+        stats = http.get("/v2/models/demo/versions/1/stats").json()["model_stats"][0]
+    assert answered_natively(native) == before + 2
+    assert stats["inference_stats"]["success"]["count"] >= 3
+    assert stats["inference_stats"]["queue"]["count"] >= 3
+    # without a caller's id, the header carries the one in the queue record and the logs
+    logged = versioned.headers["x-request-id"]
+    deadline = time.monotonic() + 3
+    while logged not in gateway_log(native) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    line = next(line for line in gateway_log(native).splitlines() if logged in line)
+    assert "POST /v2/models/demo/versions/1/infer key=default model=demo version=1 " \
+        "status=200" in line
+
+
+def test_the_binary_extension_takes_the_native_path(native: Stack) -> None:
+    before = answered_natively(native)
+    header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 8, 8],
+                                     "parameters": {"binary_data_size": 128}}],
+                         "parameters": {"binary_data_output": True}}).encode()
+    with native.http() as http:
+        response = http.post("/v2/models/demo/infer", content=header + IMAGES[:2].tobytes(),
+                             headers={"Inference-Header-Content-Length": str(len(header))})
+    assert response.status_code == 200, response.text
+    size = int(response.headers["inference-header-content-length"])
+    document = json.loads(response.content[:size])
+    output = document["outputs"][0]
+    assert output["parameters"]["binary_data_size"] == len(response.content) - size
+    scores = np.frombuffer(response.content[size:], dtype=np.float32).reshape(output["shape"])
+    expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": IMAGES[:2]})
+    np.testing.assert_allclose(scores, expected[output["name"]], rtol=1e-5, atol=1e-6)
+    assert answered_natively(native) == before + 1
+
+
+@pytest.mark.parametrize(("body", "status"), [
+    ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 7],
+                  "data": [0] * 56}]}, 400),
+    ({"inputs": [{"name": "picture", "datatype": "UINT8", "shape": [1, 8, 8],
+                  "data": [0] * 64}]}, 400),
+    ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 8, 8],
+                  "data": [0.0] * 64}]}, 400),
+    (json_request(1, outputs=[{"name": "nope"}]), 400),
+    ({"inputs": "not a list"}, 400),
+    ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [65, 8, 8],
+                  "data": [0] * 65 * 64}]}, 413),
+])
+def test_refusals_on_the_native_path_keep_the_apps_words(native: Stack,
+                                                         body: dict[str, object],
+                                                         status: int) -> None:
+    before = answered_natively(native)
+    with native.http() as http:
+        response = http.post("/v2/models/demo/infer", json=body)
+        reference = by_the_app(http, "/v2/models/demo/infer", body)
+    assert (response.status_code, response.json()) == (status, reference.json())
+    assert reference.status_code == status
+    assert answered_natively(native) == before + 1
+
+
+def test_what_the_native_path_does_not_hold_reaches_the_app(native: Stack,
+                                                            tmp_path: Path) -> None:
+    before = answered_natively(native)
+    keys_file = native.settings.api_keys_file
+    other = add_api_key(keys_file, "only-other", ["other"])
+    try:
+        with native.http() as http:
+            assert http.post("/v2/models/nope/infer", json=json_request()).status_code == 404
+            missing = http.post("/v2/models/demo/versions/9/infer", json=json_request())
+            assert missing.status_code == 404 and "versions: 1" in missing.json()["error"]
+            # the classification extension needs the model's labels: the app answers
+            classes = http.post("/v2/models/demo/infer", json=json_request(
+                2, outputs=[{"name": "probabilities", "parameters": {"classification": 2}}]))
+            assert classes.status_code == 200, classes.text
+            assert len(classes.json()["outputs"][0]["data"]) == 4
+        with native.http(api_key="ppml_wrong") as http:
+            refused = http.post("/v2/models/demo/infer", json=json_request())
+            assert refused.status_code == 401
+            assert refused.headers["www-authenticate"] == "Bearer"
+        with native.http(api_key=None) as http:
+            assert http.post("/v2/models/demo/infer", json=json_request()).status_code == 401
+        with native.http(api_key=other) as http:  # once the app has reloaded the key file
+            deadline = time.monotonic() + 5
+            while (status := http.post("/v2/models/demo/infer",
+                                       json=json_request()).status_code) == 401:
+                assert time.monotonic() < deadline, "the new key was never loaded"
+                time.sleep(0.1)
+            assert status == 403
+    finally:
+        revoke_api_key(keys_file, "only-other")
+    assert answered_natively(native) == before
+
+
+def test_a_new_key_is_taken_and_a_revoked_one_refused_within_the_reload_interval(
+        native: Stack) -> None:
+    token = add_api_key(native.settings.api_keys_file, "short-lived", ["demo"])
+    deadline = time.monotonic() + 5
+    with native.http(api_key=token) as http:
+        while (status := http.post("/v2/models/demo/infer",
+                                   json=json_request()).status_code) != 200:
+            assert time.monotonic() < deadline, f"the new key still gets {status}"
+            time.sleep(0.1)
+        before = answered_natively(native)
+        assert http.post("/v2/models/demo/infer", json=json_request()).status_code == 200
+        assert answered_natively(native) == before + 1
+        revoke_api_key(native.settings.api_keys_file, "short-lived")
+        revoked = time.monotonic()
+        while (status := http.post("/v2/models/demo/infer",
+                                   json=json_request()).status_code) == 200:
+            assert time.monotonic() - revoked < 2.5, "a revoked key still answered"
+            time.sleep(0.05)
+        assert status == 401
