@@ -37,6 +37,9 @@ log = logging.getLogger("ppml_serve.gateway")
 REFRESH_S = 0.1
 """How often routes and callers are rebuilt, and answered requests collected: the same
 staleness as the app's own cached checks (backlog 0.1 s, live workers 0.5 s)."""
+CHECK_TIMEOUT_S = 1.0
+"""Longest a refresh waits for its checks (Redis stalled): then the app's path takes every
+request until they answer again, with its own handling of a stall."""
 _ID_MARK = "ppml-request-id"
 
 
@@ -115,9 +118,10 @@ class NativePath:
             self._front.set_callers(callers)
             self._callers = callers
         try:
-            table = await self._dataplane.open_versions() if self._enabled() else {}
-        except NotReady:
-            table = {}  # Redis unreachable: the app answers 503 with its reason
+            table = await asyncio.wait_for(self._dataplane.open_versions(), CHECK_TIMEOUT_S) \
+                if self._enabled() else {}
+        except (NotReady, asyncio.TimeoutError):
+            table = {}  # Redis unreachable or stalled: the app answers, with its reasons
         routes: dict[str, tuple[str | None, dict[str, tuple[Any, ...]]]] = {}
         for model, (default, versions) in table.items():
             built = {version: self._version_spec(queue_name(model, version), spec)
