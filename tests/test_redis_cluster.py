@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import shutil
 import signal
 import socket
@@ -14,6 +15,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import redis
@@ -142,6 +144,29 @@ def test_models_served_through_a_redis_cluster(served: tuple[Path, Path, str]) -
             assert np.array_equal(predicted, expected), name
         job = client.submit("digits", images[:2])
         assert client.result("digits", job, wait_s=10) is not None
+    # the front answers them itself (once its routes are installed, within ~0.1 s of the
+    # workers' arrival), with its queue client on the cluster: keys routed to their nodes
+    def natively_answered() -> float:
+        text = httpx.get(f"https://127.0.0.1:{settings.gateway.port}/metrics",
+                         verify=str(settings.ca_file), headers={"Authorization": f"Bearer {key}"}
+                         ).text
+        found = re.search(r"\nppml_front_native_answers_total (\S+)", text)
+        assert found, "no native front counter"
+        return float(found.group(1))
+
+    key = (state / "api-key").read_text().strip()
+    with Client(f"https://127.0.0.1:{settings.gateway.port}", api_key=key,
+                ca_file=settings.ca_file) as client:
+        for name in MODELS:
+            deadline = time.monotonic() + 5
+            while True:
+                before = natively_answered()
+                predicted = client.infer(name, images[:8])["probabilities"].argmax(axis=1)
+                assert np.array_equal(predicted, expected), name
+                if natively_answered() == before + 1:
+                    break
+                assert time.monotonic() < deadline, f"{name} never took the native path"
+                time.sleep(0.1)
     nodes = redis.RedisCluster.from_url(admin_url, ssl_ca_certs=str(settings.ca_file))
     try:
         for name in MODELS:

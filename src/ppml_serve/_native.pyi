@@ -68,7 +68,8 @@ class Front:
     def stop(self, grace_s: float) -> None: ...
     def stats(self) -> dict[str, int]: ...
     def install_plane(
-        self, *, unix_path: str | None, host: str, port: int, tls: bool, ca_file: str | None,
+        self, *, cluster: bool, unix_path: str | None, host: str, port: int, tls: bool,
+        ca_file: str | None,
         username: str | None, password: str | None, db: int, command_timeout_s: float,
         request_timeout_s: float, max_inflight_per_model: int, max_rows: int | None,
         spool: str | None, spool_min_bytes: int,

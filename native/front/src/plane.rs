@@ -33,7 +33,11 @@ use ppml_core::request::{check, record_head, tensors, CheckError, Inputs};
 use ppml_core::response;
 use ppml_core::v2::{self, py_repr};
 use redis::aio::MultiplexedConnection;
-use redis::{Client, ConnectionAddr, ConnectionInfo, RedisConnectionInfo, Value};
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
+use redis::cluster_async::ClusterConnection;
+use redis::{
+    Client, ConnectionAddr, ConnectionInfo, FromRedisValue, RedisConnectionInfo, RedisResult, Value,
+};
 use tokio::sync::oneshot;
 
 use crate::spool::Spool;
@@ -51,6 +55,8 @@ const CALLER_ID_MAX: usize = 64;
 
 /// Where the queue is, and as whom (the password never reaches a log or Debug output).
 pub struct RedisTarget {
+    /// A Redis Cluster: this is one node of it; keys are routed to their nodes.
+    pub cluster: bool,
     pub unix_path: Option<PathBuf>,
     pub host: String,
     pub port: u16,
@@ -165,6 +171,37 @@ impl Refusal {
     }
 }
 
+/// The queue: one Redis, or a Redis Cluster (each key to the node of its slot).
+enum Queue {
+    Single(Client),
+    Cluster(ClusterClient),
+}
+
+/// A connection of either kind; clones share it (commands are pipelined on it).
+#[derive(Clone)]
+enum Conn {
+    Single(MultiplexedConnection),
+    Cluster(ClusterConnection),
+}
+
+impl Queue {
+    async fn connect(&self) -> RedisResult<Conn> {
+        Ok(match self {
+            Queue::Single(client) => Conn::Single(client.get_multiplexed_async_connection().await?),
+            Queue::Cluster(client) => Conn::Cluster(client.get_async_connection().await?),
+        })
+    }
+}
+
+impl Conn {
+    async fn query<T: FromRedisValue>(&mut self, command: &redis::Cmd) -> RedisResult<T> {
+        match self {
+            Conn::Single(connection) => command.query_async(connection).await,
+            Conn::Cluster(connection) => command.query_async(connection).await,
+        }
+    }
+}
+
 /// What `route` found: the request is the path's to answer.
 pub struct Target {
     route: Arc<VersionRoute>,
@@ -176,8 +213,8 @@ pub struct Target {
 
 pub struct Plane {
     config: PlaneConfig,
-    client: Client,
-    sender: tokio::sync::Mutex<Option<MultiplexedConnection>>,
+    queue: Queue,
+    sender: tokio::sync::Mutex<Option<Conn>>,
     routes: RwLock<Arc<HashMap<String, ModelRoute>>>,
     callers: RwLock<Arc<Callers>>,
     enabled: AtomicBool,
@@ -241,30 +278,47 @@ impl Plane {
             password: target.password.clone(),
             ..Default::default()
         };
-        let client = match (&target.unix_path, target.tls) {
-            (Some(path), _) => Client::open(ConnectionInfo {
+        let tls_addr = || ConnectionAddr::TcpTls {
+            host: target.host.clone(),
+            port: target.port,
+            insecure: false,
+            tls_params: None,
+        };
+        let certificates = || redis::TlsCertificates {
+            client_tls: None,
+            root_cert: target.ca_pem.clone(),
+        };
+        let queue = match (&target.unix_path, target.tls, target.cluster) {
+            (_, tls, true) => {
+                let addr = if tls {
+                    tls_addr()
+                } else {
+                    ConnectionAddr::Tcp(target.host.clone(), target.port)
+                };
+                let mut builder = ClusterClientBuilder::new(vec![ConnectionInfo { addr, redis }]);
+                if tls {
+                    builder = builder.certs(certificates());
+                }
+                builder.build().map(Queue::Cluster)
+            }
+            (Some(path), _, false) => Client::open(ConnectionInfo {
                 addr: ConnectionAddr::Unix(path.clone()),
                 redis,
-            }),
-            (None, true) => Client::build_with_tls(
+            })
+            .map(Queue::Single),
+            (None, true, false) => Client::build_with_tls(
                 ConnectionInfo {
-                    addr: ConnectionAddr::TcpTls {
-                        host: target.host.clone(),
-                        port: target.port,
-                        insecure: false,
-                        tls_params: None,
-                    },
+                    addr: tls_addr(),
                     redis,
                 },
-                redis::TlsCertificates {
-                    client_tls: None,
-                    root_cert: target.ca_pem.clone(),
-                },
-            ),
-            (None, false) => Client::open(ConnectionInfo {
+                certificates(),
+            )
+            .map(Queue::Single),
+            (None, false, false) => Client::open(ConnectionInfo {
                 addr: ConnectionAddr::Tcp(target.host.clone(), target.port),
                 redis,
-            }),
+            })
+            .map(Queue::Single),
         }
         // the library's words only: its error never holds the password
         .map_err(|e| {
@@ -275,7 +329,7 @@ impl Plane {
         })?;
         let spool = config.spool.clone().map(Spool::new);
         Ok(Self {
-            client,
+            queue,
             sender: tokio::sync::Mutex::new(None),
             routes: RwLock::new(Arc::new(HashMap::new())),
             callers: RwLock::new(Arc::new(Vec::new())),
@@ -627,16 +681,13 @@ impl Plane {
         })
     }
 
-    async fn connection(&self) -> Result<MultiplexedConnection, Refusal> {
+    async fn connection(&self) -> Result<Conn, Refusal> {
         let mut sender = self.sender.lock().await;
         if let Some(connection) = sender.as_ref() {
             return Ok(connection.clone());
         }
-        let connected = tokio::time::timeout(
-            self.config.command_timeout,
-            self.client.get_multiplexed_async_connection(),
-        )
-        .await;
+        let connected =
+            tokio::time::timeout(self.config.command_timeout, self.queue.connect()).await;
         match connected {
             Ok(Ok(connection)) => {
                 *sender = Some(connection.clone());
@@ -722,7 +773,7 @@ impl Plane {
         let mut connection = self.connection().await?;
         let sent = tokio::time::timeout(
             self.config.command_timeout,
-            command.query_async::<Value>(&mut connection),
+            connection.query::<Value>(command),
         )
         .await;
         match sent {
@@ -763,14 +814,11 @@ impl Plane {
     async fn read_replies(self: Arc<Self>, queue: String, stream: String) {
         let mut last = "0-0".to_owned();
         let mut delay = Duration::from_millis(50);
-        let mut connection: Option<MultiplexedConnection> = None;
+        // its own connection: a blocking read holds the connection it is sent on
+        let mut connection: Option<Conn> = None;
         loop {
             if connection.is_none() {
-                match tokio::time::timeout(
-                    self.config.command_timeout,
-                    self.client.get_multiplexed_async_connection(),
-                )
-                .await
+                match tokio::time::timeout(self.config.command_timeout, self.queue.connect()).await
                 {
                     Ok(Ok(c)) => connection = Some(c),
                     Ok(Err(_)) => {
@@ -799,7 +847,7 @@ impl Plane {
             let patience = self.config.command_timeout + Duration::from_millis(REPLY_BLOCK_MS);
             let read = tokio::time::timeout(
                 patience,
-                command.query_async::<Option<redis::streams::StreamReadReply>>(conn),
+                conn.query::<Option<redis::streams::StreamReadReply>>(&command),
             )
             .await;
             match read {
@@ -1002,6 +1050,7 @@ mod tests {
     fn plane() -> Plane {
         let config = PlaneConfig {
             redis: RedisTarget {
+                cluster: false,
                 unix_path: Some(PathBuf::from("/nonexistent/redis.sock")),
                 host: String::new(),
                 port: 0,

@@ -174,13 +174,14 @@ impl Front {
     /// Answer inference requests on the native path (see ppml-front's `plane`): the
     /// queue's address and user, the deadlines and bounds of `gateway.*`, the spool.
     /// Nothing is served on it before ``set_routes`` and ``set_enabled(True)``.
-    #[pyo3(signature = (*, unix_path, host, port, tls, ca_file, username, password, db,
+    #[pyo3(signature = (*, cluster, unix_path, host, port, tls, ca_file, username, password, db,
                         command_timeout_s, request_timeout_s, max_inflight_per_model,
                         max_rows, spool, spool_min_bytes))]
     #[allow(clippy::too_many_arguments)]
     fn install_plane(
         &self,
         py: Python<'_>,
+        cluster: bool,
         unix_path: Option<PathBuf>,
         host: String,
         port: u16,
@@ -208,6 +209,7 @@ impl Front {
         };
         let config = PlaneConfig {
             redis: RedisTarget {
+                cluster,
                 unix_path,
                 host,
                 port,

@@ -511,12 +511,16 @@ class DataPlane:
             versions: dict[str, ModelSpec] = {}
             for version in view.present(name) if view.knows(name) else ["1"]:
                 queue = queue_name(name, version)
-                spec = specs.get(queue)
                 try:
-                    if spec is None or not await self._queue_ready(queue):
+                    if not await self._queue_ready(queue):
                         continue
+                    if queue not in specs:  # live workers whose spec is newer than the cache
+                        specs = await self.models(refresh=True)
                     await self._check_backlog(queue)
                 except Overloaded:
+                    continue
+                spec = specs.get(queue)
+                if spec is None:
                     continue
                 versions[version] = spec
             if versions:

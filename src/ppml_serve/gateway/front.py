@@ -74,15 +74,15 @@ class NativeFront:
 
     def install_plane(self, settings: Settings) -> bool:
         """Let the front answer inference itself (``gateway/native_path.py`` keeps it in
-        step); ``False`` where it cannot: turned off, or a Redis Cluster (only redis-py's
-        client routes keys to its nodes here)."""
+        step); ``False`` where it is turned off."""
         gateway = settings.gateway
-        if not gateway.native_infer or settings.redis.cluster:
+        if not gateway.native_infer:
             return False
         endpoint = Endpoint.parse(settings.redis_url(), settings.ca_file)
         spool = settings.redis.payload_spool
         self._front.install_plane(
-            unix_path=endpoint.path, host=endpoint.host, port=endpoint.port, tls=endpoint.tls,
+            cluster=settings.redis.cluster, unix_path=endpoint.path, host=endpoint.host,
+            port=endpoint.port, tls=endpoint.tls,
             ca_file=str(endpoint.ca_file) if endpoint.tls and endpoint.ca_file else None,
             username=endpoint.username, password=endpoint.password, db=endpoint.db,
             command_timeout_s=settings.redis.command_timeout_s,
