@@ -96,6 +96,27 @@ def test_the_front_answers_inference_itself_and_the_app_counts_and_logs_it(
         "status=200" in line
 
 
+@pytest.mark.parametrize("binary", [False, True])
+def test_the_classification_extension_reads_as_the_apps(native: Stack, binary: bool) -> None:
+    body = json_request(3, outputs=[{"name": "probabilities", "parameters": {
+        "classification": 3, "binary_data": binary}}])
+    before = answered_natively(native)
+    with native.http() as http:
+        response = http.post("/v2/models/demo/infer", json=body)
+        reference = by_the_app(http, "/v2/models/demo/infer", body)
+    assert response.status_code == reference.status_code == 200, response.text
+    assert response.content == reference.content
+    assert response.headers.get("inference-header-content-length") == \
+        reference.headers.get("inference-header-content-length")
+    assert answered_natively(native) == before + 1
+    if not binary:
+        classes = response.json()["outputs"][0]
+        assert (classes["datatype"], classes["shape"]) == ("BYTES", [3, 3])
+        expected = load_engine("demo", demo_model_path().read_bytes()).infer(
+            {"image": IMAGES[:3]})["probabilities"].argmax(axis=1)
+        assert [int(row.split(":")[1]) for row in classes["data"][::3]] == list(expected)
+
+
 def test_the_binary_extension_takes_the_native_path(native: Stack) -> None:
     before = answered_natively(native)
     header = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [2, 8, 8],
@@ -123,6 +144,8 @@ def test_the_binary_extension_takes_the_native_path(native: Stack) -> None:
     ({"inputs": [{"name": "image", "datatype": "FP32", "shape": [1, 8, 8],
                   "data": [0.0] * 64}]}, 400),
     (json_request(1, outputs=[{"name": "nope"}]), 400),
+    (json_request(1, outputs=[{"name": "probabilities",
+                               "parameters": {"classification": 1001}}]), 400),
     ({"inputs": "not a list"}, 400),
     ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [65, 8, 8],
                   "data": [0] * 65 * 64}]}, 413),
@@ -149,11 +172,6 @@ def test_what_the_native_path_does_not_hold_reaches_the_app(native: Stack,
             assert http.post("/v2/models/nope/infer", json=json_request()).status_code == 404
             missing = http.post("/v2/models/demo/versions/9/infer", json=json_request())
             assert missing.status_code == 404 and "versions: 1" in missing.json()["error"]
-            # the classification extension needs the model's labels: the app answers
-            classes = http.post("/v2/models/demo/infer", json=json_request(
-                2, outputs=[{"name": "probabilities", "parameters": {"classification": 2}}]))
-            assert classes.status_code == 200, classes.text
-            assert len(classes.json()["outputs"][0]["data"]) == 4
         with native.http(api_key="ppml_wrong") as http:
             refused = http.post("/v2/models/demo/infer", json=json_request())
             assert refused.status_code == 401

@@ -150,9 +150,8 @@ class GatewaySettings(_Section):
     native_infer: bool = True
     """With the native front: answer REST inference (``POST …/infer``) in the front itself,
     from the key check to the response, with no Python on the way (the app keeps the routes,
-    keys and metrics up to date). Tracing, compressed bodies and the classification
-    extension always take the app's path; ``false`` sends every request there (for
-    comparison)."""
+    keys and metrics up to date). Tracing and compressed bodies take the app's path;
+    ``false`` sends every request there (for comparison)."""
     front_threads: int = Field(1, ge=1, le=64)
     """Threads of the native front (TLS, HTTP, limits) in each gateway process. One keeps a
     request's hand-offs between its tasks on one thread: with two, the 602 KB null-model

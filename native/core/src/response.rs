@@ -3,6 +3,9 @@
 //! `Inference-Header-Content-Length` header), in the document layout of
 //! `ppml_serve.codecs.v2.encode_response`.
 
+use std::borrow::Cow;
+use std::cmp::Ordering;
+
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -18,6 +21,9 @@ pub enum ResponseError {
     /// An output asked for is not in the answer.
     #[error("output {0} is not in the model's answer")]
     Missing(String),
+    /// The classification extension cannot be applied as asked (a 400).
+    #[error("{0}")]
+    Classification(String),
     /// A BYTES output asked for as JSON holds bytes that are not UTF-8 (a 400).
     #[error("output {0} holds bytes that are not UTF-8 text, which JSON cannot carry: ask for it with parameters.binary_data = true")]
     NotText(String),
@@ -32,13 +38,20 @@ pub struct Wanted<'a> {
     /// Requested outputs in order with whether each is binary; `None`: every output.
     pub outputs: Option<&'a [(String, bool)]>,
     pub binary_default: bool,
+    /// Outputs asked for with the classification extension, and how many classes each.
+    pub classification: &'a [(String, u64)],
+    /// The model's class names (`labels` in its config), for the classification extension.
+    pub labels: Option<&'a [String]>,
 }
+
+/// Most classes the classification extension may ask for.
+pub const MAX_CLASS_COUNT: u64 = 1000;
 
 #[derive(Serialize)]
 struct Output<'a> {
     name: &'a str,
     datatype: &'a str,
-    shape: &'a [u64],
+    shape: Cow<'a, [u64]>,
     #[serde(skip_serializing_if = "Option::is_none")]
     parameters: Option<BinarySize>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -110,6 +123,96 @@ fn json_data(entry: &TensorEntry, data: &[u8]) -> Result<Value, ResponseError> {
     ))
 }
 
+/// numpy's name of a v2 datatype (the words of the Python refusal).
+fn numpy_name(datatype: &str) -> String {
+    match datatype {
+        "FP16" => "float16".into(),
+        "FP32" => "float32".into(),
+        "FP64" => "float64".into(),
+        "BYTES" => "object".into(),
+        other => other.to_ascii_lowercase(),
+    }
+}
+
+/// Python's `f"{value:f}"`.
+fn fixed(value: f64) -> String {
+    if value.is_nan() {
+        "nan".into()
+    } else if value.is_infinite() {
+        if value > 0.0 { "inf" } else { "-inf" }.into()
+    } else {
+        format!("{value:.6}")
+    }
+}
+
+/// The classification extension as `ppml_serve.codecs.v2.classify` writes it: the `count`
+/// best classes of each row of a float output (`[batch, classes]` or `[classes]`), best
+/// first (ties in index order, NaN last), as `"score:index"` or `"score:index:label"`; the
+/// BYTES tensor's shape and items.
+pub fn classify(
+    entry: &TensorEntry,
+    data: &[u8],
+    count: u64,
+    labels: Option<&[String]>,
+) -> Result<(Vec<u64>, Vec<String>), ResponseError> {
+    let name = py_repr(&entry.name);
+    let width = match entry.datatype {
+        "FP16" => 2,
+        "FP32" => 4,
+        "FP64" => 8,
+        _ => 0,
+    };
+    if width == 0 || !(1..=2).contains(&entry.shape.len()) {
+        let shape: Vec<String> = entry.shape.iter().map(u64::to_string).collect();
+        return Err(ResponseError::Classification(format!(
+            "output {name}: classification needs float scores shaped [batch, classes], not {} [{}]",
+            numpy_name(entry.datatype),
+            shape.join(", ")
+        )));
+    }
+    if count > MAX_CLASS_COUNT {
+        return Err(ResponseError::Classification(format!(
+            "output {name}: classification may ask for at most {MAX_CLASS_COUNT} classes"
+        )));
+    }
+    let classes = entry.shape[entry.shape.len() - 1] as usize;
+    let scores: Vec<f64> = data
+        .chunks_exact(width)
+        .map(|b| match width {
+            2 => f64::from(half::f16::from_le_bytes([b[0], b[1]])),
+            4 => f64::from(f32::from_le_bytes([b[0], b[1], b[2], b[3]])),
+            _ => f64::from_le_bytes(b.try_into().unwrap_or_default()),
+        })
+        .collect();
+    let count = (count as usize).min(classes);
+    let rows = scores.len().checked_div(classes).unwrap_or(0);
+    let mut items = Vec::with_capacity(rows * count);
+    for row in scores.chunks_exact(classes.max(1)).take(rows) {
+        let mut order: Vec<usize> = (0..row.len()).collect();
+        // numpy's stable argsort of the negated scores: best first, NaN last
+        order.sort_by(|&a, &b| match (row[a].is_nan(), row[b].is_nan()) {
+            (false, false) => row[b].partial_cmp(&row[a]).unwrap_or(Ordering::Equal),
+            (false, true) => Ordering::Less,
+            (true, false) => Ordering::Greater,
+            (true, true) => Ordering::Equal,
+        });
+        for &index in order.iter().take(count) {
+            let mut text = format!("{}:{index}", fixed(row[index]));
+            if let Some(label) = labels.and_then(|l| l.get(index)) {
+                text.push(':');
+                text.push_str(label);
+            }
+            items.push(text);
+        }
+    }
+    let shape = if entry.shape.len() == 1 {
+        vec![count as u64]
+    } else {
+        vec![rows as u64, count as u64]
+    };
+    Ok((shape, items))
+}
+
 /// The response body for the answer `answer` (a record), and the size of its JSON part when
 /// any output is binary.
 pub fn encode(
@@ -130,7 +233,7 @@ pub fn encode(
         }
     };
     let mut described = Vec::with_capacity(selected.len());
-    let mut chunks: Vec<&[u8]> = Vec::new();
+    let mut chunks: Vec<Cow<'_, [u8]>> = Vec::new();
     for (name, binary) in selected {
         let entry = parsed
             .tensors
@@ -138,8 +241,39 @@ pub fn encode(
             .find(|t| t.name == *name)
             .ok_or_else(|| ResponseError::Missing(py_repr(name)))?;
         let data = &answer[entry.offset..entry.offset + entry.nbytes];
+        if let Some((_, count)) = wanted.classification.iter().find(|(n, _)| n == name) {
+            let (shape, items) = classify(entry, data, *count, wanted.labels)?;
+            let (parameters, json) = if *binary {
+                let mut serialized = Vec::new();
+                for item in &items {
+                    serialized.extend_from_slice(&(item.len() as u32).to_le_bytes());
+                    serialized.extend_from_slice(item.as_bytes());
+                }
+                let size = serialized.len();
+                chunks.push(Cow::Owned(serialized));
+                (
+                    Some(BinarySize {
+                        binary_data_size: size,
+                    }),
+                    None,
+                )
+            } else {
+                (
+                    None,
+                    Some(Value::Array(items.into_iter().map(Value::String).collect())),
+                )
+            };
+            described.push(Output {
+                name,
+                datatype: "BYTES",
+                shape: Cow::Owned(shape),
+                parameters,
+                data: json,
+            });
+            continue;
+        }
         let (parameters, json) = if *binary {
-            chunks.push(data);
+            chunks.push(Cow::Borrowed(data));
             (
                 Some(BinarySize {
                     binary_data_size: data.len(),
@@ -152,7 +286,7 @@ pub fn encode(
         described.push(Output {
             name,
             datatype: entry.datatype,
-            shape: &entry.shape,
+            shape: Cow::Borrowed(&entry.shape),
             parameters,
             data: json,
         });
@@ -171,7 +305,7 @@ pub fn encode(
     let header = body.len();
     body.reserve_exact(chunks.iter().map(|c| c.len()).sum());
     for chunk in chunks {
-        body.extend_from_slice(chunk);
+        body.extend_from_slice(&chunk);
     }
     Ok((body, Some(header)))
 }
@@ -217,7 +351,8 @@ mod tests {
         #[test]
         fn arbitrary_answers_never_panic(data in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
             let wanted = Wanted { model: "m", version: None, id: None, parameters: None,
-                                  outputs: None, binary_default: false };
+                                  outputs: None, binary_default: false, classification: &[],
+                                  labels: None };
             let _ = encode(&data, &wanted);
         }
     }
@@ -231,6 +366,8 @@ mod tests {
             parameters: None,
             outputs: None,
             binary_default: false,
+            classification: &[],
+            labels: None,
         };
         let (body, size) = encode(&answer(), &wanted).unwrap();
         assert_eq!(size, None);
@@ -261,5 +398,67 @@ mod tests {
             encode(&answer(), &wanted),
             Err(ResponseError::Missing("'q'".into()))
         );
+    }
+
+    #[test]
+    fn classification_in_the_python_layout() {
+        let labels = ["no".to_string(), "yes".to_string()];
+        let asked = [("p".to_string(), 2)];
+        let picked = [("p".to_string(), false)];
+        let wanted = Wanted {
+            model: "m",
+            version: None,
+            id: None,
+            parameters: None,
+            outputs: Some(&picked),
+            binary_default: false,
+            classification: &asked,
+            labels: Some(&labels),
+        };
+        let (body, _) = encode(&answer(), &wanted).unwrap();
+        assert_eq!(
+            String::from_utf8(body).unwrap(),
+            r#"{"model_name":"m","outputs":[{"name":"p","datatype":"BYTES","shape":[1,2],"data":["0.750000:1:yes","0.250000:0:no"]}]}"#
+        );
+        let binary = [("p".to_string(), true)];
+        let one = [("p".to_string(), 1)];
+        let wanted = Wanted {
+            outputs: Some(&binary),
+            classification: &one,
+            labels: None,
+            ..wanted
+        };
+        let (body, size) = encode(&answer(), &wanted).unwrap();
+        let tail = &body[size.unwrap()..];
+        assert_eq!(tail, [&10u32.to_le_bytes()[..], b"0.750000:1"].concat());
+        let too_many = [("p".to_string(), 1001)];
+        let wanted = Wanted {
+            classification: &too_many,
+            ..wanted
+        };
+        assert_eq!(
+            encode(&answer(), &wanted),
+            Err(ResponseError::Classification(
+                "output 'p': classification may ask for at most 1000 classes".into()
+            ))
+        );
+    }
+
+    #[test]
+    fn classification_ranks_ties_by_index_and_nan_last() {
+        let scores: Vec<u8> = [f32::NAN, 0.5, 0.5, 1.0]
+            .iter()
+            .flat_map(|x| x.to_le_bytes())
+            .collect();
+        let entry = TensorEntry {
+            name: "s".into(),
+            datatype: "FP32",
+            shape: vec![4],
+            offset: 0,
+            nbytes: scores.len(),
+        };
+        let (shape, items) = classify(&entry, &scores, 4, None).unwrap();
+        assert_eq!(shape, vec![4]);
+        assert_eq!(items, ["1.000000:3", "0.500000:1", "0.500000:2", "nan:0"]);
     }
 }

@@ -84,8 +84,11 @@ pub struct VersionRoute {
     pub request_stream: String,
     pub reply_stream: String,
     pub inputs: Inputs,
-    /// Declared outputs (name, v2 datatype): requested outputs are checked against them.
-    pub outputs: Vec<String>,
+    /// Declared outputs (name, v2 datatype, shape): requested outputs are checked against
+    /// them, and the classification extension's float scores.
+    pub outputs: Vec<(String, String, Vec<i64>)>,
+    /// The model's class names, for the classification extension.
+    pub labels: Option<Vec<String>>,
     pub keyring: Arc<Keyring>,
     /// The associated data of a request and of its answer, around the request id.
     pub request_aad: (Vec<u8>, Vec<u8>),
@@ -565,9 +568,6 @@ impl Plane {
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
         let request = v2::parse_request(body, header_length.as_deref())
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.0))?;
-        if !request.classification.is_empty() {
-            return Ok(None); // numpy and the model's labels: Python's
-        }
         let inputs = tensors(&request, body);
         check(&inputs, &route.inputs, self.config.max_rows).map_err(|e| match e {
             CheckError::Invalid(m) => Refusal::new(StatusCode::BAD_REQUEST, m),
@@ -575,8 +575,9 @@ impl Plane {
         })?;
         if let Some(asked) = &request.outputs {
             for (name, _) in asked {
-                if !route.outputs.iter().any(|known| known == name) {
-                    let mut known = route.outputs.clone();
+                if !route.outputs.iter().any(|(known, _, _)| known == name) {
+                    let mut known: Vec<String> =
+                        route.outputs.iter().map(|(n, _, _)| n.clone()).collect();
                     known.sort();
                     return Err(Refusal::new(
                         StatusCode::BAD_REQUEST,
@@ -630,9 +631,11 @@ impl Plane {
             parameters: None,
             outputs: request.outputs.as_deref(),
             binary_default: request.binary_default,
+            classification: &request.classification,
+            labels: route.labels.as_deref(),
         };
         let (document, json_size) = response::encode(&plaintext, &wanted).map_err(|e| match e {
-            response::ResponseError::NotText(_) => {
+            response::ResponseError::NotText(_) | response::ResponseError::Classification(_) => {
                 Refusal::new(StatusCode::BAD_REQUEST, e.to_string())
             }
             _ => Refusal::internal("internal error", format!("ProtocolError: {e}")),
@@ -1077,7 +1080,8 @@ mod tests {
                 model: "demo".into(),
                 inputs: vec![],
             },
-            outputs: vec!["scores".into()],
+            outputs: vec![("scores".into(), "FP32".into(), vec![-1, 10])],
+            labels: None,
             keyring: Arc::new(keyring),
             request_aad: (b"[".to_vec(), b"]".to_vec()),
             reply_aad: (b"[".to_vec(), b"]".to_vec()),

@@ -19,14 +19,13 @@ use crate::request::ModelInputs;
 use crate::Keyring;
 
 /// One version as Python describes it to the native path: queue name, request stream,
-/// reply stream, declared inputs, output names, the model's keyring, and the associated
-/// data of a request and of a reply split around the request id.
+/// reply stream, declared inputs, declared outputs (name, datatype, shape) and class
+/// labels, the model's keyring, and the associated data of a request and of a reply split
+/// around the request id.
 type VersionSpec<'py> = (
-    String,
-    String,
-    String,
+    (String, String, String),
     PyRef<'py, ModelInputs>,
-    Vec<String>,
+    (Vec<(String, String, Vec<i64>)>, Option<Vec<String>>),
     PyRef<'py, Keyring>,
     (Vec<u8>, Vec<u8>),
     (Vec<u8>, Vec<u8>),
@@ -260,14 +259,21 @@ impl Front {
                 let versions = versions
                     .into_iter()
                     .map(|(version, spec)| {
-                        let (queue, request_stream, reply_stream, inputs, outputs, keys, a, b) =
-                            spec;
+                        let (
+                            (queue, request_stream, reply_stream),
+                            inputs,
+                            (outputs, labels),
+                            keys,
+                            a,
+                            b,
+                        ) = spec;
                         let route = VersionRoute {
                             queue,
                             request_stream,
                             reply_stream,
                             inputs: inputs.inner.clone(),
                             outputs,
+                            labels,
                             keyring: keys.inner.clone(),
                             request_aad: a,
                             reply_aad: b,

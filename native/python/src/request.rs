@@ -156,6 +156,8 @@ pub fn encode_v2_response<'py>(
         parameters: None,
         outputs: outputs.as_deref(),
         binary_default,
+        classification: &[],
+        labels: None,
     };
     let (body, size) = py
         .detach(|| response::encode(answer, &wanted))

@@ -105,9 +105,11 @@ class NativePath:
             return None  # not sealed by ppml-core (the plaintext benchmark mode)
         stream = self.reply_stream(queue)
         self._streams.add(stream)
-        return (queue, self._layout.requests(queue), stream,
+        return ((queue, self._layout.requests(queue), stream),
                 self._dataplane.native_inputs(queue, spec),
-                [output.name for output in spec.outputs], keyring,
+                ([(output.name, output.datatype, list(output.shape))
+                  for output in spec.outputs], self._dataplane.labels(queue)),
+                keyring,
                 _around_id(associated_data(queue, _ID_MARK, REQUEST)),
                 _around_id(associated_data(queue, _ID_MARK, REPLY)))
 
