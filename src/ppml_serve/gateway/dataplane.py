@@ -472,6 +472,10 @@ class DataPlane:
             return await self._presence.live_workers(queue, self._worker_max_age_s) > 0
 
         ready: bool = await self._cached(f"ready:{queue}", 0.5, load)
+        if not ready:
+            # only a yes is reused: workers that just came are served at once, not after
+            # a "none" cached by the native path's refresh (or a request) just before
+            self._cache.pop(f"ready:{queue}", None)
         return ready
 
     async def ready(self) -> bool:
