@@ -994,18 +994,7 @@ fn worker_error(plaintext: &[u8]) -> Refusal {
 }
 
 fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
-    let body = serde_json::json!({ "error": refusal.message }).to_string();
-    let mut response = Response::new(Full::new(Bytes::from(body)));
-    *response.status_mut() = refusal.status;
-    let headers = response.headers_mut();
-    headers.insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    if refusal.retry {
-        headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-    }
-    response
+    crate::server::error(refusal.status, &refusal.message, false, refusal.retry)
 }
 
 #[cfg(test)]

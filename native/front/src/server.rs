@@ -337,7 +337,13 @@ async fn serve<I>(
     }
 }
 
-fn error(status: StatusCode, message: &str, close: bool, retry: bool) -> Response<Full<Bytes>> {
+/// A JSON error answer (`{"error": …}`), as the Python app writes them.
+pub(crate) fn error(
+    status: StatusCode,
+    message: &str,
+    close: bool,
+    retry: bool,
+) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "error": message }).to_string();
     let mut response = Response::new(Full::new(Bytes::from(body)));
     *response.status_mut() = status;
