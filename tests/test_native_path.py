@@ -209,3 +209,21 @@ def test_a_new_key_is_taken_and_a_revoked_one_refused_within_the_reload_interval
             assert time.monotonic() - revoked < 2.5, "a revoked key still answered"
             time.sleep(0.05)
         assert status == 401
+
+
+def test_the_plaintext_benchmark_mode_takes_the_native_path_too(tmp_path: Path) -> None:
+    """``security.encrypt_payloads: false`` exists to measure what the envelope costs: the
+    comparison holds only if both sides take the same path."""
+    settings = stack_settings(tmp_path, security={"encrypt_payloads": False})
+    with running_stack(settings, workers=1) as local:
+        plain = Stack(local)
+        before = answered_natively(plain)
+        with plain.http() as http:
+            response = http.post("/v2/models/demo/infer", json=json_request(2))
+        assert response.status_code == 200, response.text
+        output = response.json()["outputs"][0]
+        expected = load_engine("demo", demo_model_path().read_bytes()).infer(
+            {"image": IMAGES[:2]})[output["name"]]
+        np.testing.assert_allclose(np.array(output["data"]).reshape(output["shape"]),
+                                   expected, rtol=1e-5, atol=1e-6)
+        assert answered_natively(plain) == before + 1

@@ -48,6 +48,8 @@ const ADMISSION_SHARE: f64 = 0.5;
 /// Replies read at once from a reply stream, and how long one read blocks.
 const REPLY_COUNT: usize = 512;
 const REPLY_BLOCK_MS: u64 = 1000;
+/// The plaintext benchmark mode's record mark (`PlaintextSealer` in Python).
+const PLAIN_MARK: &[u8] = b"PX";
 /// Events kept for Python to drain; beyond, the oldest are dropped (Python stopped).
 const MAX_EVENTS: usize = 100_000;
 /// `X-Request-ID` values a caller may set that are kept (echoed, logged).
@@ -89,7 +91,9 @@ pub struct VersionRoute {
     pub outputs: Vec<(String, String, Vec<i64>)>,
     /// The model's class names, for the classification extension.
     pub labels: Option<Vec<String>>,
-    pub keyring: Arc<Keyring>,
+    /// `None`: the plaintext benchmark mode (`security.encrypt_payloads: false`), whose
+    /// records are the plain record behind a two-byte mark — never for real data.
+    pub keyring: Option<Arc<Keyring>>,
     /// The associated data of a request and of its answer, around the request id.
     pub request_aad: (Vec<u8>, Vec<u8>),
     pub reply_aad: (Vec<u8>, Vec<u8>),
@@ -600,11 +604,23 @@ impl Plane {
         let mut aad = route.request_aad.0.clone();
         aad.extend_from_slice(request_id.as_bytes());
         aad.extend_from_slice(&route.request_aad.1);
-        let mut sealed = vec![0u8; route.keyring.sealed_len(total)];
-        route
-            .keyring
-            .seal_parts_into(&parts, &aad, &mut sealed)
-            .map_err(|e| Refusal::internal("internal error", format!("sealing failed: {e}")))?;
+        let sealed = match &route.keyring {
+            Some(keyring) => {
+                let mut sealed = vec![0u8; keyring.sealed_len(total)];
+                keyring
+                    .seal_parts_into(&parts, &aad, &mut sealed)
+                    .map_err(|e| {
+                        Refusal::internal("internal error", format!("sealing failed: {e}"))
+                    })?;
+                sealed
+            }
+            None => {
+                let mut plain = Vec::with_capacity(PLAIN_MARK.len() + total);
+                plain.extend_from_slice(PLAIN_MARK);
+                parts.iter().for_each(|part| plain.extend_from_slice(part));
+                plain
+            }
+        };
         drop(parts);
 
         let _held = self.hold(&route.queue)?;
@@ -615,12 +631,20 @@ impl Plane {
         let mut aad = route.reply_aad.0.clone();
         aad.extend_from_slice(request_id.as_bytes());
         aad.extend_from_slice(&route.reply_aad.1);
-        let plaintext = route.keyring.open(&reply.body, &aad).map_err(|_| {
+        let refused = || {
             Refusal::internal(
                 "internal error",
                 format!("reply for request {request_id} refused: record failed authentication"),
             )
-        })?;
+        };
+        let plaintext = match &route.keyring {
+            Some(keyring) => keyring.open(&reply.body, &aad).map_err(|_| refused())?,
+            None => reply
+                .body
+                .strip_prefix(PLAIN_MARK)
+                .ok_or_else(refused)?
+                .to_vec(),
+        };
         if !reply.ok {
             return Err(worker_error(&plaintext));
         }
@@ -1071,7 +1095,7 @@ mod tests {
             },
             outputs: vec![("scores".into(), "FP32".into(), vec![-1, 10])],
             labels: None,
-            keyring: Arc::new(keyring),
+            keyring: Some(Arc::new(keyring)),
             request_aad: (b"[".to_vec(), b"]".to_vec()),
             reply_aad: (b"[".to_vec(), b"]".to_vec()),
         });

@@ -20,13 +20,13 @@ use crate::Keyring;
 
 /// One version as Python describes it to the native path: queue name, request stream,
 /// reply stream, declared inputs, declared outputs (name, datatype, shape) and class
-/// labels, the model's keyring, and the associated data of a request and of a reply split
+/// labels, the model's keyring (None: the plaintext benchmark mode), and the associated data of a request and of a reply split
 /// around the request id.
 type VersionSpec<'py> = (
     (String, String, String),
     PyRef<'py, ModelInputs>,
     (Vec<(String, String, Vec<i64>)>, Option<Vec<String>>),
-    PyRef<'py, Keyring>,
+    Option<PyRef<'py, Keyring>>,
     (Vec<u8>, Vec<u8>),
     (Vec<u8>, Vec<u8>),
 );
@@ -274,7 +274,7 @@ impl Front {
                             inputs: inputs.inner.clone(),
                             outputs,
                             labels,
-                            keyring: keys.inner.clone(),
+                            keyring: keys.map(|k| k.inner.clone()),
                             request_aad: a,
                             reply_aad: b,
                         };
