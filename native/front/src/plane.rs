@@ -13,7 +13,7 @@
 //! answered here becomes an `Event` that Python drains for its metrics, statistics and
 //! access log, so those stay one implementation.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -228,7 +228,9 @@ pub struct Plane {
     waiting: Mutex<Waiting>,
     readers: Mutex<HashSet<String>>,
     inflight: Mutex<HashMap<String, usize>>,
-    events: Mutex<Vec<Event>>,
+    /// Oldest dropped first when Python stops draining (a stalled app must not make each
+    /// answer here cost more).
+    events: Mutex<VecDeque<Event>>,
     spool: Option<Spool>,
     random: SystemRandom,
 }
@@ -344,7 +346,7 @@ impl Plane {
             waiting: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashSet::new()),
             inflight: Mutex::new(HashMap::new()),
-            events: Mutex::new(Vec::new()),
+            events: Mutex::new(VecDeque::new()),
             spool,
             random: SystemRandom::new(),
             config,
@@ -396,7 +398,7 @@ impl Plane {
     }
 
     pub fn drain_events(&self) -> Vec<Event> {
-        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner()))
+        std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner())).into()
     }
 
     fn caller(&self, headers: &HeaderMap) -> Option<Arc<Caller>> {
@@ -542,9 +544,9 @@ impl Plane {
     fn record(&self, event: Event) {
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if events.len() >= MAX_EVENTS {
-            events.remove(0);
+            events.pop_front();
         }
-        events.push(event);
+        events.push_back(event);
     }
 
     async fn exchange(
@@ -1257,6 +1259,38 @@ mod tests {
         let refused = answer.try_recv().unwrap().err().unwrap();
         assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
         assert!(refused.retry);
+    }
+
+    #[test]
+    fn undrained_events_keep_the_newest_within_the_bound() {
+        let plane = plane();
+        let event = |status: u16| Event {
+            model: "demo".into(),
+            version: "1".into(),
+            queue: "demo".into(),
+            path: "/v2/models/demo/infer".into(),
+            status,
+            seconds: 0.001,
+            key_name: "all".into(),
+            request_id: String::new(),
+            caller_id: String::new(),
+            client: String::new(),
+            bytes_in: 0,
+            bytes_out: 0,
+            answer: None,
+            failure: None,
+        };
+        plane.record(event(500));
+        for _ in 0..MAX_EVENTS {
+            plane.record(event(200));
+        }
+        let drained = plane.drain_events();
+        assert_eq!(drained.len(), MAX_EVENTS);
+        assert!(
+            drained.iter().all(|e| e.status == 200),
+            "the oldest went first"
+        );
+        assert!(plane.drain_events().is_empty());
     }
 
     #[test]
