@@ -489,7 +489,7 @@ impl Plane {
         received: (Instant, f64),
         client: String,
     ) -> Option<Response<Full<Bytes>>> {
-        let started = Instant::now();
+        let started = received.0; // from the head, as the app times its own: body included
         let request_id = self.request_id();
         let outcome = self
             .exchange(target, headers, body, received, &request_id)
