@@ -227,3 +227,109 @@ def test_the_plaintext_benchmark_mode_takes_the_native_path_too(tmp_path: Path) 
         np.testing.assert_allclose(np.array(output["data"]).reshape(output["shape"]),
                                    expected, rtol=1e-5, atol=1e-6)
         assert answered_natively(plain) == before + 1
+
+
+# gRPC: ModelInfer on the gRPC port is answered by the front too; a gzip-compressed call is
+# the Python service's (the reference for every answer and refusal).
+
+def grpc_call(stack: Stack, request: object, compressed: bool = False,
+              key: str | None = None) -> tuple[object, str, str]:
+    """(response or None, status code name, details) of one ModelInfer."""
+    import grpc
+    from tritonclient.grpc import service_pb2_grpc
+
+    credentials = grpc.ssl_channel_credentials(stack.ca_file.read_bytes())
+    with grpc.secure_channel(stack.local.grpc_address, credentials) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        try:
+            response = stub.ModelInfer(
+                request, metadata=(("authorization", f"Bearer {key or stack.api_key}"),),
+                compression=grpc.Compression.Gzip if compressed else None, timeout=10)
+        except grpc.RpcError as error:
+            return None, error.code().name, error.details() or ""
+    return response, "OK", ""
+
+
+def grpc_request(rows: int = 1, typed: bool = False, **fields: object) -> object:
+    from tritonclient.grpc import service_pb2 as pb
+
+    request = pb.ModelInferRequest(model_name="demo", **fields)
+    tensor = request.inputs.add(name="image", datatype="UINT8", shape=[rows, 8, 8])
+    if typed:
+        tensor.contents.uint_contents.extend(IMAGES[:rows].ravel().tolist())
+    else:
+        request.raw_input_contents.append(IMAGES[:rows].tobytes())
+    return request
+
+
+def test_grpc_model_infer_is_answered_by_the_front_as_the_service_would(native: Stack) -> None:
+    from tritonclient.grpc import service_pb2 as pb
+
+    expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": IMAGES[:3]})
+    before = answered_natively(native)
+    request = grpc_request(3, id="grpc-mine")
+    response, code, _ = grpc_call(native, request)
+    assert code == "OK" and isinstance(response, pb.ModelInferResponse)
+    assert (response.model_name, response.model_version, response.id) == \
+        ("demo", "1", "grpc-mine")
+    assert [(o.name, o.datatype, list(o.shape)) for o in response.outputs] == \
+        [("probabilities", "FP32", [3, 10])]
+    scores = np.frombuffer(response.raw_output_contents[0], dtype=np.float32).reshape(3, 10)
+    np.testing.assert_allclose(scores, expected["probabilities"], rtol=1e-5, atol=1e-6)
+    # typed contents and the classification extension, each equal to the service's answer
+    classified = grpc_request(3)
+    classified.outputs.add(name="probabilities").parameters["classification"].int64_param = 3
+    for message in (request, grpc_request(3, typed=True, id="grpc-mine"), classified):
+        native_answer, _, _ = grpc_call(native, message)
+        reference, code, details = grpc_call(native, message, compressed=True)
+        assert code == "OK", details
+        assert native_answer == reference
+    assert answered_natively(native) == before + 4
+    deadline = time.monotonic() + 3
+    while "gRPC ModelInfer key=default model=demo version=1 status=OK" not in \
+            gateway_log(native) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "gRPC ModelInfer key=default model=demo version=1 status=OK" in gateway_log(native)
+
+
+def test_grpc_refusals_read_as_the_services(native: Stack) -> None:
+    from tritonclient.grpc import service_pb2 as pb
+
+    def shaped(shape: list[int], datatype: str = "UINT8", name: str = "image") -> object:
+        request = pb.ModelInferRequest(model_name="demo")
+        request.inputs.add(name=name, datatype=datatype, shape=shape)
+        size = int(np.prod(shape)) * (4 if datatype == "FP32" else 1)
+        request.raw_input_contents.append(bytes(size))
+        return request
+
+    unknown_output = grpc_request(1)
+    unknown_output.outputs.add(name="logits")
+    cases = {
+        "shape": (shaped([1, 4, 16]), "INVALID_ARGUMENT"),
+        "datatype": (shaped([1, 8, 8], "FP32"), "INVALID_ARGUMENT"),
+        "input name": (shaped([1, 8, 8], name="img"), "INVALID_ARGUMENT"),
+        "output": (unknown_output, "INVALID_ARGUMENT"),
+        "rows": (shaped([65, 8, 8]), "RESOURCE_EXHAUSTED"),
+    }
+    before = answered_natively(native)
+    for what, (request, code) in cases.items():
+        _, native_code, native_words = grpc_call(native, request)
+        _, service_code, service_words = grpc_call(native, request, compressed=True)
+        assert (native_code, native_words) == (service_code, service_words), what
+        assert native_code == code, (what, native_words)
+    assert answered_natively(native) == before + len(cases)
+    # what the front does not hold reaches the service: an unknown model, a wrong key,
+    # a message the service's decoder refuses (its words)
+    unknown_model = grpc_request(1)
+    unknown_model.model_name = "nope"
+    passed = {
+        "model": (unknown_model, None, "NOT_FOUND"),
+        "key": (grpc_request(1), "wrong-key", "UNAUTHENTICATED"),
+        "raw count": (pb.ModelInferRequest(model_name="demo", raw_input_contents=[b"x"]),
+                      None, "INVALID_ARGUMENT"),
+    }
+    before = answered_natively(native)
+    for what, (request, key, code) in passed.items():
+        _, found, words = grpc_call(native, request, key=key)
+        assert found == code, (what, words)
+    assert answered_natively(native) == before

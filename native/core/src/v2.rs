@@ -187,7 +187,7 @@ pub fn check_bytes(
 }
 
 fn check_bytes_count(count: Option<u128>, where_: &str) -> Result<(), V2Error> {
-    if count.map_or(true, |n| n > MAX_BYTES_ELEMENTS) {
+    if count.is_none_or(|n| n > MAX_BYTES_ELEMENTS) {
         return refuse(format!(
             "{where_}: at most {MAX_BYTES_ELEMENTS} BYTES elements per tensor (split the request)"
         ));
@@ -444,7 +444,7 @@ pub fn parse_request(body: &[u8], header_length: Option<&str>) -> Result<InferRe
                 let size = size as usize; // equal to a u128 product that is at most u64
                 if offset
                     .checked_add(size)
-                    .map_or(true, |end| end > binary.len())
+                    .is_none_or(|end| end > binary.len())
                 {
                     return refuse(format!(
                         "{where_}: binary data is shorter than binary_data_size"

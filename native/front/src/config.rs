@@ -12,6 +12,14 @@ pub struct TlsFiles {
     pub client_ca_file: Option<PathBuf>,
 }
 
+/// The gRPC port, served by the front too: `ModelInfer` natively, every other RPC by the
+/// Python gRPC service on its private Unix socket.
+#[derive(Debug, Clone)]
+pub struct GrpcConfig {
+    pub port: u16,
+    pub upstream: PathBuf,
+}
+
 /// A front's listening address, upstream and limits.
 #[derive(Debug, Clone)]
 pub struct FrontConfig {
@@ -23,6 +31,8 @@ pub struct FrontConfig {
     pub tls: Option<TlsFiles>,
     /// The Python application's private Unix socket.
     pub upstream: PathBuf,
+    /// The gRPC port, if the gateway serves gRPC.
+    pub grpc: Option<GrpcConfig>,
     /// Request line and headers, exactly; a larger head gets 431.
     pub max_header_bytes: usize,
     /// A request head must arrive this soon after the connection waits for it.

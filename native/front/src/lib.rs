@@ -9,12 +9,13 @@
 
 mod body;
 mod config;
+mod grpc;
 mod plane;
 mod server;
 mod spool;
 mod tls;
 mod upstream;
 
-pub use config::{FrontConfig, TlsFiles};
+pub use config::{FrontConfig, GrpcConfig, TlsFiles};
 pub use plane::{Caller, Event, ModelRoute, Plane, PlaneConfig, RedisTarget, VersionRoute};
 pub use server::{Front, FrontError, FrontStats};

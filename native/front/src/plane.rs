@@ -29,7 +29,7 @@ use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Body as _;
 use ppml_core::envelope::Keyring;
-use ppml_core::request::{check, record_head, tensors, CheckError, Inputs};
+use ppml_core::request::{check, record_head, tensors, CheckError, Inputs, Tensor};
 use ppml_core::response;
 use ppml_core::v2::{self, py_repr};
 use redis::aio::MultiplexedConnection;
@@ -149,15 +149,15 @@ type Waiting = HashMap<String, (String, oneshot::Sender<Result<Reply, Refusal>>)
 
 /// An answer that is an error: status, words, and whether to ask for a retry.
 #[derive(Debug, Clone)]
-struct Refusal {
-    status: StatusCode,
-    message: String,
-    retry: bool,
-    failure: Option<String>,
+pub(crate) struct Refusal {
+    pub(crate) status: StatusCode,
+    pub(crate) message: String,
+    pub(crate) retry: bool,
+    pub(crate) failure: Option<String>,
 }
 
 impl Refusal {
-    fn new(status: StatusCode, message: impl Into<String>) -> Self {
+    pub(crate) fn new(status: StatusCode, message: impl Into<String>) -> Self {
         let retry = matches!(
             status,
             StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE
@@ -170,7 +170,7 @@ impl Refusal {
         }
     }
 
-    fn internal(message: impl Into<String>, failure: String) -> Self {
+    pub(crate) fn internal(message: impl Into<String>, failure: String) -> Self {
         Self {
             failure: Some(failure),
             ..Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
@@ -216,6 +216,28 @@ pub struct Target {
     version: String,
     key_name: String,
     caller_id: String,
+}
+
+impl Target {
+    pub(crate) fn model(&self) -> &str {
+        &self.model
+    }
+
+    pub(crate) fn version(&self) -> &str {
+        &self.version
+    }
+
+    pub(crate) fn queue(&self) -> &str {
+        &self.route.queue
+    }
+
+    pub(crate) fn key_name(&self) -> &str {
+        &self.key_name
+    }
+
+    pub(crate) fn labels(&self) -> Option<&[String]> {
+        self.route.labels.as_deref()
+    }
 }
 
 pub struct Plane {
@@ -426,14 +448,25 @@ impl Plane {
 
     /// Whether this request is the path's to answer; `None` passes it to Python.
     pub fn route(&self, path: &str, headers: &HeaderMap) -> Option<Target> {
-        if !self.enabled.load(Ordering::Acquire) {
-            return None;
-        }
-        let (model, version) = infer_path(path)?;
         if headers
             .get(header::CONTENT_ENCODING)
             .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
         {
+            return None;
+        }
+        let (model, version) = infer_path(path)?;
+        self.target(model, version, headers)
+    }
+
+    /// Whether a request for `model` (`version`, or the newest open one) with these
+    /// headers (its key) is the path's to answer, whichever protocol it came by.
+    pub(crate) fn target(
+        &self,
+        model: &str,
+        version: Option<&str>,
+        headers: &HeaderMap,
+    ) -> Option<Target> {
+        if !self.enabled.load(Ordering::Acquire) {
             return None;
         }
         let routes = self
@@ -466,7 +499,7 @@ impl Plane {
         })
     }
 
-    fn request_id(&self) -> String {
+    pub(crate) fn request_id(&self) -> String {
         let mut raw = [0u8; 16];
         let _ = self.random.fill(&mut raw);
         raw[6] = (raw[6] & 0x0f) | 0x40; // a uuid4, as the Python side makes them
@@ -541,7 +574,7 @@ impl Plane {
         Some(response)
     }
 
-    fn record(&self, event: Event) {
+    pub(crate) fn record(&self, event: Event) {
         let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
         if events.len() >= MAX_EVENTS {
             events.pop_front();
@@ -557,10 +590,65 @@ impl Plane {
         received: (Instant, f64),
         request_id: &str,
     ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+        self.admit(received)?;
+        let header_length = headers
+            .get("inference-header-content-length")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let request = v2::parse_request(body, header_length.as_deref())
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.0))?;
+        let inputs = tensors(&request, body);
+        let (plaintext, answer) = self
+            .infer(
+                target,
+                &inputs,
+                request.outputs.as_deref(),
+                &request.classification,
+                received,
+                request_id,
+            )
+            .await?;
         let route = &target.route;
+        let wanted = response::Wanted {
+            model: &target.model,
+            version: Some(&target.version),
+            id: request.id.as_deref(),
+            parameters: None,
+            outputs: request.outputs.as_deref(),
+            binary_default: request.binary_default,
+            classification: &request.classification,
+            labels: route.labels.as_deref(),
+        };
+        let (document, json_size) = response::encode(&plaintext, &wanted).map_err(|e| match e {
+            response::ResponseError::NotText(_) | response::ResponseError::Classification(_) => {
+                Refusal::new(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            _ => Refusal::internal("internal error", format!("ProtocolError: {e}")),
+        })?;
+        let mut response = Response::new(Full::new(Bytes::from(document)));
+        let headers = response.headers_mut();
+        match json_size {
+            None => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            Some(size) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                headers.insert("inference-header-content-length", HeaderValue::from(size));
+            }
+        }
+        Ok(Some((response, answer)))
+    }
+
+    /// A request that waited this long before the front could start on it is refused
+    /// (429): it would likely miss its deadline anyway.
+    pub(crate) fn admit(&self, received: (Instant, f64)) -> Result<(), Refusal> {
         let waited = received.0.elapsed().as_secs_f64();
-        let deadline = self.config.request_timeout.as_secs_f64();
-        if waited > deadline * ADMISSION_SHARE {
+        if waited > self.config.request_timeout.as_secs_f64() * ADMISSION_SHARE {
             return Err(Refusal::new(
                 StatusCode::TOO_MANY_REQUESTS,
                 format!(
@@ -569,17 +657,29 @@ impl Plane {
                 ),
             ));
         }
-        let header_length = headers
-            .get("inference-header-content-length")
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let request = v2::parse_request(body, header_length.as_deref())
-            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.0))?;
-        let inputs = tensors(&request, body);
-        check(&inputs, &route.inputs, self.config.max_rows).map_err(|e| match e {
+        Ok(())
+    }
+
+    /// The shared part of either protocol's request: `inputs` checked against the model,
+    /// the outputs asked for known, sealed, queued, answered; the answer's record opened,
+    /// and the worker's batch size, queue wait and engine time.
+    pub(crate) async fn infer(
+        self: &Arc<Self>,
+        target: &Target,
+        inputs: &[Tensor<'_>],
+        outputs: Option<&[(String, bool)]>,
+        classification: &[(String, u64)],
+        received: (Instant, f64),
+        request_id: &str,
+    ) -> Result<(Vec<u8>, (u64, f64, f64)), Refusal> {
+        let route = &target.route;
+        let deadline = self.config.request_timeout.as_secs_f64();
+        let waited = received.0.elapsed().as_secs_f64();
+        check(inputs, &route.inputs, self.config.max_rows).map_err(|e| match e {
             CheckError::Invalid(m) => Refusal::new(StatusCode::BAD_REQUEST, m),
             CheckError::TooManyRows(m) => Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, m),
         })?;
-        if let Some(asked) = &request.outputs {
+        if let Some(asked) = outputs {
             for (name, _) in asked {
                 if !route.outputs.iter().any(|(known, _, _)| known == name) {
                     let mut known: Vec<String> =
@@ -597,7 +697,28 @@ impl Plane {
                 }
             }
         }
-        let head = record_head(&inputs)
+        for (name, _) in classification {
+            // refused before it is queued, as the Python check does (the declared output)
+            let Some((_, datatype, shape)) = route.outputs.iter().find(|(n, _, _)| n == name)
+            else {
+                continue;
+            };
+            if !matches!(datatype.as_str(), "FP16" | "FP32" | "FP64")
+                || !(1..=2).contains(&shape.len())
+            {
+                let dims: Vec<String> = shape.iter().map(i64::to_string).collect();
+                return Err(Refusal::new(
+                    StatusCode::BAD_REQUEST,
+                    format!(
+                        "output {}: classification needs float scores shaped [batch, classes], \
+                         not {datatype} [{}]",
+                        py_repr(name),
+                        dims.join(", ")
+                    ),
+                ));
+            }
+        }
+        let head = record_head(inputs)
             .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
         let mut parts: Vec<&[u8]> = Vec::with_capacity(inputs.len() + 1);
         parts.push(&head);
@@ -650,43 +771,7 @@ impl Plane {
         if !reply.ok {
             return Err(worker_error(&plaintext));
         }
-        let wanted = response::Wanted {
-            model: &target.model,
-            version: Some(&target.version),
-            id: request.id.as_deref(),
-            parameters: None,
-            outputs: request.outputs.as_deref(),
-            binary_default: request.binary_default,
-            classification: &request.classification,
-            labels: route.labels.as_deref(),
-        };
-        let (document, json_size) = response::encode(&plaintext, &wanted).map_err(|e| match e {
-            response::ResponseError::NotText(_) | response::ResponseError::Classification(_) => {
-                Refusal::new(StatusCode::BAD_REQUEST, e.to_string())
-            }
-            _ => Refusal::internal("internal error", format!("ProtocolError: {e}")),
-        })?;
-        let mut response = Response::new(Full::new(Bytes::from(document)));
-        let headers = response.headers_mut();
-        match json_size {
-            None => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-            }
-            Some(size) => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                headers.insert("inference-header-content-length", HeaderValue::from(size));
-            }
-        }
-        Ok(Some((
-            response,
-            (reply.batch_size, reply.queue_s, reply.engine_s),
-        )))
+        Ok((plaintext, (reply.batch_size, reply.queue_s, reply.engine_s)))
     }
 
     /// One more request in flight on `queue`, within `worker`'s per-model bound.

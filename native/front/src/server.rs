@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 
 use crate::body::{Breach, BreachCell, GuardedBody};
 use crate::config::FrontConfig;
+use crate::grpc::{serve_call, GrpcBody, GrpcUpstream};
 use crate::plane::Plane;
 use crate::upstream::{Upstream, UpstreamError};
 
@@ -40,8 +41,12 @@ const MAX_REFUSING: usize = 256;
 pub enum FrontError {
     #[error("{0}")]
     Config(String),
-    #[error("gateway.port: cannot listen on {address} ({reason})")]
-    Listen { address: String, reason: String },
+    #[error("{setting}: cannot listen on {address} ({reason})")]
+    Listen {
+        setting: &'static str,
+        address: String,
+        reason: String,
+    },
 }
 
 /// Counts since the front started, for the gateway's metrics.
@@ -57,35 +62,54 @@ pub struct FrontStats {
     pub native_answers: AtomicU64,
 }
 
-struct Shared {
-    config: FrontConfig,
+pub(crate) struct Shared {
+    pub(crate) config: FrontConfig,
     tls: Option<TlsAcceptor>,
     upstream: Upstream<GuardedBody>,
+    /// The gRPC port's TLS (h2 alone) and the Python gRPC service behind it.
+    grpc: Option<(Option<TlsAcceptor>, GrpcUpstream)>,
     connections: Arc<Semaphore>,
     refusing: Arc<Semaphore>,
-    inflight: Arc<Semaphore>,
-    stats: Arc<FrontStats>,
+    pub(crate) inflight: Arc<Semaphore>,
+    pub(crate) stats: Arc<FrontStats>,
     /// The native inference path, once the application installed it.
-    plane: OnceLock<Arc<Plane>>,
+    pub(crate) plane: OnceLock<Arc<Plane>>,
 }
+
+/// Which port a connection came on.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Port {
+    Http,
+    Grpc,
+}
+
+/// Either port's answer: the HTTP port's (whole) or the gRPC port's (streamed).
+type Answer = Response<GrpcBody>;
 
 /// A bound front: `start` serves, `stop` drains and ends it.
 pub struct Front {
     shared: Arc<Shared>,
     runtime: Option<Runtime>,
     listener: Mutex<Option<std::net::TcpListener>>,
+    grpc_listener: Mutex<Option<std::net::TcpListener>>,
     shutdown: watch::Sender<Option<Duration>>,
-    serving: Mutex<Option<tokio::task::JoinHandle<()>>>,
+    serving: Mutex<Vec<tokio::task::JoinHandle<()>>>,
     local_addr: SocketAddr,
+    grpc_addr: Option<SocketAddr>,
 }
 
-fn bind(config: &FrontConfig) -> Result<std::net::TcpListener, FrontError> {
-    let address = format!("{}:{}", config.host, config.port);
+fn bind(
+    config: &FrontConfig,
+    port: u16,
+    setting: &'static str,
+) -> Result<std::net::TcpListener, FrontError> {
+    let address = format!("{}:{}", config.host, port);
     let failed = |reason: String| FrontError::Listen {
+        setting,
         address: address.clone(),
         reason,
     };
-    let target: SocketAddr = (config.host.as_str(), config.port)
+    let target: SocketAddr = (config.host.as_str(), port)
         .to_socket_addrs()
         .map_err(|e| failed(e.to_string()))?
         .next()
@@ -117,14 +141,33 @@ fn bind(config: &FrontConfig) -> Result<std::net::TcpListener, FrontError> {
 impl Front {
     /// Check the TLS files and bind the port (errors surface here, before serving).
     pub fn bind(config: FrontConfig) -> Result<Self, FrontError> {
-        let tls = match &config.tls {
-            Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(files)?)),
+        let acceptor = |grpc| -> Result<Option<TlsAcceptor>, FrontError> {
+            Ok(match &config.tls {
+                Some(files) => Some(TlsAcceptor::from(crate::tls::server_config(files, grpc)?)),
+                None => None,
+            })
+        };
+        let tls = acceptor(false)?;
+        let grpc = match &config.grpc {
+            Some(grpc) => Some((acceptor(true)?, GrpcUpstream::new(grpc.upstream.clone()))),
             None => None,
         };
-        let listener = bind(&config)?;
+        let listener = bind(&config, config.port, "gateway.port")?;
         let local_addr = listener
             .local_addr()
             .map_err(|e| FrontError::Config(e.to_string()))?;
+        let grpc_listener = match &config.grpc {
+            Some(grpc) => Some(bind(&config, grpc.port, "gateway.grpc_port")?),
+            None => None,
+        };
+        let grpc_addr = match &grpc_listener {
+            Some(listener) => Some(
+                listener
+                    .local_addr()
+                    .map_err(|e| FrontError::Config(e.to_string()))?,
+            ),
+            None => None,
+        };
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(config.threads.max(1))
             .thread_name("ppml-front")
@@ -140,20 +183,28 @@ impl Front {
             stats: Arc::new(FrontStats::default()),
             plane: OnceLock::new(),
             tls,
+            grpc,
             config,
         });
         Ok(Self {
             shared,
             runtime: Some(runtime),
             listener: Mutex::new(Some(listener)),
+            grpc_listener: Mutex::new(grpc_listener),
             shutdown,
-            serving: Mutex::new(None),
+            serving: Mutex::new(Vec::new()),
             local_addr,
+            grpc_addr,
         })
     }
 
     pub fn local_addr(&self) -> SocketAddr {
         self.local_addr
+    }
+
+    /// The gRPC port's address, when it serves one.
+    pub fn grpc_addr(&self) -> Option<SocketAddr> {
+        self.grpc_addr
     }
 
     pub fn stats(&self) -> Arc<FrontStats> {
@@ -179,29 +230,40 @@ impl Front {
         else {
             return Ok(());
         };
+        let grpc = self
+            .grpc_listener
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
         let _entered = runtime.enter();
-        let listener = TcpListener::from_std(listener)
-            .map_err(|e| FrontError::Config(format!("cannot serve the bound port: {e}")))?;
-        let task = runtime.spawn(accept_loop(
-            listener,
-            self.shared.clone(),
-            self.shutdown.subscribe(),
-        ));
-        *self.serving.lock().unwrap_or_else(|p| p.into_inner()) = Some(task);
+        let mut serving = self.serving.lock().unwrap_or_else(|p| p.into_inner());
+        for (listener, port) in std::iter::once((listener, Port::Http))
+            .chain(grpc.map(|listener| (listener, Port::Grpc)))
+        {
+            let listener = TcpListener::from_std(listener)
+                .map_err(|e| FrontError::Config(format!("cannot serve the bound port: {e}")))?;
+            serving.push(runtime.spawn(accept_loop(
+                listener,
+                port,
+                self.shared.clone(),
+                self.shutdown.subscribe(),
+            )));
+        }
         Ok(())
     }
 
     /// Stop accepting, let requests in flight finish for up to `grace`, then close the rest.
     pub fn stop(&mut self, grace: Duration) {
         self.shutdown.send_replace(Some(grace));
-        let task = self
-            .serving
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .take();
-        if let (Some(runtime), Some(task)) = (&self.runtime, task) {
+        let tasks = std::mem::take(&mut *self.serving.lock().unwrap_or_else(|p| p.into_inner()));
+        if let Some(runtime) = &self.runtime {
             let _ = runtime.block_on(async {
-                tokio::time::timeout(grace + Duration::from_secs(1), task).await
+                tokio::time::timeout(grace + Duration::from_secs(1), async {
+                    for task in tasks {
+                        let _ = task.await;
+                    }
+                })
+                .await
             });
         }
         if let Some(runtime) = self.runtime.take() {
@@ -220,6 +282,7 @@ impl Drop for Front {
 
 async fn accept_loop(
     listener: TcpListener,
+    port: Port,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<Option<Duration>>,
 ) {
@@ -234,7 +297,7 @@ async fn accept_loop(
                     if permit.is_none() {
                         shared.stats.refused_connections.fetch_add(1, Ordering::Relaxed);
                     }
-                    tokio::spawn(connection(stream, peer, permit, shared.clone(), graceful.watcher()));
+                    tokio::spawn(connection(stream, peer, port, permit, shared.clone(), graceful.watcher()));
                 }
                 // Out of file descriptors or a connection reset before accept: go on,
                 // a little later (an immediate retry would spin on EMFILE).
@@ -251,6 +314,7 @@ async fn accept_loop(
 async fn connection(
     stream: TcpStream,
     peer: SocketAddr,
+    port: Port,
     permit: Option<OwnedSemaphorePermit>,
     shared: Arc<Shared>,
     watcher: Watcher,
@@ -265,7 +329,11 @@ async fn connection(
         },
     };
     let head_deadline = shared.config.head_deadline();
-    match &shared.tls {
+    let acceptor = match (port, &shared.grpc) {
+        (Port::Grpc, Some((tls, _))) => tls,
+        _ => &shared.tls,
+    };
+    match acceptor {
         Some(acceptor) => {
             // rustls reads the socket 4 KiB at a time: a 600 KB body would take ~150 reads
             // (and wake-ups); reading ahead in larger pieces takes a few dozen.
@@ -277,7 +345,8 @@ async fn connection(
             let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2".as_slice());
             serve(
                 TokioIo::new(tls),
-                h2,
+                h2 || port == Port::Grpc,
+                port,
                 peer,
                 refused,
                 shared.clone(),
@@ -288,7 +357,8 @@ async fn connection(
         None => {
             serve(
                 TokioIo::new(stream),
-                false,
+                port == Port::Grpc, // gRPC without TLS: HTTP/2 with prior knowledge
+                port,
                 peer,
                 refused,
                 shared.clone(),
@@ -299,9 +369,11 @@ async fn connection(
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn serve<I>(
     io: TokioIo<I>,
     h2: bool,
+    port: Port,
     peer: SocketAddr,
     refused: bool,
     shared: Arc<Shared>,
@@ -313,7 +385,17 @@ async fn serve<I>(
     let service_shared = shared.clone();
     let service = service_fn(move |request: Request<Incoming>| {
         let shared = service_shared.clone();
-        async move { Ok::<_, Infallible>(answer(&shared, request, peer, refused).await) }
+        async move {
+            let answered: Answer = match (port, &shared.grpc) {
+                (Port::Grpc, Some((_, upstream))) => {
+                    serve_call(&shared, upstream, request, peer, refused).await
+                }
+                _ => answer(&shared, request, peer, refused)
+                    .await
+                    .map(|body| body.map_err(|never| match never {}).boxed_unsync()),
+            };
+            Ok::<_, Infallible>(answered)
+        }
     });
     if h2 {
         let mut builder = hyper::server::conn::http2::Builder::new(TokioExecutor::new());
@@ -397,7 +479,7 @@ fn breached(shared: &Shared, breach: Breach) -> Response<Full<Bytes>> {
 
 /// Headers that belong to one connection, not to the request (RFC 9110 §7.6.1), and
 /// `expect`, which the front answers itself.
-fn hop_by_hop(name: &HeaderName) -> bool {
+pub(crate) fn hop_by_hop(name: &HeaderName) -> bool {
     matches!(
         name.as_str(),
         "connection"

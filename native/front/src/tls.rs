@@ -1,5 +1,6 @@
 //! The TLS server configuration: rustls on aws-lc-rs, TLS 1.3 and TLS 1.2 with ECDHE and
-//! AEAD suites only (rustls implements no other kind), ALPN h2 and http/1.1.
+//! AEAD suites only (rustls implements no other kind), ALPN h2 and http/1.1 (h2 alone on the
+//! gRPC port).
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,7 +26,8 @@ fn certificates(path: &Path, what: &str) -> Result<Vec<CertificateDer<'static>>,
     Ok(certs)
 }
 
-pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, FrontError> {
+/// `grpc`: the gRPC port's configuration, which offers HTTP/2 alone.
+pub(crate) fn server_config(files: &TlsFiles, grpc: bool) -> Result<Arc<ServerConfig>, FrontError> {
     let provider = Arc::new(aws_lc_rs::default_provider());
     let chain = certificates(&files.cert_file, "gateway.cert_file")?;
     // The key's bytes never reach an error message: only the file's name does.
@@ -58,7 +60,11 @@ pub(crate) fn server_config(files: &TlsFiles) -> Result<Arc<ServerConfig>, Front
             "gateway.cert_file and gateway.key_file do not make a usable pair: {e}"
         ))
     })?;
-    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    config.alpn_protocols = if grpc {
+        vec![b"h2".to_vec()]
+    } else {
+        vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+    };
     config.ticketer =
         aws_lc_rs::Ticketer::new().map_err(|e| FrontError::Config(format!("TLS: {e}")))?;
     Ok(Arc::new(config))

@@ -58,6 +58,7 @@ fn config(upstream: PathBuf) -> FrontConfig {
         reuse_port: false,
         tls: None,
         upstream,
+        grpc: None,
         max_header_bytes: 16 * 1024,
         header_timeout: Duration::from_secs(2),
         keep_alive: Duration::from_secs(2),

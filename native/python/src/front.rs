@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ppml_front::{
-    Caller, Front as CoreFront, FrontConfig, FrontError, ModelRoute, Plane, PlaneConfig,
-    RedisTarget, TlsFiles, VersionRoute,
+    Caller, Front as CoreFront, FrontConfig, FrontError, GrpcConfig, ModelRoute, Plane,
+    PlaneConfig, RedisTarget, TlsFiles, VersionRoute,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -42,6 +42,7 @@ pub(crate) struct Front {
     inner: Mutex<Option<CoreFront>>,
     plane: OnceLock<Arc<Plane>>,
     port: u16,
+    grpc_port: Option<u16>,
 }
 
 impl Front {
@@ -57,7 +58,8 @@ impl Front {
                         client_ca_file=None, reuse_port=false, max_header_bytes=16384,
                         header_timeout_s=10.0, keep_alive_s=5.0, body_timeout_s=60.0,
                         max_request_bytes=67108864, max_connections=1024,
-                        upstream_timeout_s=60.0, max_inflight=512, threads=1))]
+                        upstream_timeout_s=60.0, max_inflight=512, threads=1, grpc_port=None,
+                        grpc_upstream=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,
@@ -77,6 +79,8 @@ impl Front {
         upstream_timeout_s: f64,
         max_inflight: usize,
         threads: usize,
+        grpc_port: Option<u16>,
+        grpc_upstream: Option<PathBuf>,
     ) -> PyResult<Self> {
         let tls = match (cert_file, key_file) {
             (Some(cert_file), Some(key_file)) => Some(TlsFiles {
@@ -93,12 +97,24 @@ impl Front {
                 ))
             }
         };
+        let grpc = match (grpc_port, grpc_upstream) {
+            (Some(port), Some(upstream)) => Some(GrpcConfig { port, upstream }),
+            (None, None) => None,
+            _ => {
+                return Err(package_error(
+                    py,
+                    "ConfigError",
+                    "grpc_port and grpc_upstream go together".into(),
+                ))
+            }
+        };
         let config = FrontConfig {
             host,
             port,
             reuse_port,
             tls,
             upstream,
+            grpc,
             max_header_bytes,
             header_timeout: seconds(header_timeout_s, "header_timeout_s")?,
             keep_alive: seconds(keep_alive_s, "keep_alive_s")?,
@@ -113,10 +129,12 @@ impl Front {
             .detach(|| CoreFront::bind(config))
             .map_err(|error: FrontError| package_error(py, "ConfigError", error.to_string()))?;
         let port = front.local_addr().port();
+        let grpc_port = front.grpc_addr().map(|address| address.port());
         Ok(Self {
             inner: Mutex::new(Some(front)),
             plane: OnceLock::new(),
             port,
+            grpc_port,
         })
     }
 
@@ -124,6 +142,12 @@ impl Front {
     #[getter]
     fn port(&self) -> u16 {
         self.port
+    }
+
+    /// The bound gRPC port, when the front serves one.
+    #[getter]
+    fn grpc_port(&self) -> Option<u16> {
+        self.grpc_port
     }
 
     /// Accept connections on the front's own threads.

@@ -36,6 +36,7 @@ from ppml_serve.errors import (
     Unauthorized,
     UnsupportedEncoding,
 )
+from ppml_serve.gateway.access import access, access_line, native_grpc_line
 from ppml_serve.gateway.api_docs import docs_routes
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane, request_received
@@ -53,7 +54,6 @@ from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name, spli
 from ppml_serve.tracing import annotate, span, tracing_on
 
 log = logging.getLogger("ppml_serve.gateway")
-access = logging.getLogger("ppml_serve.access")
 admin = logging.getLogger("ppml_serve.audit")
 
 def inference_response(payload: bytes, header_length: int | None) -> Response:
@@ -307,25 +307,6 @@ def _log_access(request: Request, response: Response, key_name: str, seconds: fl
                 response.headers.get("content-length", "0"), client, caller_id)
 
 
-def access_line(method: str, path: str, key_name: str, model: str, version: str, status: int,
-                seconds: float, received: str, sent: str, client: str,
-                caller_id: str) -> None:
-    """The access log's line, for the app's requests and the native front's alike."""
-    version = version if version == "-" or (version.isdigit() and len(version) < 10) \
-        else "_other"
-    access.info("%s %s key=%s model=%s version=%s status=%d ms=%.1f in=%s out=%s client=%s",
-                method, path if model != "_other" else "(unknown model)",
-                key_name, model, version, status, seconds * 1000, received, sent,
-                client or "-",
-                extra={"key": key_name, "model": model, "version": version,
-                       "client": client or "-",
-                       "status": status,
-                       "ms": round(seconds * 1000, 1),
-                       "bytes_in": int(received) if received.isdigit() else 0,
-                       "bytes_out": int(sent) if sent.isdigit() else 0,
-                       **({"caller_request_id": caller_id} if caller_id else {})})
-
-
 DEV_ATTESTATION = {
     "simulated": "simulated: NO hardware protection (development only)",
     "dcap-test": "dcap-test: DCAP quotes from a TEST PKI, verified for real; NO hardware "
@@ -359,10 +340,13 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             metrics.statistics.outcome(queue_name(model, version), status == 200, seconds)
 
     def native_answered(answered: Answered) -> None:
-        """A request the native front answered: counted, timed and logged as the app's own."""
-        labels = (model_label(answered.model), answered.version)
-        metrics.requests.labels(*labels, str(answered.status)).inc()
-        metrics.latency.labels(*labels).observe(answered.seconds)
+        """A request the native front answered: counted, timed and logged as the app's own
+        (a gRPC call as the gRPC service's: statistics and queue metrics, its own line)."""
+        grpc = answered.path.startswith("gRPC ")
+        if not grpc:
+            labels = (model_label(answered.model), answered.version)
+            metrics.requests.labels(*labels, str(answered.status)).inc()
+            metrics.latency.labels(*labels).observe(answered.seconds)
         metrics.statistics.outcome(answered.queue, answered.status == 200, answered.seconds)
         if answered.answer is not None:
             batch_size, queue_s, engine_s = answered.answer
@@ -372,7 +356,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         try:
             if answered.failure is not None:
                 log.error("%s", answered.failure)
-            if access_log and access.isEnabledFor(logging.INFO):
+            if access_log and access.isEnabledFor(logging.INFO) and grpc:
+                native_grpc_line(answered.path.removeprefix("gRPC "), answered.key_name,
+                                 answered.model, answered.version, answered.status,
+                                 answered.seconds, answered.bytes_in, answered.bytes_out)
+            elif access_log and access.isEnabledFor(logging.INFO):
                 access_line("POST", answered.path, answered.key_name, answered.model,
                             answered.version, answered.status, answered.seconds,
                             str(answered.bytes_in), str(answered.bytes_out), answered.client,

@@ -42,6 +42,15 @@ def status_of(error: PPMLError) -> Status:
     return next((status for kind, status in _STATUSES if isinstance(error, kind)), INTERNAL)
 
 
+def grpc_name(http: int) -> str:
+    """The gRPC status code's name for an HTTP status of the table (the native front
+    reports its gRPC answers' statuses as HTTP ones)."""
+    if http == 200:
+        return "OK"
+    return next((status.grpc for _, status in _STATUSES if status.http == http),
+                INTERNAL.grpc)
+
+
 SHARED_MEMORY_UNSUPPORTED = (
     "shared memory is not supported by ppml-serve: tensors travel inside each request (JSON "
     "or the binary extension) and are sealed on the way; memory shared with the server would "

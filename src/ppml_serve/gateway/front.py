@@ -1,10 +1,11 @@
 """The native HTTPS front (Rust, ``ppml_serve._native.Front``) before the gateway's app.
 
-The front owns the client connections: TLS (rustls on aws-lc-rs: TLS 1.3, or 1.2 with ECDHE
-and AEAD suites only), HTTP/1.1 and HTTP/2, the exact head limit, head and body deadlines,
-the connection cap and the body size limit. It runs on threads of its own in the gateway
-process and passes each request to the app over a Unix socket in a private directory (mode
-0700, so no other user can reach the app around the front's TLS and limits).
+The front owns the client connections, on the HTTPS port and on the gRPC one: TLS (rustls
+on aws-lc-rs: TLS 1.3, or 1.2 with ECDHE and AEAD suites only), HTTP/1.1 and HTTP/2, the
+exact head limit, head and body deadlines, the connection cap and the body size limit. It
+runs on threads of its own in the gateway process and passes each request it does not
+answer itself to the app (or the gRPC service) over Unix sockets in a private directory
+(mode 0700, so no other user can reach them around the front's TLS and limits).
 """
 
 from __future__ import annotations
@@ -40,6 +41,9 @@ class NativeFront:
         self._grace_s = float(gateway.shutdown_grace_s)
         self._directory = Path(tempfile.mkdtemp(prefix="ppml-gateway-"))  # 0700, ours
         self.upstream = self._directory / "app.sock"
+        # the gRPC port too: the Python gRPC service behind it on a socket of its own
+        self.grpc_upstream = (self._directory / "grpc.sock"
+                              if gateway.grpc_port is not None else None)
         try:
             self._front = _native.Front(
                 host=gateway.host, port=gateway.port, upstream=str(self.upstream),
@@ -56,7 +60,8 @@ class NativeFront:
                 max_inflight=gateway.max_inflight,
                 upstream_timeout_s=max(gateway.request_timeout_s, gateway.repository_timeout_s,
                                        gateway.job_timeout_s) + UPSTREAM_MARGIN_S,
-                threads=gateway.front_threads)
+                threads=gateway.front_threads, grpc_port=gateway.grpc_port,
+                grpc_upstream=str(self.grpc_upstream) if self.grpc_upstream else None)
         except BaseException:
             self._remove_directory()
             raise
@@ -64,6 +69,10 @@ class NativeFront:
     @property
     def port(self) -> int:
         return self._front.port
+
+    @property
+    def grpc_port(self) -> int | None:
+        return self._front.grpc_port
 
     def stats(self) -> dict[str, int]:
         return self._front.stats()

@@ -36,6 +36,7 @@ from ppml_serve.codecs.tensors import (
 )
 from ppml_serve.codecs.v2 import InferRequest, classify
 from ppml_serve.errors import InvalidInput, PPMLError
+from ppml_serve.gateway.access import access, grpc_access_line
 from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.errors import (
@@ -50,7 +51,6 @@ from ppml_serve.queue.contract import queue_name
 from ppml_serve.tracing import span
 
 log = logging.getLogger("ppml_serve.gateway")
-access = logging.getLogger("ppml_serve.access")
 
 # Typed contents field of InferTensorContents for each v2 datatype.
 _CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
@@ -118,8 +118,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
 
     def __init__(self, dataplane: DataPlane, keys: ApiKeyStore, access_log: bool = True,
                  repository_timeout_s: float = 120.0,
-                 statistics: InferenceStatistics | None = None) -> None:
+                 statistics: InferenceStatistics | None = None,
+                 before_statistics: Callable[[], None] | None = None) -> None:
+        """``before_statistics``: brings in what the native front answered (read first)."""
         self._dataplane = dataplane
+        self._before_statistics = before_statistics
         self._statistics = statistics or InferenceStatistics()
         self._keys = keys
         self._access_log = access_log
@@ -168,14 +171,10 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             if self._access_log and model is not None and access.isEnabledFor(logging.INFO):
                 shown = model if self._dataplane.is_served(model) else "_other"
                 version = _answered_version.get() if shown != "_other" else "_other"
-                received = request.ByteSize() if request is not None else 0
-                sent = response.ByteSize() if response is not None else 0
-                ms = round((time.perf_counter() - started) * 1000, 1)
-                access.info("gRPC %s key=%s model=%s version=%s status=%s ms=%.1f in=%d out=%d",
-                            rpc, key_name, shown, version, code.name, ms, received, sent,
-                            extra={"key": key_name, "model": shown, "version": version,
-                                   "status": code.name, "ms": ms, "bytes_in": received,
-                                   "bytes_out": sent})
+                grpc_access_line(rpc, key_name, shown, version, code.name,
+                                 time.perf_counter() - started,
+                                 request.ByteSize() if request is not None else 0,
+                                 response.ByteSize() if response is not None else 0)
             _answered_version.reset(answered)
             request_id.reset(token)
 
@@ -222,6 +221,8 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         """One model's statistics (its newest ready version, or the one named), or every
         model's when no name is given, as HTTP's ``/v2/models/stats`` answers."""
         async def statistics() -> Any:
+            if self._before_statistics is not None:
+                self._before_statistics()
             if request.name:
                 version = await self._dataplane.resolve(request.name, request.version or None)
                 queues = {queue_name(request.name, version)}
@@ -401,16 +402,21 @@ class _UnknownMethods(grpc.GenericRpcHandler):
 def build_grpc_server(servicer: InferenceServicer, host: str, port: int,
                       cert_file: Path | None, key_file: Path | None,
                       client_ca_file: Path | None, max_message_bytes: int,
-                      shared_port: bool = False) -> grpc.aio.Server:
+                      shared_port: bool = False, unix_socket: Path | None = None
+                      ) -> grpc.aio.Server:
     """A grpc.aio server on the running loop: TLS when a certificate is given (mutual TLS
     when a client CA is), messages up to ``max_message_bytes``; ``shared_port``: other
-    gateway processes listen on the same port (else a port in use is an error)."""
+    gateway processes listen on the same port (else a port in use is an error);
+    ``unix_socket``: on that private socket instead, behind the native front."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.so_reuseport", 1 if shared_port else 0),
     ])
     server.add_generic_rpc_handlers((_service_handlers(servicer), _UnknownMethods()))
+    if unix_socket is not None:
+        server.add_insecure_port(f"unix:{unix_socket}")
+        return server
     address = f"{host}:{port}"
     if cert_file is None or key_file is None:
         server.add_insecure_port(address)

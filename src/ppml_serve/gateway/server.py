@@ -11,6 +11,7 @@ import ssl
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -46,22 +47,32 @@ def _mutual_tls(settings: Settings) -> dict[str, Any]:
 
 
 def _grpc_service(settings: Settings, dataplane: DataPlane, keys: ApiKeyStore,
-                  metrics: Metrics) -> Callable[[], AbstractAsyncContextManager[None]]:
-    """The gRPC server, run beside the HTTPS one on the same event loop."""
+                  metrics: Metrics, behind: Path | None,
+                  before_statistics: Callable[[], None] | None
+                  ) -> Callable[[], AbstractAsyncContextManager[None]]:
+    """The gRPC server, run beside the HTTPS one on the same event loop: on the gRPC port,
+    or behind the native front on the private socket ``behind`` (the front holds the port's
+    TLS and limits, and answers ``ModelInfer`` itself when it can)."""
     from ppml_serve.gateway.grpc_service import InferenceServicer, build_grpc_server
 
     gateway = settings.gateway
-    secure = not gateway.plaintext_http
+    secure = not gateway.plaintext_http and behind is None
 
     @contextlib.asynccontextmanager
     async def serve() -> AsyncIterator[None]:
-        server = build_grpc_server(
-            InferenceServicer(dataplane, keys, settings.log.access_log,
-                              gateway.repository_timeout_s, metrics.statistics), gateway.host,
-            gateway.grpc_port or 0, settings.server_cert_file if secure else None,
-            settings.server_key_file if secure else None,
-            gateway.client_ca_file if secure else None, gateway.max_request_bytes,
-            shared_port=gateway.processes > 1)
+        servicer = InferenceServicer(dataplane, keys, settings.log.access_log,
+                                     gateway.repository_timeout_s, metrics.statistics,
+                                     before_statistics)
+        if behind is not None:
+            server = build_grpc_server(servicer, "unix", 0, None, None, None,
+                                       gateway.max_request_bytes, unix_socket=behind)
+        else:
+            server = build_grpc_server(
+                servicer, gateway.host, gateway.grpc_port or 0,
+                settings.server_cert_file if secure else None,
+                settings.server_key_file if secure else None,
+                gateway.client_ca_file if secure else None, gateway.max_request_bytes,
+                shared_port=gateway.processes > 1)
         await server.start()
         try:
             yield
@@ -145,13 +156,6 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
                           disk=DiskWatch([settings.state_dir, *filter(None, [spool_dir])],
                                          settings.redis.min_free_disk_mb << 20))
     services = []
-    if gateway.grpc_port is not None:
-        services.append(_grpc_service(settings, dataplane, keys, metrics))
-    if spool is not None:
-        # past its deadline a request is never read again, only dropped; the margin covers
-        # clocks of processes on one host and a worker's reclaim delay
-        services.append(_spool_sweeper(spool, gateway.request_timeout_s
-                                       + settings.worker.dead_after_s + 60))
     front = NativeFront(settings) if gateway.front == "native" else None
     native = None
     if front is not None and front.install_plane(settings):
@@ -159,6 +163,15 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
         native = NativePath(front.native, dataplane, keys, sealer, Keys(settings.redis.prefix),
                             f"{gateway_id}n", enabled=lambda: not tracing_on())
         dataplane.attach_native(front.native)
+    if gateway.grpc_port is not None:
+        services.append(_grpc_service(settings, dataplane, keys, metrics,
+                                      front.grpc_upstream if front is not None else None,
+                                      native.drain if native is not None else None))
+    if spool is not None:
+        # past its deadline a request is never read again, only dropped; the margin covers
+        # clocks of processes on one host and a worker's reclaim delay
+        services.append(_spool_sweeper(spool, gateway.request_timeout_s
+                                       + settings.worker.dead_after_s + 60))
     app = create_app(dataplane, keys, settings.gateway.max_request_bytes, metrics,
                      secure=settings.security.encrypt_payloads,
                      attestation=settings.security.attestation,

@@ -1,0 +1,878 @@
+//! gRPC on the front (`gateway.grpc_port`): KServe v2 `ModelInfer` answered on the native
+//! path, and every other call passed on to the Python gRPC service.
+//!
+//! tonic frames the messages, negotiates compression and writes the status; prost decodes
+//! the messages (declared below by hand for the one RPC served here: the field numbers are
+//! the Open Inference Protocol's, checked against tritonclient's descriptors by the Python
+//! tests). A `ModelInfer` the native path does not hold — a model or version not open, a key
+//! that may not call it, a compressed message, or any input the decoder would refuse (the
+//! Python service's words are the reference) — and every other RPC, `ModelStreamInfer`'s
+//! streams included, go to the Python service over HTTP/2 on a private Unix socket, with
+//! their trailers.
+
+use std::borrow::Cow;
+use std::collections::HashMap;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use http::header::HeaderMap;
+use http::{Request, Response, StatusCode, Uri};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Empty, Full};
+use hyper::body::Incoming;
+use hyper::client::conn::http2::{self, SendRequest};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use ppml_core::record::{self, MAX_DIMS, MAX_DIM_SIZE};
+use ppml_core::request::Tensor;
+use ppml_core::response::{self, ResponseError};
+use ppml_core::v2::{self, Datatype, MAX_BYTES_ELEMENTS};
+use prost::Message as _;
+use tokio::net::UnixStream;
+use tonic::server::{Grpc, UnaryService};
+use tonic::{Code, Status};
+use tonic_prost::ProstCodec;
+
+use crate::body::{Breach, BreachCell, GuardedBody};
+use crate::plane::{Event, Plane, Refusal, Target};
+use crate::server::{hop_by_hop, Shared};
+
+/// The RPC answered natively.
+pub(crate) const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+
+pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
+/// A response body on the gRPC port: tonic's, the Python service's (streamed, with its
+/// trailers), or empty (a status alone).
+pub(crate) type GrpcBody = UnsyncBoxBody<Bytes, BoxError>;
+
+/// The time the Python service may take to start listening.
+const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+/// HTTP/2 flow-control windows towards the Python service (large messages pass in a few
+/// round trips, not one per 64 KiB).
+const UPSTREAM_WINDOW: u32 = 4 << 20;
+
+/// `inference.InferParameter`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InferParameter {
+    #[prost(oneof = "Choice", tags = "1, 2, 3, 4, 5")]
+    pub choice: Option<Choice>,
+}
+
+/// `inference.InferParameter.parameter_choice`.
+#[derive(Clone, PartialEq, prost::Oneof)]
+pub enum Choice {
+    #[prost(bool, tag = "1")]
+    Bool(bool),
+    #[prost(int64, tag = "2")]
+    Int64(i64),
+    #[prost(string, tag = "3")]
+    String(String),
+    #[prost(double, tag = "4")]
+    Double(f64),
+    #[prost(uint64, tag = "5")]
+    Uint64(u64),
+}
+
+/// `inference.InferTensorContents`: typed contents, one field per kind of datatype.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InferTensorContents {
+    #[prost(bool, repeated, tag = "1")]
+    pub bool_contents: Vec<bool>,
+    #[prost(int32, repeated, tag = "2")]
+    pub int_contents: Vec<i32>,
+    #[prost(int64, repeated, tag = "3")]
+    pub int64_contents: Vec<i64>,
+    #[prost(uint32, repeated, tag = "4")]
+    pub uint_contents: Vec<u32>,
+    #[prost(uint64, repeated, tag = "5")]
+    pub uint64_contents: Vec<u64>,
+    #[prost(float, repeated, tag = "6")]
+    pub fp32_contents: Vec<f32>,
+    #[prost(double, repeated, tag = "7")]
+    pub fp64_contents: Vec<f64>,
+    #[prost(bytes = "bytes", repeated, tag = "8")]
+    pub bytes_contents: Vec<Bytes>,
+}
+
+/// `inference.ModelInferRequest.InferInputTensor` (and the response's output tensor: the
+/// same fields).
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct InferTensor {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(string, tag = "2")]
+    pub datatype: String,
+    #[prost(int64, repeated, tag = "3")]
+    pub shape: Vec<i64>,
+    #[prost(map = "string, message", tag = "4")]
+    pub parameters: HashMap<String, InferParameter>,
+    #[prost(message, optional, tag = "5")]
+    pub contents: Option<InferTensorContents>,
+}
+
+/// `inference.ModelInferRequest.InferRequestedOutputTensor`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct RequestedOutput {
+    #[prost(string, tag = "1")]
+    pub name: String,
+    #[prost(map = "string, message", tag = "2")]
+    pub parameters: HashMap<String, InferParameter>,
+}
+
+/// `inference.ModelInferRequest`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelInferRequest {
+    #[prost(string, tag = "1")]
+    pub model_name: String,
+    #[prost(string, tag = "2")]
+    pub model_version: String,
+    #[prost(string, tag = "3")]
+    pub id: String,
+    #[prost(map = "string, message", tag = "4")]
+    pub parameters: HashMap<String, InferParameter>,
+    #[prost(message, repeated, tag = "5")]
+    pub inputs: Vec<InferTensor>,
+    #[prost(message, repeated, tag = "6")]
+    pub outputs: Vec<RequestedOutput>,
+    #[prost(bytes = "bytes", repeated, tag = "7")]
+    pub raw_input_contents: Vec<Bytes>,
+}
+
+/// `inference.ModelInferResponse`.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelInferResponse {
+    #[prost(string, tag = "1")]
+    pub model_name: String,
+    #[prost(string, tag = "2")]
+    pub model_version: String,
+    #[prost(string, tag = "3")]
+    pub id: String,
+    #[prost(map = "string, message", tag = "4")]
+    pub parameters: HashMap<String, InferParameter>,
+    #[prost(message, repeated, tag = "5")]
+    pub outputs: Vec<InferTensor>,
+    #[prost(bytes = "bytes", repeated, tag = "6")]
+    pub raw_output_contents: Vec<Bytes>,
+}
+
+/// One input: its name, datatype, shape and items.
+type Input<'a> = (&'a str, Datatype, Vec<u64>, Cow<'a, [u8]>);
+
+/// A request decoded for the native path: its inputs (bytes borrowed from the message where
+/// they are raw), the outputs asked for, and the classification extension's counts.
+#[derive(Debug)]
+pub(crate) struct Decoded<'a> {
+    inputs: Vec<Input<'a>>,
+    outputs: Option<Vec<(String, bool)>>,
+    classification: Vec<(String, u64)>,
+}
+
+impl Decoded<'_> {
+    fn tensors(&self) -> Vec<Tensor<'_>> {
+        self.inputs
+            .iter()
+            .map(|(name, datatype, shape, data)| Tensor {
+                name,
+                datatype: *datatype,
+                shape,
+                data,
+            })
+            .collect()
+    }
+}
+
+/// Typed contents as little-endian items of `datatype`; `None` where a value does not fit
+/// it or the datatype has no typed field (the Python service then answers, in its words).
+fn typed(contents: &InferTensorContents, datatype: Datatype) -> Option<(Vec<u8>, usize)> {
+    fn narrow<T: Copy, const N: usize>(
+        values: &[T],
+        convert: impl Fn(T) -> Option<[u8; N]>,
+    ) -> Option<(Vec<u8>, usize)> {
+        let mut out = Vec::with_capacity(values.len() * N);
+        for value in values {
+            out.extend_from_slice(&convert(*value)?);
+        }
+        Some((out, values.len()))
+    }
+    match datatype.name {
+        "BOOL" => narrow(&contents.bool_contents, |v| Some([u8::from(v)])),
+        "INT8" => narrow(&contents.int_contents, |v| {
+            i8::try_from(v).ok().map(i8::to_le_bytes)
+        }),
+        "INT16" => narrow(&contents.int_contents, |v| {
+            i16::try_from(v).ok().map(i16::to_le_bytes)
+        }),
+        "INT32" => narrow(&contents.int_contents, |v| Some(v.to_le_bytes())),
+        "INT64" => narrow(&contents.int64_contents, |v| Some(v.to_le_bytes())),
+        "UINT8" => narrow(&contents.uint_contents, |v| {
+            u8::try_from(v).ok().map(u8::to_le_bytes)
+        }),
+        "UINT16" => narrow(&contents.uint_contents, |v| {
+            u16::try_from(v).ok().map(u16::to_le_bytes)
+        }),
+        "UINT32" => narrow(&contents.uint_contents, |v| Some(v.to_le_bytes())),
+        "UINT64" => narrow(&contents.uint64_contents, |v| Some(v.to_le_bytes())),
+        "FP32" => narrow(&contents.fp32_contents, |v| Some(v.to_le_bytes())),
+        "FP64" => narrow(&contents.fp64_contents, |v| Some(v.to_le_bytes())),
+        "BYTES" => {
+            let items = &contents.bytes_contents;
+            let mut out = Vec::with_capacity(items.iter().map(|i| i.len() + 4).sum());
+            for item in items {
+                out.extend_from_slice(&u32::try_from(item.len()).ok()?.to_le_bytes());
+                out.extend_from_slice(item);
+            }
+            Some((out, items.len()))
+        }
+        _ => None,
+    }
+}
+
+/// The request as the native path takes it, or `None` for anything the Python service's
+/// decoder would refuse or read differently: it answers those (one set of words).
+pub(crate) fn decode(request: &ModelInferRequest) -> Option<Decoded<'_>> {
+    let mut classification: Vec<(String, u64)> = Vec::new();
+    let mut outputs: Vec<(String, bool)> = Vec::new();
+    for output in &request.outputs {
+        if let Some(parameter) = output.parameters.get("classification") {
+            let count = match parameter.choice {
+                Some(Choice::Int64(count)) if count >= 1 => count.unsigned_abs(),
+                _ => return None,
+            };
+            classification.retain(|(name, _)| *name != output.name);
+            classification.push((output.name.clone(), count));
+        }
+        if !outputs.iter().any(|(name, _)| *name == output.name) {
+            outputs.push((output.name.clone(), true));
+        }
+    }
+    let raw = &request.raw_input_contents;
+    if request.inputs.is_empty() || (!raw.is_empty() && raw.len() != request.inputs.len()) {
+        return None;
+    }
+    let mut inputs: Vec<Input<'_>> = Vec::with_capacity(request.inputs.len());
+    for (position, tensor) in request.inputs.iter().enumerate() {
+        let name = tensor.name.as_str();
+        if name.is_empty() || inputs.iter().any(|(seen, ..)| *seen == name) {
+            return None;
+        }
+        let datatype = Datatype::named(&tensor.datatype)?;
+        if tensor.shape.len() > MAX_DIMS {
+            return None;
+        }
+        let shape: Vec<u64> = tensor
+            .shape
+            .iter()
+            .map(|d| u64::try_from(*d).ok().filter(|d| *d <= MAX_DIM_SIZE))
+            .collect::<Option<_>>()?;
+        let count = shape
+            .iter()
+            .try_fold(1u128, |n, d| n.checked_mul(u128::from(*d)))?;
+        if datatype.is_bytes() && count > MAX_BYTES_ELEMENTS {
+            return None;
+        }
+        let data: Cow<'_, [u8]> = if let Some(bytes) = raw.get(position) {
+            let fits = if datatype.is_bytes() {
+                v2::check_bytes(bytes, Some(count), &shape, name).is_ok()
+            } else {
+                u128::try_from(bytes.len()).ok() == count.checked_mul(datatype.size as u128)
+            };
+            if !fits {
+                return None;
+            }
+            Cow::Borrowed(bytes.as_ref())
+        } else {
+            let empty = InferTensorContents::default();
+            let (items, found) = typed(tensor.contents.as_ref().unwrap_or(&empty), datatype)?;
+            if found as u128 != count {
+                return None;
+            }
+            Cow::Owned(items)
+        };
+        inputs.push((name, datatype, shape, data));
+    }
+    Some(Decoded {
+        inputs,
+        outputs: (!outputs.is_empty()).then_some(outputs),
+        classification,
+    })
+}
+
+/// The response to `request` from the worker's answer record `plaintext`.
+fn encode(
+    plaintext: Vec<u8>,
+    target: &Target,
+    request: &ModelInferRequest,
+    decoded: &Decoded<'_>,
+    labels: Option<&[String]>,
+) -> Result<ModelInferResponse, Refusal> {
+    let protocol = |e: &dyn std::fmt::Display| {
+        Refusal::internal("internal error", format!("ProtocolError: {e}"))
+    };
+    let parsed = record::parse(&plaintext).map_err(|e| protocol(&e))?;
+    let answer = Bytes::from(plaintext);
+    let all: Vec<(String, bool)>;
+    let selected = match &decoded.outputs {
+        Some(outputs) => outputs.as_slice(),
+        None => {
+            all = parsed
+                .tensors
+                .iter()
+                .map(|t| (t.name.clone(), true))
+                .collect();
+            &all
+        }
+    };
+    let mut response = ModelInferResponse {
+        model_name: request.model_name.clone(),
+        model_version: target.version().to_owned(),
+        id: request.id.clone(),
+        ..Default::default()
+    };
+    for (name, _) in selected {
+        let entry = parsed
+            .tensors
+            .iter()
+            .find(|t| t.name == *name)
+            .ok_or_else(|| protocol(&ResponseError::Missing(v2::py_repr(name))))?;
+        let data = answer.slice(entry.offset..entry.offset + entry.nbytes);
+        let wanted = decoded.classification.iter().find(|(n, _)| n == name);
+        let (datatype, shape, contents) = match wanted {
+            Some((_, count)) => {
+                let (shape, items) = response::classify(entry, &data, *count, labels)
+                    .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.to_string()))?;
+                let mut serialized = Vec::new();
+                for item in &items {
+                    serialized.extend_from_slice(&(item.len() as u32).to_le_bytes());
+                    serialized.extend_from_slice(item.as_bytes());
+                }
+                ("BYTES".to_owned(), shape, Bytes::from(serialized))
+            }
+            None => (entry.datatype.to_owned(), entry.shape.clone(), data),
+        };
+        response.outputs.push(InferTensor {
+            name: name.clone(),
+            datatype,
+            shape: shape.iter().map(|d| *d as i64).collect(),
+            ..Default::default()
+        });
+        response.raw_output_contents.push(contents);
+    }
+    Ok(response)
+}
+
+/// A refusal's gRPC status, as `gateway/errors.py` maps each error.
+fn status_of(refusal: &Refusal) -> Status {
+    let code = match refusal.status {
+        StatusCode::BAD_REQUEST | StatusCode::UNSUPPORTED_MEDIA_TYPE => Code::InvalidArgument,
+        StatusCode::UNAUTHORIZED => Code::Unauthenticated,
+        StatusCode::FORBIDDEN => Code::PermissionDenied,
+        StatusCode::NOT_FOUND => Code::NotFound,
+        StatusCode::PAYLOAD_TOO_LARGE | StatusCode::TOO_MANY_REQUESTS => Code::ResourceExhausted,
+        StatusCode::SERVICE_UNAVAILABLE => Code::Unavailable,
+        StatusCode::GATEWAY_TIMEOUT => Code::DeadlineExceeded,
+        _ => Code::Internal,
+    };
+    Status::new(code, refusal.message.clone())
+}
+
+/// The native answer to `request`, recorded as an event; `None`: the Python service's.
+async fn answer(
+    plane: &Arc<Plane>,
+    request: &ModelInferRequest,
+    headers: &HeaderMap,
+    received: (Instant, f64),
+    client: String,
+) -> Option<Result<ModelInferResponse, Status>> {
+    let version = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
+    let target = plane.target(&request.model_name, version, headers)?;
+    let decoded = decode(request)?;
+    let request_id = plane.request_id();
+    let outcome = match plane.admit(received) {
+        Err(refusal) => Err(refusal),
+        Ok(()) => {
+            let inputs = decoded.tensors();
+            match plane
+                .infer(
+                    &target,
+                    &inputs,
+                    decoded.outputs.as_deref(),
+                    &decoded.classification,
+                    received,
+                    &request_id,
+                )
+                .await
+            {
+                Ok((plaintext, answer)) => {
+                    encode(plaintext, &target, request, &decoded, target.labels())
+                        .map(|response| (response, answer))
+                }
+                Err(refusal) => Err(refusal),
+            }
+        }
+    };
+    let (status, bytes_out, answer, failure, result) = match outcome {
+        Ok((response, answer)) => (
+            200,
+            response.encoded_len(),
+            Some(answer),
+            None,
+            Ok(response),
+        ),
+        Err(refusal) => (
+            refusal.status.as_u16(),
+            0,
+            None,
+            refusal.failure.clone(),
+            Err(status_of(&refusal)),
+        ),
+    };
+    plane.record(Event {
+        model: target.model().to_owned(),
+        version: target.version().to_owned(),
+        queue: target.queue().to_owned(),
+        path: "gRPC ModelInfer".into(),
+        status,
+        seconds: received.0.elapsed().as_secs_f64(),
+        key_name: target.key_name().to_owned(),
+        request_id,
+        caller_id: String::new(),
+        client,
+        bytes_in: request.encoded_len() as u64,
+        bytes_out: bytes_out as u64,
+        answer,
+        failure,
+    });
+    Some(result)
+}
+
+/// What happened to a `ModelInfer` handed to tonic.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outcome {
+    /// tonic could not decode it (or never called): the Python service answers, in its words.
+    Undecoded,
+    /// The native path does not hold it.
+    Passed,
+    Answered,
+}
+
+struct NativeInfer {
+    plane: Arc<Plane>,
+    headers: HeaderMap,
+    received: (Instant, f64),
+    client: String,
+    outcome: Arc<Mutex<Outcome>>,
+}
+
+type Answering = Pin<
+    Box<dyn Future<Output = Result<tonic::Response<ModelInferResponse>, Status>> + Send + 'static>,
+>;
+
+impl UnaryService<ModelInferRequest> for NativeInfer {
+    type Response = ModelInferResponse;
+    type Future = Answering;
+
+    fn call(&mut self, request: tonic::Request<ModelInferRequest>) -> Self::Future {
+        let plane = self.plane.clone();
+        let headers = std::mem::take(&mut self.headers);
+        let (received, client) = (self.received, std::mem::take(&mut self.client));
+        let outcome = self.outcome.clone();
+        Box::pin(async move {
+            let message = request.into_inner();
+            let answered = answer(&plane, &message, &headers, received, client).await;
+            let mut seen = outcome.lock().unwrap_or_else(|p| p.into_inner());
+            match answered {
+                Some(result) => {
+                    *seen = Outcome::Answered;
+                    result.map(tonic::Response::new)
+                }
+                None => {
+                    *seen = Outcome::Passed;
+                    Err(Status::unavailable("passed on"))
+                }
+            }
+        })
+    }
+}
+
+/// The Python gRPC service: one HTTP/2 connection over its private Unix socket, shared by
+/// every call (and made again when it closes).
+pub(crate) struct GrpcUpstream {
+    path: PathBuf,
+    sender: tokio::sync::Mutex<Option<SendRequest<GrpcBody>>>,
+}
+
+impl GrpcUpstream {
+    pub(crate) fn new(path: PathBuf) -> Self {
+        Self {
+            path,
+            sender: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    async fn sender(&self) -> Option<SendRequest<GrpcBody>> {
+        let mut held = self.sender.lock().await;
+        if let Some(sender) = held.as_ref().filter(|s| !s.is_closed()) {
+            return Some(sender.clone());
+        }
+        let started = Instant::now();
+        let mut delay = Duration::from_millis(10);
+        let stream = loop {
+            match UnixStream::connect(&self.path).await {
+                Ok(stream) => break stream,
+                Err(_) if started.elapsed() < CONNECT_PATIENCE => {
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(200));
+                }
+                Err(_) => return None,
+            }
+        };
+        let (sender, connection) = http2::Builder::new(TokioExecutor::new())
+            .timer(TokioTimer::new())
+            .initial_stream_window_size(UPSTREAM_WINDOW)
+            .initial_connection_window_size(UPSTREAM_WINDOW)
+            .handshake(TokioIo::new(stream))
+            .await
+            .ok()?;
+        tokio::spawn(async move {
+            // Ends when either side closes; the calls on it see their own errors.
+            let _ = connection.await;
+        });
+        *held = Some(sender.clone());
+        Some(sender)
+    }
+
+    /// Pass one call on; its answer streams back as it comes, trailers included.
+    async fn call(&self, request: Request<GrpcBody>) -> Option<Response<Incoming>> {
+        let mut sender = self.sender().await?;
+        sender.ready().await.ok()?;
+        sender.send_request(request).await.ok()
+    }
+}
+
+/// A status alone (trailers-only), for what the front refuses itself.
+fn status_response(status: Status) -> Response<GrpcBody> {
+    status
+        .into_http::<Empty<Bytes>>()
+        .map(|body| body.map_err(|never| match never {}).boxed_unsync())
+}
+
+fn boxed<B>(body: B) -> GrpcBody
+where
+    B: hyper::body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// Pass a call to the Python service with `body`.
+async fn pass_on(
+    shared: &Shared,
+    upstream: &GrpcUpstream,
+    parts: &http::request::Parts,
+    body: GrpcBody,
+) -> Response<GrpcBody> {
+    let mut request = Request::new(body);
+    *request.method_mut() = parts.method.clone();
+    let path = parts.uri.path_and_query().map_or("/", |p| p.as_str());
+    *request.uri_mut() = Uri::try_from(format!("http://ppml-gateway{path}"))
+        .unwrap_or_else(|_| Uri::from_static("http://ppml-gateway/"));
+    let headers = request.headers_mut();
+    for (name, value) in &parts.headers {
+        if !hop_by_hop(name) || name == http::header::TE {
+            headers.append(name.clone(), value.clone());
+        }
+    }
+    match upstream.call(request).await {
+        Some(response) => response.map(boxed),
+        None => {
+            shared
+                .stats
+                .upstream_failures
+                .fetch_add(1, Ordering::Relaxed);
+            status_response(Status::unavailable(
+                "the gateway is starting or stopping; retry",
+            ))
+        }
+    }
+}
+
+/// A request on the gRPC port.
+pub(crate) async fn serve_call(
+    shared: &Shared,
+    upstream: &GrpcUpstream,
+    request: Request<Incoming>,
+    peer: SocketAddr,
+    refused: bool,
+) -> Response<GrpcBody> {
+    let config = &shared.config;
+    if refused {
+        return status_response(Status::unavailable(
+            "the gateway is at its connection limit (gateway.max_connections); retry",
+        ));
+    }
+    shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+    let (parts, body) = request.into_parts();
+    let compressed = parts
+        .headers
+        .get("grpc-encoding")
+        .is_some_and(|v| v.as_bytes() != b"identity");
+    let plane = shared.plane.get().filter(|_| !compressed);
+    let (Some(plane), true) = (plane, parts.uri.path() == MODEL_INFER) else {
+        return pass_on(shared, upstream, &parts, boxed(body)).await;
+    };
+    // Held until answered: bounds the calls waiting in this gateway, as for HTTP.
+    let Ok(_admitted) = shared.inflight.clone().try_acquire_owned() else {
+        shared.stats.overloaded.fetch_add(1, Ordering::Relaxed);
+        return status_response(Status::resource_exhausted(format!(
+            "this gateway holds {} inference requests; retry later (gateway.max_inflight)",
+            config.max_inflight
+        )));
+    };
+    let received_at = Instant::now();
+    let received_s = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0);
+    let breach = BreachCell::default();
+    // The message and its 5-byte frame header, within the size limit.
+    let limit = config.max_request_bytes.saturating_add(5);
+    let guarded = GuardedBody::new(body, config.body_timeout, limit, breach.clone());
+    let Ok(collected) = guarded.collect().await else {
+        return match breach.get() {
+            Breach::TooLarge => {
+                shared
+                    .stats
+                    .oversized_bodies
+                    .fetch_add(1, Ordering::Relaxed);
+                status_response(Status::resource_exhausted(format!(
+                    "request message is larger than {} bytes (gateway.max_request_bytes)",
+                    config.max_request_bytes
+                )))
+            }
+            Breach::Slow => {
+                shared.stats.slow_bodies.fetch_add(1, Ordering::Relaxed);
+                status_response(Status::deadline_exceeded(
+                    "the request message did not arrive in time (gateway.body_timeout_s)",
+                ))
+            }
+            _ => status_response(Status::cancelled("the request message could not be read")),
+        };
+    };
+    let bytes = collected.to_bytes();
+    let outcome = Arc::new(Mutex::new(Outcome::Undecoded));
+    let service = NativeInfer {
+        plane: plane.clone(),
+        headers: parts.headers.clone(),
+        received: (received_at, received_s),
+        client: peer.to_string(),
+        outcome: outcome.clone(),
+    };
+    let limit = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
+    let mut grpc = Grpc::new(ProstCodec::<ModelInferResponse, ModelInferRequest>::default())
+        .max_decoding_message_size(limit)
+        .max_encoding_message_size(limit);
+    let mut native = Request::new(Full::new(bytes.clone()));
+    *native.headers_mut() = parts.headers.clone();
+    let response = grpc.unary(service, native).await;
+    let seen = *outcome.lock().unwrap_or_else(|p| p.into_inner());
+    if seen == Outcome::Answered {
+        shared.stats.native_answers.fetch_add(1, Ordering::Relaxed);
+        return response.map(boxed);
+    }
+    pass_on(shared, upstream, &parts, boxed(Full::new(bytes))).await
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn input(name: &str, datatype: &str, shape: &[i64]) -> InferTensor {
+        InferTensor {
+            name: name.into(),
+            datatype: datatype.into(),
+            shape: shape.to_vec(),
+            ..Default::default()
+        }
+    }
+
+    fn request(inputs: Vec<InferTensor>, raw: Vec<&[u8]>) -> ModelInferRequest {
+        ModelInferRequest {
+            model_name: "demo".into(),
+            inputs,
+            raw_input_contents: raw.into_iter().map(Bytes::copy_from_slice).collect(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn raw_contents_are_borrowed_as_they_are() {
+        let message = request(vec![input("x", "UINT8", &[1, 2, 2])], vec![&[1, 2, 3, 4]]);
+        let decoded = decode(&message).expect("decoded");
+        let tensors = decoded.tensors();
+        assert_eq!(tensors[0].data, &[1, 2, 3, 4]);
+        assert_eq!(tensors[0].shape, &[1, 2, 2]);
+        assert!(matches!(decoded.inputs[0].3, Cow::Borrowed(_)));
+        assert_eq!(decoded.outputs, None);
+    }
+
+    #[test]
+    fn typed_contents_become_little_endian_items() {
+        let mut tensor = input("x", "INT16", &[3]);
+        tensor.contents = Some(InferTensorContents {
+            int_contents: vec![1, -2, 300],
+            ..Default::default()
+        });
+        let message = request(vec![tensor.clone()], vec![]);
+        let decoded = decode(&message).expect("decoded");
+        assert_eq!(
+            decoded.tensors()[0].data,
+            &[1, 0, 0xfe, 0xff, 0x2c, 0x01][..]
+        );
+        let mut words = input("t", "BYTES", &[2]);
+        words.contents = Some(InferTensorContents {
+            bytes_contents: vec![Bytes::from_static(b"ab"), Bytes::new()],
+            ..Default::default()
+        });
+        let message = request(vec![words], vec![]);
+        let decoded = decode(&message).expect("decoded");
+        assert_eq!(
+            decoded.tensors()[0].data,
+            &[2, 0, 0, 0, b'a', b'b', 0, 0, 0, 0]
+        );
+    }
+
+    #[test]
+    fn what_python_would_refuse_is_passed_on() {
+        let too_big = {
+            let mut t = input("x", "INT8", &[1]);
+            t.contents = Some(InferTensorContents {
+                int_contents: vec![128],
+                ..Default::default()
+            });
+            request(vec![t], vec![])
+        };
+        let cases = [
+            ("no inputs", request(vec![], vec![])),
+            (
+                "unknown datatype",
+                request(vec![input("x", "FP8", &[1])], vec![&[0]]),
+            ),
+            (
+                "negative dim",
+                request(vec![input("x", "UINT8", &[-1])], vec![&[0]]),
+            ),
+            (
+                "too many dims",
+                request(vec![input("x", "UINT8", &[1; 17])], vec![&[0]]),
+            ),
+            (
+                "short raw",
+                request(vec![input("x", "FP32", &[2])], vec![&[0; 7]]),
+            ),
+            (
+                "bad bytes form",
+                request(vec![input("x", "BYTES", &[1])], vec![&[9, 0]]),
+            ),
+            (
+                "duplicate name",
+                request(
+                    vec![input("x", "UINT8", &[1]), input("x", "UINT8", &[1])],
+                    vec![&[0], &[0]],
+                ),
+            ),
+            (
+                "empty name",
+                request(vec![input("", "UINT8", &[1])], vec![&[0]]),
+            ),
+            (
+                "raw count",
+                request(
+                    vec![input("x", "UINT8", &[1]), input("y", "UINT8", &[1])],
+                    vec![&[0]],
+                ),
+            ),
+            (
+                "typed count",
+                request(vec![input("x", "FP32", &[2])], vec![]),
+            ),
+            ("out of range", too_big),
+            (
+                "no typed field",
+                request(vec![input("x", "FP16", &[0])], vec![]),
+            ),
+        ];
+        for (what, message) in cases {
+            assert!(decode(&message).is_none(), "{what}");
+        }
+        let mut asked = request(vec![input("x", "UINT8", &[1])], vec![&[0]]);
+        asked.outputs.push(RequestedOutput {
+            name: "y".into(),
+            parameters: HashMap::from([(
+                "classification".into(),
+                InferParameter {
+                    choice: Some(Choice::String("3".into())),
+                },
+            )]),
+        });
+        assert!(decode(&asked).is_none(), "classification not an int64");
+    }
+
+    #[test]
+    fn outputs_keep_their_first_position_and_classification_its_last_count() {
+        let mut message = request(vec![input("x", "UINT8", &[1])], vec![&[0]]);
+        let classify = |count| {
+            HashMap::from([(
+                "classification".to_owned(),
+                InferParameter {
+                    choice: Some(Choice::Int64(count)),
+                },
+            )])
+        };
+        for (name, parameters) in [
+            ("b", classify(2)),
+            ("a", HashMap::new()),
+            ("b", classify(5)),
+        ] {
+            message.outputs.push(RequestedOutput {
+                name: name.into(),
+                parameters,
+            });
+        }
+        let decoded = decode(&message).expect("decoded");
+        assert_eq!(
+            decoded.outputs,
+            Some(vec![("b".into(), true), ("a".into(), true)])
+        );
+        assert_eq!(decoded.classification, vec![("b".into(), 5)]);
+    }
+
+    #[test]
+    fn messages_round_trip_with_their_field_numbers() {
+        let mut message = request(vec![input("x", "UINT8", &[1, 2])], vec![&[7, 8]]);
+        message.model_version = "2".into();
+        message.id = "abc".into();
+        let encoded = message.encode_to_vec();
+        // field 1 (model_name, length-delimited) leads: tag byte 0x0a
+        assert_eq!(&encoded[..6], &[0x0a, 4, b'd', b'e', b'm', b'o']);
+        assert_eq!(
+            ModelInferRequest::decode(encoded.as_slice()).unwrap(),
+            message
+        );
+    }
+
+    #[test]
+    fn refusals_map_to_the_python_services_codes() {
+        let code = |status| status_of(&Refusal::new(status, "x")).code();
+        assert_eq!(code(StatusCode::BAD_REQUEST), Code::InvalidArgument);
+        assert_eq!(code(StatusCode::PAYLOAD_TOO_LARGE), Code::ResourceExhausted);
+        assert_eq!(code(StatusCode::TOO_MANY_REQUESTS), Code::ResourceExhausted);
+        assert_eq!(code(StatusCode::SERVICE_UNAVAILABLE), Code::Unavailable);
+        assert_eq!(code(StatusCode::GATEWAY_TIMEOUT), Code::DeadlineExceeded);
+        assert_eq!(code(StatusCode::INTERNAL_SERVER_ERROR), Code::Internal);
+    }
+}
