@@ -75,6 +75,8 @@ def run_once(source: Path, args: argparse.Namespace, out: Path,
     command = [sys.executable, "-m", "ppml_serve", "bench", "--null-model",
                "--configs", "secure", "--concurrency", "1,32", "--repeats", "1",
                "--duration", str(args.duration), "--json", str(out)]
+    if args.protocol != "http":
+        command += ["--protocol", args.protocol]
     env = {**os.environ, **(settings or {}), "PYTHONPATH": str(source)}
     done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
     if done.returncode != 0:
@@ -116,6 +118,9 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=5, help="before/after pairs to run")
     parser.add_argument("--duration", type=float, default=6.0, help="seconds per measurement")
     parser.add_argument("--json", type=Path, help="write pairs and summary here")
+    parser.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                        help="the load's protocol (grpc: both revisions' bench must have "
+                             "--protocol)")
     for side in ("before", "after"):
         parser.add_argument(f"--{side}-setting", action="append", default=[],
                             metavar="PPML_NAME=VALUE",
@@ -157,7 +162,7 @@ def main() -> int:
     if args.json:
         args.json.write_text(json.dumps({
             "before": commits["before"], "after": commits["after"], "duration_s": args.duration,
-            "settings": side_settings,
+            "protocol": args.protocol, "settings": side_settings,
             "summary": summary, "pairs": pairs}, indent=1))
     return 0
 

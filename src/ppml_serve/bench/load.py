@@ -1,7 +1,8 @@
-"""A lean closed-loop HTTP/1.1 load generator (asyncio streams, prebuilt requests).
+"""Lean closed-loop load generators with prebuilt requests: HTTP/1.1 (asyncio streams) and
+gRPC (grpc.aio, the message serialised once and the answer left unparsed).
 
-It parses only what it must (status line, Content-Length), so that on a 2-core machine the
-load generator takes as little CPU as possible from the service it measures.
+The HTTP one parses only what it must (status line, Content-Length), so that on a 2-core
+machine the load generator takes as little CPU as possible from the service it measures.
 """
 
 from __future__ import annotations
@@ -9,8 +10,9 @@ from __future__ import annotations
 import asyncio
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
+from typing import Any
 from urllib.parse import urlsplit
 
 import numpy as np
@@ -71,36 +73,35 @@ async def _read_response(reader: asyncio.StreamReader) -> int:
     return status
 
 
-async def run_load(url: str, request: bytes, items_per_request: int, concurrency: int,
-                   duration_s: float, warmup_s: float, ssl_context: ssl.SSLContext | None,
-                   on_progress: Callable[[float], None] | None = None) -> LoadResult:
-    """``concurrency`` connections, each sending the next request as soon as one returns."""
-    parts = urlsplit(url)
-    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if ssl_context else 80)
+async def _closed_loop(call: Callable[[Any], Awaitable[bool]], open_: Callable[[], Awaitable[Any]],
+                       close: Callable[[Any], Awaitable[None]], items_per_request: int,
+                       concurrency: int, duration_s: float, warmup_s: float,
+                       on_progress: Callable[[float], None] | None) -> LoadResult:
+    """``concurrency`` loops, each on a connection of its own (``open_``), calling again as
+    soon as an answer returns; ``call`` says whether the answer was a success."""
     latencies: list[float] = []
     errors = 0
     start = time.perf_counter()
     measure_from = start + warmup_s
     stop_at = measure_from + duration_s
 
-    async def connection() -> None:
+    async def loop() -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection(host, port, ssl=ssl_context)
+        connection = await open_()
         try:
             while True:
                 sent = time.perf_counter()
                 if sent >= stop_at:
                     return
-                writer.write(request)
-                status = await _read_response(reader)
+                ok = await call(connection)
                 done = time.perf_counter()
                 if sent >= measure_from and done <= stop_at:
-                    if status == 200:
+                    if ok:
                         latencies.append((done - sent) * 1000)
                     else:
                         errors += 1
         finally:
-            writer.close()
+            await close(connection)
 
     async def progress() -> None:
         while True:
@@ -110,8 +111,76 @@ async def run_load(url: str, request: bytes, items_per_request: int, concurrency
 
     ticker = asyncio.create_task(progress())
     try:
-        await asyncio.gather(*(connection() for _ in range(concurrency)))
+        await asyncio.gather(*(loop() for _ in range(concurrency)))
     finally:
         ticker.cancel()
     return LoadResult(concurrency, duration_s, len(latencies), len(latencies) * items_per_request,
                       errors, latencies, closed_loop=True)
+
+
+MODEL_INFER = "/inference.GRPCInferenceService/ModelInfer"
+
+
+def grpc_request(model: str, inputs: dict[str, np.ndarray[Any, Any]]) -> bytes:
+    """A serialised ``ModelInferRequest`` of ``inputs`` (raw contents, as tritonclient sends)."""
+    from tritonclient.grpc import service_pb2 as pb
+
+    from ppml_serve.codecs.tensors import datatype_name, tensor_bytes
+
+    request = pb.ModelInferRequest(model_name=model)
+    for name, array in inputs.items():
+        request.inputs.add(name=name, datatype=datatype_name(array.dtype),
+                           shape=list(array.shape))
+        request.raw_input_contents.append(bytes(tensor_bytes(array)))
+    return bytes(request.SerializeToString())
+
+
+async def run_grpc_load(address: str, message: bytes, api_key: str, items_per_request: int,
+                        concurrency: int, duration_s: float, warmup_s: float,
+                        ca_pem: bytes | None,
+                        on_progress: Callable[[float], None] | None = None) -> LoadResult:
+    """Closed-loop ``ModelInfer`` calls of ``message``: one channel (connection) per loop."""
+    import grpc
+
+    metadata = (("authorization", f"Bearer {api_key}"),)
+
+    async def open_() -> Any:
+        channel = (grpc.aio.secure_channel(address, grpc.ssl_channel_credentials(ca_pem))
+                   if ca_pem is not None else grpc.aio.insecure_channel(address))
+        # bytes in, bytes out: no (de)serialisation on the load generator's CPU
+        return channel, channel.unary_unary(MODEL_INFER)
+
+    async def call(connection: Any) -> bool:
+        try:
+            await connection[1](message, metadata=metadata, timeout=60)
+        except grpc.aio.AioRpcError:
+            return False
+        return True
+
+    async def close(connection: Any) -> None:
+        await connection[0].close()
+
+    return await _closed_loop(call, open_, close, items_per_request, concurrency, duration_s,
+                              warmup_s, on_progress)
+
+
+async def run_load(url: str, request: bytes, items_per_request: int, concurrency: int,
+                   duration_s: float, warmup_s: float, ssl_context: ssl.SSLContext | None,
+                   on_progress: Callable[[float], None] | None = None) -> LoadResult:
+    """``concurrency`` connections, each sending the next request as soon as one returns."""
+    parts = urlsplit(url)
+    host, port = parts.hostname or "127.0.0.1", parts.port or (443 if ssl_context else 80)
+
+    async def open_() -> Any:
+        return await asyncio.open_connection(host, port, ssl=ssl_context)
+
+    async def call(connection: Any) -> bool:
+        reader, writer = connection
+        writer.write(request)
+        return await _read_response(reader) == 200
+
+    async def close(connection: Any) -> None:
+        connection[1].close()
+
+    return await _closed_loop(call, open_, close, items_per_request, concurrency, duration_s,
+                              warmup_s, on_progress)

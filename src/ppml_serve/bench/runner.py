@@ -7,7 +7,7 @@ import contextlib
 import os
 import platform
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -16,7 +16,13 @@ import numpy as np
 
 from ppml_serve.bench.cpu import part_pids, per_request_ms, snapshot
 from ppml_serve.bench.gpu import GpuSampler, cores_per_1000_rps
-from ppml_serve.bench.load import LoadResult, build_request, run_load
+from ppml_serve.bench.load import (
+    LoadResult,
+    build_request,
+    grpc_request,
+    run_grpc_load,
+    run_load,
+)
 from ppml_serve.bench.raw import run_raw
 from ppml_serve.client.http import encode_inputs
 from ppml_serve.crypto.tls import client_context
@@ -69,6 +75,9 @@ class BenchOptions:
     repeats: int = 3
     device: str = "cpu"
     """Where ONNX Runtime runs (``cuda[:N]``: raw engine and pipeline on the GPU)."""
+    protocol: str = "http"
+    """How the load reaches the service: ``http`` (REST, binary extension) or ``grpc``
+    (ModelInfer with raw contents)."""
 
 
 def _entry(config: BenchConfig, mode: str, result: LoadResult, **extra: Any) -> dict[str, Any]:
@@ -142,6 +151,23 @@ def _request_to(url: str, model: str, body: bytes, headers: dict[str, str],
                          {**headers, "Authorization": f"Bearer {api_key}"})
 
 
+def _load(config: BenchConfig, stack: LocalStack, options: BenchOptions,
+          inputs: dict[str, np.ndarray[Any, Any]], body: bytes, headers: dict[str, str],
+          api_key: str) -> Callable[[int], Coroutine[Any, Any, LoadResult]]:
+    """The closed-loop load on ``stack`` at a concurrency, by ``options.protocol``."""
+    if options.protocol == "grpc":
+        message = grpc_request(config.model, inputs)
+        ca_pem = stack.settings.ca_file.read_bytes() if config.secure else None
+        return lambda concurrency: run_grpc_load(
+            stack.grpc_address, message, api_key, options.items_per_request, concurrency,
+            options.duration_s, options.warmup_s, ca_pem)
+    request = _request_to(stack.url, config.model, body, headers, api_key)
+    context = client_context(stack.settings.ca_file) if config.secure else None
+    return lambda concurrency: run_load(stack.url, request, options.items_per_request,
+                                        concurrency, options.duration_s, options.warmup_s,
+                                        context)
+
+
 def _median_entry(config: BenchConfig, mode: str, results: list[LoadResult],
                   **extra: Any) -> dict[str, Any]:
     """The median run by throughput, with every repeat's throughput alongside."""
@@ -209,25 +235,22 @@ def run_group(configs: list[BenchConfig], options: BenchOptions,
             cleanup.callback(stack.stop)
             step(f"{config.name}: starting the service")
             stack.start()
-            request = _request_to(stack.url, config.model, body, headers, read_api_key(state))
-            context = client_context(stack.settings.ca_file) if config.secure else None
-            stacks.append((config, stack, request, context))
+            stacks.append((config, stack, _load(config, stack, options, inputs, body, headers,
+                                                read_api_key(state))))
         for repeat in range(options.repeats):
             for batch_size in sorted({1, options.max_batch_size}):
                 step(f"{first.model}: raw engine, batch {batch_size} ({repeat + 1})")
                 parallel = 1 if batch_size == 1 else options.streams
                 raw.setdefault(batch_size, []).append(run_raw(
                     engine, inputs, batch_size, options.duration_s, options.warmup_s, parallel))
-            for index, (config, stack, request, context) in enumerate(stacks):
+            for index, (config, stack, load) in enumerate(stacks):
                 for concurrency in options.concurrencies:
                     step(f"{config.name}: pipeline, concurrency {concurrency} ({repeat + 1})")
                     pids = part_pids(stack)
                     before = snapshot(pids)
                     gpu = GpuSampler(parse_device(options.device)[1]).start() \
                         if options.device != "cpu" else None
-                    result = asyncio.run(run_load(
-                        stack.url, request, options.items_per_request, concurrency,
-                        options.duration_s, options.warmup_s, context))
+                    result = asyncio.run(load(concurrency))
                     result.gpu_utilization = gpu.stop() if gpu is not None else None
                     # over warm-up and window alike: requests = rate x whole run
                     done = (result.throughput / options.items_per_request
@@ -240,7 +263,8 @@ def run_group(configs: list[BenchConfig], options: BenchOptions,
             runs.append(_median_entry(config, "raw", results, batch_size=batch_size))
         for concurrency in options.concurrencies:
             runs.append(_median_entry(config, "pipeline", piped[(index, concurrency)],
-                                      batch_size=options.items_per_request))
+                                      batch_size=options.items_per_request,
+                                      protocol=options.protocol))
     return runs
 
 

@@ -138,8 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench = commands.add_parser(
         "bench", help="measure throughput and latency: pipeline vs raw engine",
         description="Starts its own service per configuration (managed Redis, workers, "
-        "gateway), drives a closed-loop HTTPS load at each concurrency, and measures the raw "
-        "engine alone (same model, precision and threads) in the same run.")
+        "gateway), drives a closed-loop HTTPS (or gRPC) load at each concurrency, and "
+        "measures the raw engine alone (same model, precision and threads) in the same run.")
     bench.add_argument("--model", action="append", type=_model_pair, default=[],
                        metavar="NAME=PATH", help="model(s) to measure (default: the demo model)")
     bench.add_argument("--null-model", action="store_true",
@@ -161,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "that GPU (ONNX Runtime's GPU build)")
     bench.add_argument("--streams", type=int, default=1,
                        help="OpenVINO streams = batches in flight in the worker (default 1)")
+    bench.add_argument("--protocol", choices=("http", "grpc"), default="http",
+                       help="how the load reaches the service: http (REST with the binary "
+                       "extension, default) or grpc (ModelInfer with raw contents)")
     bench.add_argument("--concurrency", default="1,8,32", help="comma list of concurrencies")
     bench.add_argument("--duration", type=float, default=10.0, help="seconds per measurement")
     bench.add_argument("--warmup", type=float, default=2.0, help="warm-up seconds before each")
@@ -797,8 +800,11 @@ def _bench(args: argparse.Namespace) -> int:
         max_batch_size=args.max_batch_size or 16,
         max_batch_delay_ms=args.max_batch_delay_ms if args.max_batch_delay_ms is not None
         else 2.0, threads=args.threads or 0, streams=args.streams, repeats=args.repeats,
-        device=args.device)
+        device=args.device, protocol=args.protocol)
     if args.url is not None:
+        if args.protocol != "http":
+            raise PPMLError("--url measures over HTTP only: leave out --protocol grpc, or let "
+                            "bench start its own service")
         return _bench_external(args, configs, options)
     raw_steps = 1 if options.max_batch_size == 1 else 2
     groups = len({(c.model, c.model_path, c.engine, c.precision) for c in configs})
