@@ -19,7 +19,7 @@ need_redis() {
 need_rust() {
     if command -v cargo >/dev/null 2>&1; then return; fi
     echo "error: cargo not found: the native data plane (native/) is Rust; install the Rust" \
-         "toolchain (rustup, or Debian's cargo >= 1.80)" >&2
+         "toolchain (rustup, or Debian's cargo >= 1.88)" >&2
     exit 1
 }
 

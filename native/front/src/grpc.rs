@@ -690,6 +690,7 @@ pub(crate) async fn serve_call(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     fn input(name: &str, datatype: &str, shape: &[i64]) -> InferTensor {
         InferTensor {
@@ -863,6 +864,63 @@ mod tests {
             ModelInferRequest::decode(encoded.as_slice()).unwrap(),
             message
         );
+    }
+
+    fn tensor_strategy() -> impl Strategy<Value = InferTensor> {
+        (
+            prop::sample::select(vec!["UINT8", "INT8", "FP32", "BYTES", "FP16", "BOOL", "X"]),
+            prop::collection::vec(-2i64..5, 0..4),
+            prop::collection::vec(any::<i32>(), 0..8),
+            prop::collection::vec(prop::collection::vec(any::<u8>(), 0..4), 0..4),
+            "[a-c]{0,2}",
+        )
+            .prop_map(|(datatype, shape, ints, bytes, name)| InferTensor {
+                name: format!("{name}{datatype}"),
+                datatype: datatype.into(),
+                shape,
+                contents: Some(InferTensorContents {
+                    int_contents: ints,
+                    uint_contents: vec![1, 2, 300],
+                    bytes_contents: bytes.into_iter().map(Bytes::from).collect(),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            })
+    }
+
+    proptest! {
+        /// Any bytes a caller sends: prost's decode and ours never panic.
+        #[test]
+        fn no_bytes_make_the_decoder_panic(data in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(message) = ModelInferRequest::decode(data.as_slice()) {
+                let _ = decode(&message);
+            }
+        }
+
+        /// Any well-formed message: what is taken natively holds exactly the items its shape
+        /// says (raw or typed), so the check against the model sees the request as sent.
+        #[test]
+        fn what_is_taken_fits_its_shape(
+            inputs in prop::collection::vec(tensor_strategy(), 0..3),
+            raw in prop::collection::vec(prop::collection::vec(any::<u8>(), 0..12), 0..3),
+        ) {
+            let message = ModelInferRequest {
+                model_name: "m".into(),
+                inputs,
+                raw_input_contents: raw.into_iter().map(Bytes::from).collect(),
+                ..Default::default()
+            };
+            if let Some(decoded) = decode(&message) {
+                for tensor in decoded.tensors() {
+                    let count: u64 = tensor.shape.iter().product();
+                    if tensor.datatype.is_bytes() {
+                        prop_assert_eq!(v2::bytes_count(tensor.data), Some(u128::from(count)));
+                    } else {
+                        prop_assert_eq!(tensor.data.len() as u64, count * tensor.datatype.size as u64);
+                    }
+                }
+            }
+        }
     }
 
     #[test]
