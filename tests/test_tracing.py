@@ -11,6 +11,7 @@ import os
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -104,8 +105,30 @@ def traced(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[LocalStac
         yield local, spans_file
 
 
+def _native_answers(stack: LocalStack) -> int:
+    response = httpx.get(f"{stack.url}/metrics", verify=str(stack.settings.ca_file),
+                         headers={"Authorization":
+                                  f"Bearer {read_api_key(stack.settings.state_dir)}"})
+    line = next(line for line in response.text.splitlines()
+                if line.startswith("ppml_front_native_answers_total "))
+    return int(float(line.split()[1]))
+
+
+def _spans_of(spans_file: Path, trace_id: str, wanted: set[str]) -> dict[str, dict[str, Any]]:
+    deadline = time.monotonic() + 10
+    mine: list[dict[str, Any]] = []
+    while time.monotonic() < deadline:
+        lines = spans_file.read_text().splitlines() if spans_file.exists() else []
+        mine = [s for s in map(json.loads, lines) if s["context"]["trace_id"] == "0x" + trace_id]
+        if wanted <= {s["name"] for s in mine}:
+            break
+        time.sleep(0.2)
+    return {str(s["name"]): s for s in mine}
+
+
 def test_one_request_traced_through_real_processes(traced: tuple[LocalStack, Path]) -> None:
     stack, spans_file = traced
+    answered_before = _native_answers(stack)
     marker = b"TRACE-MARKER-77a1"
     image = np.frombuffer((marker * 4)[:64], dtype=np.uint8).reshape(1, 8, 8)
     body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
@@ -129,10 +152,64 @@ def test_one_request_traced_through_real_processes(traced: tuple[LocalStack, Pat
             "open", "infer"} <= set(by_name), sorted(by_name)
     enqueue_id = by_name["enqueue"]["context"]["span_id"]
     assert by_name["queue wait"]["parent_id"] == enqueue_id
+    # the front answered it (traced requests take the native path) and its spans hang
+    # under the caller's, with the app's attributes
+    assert _native_answers(stack) == answered_before + 1
+    server = by_name["POST /v2/models/{model}/infer"]
+    assert server["parent_id"] == "0x00f067aa0ba902b7" and server["kind"] == "SpanKind.SERVER"
+    assert {"http.route": "/v2/models/{model}/infer", "ppml.model": "demo",
+            "http.response.status_code": 200}.items() <= server["attributes"].items()
+    assert by_name["seal"]["parent_id"] == by_name["admit"]["context"]["span_id"]
+    for child in ("admit", "enqueue", "wait"):
+        assert by_name[child]["parent_id"] == server["context"]["span_id"], child
     services = {s["resource"]["attributes"]["service.name"] for s in mine}
     assert services == {"ppml-serve-gateway", "ppml-serve-worker"}
     text = spans_file.read_text()
     assert marker.decode() not in text and marker.hex() not in text
+
+
+def test_a_grpc_call_and_a_new_trace_are_traced_on_the_native_path(
+        traced: tuple[LocalStack, Path]) -> None:
+    import grpc
+    from tritonclient.grpc import service_pb2 as pb
+    from tritonclient.grpc import service_pb2_grpc
+
+    stack, spans_file = traced
+    key = read_api_key(stack.settings.state_dir)
+    before = _native_answers(stack)
+    trace_id = os.urandom(16).hex()
+    request = pb.ModelInferRequest(model_name="demo")
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 8, 8])
+    request.raw_input_contents.append(IMAGES[:1].tobytes())
+    credentials = grpc.ssl_channel_credentials(stack.settings.ca_file.read_bytes())
+    with grpc.secure_channel(stack.grpc_address, credentials) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        stub.ModelInfer(request, timeout=10, metadata=(
+            ("authorization", f"Bearer {key}"),
+            ("traceparent", f"00-{trace_id}-00f067aa0ba902b7-01")))
+    by_name = _spans_of(spans_file, trace_id, {"gRPC ModelInfer", "queue wait", "infer"})
+    assert {"gRPC ModelInfer", "admit", "seal", "enqueue", "wait", "queue wait",
+            "infer"} <= set(by_name), sorted(by_name)
+    assert by_name["gRPC ModelInfer"]["parent_id"] == "0x00f067aa0ba902b7"
+    assert by_name["queue wait"]["parent_id"] == by_name["enqueue"]["context"]["span_id"]
+    # no caller's context: a new trace (sample_ratio 1), begun by the front
+    response = httpx.post(f"{stack.url}/v2/models/demo/infer", verify=str(stack.settings.ca_file),
+                          headers={"Authorization": f"Bearer {key}"}, json={"inputs": [
+                              {"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
+                               "data": IMAGES[:1].ravel().tolist()}]})
+    assert response.status_code == 200
+    assert _native_answers(stack) == before + 2
+    deadline = time.monotonic() + 10
+    roots: list[dict[str, Any]] = []
+    while not roots and time.monotonic() < deadline:
+        lines = spans_file.read_text().splitlines()
+        roots = [s for s in map(json.loads, lines)
+                 if s["name"] == "POST /v2/models/{model}/infer" and s["parent_id"] is None]
+        time.sleep(0.1)
+    assert roots, "the new trace's server span was not recorded"
+    new_trace = roots[-1]["context"]["trace_id"][2:]
+    assert {"admit", "enqueue", "wait", "queue wait"} <= set(
+        _spans_of(spans_file, new_trace, {"queue wait"}))
 
 
 def test_the_span_file_is_rotated_and_private(tmp_path: Path) -> None:

@@ -151,8 +151,8 @@ class GatewaySettings(_Section):
     native_infer: bool = True
     """With the native front: answer REST inference (``POST …/infer``) and gRPC ``ModelInfer``
     in the front itself, from the key check to the response, with no Python on the way (the
-    app keeps the routes, keys and metrics up to date). Tracing and compressed bodies take
-    the app's (or the gRPC service's) path; ``false`` sends every request there (for
+    app keeps the routes, keys and metrics up to date; traced requests too). Compressed bodies
+    take the app's (or the gRPC service's) path; ``false`` sends every request there (for
     comparison)."""
     front_threads: int = Field(1, ge=1, le=64)
     """Threads of the native front (TLS, HTTP, limits) in each gateway process. One keeps a

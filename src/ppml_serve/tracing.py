@@ -12,9 +12,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import threading
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, TYPE_CHECKING, Any, cast
 
 from opentelemetry import trace
 from opentelemetry.context import Context
@@ -22,6 +22,9 @@ from opentelemetry.trace import Span, Tracer
 from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
 from ppml_serve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace.id_generator import IdGenerator
 from ppml_serve.settings import TracingSettings
 
 TRACER_NAME = "ppml_serve"
@@ -68,6 +71,93 @@ def span(name: str, headers: Mapping[str, Any] | None = None, server: bool = Fal
         attributes=attributes or None)
 
 
+class _PresetIds:
+    """OpenTelemetry's random ids, except for the next span made by ``preset``: the native
+    front picks the ids of the spans it times (it must name the ``enqueue`` span to the
+    worker before Python hears of the request), and Python records them with those ids."""
+
+    def __init__(self) -> None:
+        from opentelemetry.sdk.trace.id_generator import RandomIdGenerator
+
+        self._random = RandomIdGenerator()
+        self._next = threading.local()
+
+    def generate_span_id(self) -> int:
+        preset = getattr(self._next, "span_id", None)
+        if preset is not None:
+            self._next.span_id = None
+            return int(preset)
+        return self._random.generate_span_id()
+
+    def generate_trace_id(self) -> int:
+        preset = getattr(self._next, "trace_id", None)
+        if preset is not None:
+            self._next.trace_id = None
+            return int(preset)
+        return self._random.generate_trace_id()
+
+    def is_trace_id_random(self) -> bool:
+        return True  # the front's trace ids come from the system's random generator too
+
+    @contextlib.contextmanager
+    def preset(self, trace_id: int | None, span_id: int) -> Iterator[None]:
+        self._next.trace_id, self._next.span_id = trace_id, span_id
+        try:
+            yield
+        finally:
+            self._next.trace_id = self._next.span_id = None
+
+
+_PRESET_IDS: _PresetIds | None = None
+
+
+def _preset_ids() -> _PresetIds:
+    global _PRESET_IDS
+    if _PRESET_IDS is None:
+        _PRESET_IDS = _PresetIds()
+    return _PRESET_IDS
+
+
+def native_spans_ready() -> bool:
+    """Whether spans the native front timed can be recorded with its ids (the provider is
+    ours, from ``configure_tracing``); if not, traced requests take the app's path."""
+    provider = trace.get_tracer_provider()
+    return _PRESET_IDS is not None and getattr(provider, "id_generator", None) is _PRESET_IDS
+
+
+NativeSpan = tuple[str, str, str | None, int, int, int | None]
+"""A span the native front timed: name, id, parent id (None: the server span), start and
+end (ns since the epoch), and its ``bytes`` attribute."""
+
+
+def record_native_spans(trace_id: str, caller: str | None, spans: list[NativeSpan],
+                        server_attributes: Mapping[str, Any]) -> None:
+    """Record the gateway's spans of a request the native front answered, with its ids and
+    times: the server span (child of the caller's span, if any) first, then the others
+    under their parents."""
+    if not native_spans_ready() or _PRESET_IDS is None:
+        return
+    from opentelemetry.context import Context as EmptyContext
+
+    parent = (context_of(f"00-{trace_id}-{caller}-01") if caller is not None
+              else EmptyContext())
+    made: dict[str, Span] = {}
+    ended: list[tuple[Span, int]] = []
+    for name, span_id, parent_id, start_ns, end_ns, size in spans:
+        under = parent if parent_id is None else trace.set_span_in_context(made[parent_id])
+        attributes: dict[str, Any] = dict(server_attributes) if parent_id is None else {}
+        if size is not None:
+            attributes["bytes"] = size
+        root_trace = int(trace_id, 16) if parent_id is None and caller is None else None
+        with _PRESET_IDS.preset(root_trace, int(span_id, 16)):
+            made[span_id] = tracer().start_span(
+                name, context=under, start_time=start_ns, attributes=attributes or None,
+                kind=trace.SpanKind.SERVER if parent_id is None else trace.SpanKind.INTERNAL)
+        ended.append((made[span_id], end_ns))
+    for span_made, end_ns in reversed(ended):
+        span_made.end(end_time=end_ns)
+
+
 def configure_tracing(settings: TracingSettings, service: str) -> None:
     """Install the process's tracer provider (once) as the settings say."""
     if settings.exporter == "none":
@@ -78,7 +168,8 @@ def configure_tracing(settings: TracingSettings, service: str) -> None:
     from opentelemetry.sdk.trace.sampling import ParentBasedTraceIdRatio
 
     provider = TracerProvider(resource=Resource.create({"service.name": service}),
-                              sampler=ParentBasedTraceIdRatio(settings.sample_ratio))
+                              sampler=ParentBasedTraceIdRatio(settings.sample_ratio),
+                              id_generator=cast("IdGenerator", _preset_ids()))
     if settings.exporter == "file":
         if settings.file is None:
             raise ConfigError("tracing.file: needed with tracing.exporter 'file'")

@@ -391,7 +391,8 @@ async fn answer(
     let version = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
     let target = plane.target(&request.model_name, version, headers)?;
     let decoded = decode(request)?;
-    let request_id = plane.request_id();
+    let bytes_in = request.encoded_len() as u64;
+    let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
     let outcome = match plane.admit(received) {
         Err(refusal) => Err(refusal),
         Ok(()) => {
@@ -402,8 +403,7 @@ async fn answer(
                     &inputs,
                     decoded.outputs.as_deref(),
                     &decoded.classification,
-                    received,
-                    &request_id,
+                    &mut call,
                 )
                 .await
             {
@@ -439,13 +439,14 @@ async fn answer(
         status,
         seconds: received.0.elapsed().as_secs_f64(),
         key_name: target.key_name().to_owned(),
-        request_id,
+        request_id: call.request_id.clone(),
         caller_id: String::new(),
         client,
-        bytes_in: request.encoded_len() as u64,
+        bytes_in,
         bytes_out: bytes_out as u64,
         answer,
         failure,
+        trace: Plane::finish_trace(&mut call),
     });
     Some(result)
 }

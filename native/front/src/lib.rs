@@ -14,8 +14,10 @@ mod plane;
 mod server;
 mod spool;
 mod tls;
+mod trace;
 mod upstream;
 
 pub use config::{FrontConfig, GrpcConfig, TlsFiles};
 pub use plane::{Caller, Event, ModelRoute, Plane, PlaneConfig, RedisTarget, VersionRoute};
 pub use server::{Front, FrontError, FrontStats};
+pub use trace::{SpanRecord, Trace};

@@ -1,5 +1,5 @@
-//! The native inference path: `POST /v2/models/{m}[/versions/{v}]/infer` answered by the
-//! front itself — API key, admission (decode, check, seal: ppml-core), spool or XADD,
+//! The native inference path: `POST /v2/models/{m}[/versions/{v}]/infer` (and gRPC
+//! `ModelInfer`, decoded in `grpc.rs`) answered by the front itself — API key, admission (decode, check, seal: ppml-core), spool or XADD,
 //! the per-version reply reader, opening the answer and writing the response — with no
 //! Python on the way.
 //!
@@ -8,10 +8,9 @@
 //! every ~100 ms from the same checks it applies itself: live workers, backlog, disk) and
 //! who may call (`set_callers`, from the key file it reloads). Anything the path does not
 //! hold — an unknown model or version, a version that is not open now, a key that is not
-//! an `infer` key for the model, compressed bodies, the classification extension — is passed
-//! on to the Python application, whose answer (and words) are the reference. Every request
-//! answered here becomes an `Event` that Python drains for its metrics, statistics and
-//! access log, so those stay one implementation.
+//! an `infer` key for the model, compressed bodies — is passed on to the Python application, whose answer (and words) are the reference. Every request
+//! answered here becomes an `Event` that Python drains for its metrics, statistics, access
+//! log and (tracing on) spans, so those stay one implementation.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -41,6 +40,7 @@ use redis::{
 use tokio::sync::oneshot;
 
 use crate::spool::Spool;
+use crate::trace::{self, Trace};
 
 /// A saturated gateway: a request that waited this share of its deadline before the
 /// front could start on it gets 429 (it would likely miss the deadline anyway).
@@ -132,6 +132,17 @@ pub struct Event {
     pub answer: Option<(u64, f64, f64)>,
     /// Set for a 500: what went wrong, for the error log (never request data).
     pub failure: Option<String>,
+    /// The gateway's spans, when tracing is on and the request is sampled.
+    pub trace: Option<Trace>,
+}
+
+/// One request on its way through the path: when it arrived (monotonic, and wall-clock
+/// seconds), its queue id, its size, and its trace (when sampled).
+pub(crate) struct Call {
+    pub(crate) received: (Instant, f64),
+    pub(crate) request_id: String,
+    pub(crate) size: u64,
+    pub(crate) trace: Option<Trace>,
 }
 
 struct Reply {
@@ -253,6 +264,8 @@ pub struct Plane {
     /// Oldest dropped first when Python stops draining (a stalled app must not make each
     /// answer here cost more).
     events: Mutex<VecDeque<Event>>,
+    /// Tracing's sample ratio for new traces; `None`: tracing is off.
+    tracing: RwLock<Option<f64>>,
     spool: Option<Spool>,
     random: SystemRandom,
 }
@@ -369,10 +382,46 @@ impl Plane {
             readers: Mutex::new(HashSet::new()),
             inflight: Mutex::new(HashMap::new()),
             events: Mutex::new(VecDeque::new()),
+            tracing: RwLock::new(None),
             spool,
             random: SystemRandom::new(),
             config,
         })
+    }
+
+    /// Trace sampled requests from now on (new traces at `ratio`), or stop (`None`).
+    pub fn set_tracing(&self, ratio: Option<f64>) {
+        *self.tracing.write().unwrap_or_else(|p| p.into_inner()) = ratio;
+    }
+
+    /// A new call received at `received` (its trace begun, named `name`, when tracing is on
+    /// and it is sampled).
+    pub(crate) fn call(
+        &self,
+        headers: &HeaderMap,
+        name: impl FnOnce() -> String,
+        received: (Instant, f64),
+        size: u64,
+    ) -> Call {
+        let ratio = *self.tracing.read().unwrap_or_else(|p| p.into_inner());
+        let trace = ratio.and_then(|ratio| {
+            let caller = headers.get("traceparent").and_then(|v| v.to_str().ok());
+            let start_ns = (received.1 * 1e9) as u64;
+            Trace::begin(caller, ratio, name(), start_ns, &self.random)
+        });
+        Call {
+            received,
+            request_id: self.request_id(),
+            size,
+            trace,
+        }
+    }
+
+    /// The call's trace with its server span ended now.
+    pub(crate) fn finish_trace(call: &mut Call) -> Option<Trace> {
+        let mut trace = call.trace.take();
+        trace::close(&mut trace, Some(0));
+        trace
     }
 
     pub fn set_enabled(&self, enabled: bool) {
@@ -523,10 +572,22 @@ impl Plane {
         client: String,
     ) -> Option<Response<Full<Bytes>>> {
         let started = received.0; // from the head, as the app times its own: body included
-        let request_id = self.request_id();
-        let outcome = self
-            .exchange(target, headers, body, received, &request_id)
-            .await;
+        let bytes_in = headers
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let mut call = self.call(
+            headers,
+            || match infer_path(path) {
+                Some((_, Some(_))) => "POST /v2/models/{model}/versions/{version}/infer".into(),
+                _ => "POST /v2/models/{model}/infer".into(),
+            },
+            received,
+            body.len() as u64,
+        );
+        let outcome = self.exchange(target, headers, body, &mut call).await;
+        let request_id = call.request_id.clone();
         let (response, answer, failure) = match outcome {
             Ok(None) => return None,
             Ok(Some((response, answer))) => (response, Some(answer), None),
@@ -550,11 +611,7 @@ impl Plane {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or_else(|| response.body().size_hint().exact().unwrap_or(0));
-        let bytes_in = headers
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0);
+        let trace = Self::finish_trace(&mut call);
         self.record(Event {
             model: target.model.clone(),
             version: target.version.clone(),
@@ -570,6 +627,7 @@ impl Plane {
             bytes_out,
             answer,
             failure,
+            trace,
         });
         Some(response)
     }
@@ -587,10 +645,9 @@ impl Plane {
         target: &Target,
         headers: &HeaderMap,
         body: &Bytes,
-        received: (Instant, f64),
-        request_id: &str,
+        call: &mut Call,
     ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
-        self.admit(received)?;
+        self.admit(call.received)?;
         let header_length = headers
             .get("inference-header-content-length")
             .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
@@ -603,8 +660,7 @@ impl Plane {
                 &inputs,
                 request.outputs.as_deref(),
                 &request.classification,
-                received,
-                request_id,
+                call,
             )
             .await?;
         let route = &target.route;
@@ -669,12 +725,60 @@ impl Plane {
         inputs: &[Tensor<'_>],
         outputs: Option<&[(String, bool)]>,
         classification: &[(String, u64)],
-        received: (Instant, f64),
-        request_id: &str,
+        call: &mut Call,
     ) -> Result<(Vec<u8>, (u64, f64, f64)), Refusal> {
         let route = &target.route;
         let deadline = self.config.request_timeout.as_secs_f64();
+        let received = call.received;
+        let request_id = call.request_id.clone();
+        let request_id = request_id.as_str();
         let waited = received.0.elapsed().as_secs_f64();
+        let admit = trace::open(&mut call.trace, "admit", 0, Some(call.size), &self.random);
+        let admitted = self.admit_inputs(target, inputs, outputs, classification, call, admit);
+        trace::close(&mut call.trace, admit);
+        let sealed = admitted?;
+
+        let _held = self.hold(&route.queue)?;
+        let remaining = (deadline - waited).max(0.001);
+        let reply = self
+            .send(route, call, sealed, received.1 + deadline, remaining)
+            .await?;
+        let mut aad = route.reply_aad.0.clone();
+        aad.extend_from_slice(request_id.as_bytes());
+        aad.extend_from_slice(&route.reply_aad.1);
+        let refused = || {
+            Refusal::internal(
+                "internal error",
+                format!("reply for request {request_id} refused: record failed authentication"),
+            )
+        };
+        let plaintext = match &route.keyring {
+            Some(keyring) => keyring.open(&reply.body, &aad).map_err(|_| refused())?,
+            None => reply
+                .body
+                .strip_prefix(PLAIN_MARK)
+                .ok_or_else(refused)?
+                .to_vec(),
+        };
+        if !reply.ok {
+            return Err(worker_error(&plaintext));
+        }
+        Ok((plaintext, (reply.batch_size, reply.queue_s, reply.engine_s)))
+    }
+
+    /// `inputs` checked against the model and the outputs asked for, and sealed as the
+    /// queue record of `call` (the `admit` span's work; `seal` under it).
+    fn admit_inputs(
+        &self,
+        target: &Target,
+        inputs: &[Tensor<'_>],
+        outputs: Option<&[(String, bool)]>,
+        classification: &[(String, u64)],
+        call: &mut Call,
+        admit: Option<usize>,
+    ) -> Result<Vec<u8>, Refusal> {
+        let route = &target.route;
+        let request_id = call.request_id.as_str();
         check(inputs, &route.inputs, self.config.max_rows).map_err(|e| match e {
             CheckError::Invalid(m) => Refusal::new(StatusCode::BAD_REQUEST, m),
             CheckError::TooManyRows(m) => Refusal::new(StatusCode::PAYLOAD_TOO_LARGE, m),
@@ -727,6 +831,13 @@ impl Plane {
         let mut aad = route.request_aad.0.clone();
         aad.extend_from_slice(request_id.as_bytes());
         aad.extend_from_slice(&route.request_aad.1);
+        let seal = trace::open(
+            &mut call.trace,
+            "seal",
+            admit.unwrap_or(0),
+            Some(call.size),
+            &self.random,
+        );
         let sealed = match &route.keyring {
             Some(keyring) => {
                 let mut sealed = vec![0u8; keyring.sealed_len(total)];
@@ -745,33 +856,8 @@ impl Plane {
             }
         };
         drop(parts);
-
-        let _held = self.hold(&route.queue)?;
-        let remaining = (deadline - waited).max(0.001);
-        let reply = self
-            .send(route, request_id, sealed, received.1 + deadline, remaining)
-            .await?;
-        let mut aad = route.reply_aad.0.clone();
-        aad.extend_from_slice(request_id.as_bytes());
-        aad.extend_from_slice(&route.reply_aad.1);
-        let refused = || {
-            Refusal::internal(
-                "internal error",
-                format!("reply for request {request_id} refused: record failed authentication"),
-            )
-        };
-        let plaintext = match &route.keyring {
-            Some(keyring) => keyring.open(&reply.body, &aad).map_err(|_| refused())?,
-            None => reply
-                .body
-                .strip_prefix(PLAIN_MARK)
-                .ok_or_else(refused)?
-                .to_vec(),
-        };
-        if !reply.ok {
-            return Err(worker_error(&plaintext));
-        }
-        Ok((plaintext, (reply.batch_size, reply.queue_s, reply.engine_s)))
+        trace::close(&mut call.trace, seal);
+        Ok(sealed)
     }
 
     /// One more request in flight on `queue`, within `worker`'s per-model bound.
@@ -818,11 +904,13 @@ impl Plane {
     async fn send(
         self: &Arc<Self>,
         route: &Arc<VersionRoute>,
-        request_id: &str,
+        call: &mut Call,
         sealed: Vec<u8>,
         deadline_at: f64,
         remaining: f64,
     ) -> Result<Reply, Refusal> {
+        let request_id = call.request_id.clone();
+        let request_id = request_id.as_str();
         self.ensure_reader(route);
         let (tell, answer) = oneshot::channel();
         self.waiting
@@ -843,6 +931,11 @@ impl Plane {
             .arg(((deadline_at) * 1000.0) as u64)
             .arg("reply")
             .arg(&route.reply_stream);
+        let enqueue = trace::open(&mut call.trace, "enqueue", 0, None, &self.random);
+        if let (Some(trace), Some(index)) = (&call.trace, enqueue) {
+            // the worker's spans continue from here: in the record's clear header
+            command.arg("tp").arg(trace.traceparent(index));
+        }
         let spooled = match &self.spool {
             Some(spool) if sealed.len() >= self.config.spool_min_bytes => {
                 let name = self.request_id();
@@ -858,13 +951,16 @@ impl Plane {
             None => command.arg("body").arg(sealed.as_slice()),
         };
         let queued = self.enqueue(&command).await;
+        trace::close(&mut call.trace, enqueue);
         if let Err(refusal) = queued {
             if let (Some(spool), Some(name)) = (&self.spool, &spooled) {
                 spool.release(name);
             }
             return Err(refusal);
         }
+        let wait = trace::open(&mut call.trace, "wait", 0, None, &self.random);
         let outcome = tokio::time::timeout(Duration::from_secs_f64(remaining), answer).await;
+        trace::close(&mut call.trace, wait);
         drop(waiting);
         match outcome {
             Ok(Ok(result)) => result,
@@ -1364,6 +1460,7 @@ mod tests {
             bytes_out: 0,
             answer: None,
             failure: None,
+            trace: None,
         };
         plane.record(event(500));
         for _ in 0..MAX_EVENTS {

@@ -36,6 +36,10 @@ fn seconds(value: f64, name: &str) -> PyResult<Duration> {
         .map_err(|_| pyo3::exceptions::PyValueError::new_err(format!("{name}: not a duration")))
 }
 
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// A bound front: ``start()`` serves, ``stop(grace_s)`` drains and ends it.
 #[pyclass(frozen, module = "ppml_serve._native")]
 pub(crate) struct Front {
@@ -263,6 +267,13 @@ impl Front {
     }
 
     /// Serve inference on the native path (or pass every request to the application).
+    /// Trace the native path's sampled requests (new traces at ``ratio``), or stop (None).
+    fn set_tracing(&self, ratio: Option<f64>) {
+        if let Some(plane) = self.plane() {
+            plane.set_tracing(ratio.filter(|r| (0.0..=1.0).contains(r)));
+        }
+    }
+
     fn set_plane_enabled(&self, enabled: bool) {
         if let Some(plane) = self.plane() {
             plane.set_enabled(enabled);
@@ -370,6 +381,23 @@ impl Front {
                 ),
                 e.answer,
                 e.failure,
+                e.trace.map(|trace| {
+                    let spans: Vec<_> = trace
+                        .spans
+                        .into_iter()
+                        .map(|span| {
+                            (
+                                span.name,
+                                hex(&span.id),
+                                span.parent.map(|p| hex(&p)),
+                                span.start_ns,
+                                span.end_ns,
+                                span.bytes,
+                            )
+                        })
+                        .collect();
+                    (hex(&trace.trace_id), trace.caller.map(|c| hex(&c)), spans)
+                }),
             ))?;
         }
         Ok(out)

@@ -51,7 +51,7 @@ from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
 from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name, split_queue_name
-from ppml_serve.tracing import annotate, span, tracing_on
+from ppml_serve.tracing import annotate, record_native_spans, span, tracing_on
 
 log = logging.getLogger("ppml_serve.gateway")
 admin = logging.getLogger("ppml_serve.audit")
@@ -352,6 +352,19 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             batch_size, queue_s, engine_s = answered.answer
             metrics.observe_reply(answered.queue, ReplyMessage(
                 answered.request_id, True, b"", batch_size, queue_s, engine_s))
+        if answered.trace is not None:
+            trace_id, caller, spans = answered.trace
+            served = model_label(answered.model) != "_other"
+            route = spans[0][0].partition(" ")[2] if spans else ""
+            record_native_spans(trace_id, caller, spans, {} if grpc else {
+                key: value for key, value in {
+                    "http.request.method": "POST", "http.route": route,
+                    "http.response.status_code": answered.status,
+                    "http.request.body.size": answered.bytes_in or None,
+                    "http.response.body.size": answered.bytes_out or None,
+                    "ppml.model": answered.model if served else None,
+                    "ppml.model_version": answered.version if served else None,
+                }.items() if value is not None})
         token = request_id.set(answered.request_id)
         try:
             if answered.failure is not None:

@@ -37,6 +37,7 @@ from ppml_serve.gateway.auth import ApiKeyStore
 from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.queue.contract import queue_name
 from ppml_serve.queue.redis_common import Keys
+from ppml_serve.tracing import NativeSpan
 
 log = logging.getLogger("ppml_serve.gateway")
 
@@ -69,13 +70,15 @@ class Answered:
     """The worker's batch size, queue wait and engine seconds (a successful answer)."""
     failure: str | None
     """For a 500: what went wrong, for the error log."""
+    trace: tuple[str, str | None, list[NativeSpan]] | None = None
+    """Its trace id, the caller's span id and the gateway's spans (tracing on, sampled)."""
 
     @classmethod
     def of(cls, event: Any) -> Answered:
         (model, version, queue, path, status, seconds), \
-            (key, rid, caller, client, bytes_in, bytes_out), answer, failure = event
+            (key, rid, caller, client, bytes_in, bytes_out), answer, failure, trace = event
         return cls(model, version, queue, path, status, seconds, key, rid, caller, client,
-                   bytes_in, bytes_out, answer, failure)
+                   bytes_in, bytes_out, answer, failure, trace)
 
 
 def _around_id(aad: bytes) -> tuple[bytes, bytes]:
@@ -89,7 +92,10 @@ class NativePath:
 
     def __init__(self, front: _native.Front, dataplane: DataPlane, keys: ApiKeyStore,
                  sealers: ModelSealers, layout: Keys, gateway_id: str,
-                 enabled: Callable[[], bool]) -> None:
+                 enabled: Callable[[], bool],
+                 tracing: Callable[[], float | None] = lambda: None) -> None:
+        """``enabled``: whether the front may answer now; ``tracing``: the sample ratio of
+        new traces while tracing is on (the front then times the gateway's spans)."""
         self._front = front
         self._dataplane = dataplane
         self._keys = keys
@@ -97,6 +103,8 @@ class NativePath:
         self._layout = layout
         self._gateway_id = gateway_id
         self._enabled = enabled
+        self._tracing = tracing
+        self._ratio: float | None = None
         self._callers: list[tuple[bytes, str, list[str] | None]] | None = None
         self._streams: set[str] = set()
         self.on_answered: Callable[[Answered], None] = lambda answered: None
@@ -139,6 +147,10 @@ class NativePath:
             usable = {version: spec for version, spec in built.items() if spec is not None}
             if usable:
                 routes[model] = (default if default in usable else None, usable)
+        ratio = self._tracing()
+        if ratio != self._ratio:
+            self._front.set_tracing(ratio)
+            self._ratio = ratio
         self._front.set_routes(routes)
         self._front.set_plane_enabled(bool(routes))
         self.drain()

@@ -32,7 +32,7 @@ from ppml_serve.queue.redis_gateway import RedisGatewayBroker
 from ppml_serve.queue.redis_lane import RedisLane
 from ppml_serve.queue.spool import PayloadSpool
 from ppml_serve.settings import Settings
-from ppml_serve.tracing import tracing_on
+from ppml_serve.tracing import native_spans_ready, tracing_on
 
 log = logging.getLogger("ppml_serve.gateway")
 
@@ -160,8 +160,12 @@ def build_gateway(settings: Settings) -> uvicorn.Server:
     native = None
     if front is not None and front.install_plane(settings):
         # its reply streams are its own (a reader each): the app's readers never see them
+        ratio = settings.tracing.sample_ratio
+        # traced requests too, where the spans it times can be recorded with its ids
         native = NativePath(front.native, dataplane, keys, sealer, Keys(settings.redis.prefix),
-                            f"{gateway_id}n", enabled=lambda: not tracing_on())
+                            f"{gateway_id}n",
+                            enabled=lambda: not tracing_on() or native_spans_ready(),
+                            tracing=lambda: ratio if tracing_on() else None)
         dataplane.attach_native(front.native)
     if gateway.grpc_port is not None:
         services.append(_grpc_service(settings, dataplane, keys, metrics,
