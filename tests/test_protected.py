@@ -8,6 +8,7 @@ directory's TEST PKI (the default; a declared stand-in for SGX hardware) against
 from __future__ import annotations
 
 import base64
+import gzip
 import hashlib
 import os
 import re
@@ -188,6 +189,14 @@ def test_key_broker_refuses_replayed_evidence_over_https(protected: Stack) -> No
     assert junk.status_code == 400
 
 
+def _native_answers(stack: Stack) -> int:
+    with stack.http() as http:
+        text = http.get("/metrics").text
+    found = re.search(r"\nppml_front_native_answers_total (\S+)", text)
+    assert found, "the front's counter is missing from /metrics"
+    return int(float(found.group(1)))
+
+
 def _gateway_memory_contains(stack: Stack, marker: bytes) -> bool:
     gateway = stack.local.gateway
     assert gateway is not None and gateway.process is not None
@@ -269,14 +278,35 @@ def test_a_poisoned_end_to_end_record_is_named_for_what_it_is(protected: Stack) 
     with Client(protected.url, api_key=protected.api_key, ca_file=protected.ca_file) as client:
         session = ClientSession(client.worker_key("demo", verifier, policy))
     poisoned = session.seal_request(b"not a request record at all", "demo")
+    garbage_blob = os.urandom(80)
+    good = session.seal_request(record.pack({"image": IMAGES[:1]}), "demo")
+    before = _native_answers(protected)
     with protected.http() as http:
         response = http.post("/v2/models/demo/infer-sealed", content=poisoned,
                              headers={"Content-Type": "application/octet-stream"})
-        garbage = http.post("/v2/models/demo/infer-sealed", content=os.urandom(80),
+        garbage = http.post("/v2/models/demo/infer-sealed", content=garbage_blob,
                             headers={"Content-Type": "application/octet-stream"})
+        answered = http.post("/v2/models/demo/infer-sealed", content=good,
+                             headers={"Content-Type": "application/octet-stream"})
+        # the same refusals from the app's path (a compressed body is the app's to read)
+        references = [http.post("/v2/models/demo/infer-sealed", content=gzip.compress(blob),
+                                headers={"Content-Type": "application/octet-stream",
+                                         "Content-Encoding": "gzip"})
+                      for blob in (session.seal_request(b"not a request record at all",
+                                                        "demo"), garbage_blob)]
     assert response.status_code == 400, response.text
     assert "opened by the model's workers, but" in response.json()["error"]
     assert garbage.status_code == 400 and "could not be opened" in garbage.json()["error"]
+    assert [(r.status_code, r.json()) for r in references] == \
+        [(400, response.json()), (400, garbage.json())]
+    # the front answered the sealed requests itself (end-to-end sealed: opaque to it)
+    assert answered.status_code == 200, answered.text
+    assert answered.headers["content-type"] == "application/octet-stream"
+    np.testing.assert_allclose(
+        record.unpack(session.open_reply(answered.content, "demo"))[1]["probabilities"],
+        load_engine("demo", demo_model_path().read_bytes()).infer(
+            {"image": IMAGES[:1]})["probabilities"], rtol=1e-6)
+    assert _native_answers(protected) == before + 3
 
 
 def test_a_replayed_end_to_end_request_is_refused(protected: Stack) -> None:

@@ -143,6 +143,8 @@ pub(crate) struct Call {
     pub(crate) request_id: String,
     pub(crate) size: u64,
     pub(crate) trace: Option<Trace>,
+    /// The record's `mode` field (`e2e`: sealed by the client), if any.
+    pub(crate) mode: Option<&'static str>,
 }
 
 struct Reply {
@@ -227,6 +229,8 @@ pub struct Target {
     version: String,
     key_name: String,
     caller_id: String,
+    /// `…/infer-sealed`: the body is sealed by the client to the workers' key.
+    sealed: bool,
 }
 
 impl Target {
@@ -297,6 +301,14 @@ fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
         }
         _ => None,
     }
+}
+
+/// `POST /v2/models/{m}/infer-sealed`: end-to-end sealed (the newest ready version).
+fn sealed_path(path: &str) -> Option<&str> {
+    let model = path
+        .strip_prefix("/v2/models/")?
+        .strip_suffix("/infer-sealed")?;
+    (!model.is_empty() && !model.contains('/')).then_some(model)
 }
 
 fn field<'a>(fields: &'a HashMap<String, Value>, name: &str) -> Option<&'a [u8]> {
@@ -414,6 +426,7 @@ impl Plane {
             request_id: self.request_id(),
             size,
             trace,
+            mode: None,
         }
     }
 
@@ -503,6 +516,11 @@ impl Plane {
         {
             return None;
         }
+        if let Some(model) = sealed_path(path) {
+            let mut target = self.target(model, None, headers)?;
+            target.sealed = true;
+            return Some(target);
+        }
         let (model, version) = infer_path(path)?;
         self.target(model, version, headers)
     }
@@ -545,6 +563,7 @@ impl Plane {
             version: version.to_owned(),
             key_name: caller.name.clone(),
             caller_id,
+            sealed: false,
         })
     }
 
@@ -581,12 +600,17 @@ impl Plane {
             headers,
             || match infer_path(path) {
                 Some((_, Some(_))) => "POST /v2/models/{model}/versions/{version}/infer".into(),
-                _ => "POST /v2/models/{model}/infer".into(),
+                Some((_, None)) => "POST /v2/models/{model}/infer".into(),
+                None => "POST /v2/models/{model}/infer-sealed".into(),
             },
             received,
             body.len() as u64,
         );
-        let outcome = self.exchange(target, headers, body, &mut call).await;
+        let outcome = if target.sealed {
+            self.exchange_sealed(target, body, &mut call).await
+        } else {
+            self.exchange(target, headers, body, &mut call).await
+        };
         let request_id = call.request_id.clone();
         let (response, answer, failure) = match outcome {
             Ok(None) => return None,
@@ -700,6 +724,50 @@ impl Plane {
         Ok(Some((response, answer)))
     }
 
+    /// An end-to-end sealed request: the client's sealed body wrapped as the queue record
+    /// (`seal`), queued with mode `e2e`, and the worker's answer — as opaque to this gateway
+    /// — handed back.
+    async fn exchange_sealed(
+        self: &Arc<Self>,
+        target: &Target,
+        body: &Bytes,
+        call: &mut Call,
+    ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+        self.admit(call.received)?;
+        let route = &target.route;
+        let request_id = call.request_id.clone();
+        let seal = trace::open(&mut call.trace, "seal", 0, Some(call.size), &self.random);
+        let sealed = seal_record(route, &[body.as_ref()], body.len(), &request_id);
+        trace::close(&mut call.trace, seal);
+        let sealed = sealed?;
+        let _held = self.hold(&route.queue)?;
+        let deadline = self.config.request_timeout.as_secs_f64();
+        let remaining = (deadline - call.received.0.elapsed().as_secs_f64()).max(0.001);
+        call.mode = Some("e2e");
+        let deadline_at = call.received.1 + deadline;
+        let reply = self
+            .send(route, call, sealed, deadline_at, remaining)
+            .await?;
+        // The Python gateway reads a reply it cannot open as the client's doing too (400),
+        // and logs it.
+        let plaintext = open_reply(route, &request_id, &reply).map_err(|refusal| Refusal {
+            failure: refusal.failure,
+            ..Refusal::new(StatusCode::BAD_REQUEST, SEALED_UNOPENED)
+        })?;
+        if !reply.ok {
+            return Err(sealed_worker_error(&plaintext));
+        }
+        let mut response = Response::new(Full::new(Bytes::from(plaintext)));
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/octet-stream"),
+        );
+        Ok(Some((
+            response,
+            (reply.batch_size, reply.queue_s, reply.engine_s),
+        )))
+    }
+
     /// A request that waited this long before the front could start on it is refused
     /// (429): it would likely miss its deadline anyway.
     pub(crate) fn admit(&self, received: (Instant, f64)) -> Result<(), Refusal> {
@@ -743,23 +811,7 @@ impl Plane {
         let reply = self
             .send(route, call, sealed, received.1 + deadline, remaining)
             .await?;
-        let mut aad = route.reply_aad.0.clone();
-        aad.extend_from_slice(request_id.as_bytes());
-        aad.extend_from_slice(&route.reply_aad.1);
-        let refused = || {
-            Refusal::internal(
-                "internal error",
-                format!("reply for request {request_id} refused: record failed authentication"),
-            )
-        };
-        let plaintext = match &route.keyring {
-            Some(keyring) => keyring.open(&reply.body, &aad).map_err(|_| refused())?,
-            None => reply
-                .body
-                .strip_prefix(PLAIN_MARK)
-                .ok_or_else(refused)?
-                .to_vec(),
-        };
+        let plaintext = open_reply(route, request_id, &reply)?;
         if !reply.ok {
             return Err(worker_error(&plaintext));
         }
@@ -828,9 +880,8 @@ impl Plane {
         parts.push(&head);
         parts.extend(inputs.iter().map(|input| input.data));
         let total: usize = parts.iter().map(|part| part.len()).sum();
-        let mut aad = route.request_aad.0.clone();
-        aad.extend_from_slice(request_id.as_bytes());
-        aad.extend_from_slice(&route.request_aad.1);
+        let request_id = request_id.to_owned();
+        let request_id = request_id.as_str();
         let seal = trace::open(
             &mut call.trace,
             "seal",
@@ -838,26 +889,10 @@ impl Plane {
             Some(call.size),
             &self.random,
         );
-        let sealed = match &route.keyring {
-            Some(keyring) => {
-                let mut sealed = vec![0u8; keyring.sealed_len(total)];
-                keyring
-                    .seal_parts_into(&parts, &aad, &mut sealed)
-                    .map_err(|e| {
-                        Refusal::internal("internal error", format!("sealing failed: {e}"))
-                    })?;
-                sealed
-            }
-            None => {
-                let mut plain = Vec::with_capacity(PLAIN_MARK.len() + total);
-                plain.extend_from_slice(PLAIN_MARK);
-                parts.iter().for_each(|part| plain.extend_from_slice(part));
-                plain
-            }
-        };
+        let sealed = seal_record(route, &parts, total, request_id);
         drop(parts);
         trace::close(&mut call.trace, seal);
-        Ok(sealed)
+        sealed
     }
 
     /// One more request in flight on `queue`, within `worker`'s per-model bound.
@@ -931,6 +966,9 @@ impl Plane {
             .arg(((deadline_at) * 1000.0) as u64)
             .arg("reply")
             .arg(&route.reply_stream);
+        if let Some(mode) = call.mode {
+            command.arg("mode").arg(mode);
+        }
         let enqueue = trace::open(&mut call.trace, "enqueue", 0, None, &self.random);
         if let (Some(trace), Some(index)) = (&call.trace, enqueue) {
             // the worker's spans continue from here: in the record's clear header
@@ -1152,6 +1190,75 @@ impl Drop for Unwait<'_> {
     }
 }
 
+/// `parts` (`total` bytes in all) sealed as the queue record `request_id` of `route`'s
+/// model (behind the plain mark in the plaintext benchmark mode).
+fn seal_record(
+    route: &VersionRoute,
+    parts: &[&[u8]],
+    total: usize,
+    request_id: &str,
+) -> Result<Vec<u8>, Refusal> {
+    let mut aad = route.request_aad.0.clone();
+    aad.extend_from_slice(request_id.as_bytes());
+    aad.extend_from_slice(&route.request_aad.1);
+    match &route.keyring {
+        Some(keyring) => {
+            let mut sealed = vec![0u8; keyring.sealed_len(total)];
+            keyring
+                .seal_parts_into(parts, &aad, &mut sealed)
+                .map_err(|e| Refusal::internal("internal error", format!("sealing failed: {e}")))?;
+            Ok(sealed)
+        }
+        None => {
+            let mut plain = Vec::with_capacity(PLAIN_MARK.len() + total);
+            plain.extend_from_slice(PLAIN_MARK);
+            parts.iter().for_each(|part| plain.extend_from_slice(part));
+            Ok(plain)
+        }
+    }
+}
+
+/// The worker's answer record to `request_id`, opened (500 if it fails to).
+fn open_reply(route: &VersionRoute, request_id: &str, reply: &Reply) -> Result<Vec<u8>, Refusal> {
+    let mut aad = route.reply_aad.0.clone();
+    aad.extend_from_slice(request_id.as_bytes());
+    aad.extend_from_slice(&route.reply_aad.1);
+    let refused = || {
+        Refusal::internal(
+            "internal error",
+            format!("reply for request {request_id} refused: record failed authentication"),
+        )
+    };
+    match &route.keyring {
+        Some(keyring) => keyring.open(&reply.body, &aad).map_err(|_| refused()),
+        None => Ok(reply
+            .body
+            .strip_prefix(PLAIN_MARK)
+            .ok_or_else(refused)?
+            .to_vec()),
+    }
+}
+
+/// What the Python gateway answers when the workers could not open a client-sealed request.
+const SEALED_UNOPENED: &str = "the sealed request could not be opened by the model's workers \
+                               (not sealed to their attested key, or damaged)";
+const SEALED_INVALID: &str = "the sealed request was opened by the model's workers, but what it \
+                              holds is not a valid inference request record (check the client's \
+                              encoding)";
+
+/// A worker's error answer to a client-sealed request: what it could not open or read is
+/// the caller's (400), in the Python gateway's words; anything else as for any request.
+fn sealed_worker_error(plaintext: &[u8]) -> Refusal {
+    let kind = serde_json::from_slice::<serde_json::Value>(plaintext)
+        .ok()
+        .and_then(|v| v.get("kind")?.as_str().map(str::to_owned));
+    match kind.as_deref() {
+        Some("integrity") => Refusal::new(StatusCode::BAD_REQUEST, SEALED_UNOPENED),
+        Some("protocol") => Refusal::new(StatusCode::BAD_REQUEST, SEALED_INVALID),
+        _ => worker_error(plaintext),
+    }
+}
+
 fn unreachable_queue(error: &redis::RedisError) -> Refusal {
     Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1219,6 +1326,26 @@ mod tests {
         assert_eq!(infer_path("/v2/models/demo/infer-sealed"), None);
         assert_eq!(infer_path("/v2/models/demo/jobs"), None);
         assert_eq!(infer_path("/v2/models/a/b/infer"), None);
+        assert_eq!(sealed_path("/v2/models/demo/infer-sealed"), Some("demo"));
+        assert_eq!(sealed_path("/v2/models//infer-sealed"), None);
+        assert_eq!(sealed_path("/v2/models/demo/versions/1/infer-sealed"), None);
+        assert_eq!(sealed_path("/v2/models/demo/infer"), None);
+    }
+
+    #[test]
+    fn a_sealed_requests_worker_errors_are_the_callers_in_the_gateways_words() {
+        let r = sealed_worker_error(br#"{"kind": "integrity", "error": "x"}"#);
+        assert_eq!(
+            (r.status, r.message.as_str()),
+            (StatusCode::BAD_REQUEST, SEALED_UNOPENED)
+        );
+        let r = sealed_worker_error(br#"{"kind": "protocol", "error": "x"}"#);
+        assert_eq!(
+            (r.status, r.message.as_str()),
+            (StatusCode::BAD_REQUEST, SEALED_INVALID)
+        );
+        let r = sealed_worker_error(br#"{"kind": "engine", "error": "boom"}"#);
+        assert_eq!(r.status, StatusCode::INTERNAL_SERVER_ERROR);
     }
 
     #[test]

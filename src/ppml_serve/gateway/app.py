@@ -347,7 +347,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             labels = (model_label(answered.model), answered.version)
             metrics.requests.labels(*labels, str(answered.status)).inc()
             metrics.latency.labels(*labels).observe(answered.seconds)
-        metrics.statistics.outcome(answered.queue, answered.status == 200, answered.seconds)
+        if grpc or answered.path.endswith("/infer"):  # as the app counts its own (not sealed)
+            metrics.statistics.outcome(answered.queue, answered.status == 200, answered.seconds)
         if answered.answer is not None:
             batch_size, queue_s, engine_s = answered.answer
             metrics.observe_reply(answered.queue, ReplyMessage(
