@@ -155,6 +155,29 @@ def test_gateway_can_require_client_certificates(tmp_path: Path) -> None:
         with Client(stack.url, api_key=api_key, ca_file=settings.ca_file) as client, \
                 pytest.raises(httpx.HTTPError):
             client.infer("demo", IMAGES[:2])
+        # the gRPC port (the same front) asks for one too
+        import grpc
+        from tritonclient.grpc import service_pb2 as pb
+        from tritonclient.grpc import service_pb2_grpc
+
+        assert stack.client_cert is not None
+        cert, key = (path.read_bytes() for path in stack.client_cert)
+        request = pb.ModelInferRequest(model_name="demo")
+        request.inputs.add(name="image", datatype="UINT8", shape=[2, 8, 8])
+        request.raw_input_contents.append(IMAGES[:2].tobytes())
+        metadata = (("authorization", f"Bearer {api_key}"),)
+        for chain in ((key, cert), None):
+            credentials = grpc.ssl_channel_credentials(
+                settings.ca_file.read_bytes(), *(chain or (None, None)))
+            with grpc.secure_channel(stack.grpc_address, credentials) as channel:
+                stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+                if chain is not None:
+                    answer = stub.ModelInfer(request, metadata=metadata, timeout=10)
+                    assert list(answer.outputs[0].shape) == [2, 10]
+                else:
+                    with pytest.raises(grpc.RpcError) as refused:
+                        stub.ModelInfer(request, metadata=metadata, timeout=10)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         stack.stop()
 

@@ -333,3 +333,39 @@ def test_grpc_refusals_read_as_the_services(native: Stack) -> None:
         _, found, words = grpc_call(native, request, key=key)
         assert found == code, (what, words)
     assert answered_natively(native) == before
+
+
+def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack) -> None:
+    expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": IMAGES[:2]})
+    before = answered_natively(native)
+    asked = json_request(2, outputs=[{"name": "probabilities"}])
+    with native.http() as http:
+        submitted = http.post("/v2/models/demo/jobs", json=asked)
+        assert submitted.status_code == 202, submitted.text
+        job_id = submitted.json()["job_id"]
+        assert submitted.json() == {"job_id": job_id, "model": "demo"}
+        assert submitted.headers["location"] == f"/v2/models/demo/jobs/{job_id}"
+        deadline = time.monotonic() + 10
+        while (fetched := http.get(f"/v2/models/demo/jobs/{job_id}")).status_code == 202 \
+                and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert fetched.status_code == 200, fetched.text
+        outputs = fetched.json()["outputs"]
+        assert [o["name"] for o in outputs] == ["probabilities"]
+        np.testing.assert_allclose(np.array(outputs[0]["data"], np.float32).reshape(2, 10),
+                                   expected["probabilities"], rtol=1e-5, atol=1e-6)
+        # another key may not fetch it (the owner is the submitting key's id)
+        other = add_api_key(native.settings.api_keys_file, "job-stranger", ["demo"])
+        time.sleep(1.2)  # the key file's reload interval
+        theirs = http.get(f"/v2/models/demo/jobs/{job_id}",
+                          headers={"Authorization": f"Bearer {other}"})
+        assert theirs.status_code == 404, theirs.text
+        # refusals read as the app's (the same body compressed takes the app's path)
+        for body in (json_request(2, outputs=[{"name": "probabilities",
+                                               "parameters": {"classification": 2}}]),
+                     json_request(1, outputs=[{"name": "logits"}])):
+            native_answer = http.post("/v2/models/demo/jobs", json=body)
+            reference = by_the_app(http, "/v2/models/demo/jobs", body)
+            assert native_answer.status_code == reference.status_code == 400
+            assert native_answer.json() == reference.json()
+    assert answered_natively(native) == before + 3

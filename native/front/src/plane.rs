@@ -77,6 +77,9 @@ pub struct PlaneConfig {
     pub max_rows: Option<u64>,
     pub spool: Option<PathBuf>,
     pub spool_min_bytes: usize,
+    /// A job's deadline to be answered, and how long its record and answer are kept.
+    pub job_timeout: Duration,
+    pub job_ttl: Duration,
 }
 
 /// One version the path may serve now.
@@ -97,6 +100,8 @@ pub struct VersionRoute {
     /// The associated data of a request and of its answer, around the request id.
     pub request_aad: (Vec<u8>, Vec<u8>),
     pub reply_aad: (Vec<u8>, Vec<u8>),
+    /// A job's record key, less the job id.
+    pub job_prefix: String,
 }
 
 #[derive(Default)]
@@ -109,6 +114,8 @@ pub struct ModelRoute {
 /// An API key's holder, as far as the inference path needs it.
 pub struct Caller {
     pub name: String,
+    /// The key's id: a job's owner, who alone may fetch its answer.
+    pub key_id: String,
     /// `None`: every model.
     pub models: Option<HashSet<String>>,
 }
@@ -220,6 +227,13 @@ impl Conn {
             Conn::Cluster(connection) => command.query_async(connection).await,
         }
     }
+
+    async fn pipeline(&mut self, pipeline: &redis::Pipeline) -> RedisResult<()> {
+        match self {
+            Conn::Single(connection) => pipeline.query_async(connection).await,
+            Conn::Cluster(connection) => pipeline.query_async(connection).await,
+        }
+    }
 }
 
 /// What `route` found: the request is the path's to answer.
@@ -229,8 +243,19 @@ pub struct Target {
     version: String,
     key_name: String,
     caller_id: String,
+    kind: Kind,
+    /// The caller's key id (a job's owner).
+    key_id: String,
+}
+
+/// What a routed request is.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Infer,
     /// `…/infer-sealed`: the body is sealed by the client to the workers' key.
-    sealed: bool,
+    Sealed,
+    /// `POST …/jobs`: queued now, its answer fetched later.
+    Job,
 }
 
 impl Target {
@@ -303,11 +328,9 @@ fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
     }
 }
 
-/// `POST /v2/models/{m}/infer-sealed`: end-to-end sealed (the newest ready version).
-fn sealed_path(path: &str) -> Option<&str> {
-    let model = path
-        .strip_prefix("/v2/models/")?
-        .strip_suffix("/infer-sealed")?;
+/// `/v2/models/{m}{suffix}` (`/infer-sealed`, `/jobs`: the newest ready version).
+fn model_path<'a>(path: &'a str, suffix: &str) -> Option<&'a str> {
+    let model = path.strip_prefix("/v2/models/")?.strip_suffix(suffix)?;
     (!model.is_empty() && !model.contains('/')).then_some(model)
 }
 
@@ -516,10 +539,12 @@ impl Plane {
         {
             return None;
         }
-        if let Some(model) = sealed_path(path) {
-            let mut target = self.target(model, None, headers)?;
-            target.sealed = true;
-            return Some(target);
+        for (suffix, kind) in [("/infer-sealed", Kind::Sealed), ("/jobs", Kind::Job)] {
+            if let Some(model) = model_path(path, suffix) {
+                let mut target = self.target(model, None, headers)?;
+                target.kind = kind;
+                return Some(target);
+            }
         }
         let (model, version) = infer_path(path)?;
         self.target(model, version, headers)
@@ -563,7 +588,8 @@ impl Plane {
             version: version.to_owned(),
             key_name: caller.name.clone(),
             caller_id,
-            sealed: false,
+            kind: Kind::Infer,
+            key_id: caller.key_id.clone(),
         })
     }
 
@@ -601,15 +627,16 @@ impl Plane {
             || match infer_path(path) {
                 Some((_, Some(_))) => "POST /v2/models/{model}/versions/{version}/infer".into(),
                 Some((_, None)) => "POST /v2/models/{model}/infer".into(),
+                None if target.kind == Kind::Job => "POST /v2/models/{model}/jobs".into(),
                 None => "POST /v2/models/{model}/infer-sealed".into(),
             },
             received,
             body.len() as u64,
         );
-        let outcome = if target.sealed {
-            self.exchange_sealed(target, body, &mut call).await
-        } else {
-            self.exchange(target, headers, body, &mut call).await
+        let outcome = match target.kind {
+            Kind::Sealed => self.exchange_sealed(target, body, &mut call).await,
+            Kind::Job => self.submit_job(target, headers, body, &mut call).await,
+            Kind::Infer => self.exchange(target, headers, body, &mut call).await,
         };
         let request_id = call.request_id.clone();
         let (response, answer, failure) = match outcome {
@@ -722,6 +749,102 @@ impl Plane {
             }
         }
         Ok(Some((response, answer)))
+    }
+
+    /// A job: checked and sealed as a request is, its record (owner, outputs asked for)
+    /// kept for `job_ttl`, queued without a reply stream (its answer stays in Redis, so
+    /// that any gateway can hand it out), and 202 with its id at once.
+    async fn submit_job(
+        self: &Arc<Self>,
+        target: &Target,
+        headers: &HeaderMap,
+        body: &Bytes,
+        call: &mut Call,
+    ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+        let header_length = headers
+            .get("inference-header-content-length")
+            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let request = v2::parse_request(body, header_length.as_deref())
+            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.0))?;
+        let inputs = tensors(&request, body);
+        let admit = trace::open(&mut call.trace, "admit", 0, Some(call.size), &self.random);
+        let sealed = self.admit_inputs(
+            target,
+            &inputs,
+            request.outputs.as_deref(),
+            &request.classification,
+            call,
+            admit,
+        );
+        trace::close(&mut call.trace, admit);
+        let sealed = sealed?;
+        if !request.classification.is_empty() {
+            return Err(Refusal::new(
+                StatusCode::BAD_REQUEST,
+                "the classification extension is not supported for jobs; ask for it on the \
+                 model's /infer route",
+            ));
+        }
+        let route = &target.route;
+        let job_id = call.request_id.clone();
+        let ttl = self.config.job_ttl.as_secs().max(1);
+        let mut record = redis::pipe();
+        record
+            .cmd("HSET")
+            .arg(format!("{}{job_id}", route.job_prefix))
+            .arg("state")
+            .arg("pending")
+            .arg("model")
+            .arg(&route.queue)
+            .arg("owner")
+            .arg(&target.key_id)
+            .arg("outputs")
+            .arg(job_outputs(request.outputs.as_deref()))
+            .arg("binary")
+            .arg(if request.binary_default { "1" } else { "0" })
+            .ignore()
+            .cmd("EXPIRE")
+            .arg(format!("{}{job_id}", route.job_prefix))
+            .arg(ttl)
+            .ignore();
+        self.run(&record, "store the job").await?;
+        let deadline_ms =
+            ((call.received.1 + self.config.job_timeout.as_secs_f64()) * 1000.0) as u64;
+        let mut command = redis::cmd("XADD");
+        command
+            .arg(&route.request_stream)
+            .arg("*")
+            .arg("id")
+            .arg(&job_id)
+            .arg("deadline")
+            .arg(deadline_ms)
+            .arg("reply")
+            .arg("")
+            // jobs stay in Redis: they must outlive this gateway and its host's spool
+            .arg("body")
+            .arg(sealed.as_slice())
+            .arg("job")
+            .arg(ttl);
+        let enqueue = trace::open(&mut call.trace, "enqueue", 0, None, &self.random);
+        if let (Some(trace), Some(index)) = (&call.trace, enqueue) {
+            command.arg("tp").arg(trace.traceparent(index));
+        }
+        let queued = self.enqueue(&command).await;
+        trace::close(&mut call.trace, enqueue);
+        queued?;
+        let document = serde_json::json!({"job_id": job_id, "model": target.model}).to_string();
+        let mut response = Response::new(Full::new(Bytes::from(document)));
+        *response.status_mut() = StatusCode::ACCEPTED;
+        response.headers_mut().insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+        if let Ok(location) =
+            HeaderValue::from_str(&format!("/v2/models/{}/jobs/{job_id}", target.model))
+        {
+            response.headers_mut().insert(header::LOCATION, location);
+        }
+        Ok(Some((response, (0, 0.0, 0.0))))
     }
 
     /// An end-to-end sealed request: the client's sealed body wrapped as the queue record
@@ -1017,24 +1140,30 @@ impl Plane {
         }
     }
 
-    async fn enqueue(&self, command: &redis::Cmd) -> Result<(), Refusal> {
+    /// Run `pipeline` (`what` it does, for the refusal's words), with `enqueue`'s handling
+    /// of a Redis that is gone, frozen or refusing.
+    async fn run(&self, pipeline: &redis::Pipeline, what: &str) -> Result<(), Refusal> {
         let mut connection = self.connection().await?;
-        let sent = tokio::time::timeout(
-            self.config.command_timeout,
-            connection.query::<Value>(command),
-        )
-        .await;
+        let sent =
+            tokio::time::timeout(self.config.command_timeout, connection.pipeline(pipeline)).await;
+        self.judge(sent, what).await
+    }
+
+    async fn judge(
+        &self,
+        sent: Result<RedisResult<()>, tokio::time::error::Elapsed>,
+        what: &str,
+    ) -> Result<(), Refusal> {
         match sent {
-            Ok(Ok(_)) => Ok(()),
+            Ok(Ok(())) => Ok(()),
             Ok(Err(e)) => {
                 if e.is_io_error() || e.is_connection_dropped() || e.is_unrecoverable_error() {
                     *self.sender.lock().await = None;
                 }
                 Err(match e.code() {
-                    // e.g. Redis at maxmemory refusing writes: overloaded, nothing dropped
                     Some(code) => Refusal::new(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        format!("queue refused to take the request: {code}"),
+                        format!("queue refused to {what}: {code}"),
                     ),
                     None => unreachable_queue(&e),
                 })
@@ -1043,10 +1172,22 @@ impl Plane {
                 *self.sender.lock().await = None;
                 Err(Refusal::new(
                     StatusCode::SERVICE_UNAVAILABLE,
-                    "queue did not answer in time to take the request",
+                    format!("queue did not answer in time to {what}"),
                 ))
             }
         }
+    }
+
+    async fn enqueue(&self, command: &redis::Cmd) -> Result<(), Refusal> {
+        let mut connection = self.connection().await?;
+        let sent = tokio::time::timeout(
+            self.config.command_timeout,
+            connection.query::<Value>(command),
+        )
+        .await
+        .map(|result| result.map(|_| ()));
+        // e.g. Redis at maxmemory refusing writes: overloaded, nothing dropped (503)
+        self.judge(sent, "take the request").await
     }
 
     fn ensure_reader(self: &Arc<Self>, route: &Arc<VersionRoute>) {
@@ -1259,6 +1400,23 @@ fn sealed_worker_error(plaintext: &[u8]) -> Refusal {
     }
 }
 
+/// The outputs a job asked for as its record keeps them (Python's `json.dumps` of the
+/// name -> binary mapping, in request order; `null`: all).
+fn job_outputs(outputs: Option<&[(String, bool)]>) -> String {
+    match outputs {
+        None => "null".into(),
+        Some(outputs) => {
+            let items: Vec<String> = outputs
+                .iter()
+                .map(|(name, binary)| {
+                    format!("{}: {binary}", serde_json::Value::from(name.as_str()))
+                })
+                .collect();
+            format!("{{{}}}", items.join(", "))
+        }
+    }
+}
+
 fn unreachable_queue(error: &redis::RedisError) -> Refusal {
     Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1326,10 +1484,20 @@ mod tests {
         assert_eq!(infer_path("/v2/models/demo/infer-sealed"), None);
         assert_eq!(infer_path("/v2/models/demo/jobs"), None);
         assert_eq!(infer_path("/v2/models/a/b/infer"), None);
-        assert_eq!(sealed_path("/v2/models/demo/infer-sealed"), Some("demo"));
-        assert_eq!(sealed_path("/v2/models//infer-sealed"), None);
-        assert_eq!(sealed_path("/v2/models/demo/versions/1/infer-sealed"), None);
-        assert_eq!(sealed_path("/v2/models/demo/infer"), None);
+        let sealed = |path| model_path(path, "/infer-sealed");
+        assert_eq!(sealed("/v2/models/demo/infer-sealed"), Some("demo"));
+        assert_eq!(sealed("/v2/models//infer-sealed"), None);
+        assert_eq!(sealed("/v2/models/demo/versions/1/infer-sealed"), None);
+        assert_eq!(sealed("/v2/models/demo/infer"), None);
+        assert_eq!(model_path("/v2/models/demo/jobs", "/jobs"), Some("demo"));
+        assert_eq!(model_path("/v2/models/demo/jobs/abc", "/jobs"), None);
+    }
+
+    #[test]
+    fn a_jobs_outputs_are_kept_as_python_reads_them() {
+        assert_eq!(job_outputs(None), "null");
+        let asked = [("b".to_owned(), true), ("a\"x".to_owned(), false)];
+        assert_eq!(job_outputs(Some(&asked)), r#"{"b": true, "a\"x": false}"#);
     }
 
     #[test]
@@ -1392,6 +1560,8 @@ mod tests {
             max_rows: Some(64),
             spool: None,
             spool_min_bytes: 32 * 1024,
+            job_timeout: Duration::from_secs(300),
+            job_ttl: Duration::from_secs(3600),
         };
         let plane = Plane::new(config).unwrap();
         let keyring = Keyring::new([("k1", [7u8; 32].as_slice())], "k1").unwrap();
@@ -1408,6 +1578,7 @@ mod tests {
             keyring: Some(Arc::new(keyring)),
             request_aad: (b"[".to_vec(), b"]".to_vec()),
             reply_aad: (b"[".to_vec(), b"]".to_vec()),
+            job_prefix: "ppml:{demo}:job:".into(),
         });
         let mut versions = HashMap::new();
         versions.insert("1".to_owned(), version);
@@ -1430,6 +1601,7 @@ mod tests {
                 digest_of("ppml_all"),
                 Caller {
                     name: "all".into(),
+                    key_id: "a1".into(),
                     models: None,
                 },
             ),
@@ -1437,6 +1609,7 @@ mod tests {
                 digest_of("ppml_other"),
                 Caller {
                     name: "other".into(),
+                    key_id: "o1".into(),
                     models: Some(HashSet::from(["other".to_owned()])),
                 },
             ),

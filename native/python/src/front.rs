@@ -19,17 +19,20 @@ use crate::request::ModelInputs;
 use crate::Keyring;
 
 /// One version as Python describes it to the native path: queue name, request stream,
-/// reply stream, declared inputs, declared outputs (name, datatype, shape) and class
+/// reply stream and job key prefix, declared inputs, declared outputs (name, datatype, shape) and class
 /// labels, the model's keyring (None: the plaintext benchmark mode), and the associated data of a request and of a reply split
 /// around the request id.
 type VersionSpec<'py> = (
-    (String, String, String),
+    (String, String, String, String),
     PyRef<'py, ModelInputs>,
     (Vec<(String, String, Vec<i64>)>, Option<Vec<String>>),
     Option<PyRef<'py, Keyring>>,
     (Vec<u8>, Vec<u8>),
     (Vec<u8>, Vec<u8>),
 );
+
+/// An API key as Python describes it: SHA-256 of its token, name, models (None: all), id.
+type CallerSpec = ([u8; 32], String, Option<Vec<String>>, String);
 
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(value)
@@ -203,7 +206,8 @@ impl Front {
     /// Nothing is served on it before ``set_routes`` and ``set_enabled(True)``.
     #[pyo3(signature = (*, cluster, unix_path, host, port, tls, ca_file, username, password, db,
                         command_timeout_s, request_timeout_s, max_inflight_per_model,
-                        max_rows, spool, spool_min_bytes))]
+                        max_rows, spool, spool_min_bytes, job_timeout_s=300.0,
+                        job_ttl_s=3600))]
     #[allow(clippy::too_many_arguments)]
     fn install_plane(
         &self,
@@ -223,6 +227,8 @@ impl Front {
         max_rows: Option<u64>,
         spool: Option<PathBuf>,
         spool_min_bytes: usize,
+        job_timeout_s: f64,
+        job_ttl_s: u64,
     ) -> PyResult<()> {
         let ca_pem = match &ca_file {
             Some(path) => Some(std::fs::read(path).map_err(|e| {
@@ -252,6 +258,8 @@ impl Front {
             max_rows,
             spool,
             spool_min_bytes,
+            job_timeout: seconds(job_timeout_s, "job_timeout_s")?,
+            job_ttl: Duration::from_secs(job_ttl_s),
         };
         let plane = Arc::new(
             Plane::new(config).map_err(|message| package_error(py, "ConfigError", message))?,
@@ -295,7 +303,7 @@ impl Front {
                     .into_iter()
                     .map(|(version, spec)| {
                         let (
-                            (queue, request_stream, reply_stream),
+                            (queue, request_stream, reply_stream, job_prefix),
                             inputs,
                             (outputs, labels),
                             keys,
@@ -312,6 +320,7 @@ impl Front {
                             keyring: keys.map(|k| k.inner.clone()),
                             request_aad: a,
                             reply_aad: b,
+                            job_prefix,
                         };
                         (version, Arc::new(route))
                     })
@@ -326,15 +335,20 @@ impl Front {
         plane.set_routes(table);
     }
 
-    /// The API keys that may call inference: (sha256 digest, key name, models or None).
-    fn set_callers(&self, callers: Vec<([u8; 32], String, Option<Vec<String>>)>) {
+    /// The API keys that may call inference: (sha256 digest, key name, models or None, key id).
+    fn set_callers(&self, callers: Vec<CallerSpec>) {
         if let Some(plane) = self.plane() {
             plane.set_callers(
                 callers
                     .into_iter()
-                    .map(|(digest, name, models)| {
+                    .map(|(digest, name, models, key_id)| {
                         let models = models.map(|m| m.into_iter().collect::<HashSet<_>>());
-                        (digest, Caller { name, models })
+                        let caller = Caller {
+                            name,
+                            key_id,
+                            models,
+                        };
+                        (digest, caller)
                     })
                     .collect(),
             );

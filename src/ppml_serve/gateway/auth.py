@@ -167,13 +167,15 @@ class ApiKeyStore:
         self._entries = entries
         log.info("API keys reloaded (%d keys)", len(self._entries))
 
-    def inference_callers(self) -> list[tuple[bytes, str, list[str] | None]]:
+    def inference_callers(self) -> list[tuple[bytes, str, list[str] | None, str]]:
         """The keys that may call inference, for the native front's path: (SHA-256 of the
-        token, key name, models or ``None`` for all). Reloads the file first, as a request
-        does, so a revoked key leaves the front within the reload interval."""
+        token, key name, models or ``None`` for all, key id: a job's owner). Reloads the
+        file first, as a request does, so a revoked key leaves the front within the reload
+        interval."""
         self._maybe_reload()
         return [(entry.digest, entry.principal.name,
-                 None if "*" in entry.principal.models else sorted(entry.principal.models))
+                 None if "*" in entry.principal.models else sorted(entry.principal.models),
+                 entry.principal.key_id)
                 for entry in self._entries if "infer" in entry.principal.scopes]
 
     def authenticate(self, authorization: str | None) -> Principal:

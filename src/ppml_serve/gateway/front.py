@@ -99,7 +99,8 @@ class NativeFront:
             max_inflight_per_model=gateway.max_inflight_per_model,
             max_rows=settings.worker.max_rows_per_request,
             spool=str(spool) if spool is not None else None,
-            spool_min_bytes=settings.redis.payload_spool_min_bytes)
+            spool_min_bytes=settings.redis.payload_spool_min_bytes,
+            job_timeout_s=gateway.job_timeout_s, job_ttl_s=gateway.job_ttl_s)
         return True
 
     def _remove_directory(self) -> None:

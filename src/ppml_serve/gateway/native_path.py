@@ -105,7 +105,7 @@ class NativePath:
         self._enabled = enabled
         self._tracing = tracing
         self._ratio: float | None = None
-        self._callers: list[tuple[bytes, str, list[str] | None]] | None = None
+        self._callers: list[tuple[bytes, str, list[str] | None, str]] | None = None
         self._streams: set[str] = set()
         self.on_answered: Callable[[Answered], None] = lambda answered: None
 
@@ -121,7 +121,7 @@ class NativePath:
         # None for the plaintext benchmark mode: the front marks plain records as it does
         stream = self.reply_stream(queue)
         self._streams.add(stream)
-        return ((queue, self._layout.requests(queue), stream),
+        return ((queue, self._layout.requests(queue), stream, self._layout.job(queue, "")),
                 self._dataplane.native_inputs(queue, spec),
                 ([(output.name, output.datatype, list(output.shape))
                   for output in spec.outputs], self._dataplane.labels(queue)),
