@@ -346,10 +346,15 @@ def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack
         assert submitted.json() == {"job_id": job_id, "model": "demo"}
         assert submitted.headers["location"] == f"/v2/models/demo/jobs/{job_id}"
         deadline = time.monotonic() + 10
+        polls = 0
         while (fetched := http.get(f"/v2/models/demo/jobs/{job_id}")).status_code == 202 \
                 and time.monotonic() < deadline:
+            assert fetched.json() == {"job_id": job_id, "state": "pending"}
+            assert fetched.headers["retry-after"] == "1"
+            polls += 1
             time.sleep(0.05)
         assert fetched.status_code == 200, fetched.text
+        assert (fetched.json()["id"], fetched.json()["model_version"]) == (job_id, "1")
         outputs = fetched.json()["outputs"]
         assert [o["name"] for o in outputs] == ["probabilities"]
         np.testing.assert_allclose(np.array(outputs[0]["data"], np.float32).reshape(2, 10),
@@ -360,6 +365,10 @@ def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack
         theirs = http.get(f"/v2/models/demo/jobs/{job_id}",
                           headers={"Authorization": f"Bearer {other}"})
         assert theirs.status_code == 404, theirs.text
+        assert theirs.json() == {"error": f"no job {job_id!r} for model 'demo' (unknown or "
+                                          "expired)"}
+        unknown = http.get("/v2/models/demo/jobs/0123")
+        assert unknown.status_code == 404 and "'0123'" in unknown.json()["error"]
         # refusals read as the app's (the same body compressed takes the app's path)
         for body in (json_request(2, outputs=[{"name": "probabilities",
                                                "parameters": {"classification": 2}}]),
@@ -368,4 +377,7 @@ def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack
             reference = by_the_app(http, "/v2/models/demo/jobs", body)
             assert native_answer.status_code == reference.status_code == 400
             assert native_answer.json() == reference.json()
-    assert answered_natively(native) == before + 3
+    # submitted, fetched (each poll too), the stranger's and the unknown fetch, two refusals
+    assert answered_natively(native) == before + 1 + polls + 1 + 2 + 2
+    assert any(f"GET /v2/models/demo/jobs/{job_id} key=default model=demo version=1 "
+               "status=200" in line for line in gateway_log(native).splitlines())

@@ -246,6 +246,8 @@ pub struct Target {
     kind: Kind,
     /// The caller's key id (a job's owner).
     key_id: String,
+    /// The job asked for (`JobResult`).
+    job_id: String,
 }
 
 /// What a routed request is.
@@ -256,6 +258,8 @@ enum Kind {
     Sealed,
     /// `POST …/jobs`: queued now, its answer fetched later.
     Job,
+    /// `GET …/jobs/{id}`: a job's answer (or that it is pending).
+    JobResult,
 }
 
 impl Target {
@@ -332,6 +336,13 @@ fn infer_path(path: &str) -> Option<(&str, Option<&str>)> {
 fn model_path<'a>(path: &'a str, suffix: &str) -> Option<&'a str> {
     let model = path.strip_prefix("/v2/models/")?.strip_suffix(suffix)?;
     (!model.is_empty() && !model.contains('/')).then_some(model)
+}
+
+/// `/v2/models/{m}/jobs/{id}`: the model and the job's id.
+fn job_result_path(path: &str) -> Option<(&str, &str)> {
+    let (model, job_id) = path.strip_prefix("/v2/models/")?.split_once("/jobs/")?;
+    let plain = |s: &str| !s.is_empty() && !s.contains('/');
+    (plain(model) && plain(job_id)).then_some((model, job_id))
 }
 
 fn field<'a>(fields: &'a HashMap<String, Value>, name: &str) -> Option<&'a [u8]> {
@@ -539,6 +550,12 @@ impl Plane {
         {
             return None;
         }
+        if let Some((model, job_id)) = job_result_path(path) {
+            let mut target = self.target(model, None, headers)?;
+            target.kind = Kind::JobResult;
+            target.job_id = job_id.to_owned();
+            return Some(target);
+        }
         for (suffix, kind) in [("/infer-sealed", Kind::Sealed), ("/jobs", Kind::Job)] {
             if let Some(model) = model_path(path, suffix) {
                 let mut target = self.target(model, None, headers)?;
@@ -590,6 +607,7 @@ impl Plane {
             caller_id,
             kind: Kind::Infer,
             key_id: caller.key_id.clone(),
+            job_id: String::new(),
         })
     }
 
@@ -628,6 +646,9 @@ impl Plane {
                 Some((_, Some(_))) => "POST /v2/models/{model}/versions/{version}/infer".into(),
                 Some((_, None)) => "POST /v2/models/{model}/infer".into(),
                 None if target.kind == Kind::Job => "POST /v2/models/{model}/jobs".into(),
+                None if target.kind == Kind::JobResult => {
+                    "GET /v2/models/{model}/jobs/{job}".into()
+                }
                 None => "POST /v2/models/{model}/infer-sealed".into(),
             },
             received,
@@ -636,6 +657,7 @@ impl Plane {
         let outcome = match target.kind {
             Kind::Sealed => self.exchange_sealed(target, body, &mut call).await,
             Kind::Job => self.submit_job(target, headers, body, &mut call).await,
+            Kind::JobResult => self.job_result(target, &mut call).await,
             Kind::Infer => self.exchange(target, headers, body, &mut call).await,
         };
         let request_id = call.request_id.clone();
@@ -843,6 +865,140 @@ impl Plane {
             HeaderValue::from_str(&format!("/v2/models/{}/jobs/{job_id}", target.model))
         {
             response.headers_mut().insert(header::LOCATION, location);
+        }
+        Ok(Some((response, (0, 0.0, 0.0))))
+    }
+
+    /// A job's answer, read from its record: 202 while pending, 504 if it failed, 404 for a
+    /// job that is unknown, expired or another key's. `None`: the version that answered it
+    /// is not open here now (the app answers).
+    async fn job_result(
+        self: &Arc<Self>,
+        target: &Target,
+        call: &mut Call,
+    ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+        let job_id = &target.job_id;
+        let mut command = redis::cmd("HGETALL");
+        command.arg(format!("{}{job_id}", target.route.job_prefix));
+        let mut connection = self.connection().await?;
+        let read = tokio::time::timeout(
+            self.config.command_timeout,
+            connection.query::<HashMap<String, Vec<u8>>>(&command),
+        )
+        .await;
+        let fields = match read {
+            Ok(Ok(fields)) => fields,
+            other => {
+                self.judge(other.map(|r| r.map(|_| ())), "look up the job")
+                    .await?;
+                HashMap::new()
+            }
+        };
+        let text = |name: &str| fields.get(name).and_then(|v| std::str::from_utf8(v).ok());
+        let unknown = || {
+            Refusal::new(
+                StatusCode::NOT_FOUND,
+                format!(
+                    "no job {} for model {} (unknown or expired)",
+                    py_repr(job_id),
+                    py_repr(&target.model)
+                ),
+            )
+        };
+        let (Some(queue), Some(owner), Some(state), Some(outputs)) =
+            (text("model"), text("owner"), text("state"), text("outputs"))
+        else {
+            return Err(unknown());
+        };
+        // `model@version`; version 1 keeps the bare name
+        let (model, version) = queue.split_once('@').unwrap_or((queue, "1"));
+        let owned = verify_slices_are_equal(owner.as_bytes(), target.key_id.as_bytes()).is_ok();
+        let outputs = job_outputs_of(outputs).ok_or_else(unknown)?;
+        if model != target.model || !owned || !matches!(state, "pending" | "done" | "failed") {
+            return Err(unknown());
+        }
+        match state {
+            "pending" => {
+                let document =
+                    serde_json::json!({"job_id": job_id, "state": "pending"}).to_string();
+                let mut response = Response::new(Full::new(Bytes::from(document)));
+                *response.status_mut() = StatusCode::ACCEPTED;
+                let headers = response.headers_mut();
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return Ok(Some((response, (0, 0.0, 0.0))));
+            }
+            "failed" => {
+                let error = text("error")
+                    .filter(|e| !e.is_empty())
+                    .unwrap_or("the job failed");
+                return Err(Refusal::new(StatusCode::GATEWAY_TIMEOUT, error));
+            }
+            _ => {}
+        }
+        // the version that answered it: its keys open the answer
+        let routes = self
+            .routes
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(route) = routes
+            .get(model)
+            .and_then(|served| served.versions.get(version))
+            .filter(|route| route.queue == queue)
+        else {
+            return Ok(None);
+        };
+        let reply = Reply {
+            ok: text("ok") == Some("1"),
+            body: fields.get("body").cloned().unwrap_or_default(),
+            batch_size: 1,
+            queue_s: 0.0,
+            engine_s: 0.0,
+        };
+        let open = trace::open(&mut call.trace, "open", 0, None, &self.random);
+        let plaintext = open_reply(route, job_id, &reply);
+        trace::close(&mut call.trace, open);
+        let plaintext = plaintext?;
+        if !reply.ok {
+            return Err(worker_error(&plaintext));
+        }
+        let binary = text("binary") == Some("1");
+        let wanted = response::Wanted {
+            model: &target.model,
+            version: Some(version),
+            id: Some(job_id),
+            parameters: None,
+            outputs: outputs.as_deref(),
+            binary_default: binary,
+            classification: &[],
+            labels: None,
+        };
+        let (document, json_size) = response::encode(&plaintext, &wanted).map_err(|e| match e {
+            response::ResponseError::NotText(_) => {
+                Refusal::new(StatusCode::BAD_REQUEST, e.to_string())
+            }
+            _ => Refusal::internal("internal error", format!("ProtocolError: {e}")),
+        })?;
+        let mut response = Response::new(Full::new(Bytes::from(document)));
+        let headers = response.headers_mut();
+        match json_size {
+            None => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+            }
+            Some(size) => {
+                headers.insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/octet-stream"),
+                );
+                headers.insert("inference-header-content-length", HeaderValue::from(size));
+            }
         }
         Ok(Some((response, (0, 0.0, 0.0))))
     }
@@ -1417,6 +1573,37 @@ fn job_outputs(outputs: Option<&[(String, bool)]>) -> String {
     }
 }
 
+/// A job record's `outputs` (a JSON object of name -> binary, in request order, or `null`);
+/// `None` if it is neither.
+fn job_outputs_of(text: &str) -> Option<Option<Vec<(String, bool)>>> {
+    struct Ordered(Vec<(String, bool)>);
+    impl<'de> serde::Deserialize<'de> for Ordered {
+        fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+            struct Pairs;
+            impl<'de> serde::de::Visitor<'de> for Pairs {
+                type Value = Ordered;
+                fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                    f.write_str("an object of output names and flags")
+                }
+                fn visit_map<A: serde::de::MapAccess<'de>>(
+                    self,
+                    mut map: A,
+                ) -> Result<Ordered, A::Error> {
+                    let mut pairs = Vec::new();
+                    while let Some((name, binary)) = map.next_entry::<String, bool>()? {
+                        pairs.push((name, binary));
+                    }
+                    Ok(Ordered(pairs))
+                }
+            }
+            deserializer.deserialize_map(Pairs)
+        }
+    }
+    serde_json::from_str::<Option<Ordered>>(text)
+        .ok()
+        .map(|found| found.map(|o| o.0))
+}
+
 fn unreachable_queue(error: &redis::RedisError) -> Refusal {
     Refusal::new(
         StatusCode::SERVICE_UNAVAILABLE,
@@ -1498,6 +1685,18 @@ mod tests {
         assert_eq!(job_outputs(None), "null");
         let asked = [("b".to_owned(), true), ("a\"x".to_owned(), false)];
         assert_eq!(job_outputs(Some(&asked)), r#"{"b": true, "a\"x": false}"#);
+        assert_eq!(
+            job_outputs_of(&job_outputs(Some(&asked))),
+            Some(Some(asked.to_vec()))
+        );
+        assert_eq!(job_outputs_of("null"), Some(None));
+        assert_eq!(job_outputs_of("[1]"), None);
+        assert_eq!(
+            job_result_path("/v2/models/demo/jobs/abc"),
+            Some(("demo", "abc"))
+        );
+        assert_eq!(job_result_path("/v2/models/demo/jobs/"), None);
+        assert_eq!(job_result_path("/v2/models/demo/jobs/a/b"), None);
     }
 
     #[test]

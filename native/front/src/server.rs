@@ -547,9 +547,13 @@ async fn answer(
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or(0);
-    // a job's submission is not held against max_inflight (it is answered at once), as
-    // the app does not
-    let job = request.method() == http::Method::POST && request.uri().path().ends_with("/jobs");
+    // a job's submission and its answer are not held against max_inflight (both are
+    // answered at once), as the app does not
+    let job = match *request.method() {
+        http::Method::POST => request.uri().path().ends_with("/jobs"),
+        http::Method::GET => request.uri().path().contains("/jobs/"),
+        _ => false,
+    };
     let target = match shared.plane.get() {
         Some(plane) if admitted.is_some() || job => plane
             .route(request.uri().path(), request.headers())

@@ -375,7 +375,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                                  answered.model, answered.version, answered.status,
                                  answered.seconds, answered.bytes_in, answered.bytes_out)
             elif access_log and access.isEnabledFor(logging.INFO):
-                access_line("POST", answered.path, answered.key_name, answered.model,
+                method = "GET" if "/jobs/" in answered.path else "POST"  # a job's answer
+                access_line(method, answered.path, answered.key_name, answered.model,
                             answered.version, answered.status, answered.seconds,
                             str(answered.bytes_in), str(answered.bytes_out), answered.client,
                             answered.caller_id)
