@@ -149,11 +149,11 @@ class GatewaySettings(_Section):
     the app on a private socket, and on ``grpc_port`` before the Python gRPC service;
     ``python``, uvicorn alone (HTTP/1.1 only) and grpcio on ``grpc_port``."""
     native_infer: bool = True
-    """With the native front: answer REST inference (``POST …/infer``) and gRPC ``ModelInfer``
-    in the front itself, from the key check to the response, with no Python on the way (the
-    app keeps the routes, keys and metrics up to date; traced requests too). Compressed bodies
-    take the app's (or the gRPC service's) path; ``false`` sends every request there (for
-    comparison)."""
+    """With the native front: answer inference (REST ``…/infer``, ``…/infer-sealed``, jobs and
+    their answers, gRPC ``ModelInfer``) in the front itself, from the key check to the
+    response, with no Python on the way (the app keeps the routes, keys and metrics up to
+    date; traced requests too). Compressed bodies take the app's (or the gRPC service's)
+    path; ``false`` sends every request there (for comparison)."""
     front_threads: int = Field(1, ge=1, le=64)
     """Threads of the native front (TLS, HTTP, limits) in each gateway process. One keeps a
     request's hand-offs between its tasks on one thread: with two, the 602 KB null-model
