@@ -77,6 +77,15 @@ class Stack:
         return httpx.Client(base_url=self.url, verify=str(self.ca_file), headers=headers,
                             timeout=30)
 
+    def native_answers(self) -> int:
+        """``ppml_front_native_answers_total``: requests the native front answered itself."""
+        with self.http() as http:
+            text = http.get("/metrics").text
+        found = next((line for line in text.splitlines()
+                      if line.startswith("ppml_front_native_answers_total ")), None)
+        assert found, "the front's counter is missing from /metrics"
+        return int(float(found.split()[1]))
+
     def replace_worker(self, victim: Child) -> None:
         """Start a new worker with the victim's command line, in its place."""
         replacement = self.local.child(victim.name, victim.argv)

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import gzip
 import json
-import re
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,11 +39,7 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
 
 
 def answered_natively(stack: Stack) -> int:
-    with stack.http() as http:
-        text = http.get("/metrics").text
-    found = re.search(r"\nppml_front_native_answers_total (\S+)", text)
-    assert found, "the front's counter is missing from /metrics"
-    return int(float(found.group(1)))
+    return stack.native_answers()
 
 
 def json_request(rows: int = 1, **extra: object) -> dict[str, object]:

@@ -189,14 +189,6 @@ def test_key_broker_refuses_replayed_evidence_over_https(protected: Stack) -> No
     assert junk.status_code == 400
 
 
-def _native_answers(stack: Stack) -> int:
-    with stack.http() as http:
-        text = http.get("/metrics").text
-    found = re.search(r"\nppml_front_native_answers_total (\S+)", text)
-    assert found, "the front's counter is missing from /metrics"
-    return int(float(found.group(1)))
-
-
 def _gateway_memory_contains(stack: Stack, marker: bytes) -> bool:
     gateway = stack.local.gateway
     assert gateway is not None and gateway.process is not None
@@ -280,7 +272,7 @@ def test_a_poisoned_end_to_end_record_is_named_for_what_it_is(protected: Stack) 
     poisoned = session.seal_request(b"not a request record at all", "demo")
     garbage_blob = os.urandom(80)
     good = session.seal_request(record.pack({"image": IMAGES[:1]}), "demo")
-    before = _native_answers(protected)
+    before = protected.native_answers()
     with protected.http() as http:
         response = http.post("/v2/models/demo/infer-sealed", content=poisoned,
                              headers={"Content-Type": "application/octet-stream"})
@@ -306,7 +298,7 @@ def test_a_poisoned_end_to_end_record_is_named_for_what_it_is(protected: Stack) 
         record.unpack(session.open_reply(answered.content, "demo"))[1]["probabilities"],
         load_engine("demo", demo_model_path().read_bytes()).infer(
             {"image": IMAGES[:1]})["probabilities"], rtol=1e-6)
-    assert _native_answers(protected) == before + 3
+    assert protected.native_answers() == before + 3
 
 
 def test_a_replayed_end_to_end_request_is_refused(protected: Stack) -> None:

@@ -18,7 +18,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use http::header::HeaderMap;
@@ -33,7 +33,6 @@ use ppml_core::request::Tensor;
 use ppml_core::response::{self, ResponseError};
 use ppml_core::v2::{self, Datatype, MAX_BYTES_ELEMENTS};
 use prost::Message as _;
-use tokio::net::UnixStream;
 use tonic::server::{Grpc, UnaryService};
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
@@ -50,8 +49,6 @@ pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// trailers), or empty (a status alone).
 pub(crate) type GrpcBody = UnsyncBoxBody<Bytes, BoxError>;
 
-/// The time the Python service may take to start listening.
-const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
 /// HTTP/2 flow-control windows towards the Python service (large messages pass in a few
 /// round trips, not one per 64 KiB).
 const UPSTREAM_WINDOW: u32 = 4 << 20;
@@ -520,18 +517,7 @@ impl GrpcUpstream {
         if let Some(sender) = held.as_ref().filter(|s| !s.is_closed()) {
             return Some(sender.clone());
         }
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(10);
-        let stream = loop {
-            match UnixStream::connect(&self.path).await {
-                Ok(stream) => break stream,
-                Err(_) if started.elapsed() < CONNECT_PATIENCE => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(200));
-                }
-                Err(_) => return None,
-            }
-        };
+        let stream = crate::upstream::connect(&self.path).await?;
         let (sender, connection) = http2::Builder::new(TokioExecutor::new())
             .timer(TokioTimer::new())
             .initial_stream_window_size(UPSTREAM_WINDOW)

@@ -747,30 +747,7 @@ impl Plane {
             classification: &request.classification,
             labels: route.labels.as_deref(),
         };
-        let (document, json_size) = response::encode(&plaintext, &wanted).map_err(|e| match e {
-            response::ResponseError::NotText(_) | response::ResponseError::Classification(_) => {
-                Refusal::new(StatusCode::BAD_REQUEST, e.to_string())
-            }
-            _ => Refusal::internal("internal error", format!("ProtocolError: {e}")),
-        })?;
-        let mut response = Response::new(Full::new(Bytes::from(document)));
-        let headers = response.headers_mut();
-        match json_size {
-            None => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-            }
-            Some(size) => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                headers.insert("inference-header-content-length", HeaderValue::from(size));
-            }
-        }
-        Ok(Some((response, answer)))
+        Ok(Some((v2_response(&plaintext, &wanted)?, answer)))
     }
 
     /// A job: checked and sealed as a request is, its record (owner, outputs asked for)
@@ -977,30 +954,7 @@ impl Plane {
             classification: &[],
             labels: None,
         };
-        let (document, json_size) = response::encode(&plaintext, &wanted).map_err(|e| match e {
-            response::ResponseError::NotText(_) => {
-                Refusal::new(StatusCode::BAD_REQUEST, e.to_string())
-            }
-            _ => Refusal::internal("internal error", format!("ProtocolError: {e}")),
-        })?;
-        let mut response = Response::new(Full::new(Bytes::from(document)));
-        let headers = response.headers_mut();
-        match json_size {
-            None => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/json"),
-                );
-            }
-            Some(size) => {
-                headers.insert(
-                    header::CONTENT_TYPE,
-                    HeaderValue::from_static("application/octet-stream"),
-                );
-                headers.insert("inference-header-content-length", HeaderValue::from(size));
-            }
-        }
-        Ok(Some((response, (0, 0.0, 0.0))))
+        Ok(Some((v2_response(&plaintext, &wanted)?, (0, 0.0, 0.0))))
     }
 
     /// An end-to-end sealed request: the client's sealed body wrapped as the queue record
@@ -1571,6 +1525,37 @@ fn job_outputs(outputs: Option<&[(String, bool)]>) -> String {
             format!("{{{}}}", items.join(", "))
         }
     }
+}
+
+/// The REST response to the answer record `plaintext`, as `wanted`.
+fn v2_response(
+    plaintext: &[u8],
+    wanted: &response::Wanted<'_>,
+) -> Result<Response<Full<Bytes>>, Refusal> {
+    let (document, json_size) = response::encode(plaintext, wanted).map_err(|e| match e {
+        response::ResponseError::NotText(_) | response::ResponseError::Classification(_) => {
+            Refusal::new(StatusCode::BAD_REQUEST, e.to_string())
+        }
+        _ => Refusal::internal("internal error", format!("ProtocolError: {e}")),
+    })?;
+    let mut response = Response::new(Full::new(Bytes::from(document)));
+    let headers = response.headers_mut();
+    match json_size {
+        None => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            );
+        }
+        Some(size) => {
+            headers.insert(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/octet-stream"),
+            );
+            headers.insert("inference-header-content-length", HeaderValue::from(size));
+        }
+    }
+    Ok(response)
 }
 
 /// A job record's `outputs` (a JSON object of name -> binary, in request order, or `null`);

@@ -1,7 +1,7 @@
 //! The Python application behind the front: HTTP/1.1 over a private Unix socket, with a
 //! small pool of kept-alive connections.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
@@ -20,6 +20,23 @@ const IDLE_REUSE: Duration = Duration::from_secs(20);
 const MAX_IDLE: usize = 64;
 /// While the application is starting (its socket not yet there), how long to wait for it.
 const CONNECT_PATIENCE: Duration = Duration::from_secs(2);
+
+/// A connection to the Unix socket at `path`, waiting a little for a service that is still
+/// starting (its socket not there yet).
+pub(crate) async fn connect(path: &Path) -> Option<UnixStream> {
+    let started = Instant::now();
+    let mut delay = Duration::from_millis(10);
+    loop {
+        match UnixStream::connect(path).await {
+            Ok(stream) => return Some(stream),
+            Err(_) if started.elapsed() < CONNECT_PATIENCE => {
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_millis(200));
+            }
+            Err(_) => return None,
+        }
+    }
+}
 
 #[derive(Debug, thiserror::Error)]
 pub(crate) enum UpstreamError {
@@ -73,18 +90,9 @@ where
     }
 
     async fn connect(&self) -> Result<SendRequest<B>, UpstreamError> {
-        let started = Instant::now();
-        let mut delay = Duration::from_millis(10);
-        let stream = loop {
-            match UnixStream::connect(&self.path).await {
-                Ok(stream) => break stream,
-                Err(_) if started.elapsed() < CONNECT_PATIENCE => {
-                    tokio::time::sleep(delay).await;
-                    delay = (delay * 2).min(Duration::from_millis(200));
-                }
-                Err(_) => return Err(UpstreamError::Unreachable),
-            }
-        };
+        let stream = connect(&self.path)
+            .await
+            .ok_or(UpstreamError::Unreachable)?;
         let (sender, connection) = http1::handshake(TokioIo::new(stream))
             .await
             .map_err(|_| UpstreamError::Unreachable)?;
