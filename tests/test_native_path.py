@@ -376,3 +376,18 @@ def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack
     assert answered_natively(native) == before + 1 + polls + 1 + 2 + 2
     assert any(f"GET /v2/models/demo/jobs/{job_id} key=default model=demo version=1 "
                "status=200" in line for line in gateway_log(native).splitlines())
+
+
+def test_an_oversized_grpc_message_is_refused_in_our_words(native: Stack) -> None:
+    from tritonclient.grpc import service_pb2 as pb
+
+    limit = native.settings.gateway.max_request_bytes
+    request = pb.ModelInferRequest(model_name="demo")
+    request.inputs.add(name="image", datatype="UINT8", shape=[1, 8, 8])
+    request.raw_input_contents.append(bytes(limit + 1))
+    _, code, words = grpc_call(native, request)
+    assert code == "RESOURCE_EXHAUSTED", words
+    assert f"larger than {limit} bytes (gateway.max_request_bytes)" in words
+    # the port serves on
+    _, code, words = grpc_call(native, grpc_request(1))
+    assert code == "OK", words
