@@ -5,7 +5,8 @@ and keys up to date and counting, timing and logging what the front answered.
 A real stack: TLS Redis, workers with the demo model, the gateway with its native front.
 What the path does not hold must reach the app and get the app's own answer; what it does
 answer must read exactly as the app's path would (the app's words are the reference: the
-same request compressed takes the app's path)."""
+same request sent to a second stack with ``gateway.native_infer: false``; for gRPC, the same
+call compressed, which the front passes to the Python service)."""
 
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ from ppml_serve.engines import load_engine
 from ppml_serve.gateway.auth import add_api_key, revoke_api_key
 from ppml_serve.models import demo_model_path, demo_samples
 
-from .conftest import Stack, running_stack, stack_settings
+from .conftest import MAX_REQUEST_BYTES, Stack, running_stack, stack_settings
 
 IMAGES, _ = demo_samples()
 
@@ -38,6 +39,19 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield Stack(local)
 
 
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
+    """The same service with the native path off: the app answers every request."""
+    settings = stack_settings(
+        tmp_path_factory.mktemp("reference"), gateway={
+            "port": 0, "max_request_bytes": MAX_REQUEST_BYTES, "request_timeout_s": 20,
+            "native_infer": False},
+        worker={"heartbeat_s": 0.3, "max_batch_delay_ms": 5, "engine_threads": 1,
+                "max_rows_per_request": 64})
+    with running_stack(settings, workers=1) as local:
+        yield Stack(local)
+
+
 def answered_natively(stack: Stack) -> int:
     return stack.native_answers()
 
@@ -47,10 +61,10 @@ def json_request(rows: int = 1, **extra: object) -> dict[str, object]:
                         "data": IMAGES[:rows].ravel().tolist()}], **extra}
 
 
-def by_the_app(http: httpx.Client, path: str, body: dict[str, object]) -> httpx.Response:
-    """The same request through the app's path: a compressed body is the app's to read."""
-    return http.post(path, content=gzip.compress(json.dumps(body).encode()),
-                     headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+def by_the_app(reference: Stack, path: str, body: dict[str, object]) -> httpx.Response:
+    """The same request through the app's path (the reference stack's)."""
+    with reference.http() as http:
+        return http.post(path, json=body)
 
 
 def gateway_log(stack: Stack) -> str:
@@ -58,7 +72,7 @@ def gateway_log(stack: Stack) -> str:
 
 
 def test_the_front_answers_inference_itself_and_the_app_counts_and_logs_it(
-        native: Stack) -> None:
+        native: Stack, reference: Stack) -> None:
     before = answered_natively(native)
     expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": IMAGES[:3]})
     with native.http() as http:
@@ -75,12 +89,12 @@ def test_the_front_answers_inference_itself_and_the_app_counts_and_logs_it(
         versioned = http.post("/v2/models/demo/versions/1/infer", json=json_request(1))
         assert versioned.status_code == 200
         # the app's path gives the same document for the same request
-        again = by_the_app(http, "/v2/models/demo/infer", json_request(3, id="mine"))
+        again = by_the_app(reference, "/v2/models/demo/infer", json_request(3, id="mine"))
         assert again.status_code == 200 and again.json() == document
         stats = http.get("/v2/models/demo/versions/1/stats").json()["model_stats"][0]
     assert answered_natively(native) == before + 2
-    assert stats["inference_stats"]["success"]["count"] >= 3
-    assert stats["inference_stats"]["queue"]["count"] >= 3
+    assert stats["inference_stats"]["success"]["count"] >= 2  # the front's answers, counted
+    assert stats["inference_stats"]["queue"]["count"] >= 2
     # without a caller's id, the header carries the one in the queue record and the logs
     logged = versioned.headers["x-request-id"]
     deadline = time.monotonic() + 3
@@ -92,17 +106,18 @@ def test_the_front_answers_inference_itself_and_the_app_counts_and_logs_it(
 
 
 @pytest.mark.parametrize("binary", [False, True])
-def test_the_classification_extension_reads_as_the_apps(native: Stack, binary: bool) -> None:
+def test_the_classification_extension_reads_as_the_apps(native: Stack, reference: Stack,
+                                                        binary: bool) -> None:
     body = json_request(3, outputs=[{"name": "probabilities", "parameters": {
         "classification": 3, "binary_data": binary}}])
     before = answered_natively(native)
     with native.http() as http:
         response = http.post("/v2/models/demo/infer", json=body)
-        reference = by_the_app(http, "/v2/models/demo/infer", body)
-    assert response.status_code == reference.status_code == 200, response.text
-    assert response.content == reference.content
+        answer = by_the_app(reference, "/v2/models/demo/infer", body)
+    assert response.status_code == answer.status_code == 200, response.text
+    assert response.content == answer.content
     assert response.headers.get("inference-header-content-length") == \
-        reference.headers.get("inference-header-content-length")
+        answer.headers.get("inference-header-content-length")
     assert answered_natively(native) == before + 1
     if not binary:
         classes = response.json()["outputs"][0]
@@ -145,15 +160,15 @@ def test_the_binary_extension_takes_the_native_path(native: Stack) -> None:
     ({"inputs": [{"name": "image", "datatype": "UINT8", "shape": [65, 8, 8],
                   "data": [0] * 65 * 64}]}, 413),
 ])
-def test_refusals_on_the_native_path_keep_the_apps_words(native: Stack,
+def test_refusals_on_the_native_path_keep_the_apps_words(native: Stack, reference: Stack,
                                                          body: dict[str, object],
                                                          status: int) -> None:
     before = answered_natively(native)
     with native.http() as http:
         response = http.post("/v2/models/demo/infer", json=body)
-        reference = by_the_app(http, "/v2/models/demo/infer", body)
-    assert (response.status_code, response.json()) == (status, reference.json())
-    assert reference.status_code == status
+        answer = by_the_app(reference, "/v2/models/demo/infer", body)
+    assert (response.status_code, response.json()) == (status, answer.json())
+    assert answer.status_code == status
     assert answered_natively(native) == before + 1
 
 
@@ -276,9 +291,9 @@ def test_grpc_model_infer_is_answered_by_the_front_as_the_service_would(native: 
     classified.outputs.add(name="probabilities").parameters["classification"].int64_param = 3
     for message in (request, grpc_request(3, typed=True, id="grpc-mine"), classified):
         native_answer, _, _ = grpc_call(native, message)
-        reference, code, details = grpc_call(native, message, compressed=True)
+        expected_answer, code, details = grpc_call(native, message, compressed=True)
         assert code == "OK", details
-        assert native_answer == reference
+        assert native_answer == expected_answer
     assert answered_natively(native) == before + 4
     deadline = time.monotonic() + 3
     while "gRPC ModelInfer key=default model=demo version=1 status=OK" not in \
@@ -330,7 +345,8 @@ def test_grpc_refusals_read_as_the_services(native: Stack) -> None:
     assert answered_natively(native) == before
 
 
-def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack) -> None:
+def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack,
+                                                                   reference: Stack) -> None:
     expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": IMAGES[:2]})
     before = answered_natively(native)
     asked = json_request(2, outputs=[{"name": "probabilities"}])
@@ -369,9 +385,9 @@ def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack
                                                "parameters": {"classification": 2}}]),
                      json_request(1, outputs=[{"name": "logits"}])):
             native_answer = http.post("/v2/models/demo/jobs", json=body)
-            reference = by_the_app(http, "/v2/models/demo/jobs", body)
-            assert native_answer.status_code == reference.status_code == 400
-            assert native_answer.json() == reference.json()
+            answer = by_the_app(reference, "/v2/models/demo/jobs", body)
+            assert native_answer.status_code == answer.status_code == 400
+            assert native_answer.json() == answer.json()
     # submitted, fetched (each poll too), the stranger's and the unknown fetch, two refusals
     assert answered_natively(native) == before + 1 + polls + 1 + 2 + 2
     assert any(f"GET /v2/models/demo/jobs/{job_id} key=default model=demo version=1 "
@@ -391,3 +407,37 @@ def test_an_oversized_grpc_message_is_refused_in_our_words(native: Stack) -> Non
     # the port serves on
     _, code, words = grpc_call(native, grpc_request(1))
     assert code == "OK", words
+
+
+def test_compressed_bodies_take_the_native_path_and_bad_ones_get_the_apps_words(
+        native: Stack) -> None:
+    import zlib
+
+    body = json.dumps(json_request(2, id="packed")).encode()
+    deflated = zlib.compressobj(wbits=zlib.MAX_WBITS)
+    deflate = deflated.compress(body) + deflated.flush()
+    before = answered_natively(native)
+    with native.http() as http:
+        plain = http.post("/v2/models/demo/infer", content=body,
+                          headers={"Content-Type": "application/json"})
+        answers = [http.post("/v2/models/demo/infer", content=packed,
+                             headers={"Content-Type": "application/json",
+                                      "Content-Encoding": encoding})
+                   for encoding, packed in (("gzip", gzip.compress(body)),
+                                            ("deflate", deflate))]
+        assert plain.status_code == 200, plain.text
+        for answer in answers:
+            assert (answer.status_code, answer.json()) == (200, plain.json())
+        assert answered_natively(native) == before + 3
+        # what does not decompress (or is too large once decompressed) is the app's to refuse
+        broken = http.post("/v2/models/demo/infer", content=b"\x1f\x8bnot gzip",
+                           headers={"Content-Encoding": "gzip"})
+        assert broken.status_code == 400 and "not valid gzip" in broken.json()["error"]
+        bomb = http.post("/v2/models/demo/infer",
+                         content=gzip.compress(b" " * (MAX_REQUEST_BYTES + 1)),
+                         headers={"Content-Encoding": "gzip"})
+        assert bomb.status_code == 413 and "once decompressed" in bomb.json()["error"]
+        other = http.post("/v2/models/demo/infer", content=body,
+                          headers={"Content-Encoding": "br"})
+        assert other.status_code == 415, other.text
+    assert answered_natively(native) == before + 3

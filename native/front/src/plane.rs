@@ -8,9 +8,10 @@
 //! every ~100 ms from the same checks it applies itself: live workers, backlog, disk) and
 //! who may call (`set_callers`, from the key file it reloads). Anything the path does not
 //! hold — an unknown model or version, a version that is not open now, a key that is not
-//! an `infer` key for the model, compressed bodies — is passed on to the Python application, whose answer (and words) are the reference. Every request
-//! answered here becomes an `Event` that Python drains for its metrics, statistics, access
-//! log and (tracing on) spans, so those stay one implementation.
+//! an `infer` key for the model, a body that does not decompress within the limit — is
+//! passed on to the Python application, whose answer (and words) are the reference. Every
+//! request answered here becomes an `Event` that Python drains for its metrics, statistics,
+//! access log and (tracing on) spans, so those stay one implementation.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
@@ -77,6 +78,9 @@ pub struct PlaneConfig {
     pub max_rows: Option<u64>,
     pub spool: Option<PathBuf>,
     pub spool_min_bytes: usize,
+    /// The body size limit, decompressed too (a compressed body larger once decompressed
+    /// goes to the app, which says so).
+    pub max_request_bytes: u64,
     /// A job's deadline to be answered, and how long its record and answer are kept.
     pub job_timeout: Duration,
     pub job_ttl: Duration,
@@ -338,6 +342,45 @@ fn model_path<'a>(path: &'a str, suffix: &str) -> Option<&'a str> {
     (!model.is_empty() && !model.contains('/')).then_some(model)
 }
 
+/// A request body's `Content-Encoding`, as the app reads them (tritonclient's request
+/// compression); `None`: one it does not take.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Encoding {
+    Identity,
+    Gzip,
+    Deflate,
+}
+
+fn encoding(headers: &HeaderMap) -> Option<Encoding> {
+    let Some(value) = headers.get(header::CONTENT_ENCODING) else {
+        return Some(Encoding::Identity);
+    };
+    let value = value.to_str().ok()?.trim().to_ascii_lowercase();
+    match value.as_str() {
+        "identity" => Some(Encoding::Identity),
+        "gzip" | "x-gzip" => Some(Encoding::Gzip),
+        "deflate" => Some(Encoding::Deflate),
+        _ => None,
+    }
+}
+
+/// `body` decompressed, if it is whole valid `encoding` data of at most `limit` bytes once
+/// decompressed (read no further: no decompression bomb).
+fn decompress(body: &[u8], encoding: Encoding, limit: u64) -> Option<Bytes> {
+    use std::io::Read as _;
+    let mut plain = Vec::new();
+    let read = match encoding {
+        Encoding::Gzip => flate2::read::GzDecoder::new(body)
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut plain),
+        Encoding::Deflate => flate2::read::ZlibDecoder::new(body)
+            .take(limit.saturating_add(1))
+            .read_to_end(&mut plain),
+        Encoding::Identity => return Some(Bytes::copy_from_slice(body)),
+    };
+    (read.is_ok() && plain.len() as u64 <= limit).then(|| Bytes::from(plain))
+}
+
 /// `/v2/models/{m}/jobs/{id}`: the model and the job's id.
 fn job_result_path(path: &str) -> Option<(&str, &str)> {
     let (model, job_id) = path.strip_prefix("/v2/models/")?.split_once("/jobs/")?;
@@ -544,12 +587,7 @@ impl Plane {
 
     /// Whether this request is the path's to answer; `None` passes it to Python.
     pub fn route(&self, path: &str, headers: &HeaderMap) -> Option<Target> {
-        if headers
-            .get(header::CONTENT_ENCODING)
-            .is_some_and(|v| !v.as_bytes().eq_ignore_ascii_case(b"identity"))
-        {
-            return None;
-        }
+        encoding(headers)?; // what it does not take, the app names (415)
         if let Some((model, job_id)) = job_result_path(path) {
             let mut target = self.target(model, None, headers)?;
             target.kind = Kind::JobResult;
@@ -634,7 +672,15 @@ impl Plane {
         received: (Instant, f64),
         client: String,
     ) -> Option<Response<Full<Bytes>>> {
-        let started = received.0; // from the head, as the app times its own: body included
+        // timed from the head, as the app times its own: body included
+        let started = received.0;
+        // a compressed body is read here; one that does not decompress within the limit is
+        // the app's to refuse, in its words
+        let decoded = match encoding(headers)? {
+            Encoding::Identity => None,
+            compressed => Some(decompress(body, compressed, self.config.max_request_bytes)?),
+        };
+        let body = decoded.as_ref().unwrap_or(body);
         let bytes_in = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
@@ -1666,6 +1712,56 @@ mod tests {
     }
 
     #[test]
+    fn compressed_bodies_are_read_within_the_limit_or_left_to_the_app() {
+        use std::io::Write as _;
+        let body = b"{\"inputs\": []}".repeat(10);
+        let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
+        gzip.write_all(&body).unwrap();
+        let gzip = gzip.finish().unwrap();
+        let mut zlib = flate2::write::ZlibEncoder::new(Vec::new(), flate2::Compression::default());
+        zlib.write_all(&body).unwrap();
+        let zlib = zlib.finish().unwrap();
+        let limit = body.len() as u64;
+        assert_eq!(
+            decompress(&gzip, Encoding::Gzip, limit).as_deref(),
+            Some(&body[..])
+        );
+        assert_eq!(
+            decompress(&zlib, Encoding::Deflate, limit).as_deref(),
+            Some(&body[..])
+        );
+        assert_eq!(
+            decompress(&gzip, Encoding::Gzip, limit - 1),
+            None,
+            "over the limit"
+        );
+        assert_eq!(
+            decompress(&gzip[..gzip.len() - 9], Encoding::Gzip, limit),
+            None,
+            "cut"
+        );
+        assert_eq!(decompress(b"\x1f\x8bnot gzip", Encoding::Gzip, limit), None);
+        assert_eq!(
+            decompress(&gzip, Encoding::Deflate, limit),
+            None,
+            "not zlib"
+        );
+        let named = |value: &str| {
+            let mut headers = HeaderMap::new();
+            headers.insert(
+                header::CONTENT_ENCODING,
+                HeaderValue::from_str(value).unwrap(),
+            );
+            encoding(&headers)
+        };
+        assert_eq!(encoding(&HeaderMap::new()), Some(Encoding::Identity));
+        assert_eq!(named(" GZip "), Some(Encoding::Gzip));
+        assert_eq!(named("x-gzip"), Some(Encoding::Gzip));
+        assert_eq!(named("deflate"), Some(Encoding::Deflate));
+        assert_eq!(named("br"), None);
+    }
+
+    #[test]
     fn a_jobs_outputs_are_kept_as_python_reads_them() {
         assert_eq!(job_outputs(None), "null");
         let asked = [("b".to_owned(), true), ("a\"x".to_owned(), false)];
@@ -1744,6 +1840,7 @@ mod tests {
             max_rows: Some(64),
             spool: None,
             spool_min_bytes: 32 * 1024,
+            max_request_bytes: 1 << 20,
             job_timeout: Duration::from_secs(300),
             job_ttl: Duration::from_secs(3600),
         };
@@ -1845,7 +1942,7 @@ mod tests {
                 "/v2/models/demo/infer",
                 vec![
                     ("authorization", "Bearer ppml_all"),
-                    ("content-encoding", "gzip"),
+                    ("content-encoding", "br"),
                 ],
             ),
         ] {

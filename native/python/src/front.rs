@@ -207,7 +207,7 @@ impl Front {
     #[pyo3(signature = (*, cluster, unix_path, host, port, tls, ca_file, username, password, db,
                         command_timeout_s, request_timeout_s, max_inflight_per_model,
                         max_rows, spool, spool_min_bytes, job_timeout_s=300.0,
-                        job_ttl_s=3600))]
+                        job_ttl_s=3600, max_request_bytes=67108864))]
     #[allow(clippy::too_many_arguments)]
     fn install_plane(
         &self,
@@ -229,6 +229,7 @@ impl Front {
         spool_min_bytes: usize,
         job_timeout_s: f64,
         job_ttl_s: u64,
+        max_request_bytes: u64,
     ) -> PyResult<()> {
         let ca_pem = match &ca_file {
             Some(path) => Some(std::fs::read(path).map_err(|e| {
@@ -258,6 +259,7 @@ impl Front {
             max_rows,
             spool,
             spool_min_bytes,
+            max_request_bytes,
             job_timeout: seconds(job_timeout_s, "job_timeout_s")?,
             job_ttl: Duration::from_secs(job_ttl_s),
         };

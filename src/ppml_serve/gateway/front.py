@@ -100,7 +100,8 @@ class NativeFront:
             max_rows=settings.worker.max_rows_per_request,
             spool=str(spool) if spool is not None else None,
             spool_min_bytes=settings.redis.payload_spool_min_bytes,
-            job_timeout_s=gateway.job_timeout_s, job_ttl_s=gateway.job_ttl_s)
+            job_timeout_s=gateway.job_timeout_s, job_ttl_s=gateway.job_ttl_s,
+            max_request_bytes=gateway.max_request_bytes)
         return True
 
     def _remove_directory(self) -> None:
