@@ -5,8 +5,8 @@ and keys up to date and counting, timing and logging what the front answered.
 A real stack: TLS Redis, workers with the demo model, the gateway with its native front.
 What the path does not hold must reach the app and get the app's own answer; what it does
 answer must read exactly as the app's path would (the app's words are the reference: the
-same request sent to a second stack with ``gateway.native_infer: false``; for gRPC, the same
-call compressed, which the front passes to the Python service)."""
+same request sent to a second stack with ``gateway.native_infer: false``, whose front passes
+every call to the app or the Python gRPC service)."""
 
 from __future__ import annotations
 
@@ -239,10 +239,10 @@ def test_the_plaintext_benchmark_mode_takes_the_native_path_too(tmp_path: Path) 
         assert answered_natively(plain) == before + 1
 
 
-# gRPC: ModelInfer on the gRPC port is answered by the front too; a gzip-compressed call is
-# the Python service's (the reference for every answer and refusal).
+# gRPC: ModelInfer on the gRPC port is answered by the front too; the reference stack's
+# Python gRPC service gives the expected answers and refusals.
 
-def grpc_call(stack: Stack, request: object, compressed: bool = False,
+def grpc_call(stack: Stack, request: object, compressed: str | None = None,
               key: str | None = None) -> tuple[object, str, str]:
     """(response or None, status code name, details) of one ModelInfer."""
     import grpc
@@ -254,7 +254,8 @@ def grpc_call(stack: Stack, request: object, compressed: bool = False,
         try:
             response = stub.ModelInfer(
                 request, metadata=(("authorization", f"Bearer {key or stack.api_key}"),),
-                compression=grpc.Compression.Gzip if compressed else None, timeout=10)
+                compression=getattr(grpc.Compression, compressed) if compressed else None,
+                timeout=10)
         except grpc.RpcError as error:
             return None, error.code().name, error.details() or ""
     return response, "OK", ""
@@ -272,7 +273,8 @@ def grpc_request(rows: int = 1, typed: bool = False, **fields: object) -> object
     return request
 
 
-def test_grpc_model_infer_is_answered_by_the_front_as_the_service_would(native: Stack) -> None:
+def test_grpc_model_infer_is_answered_by_the_front_as_the_service_would(
+        native: Stack, reference: Stack) -> None:
     from tritonclient.grpc import service_pb2 as pb
 
     expected = load_engine("demo", demo_model_path().read_bytes()).infer({"image": IMAGES[:3]})
@@ -291,10 +293,11 @@ def test_grpc_model_infer_is_answered_by_the_front_as_the_service_would(native: 
     classified.outputs.add(name="probabilities").parameters["classification"].int64_param = 3
     for message in (request, grpc_request(3, typed=True, id="grpc-mine"), classified):
         native_answer, _, _ = grpc_call(native, message)
-        expected_answer, code, details = grpc_call(native, message, compressed=True)
+        packed = [grpc_call(native, message, compressed=how)[0] for how in ("Gzip", "Deflate")]
+        expected_answer, code, details = grpc_call(reference, message)
         assert code == "OK", details
-        assert native_answer == expected_answer
-    assert answered_natively(native) == before + 4
+        assert native_answer == packed[0] == packed[1] == expected_answer
+    assert answered_natively(native) == before + 10  # compressed calls are read natively too
     deadline = time.monotonic() + 3
     while "gRPC ModelInfer key=default model=demo version=1 status=OK" not in \
             gateway_log(native) and time.monotonic() < deadline:
@@ -302,7 +305,7 @@ def test_grpc_model_infer_is_answered_by_the_front_as_the_service_would(native: 
     assert "gRPC ModelInfer key=default model=demo version=1 status=OK" in gateway_log(native)
 
 
-def test_grpc_refusals_read_as_the_services(native: Stack) -> None:
+def test_grpc_refusals_read_as_the_services(native: Stack, reference: Stack) -> None:
     from tritonclient.grpc import service_pb2 as pb
 
     def shaped(shape: list[int], datatype: str = "UINT8", name: str = "image") -> object:
@@ -324,7 +327,7 @@ def test_grpc_refusals_read_as_the_services(native: Stack) -> None:
     before = answered_natively(native)
     for what, (request, code) in cases.items():
         _, native_code, native_words = grpc_call(native, request)
-        _, service_code, service_words = grpc_call(native, request, compressed=True)
+        _, service_code, service_words = grpc_call(reference, request)
         assert (native_code, native_words) == (service_code, service_words), what
         assert native_code == code, (what, native_words)
     assert answered_natively(native) == before + len(cases)
@@ -380,7 +383,7 @@ def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack
                                           "expired)"}
         unknown = http.get("/v2/models/demo/jobs/0123")
         assert unknown.status_code == 404 and "'0123'" in unknown.json()["error"]
-        # refusals read as the app's (the same body compressed takes the app's path)
+        # refusals read as the app's
         for body in (json_request(2, outputs=[{"name": "probabilities",
                                                "parameters": {"classification": 2}}]),
                      json_request(1, outputs=[{"name": "logits"}])):

@@ -152,8 +152,8 @@ class GatewaySettings(_Section):
     """With the native front: answer inference (REST ``…/infer``, ``…/infer-sealed``, jobs and
     their answers, gRPC ``ModelInfer``) in the front itself, from the key check to the
     response, with no Python on the way (the app keeps the routes, keys and metrics up to
-    date; traced and gzip/deflate requests too). Compressed gRPC messages take the gRPC
-    service's path; ``false`` sends every request to the app (for comparison)."""
+    date; traced and gzip/deflate-compressed requests too); ``false`` sends every request to
+    the app and the Python gRPC service (for comparison)."""
     front_threads: int = Field(1, ge=1, le=64)
     """Threads of the native front (TLS, HTTP, limits) in each gateway process. One keeps a
     request's hand-offs between its tasks on one thread: with two, the 602 KB null-model

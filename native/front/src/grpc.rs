@@ -5,7 +5,8 @@
 //! the messages (declared below by hand for the one RPC served here: the field numbers are
 //! the Open Inference Protocol's, checked against tritonclient's descriptors by the Python
 //! tests). A `ModelInfer` the native path does not hold — a model or version not open, a key
-//! that may not call it, a compressed message, or any input the decoder would refuse (the
+//! that may not call it, a message compressed other than with gzip or deflate, or any input
+//! the decoder would refuse (the
 //! Python service's words are the reference) — and every other RPC, `ModelStreamInfer`'s
 //! streams included, go to the Python service over HTTP/2 on a private Unix socket, with
 //! their trailers.
@@ -33,6 +34,7 @@ use ppml_core::request::Tensor;
 use ppml_core::response::{self, ResponseError};
 use ppml_core::v2::{self, Datatype, MAX_BYTES_ELEMENTS};
 use prost::Message as _;
+use tonic::codec::CompressionEncoding;
 use tonic::server::{Grpc, UnaryService};
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
@@ -604,11 +606,13 @@ pub(crate) async fn serve_call(
     }
     shared.stats.requests.fetch_add(1, Ordering::Relaxed);
     let (parts, body) = request.into_parts();
-    let compressed = parts
+    // gzip and deflate are tonic's to read (held to the size limit decompressed); any other
+    // encoding is the Python service's to refuse
+    let readable = parts
         .headers
         .get("grpc-encoding")
-        .is_some_and(|v| v.as_bytes() != b"identity");
-    let plane = shared.plane.get().filter(|_| !compressed);
+        .is_none_or(|v| matches!(v.as_bytes(), b"identity" | b"gzip" | b"deflate"));
+    let plane = shared.plane.get().filter(|_| readable);
     let (Some(plane), true) = (plane, parts.uri.path() == MODEL_INFER) else {
         return pass_on(shared, upstream, &parts, boxed(body)).await;
     };
@@ -661,6 +665,8 @@ pub(crate) async fn serve_call(
     };
     let limit = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
     let mut grpc = Grpc::new(ProstCodec::<ModelInferResponse, ModelInferRequest>::default())
+        .accept_compressed(CompressionEncoding::Gzip)
+        .accept_compressed(CompressionEncoding::Deflate)
         .max_decoding_message_size(limit)
         .max_encoding_message_size(limit);
     let mut native = Request::new(Full::new(bytes.clone()));
