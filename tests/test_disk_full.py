@@ -110,8 +110,14 @@ def test_below_the_floor_the_gateway_is_not_ready(on_small_volume: LocalStack) -
         assert wait_until(lambda: ready() == 503, 5)
         body = {"inputs": [{"name": "image", "datatype": "UINT8", "shape": [1, 8, 8],
                             "data": [0] * 64}]}
-        refused = httpx.post(f"{stack.url}/v2/models/demo/infer", json=body, verify=ca,
-                             headers={"Authorization": f"Bearer {key}"}, timeout=5)
+        def infer() -> httpx.Response:
+            return httpx.post(f"{stack.url}/v2/models/demo/infer", json=body, verify=ca,
+                              headers={"Authorization": f"Bearer {key}"}, timeout=5)
+
+        # the native front takes the change with its next routes (every 0.1 s): within a
+        # moment of readiness, inference is refused too
+        assert wait_until(lambda: infer().status_code == 503, 2)
+        refused = infer()
         assert refused.status_code == 503 and "min_free_disk_mb" in refused.text
         assert refused.headers.get("retry-after")
     finally:
