@@ -767,11 +767,7 @@ impl Plane {
         call: &mut Call,
     ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
         self.admit(call.received)?;
-        let header_length = headers
-            .get("inference-header-content-length")
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let request = v2::parse_request(body, header_length.as_deref())
-            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.0))?;
+        let request = parse_rest(headers, body)?;
         let inputs = tensors(&request, body);
         let (plaintext, answer) = self
             .infer(
@@ -806,11 +802,7 @@ impl Plane {
         body: &Bytes,
         call: &mut Call,
     ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
-        let header_length = headers
-            .get("inference-header-content-length")
-            .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
-        let request = v2::parse_request(body, header_length.as_deref())
-            .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.0))?;
+        let request = parse_rest(headers, body)?;
         let inputs = tensors(&request, body);
         let admit = trace::open(&mut call.trace, "admit", 0, Some(call.size), &self.random);
         let sealed = self.admit_inputs(
@@ -1571,6 +1563,16 @@ fn job_outputs(outputs: Option<&[(String, bool)]>) -> String {
             format!("{{{}}}", items.join(", "))
         }
     }
+}
+
+/// A REST request body (JSON, or the binary extension's header and tensors) decoded; 400
+/// in the app's words if it does not decode.
+fn parse_rest(headers: &HeaderMap, body: &[u8]) -> Result<v2::InferRequest, Refusal> {
+    let header_length = headers
+        .get("inference-header-content-length")
+        .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+    v2::parse_request(body, header_length.as_deref())
+        .map_err(|e| Refusal::new(StatusCode::BAD_REQUEST, e.0))
 }
 
 /// The REST response to the answer record `plaintext`, as `wanted`.
