@@ -356,10 +356,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         if answered.trace is not None:
             trace_id, caller, spans = answered.trace
             served = model_label(answered.model) != "_other"
-            route = spans[0][0].partition(" ")[2] if spans else ""
+            # the server span is named "METHOD route", as the app names its own
+            method, _, route = spans[0][0].partition(" ") if spans else ("POST", "", "")
             record_native_spans(trace_id, caller, spans, {} if grpc else {
                 key: value for key, value in {
-                    "http.request.method": "POST", "http.route": route,
+                    "http.request.method": method, "http.route": route,
                     "http.response.status_code": answered.status,
                     "http.request.body.size": answered.bytes_in or None,
                     "http.response.body.size": answered.bytes_out or None,
