@@ -13,7 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -444,3 +444,92 @@ def test_compressed_bodies_take_the_native_path_and_bad_ones_get_the_apps_words(
                           headers={"Content-Encoding": "br"})
         assert other.status_code == 415, other.text
     assert answered_natively(native) == before + 3
+
+
+def _first(send: Callable[[], httpx.Response], status: int,
+           timeout_s: float = 5.0) -> httpx.Response:
+    """``send``'s first answer with ``status`` (the front's routes are rebuilt every 0.1 s),
+    or its last one after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        response = send()
+        if response.status_code == status or time.monotonic() > deadline:
+            return response
+        time.sleep(0.05)
+
+
+def test_a_closed_version_is_refused_by_the_front_in_the_apps_words(
+        tmp_path: Path, reference: Stack) -> None:
+    """No live worker (503) and a backlog over its bound (429) are answered by the front
+    itself, after the input is checked as the app checks it first, in the app's words; a
+    worker that comes opens the version at once, not a refresh later."""
+    import signal
+
+    settings = stack_settings(
+        tmp_path, gateway={"port": 0, "max_request_bytes": MAX_REQUEST_BYTES,
+                           "request_timeout_s": 20, "max_queue_length": 3},
+        # beats 3 s apart: a frozen worker stays live for 9 s (the backlog case)
+        worker={"heartbeat_s": 3.0, "max_batch_delay_ms": 5, "engine_threads": 1})
+    bad = {"inputs": [{"name": "img", "datatype": "UINT8", "shape": [1, 8, 8],
+                       "data": [0] * 64}]}
+    with running_stack(settings, workers=1) as local:
+        stack = Stack(local)
+        admin = stack.admin()
+        [worker] = stack.workers
+        with stack.http() as http:
+            def infer() -> httpx.Response:
+                return http.post("/v2/models/demo/infer", json=json_request(1))
+
+            assert infer().status_code == 200
+            assert worker.process is not None
+            worker.process.send_signal(signal.SIGSTOP)
+            try:
+                for _ in range(3):  # records no worker reads while it is frozen
+                    admin.xadd("ppml:{demo}:req", {"id": "filler", "body": b""})
+                time.sleep(0.5)  # the backlog is read every 0.1 s (the app's cache too)
+                before = answered_natively(stack)
+                full = _first(infer, 429)
+                assert full.status_code == 429, full.text
+                assert full.json() == {"error": "model 'demo' has 3 queued requests; retry "
+                                                "later"}
+                assert full.headers["retry-after"] == "1"
+                # the input is checked first, in the app's words
+                invalid = http.post("/v2/models/demo/infer", json=bad)
+                expected = by_the_app(reference, "/v2/models/demo/infer", bad)
+                assert invalid.status_code == expected.status_code == 400
+                assert invalid.content == expected.content
+                _, code, words = grpc_call(stack, grpc_request(1))
+                assert (code, words) == ("RESOURCE_EXHAUSTED", full.json()["error"])
+                assert answered_natively(stack) >= before + 3
+                assert admin.xlen("ppml:{demo}:req") == 3  # nothing was queued
+            finally:
+                worker.process.send_signal(signal.SIGCONT)
+            assert _first(infer, 200).status_code == 200
+
+            worker.process.send_signal(signal.SIGTERM)  # a clean stop leaves the group
+            worker.process.wait(10)
+            # the routes then say so within 0.1 s (a request queued just before is failed
+            # by the gateway's watch of its workers, in its own words)
+            time.sleep(0.5)
+            before = answered_natively(stack)
+            gone = _first(infer, 503)
+            assert gone.status_code == 503, gone.text
+            assert gone.json() == {"error": "model 'demo' version 1 has no live worker"}
+            assert gone.headers["retry-after"] == "1"
+            job = http.post("/v2/models/demo/jobs", json=json_request(1))
+            sealed = http.post("/v2/models/demo/infer-sealed", content=b"x" * 64)
+            assert (job.status_code, job.json()) == (503, gone.json())
+            assert (sealed.status_code, sealed.json()) == (503, gone.json())
+            _, code, words = grpc_call(stack, grpc_request(1))
+            assert (code, words) == ("UNAVAILABLE", gone.json()["error"])
+            assert answered_natively(stack) >= before + 4
+
+            # a worker back: its first request is served as soon as the service is ready
+            stack.replace_worker(worker)
+            deadline = time.monotonic() + 30
+            while http.get("/v2/health/ready").status_code != 200:
+                assert time.monotonic() < deadline, "the new worker never became ready"
+                time.sleep(0.02)
+            before = answered_natively(stack)
+            assert infer().status_code == 200
+            assert answered_natively(stack) == before + 1

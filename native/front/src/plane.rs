@@ -18,7 +18,7 @@ use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use aws_lc_rs::constant_time::verify_slices_are_equal;
 use aws_lc_rs::digest::{digest, SHA256};
@@ -106,6 +106,19 @@ pub struct VersionRoute {
     pub reply_aad: (Vec<u8>, Vec<u8>),
     /// A job's record key, less the job id.
     pub job_prefix: String,
+    /// Set while the version takes no requests: what they get once their input is checked.
+    pub closed: Option<Closed>,
+}
+
+/// Why a version takes no requests now, in the app's words.
+pub struct Closed {
+    /// The HTTP status (503 no live worker, 429 backlog over its bound).
+    pub status: u16,
+    pub message: String,
+    /// For want of a live worker: the workers' heartbeat key and the age (seconds) within
+    /// which a beat is live. A worker that came since the routes were built opens the
+    /// version at once (counted here, per request, while it is closed).
+    pub recheck: Option<(String, f64)>,
 }
 
 #[derive(Default)]
@@ -815,6 +828,7 @@ impl Plane {
         );
         trace::close(&mut call.trace, admit);
         let sealed = sealed?;
+        self.closed(&target.route).await?;
         if !request.classification.is_empty() {
             return Err(Refusal::new(
                 StatusCode::BAD_REQUEST,
@@ -1006,6 +1020,7 @@ impl Plane {
     ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
         self.admit(call.received)?;
         let route = &target.route;
+        self.closed(route).await?;
         let request_id = call.request_id.clone();
         let seal = trace::open(&mut call.trace, "seal", 0, Some(call.size), &self.random);
         let sealed = seal_record(route, &[body.as_ref()], body.len(), &request_id);
@@ -1076,6 +1091,7 @@ impl Plane {
         let admitted = self.admit_inputs(target, inputs, outputs, classification, call, admit);
         trace::close(&mut call.trace, admit);
         let sealed = admitted?;
+        self.closed(route).await?;
 
         let _held = self.hold(&route.queue)?;
         let remaining = (deadline - waited).max(0.001);
@@ -1164,6 +1180,34 @@ impl Plane {
         drop(parts);
         trace::close(&mut call.trace, seal);
         sealed
+    }
+
+    /// The refusal a closed version's requests get, unless it has a live worker again.
+    async fn closed(&self, route: &VersionRoute) -> Result<(), Refusal> {
+        let Some(closed) = &route.closed else {
+            return Ok(());
+        };
+        if let Some((key, max_age)) = &closed.recheck {
+            let now = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0.0, |d| d.as_secs_f64());
+            let mut count = redis::cmd("ZCOUNT");
+            count.arg(key).arg(now - max_age).arg("+inf");
+            if let Ok(mut connection) = self.connection().await {
+                let counted = tokio::time::timeout(
+                    self.config.command_timeout,
+                    connection.query::<u64>(&count),
+                )
+                .await;
+                if let Ok(Ok(live)) = counted {
+                    if live > 0 {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+        let status = StatusCode::from_u16(closed.status).unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+        Err(Refusal::new(status, closed.message.clone()))
     }
 
     /// One more request in flight on `queue`, within `worker`'s per-model bound.
@@ -1823,6 +1867,62 @@ mod tests {
         assert_eq!(r.message, "the worker's error answer is malformed");
     }
 
+    fn route(closed: Option<Closed>) -> VersionRoute {
+        let keyring = Keyring::new([("k1", [7u8; 32].as_slice())], "k1").unwrap();
+        VersionRoute {
+            queue: "demo".into(),
+            request_stream: "ppml:{demo}:req".into(),
+            reply_stream: "ppml:{demo}:reply:gw".into(),
+            inputs: Inputs {
+                model: "demo".into(),
+                inputs: vec![],
+            },
+            outputs: vec![("scores".into(), "FP32".into(), vec![-1, 10])],
+            labels: None,
+            keyring: Some(Arc::new(keyring)),
+            request_aad: (b"[".to_vec(), b"]".to_vec()),
+            reply_aad: (b"[".to_vec(), b"]".to_vec()),
+            job_prefix: "ppml:{demo}:job:".into(),
+            closed,
+        }
+    }
+
+    #[test]
+    fn a_closed_version_keeps_its_refusal_unless_a_live_worker_is_counted() {
+        let plane = plane();
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        assert!(runtime.block_on(plane.closed(&route(None))).is_ok());
+        let backlog = route(Some(Closed {
+            status: 429,
+            message: "model 'demo' has 3 queued requests; retry later".into(),
+            recheck: None,
+        }));
+        let refused = runtime.block_on(plane.closed(&backlog)).unwrap_err();
+        assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+        assert!(refused.retry);
+        assert_eq!(
+            refused.message,
+            "model 'demo' has 3 queued requests; retry later"
+        );
+        // the count cannot be taken (Redis unreachable): the refusal stands
+        let no_worker = route(Some(Closed {
+            status: 503,
+            message: "model 'demo' version 1 has no live worker".into(),
+            recheck: Some(("ppml:{demo}:workers".into(), 3.0)),
+        }));
+        let refused = runtime.block_on(plane.closed(&no_worker)).unwrap_err();
+        assert_eq!(
+            (refused.status, refused.message.as_str()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "model 'demo' version 1 has no live worker"
+            )
+        );
+    }
+
     fn plane() -> Plane {
         let config = PlaneConfig {
             redis: RedisTarget {
@@ -1847,22 +1947,7 @@ mod tests {
             job_ttl: Duration::from_secs(3600),
         };
         let plane = Plane::new(config).unwrap();
-        let keyring = Keyring::new([("k1", [7u8; 32].as_slice())], "k1").unwrap();
-        let version = Arc::new(VersionRoute {
-            queue: "demo".into(),
-            request_stream: "ppml:{demo}:req".into(),
-            reply_stream: "ppml:{demo}:reply:gw".into(),
-            inputs: Inputs {
-                model: "demo".into(),
-                inputs: vec![],
-            },
-            outputs: vec![("scores".into(), "FP32".into(), vec![-1, 10])],
-            labels: None,
-            keyring: Some(Arc::new(keyring)),
-            request_aad: (b"[".to_vec(), b"]".to_vec()),
-            reply_aad: (b"[".to_vec(), b"]".to_vec()),
-            job_prefix: "ppml:{demo}:job:".into(),
-        });
+        let version = Arc::new(route(None));
         let mut versions = HashMap::new();
         versions.insert("1".to_owned(), version);
         let mut routes = HashMap::new();

@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ppml_front::{
-    Caller, Front as CoreFront, FrontConfig, FrontError, GrpcConfig, ModelRoute, Plane,
+    Caller, Closed, Front as CoreFront, FrontConfig, FrontError, GrpcConfig, ModelRoute, Plane,
     PlaneConfig, RedisTarget, TlsFiles, VersionRoute,
 };
 use pyo3::prelude::*;
@@ -29,7 +29,12 @@ type VersionSpec<'py> = (
     Option<PyRef<'py, Keyring>>,
     (Vec<u8>, Vec<u8>),
     (Vec<u8>, Vec<u8>),
+    Option<ClosedSpec>,
 );
+
+/// A closed version: HTTP status, the app's words, and (for want of a live worker) the
+/// workers' heartbeat key and the age within which a beat is live.
+type ClosedSpec = (u16, String, Option<(String, f64)>);
 
 /// An API key as Python describes it: SHA-256 of its token, name, models (None: all), id.
 type CallerSpec = ([u8; 32], String, Option<Vec<String>>, String);
@@ -276,7 +281,6 @@ impl Front {
         Ok(())
     }
 
-    /// Serve inference on the native path (or pass every request to the application).
     /// Trace the native path's sampled requests (new traces at ``ratio``), or stop (None).
     fn set_tracing(&self, ratio: Option<f64>) {
         if let Some(plane) = self.plane() {
@@ -284,6 +288,7 @@ impl Front {
         }
     }
 
+    /// Serve inference on the native path (or pass every request to the application).
     fn set_plane_enabled(&self, enabled: bool) {
         if let Some(plane) = self.plane() {
             plane.set_enabled(enabled);
@@ -311,6 +316,7 @@ impl Front {
                             keys,
                             a,
                             b,
+                            closed,
                         ) = spec;
                         let route = VersionRoute {
                             queue,
@@ -323,6 +329,11 @@ impl Front {
                             request_aad: a,
                             reply_aad: b,
                             job_prefix,
+                            closed: closed.map(|(status, message, recheck)| Closed {
+                                status,
+                                message,
+                                recheck,
+                            }),
                         };
                         (version, Arc::new(route))
                     })

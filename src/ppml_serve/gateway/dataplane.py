@@ -76,6 +76,20 @@ request_received: ContextVar[float | None] = ContextVar("request_received", defa
 there, not from when this process got to it. Unset without the front."""
 
 
+@dataclass(frozen=True)
+class Closure:
+    """Why a version takes no requests now: the error each gets once its input is checked
+    (as ``infer`` checks it first); ``recheck``: it is for want of a live worker, and one
+    that comes opens the version at once."""
+
+    error: NotReady | Overloaded
+    recheck: bool = False
+
+
+Routed = tuple[ModelSpec, Closure | None]
+"""A version on the native path: its spec, and what its requests get while it is closed."""
+
+
 class NativeRequests(Protocol):
     """The requests the native front's inference path holds (``gateway/native_path.py``):
     counted with this process's own against the per-model bound, failed with them when a
@@ -140,6 +154,11 @@ class DataPlane:
         except NotReady as exc:
             log.warning("starting without the queue (%s); will keep trying", exc)
         self._tasks = [asyncio.create_task(self._watch_workers(), name="worker-watch")]
+
+    @property
+    def worker_max_age_s(self) -> float:
+        """A worker whose last heartbeat is older than this is not live."""
+        return self._worker_max_age_s
 
     def _sealer_of(self, queue: str) -> Sealer:
         """Records of every version of a model are sealed under that model's keys."""
@@ -459,14 +478,19 @@ class DataPlane:
         await self._spec_of(queue)
         return await self._queue_ready(queue)
 
-    async def _queue_ready(self, queue: str) -> bool:
-        view = await self.repository()
+    @staticmethod
+    def _state_serves(view: RepositoryView, queue: str) -> bool:
+        """Whether the hosts' records let ``queue`` serve (once it has live workers)."""
         model, version = split_queue_name(queue)
         state = view.states(model).get(version)
-        if view.knows(model) and (state is None or state.state not in (VersionState.READY,
-                                                                       VersionState.LOADING)):
-            return False  # draining for an unload, failed, or not loaded
-        # LOADING: ready once its workers are live (hosts report READY up to a poll later)
+        # draining for an unload, failed, or not loaded: no; LOADING: ready once its
+        # workers are live (hosts report READY up to a poll later)
+        return not view.knows(model) or (
+            state is not None and state.state in (VersionState.READY, VersionState.LOADING))
+
+    async def _queue_ready(self, queue: str) -> bool:
+        if not self._state_serves(await self.repository(), queue):
+            return False
 
         async def load() -> bool:
             return await self._presence.live_workers(queue, self._worker_max_age_s) > 0
@@ -499,34 +523,40 @@ class DataPlane:
         except NotReady:
             return False
 
-    async def open_versions(self) -> dict[str, tuple[str | None, dict[str, ModelSpec]]]:
+    async def route_table(self) -> dict[str, tuple[str | None, dict[str, Routed]]]:
         """For the native front's inference path: per served model, the version an
-        unversioned request goes to (``None``: not an open one) and the versions that take
-        requests now — announced with a spec that opens with this gateway's keys, live
-        workers, backlog under its bound, room on disk: the checks ``infer`` makes. Requests
-        for anything else are left to this process, which answers them with its reasons."""
+        unversioned request goes to (``None``: one not in the table) and its versions whose
+        spec opens with this gateway's keys, each with the ``Closure`` its requests get
+        now, if any: the checks ``infer`` makes (no live worker, backlog over its bound).
+        Nothing while the state volume is short of room (the app checks it per request),
+        and requests for anything not in the table are left to this process, which answers
+        them with its reasons."""
         if self._disk is not None and self._disk.shortage() is not None:
             return {}
         view = await self.repository()
         specs = await self.models()
         names = self._configured | view.names() | {split_queue_name(q)[0] for q in specs}
-        table: dict[str, tuple[str | None, dict[str, ModelSpec]]] = {}
+        table: dict[str, tuple[str | None, dict[str, Routed]]] = {}
         for name in sorted(names):
-            versions: dict[str, ModelSpec] = {}
+            versions: dict[str, Routed] = {}
             for version in view.present(name) if view.knows(name) else ["1"]:
                 queue = queue_name(name, version)
-                try:
-                    if not await self._queue_ready(queue):
-                        continue
+                closure: Closure | None = None
+                if not await self._queue_ready(queue):
+                    # the app's words; while the hosts let it serve, a worker that comes
+                    # before the next refresh opens it (the front counts live ones itself)
+                    closure = Closure(_no_live_worker(queue),
+                                      recheck=self._state_serves(view, queue))
+                else:
                     if queue not in specs:  # live workers whose spec is newer than the cache
                         specs = await self.models(refresh=True)
-                    await self._check_backlog(queue)
-                except Overloaded:
-                    continue
-                spec = specs.get(queue)
-                if spec is None:
-                    continue
-                versions[version] = spec
+                    try:
+                        await self._check_backlog(queue)
+                    except Overloaded as exc:
+                        closure = Closure(exc)
+                spec = specs.get(queue)  # none: the app answers (no worker holds its keys)
+                if spec is not None:
+                    versions[version] = (spec, closure)
             if versions:
                 try:
                     default: str | None = await self.resolve(name, None)
@@ -562,8 +592,7 @@ class DataPlane:
         if self._disk is not None:
             self._disk.check()  # room for the answers in flight, not for more work
         if not await self._queue_ready(queue):
-            model, version = split_queue_name(queue)
-            raise NotReady(f"model {model!r} version {version} has no live worker")
+            raise _no_live_worker(queue)
         await self._check_backlog(queue)
 
     @contextlib.asynccontextmanager
@@ -750,6 +779,11 @@ class DataPlane:
         _, outputs = record.unpack(plaintext)
         request = InferRequest(job_id, {}, job.outputs, job.binary)
         return encode_response(model, request, outputs, split_queue_name(job.model)[1])
+
+
+def _no_live_worker(queue: str) -> NotReady:
+    model, version = split_queue_name(queue)
+    return NotReady(f"model {model!r} version {version} has no live worker")
 
 
 def _raw(array: np.ndarray[Any, Any]) -> bytes:

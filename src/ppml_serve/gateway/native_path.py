@@ -4,14 +4,16 @@ The front answers ``POST /v2/models/{m}[/versions/{v}]/infer`` itself (ppml-fron
 ``plane``: key check, admission, seal, spool or XADD, its own reply readers, the answer
 opened and encoded) for what this module installs, every ``REFRESH_S``:
 
-- the routes: per model, the version an unversioned request goes to and each version that
-  takes requests now (``DataPlane.open_versions``: the checks the app's path makes), with
-  its streams, declared tensors, keyring and associated data;
+- the routes: per model, the version an unversioned request goes to and each version whose
+  spec the gateway holds (``DataPlane.route_table``), with its streams, declared tensors,
+  keyring and associated data, and, while it takes no requests (no live worker, backlog over
+  its bound: the checks the app's path makes), the error its requests get, in the app's
+  words, once their input is checked;
 - the callers: the ``infer`` keys of the key file, reloaded as the app reloads them.
 
-Whatever is not installed (an unknown model, a version without live workers or over its
-backlog, a full disk, Redis down, a key that may not call the model) goes to the app, whose
-answer and words are the reference. Every request the front answered comes back here as an
+Whatever is not installed (an unknown model, a version no worker has announced, a full
+disk, Redis down, a key that may not call the model) goes to the app, whose answer and words
+are the reference. Every request the front answered comes back here as an
 event, for the app's metrics, statistics and access log: one implementation of those.
 """
 
@@ -34,7 +36,8 @@ from ppml_serve.crypto.envelope import (
 )
 from ppml_serve.errors import NotReady
 from ppml_serve.gateway.auth import ApiKeyStore
-from ppml_serve.gateway.dataplane import DataPlane
+from ppml_serve.gateway.dataplane import Closure, DataPlane
+from ppml_serve.gateway.errors import status_of
 from ppml_serve.queue.contract import queue_name
 from ppml_serve.queue.redis_common import Keys
 from ppml_serve.tracing import NativeSpan
@@ -112,7 +115,17 @@ class NativePath:
     def reply_stream(self, queue: str) -> str:
         return self._layout.replies(queue, self._gateway_id)
 
-    def _version_spec(self, queue: str, spec: Any) -> tuple[Any, ...] | None:
+    def _closed(self, queue: str, closure: Closure | None) -> tuple[Any, ...] | None:
+        """A closure as the front takes it: status, words, and where to count live workers
+        (the key of their heartbeats, and the age within which one is live)."""
+        if closure is None:
+            return None
+        recheck = (self._layout.workers(queue), self._dataplane.worker_max_age_s) \
+            if closure.recheck else None
+        return status_of(closure.error).http, str(closure.error), recheck
+
+    def _version_spec(self, queue: str, spec: Any,
+                      closure: Closure | None) -> tuple[Any, ...] | None:
         model = queue.partition("@")[0]
         sealer = self._sealers.for_model(model)
         keyring = getattr(sealer, "native", None)
@@ -127,7 +140,8 @@ class NativePath:
                   for output in spec.outputs], self._dataplane.labels(queue)),
                 keyring,
                 _around_id(associated_data(queue, _ID_MARK, REQUEST)),
-                _around_id(associated_data(queue, _ID_MARK, REPLY)))
+                _around_id(associated_data(queue, _ID_MARK, REPLY)),
+                self._closed(queue, closure))
 
     async def refresh(self) -> None:
         """Install what the front may serve now, and collect what it answered."""
@@ -136,14 +150,14 @@ class NativePath:
             self._front.set_callers(callers)
             self._callers = callers
         try:
-            table = await asyncio.wait_for(self._dataplane.open_versions(), CHECK_TIMEOUT_S) \
+            table = await asyncio.wait_for(self._dataplane.route_table(), CHECK_TIMEOUT_S) \
                 if self._enabled() else {}
         except (NotReady, asyncio.TimeoutError):
             table = {}  # Redis unreachable or stalled: the app answers, with its reasons
         routes: dict[str, tuple[str | None, dict[str, tuple[Any, ...]]]] = {}
         for model, (default, versions) in table.items():
-            built = {version: self._version_spec(queue_name(model, version), spec)
-                     for version, spec in versions.items()}
+            built = {version: self._version_spec(queue_name(model, version), spec, closure)
+                     for version, (spec, closure) in versions.items()}
             usable = {version: spec for version, spec in built.items() if spec is not None}
             if usable:
                 routes[model] = (default if default in usable else None, usable)
