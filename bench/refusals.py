@@ -1,0 +1,143 @@
+"""What a refusal costs: the demo model with its last worker stopped (every request gets 503
+"no live worker"), answered by the app's path and by the native front, alternating.
+
+    python bench/refusals.py --runs 3 --duration 5 --json bench/results/refusals.json
+
+One revision, two configurations (``gateway.native_infer`` false and true) of a local stack
+(TLS Redis, the gateway, one worker stopped with SIGTERM once its spec is published), each
+loaded by the closed-loop HTTPS generator of ``ppml-serve bench`` at concurrency 32. Reported
+per run and as medians: refusals a second, p50, and the gateway's CPU per refusal. A client
+that retries at once against a model with no worker (or a queue over its bound) is the load
+this measures: what the gateway spends saying no decides what it has left for other models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import signal
+import ssl
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import httpx
+from tqdm import tqdm
+
+from ppml_serve.bench.cpu import part_pids, per_request_ms, snapshot
+from ppml_serve.bench.load import build_request
+from ppml_serve.local_stack import LocalStack
+from ppml_serve.models import demo_model_path, demo_samples
+from ppml_serve.settings import load_settings
+from ppml_serve.state import read_api_key
+
+CONCURRENCY = 32
+
+
+async def _load(url: str, request: bytes, duration_s: float,
+                context: ssl.SSLContext) -> tuple[list[int], list[float]]:
+    """``CONCURRENCY`` keep-alive connections sending ``request`` back to back for
+    ``duration_s``: every answer's status and latency (ms)."""
+    parts = urlsplit(url)
+    statuses: list[int] = []
+    latencies: list[float] = []
+    stop_at = time.perf_counter() + duration_s
+
+    async def loop() -> None:
+        reader, writer = await asyncio.open_connection(parts.hostname, parts.port,
+                                                       ssl=context)
+        try:
+            while time.perf_counter() < stop_at:
+                sent = time.perf_counter()
+                writer.write(request)
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = next((int(line[15:]) for line in head.split(b"\r\n")
+                               if line[:15].lower() == b"content-length:"), 0)
+                await reader.readexactly(length)
+                latencies.append((time.perf_counter() - sent) * 1000)
+                statuses.append(int(head[9:12]))
+        finally:
+            writer.close()
+
+    await asyncio.gather(*(loop() for _ in range(CONCURRENCY)))
+    return statuses, latencies
+
+
+def measure(native: bool, duration_s: float, state: Path) -> dict[str, Any]:
+    settings = load_settings(state_dir=state, models={"demo": demo_model_path()},
+                             gateway={"port": 0, "native_infer": native},
+                             worker={"heartbeat_s": 0.3})
+    stack = LocalStack(settings, workers=1, log_level="WARNING")
+    stack.start()
+    try:
+        key = read_api_key(settings.state_dir)
+        images, _ = demo_samples()
+        body = json.dumps({"inputs": [{"name": "image", "datatype": "UINT8",
+                                       "shape": [1, 8, 8],
+                                       "data": images[0].ravel().tolist()}]}).encode()
+        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
+        for worker in (c for c in stack.children if c.name.startswith("worker")):
+            if worker.process is not None:
+                worker.process.send_signal(signal.SIGTERM)  # leaves the group: no live worker
+                worker.process.wait(10)
+        with httpx.Client(base_url=stack.url, verify=str(settings.ca_file),
+                          headers=headers) as http:
+            for _ in range(100):  # until the stop is seen
+                answer = http.post("/v2/models/demo/infer", content=body)
+                if answer.status_code == 503:
+                    break
+            if answer.status_code != 503 or "no live worker" not in answer.text:
+                raise SystemExit(f"expected 503 no live worker, got {answer.status_code}: "
+                                 f"{answer.text}")
+        context = ssl.create_default_context(cafile=str(settings.ca_file))
+        request = build_request(stack.url, "/v2/models/demo/infer", body, headers)
+        pids = part_pids(stack)
+        pids["worker"] = []
+        asyncio.run(_load(stack.url, request, 1.0, context))  # warm up
+        before = snapshot(pids)
+        statuses, latencies = asyncio.run(_load(stack.url, request, duration_s, context))
+        after = snapshot(pids)
+        if set(statuses) != {503}:
+            raise SystemExit(f"expected only 503s, got {sorted(set(statuses))}")
+        cpu = per_request_ms(before, after, len(statuses))
+        return {"native_infer": native, "refusals_per_s": round(len(statuses) / duration_s, 1),
+                "p50_ms": round(statistics.median(latencies), 3),
+                "gateway_cpu_ms": cpu["gateway"], "front_cpu_ms": cpu["front"],
+                "redis_cpu_ms": cpu["redis"]}
+    finally:
+        stack.stop()
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=3, help="runs of each configuration")
+    parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
+    parser.add_argument("--json", type=Path, help="write the runs and medians here")
+    args = parser.parse_args()
+    if args.runs < 1 or args.duration <= 0:
+        parser.error("--runs must be at least 1 and --duration positive")
+    runs: list[dict[str, Any]] = []
+    order = [native for _ in range(args.runs) for native in (False, True)]
+    for index, native in enumerate(tqdm(order, desc="runs", unit="run")):
+        with tempfile.TemporaryDirectory(prefix="ppml-refusals-") as state:
+            runs.append({"run": index // 2, **measure(native, args.duration, Path(state))})
+    summary = {}
+    for native, name in ((False, "app"), (True, "native")):
+        mine = [run for run in runs if run["native_infer"] is native]
+        summary[name] = {figure: statistics.median(run[figure] for run in mine)
+                         for figure in ("refusals_per_s", "p50_ms", "gateway_cpu_ms",
+                                        "front_cpu_ms", "redis_cpu_ms")}
+    report = {"concurrency": CONCURRENCY, "duration_s": args.duration, "runs": runs,
+              "median": summary}
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
