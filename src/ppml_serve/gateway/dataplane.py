@@ -260,10 +260,10 @@ class DataPlane:
                 if live == 0:
                     log.warning("model %r has no live worker: failing its waiting requests",
                                 model)
-                    message = f"model {model!r} has no live worker"
-                    self._fail_waiting(NotReady(message), model)
+                    error = _no_live_worker(model)  # the words of a refused request
+                    self._fail_waiting(error, model)
                     if self._native is not None:
-                        self._native.fail_waiting(model, message)
+                        self._native.fail_waiting(model, str(error))
 
     async def _cached(self, key: str, ttl_s: float, load: Callable[[], Awaitable[Any]]) -> Any:
         """``load()``'s value, reused for ``ttl_s``. Concurrent callers of an expired key
