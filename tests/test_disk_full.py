@@ -17,7 +17,7 @@ from ppml_serve.bench.faults import run_fault_detailed, wait_until
 from ppml_serve.local_stack import LocalStack
 from ppml_serve.state import read_api_key
 
-from .conftest import stack_settings, supervised_stack
+from .conftest import Stack, stack_settings, supervised_stack
 
 
 @pytest.fixture(scope="module")
@@ -117,9 +117,11 @@ def test_below_the_floor_the_gateway_is_not_ready(on_small_volume: LocalStack) -
         # the native front takes the change with its next routes (every 0.1 s): within a
         # moment of readiness, inference is refused too
         assert wait_until(lambda: infer().status_code == 503, 2)
+        before = Stack(stack).native_answers()
         refused = infer()
         assert refused.status_code == 503 and "min_free_disk_mb" in refused.text
         assert refused.headers.get("retry-after")
+        assert Stack(stack).native_answers() == before + 1  # refused by the front itself
     finally:
         filler.unlink(missing_ok=True)
     assert wait_until(lambda: ready() == 200, 10)

@@ -527,12 +527,10 @@ class DataPlane:
         """For the native front's inference path: per served model, the version an
         unversioned request goes to (``None``: one not in the table) and its versions whose
         spec opens with this gateway's keys, each with the ``Closure`` its requests get
-        now, if any: the checks ``infer`` makes (no live worker, backlog over its bound).
-        Nothing while the state volume is short of room (the app checks it per request),
-        and requests for anything not in the table are left to this process, which answers
-        them with its reasons."""
-        if self._disk is not None and self._disk.shortage() is not None:
-            return {}
+        now, if any: the checks ``infer`` makes, in its order (the state volume short of
+        room, no live worker, backlog over its bound). Requests for anything not in the table
+        are left to this process, which answers them with its reasons."""
+        shortage = self._disk.shortage() if self._disk is not None else None
         view = await self.repository()
         specs = await self.models()
         names = self._configured | view.names() | {split_queue_name(q)[0] for q in specs}
@@ -542,7 +540,9 @@ class DataPlane:
             for version in view.present(name) if view.knows(name) else ["1"]:
                 queue = queue_name(name, version)
                 closure: Closure | None = None
-                if not await self._queue_ready(queue):
+                if shortage is not None:  # the disk's words (its free space, read each second)
+                    closure = Closure(NotReady(shortage))
+                elif not await self._queue_ready(queue):
                     # the app's words; while the hosts let it serve, a worker that comes
                     # before the next refresh opens it (the front counts live ones itself)
                     closure = Closure(_no_live_worker(queue),

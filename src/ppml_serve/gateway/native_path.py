@@ -6,13 +6,13 @@ opened and encoded) for what this module installs, every ``REFRESH_S``:
 
 - the routes: per model, the version an unversioned request goes to and each version whose
   spec the gateway holds (``DataPlane.route_table``), with its streams, declared tensors,
-  keyring and associated data, and, while it takes no requests (no live worker, backlog over
-  its bound: the checks the app's path makes), the error its requests get, in the app's
-  words, once their input is checked;
+  keyring and associated data, and, while it takes no requests (the state volume short of
+  room, no live worker, backlog over its bound: the checks the app's path makes), the
+  error its requests get, in the app's words, once their input is checked;
 - the callers: the ``infer`` keys of the key file, reloaded as the app reloads them.
 
-Whatever is not installed (an unknown model, a version no worker has announced, a full
-disk, Redis down, a key that may not call the model) goes to the app, whose answer and words
+Whatever is not installed (an unknown model, a version no worker has announced, Redis
+down, a key that may not call the model) goes to the app, whose answer and words
 are the reference. Every request the front answered comes back here as an
 event, for the app's metrics, statistics and access log: one implementation of those.
 """
