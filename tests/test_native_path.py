@@ -172,32 +172,71 @@ def test_refusals_on_the_native_path_keep_the_apps_words(native: Stack, referenc
     assert answered_natively(native) == before + 1
 
 
-def test_what_the_native_path_does_not_hold_reaches_the_app(native: Stack,
-                                                            tmp_path: Path) -> None:
+def test_what_the_native_path_does_not_hold_reaches_the_app(native: Stack) -> None:
     before = answered_natively(native)
-    keys_file = native.settings.api_keys_file
-    other = add_api_key(keys_file, "only-other", ["other"])
-    try:
-        with native.http() as http:
-            assert http.post("/v2/models/nope/infer", json=json_request()).status_code == 404
-            missing = http.post("/v2/models/demo/versions/9/infer", json=json_request())
-            assert missing.status_code == 404 and "versions: 1" in missing.json()["error"]
-        with native.http(api_key="ppml_wrong") as http:
-            refused = http.post("/v2/models/demo/infer", json=json_request())
-            assert refused.status_code == 401
-            assert refused.headers["www-authenticate"] == "Bearer"
-        with native.http(api_key=None) as http:
-            assert http.post("/v2/models/demo/infer", json=json_request()).status_code == 401
-        with native.http(api_key=other) as http:  # once the app has reloaded the key file
-            deadline = time.monotonic() + 5
-            while (status := http.post("/v2/models/demo/infer",
-                                       json=json_request()).status_code) == 401:
-                assert time.monotonic() < deadline, "the new key was never loaded"
-                time.sleep(0.1)
-            assert status == 403
-    finally:
-        revoke_api_key(keys_file, "only-other")
+    with native.http() as http:
+        assert http.post("/v2/models/nope/infer", json=json_request()).status_code == 404
+        missing = http.post("/v2/models/demo/versions/9/infer", json=json_request())
+        assert missing.status_code == 404 and "versions: 1" in missing.json()["error"]
+        # a name the app reads percent-decoded is the app's to judge
+        escaped = http.post("/v2/models/d%65mo/infer", json=json_request())
+        assert escaped.status_code == 200
     assert answered_natively(native) == before
+
+
+def test_callers_refused_for_their_key_are_answered_by_the_front_in_the_apps_words(
+        native: Stack, reference: Stack) -> None:
+    """401 and 403 before anything else, held model or not, as the app authenticates first:
+    a flood of calls without a key costs the front, not the app's Python."""
+    tokens = {id(stack): {
+        "other": add_api_key(stack.settings.api_keys_file, "only-other", ["other"]),
+        "metrics": add_api_key(stack.settings.api_keys_file, "metrics-only", ["*"],
+                               scopes=("metrics",)),
+    } for stack in (native, reference)}
+    cases = [
+        ("/v2/models/demo/infer", None), ("/v2/models/demo/infer", "ppml_wrong"),
+        ("/v2/models/nope/versions/3/infer", None), ("/v2/models/demo/jobs", "ppml_wrong"),
+        ("/v2/models/demo/jobs/0123456789abcdef0123456789abcdef", None),
+        ("/v2/models/demo/infer-sealed", None),
+        ("/v2/models/demo/infer", "other"), ("/v2/models/demo/versions/1/infer", "metrics"),
+        ("/v2/models/demo/jobs", "other"),
+    ]
+    try:
+        def send(stack: Stack, path: str, key: str | None) -> httpx.Response:
+            token = tokens[id(stack)].get(key or "", key)
+            with stack.http(api_key=token) as http:
+                method = "GET" if "/jobs/" in path else "POST"
+                return http.request(method, path, json=json_request())
+
+        # both key files reloaded (up to a second, then the front's next routes)
+        deadline = time.monotonic() + 5
+        while any(send(stack, "/v2/models/demo/infer", "other").status_code != 403
+                  for stack in (native, reference)):
+            assert time.monotonic() < deadline, "the new keys were never loaded"
+            time.sleep(0.1)
+        before = answered_natively(native)
+        for path, key in cases:
+            mine, theirs = send(native, path, key), send(reference, path, key)
+            assert (mine.status_code, mine.json()) == (theirs.status_code, theirs.json()), \
+                (path, key)
+            assert mine.status_code == (401 if key in (None, "ppml_wrong") else 403)
+            assert mine.headers.get("www-authenticate") == \
+                theirs.headers.get("www-authenticate")
+            assert mine.headers.get("x-request-id")
+        assert answered_natively(native) == before + len(cases)
+        # counted and logged as the app counts and logs its own
+        with native.http() as http:
+            metrics = http.get("/metrics").text
+        assert 'ppml_requests_total{model="demo",status="401",version="-"}' in metrics
+        assert 'ppml_requests_total{model="_other",status="401",version="_other"}' in metrics
+        deadline = time.monotonic() + 3
+        while "key=metrics-only model=demo version=1 status=403" not in gateway_log(native):
+            assert time.monotonic() < deadline, "the refusal was not logged"
+            time.sleep(0.05)
+    finally:
+        for stack in (native, reference):
+            revoke_api_key(stack.settings.api_keys_file, "only-other")
+            revoke_api_key(stack.settings.api_keys_file, "metrics-only")
 
 
 def test_a_new_key_is_taken_and_a_revoked_one_refused_within_the_reload_interval(
@@ -331,13 +370,20 @@ def test_grpc_refusals_read_as_the_services(native: Stack, reference: Stack) -> 
         assert (native_code, native_words) == (service_code, service_words), what
         assert native_code == code, (what, native_words)
     assert answered_natively(native) == before + len(cases)
-    # what the front does not hold reaches the service: an unknown model, a wrong key,
-    # a message the service's decoder refuses (its words)
+    # a caller without a valid key is refused by the front, in the service's words
+    before = answered_natively(native)
     unknown_model = grpc_request(1)
     unknown_model.model_name = "nope"
+    for request in (grpc_request(1), unknown_model):
+        _, native_code, native_words = grpc_call(native, request, key="wrong-key")
+        _, service_code, service_words = grpc_call(reference, request, key="wrong-key")
+        assert (native_code, native_words) == (service_code, service_words)
+        assert native_code == "UNAUTHENTICATED"
+    assert answered_natively(native) == before + 2
+    # what the front does not hold reaches the service: an unknown model, a message the
+    # service's decoder refuses (its words)
     passed = {
         "model": (unknown_model, None, "NOT_FOUND"),
-        "key": (grpc_request(1), "wrong-key", "UNAUTHENTICATED"),
         "raw count": (pb.ModelInferRequest(model_name="demo", raw_input_contents=[b"x"]),
                       None, "INVALID_ARGUMENT"),
     }
@@ -533,3 +579,18 @@ def test_a_closed_version_is_refused_by_the_front_in_the_apps_words(
             before = answered_natively(stack)
             assert infer().status_code == 200
             assert answered_natively(stack) == before + 1
+
+
+@pytest.mark.parametrize("method,path", [
+    ("GET", "/v2/models/demo/infer"), ("PUT", "/v2/models/demo/versions/1/infer"),
+    ("DELETE", "/v2/models/demo/infer-sealed"), ("GET", "/v2/models/demo/jobs"),
+    ("POST", "/v2/models/demo/jobs/0123456789abcdef0123456789abcdef")])
+def test_other_methods_on_inference_routes_get_the_apps_answer(
+        native: Stack, reference: Stack, method: str, path: str) -> None:
+    before = answered_natively(native)
+    with native.http() as http, reference.http() as app:
+        mine = http.request(method, path, json=json_request(1))
+        theirs = app.request(method, path, json=json_request(1))
+    assert (mine.status_code, mine.content) == (theirs.status_code, theirs.content)
+    assert mine.status_code == 405
+    assert answered_natively(native) == before

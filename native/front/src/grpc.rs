@@ -388,9 +388,33 @@ async fn answer(
     client: String,
 ) -> Option<Result<ModelInferResponse, Status>> {
     let version = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
-    let target = plane.target(&request.model_name, version, headers)?;
-    let decoded = decode(request)?;
     let bytes_in = request.encoded_len() as u64;
+    let target = match plane.target(&request.model_name, version, headers) {
+        Ok(target) => target?,
+        Err(refused) => {
+            // the service authenticates before it reads the message's tensors
+            let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
+            plane.record(Event {
+                model: refused.model.clone(),
+                version: "-".into(), // as the service logs a call refused before one is chosen
+                queue: String::new(),
+                path: "gRPC ModelInfer".into(),
+                status: refused.refusal.status.as_u16(),
+                seconds: received.0.elapsed().as_secs_f64(),
+                key_name: refused.key_name.clone(),
+                request_id: call.request_id.clone(),
+                caller_id: String::new(),
+                client,
+                bytes_in,
+                bytes_out: 0,
+                answer: None,
+                failure: None,
+                trace: Plane::finish_trace(&mut call),
+            });
+            return Some(Err(status_of(&refused.refusal)));
+        }
+    };
+    let decoded = decode(request)?;
     let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
     let outcome = match plane.admit(received) {
         Err(refusal) => Err(refusal),

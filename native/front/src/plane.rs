@@ -135,6 +135,21 @@ pub struct Caller {
     pub key_id: String,
     /// `None`: every model.
     pub models: Option<HashSet<String>>,
+    /// Whether the key holds the `infer` scope (others are refused 403 here).
+    pub infer: bool,
+}
+
+/// A request refused for its key before anything else is looked at, as the app
+/// authenticates first: 401 (no key, or not one of the key file's), 403 (a key without the
+/// `infer` scope, or not for this model).
+#[derive(Debug)]
+pub(crate) struct Refused {
+    pub(crate) model: String,
+    /// How the app labels a call refused before its version is known: `-` when none was
+    /// asked, `_other` when one was.
+    pub(crate) version: &'static str,
+    pub(crate) key_name: String,
+    pub(crate) refusal: Refusal,
 }
 
 /// A request answered by the path, for Python's metrics, statistics and access log.
@@ -598,59 +613,93 @@ impl Plane {
         found
     }
 
-    /// Whether this request is the path's to answer; `None` passes it to Python.
-    pub fn route(&self, path: &str, headers: &HeaderMap) -> Option<Target> {
-        encoding(headers)?; // what it does not take, the app names (415)
+    /// Whether this request is the path's to answer (`Ok(None)` passes it to Python), or
+    /// one to refuse for its key.
+    pub(crate) fn route(&self, path: &str, headers: &HeaderMap) -> Result<Option<Target>, Refused> {
+        if encoding(headers).is_none() {
+            return Ok(None); // what it does not take, the app names (415)
+        }
         if let Some((model, job_id)) = job_result_path(path) {
-            let mut target = self.target(model, None, headers)?;
-            target.kind = Kind::JobResult;
-            target.job_id = job_id.to_owned();
-            return Some(target);
+            return Ok(self.target(model, None, headers)?.map(|mut target| {
+                target.kind = Kind::JobResult;
+                target.job_id = job_id.to_owned();
+                target
+            }));
         }
         for (suffix, kind) in [("/infer-sealed", Kind::Sealed), ("/jobs", Kind::Job)] {
             if let Some(model) = model_path(path, suffix) {
-                let mut target = self.target(model, None, headers)?;
-                target.kind = kind;
-                return Some(target);
+                return Ok(self.target(model, None, headers)?.map(|mut target| {
+                    target.kind = kind;
+                    target
+                }));
             }
         }
-        let (model, version) = infer_path(path)?;
-        self.target(model, version, headers)
+        match infer_path(path) {
+            Some((model, version)) => self.target(model, version, headers),
+            None => Ok(None),
+        }
     }
 
     /// Whether a request for `model` (`version`, or the newest open one) with these
-    /// headers (its key) is the path's to answer, whichever protocol it came by.
+    /// headers (its key) is the path's to answer, whichever protocol it came by; a key that
+    /// may not call it is refused here whether the path holds the model or not.
     pub(crate) fn target(
         &self,
         model: &str,
         version: Option<&str>,
         headers: &HeaderMap,
-    ) -> Option<Target> {
-        if !self.enabled.load(Ordering::Acquire) {
-            return None;
+    ) -> Result<Option<Target>, Refused> {
+        // percent-escapes: the app reads the name decoded, so it judges the key too
+        if !self.enabled.load(Ordering::Acquire)
+            || model.contains('%')
+            || version.is_some_and(|v| v.contains('%'))
+        {
+            return Ok(None);
+        }
+        let refused = |key_name: &str, status: StatusCode, message: &str| Refused {
+            model: model.to_owned(),
+            version: if version.is_some() { "_other" } else { "-" },
+            key_name: key_name.to_owned(),
+            refusal: Refusal::new(status, message),
+        };
+        let Some(caller) = self.caller(headers) else {
+            return Err(refused(
+                "-",
+                StatusCode::UNAUTHORIZED,
+                "missing or invalid API key",
+            ));
+        };
+        if !caller.infer {
+            return Err(refused(
+                &caller.name,
+                StatusCode::FORBIDDEN,
+                "this API key may not call the inference API",
+            ));
+        }
+        if caller.models.as_ref().is_some_and(|m| !m.contains(model)) {
+            return Err(refused(
+                &caller.name,
+                StatusCode::FORBIDDEN,
+                "this API key may not use this model",
+            ));
         }
         let routes = self
             .routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let served = routes.get(model)?;
-        let version = match version {
-            Some(version) => version,
-            None => served.default_version.as_deref()?,
+        let Some(served) = routes.get(model) else {
+            return Ok(None);
         };
-        let route = served.versions.get(version)?.clone();
-        let caller = self.caller(headers)?;
-        if caller.models.as_ref().is_some_and(|m| !m.contains(model)) {
-            return None;
-        }
-        let caller_id = headers
-            .get("x-request-id")
-            .and_then(|v| v.to_str().ok())
-            .filter(|v| is_caller_id(v))
-            .unwrap_or("")
-            .to_owned();
-        Some(Target {
+        let version = match version.or(served.default_version.as_deref()) {
+            Some(version) => version,
+            None => return Ok(None),
+        };
+        let Some(route) = served.versions.get(version).cloned() else {
+            return Ok(None);
+        };
+        let caller_id = caller_id(headers);
+        Ok(Some(Target {
             route,
             model: model.to_owned(),
             version: version.to_owned(),
@@ -659,7 +708,50 @@ impl Plane {
             kind: Kind::Infer,
             key_id: caller.key_id.clone(),
             job_id: String::new(),
-        })
+        }))
+    }
+
+    /// Answer a request `refused` for its key, and record it (no version was chosen: no
+    /// statistics of one), as the app's `authenticated` routes do.
+    pub(crate) fn refuse(
+        &self,
+        refused: &Refused,
+        path: &str,
+        headers: &HeaderMap,
+        received: (Instant, f64),
+        client: String,
+        bytes_in: u64,
+    ) -> Response<Full<Bytes>> {
+        let mut call = self.call(headers, || route_name(path), received, bytes_in);
+        let mut response = refused_response(&refused.refusal);
+        let shown = caller_id(headers);
+        let shown = if shown.is_empty() {
+            call.request_id.clone()
+        } else {
+            shown
+        };
+        if let Ok(value) = HeaderValue::from_str(&shown) {
+            response.headers_mut().insert("x-request-id", value);
+        }
+        let bytes_out = response.body().size_hint().exact().unwrap_or(0);
+        self.record(Event {
+            model: refused.model.clone(),
+            version: refused.version.to_owned(),
+            queue: String::new(),
+            path: path.to_owned(),
+            status: refused.refusal.status.as_u16(),
+            seconds: received.0.elapsed().as_secs_f64(),
+            key_name: refused.key_name.clone(),
+            request_id: call.request_id.clone(),
+            caller_id: caller_id(headers),
+            client,
+            bytes_in,
+            bytes_out,
+            answer: None,
+            failure: None,
+            trace: Self::finish_trace(&mut call),
+        });
+        response
     }
 
     pub(crate) fn request_id(&self) -> String {
@@ -699,20 +791,7 @@ impl Plane {
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
-        let mut call = self.call(
-            headers,
-            || match infer_path(path) {
-                Some((_, Some(_))) => "POST /v2/models/{model}/versions/{version}/infer".into(),
-                Some((_, None)) => "POST /v2/models/{model}/infer".into(),
-                None if target.kind == Kind::Job => "POST /v2/models/{model}/jobs".into(),
-                None if target.kind == Kind::JobResult => {
-                    "GET /v2/models/{model}/jobs/{job}".into()
-                }
-                None => "POST /v2/models/{model}/infer-sealed".into(),
-            },
-            received,
-            body.len() as u64,
-        );
+        let mut call = self.call(headers, || route_name(path), received, body.len() as u64);
         let outcome = match target.kind {
             Kind::Sealed => self.exchange_sealed(target, body, &mut call).await,
             Kind::Job => self.submit_job(target, headers, body, &mut call).await,
@@ -1730,7 +1809,43 @@ fn worker_error(plaintext: &[u8]) -> Refusal {
 }
 
 fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
-    crate::server::error(refusal.status, &refusal.message, false, refusal.retry)
+    refused_response(refusal)
+}
+
+/// A refusal as the app answers it (401 names the scheme a key is sent with).
+pub(crate) fn refused_response(refusal: &Refusal) -> Response<Full<Bytes>> {
+    let mut response = crate::server::error(refusal.status, &refusal.message, false, refusal.retry);
+    if refusal.status == StatusCode::UNAUTHORIZED {
+        response
+            .headers_mut()
+            .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    }
+    response
+}
+
+/// The caller's own request id, kept (echoed, logged) when it is a short plain token.
+fn caller_id(headers: &HeaderMap) -> String {
+    headers
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| is_caller_id(v))
+        .unwrap_or("")
+        .to_owned()
+}
+
+/// The server span's name for an inference route: "METHOD route", as the app names its own.
+fn route_name(path: &str) -> String {
+    if job_result_path(path).is_some() {
+        "GET /v2/models/{model}/jobs/{job}".into()
+    } else if model_path(path, "/jobs").is_some() {
+        "POST /v2/models/{model}/jobs".into()
+    } else if model_path(path, "/infer-sealed").is_some() {
+        "POST /v2/models/{model}/infer-sealed".into()
+    } else if let Some((_, Some(_))) = infer_path(path) {
+        "POST /v2/models/{model}/versions/{version}/infer".into()
+    } else {
+        "POST /v2/models/{model}/infer".into()
+    }
 }
 
 #[cfg(test)]
@@ -1971,6 +2086,7 @@ mod tests {
                     name: "all".into(),
                     key_id: "a1".into(),
                     models: None,
+                    infer: true,
                 },
             ),
             (
@@ -1979,6 +2095,16 @@ mod tests {
                     name: "other".into(),
                     key_id: "o1".into(),
                     models: Some(HashSet::from(["other".to_owned()])),
+                    infer: true,
+                },
+            ),
+            (
+                digest_of("ppml_metrics"),
+                Caller {
+                    name: "metrics".into(),
+                    key_id: "m1".into(),
+                    models: None,
+                    infer: false,
                 },
             ),
         ]);
@@ -2000,6 +2126,7 @@ mod tests {
         let key = [("authorization", "Bearer ppml_all")];
         let target = plane
             .route("/v2/models/demo/infer", &headers(&key))
+            .unwrap()
             .unwrap();
         assert_eq!(
             (target.version.as_str(), target.key_name.as_str()),
@@ -2007,24 +2134,13 @@ mod tests {
         );
         assert!(plane
             .route("/v2/models/demo/versions/1/infer", &headers(&key))
+            .unwrap()
             .is_some());
-        // everything else is the application's to answer, with its words
+        // what the path does not hold is the application's to answer, with its words
         for (path, pairs) in [
             ("/v2/models/demo/versions/2/infer", key.to_vec()),
             ("/v2/models/nope/infer", key.to_vec()),
-            ("/v2/models/demo/infer", vec![]),
-            (
-                "/v2/models/demo/infer",
-                vec![("authorization", "Bearer ppml_wrong")],
-            ),
-            (
-                "/v2/models/demo/infer",
-                vec![("authorization", "Basic ppml_all")],
-            ),
-            (
-                "/v2/models/demo/infer",
-                vec![("authorization", "Bearer ppml_other")],
-            ),
+            ("/v2/models/d%65mo/infer", vec![]),
             (
                 "/v2/models/demo/infer",
                 vec![
@@ -2034,13 +2150,76 @@ mod tests {
             ),
         ] {
             assert!(
-                plane.route(path, &headers(&pairs)).is_none(),
+                plane.route(path, &headers(&pairs)).unwrap().is_none(),
                 "{path} {pairs:?}"
+            );
+        }
+        // a key that may not call it is refused here, held model or not, in the app's words
+        for (path, pairs, status, message, key_name, version) in [
+            (
+                "/v2/models/demo/infer",
+                vec![],
+                401,
+                "missing or invalid API key",
+                "-",
+                "-",
+            ),
+            (
+                "/v2/models/nope/versions/3/infer",
+                vec![("authorization", "Bearer ppml_wrong")],
+                401,
+                "missing or invalid API key",
+                "-",
+                "_other",
+            ),
+            (
+                "/v2/models/demo/jobs",
+                vec![("authorization", "Basic ppml_all")],
+                401,
+                "missing or invalid API key",
+                "-",
+                "-",
+            ),
+            (
+                "/v2/models/demo/infer-sealed",
+                vec![("authorization", "Bearer ppml_other")],
+                403,
+                "this API key may not use this model",
+                "other",
+                "-",
+            ),
+            (
+                "/v2/models/demo/jobs/abc",
+                vec![("authorization", "bearer  ppml_metrics ")],
+                403,
+                "this API key may not call the inference API",
+                "metrics",
+                "-",
+            ),
+        ] {
+            let Err(refused) = plane.route(path, &headers(&pairs)) else {
+                panic!("{path} {pairs:?} was not refused");
+            };
+            assert_eq!(
+                (
+                    refused.refusal.status.as_u16(),
+                    refused.refusal.message.as_str(),
+                    refused.key_name.as_str(),
+                    refused.version
+                ),
+                (status, message, key_name, version),
+                "{path} {pairs:?}"
+            );
+            let response = refused_response(&refused.refusal);
+            assert_eq!(
+                response.headers().get(header::WWW_AUTHENTICATE).is_some(),
+                status == 401
             );
         }
         plane.set_enabled(false);
         assert!(plane
-            .route("/v2/models/demo/infer", &headers(&key))
+            .route("/v2/models/demo/infer", &headers(&[]))
+            .unwrap()
             .is_none());
     }
 
@@ -2055,6 +2234,7 @@ mod tests {
             plane
                 .route("/v2/models/demo/infer", &kept)
                 .unwrap()
+                .unwrap()
                 .caller_id,
             "abc-1"
         );
@@ -2065,6 +2245,7 @@ mod tests {
         assert_eq!(
             plane
                 .route("/v2/models/demo/infer", &odd)
+                .unwrap()
                 .unwrap()
                 .caller_id,
             ""

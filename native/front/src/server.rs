@@ -555,9 +555,24 @@ async fn answer(
         _ => false,
     };
     let target = match shared.plane.get() {
-        Some(plane) if admitted.is_some() || job => plane
-            .route(request.uri().path(), request.headers())
-            .map(|target| (plane, target)),
+        Some(plane) if admitted.is_some() || job => {
+            match plane.route(request.uri().path(), request.headers()) {
+                Ok(target) => target.map(|target| (plane, target)),
+                Err(refused) => {
+                    // answered before its body is read, as the app answers it
+                    shared.stats.native_answers.fetch_add(1, Ordering::Relaxed);
+                    let received = (received_at, received_ms as f64 / 1000.0);
+                    return plane.refuse(
+                        &refused,
+                        request.uri().path(),
+                        request.headers(),
+                        received,
+                        peer.to_string(),
+                        declared_length(request.headers()).unwrap_or(0),
+                    );
+                }
+            }
+        }
         _ => None,
     };
     let (parts, body) = request.into_parts();

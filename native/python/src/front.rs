@@ -36,8 +36,9 @@ type VersionSpec<'py> = (
 /// workers' heartbeat key and the age within which a beat is live.
 type ClosedSpec = (u16, String, Option<(String, f64)>);
 
-/// An API key as Python describes it: SHA-256 of its token, name, models (None: all), id.
-type CallerSpec = ([u8; 32], String, Option<Vec<String>>, String);
+/// An API key as Python describes it: SHA-256 of its token, name, models (None: all), id,
+/// whether it holds the `infer` scope.
+type CallerSpec = ([u8; 32], String, Option<Vec<String>>, String, bool);
 
 fn seconds(value: f64, name: &str) -> PyResult<Duration> {
     Duration::try_from_secs_f64(value)
@@ -348,18 +349,20 @@ impl Front {
         plane.set_routes(table);
     }
 
-    /// The API keys that may call inference: (sha256 digest, key name, models or None, key id).
+    /// Every API key: (sha256 digest, key name, models or None, key id, whether it may call
+    /// inference).
     fn set_callers(&self, callers: Vec<CallerSpec>) {
         if let Some(plane) = self.plane() {
             plane.set_callers(
                 callers
                     .into_iter()
-                    .map(|(digest, name, models, key_id)| {
+                    .map(|(digest, name, models, key_id, infer)| {
                         let models = models.map(|m| m.into_iter().collect::<HashSet<_>>());
                         let caller = Caller {
                             name,
                             key_id,
                             models,
+                            infer,
                         };
                         (digest, caller)
                     })

@@ -291,6 +291,8 @@ def _unsupported(path: str) -> str | None:
     return next((why for pattern, why in _UNSUPPORTED if pattern.fullmatch(path)), None)
 
 
+_ASKED_VERSION = re.compile(r"/v2/models/[^/]+/versions/([^/]+)/infer")
+"""The version an inference path names (the front refuses no escaped one)."""
 _CALLER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 """A caller's X-Request-ID that is kept (echoed, logged): a short, plain token."""
 
@@ -336,7 +338,10 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         labels = (model, version if model != "_other" else "_other")
         metrics.requests.labels(*labels, str(status)).inc()
         metrics.latency.labels(*labels).observe(seconds)
-        if model != "_other" and version != "_other" and request.scope["path"].endswith("/infer"):
+        # Triton's statistics are a version's: a call refused before one was chosen (its
+        # key, an unknown version) has none to count against
+        if model != "_other" and getattr(request.state, "version", None) \
+                and request.scope["path"].endswith("/infer"):
             metrics.statistics.outcome(queue_name(model, version), status == 200, seconds)
 
     def native_answered(answered: Answered) -> None:
@@ -347,7 +352,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             labels = (model_label(answered.model), answered.version)
             metrics.requests.labels(*labels, str(answered.status)).inc()
             metrics.latency.labels(*labels).observe(answered.seconds)
-        if grpc or answered.path.endswith("/infer"):  # as the app counts its own (not sealed)
+        # as the app counts its own (not sealed; none for a caller refused for its key)
+        if answered.queue and (grpc or answered.path.endswith("/infer")):
             metrics.statistics.outcome(answered.queue, answered.status == 200, answered.seconds)
         if answered.answer is not None:
             batch_size, queue_s, engine_s = answered.answer
@@ -372,15 +378,21 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             if answered.failure is not None:
                 log.error("%s", answered.failure)
             if access_log and access.isEnabledFor(logging.INFO) and grpc:
+                shown = model_label(answered.model)  # a refused caller's name: not echoed
                 native_grpc_line(answered.path.removeprefix("gRPC "), answered.key_name,
-                                 answered.model, answered.version, answered.status,
-                                 answered.seconds, answered.bytes_in, answered.bytes_out)
+                                 shown, answered.version if shown != "_other" else "_other",
+                                 answered.status, answered.seconds, answered.bytes_in,
+                                 answered.bytes_out)
             elif access_log and access.isEnabledFor(logging.INFO):
                 method = "GET" if "/jobs/" in answered.path else "POST"  # a job's answer
-                access_line(method, answered.path, answered.key_name, answered.model,
-                            answered.version, answered.status, answered.seconds,
-                            str(answered.bytes_in), str(answered.bytes_out), answered.client,
-                            answered.caller_id)
+                # refused before a version was chosen: the one asked, as the app logs it
+                asked = _ASKED_VERSION.search(answered.path)
+                version = answered.version if answered.queue else (
+                    asked.group(1) if asked else "-")
+                access_line(method, answered.path, answered.key_name,
+                            model_label(answered.model), version, answered.status,
+                            answered.seconds, str(answered.bytes_in), str(answered.bytes_out),
+                            answered.client, answered.caller_id)
         finally:
             request_id.reset(token)
 

@@ -167,16 +167,17 @@ class ApiKeyStore:
         self._entries = entries
         log.info("API keys reloaded (%d keys)", len(self._entries))
 
-    def inference_callers(self) -> list[tuple[bytes, str, list[str] | None, str]]:
-        """The keys that may call inference, for the native front's path: (SHA-256 of the
-        token, key name, models or ``None`` for all, key id: a job's owner). Reloads the
-        file first, as a request does, so a revoked key leaves the front within the reload
-        interval."""
+    def front_callers(self) -> list[tuple[bytes, str, list[str] | None, str, bool]]:
+        """Every key, for the native front's inference path: (SHA-256 of the token, key
+        name, models or ``None`` for all, key id: a job's owner, whether it holds the
+        ``infer`` scope); the front refuses the rest 401 and those that may not call the
+        model 403, as ``authenticate`` and ``authorize`` do. Reloads the file first, as a
+        request does, so a revoked key leaves the front within the reload interval."""
         self._maybe_reload()
         return [(entry.digest, entry.principal.name,
                  None if "*" in entry.principal.models else sorted(entry.principal.models),
-                 entry.principal.key_id)
-                for entry in self._entries if "infer" in entry.principal.scopes]
+                 entry.principal.key_id, "infer" in entry.principal.scopes)
+                for entry in self._entries]
 
     def authenticate(self, authorization: str | None) -> Principal:
         self._maybe_reload()

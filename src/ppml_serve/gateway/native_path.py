@@ -9,7 +9,9 @@ opened and encoded) for what this module installs, every ``REFRESH_S``:
   keyring and associated data, and, while it takes no requests (the state volume short of
   room, no live worker, backlog over its bound: the checks the app's path makes), the
   error its requests get, in the app's words, once their input is checked;
-- the callers: the ``infer`` keys of the key file, reloaded as the app reloads them.
+- the callers: every key of the key file (whether it may call inference, and which
+  models), reloaded as the app reloads them: the front refuses a missing or unknown key
+  (401) and one that may not call the model (403) itself, in the app's words.
 
 Whatever is not installed (an unknown model, a version no worker has announced, Redis
 down, a key that may not call the model) goes to the app, whose answer and words
@@ -108,7 +110,7 @@ class NativePath:
         self._enabled = enabled
         self._tracing = tracing
         self._ratio: float | None = None
-        self._callers: list[tuple[bytes, str, list[str] | None, str]] | None = None
+        self._callers: list[tuple[bytes, str, list[str] | None, str, bool]] | None = None
         self._streams: set[str] = set()
         self.on_answered: Callable[[Answered], None] = lambda answered: None
 
@@ -145,7 +147,7 @@ class NativePath:
 
     async def refresh(self) -> None:
         """Install what the front may serve now, and collect what it answered."""
-        callers = self._keys.inference_callers()
+        callers = self._keys.front_callers()
         if callers != self._callers:
             self._front.set_callers(callers)
             self._callers = callers
