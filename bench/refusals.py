@@ -1,14 +1,17 @@
-"""What a refusal costs: the demo model with its last worker stopped (every request gets 503
-"no live worker"), answered by the app's path and by the native front, alternating.
+"""What a refusal costs, answered by the app's path and by the native front, alternating:
+the demo model with its last worker stopped (``--case no-worker``: every request gets 503
+"no live worker"), or calls without an API key (``--case no-key``: 401).
 
-    python bench/refusals.py --runs 3 --duration 5 --json bench/results/refusals.json
+    python bench/refusals.py --case no-worker --runs 3 --duration 5 \
+        --json bench/results/refusals-no-worker.json
 
 One revision, two configurations (``gateway.native_infer`` false and true) of a local stack
-(TLS Redis, the gateway, one worker stopped with SIGTERM once its spec is published), each
-loaded by the closed-loop HTTPS generator of ``ppml-serve bench`` at concurrency 32. Reported
-per run and as medians: refusals a second, p50, and the gateway's CPU per refusal. A client
-that retries at once against a model with no worker (or a queue over its bound) is the load
-this measures: what the gateway spends saying no decides what it has left for other models.
+(TLS Redis, the gateway, one worker, stopped with SIGTERM once its spec is published for
+``no-worker``), each loaded by keep-alive HTTPS clients at concurrency 32 that send again as
+soon as an answer returns. Reported per run and as medians: refusals a second, p50, and the
+gateway's CPU per refusal. Clients that retry at once against a model with no worker, or a
+flood of calls without a key, are the loads this measures: what the gateway spends saying
+no decides what it has left for everyone else.
 """
 
 from __future__ import annotations
@@ -67,7 +70,7 @@ async def _load(url: str, request: bytes, duration_s: float,
     return statuses, latencies
 
 
-def measure(native: bool, duration_s: float, state: Path) -> dict[str, Any]:
+def measure(native: bool, case: str, duration_s: float, state: Path) -> dict[str, Any]:
     settings = load_settings(state_dir=state, models={"demo": demo_model_path()},
                              gateway={"port": 0, "native_infer": native},
                              worker={"heartbeat_s": 0.3})
@@ -80,7 +83,11 @@ def measure(native: bool, duration_s: float, state: Path) -> dict[str, Any]:
                                        "shape": [1, 8, 8],
                                        "data": images[0].ravel().tolist()}]}).encode()
         headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
-        for worker in (c for c in stack.children if c.name.startswith("worker")):
+        expected, words = 503, "no live worker"
+        if case == "no-key":
+            headers, expected, words = {"Content-Type": "application/json"}, 401, "API key"
+        for worker in (c for c in stack.children
+                       if c.name.startswith("worker") and case == "no-worker"):
             if worker.process is not None:
                 worker.process.send_signal(signal.SIGTERM)  # leaves the group: no live worker
                 worker.process.wait(10)
@@ -88,10 +95,10 @@ def measure(native: bool, duration_s: float, state: Path) -> dict[str, Any]:
                           headers=headers) as http:
             for _ in range(100):  # until the stop is seen
                 answer = http.post("/v2/models/demo/infer", content=body)
-                if answer.status_code == 503:
+                if answer.status_code == expected:
                     break
-            if answer.status_code != 503 or "no live worker" not in answer.text:
-                raise SystemExit(f"expected 503 no live worker, got {answer.status_code}: "
+            if answer.status_code != expected or words not in answer.text:
+                raise SystemExit(f"expected {expected} ({words}), got {answer.status_code}: "
                                  f"{answer.text}")
         context = ssl.create_default_context(cafile=str(settings.ca_file))
         request = build_request(stack.url, "/v2/models/demo/infer", body, headers)
@@ -101,10 +108,11 @@ def measure(native: bool, duration_s: float, state: Path) -> dict[str, Any]:
         before = snapshot(pids)
         statuses, latencies = asyncio.run(_load(stack.url, request, duration_s, context))
         after = snapshot(pids)
-        if set(statuses) != {503}:
-            raise SystemExit(f"expected only 503s, got {sorted(set(statuses))}")
+        if set(statuses) != {expected}:
+            raise SystemExit(f"expected only {expected}s, got {sorted(set(statuses))}")
         cpu = per_request_ms(before, after, len(statuses))
-        return {"native_infer": native, "refusals_per_s": round(len(statuses) / duration_s, 1),
+        return {"case": case, "native_infer": native,
+                "refusals_per_s": round(len(statuses) / duration_s, 1),
                 "p50_ms": round(statistics.median(latencies), 3),
                 "gateway_cpu_ms": cpu["gateway"], "front_cpu_ms": cpu["front"],
                 "redis_cpu_ms": cpu["redis"]}
@@ -114,6 +122,9 @@ def measure(native: bool, duration_s: float, state: Path) -> dict[str, Any]:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--case", choices=("no-worker", "no-key"), default="no-worker",
+                        help="what is refused: a model without a live worker (503), or "
+                             "calls without an API key (401)")
     parser.add_argument("--runs", type=int, default=3, help="runs of each configuration")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--json", type=Path, help="write the runs and medians here")
@@ -124,15 +135,16 @@ def main() -> int:
     order = [native for _ in range(args.runs) for native in (False, True)]
     for index, native in enumerate(tqdm(order, desc="runs", unit="run")):
         with tempfile.TemporaryDirectory(prefix="ppml-refusals-") as state:
-            runs.append({"run": index // 2, **measure(native, args.duration, Path(state))})
+            runs.append({"run": index // 2,
+                         **measure(native, args.case, args.duration, Path(state))})
     summary = {}
     for native, name in ((False, "app"), (True, "native")):
         mine = [run for run in runs if run["native_infer"] is native]
         summary[name] = {figure: statistics.median(run[figure] for run in mine)
                          for figure in ("refusals_per_s", "p50_ms", "gateway_cpu_ms",
                                         "front_cpu_ms", "redis_cpu_ms")}
-    report = {"concurrency": CONCURRENCY, "duration_s": args.duration, "runs": runs,
-              "median": summary}
+    report = {"case": args.case, "concurrency": CONCURRENCY, "duration_s": args.duration,
+              "runs": runs, "median": summary}
     print(json.dumps(summary, indent=2))
     if args.json:
         args.json.write_text(json.dumps(report, indent=2) + "\n")
