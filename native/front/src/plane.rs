@@ -321,7 +321,8 @@ pub struct Plane {
     queue: Queue,
     sender: tokio::sync::Mutex<Option<Conn>>,
     routes: RwLock<Arc<HashMap<String, ModelRoute>>>,
-    callers: RwLock<Arc<Callers>>,
+    /// `None` until the key file is first installed: nothing is refused for its key before.
+    callers: RwLock<Option<Arc<Callers>>>,
     enabled: AtomicBool,
     waiting: Mutex<Waiting>,
     readers: Mutex<HashSet<String>>,
@@ -493,7 +494,7 @@ impl Plane {
             queue,
             sender: tokio::sync::Mutex::new(None),
             routes: RwLock::new(Arc::new(HashMap::new())),
-            callers: RwLock::new(Arc::new(Vec::new())),
+            callers: RwLock::new(None),
             enabled: AtomicBool::new(false),
             waiting: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashSet::new()),
@@ -552,7 +553,7 @@ impl Plane {
 
     pub fn set_callers(&self, callers: Vec<([u8; 32], Caller)>) {
         let callers = callers.into_iter().map(|(d, c)| (d, Arc::new(c))).collect();
-        *self.callers.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(callers);
+        *self.callers.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(callers));
     }
 
     /// Fail the requests waiting on `queue` (its last worker died, say) with a 503.
@@ -590,7 +591,8 @@ impl Plane {
         std::mem::take(&mut *self.events.lock().unwrap_or_else(|p| p.into_inner())).into()
     }
 
-    fn caller(&self, headers: &HeaderMap) -> Option<Arc<Caller>> {
+    /// The key these headers carry, among `callers`; `None`: no key, or not one of them.
+    fn caller(headers: &HeaderMap, callers: &Callers) -> Option<Arc<Caller>> {
         let value = headers.get(header::AUTHORIZATION)?.to_str().ok()?.trim();
         let (scheme, token) = value.split_once(' ')?;
         let token = token.trim();
@@ -598,11 +600,6 @@ impl Plane {
             return None;
         }
         let hashed = digest(&SHA256, token.as_bytes());
-        let callers = self
-            .callers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone();
         let mut found = None;
         for (stored, caller) in callers.iter() {
             // every entry compared: the time taken does not tell which matched
@@ -650,19 +647,24 @@ impl Plane {
         headers: &HeaderMap,
     ) -> Result<Option<Target>, Refused> {
         // percent-escapes: the app reads the name decoded, so it judges the key too
-        if !self.enabled.load(Ordering::Acquire)
-            || model.contains('%')
-            || version.is_some_and(|v| v.contains('%'))
-        {
+        if model.contains('%') || version.is_some_and(|v| v.contains('%')) {
             return Ok(None);
         }
+        let Some(callers) = self
+            .callers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+        else {
+            return Ok(None);
+        };
         let refused = |key_name: &str, status: StatusCode, message: &str| Refused {
             model: model.to_owned(),
             version: if version.is_some() { "_other" } else { "-" },
             key_name: key_name.to_owned(),
             refusal: Refusal::new(status, message),
         };
-        let Some(caller) = self.caller(headers) else {
+        let Some(caller) = Self::caller(headers, &callers) else {
             return Err(refused(
                 "-",
                 StatusCode::UNAUTHORIZED,
@@ -682,6 +684,10 @@ impl Plane {
                 StatusCode::FORBIDDEN,
                 "this API key may not use this model",
             ));
+        }
+        // what follows needs the routes in force (keys are refused even while they are not)
+        if !self.enabled.load(Ordering::Acquire) {
+            return Ok(None);
         }
         let routes = self
             .routes
@@ -2038,8 +2044,8 @@ mod tests {
         );
     }
 
-    fn plane() -> Plane {
-        let config = PlaneConfig {
+    fn plane_config() -> PlaneConfig {
+        PlaneConfig {
             redis: RedisTarget {
                 cluster: false,
                 unix_path: Some(PathBuf::from("/nonexistent/redis.sock")),
@@ -2060,8 +2066,11 @@ mod tests {
             max_request_bytes: 1 << 20,
             job_timeout: Duration::from_secs(300),
             job_ttl: Duration::from_secs(3600),
-        };
-        let plane = Plane::new(config).unwrap();
+        }
+    }
+
+    fn plane() -> Plane {
+        let plane = Plane::new(plane_config()).unwrap();
         let version = Arc::new(route(None));
         let mut versions = HashMap::new();
         versions.insert("1".to_owned(), version);
@@ -2216,7 +2225,19 @@ mod tests {
                 status == 401
             );
         }
+        // with the routes out of force, keyed calls go to the app; keys are still judged
         plane.set_enabled(false);
+        assert!(plane
+            .route("/v2/models/demo/infer", &headers(&key))
+            .unwrap()
+            .is_none());
+        assert!(plane.route("/v2/models/demo/infer", &headers(&[])).is_err());
+    }
+
+    #[test]
+    fn nothing_is_refused_for_its_key_before_the_key_file_is_installed() {
+        let plane = Plane::new(plane_config()).unwrap();
+        plane.set_enabled(true);
         assert!(plane
             .route("/v2/models/demo/infer", &headers(&[]))
             .unwrap()
