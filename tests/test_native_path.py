@@ -61,10 +61,14 @@ def json_request(rows: int = 1, **extra: object) -> dict[str, object]:
                         "data": IMAGES[:rows].ravel().tolist()}], **extra}
 
 
+def post(stack: Stack, path: str, body: dict[str, object]) -> httpx.Response:
+    with stack.http() as http:
+        return http.post(path, json=body)
+
+
 def by_the_app(reference: Stack, path: str, body: dict[str, object]) -> httpx.Response:
     """The same request through the app's path (the reference stack's)."""
-    with reference.http() as http:
-        return http.post(path, json=body)
+    return post(reference, path, body)
 
 
 def gateway_log(stack: Stack) -> str:
@@ -175,13 +179,50 @@ def test_refusals_on_the_native_path_keep_the_apps_words(native: Stack, referenc
 def test_what_the_native_path_does_not_hold_reaches_the_app(native: Stack) -> None:
     before = answered_natively(native)
     with native.http() as http:
-        assert http.post("/v2/models/nope/infer", json=json_request()).status_code == 404
         missing = http.post("/v2/models/demo/versions/9/infer", json=json_request())
         assert missing.status_code == 404 and "versions: 1" in missing.json()["error"]
         # a name the app reads percent-decoded is the app's to judge
         escaped = http.post("/v2/models/d%65mo/infer", json=json_request())
         assert escaped.status_code == 200
     assert answered_natively(native) == before
+
+
+def test_unknown_models_are_refused_by_the_front_unless_named_since(
+        native: Stack, reference: Stack) -> None:
+    before = answered_natively(native)
+    for path in ("/v2/models/nope/infer", "/v2/models/nope/versions/2/infer",
+                 "/v2/models/it's/jobs", "/v2/models/nope/infer-sealed"):
+        mine = post(native, path, json_request())
+        theirs = by_the_app(reference, path, json_request())
+        assert (mine.status_code, mine.json()) == (theirs.status_code, theirs.json()), path
+        assert mine.status_code == 404 and "is not served here" in mine.text
+    unknown = grpc_request(1)
+    unknown.model_name = "nope"
+    _, code, words = grpc_call(native, unknown)
+    assert (code, words) == grpc_call(reference, unknown)[1:]
+    assert code == "NOT_FOUND"
+    assert answered_natively(native) == before + 5
+    # the app's own words for a malformed version come first: its to answer
+    before = answered_natively(native)
+    malformed = post(native, "/v2/models/nope/versions/0x/infer", json_request())
+    assert malformed.json() == by_the_app(reference, "/v2/models/nope/versions/0x/infer",
+                                          json_request()).json()
+    # a name announced by a worker, or asked to be loaded, since the front's names were
+    # installed is the app's to judge (here: both refuse it, for what Redis holds)
+    admin = native.admin()
+    try:
+        admin.hset("ppml:models", "fresh", b"not a spec sealed with our keys")
+        admin.hset("ppml:repository", "asked", b"{}")
+        for name in ("fresh", "asked"):
+            assert post(native, f"/v2/models/{name}/infer",
+                              json_request()).status_code == 404
+    finally:
+        admin.hdel("ppml:models", "fresh")
+        admin.hdel("ppml:repository", "asked")
+    assert answered_natively(native) == before
+    with native.http() as http:
+        metrics = http.get("/metrics").text
+    assert 'ppml_requests_total{model="_other",status="404",version="_other"}' in metrics
 
 
 def test_callers_refused_for_their_key_are_answered_by_the_front_in_the_apps_words(
@@ -380,10 +421,12 @@ def test_grpc_refusals_read_as_the_services(native: Stack, reference: Stack) -> 
         assert (native_code, native_words) == (service_code, service_words)
         assert native_code == "UNAUTHENTICATED"
     assert answered_natively(native) == before + 2
-    # what the front does not hold reaches the service: an unknown model, a message the
+    # what the front does not hold reaches the service: an unknown version, a message the
     # service's decoder refuses (its words)
+    unknown_version = grpc_request(1)
+    unknown_version.model_version = "9"
     passed = {
-        "model": (unknown_model, None, "NOT_FOUND"),
+        "version": (unknown_version, None, "NOT_FOUND"),
         "raw count": (pb.ModelInferRequest(model_name="demo", raw_input_contents=[b"x"]),
                       None, "INVALID_ARGUMENT"),
     }

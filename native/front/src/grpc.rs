@@ -391,6 +391,7 @@ async fn answer(
     let bytes_in = request.encoded_len() as u64;
     let target = match plane.target(&request.model_name, version, headers) {
         Ok(target) => target?,
+        Err(refused) if !plane.stands(&refused).await => return None,
         Err(refused) => {
             // the service authenticates before it reads the message's tensors
             let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);

@@ -18,6 +18,8 @@ mod trace;
 mod upstream;
 
 pub use config::{FrontConfig, GrpcConfig, TlsFiles};
-pub use plane::{Caller, Closed, Event, ModelRoute, Plane, PlaneConfig, RedisTarget, VersionRoute};
+pub use plane::{
+    Caller, Closed, Event, KnownModels, ModelRoute, Plane, PlaneConfig, RedisTarget, VersionRoute,
+};
 pub use server::{Front, FrontError, FrontStats};
 pub use trace::{SpanRecord, Trace};

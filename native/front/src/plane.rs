@@ -150,6 +150,19 @@ pub(crate) struct Refused {
     pub(crate) version: &'static str,
     pub(crate) key_name: String,
     pub(crate) refusal: Refusal,
+    /// An unknown model (404): refused only once Redis confirms no worker announced it and
+    /// no load was asked for it since the names were installed.
+    unknown: Option<Arc<KnownModels>>,
+}
+
+/// The names the app knows as models, and where a newer one would show first.
+#[derive(Debug)]
+pub struct KnownModels {
+    pub names: HashSet<String>,
+    /// The hash of the specs workers announce (by queue name: a model's version 1 is its
+    /// bare name) and the repository's hash of requested states (by model name).
+    pub announced_key: String,
+    pub requested_key: String,
 }
 
 /// A request answered by the path, for Python's metrics, statistics and access log.
@@ -323,6 +336,8 @@ pub struct Plane {
     routes: RwLock<Arc<HashMap<String, ModelRoute>>>,
     /// `None` until the key file is first installed: nothing is refused for its key before.
     callers: RwLock<Option<Arc<Callers>>>,
+    /// `None` until installed: no model is refused as unknown before.
+    known: RwLock<Option<Arc<KnownModels>>>,
     enabled: AtomicBool,
     waiting: Mutex<Waiting>,
     readers: Mutex<HashSet<String>>,
@@ -343,6 +358,14 @@ fn seconds_text(value: f64) -> String {
     } else {
         format!("{value}")
     }
+}
+
+/// A model version as the app takes one (`VERSION_PATTERN`: a positive integer, 9 digits
+/// at most).
+fn is_version(text: &str) -> bool {
+    (1..=9).contains(&text.len())
+        && text.bytes().all(|b| b.is_ascii_digit())
+        && !text.starts_with('0')
 }
 
 fn is_caller_id(text: &str) -> bool {
@@ -495,6 +518,7 @@ impl Plane {
             sender: tokio::sync::Mutex::new(None),
             routes: RwLock::new(Arc::new(HashMap::new())),
             callers: RwLock::new(None),
+            known: RwLock::new(None),
             enabled: AtomicBool::new(false),
             waiting: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashSet::new()),
@@ -556,6 +580,11 @@ impl Plane {
         *self.callers.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(callers));
     }
 
+    /// The model names the app knows (`None`: leave every unknown name to it).
+    pub fn set_known_models(&self, known: Option<KnownModels>) {
+        *self.known.write().unwrap_or_else(|p| p.into_inner()) = known.map(Arc::new);
+    }
+
     /// Fail the requests waiting on `queue` (its last worker died, say) with a 503.
     pub fn fail_waiting(&self, queue: &str, message: &str) -> usize {
         let mut waiting = self.waiting.lock().unwrap_or_else(|p| p.into_inner());
@@ -612,7 +641,11 @@ impl Plane {
 
     /// Whether this request is the path's to answer (`Ok(None)` passes it to Python), or
     /// one to refuse for its key.
-    pub(crate) fn route(&self, path: &str, headers: &HeaderMap) -> Result<Option<Target>, Refused> {
+    pub(crate) fn route(
+        &self,
+        path: &str,
+        headers: &HeaderMap,
+    ) -> Result<Option<Target>, Box<Refused>> {
         if encoding(headers).is_none() {
             return Ok(None); // what it does not take, the app names (415)
         }
@@ -645,7 +678,7 @@ impl Plane {
         model: &str,
         version: Option<&str>,
         headers: &HeaderMap,
-    ) -> Result<Option<Target>, Refused> {
+    ) -> Result<Option<Target>, Box<Refused>> {
         // percent-escapes: the app reads the name decoded, so it judges the key too
         if model.contains('%') || version.is_some_and(|v| v.contains('%')) {
             return Ok(None);
@@ -658,11 +691,14 @@ impl Plane {
         else {
             return Ok(None);
         };
-        let refused = |key_name: &str, status: StatusCode, message: &str| Refused {
-            model: model.to_owned(),
-            version: if version.is_some() { "_other" } else { "-" },
-            key_name: key_name.to_owned(),
-            refusal: Refusal::new(status, message),
+        let refused = |key_name: &str, status: StatusCode, message: &str| {
+            Box::new(Refused {
+                model: model.to_owned(),
+                version: if version.is_some() { "_other" } else { "-" },
+                key_name: key_name.to_owned(),
+                refusal: Refusal::new(status, message),
+                unknown: None,
+            })
         };
         let Some(caller) = Self::caller(headers, &callers) else {
             return Err(refused(
@@ -695,7 +731,23 @@ impl Plane {
             .unwrap_or_else(|p| p.into_inner())
             .clone();
         let Some(served) = routes.get(model) else {
-            return Ok(None);
+            // a name the app does not know either: 404 in its words, after the names were
+            // checked again (a version it would refuse as malformed first is the app's)
+            let known = self.known.read().unwrap_or_else(|p| p.into_inner()).clone();
+            return match known {
+                // (ASCII: where the app's repr of a name is the one written here)
+                Some(known)
+                    if model.is_ascii()
+                        && !known.names.contains(model)
+                        && version.is_none_or(is_version) =>
+                {
+                    let message = format!("model {} is not served here", py_repr(model));
+                    let mut refused = refused(&caller.name, StatusCode::NOT_FOUND, &message);
+                    refused.unknown = Some(known);
+                    Err(refused)
+                }
+                _ => Ok(None),
+            };
         };
         let version = match version.or(served.default_version.as_deref()) {
             Some(version) => version,
@@ -717,8 +769,30 @@ impl Plane {
         }))
     }
 
-    /// Answer a request `refused` for its key, and record it (no version was chosen: no
-    /// statistics of one), as the app's `authenticated` routes do.
+    /// Whether `refused` still stands: an unknown model's name not announced nor asked for
+    /// since (a Redis that does not answer leaves it to the app).
+    pub(crate) async fn stands(&self, refused: &Refused) -> bool {
+        let Some(known) = &refused.unknown else {
+            return true;
+        };
+        let Ok(mut connection) = self.connection().await else {
+            return false;
+        };
+        // one key at a time: on a Redis Cluster the two hashes may live on two nodes
+        for key in [&known.announced_key, &known.requested_key] {
+            let mut check = redis::cmd("HEXISTS");
+            check.arg(key).arg(&refused.model);
+            let found =
+                tokio::time::timeout(self.config.command_timeout, connection.query(&check)).await;
+            if !matches!(found, Ok(Ok(false))) {
+                return false;
+            }
+        }
+        true
+    }
+
+    /// Answer a request `refused` for its key (or an unknown model), and record it (no
+    /// version was chosen: no statistics of one), as the app's `authenticated` routes do.
     pub(crate) fn refuse(
         &self,
         refused: &Refused,
@@ -2232,6 +2306,62 @@ mod tests {
             .unwrap()
             .is_none());
         assert!(plane.route("/v2/models/demo/infer", &headers(&[])).is_err());
+    }
+
+    #[test]
+    fn unknown_models_are_refused_in_the_apps_words_once_names_are_installed() {
+        let plane = plane();
+        let key = [("authorization", "Bearer ppml_all")];
+        assert!(plane
+            .route("/v2/models/nope/infer", &headers(&key))
+            .unwrap()
+            .is_none());
+        plane.set_known_models(Some(KnownModels {
+            names: HashSet::from(["demo".to_owned(), "loading".to_owned()]),
+            announced_key: "ppml:models".into(),
+            requested_key: "ppml:repository".into(),
+        }));
+        for (path, words) in [
+            ("/v2/models/nope/infer", "model 'nope' is not served here"),
+            (
+                "/v2/models/it's/versions/12/infer",
+                "model \"it's\" is not served here",
+            ),
+        ] {
+            let Err(refused) = plane.route(path, &headers(&key)) else {
+                panic!("{path} was not refused");
+            };
+            assert_eq!(
+                (refused.refusal.status, refused.refusal.message.as_str()),
+                (StatusCode::NOT_FOUND, words)
+            );
+            assert!(
+                refused.unknown.is_some(),
+                "checked again before it is answered"
+            );
+        }
+        // known names, and versions the app refuses as malformed first, are the app's
+        for path in [
+            "/v2/models/loading/infer",
+            "/v2/models/nope/versions/0/infer",
+            "/v2/models/nope/versions/1234567890/infer",
+        ] {
+            assert!(
+                plane.route(path, &headers(&key)).unwrap().is_none(),
+                "{path}"
+            );
+        }
+        // a Redis that does not answer the check leaves it to the app
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let Err(refused) = plane.route("/v2/models/nope/infer", &headers(&key)) else {
+            panic!("not refused");
+        };
+        assert!(!runtime.block_on(plane.stands(&refused)));
+        assert!(is_version("1") && is_version("999999999"));
+        assert!(!is_version("0") && !is_version("01") && !is_version("") && !is_version("1a"));
     }
 
     #[test]

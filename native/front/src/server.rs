@@ -558,7 +558,7 @@ async fn answer(
         Some(plane) if admitted.is_some() || job => {
             match plane.route(request.uri().path(), request.headers()) {
                 Ok(target) => target.map(|target| (plane, target)),
-                Err(refused) => {
+                Err(refused) if plane.stands(&refused).await => {
                     // answered before its body is read, as the app answers it
                     shared.stats.native_answers.fetch_add(1, Ordering::Relaxed);
                     let received = (received_at, received_ms as f64 / 1000.0);
@@ -571,6 +571,7 @@ async fn answer(
                         declared_length(request.headers()).unwrap_or(0),
                     );
                 }
+                Err(_) => None, // a model named since: the app's to answer
             }
         }
         _ => None,

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ppml_front::{
-    Caller, Closed, Front as CoreFront, FrontConfig, FrontError, GrpcConfig, ModelRoute, Plane,
-    PlaneConfig, RedisTarget, TlsFiles, VersionRoute,
+    Caller, Closed, Front as CoreFront, FrontConfig, FrontError, GrpcConfig, KnownModels,
+    ModelRoute, Plane, PlaneConfig, RedisTarget, TlsFiles, VersionRoute,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -347,6 +347,20 @@ impl Front {
             })
             .collect();
         plane.set_routes(table);
+    }
+
+    /// The model names the app knows, and the hashes where one announced or asked for
+    /// since would show (``None``: leave every name not routed to the app).
+    fn set_known_models(&self, known: Option<(Vec<String>, String, String)>) {
+        if let Some(plane) = self.plane() {
+            plane.set_known_models(known.map(|(names, announced_key, requested_key)| {
+                KnownModels {
+                    names: names.into_iter().collect(),
+                    announced_key,
+                    requested_key,
+                }
+            }));
+        }
     }
 
     /// Every API key: (sha256 digest, key name, models or None, key id, whether it may call

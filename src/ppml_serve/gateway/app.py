@@ -349,7 +349,8 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         (a gRPC call as the gRPC service's: statistics and queue metrics, its own line)."""
         grpc = answered.path.startswith("gRPC ")
         if not grpc:
-            labels = (model_label(answered.model), answered.version)
+            shown = model_label(answered.model)
+            labels = (shown, answered.version if shown != "_other" else "_other")
             metrics.requests.labels(*labels, str(answered.status)).inc()
             metrics.latency.labels(*labels).observe(answered.seconds)
         # as the app counts its own (not sealed; none for a caller refused for its key)

@@ -523,6 +523,13 @@ class DataPlane:
         except NotReady:
             return False
 
+    async def model_names(self) -> set[str]:
+        """Every name ``resolve`` knows as a model now: configured, on a host, or announced
+        by a worker (what is announced or asked for after this, it finds in Redis)."""
+        view = await self.repository()
+        specs = await self.models()
+        return self._configured | view.names() | {split_queue_name(q)[0] for q in specs}
+
     async def route_table(self) -> dict[str, tuple[str | None, dict[str, Routed]]]:
         """For the native front's inference path: per served model, the version an
         unversioned request goes to (``None``: one not in the table) and its versions whose
@@ -533,7 +540,7 @@ class DataPlane:
         shortage = self._disk.shortage() if self._disk is not None else None
         view = await self.repository()
         specs = await self.models()
-        names = self._configured | view.names() | {split_queue_name(q)[0] for q in specs}
+        names = await self.model_names()
         table: dict[str, tuple[str | None, dict[str, Routed]]] = {}
         for name in sorted(names):
             versions: dict[str, Routed] = {}

@@ -13,10 +13,12 @@ opened and encoded) for what this module installs, every ``REFRESH_S``:
   models), reloaded as the app reloads them: the front refuses a missing or unknown key
   (401) and one that may not call the model (403) itself, in the app's words.
 
-Whatever is not installed (an unknown model, a version no worker has announced, Redis
-down, a key that may not call the model) goes to the app, whose answer and words
-are the reference. Every request the front answered comes back here as an
-event, for the app's metrics, statistics and access log: one implementation of those.
+The model names it knows are installed too: a name none of them is (nor announced or asked
+for since, which the front checks in Redis) is refused 404 in the app's words. Whatever else
+is not installed (an unknown version, a version no worker has announced, Redis down) goes
+to the app, whose answer and words are the reference. Every request the front answered
+comes back here as an event, for the app's metrics, statistics and access log: one
+implementation of those.
 """
 
 from __future__ import annotations
@@ -151,11 +153,18 @@ class NativePath:
         if callers != self._callers:
             self._front.set_callers(callers)
             self._callers = callers
+        names: set[str] | None = None
         try:
-            table = await asyncio.wait_for(self._dataplane.route_table(), CHECK_TIMEOUT_S) \
-                if self._enabled() else {}
+            if self._enabled():
+                table = await asyncio.wait_for(self._dataplane.route_table(), CHECK_TIMEOUT_S)
+                names = await self._dataplane.model_names()  # read by the table just now
+            else:
+                table = {}
         except (NotReady, asyncio.TimeoutError):
             table = {}  # Redis unreachable or stalled: the app answers, with its reasons
+        self._front.set_known_models(
+            None if names is None else (sorted(names), self._layout.models,
+                                        self._layout.repository))
         routes: dict[str, tuple[str | None, dict[str, tuple[Any, ...]]]] = {}
         for model, (default, versions) in table.items():
             built = {version: self._version_spec(queue_name(model, version), spec, closure)
