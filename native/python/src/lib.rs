@@ -5,11 +5,6 @@ mod batch;
 mod front;
 mod request;
 
-/// Every allocation of the extension's Rust code (the front above all) goes to mimalloc;
-/// Python's own objects keep Python's allocator.
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 use ppml_core::envelope::{EnvelopeError, Keyring as CoreKeyring};
 use ppml_core::{record, v2};
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
