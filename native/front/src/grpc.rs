@@ -395,23 +395,14 @@ async fn answer(
         Err(refused) => {
             // the service authenticates before it reads the message's tensors
             let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
-            plane.record(Event {
-                model: refused.model.clone(),
-                version: "-".into(), // as the service logs a call refused before one is chosen
-                queue: String::new(),
-                path: "gRPC ModelInfer".into(),
-                status: refused.refusal.status.as_u16(),
-                seconds: received.0.elapsed().as_secs_f64(),
-                key_name: refused.key_name.clone(),
-                request_id: call.request_id.clone(),
-                caller_id: String::new(),
+            plane.record_refused(
+                &refused,
+                &mut call,
+                "gRPC ModelInfer",
+                String::new(),
                 client,
-                bytes_in,
-                bytes_out: 0,
-                answer: None,
-                failure: None,
-                trace: Plane::finish_trace(&mut call),
-            });
+                0,
+            );
             return Some(Err(status_of(&refused.refusal)));
         }
     };

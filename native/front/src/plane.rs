@@ -814,24 +814,50 @@ impl Plane {
             response.headers_mut().insert("x-request-id", value);
         }
         let bytes_out = response.body().size_hint().exact().unwrap_or(0);
+        self.record_refused(
+            refused,
+            &mut call,
+            path,
+            caller_id(headers),
+            client,
+            bytes_out,
+        );
+        response
+    }
+
+    /// Record `refused` (no version was chosen: none is counted), for either protocol: a
+    /// gRPC call's `path` is `gRPC <method>`, logged with version `-` as the service does.
+    pub(crate) fn record_refused(
+        &self,
+        refused: &Refused,
+        call: &mut Call,
+        path: &str,
+        caller_id: String,
+        client: String,
+        bytes_out: u64,
+    ) {
+        let version = if path.starts_with("gRPC ") {
+            "-"
+        } else {
+            refused.version
+        };
         self.record(Event {
             model: refused.model.clone(),
-            version: refused.version.to_owned(),
+            version: version.to_owned(),
             queue: String::new(),
             path: path.to_owned(),
             status: refused.refusal.status.as_u16(),
-            seconds: received.0.elapsed().as_secs_f64(),
+            seconds: call.received.0.elapsed().as_secs_f64(),
             key_name: refused.key_name.clone(),
             request_id: call.request_id.clone(),
-            caller_id: caller_id(headers),
+            caller_id,
             client,
-            bytes_in,
+            bytes_in: call.size,
             bytes_out,
             answer: None,
             failure: None,
-            trace: Self::finish_trace(&mut call),
+            trace: Self::finish_trace(call),
         });
-        response
     }
 
     pub(crate) fn request_id(&self) -> String {
