@@ -90,6 +90,17 @@ Routed = tuple[ModelSpec, Closure | None]
 """A version on the native path: its spec, and what its requests get while it is closed."""
 
 
+@dataclass(frozen=True)
+class RouteTable:
+    """What the native front may answer now (``DataPlane.route_table``)."""
+
+    models: dict[str, tuple[str | None, dict[str, Routed]]]
+    """Per served model: the version an unversioned request goes to, and its versions."""
+    names: set[str]
+    """Every name ``resolve`` knows as a model: configured, on a host, or announced by a
+    worker (what is announced or asked for after this, the front finds in Redis)."""
+
+
 class NativeRequests(Protocol):
     """The requests the native front's inference path holds (``gateway/native_path.py``):
     counted with this process's own against the per-model bound, failed with them when a
@@ -523,14 +534,7 @@ class DataPlane:
         except NotReady:
             return False
 
-    async def model_names(self) -> set[str]:
-        """Every name ``resolve`` knows as a model now: configured, on a host, or announced
-        by a worker (what is announced or asked for after this, it finds in Redis)."""
-        view = await self.repository()
-        specs = await self.models()
-        return self._configured | view.names() | {split_queue_name(q)[0] for q in specs}
-
-    async def route_table(self) -> dict[str, tuple[str | None, dict[str, Routed]]]:
+    async def route_table(self) -> RouteTable:
         """For the native front's inference path: per served model, the version an
         unversioned request goes to (``None``: one not in the table) and its versions whose
         spec opens with this gateway's keys, each with the ``Closure`` its requests get
@@ -540,7 +544,7 @@ class DataPlane:
         shortage = self._disk.shortage() if self._disk is not None else None
         view = await self.repository()
         specs = await self.models()
-        names = await self.model_names()
+        names = self._configured | view.names() | {split_queue_name(q)[0] for q in specs}
         table: dict[str, tuple[str | None, dict[str, Routed]]] = {}
         for name in sorted(names):
             versions: dict[str, Routed] = {}
@@ -570,7 +574,7 @@ class DataPlane:
                 except (ModelNotFound, NotReady):
                     default = None
                 table[name] = (default if default in versions else None, versions)
-        return table
+        return RouteTable(table, names)
 
     async def _check_backlog(self, model: str) -> None:
         backlog: int = await self._cached(f"backlog:{model}", 0.1,

@@ -40,7 +40,7 @@ from ppml_serve.crypto.envelope import (
 )
 from ppml_serve.errors import NotReady
 from ppml_serve.gateway.auth import ApiKeyStore
-from ppml_serve.gateway.dataplane import Closure, DataPlane
+from ppml_serve.gateway.dataplane import Closure, DataPlane, RouteTable
 from ppml_serve.gateway.errors import status_of
 from ppml_serve.queue.contract import queue_name
 from ppml_serve.queue.redis_common import Keys
@@ -153,17 +153,15 @@ class NativePath:
         if callers != self._callers:
             self._front.set_callers(callers)
             self._callers = callers
-        names: set[str] | None = None
+        found: RouteTable | None = None
         try:
             if self._enabled():
-                table = await asyncio.wait_for(self._dataplane.route_table(), CHECK_TIMEOUT_S)
-                names = await self._dataplane.model_names()  # read by the table just now
-            else:
-                table = {}
+                found = await asyncio.wait_for(self._dataplane.route_table(), CHECK_TIMEOUT_S)
         except (NotReady, asyncio.TimeoutError):
-            table = {}  # Redis unreachable or stalled: the app answers, with its reasons
+            pass  # Redis unreachable or stalled: the app answers, with its reasons
+        table = found.models if found is not None else {}
         self._front.set_known_models(
-            None if names is None else (sorted(names), self._layout.models,
+            None if found is None else (sorted(found.names), self._layout.models,
                                         self._layout.repository))
         routes: dict[str, tuple[str | None, dict[str, tuple[Any, ...]]]] = {}
         for model, (default, versions) in table.items():
