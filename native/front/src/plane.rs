@@ -910,7 +910,7 @@ impl Plane {
             Ok(Some((response, answer))) => (response, Some(answer), None),
             Err(refusal) => {
                 let failure = refusal.failure.clone();
-                (refused(&refusal), None, failure)
+                (refused_response(&refusal), None, failure)
             }
         };
         let mut response = response;
@@ -1912,10 +1912,6 @@ fn worker_error(plaintext: &[u8]) -> Refusal {
             Refusal::internal(message, format!("request failed: ProtocolError: {message}"))
         }
     }
-}
-
-fn refused(refusal: &Refusal) -> Response<Full<Bytes>> {
-    refused_response(refusal)
 }
 
 /// A refusal as the app answers it (401 names the scheme a key is sent with).
