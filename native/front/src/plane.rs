@@ -804,24 +804,17 @@ impl Plane {
     ) -> Response<Full<Bytes>> {
         let mut call = self.call(headers, || route_name(path), received, bytes_in);
         let mut response = refused_response(&refused.refusal);
-        let shown = caller_id(headers);
-        let shown = if shown.is_empty() {
-            call.request_id.clone()
+        let caller = caller_id(headers);
+        let shown = if caller.is_empty() {
+            &call.request_id
         } else {
-            shown
+            &caller
         };
-        if let Ok(value) = HeaderValue::from_str(&shown) {
+        if let Ok(value) = HeaderValue::from_str(shown) {
             response.headers_mut().insert("x-request-id", value);
         }
         let bytes_out = response.body().size_hint().exact().unwrap_or(0);
-        self.record_refused(
-            refused,
-            &mut call,
-            path,
-            caller_id(headers),
-            client,
-            bytes_out,
-        );
+        self.record_refused(refused, &mut call, path, caller, client, bytes_out);
         response
     }
 
