@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,6 +21,7 @@ import httpx
 import numpy as np
 import pytest
 
+from ppml_serve.bench.faults import wait_until
 from ppml_serve.engines import load_engine
 from ppml_serve.gateway.auth import add_api_key, revoke_api_key
 from ppml_serve.models import demo_model_path, demo_samples
@@ -64,6 +66,11 @@ def json_request(rows: int = 1, **extra: object) -> dict[str, object]:
 def post(stack: Stack, path: str, body: dict[str, object]) -> httpx.Response:
     with stack.http() as http:
         return http.post(path, json=body)
+
+
+def send(stack: Stack, path: str, content: bytes, headers: dict[str, str]) -> httpx.Response:
+    with stack.http() as http:
+        return http.post(path, content=content, headers=headers)
 
 
 def by_the_app(reference: Stack, path: str, body: dict[str, object]) -> httpx.Response:
@@ -176,15 +183,21 @@ def test_refusals_on_the_native_path_keep_the_apps_words(native: Stack, referenc
     assert answered_natively(native) == before + 1
 
 
-def test_what_the_native_path_does_not_hold_reaches_the_app(native: Stack) -> None:
+def test_unknown_and_malformed_versions_and_escaped_names_are_the_fronts(
+        native: Stack, reference: Stack) -> None:
     before = answered_natively(native)
-    with native.http() as http:
-        missing = http.post("/v2/models/demo/versions/9/infer", json=json_request())
-        assert missing.status_code == 404 and "versions: 1" in missing.json()["error"]
-        # a name the app reads percent-decoded is the app's to judge
-        escaped = http.post("/v2/models/d%65mo/infer", json=json_request())
-        assert escaped.status_code == 200
-    assert answered_natively(native) == before
+    for path in ("/v2/models/demo/versions/9/infer", "/v2/models/demo/versions/0x/infer",
+                 "/v2/models/nope/versions/0123456789abcdef/infer"):
+        mine = post(native, path, json_request())
+        theirs = by_the_app(reference, path, json_request())
+        assert (mine.status_code, mine.json()) == (theirs.status_code, theirs.json()), path
+        assert mine.status_code == 404, path
+    assert "(versions: 1)" in post(native, "/v2/models/demo/versions/9/infer",
+                                   json_request()).json()["error"]
+    # names and versions are read percent-decoded, as the app reads them
+    for path in ("/v2/models/d%65mo/infer", "/v2/models/d%65mo/versions/%31/infer"):
+        assert post(native, path, json_request()).status_code == 200, path
+    assert answered_natively(native) == before + 6
 
 
 def test_unknown_models_are_refused_by_the_front_unless_named_since(
@@ -202,13 +215,10 @@ def test_unknown_models_are_refused_by_the_front_unless_named_since(
     assert (code, words) == grpc_call(reference, unknown)[1:]
     assert code == "NOT_FOUND"
     assert answered_natively(native) == before + 5
-    # the app's own words for a malformed version come first: its to answer
+    # a name announced by a worker, or asked to be loaded, since the routes were built: the
+    # front has them rebuilt from fresh reads before it judges (still 404 here: what Redis
+    # holds for these names is nothing this gateway can serve)
     before = answered_natively(native)
-    malformed = post(native, "/v2/models/nope/versions/0x/infer", json_request())
-    assert malformed.json() == by_the_app(reference, "/v2/models/nope/versions/0x/infer",
-                                          json_request()).json()
-    # a name announced by a worker, or asked to be loaded, since the front's names were
-    # installed is the app's to judge (here: both refuse it, for what Redis holds)
     admin = native.admin()
     try:
         admin.hset("ppml:models", "fresh", b"not a spec sealed with our keys")
@@ -219,7 +229,7 @@ def test_unknown_models_are_refused_by_the_front_unless_named_since(
     finally:
         admin.hdel("ppml:models", "fresh")
         admin.hdel("ppml:repository", "asked")
-    assert answered_natively(native) == before
+    assert answered_natively(native) == before + 2
     with native.http() as http:
         metrics = http.get("/metrics").text
     assert 'ppml_requests_total{model="_other",status="404",version="_other"}' in metrics
@@ -421,19 +431,20 @@ def test_grpc_refusals_read_as_the_services(native: Stack, reference: Stack) -> 
         assert (native_code, native_words) == (service_code, service_words)
         assert native_code == "UNAUTHENTICATED"
     assert answered_natively(native) == before + 2
-    # what the front does not hold reaches the service: an unknown version, a message the
-    # service's decoder refuses (its words)
-    unknown_version = grpc_request(1)
-    unknown_version.model_version = "9"
-    passed = {
-        "version": (unknown_version, None, "NOT_FOUND"),
-        "raw count": (pb.ModelInferRequest(model_name="demo", raw_input_contents=[b"x"]),
-                      None, "INVALID_ARGUMENT"),
-    }
+    # an unknown or malformed version: the front's, in the service's words
     before = answered_natively(native)
-    for what, (request, key, code) in passed.items():
-        _, found, words = grpc_call(native, request, key=key)
-        assert found == code, (what, words)
+    for version in ("9", "v1"):
+        asked = grpc_request(1)
+        asked.model_version = version
+        _, native_code, native_words = grpc_call(native, asked)
+        assert (native_code, native_words) == grpc_call(reference, asked)[1:]
+        assert native_code == "NOT_FOUND", native_words
+    assert answered_natively(native) == before + 2
+    # a message the service's decoder refuses reaches it (its words)
+    before = answered_natively(native)
+    _, found, words = grpc_call(
+        native, pb.ModelInferRequest(model_name="demo", raw_input_contents=[b"x"]))
+    assert found == "INVALID_ARGUMENT", words
     assert answered_natively(native) == before
 
 
@@ -501,8 +512,8 @@ def test_an_oversized_grpc_message_is_refused_in_our_words(native: Stack) -> Non
     assert code == "OK", words
 
 
-def test_compressed_bodies_take_the_native_path_and_bad_ones_get_the_apps_words(
-        native: Stack) -> None:
+def test_compressed_bodies_are_read_by_the_front_and_bad_ones_refused_in_the_apps_words(
+        native: Stack, reference: Stack) -> None:
     import zlib
 
     body = json.dumps(json_request(2, id="packed")).encode()
@@ -520,19 +531,21 @@ def test_compressed_bodies_take_the_native_path_and_bad_ones_get_the_apps_words(
         assert plain.status_code == 200, plain.text
         for answer in answers:
             assert (answer.status_code, answer.json()) == (200, plain.json())
-        assert answered_natively(native) == before + 3
-        # what does not decompress (or is too large once decompressed) is the app's to refuse
-        broken = http.post("/v2/models/demo/infer", content=b"\x1f\x8bnot gzip",
-                           headers={"Content-Encoding": "gzip"})
-        assert broken.status_code == 400 and "not valid gzip" in broken.json()["error"]
-        bomb = http.post("/v2/models/demo/infer",
-                         content=gzip.compress(b" " * (MAX_REQUEST_BYTES + 1)),
-                         headers={"Content-Encoding": "gzip"})
-        assert bomb.status_code == 413 and "once decompressed" in bomb.json()["error"]
-        other = http.post("/v2/models/demo/infer", content=body,
-                          headers={"Content-Encoding": "br"})
-        assert other.status_code == 415, other.text
     assert answered_natively(native) == before + 3
+    # what does not decompress, is too large once decompressed, or is in an encoding the
+    # gateway does not read: the front's refusal, in the app's words
+    before = answered_natively(native)
+    for content, encoding, status in (
+            (b"\x1f\x8bnot gzip", "gzip", 400),
+            (gzip.compress(body)[:-9], "x-gzip", 400),
+            (deflate[:-3], "deflate", 400),
+            (gzip.compress(b" " * (MAX_REQUEST_BYTES + 1)), "gzip", 413),
+            (body, "BR", 415)):
+        mine, theirs = (send(stack, "/v2/models/demo/infer", content,
+                             {"Content-Encoding": encoding})
+                        for stack in (native, reference))
+        assert (mine.status_code, mine.json()) == (status, theirs.json()), encoding
+    assert answered_natively(native) == before + 5
 
 
 def _first(send: Callable[[], httpx.Response], status: int,
@@ -637,3 +650,36 @@ def test_other_methods_on_inference_routes_get_the_apps_answer(
     assert (mine.status_code, mine.content) == (theirs.status_code, theirs.content)
     assert mine.status_code == 405
     assert answered_natively(native) == before
+
+
+def test_redis_not_answering_is_refused_by_the_front_at_once(tmp_path: Path) -> None:
+    """Redis frozen: the route checks get no answer within a second, and from then every
+    inference call gets the front's 503 with Retry-After, after its key is checked; once
+    Redis answers again the routes are back."""
+    settings = stack_settings(tmp_path, gateway={"port": 0, "request_timeout_s": 5})
+    with running_stack(settings, workers=1) as local:
+        stack = Stack(local)
+        redis_process = local.redis.process
+        assert redis_process is not None
+
+        def infer(key: str | None = "default") -> httpx.Response:
+            with stack.http(key) as http:
+                return http.post("/v2/models/demo/infer", json=json_request())
+
+        assert infer().status_code == 200
+        before = answered_natively(stack)
+        redis_process.send_signal(signal.SIGSTOP)
+        try:
+            time.sleep(1.6)  # a route check's deadline (1 s), and the next refresh
+            started = time.monotonic()
+            frozen = infer()
+            took_s = time.monotonic() - started
+            keyless = infer(None)
+        finally:
+            redis_process.send_signal(signal.SIGCONT)
+        assert frozen.status_code == 503 and frozen.headers["retry-after"] == "1", frozen.text
+        assert frozen.json() == {"error": "redis not reachable: no answer within 1 s"}
+        assert took_s < 2.5, f"the refusal took {took_s:.1f} s"  # not the request deadline
+        assert keyless.status_code == 401
+        assert wait_until(lambda: infer().status_code == 200, 15)
+        assert answered_natively(stack) >= before + 3

@@ -159,6 +159,7 @@ def test_worker_with_other_model_gets_no_keys(protected: Stack, tmp_path: Path) 
 def test_model_without_keyed_worker_answers_503(protected: Stack) -> None:
     done = run_worker(protected, f"locked={demo_model_path()}")
     assert done.returncode == 3 and "no keys released" in done.stderr
+    before = protected.native_answers()
     with protected.http() as http:
         response = http.post("/v2/models/locked/infer", json={"inputs": [
             {"name": "image", "datatype": "UINT8", "shape": [1, 8, 8], "data": [0] * 64}]})
@@ -167,6 +168,7 @@ def test_model_without_keyed_worker_answers_503(protected: Stack) -> None:
     assert response.json()["error"].startswith(
         "model 'locked' version 1 has no worker that holds its keys")
     assert ready.status_code == 503
+    assert protected.native_answers() == before + 1  # the front's refusal, in the app's words
 
 
 def test_key_broker_refuses_replayed_evidence_over_https(protected: Stack) -> None:

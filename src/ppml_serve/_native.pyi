@@ -75,16 +75,19 @@ class Front:
         ca_file: str | None,
         username: str | None, password: str | None, db: int, command_timeout_s: float,
         request_timeout_s: float, max_inflight_per_model: int, max_rows: int | None,
-        spool: str | None, spool_min_bytes: int, job_timeout_s: float = 300.0,
-        job_ttl_s: int = 3600, max_request_bytes: int = 67108864,
+        spool: str | None, spool_min_bytes: int, announced_key: str, requested_key: str,
+        job_timeout_s: float = 300.0, job_ttl_s: int = 3600,
+        max_request_bytes: int = 67108864,
     ) -> None: ...
     def set_plane_enabled(self, enabled: bool) -> None: ...
     def set_tracing(self, ratio: float | None) -> None: ...
     def set_routes(
         self,
-        routes: dict[str, tuple[str | None, dict[str, tuple[Any, ...]]]],
+        routes: dict[str, tuple[str | None, list[str], dict[str, tuple[Any, ...]],
+                                dict[str, tuple[str, str]]]],
+        outage: str | None,
     ) -> None: ...
-    def set_known_models(self, known: tuple[list[str], str, str] | None) -> None: ...
+    def take_stale(self) -> bool: ...
     def set_callers(
         self, callers: list[tuple[bytes, str, list[str] | None, str, bool]],
     ) -> None: ...

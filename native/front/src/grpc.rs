@@ -389,9 +389,11 @@ async fn answer(
 ) -> Option<Result<ModelInferResponse, Status>> {
     let version = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
     let bytes_in = request.encoded_len() as u64;
-    let target = match plane.target(&request.model_name, version, headers) {
+    let found = plane
+        .settled(|| plane.target(&request.model_name, version, headers))
+        .await;
+    let target = match found {
         Ok(target) => target?,
-        Err(refused) if !plane.stands(&refused).await => return None,
         Err(refused) => {
             // the service authenticates before it reads the message's tensors
             let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);

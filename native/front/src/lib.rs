@@ -19,7 +19,7 @@ mod upstream;
 
 pub use config::{FrontConfig, GrpcConfig, TlsFiles};
 pub use plane::{
-    Caller, Closed, Event, KnownModels, ModelRoute, Plane, PlaneConfig, RedisTarget, VersionRoute,
+    Caller, Closed, Event, ModelRoute, Pending, Plane, PlaneConfig, RedisTarget, VersionRoute,
 };
 pub use server::{Front, FrontError, FrontStats};
 pub use trace::{SpanRecord, Trace};

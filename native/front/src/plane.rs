@@ -6,17 +6,20 @@
 //! Python keeps the control: it installs what the path may serve (`set_routes`: per model,
 //! the default version and each open version's streams, keys and declared tensors, rebuilt
 //! every ~100 ms from the same checks it applies itself: live workers, backlog, disk) and
-//! who may call (`set_callers`, from the key file it reloads). Anything the path does not
-//! hold — an unknown model or version, a version that is not open now, a key that is not
-//! an `infer` key for the model, a body that does not decompress within the limit — is
-//! passed on to the Python application, whose answer (and words) are the reference. Every
+//! who may call (`set_callers`, from the key file it reloads). With the routes it refuses
+//! the rest itself, in the app's words: a key that may not call the model, Redis not
+//! answering the route checks, a malformed or unknown version, an unknown model, a version
+//! no worker has announced, a version closed now. Where Redis shows a model or spec newer
+//! than the routes, it asks for them rebuilt and waits for that before it judges. What it
+//! does not take (a body that does not decompress within the limit, the routes not yet
+//! installed) is passed on to the Python application. Every
 //! request answered here becomes an `Event` that Python drains for its metrics, statistics,
 //! access log and (tracing on) spans, so those stay one implementation.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -28,6 +31,7 @@ use http::header::{self, HeaderMap, HeaderValue};
 use http::{Response, StatusCode};
 use http_body_util::Full;
 use hyper::body::Body as _;
+use percent_encoding::percent_decode_str;
 use ppml_core::envelope::Keyring;
 use ppml_core::request::{check, record_head, tensors, CheckError, Inputs, Tensor};
 use ppml_core::response;
@@ -55,6 +59,9 @@ const PLAIN_MARK: &[u8] = b"PX";
 const MAX_EVENTS: usize = 100_000;
 /// `X-Request-ID` values a caller may set that are kept (echoed, logged).
 const CALLER_ID_MAX: usize = 64;
+/// Longest a request waits for the routes to be rebuilt when Redis shows a model or spec
+/// newer than them (two rebuilds: Python's checks are bounded to 1 s each).
+const REBUILD_WAIT: Duration = Duration::from_millis(2500);
 
 /// Where the queue is, and as whom (the password never reaches a log or Debug output).
 pub struct RedisTarget {
@@ -84,6 +91,11 @@ pub struct PlaneConfig {
     /// A job's deadline to be answered, and how long its record and answer are kept.
     pub job_timeout: Duration,
     pub job_ttl: Duration,
+    /// The hash of the specs workers announce (by queue name: a model's version 1 is its
+    /// bare name) and the repository's hash of requested states (by model name): where a
+    /// model or version newer than the routes shows first.
+    pub announced_key: String,
+    pub requested_key: String,
 }
 
 /// One version the path may serve now.
@@ -123,9 +135,21 @@ pub struct Closed {
 
 #[derive(Default)]
 pub struct ModelRoute {
-    /// What an unversioned request goes to (the newest ready version).
+    /// What an unversioned request goes to (the newest ready version, else the newest).
     pub default_version: Option<String>,
+    /// Every version the app knows of the model, newest first (an unknown one's 404
+    /// lists them).
+    pub known: Vec<String>,
     pub versions: HashMap<String, Arc<VersionRoute>>,
+    /// Known versions whose spec no worker has announced (loading, or not loaded).
+    pub pending: HashMap<String, Pending>,
+}
+
+/// A known version that takes no requests for want of its spec: 503 in the app's words,
+/// unless its spec was announced since the routes were built (then they are rebuilt).
+pub struct Pending {
+    pub queue: String,
+    pub message: String,
 }
 
 /// An API key's holder, as far as the inference path needs it.
@@ -145,24 +169,24 @@ pub struct Caller {
 #[derive(Debug)]
 pub(crate) struct Refused {
     pub(crate) model: String,
-    /// How the app labels a call refused before its version is known: `-` when none was
-    /// asked, `_other` when one was.
-    pub(crate) version: &'static str,
+    /// The version chosen (a pending one); for a call refused before one was: `-` when
+    /// none was asked, `_other` when one was, as the app labels it.
+    pub(crate) version: String,
+    /// The version's queue, when one was chosen (its statistics count the refusal).
+    pub(crate) queue: String,
     pub(crate) key_name: String,
     pub(crate) refusal: Refusal,
-    /// An unknown model (404): refused only once Redis confirms no worker announced it and
-    /// no load was asked for it since the names were installed.
-    unknown: Option<Arc<KnownModels>>,
+    /// What Redis may show newer than the routes (then they are rebuilt and the request
+    /// judged again).
+    recheck: Option<Recheck>,
 }
 
-/// The names the app knows as models, and where a newer one would show first.
 #[derive(Debug)]
-pub struct KnownModels {
-    pub names: HashSet<String>,
-    /// The hash of the specs workers announce (by queue name: a model's version 1 is its
-    /// bare name) and the repository's hash of requested states (by model name).
-    pub announced_key: String,
-    pub requested_key: String,
+enum Recheck {
+    /// An unknown model: announced by a worker, or asked to be loaded, since.
+    Model,
+    /// A pending version: its spec announced since (under its queue's name).
+    Spec(String),
 }
 
 /// A request answered by the path, for Python's metrics, statistics and access log.
@@ -336,8 +360,15 @@ pub struct Plane {
     routes: RwLock<Arc<HashMap<String, ModelRoute>>>,
     /// `None` until the key file is first installed: nothing is refused for its key before.
     callers: RwLock<Option<Arc<Callers>>>,
-    /// `None` until installed: no model is refused as unknown before.
-    known: RwLock<Option<Arc<KnownModels>>>,
+    /// Set while Redis does not answer the route checks: every request's 503 (after its key
+    /// is checked), in the app's words.
+    outage: RwLock<Option<String>>,
+    /// Bumped each time the routes are installed (`rebuilt` wakes those waiting for it).
+    generation: AtomicU64,
+    rebuilt: tokio::sync::Notify,
+    /// Asked for by a request that found Redis newer than the routes: the next rebuild
+    /// reads the specs and the repository afresh.
+    stale: AtomicBool,
     enabled: AtomicBool,
     waiting: Mutex<Waiting>,
     readers: Mutex<HashSet<String>>,
@@ -403,23 +434,54 @@ enum Encoding {
     Deflate,
 }
 
-fn encoding(headers: &HeaderMap) -> Option<Encoding> {
+/// The body's `Content-Encoding` as the app reads it (latin-1, stripped, lower case), or
+/// the 415 it gets for one the gateway does not decode, in the app's words.
+fn encoding(headers: &HeaderMap) -> Result<(Encoding, String), Refusal> {
     let Some(value) = headers.get(header::CONTENT_ENCODING) else {
-        return Some(Encoding::Identity);
+        return Ok((Encoding::Identity, String::new()));
     };
-    let value = value.to_str().ok()?.trim().to_ascii_lowercase();
-    match value.as_str() {
-        "identity" => Some(Encoding::Identity),
-        "gzip" | "x-gzip" => Some(Encoding::Gzip),
-        "deflate" => Some(Encoding::Deflate),
-        _ => None,
-    }
+    let name: String = value.as_bytes().iter().map(|&b| char::from(b)).collect();
+    let name = name.trim().to_lowercase();
+    let encoding = match name.as_str() {
+        "identity" => Encoding::Identity,
+        "gzip" | "x-gzip" => Encoding::Gzip,
+        "deflate" => Encoding::Deflate,
+        _ => {
+            let shown: String = name.chars().take(32).collect();
+            return Err(Refusal::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                format!(
+                    "Content-Encoding {} is not supported (gzip, deflate or none)",
+                    py_repr(&shown)
+                ),
+            ));
+        }
+    };
+    Ok((encoding, name))
 }
 
-/// `body` decompressed, if it is whole valid `encoding` data of at most `limit` bytes once
-/// decompressed (read no further: no decompression bomb).
-fn decompress(body: &[u8], encoding: Encoding, limit: u64) -> Option<Bytes> {
+/// `body` decompressed, held to `limit` bytes decompressed as sent (read no further: no
+/// decompression bomb), or what the app answers for it: 400 for data that is not
+/// `name` data or ends inside it, 413 beyond the limit.
+fn decompress(body: &[u8], encoding: Encoding, name: &str, limit: u64) -> Result<Bytes, Refusal> {
     use std::io::Read as _;
+    let invalid = || {
+        Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request body is not valid {name} data"),
+        )
+    };
+    // a wrong header is invalid data however short the body (zlib's first check)
+    if let [first, second, ..] = *body {
+        let header_ok = match encoding {
+            Encoding::Gzip => [first, second] == [0x1f, 0x8b],
+            Encoding::Deflate => first & 0x0f == 8 && u16::from_be_bytes([first, second]) % 31 == 0,
+            Encoding::Identity => true,
+        };
+        if !header_ok {
+            return Err(invalid());
+        }
+    }
     let mut plain = Vec::new();
     let read = match encoding {
         Encoding::Gzip => flate2::read::GzDecoder::new(body)
@@ -428,9 +490,22 @@ fn decompress(body: &[u8], encoding: Encoding, limit: u64) -> Option<Bytes> {
         Encoding::Deflate => flate2::read::ZlibDecoder::new(body)
             .take(limit.saturating_add(1))
             .read_to_end(&mut plain),
-        Encoding::Identity => return Some(Bytes::copy_from_slice(body)),
+        Encoding::Identity => return Ok(Bytes::copy_from_slice(body)),
     };
-    (read.is_ok() && plain.len() as u64 <= limit).then(|| Bytes::from(plain))
+    if plain.len() as u64 > limit {
+        return Err(Refusal::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!("request body exceeds the {limit}-byte limit once decompressed"),
+        ));
+    }
+    match read {
+        Ok(_) => Ok(Bytes::from(plain)),
+        Err(error) if error.kind() == std::io::ErrorKind::UnexpectedEof => Err(Refusal::new(
+            StatusCode::BAD_REQUEST,
+            format!("the request body ends inside its {name} data"),
+        )),
+        Err(_) => Err(invalid()),
+    }
 }
 
 /// `/v2/models/{m}/jobs/{id}`: the model and the job's id.
@@ -518,7 +593,10 @@ impl Plane {
             sender: tokio::sync::Mutex::new(None),
             routes: RwLock::new(Arc::new(HashMap::new())),
             callers: RwLock::new(None),
-            known: RwLock::new(None),
+            outage: RwLock::new(None),
+            generation: AtomicU64::new(0),
+            rebuilt: tokio::sync::Notify::new(),
+            stale: AtomicBool::new(false),
             enabled: AtomicBool::new(false),
             waiting: Mutex::new(HashMap::new()),
             readers: Mutex::new(HashSet::new()),
@@ -571,18 +649,42 @@ impl Plane {
         self.enabled.store(enabled, Ordering::Release);
     }
 
-    pub fn set_routes(&self, routes: HashMap<String, ModelRoute>) {
+    /// What the path serves now, or (`outage`) the app's words while Redis does not
+    /// answer the route checks; wakes the requests waiting for a rebuild.
+    pub fn set_routes(&self, routes: HashMap<String, ModelRoute>, outage: Option<String>) {
         *self.routes.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(routes);
+        *self.outage.write().unwrap_or_else(|p| p.into_inner()) = outage;
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.rebuilt.notify_waiters();
+    }
+
+    /// Whether a request asked for the routes rebuilt from fresh reads (and no longer).
+    pub fn take_stale(&self) -> bool {
+        self.stale.swap(false, Ordering::AcqRel)
+    }
+
+    /// Wait (within `REBUILD_WAIT`) until the routes were rebuilt from reads begun after
+    /// now: the rebuild under way may have read Redis before it changed, the next has not.
+    async fn rebuilt_afresh(&self) {
+        self.stale.store(true, Ordering::Release);
+        let seen = self.generation.load(Ordering::Acquire);
+        let deadline = tokio::time::Instant::now() + REBUILD_WAIT;
+        loop {
+            let notified = self.rebuilt.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            if self.generation.load(Ordering::Acquire) >= seen + 2 {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, notified).await.is_err() {
+                return;
+            }
+        }
     }
 
     pub fn set_callers(&self, callers: Vec<([u8; 32], Caller)>) {
         let callers = callers.into_iter().map(|(d, c)| (d, Arc::new(c))).collect();
         *self.callers.write().unwrap_or_else(|p| p.into_inner()) = Some(Arc::new(callers));
-    }
-
-    /// The model names the app knows (`None`: leave every unknown name to it).
-    pub fn set_known_models(&self, known: Option<KnownModels>) {
-        *self.known.write().unwrap_or_else(|p| p.into_inner()) = known.map(Arc::new);
     }
 
     /// Fail the requests waiting on `queue` (its last worker died, say) with a 503.
@@ -640,15 +742,15 @@ impl Plane {
     }
 
     /// Whether this request is the path's to answer (`Ok(None)` passes it to Python), or
-    /// one to refuse for its key.
+    /// one to refuse (its key, its model or version, Redis not answering).
     pub(crate) fn route(
         &self,
         path: &str,
         headers: &HeaderMap,
     ) -> Result<Option<Target>, Box<Refused>> {
-        if encoding(headers).is_none() {
-            return Ok(None); // what it does not take, the app names (415)
-        }
+        // the app routes on the path decoded: an escaped name is the name it spells
+        let decoded = percent_decode_str(path).decode_utf8_lossy();
+        let path = decoded.as_ref();
         if let Some((model, job_id)) = job_result_path(path) {
             return Ok(self.target(model, None, headers)?.map(|mut target| {
                 target.kind = Kind::JobResult;
@@ -670,19 +772,33 @@ impl Plane {
         }
     }
 
-    /// Whether a request for `model` (`version`, or the newest open one) with these
-    /// headers (its key) is the path's to answer, whichever protocol it came by; a key that
-    /// may not call it is refused here whether the path holds the model or not.
+    /// `find` (a `route` or `target`), judged again on routes rebuilt from fresh reads
+    /// where Redis shows a model or spec newer than the routes it refused on.
+    pub(crate) async fn settled(
+        &self,
+        find: impl Fn() -> Result<Option<Target>, Box<Refused>>,
+    ) -> Result<Option<Target>, Box<Refused>> {
+        match find() {
+            Err(refused) if !self.stands(&refused).await => {
+                self.rebuilt_afresh().await;
+                find().map_err(|mut refused| {
+                    refused.recheck = None; // judged on the newest routes: it stands
+                    refused
+                })
+            }
+            found => found,
+        }
+    }
+
+    /// Whether a request for `model` (`version`, or the default one) with these headers
+    /// (its key) is the path's to answer, whichever protocol it came by, or refused, in the
+    /// order the app judges: the key, Redis, the version's form, the model, the version.
     pub(crate) fn target(
         &self,
         model: &str,
         version: Option<&str>,
         headers: &HeaderMap,
     ) -> Result<Option<Target>, Box<Refused>> {
-        // percent-escapes: the app reads the name decoded, so it judges the key too
-        if model.contains('%') || version.is_some_and(|v| v.contains('%')) {
-            return Ok(None);
-        }
         let Some(callers) = self
             .callers
             .read()
@@ -694,10 +810,11 @@ impl Plane {
         let refused = |key_name: &str, status: StatusCode, message: &str| {
             Box::new(Refused {
                 model: model.to_owned(),
-                version: if version.is_some() { "_other" } else { "-" },
+                version: if version.is_some() { "_other" } else { "-" }.to_owned(),
+                queue: String::new(),
                 key_name: key_name.to_owned(),
                 refusal: Refusal::new(status, message),
-                unknown: None,
+                recheck: None,
             })
         };
         let Some(caller) = Self::caller(headers, &callers) else {
@@ -721,69 +838,100 @@ impl Plane {
                 "this API key may not use this model",
             ));
         }
-        // what follows needs the routes in force (keys are refused even while they are not)
+        // what follows needs the routes installed (keys are refused even before)
         if !self.enabled.load(Ordering::Acquire) {
             return Ok(None);
+        }
+        let outage = self
+            .outage
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        if let Some(message) = outage {
+            return Err(refused(
+                &caller.name,
+                StatusCode::SERVICE_UNAVAILABLE,
+                &message,
+            ));
+        }
+        if let Some(asked) = version.filter(|v| !is_version(v)) {
+            let shown: String = asked.chars().take(12).collect();
+            let message = format!(
+                "model {} has no version {} (versions are positive integers)",
+                py_repr(model),
+                py_repr(&shown)
+            );
+            return Err(refused(&caller.name, StatusCode::NOT_FOUND, &message));
         }
         let routes = self
             .routes
             .read()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        let Some(served) = routes.get(model) else {
-            // a name the app does not know either: 404 in its words, after the names were
-            // checked again (a version it would refuse as malformed first is the app's)
-            let known = self.known.read().unwrap_or_else(|p| p.into_inner()).clone();
-            return match known {
-                // (ASCII: where the app's repr of a name is the one written here)
-                Some(known)
-                    if model.is_ascii()
-                        && !known.names.contains(model)
-                        && version.is_none_or(is_version) =>
-                {
-                    let message = format!("model {} is not served here", py_repr(model));
-                    let mut refused = refused(&caller.name, StatusCode::NOT_FOUND, &message);
-                    refused.unknown = Some(known);
-                    Err(refused)
-                }
-                _ => Ok(None),
-            };
+        let served = routes.get(model);
+        let Some((served, version)) = served.and_then(|served| {
+            let version = version.or(served.default_version.as_deref())?;
+            Some((served, version))
+        }) else {
+            let message = format!("model {} is not served here", py_repr(model));
+            let mut refused = refused(&caller.name, StatusCode::NOT_FOUND, &message);
+            refused.recheck = Some(Recheck::Model);
+            return Err(refused);
         };
-        let version = match version.or(served.default_version.as_deref()) {
-            Some(version) => version,
-            None => return Ok(None),
-        };
-        let Some(route) = served.versions.get(version).cloned() else {
-            return Ok(None);
-        };
-        let caller_id = caller_id(headers);
-        Ok(Some(Target {
-            route,
-            model: model.to_owned(),
-            version: version.to_owned(),
-            key_name: caller.name.clone(),
-            caller_id,
-            kind: Kind::Infer,
-            key_id: caller.key_id.clone(),
-            job_id: String::new(),
-        }))
+        if let Some(route) = served.versions.get(version).cloned() {
+            return Ok(Some(Target {
+                route,
+                model: model.to_owned(),
+                version: version.to_owned(),
+                key_name: caller.name.clone(),
+                caller_id: caller_id(headers),
+                kind: Kind::Infer,
+                key_id: caller.key_id.clone(),
+                job_id: String::new(),
+            }));
+        }
+        if let Some(pending) = served.pending.get(version) {
+            return Err(Box::new(Refused {
+                model: model.to_owned(),
+                version: version.to_owned(),
+                queue: pending.queue.clone(),
+                key_name: caller.name.clone(),
+                refusal: Refusal::new(StatusCode::SERVICE_UNAVAILABLE, pending.message.clone()),
+                recheck: Some(Recheck::Spec(pending.queue.clone())),
+            }));
+        }
+        let listed: Vec<&str> = served.known.iter().rev().map(String::as_str).collect();
+        let message = format!(
+            "model {} has no version {} (versions: {})",
+            py_repr(model),
+            py_repr(version),
+            listed.join(", ")
+        );
+        Err(refused(&caller.name, StatusCode::NOT_FOUND, &message))
     }
 
     /// Whether `refused` still stands: an unknown model's name not announced nor asked for
-    /// since (a Redis that does not answer leaves it to the app).
+    /// since, a pending version's spec not announced since (a Redis that does not answer
+    /// leaves it to routes rebuilt, which say so).
     pub(crate) async fn stands(&self, refused: &Refused) -> bool {
-        let Some(known) = &refused.unknown else {
-            return true;
+        let config = &self.config;
+        let checks: Vec<(&str, &str)> = match &refused.recheck {
+            None => return true,
+            Some(Recheck::Model) => vec![
+                (&config.announced_key, &refused.model),
+                (&config.requested_key, &refused.model),
+            ],
+            Some(Recheck::Spec(queue)) => vec![(&config.announced_key, queue)],
         };
         let Ok(mut connection) = self.connection().await else {
             return false;
         };
         // one key at a time: on a Redis Cluster the two hashes may live on two nodes
-        for key in [&known.announced_key, &known.requested_key] {
+        for (key, field) in checks {
             let mut check = redis::cmd("HEXISTS");
-            check.arg(key).arg(&refused.model);
+            check.arg(key).arg(field);
             let found =
-                tokio::time::timeout(self.config.command_timeout, connection.query(&check)).await;
+                tokio::time::timeout(config.command_timeout, connection.query(&check)).await;
             if !matches!(found, Ok(Ok(false))) {
                 return false;
             }
@@ -791,8 +939,8 @@ impl Plane {
         true
     }
 
-    /// Answer a request `refused` for its key (or an unknown model), and record it (no
-    /// version was chosen: no statistics of one), as the app's `authenticated` routes do.
+    /// Answer a request `refused` before its body is read, and record it (statistics only
+    /// for a version chosen), as the app's `authenticated` routes do.
     pub(crate) fn refuse(
         &self,
         refused: &Refused,
@@ -829,15 +977,16 @@ impl Plane {
         client: String,
         bytes_out: u64,
     ) {
-        let version = if path.starts_with("gRPC ") {
+        // the gRPC service logs a call refused before its version was chosen with `-`
+        let version = if path.starts_with("gRPC ") && refused.queue.is_empty() {
             "-"
         } else {
-            refused.version
+            &refused.version
         };
         self.record(Event {
             model: refused.model.clone(),
             version: version.to_owned(),
-            queue: String::new(),
+            queue: refused.queue.clone(),
             path: path.to_owned(),
             status: refused.refusal.status.as_u16(),
             seconds: call.received.0.elapsed().as_secs_f64(),
@@ -865,8 +1014,8 @@ impl Plane {
     }
 
     /// Answer `target` with its `body` (read by the front within its limits), counting
-    /// the request's deadline from `received`. `None`: Python must answer it after all
-    /// (the classification extension needs numpy and the model's labels).
+    /// the request's deadline from `received`. `None`: Python must answer it after all (a
+    /// job's answer from a version no longer among the routes, whose keys Python holds).
     pub async fn answer(
         self: &Arc<Self>,
         target: &Target,
@@ -878,24 +1027,30 @@ impl Plane {
     ) -> Option<Response<Full<Bytes>>> {
         // timed from the head, as the app times its own: body included
         let started = received.0;
-        // a compressed body is read here; one that does not decompress within the limit is
-        // the app's to refuse, in its words
-        let decoded = match encoding(headers)? {
-            Encoding::Identity => None,
-            compressed => Some(decompress(body, compressed, self.config.max_request_bytes)?),
+        // a compressed body is read here (a job's answer has none to read)
+        let decoded = match (target.kind, encoding(headers)) {
+            (Kind::JobResult, _) | (_, Ok((Encoding::Identity, _))) => Ok(None),
+            (_, Ok((compressed, name))) => {
+                decompress(body, compressed, &name, self.config.max_request_bytes).map(Some)
+            }
+            (_, Err(refusal)) => Err(refusal),
         };
-        let body = decoded.as_ref().unwrap_or(body);
+        let body = match &decoded {
+            Ok(Some(plain)) => plain,
+            _ => body,
+        };
         let bytes_in = headers
             .get(header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse().ok())
             .unwrap_or(0);
         let mut call = self.call(headers, || route_name(path), received, body.len() as u64);
-        let outcome = match target.kind {
-            Kind::Sealed => self.exchange_sealed(target, body, &mut call).await,
-            Kind::Job => self.submit_job(target, headers, body, &mut call).await,
-            Kind::JobResult => self.job_result(target, &mut call).await,
-            Kind::Infer => self.exchange(target, headers, body, &mut call).await,
+        let outcome = match (&decoded, target.kind) {
+            (Err(refusal), _) => Err(refusal.clone()),
+            (Ok(_), Kind::Sealed) => self.exchange_sealed(target, body, &mut call).await,
+            (Ok(_), Kind::Job) => self.submit_job(target, headers, body, &mut call).await,
+            (Ok(_), Kind::JobResult) => self.job_result(target, &mut call).await,
+            (Ok(_), Kind::Infer) => self.exchange(target, headers, body, &mut call).await,
         };
         let request_id = call.request_id.clone();
         let (response, answer, failure) = match outcome {
@@ -1968,7 +2123,7 @@ mod tests {
     }
 
     #[test]
-    fn compressed_bodies_are_read_within_the_limit_or_left_to_the_app() {
+    fn compressed_bodies_are_read_within_the_limit_or_refused_in_the_apps_words() {
         use std::io::Write as _;
         let body = b"{\"inputs\": []}".repeat(10);
         let mut gzip = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
@@ -1978,43 +2133,86 @@ mod tests {
         zlib.write_all(&body).unwrap();
         let zlib = zlib.finish().unwrap();
         let limit = body.len() as u64;
-        assert_eq!(
-            decompress(&gzip, Encoding::Gzip, limit).as_deref(),
-            Some(&body[..])
+        let read = |data: &[u8], encoding: Encoding, limit: u64| {
+            let name = if encoding == Encoding::Gzip {
+                "gzip"
+            } else {
+                "deflate"
+            };
+            decompress(data, encoding, name, limit)
+                .map_err(|refusal| (refusal.status.as_u16(), refusal.message))
+        };
+        assert_eq!(read(&gzip, Encoding::Gzip, limit).unwrap(), &body[..]);
+        assert_eq!(read(&zlib, Encoding::Deflate, limit).unwrap(), &body[..]);
+        let too_large = format!(
+            "request body exceeds the {}-byte limit once decompressed",
+            limit - 1
         );
         assert_eq!(
-            decompress(&zlib, Encoding::Deflate, limit).as_deref(),
-            Some(&body[..])
+            read(&gzip, Encoding::Gzip, limit - 1),
+            Err((413, too_large))
         );
-        assert_eq!(
-            decompress(&gzip, Encoding::Gzip, limit - 1),
-            None,
-            "over the limit"
-        );
-        assert_eq!(
-            decompress(&gzip[..gzip.len() - 9], Encoding::Gzip, limit),
-            None,
-            "cut"
-        );
-        assert_eq!(decompress(b"\x1f\x8bnot gzip", Encoding::Gzip, limit), None);
-        assert_eq!(
-            decompress(&gzip, Encoding::Deflate, limit),
-            None,
-            "not zlib"
-        );
-        let named = |value: &str| {
+        for (data, encoding, words) in [
+            (
+                &gzip[..gzip.len() - 9],
+                Encoding::Gzip,
+                "the request body ends inside its gzip data",
+            ),
+            (
+                &zlib[..zlib.len() - 2],
+                Encoding::Deflate,
+                "the request body ends inside its deflate data",
+            ),
+            (
+                &b"\x1f\x8bnot gzip"[..],
+                Encoding::Gzip,
+                "the request body is not valid gzip data",
+            ),
+            (
+                &b"hello"[..],
+                Encoding::Gzip,
+                "the request body is not valid gzip data",
+            ),
+            (
+                &gzip[..],
+                Encoding::Deflate,
+                "the request body is not valid deflate data",
+            ),
+        ] {
+            assert_eq!(
+                read(data, encoding, limit),
+                Err((400, words.to_owned())),
+                "{words}"
+            );
+        }
+        let named = |value: &[u8]| {
             let mut headers = HeaderMap::new();
             headers.insert(
                 header::CONTENT_ENCODING,
-                HeaderValue::from_str(value).unwrap(),
+                HeaderValue::from_bytes(value).unwrap(),
             );
-            encoding(&headers)
+            encoding(&headers).map_err(|refusal| (refusal.status.as_u16(), refusal.message))
         };
-        assert_eq!(encoding(&HeaderMap::new()), Some(Encoding::Identity));
-        assert_eq!(named(" GZip "), Some(Encoding::Gzip));
-        assert_eq!(named("x-gzip"), Some(Encoding::Gzip));
-        assert_eq!(named("deflate"), Some(Encoding::Deflate));
-        assert_eq!(named("br"), None);
+        assert_eq!(encoding(&HeaderMap::new()).unwrap().0, Encoding::Identity);
+        assert_eq!(named(b" GZip ").unwrap(), (Encoding::Gzip, "gzip".into()));
+        assert_eq!(named(b"x-gzip").unwrap().0, Encoding::Gzip);
+        assert_eq!(named(b"deflate").unwrap().0, Encoding::Deflate);
+        assert_eq!(
+            named(b"BR"),
+            Err((
+                415,
+                "Content-Encoding 'br' is not supported (gzip, deflate or none)".into()
+            ))
+        );
+        // header bytes are latin-1, as the app reads them; the name shown is cut at 32
+        assert_eq!(
+            named(b"\xe9t\xe9").unwrap_err().1,
+            "Content-Encoding '\u{e9}t\u{e9}' is not supported (gzip, deflate or none)"
+        );
+        assert!(named(&[b'x'; 40])
+            .unwrap_err()
+            .1
+            .contains(&format!("'{}'", "x".repeat(32))));
     }
 
     #[test]
@@ -2155,23 +2353,39 @@ mod tests {
             max_request_bytes: 1 << 20,
             job_timeout: Duration::from_secs(300),
             job_ttl: Duration::from_secs(3600),
+            announced_key: "ppml:models".into(),
+            requested_key: "ppml:repository".into(),
         }
+    }
+
+    /// `demo`: version 1 served, version 2 known but announced by no worker; and `extra`
+    /// models with version 1 served.
+    fn routes(extra: &[&str]) -> HashMap<String, ModelRoute> {
+        let served = |name: &str| ModelRoute {
+            default_version: Some("1".into()),
+            known: vec!["2".into(), "1".into()],
+            versions: HashMap::from([("1".to_owned(), Arc::new(route(None)))]),
+            pending: if name == "demo" {
+                HashMap::from([(
+                    "2".to_owned(),
+                    Pending {
+                        queue: "demo@2".into(),
+                        message: "model 'demo' version 2 has no worker that holds its keys".into(),
+                    },
+                )])
+            } else {
+                HashMap::new()
+            },
+        };
+        std::iter::once("demo")
+            .chain(extra.iter().copied())
+            .map(|name| (name.to_owned(), served(name)))
+            .collect()
     }
 
     fn plane() -> Plane {
         let plane = Plane::new(plane_config()).unwrap();
-        let version = Arc::new(route(None));
-        let mut versions = HashMap::new();
-        versions.insert("1".to_owned(), version);
-        let mut routes = HashMap::new();
-        routes.insert(
-            "demo".to_owned(),
-            ModelRoute {
-                default_version: Some("1".into()),
-                versions,
-            },
-        );
-        plane.set_routes(routes);
+        plane.set_routes(routes(&[]), None);
         let digest_of = |token: &str| {
             let mut out = [0u8; 32];
             out.copy_from_slice(digest(&SHA256, token.as_bytes()).as_ref());
@@ -2219,7 +2433,7 @@ mod tests {
     }
 
     #[test]
-    fn only_installed_routes_and_infer_keys_for_the_model_take_the_native_path() {
+    fn requests_are_routed_or_refused_for_their_key_in_the_apps_order() {
         let plane = plane();
         let key = [("authorization", "Bearer ppml_all")];
         let target = plane
@@ -2230,29 +2444,25 @@ mod tests {
             (target.version.as_str(), target.key_name.as_str()),
             ("1", "all")
         );
+        // escapes are read as the app reads them: the name they spell
+        for path in [
+            "/v2/models/demo/versions/1/infer",
+            "/v2/models/d%65mo/versions/%31/infer",
+        ] {
+            let target = plane.route(path, &headers(&key)).unwrap().unwrap();
+            assert_eq!(target.model, "demo", "{path}");
+        }
+        // an encoding it does not take is refused once routed (415: after the key, as the
+        // app reads the body only then)
+        let brotli = [
+            ("authorization", "Bearer ppml_all"),
+            ("content-encoding", "br"),
+        ];
         assert!(plane
-            .route("/v2/models/demo/versions/1/infer", &headers(&key))
+            .route("/v2/models/demo/infer", &headers(&brotli))
             .unwrap()
             .is_some());
-        // what the path does not hold is the application's to answer, with its words
-        for (path, pairs) in [
-            ("/v2/models/demo/versions/2/infer", key.to_vec()),
-            ("/v2/models/nope/infer", key.to_vec()),
-            ("/v2/models/d%65mo/infer", vec![]),
-            (
-                "/v2/models/demo/infer",
-                vec![
-                    ("authorization", "Bearer ppml_all"),
-                    ("content-encoding", "br"),
-                ],
-            ),
-        ] {
-            assert!(
-                plane.route(path, &headers(&pairs)).unwrap().is_none(),
-                "{path} {pairs:?}"
-            );
-        }
-        // a key that may not call it is refused here, held model or not, in the app's words
+        // a key that may not call it is refused first, held model or not, in the app's words
         for (path, pairs, status, message, key_name, version) in [
             (
                 "/v2/models/demo/infer",
@@ -2303,7 +2513,7 @@ mod tests {
                     refused.refusal.status.as_u16(),
                     refused.refusal.message.as_str(),
                     refused.key_name.as_str(),
-                    refused.version
+                    refused.version.as_str()
                 ),
                 (status, message, key_name, version),
                 "{path} {pairs:?}"
@@ -2314,7 +2524,7 @@ mod tests {
                 status == 401
             );
         }
-        // with the routes out of force, keyed calls go to the app; keys are still judged
+        // before the routes are installed keyed calls go to the app; keys are still judged
         plane.set_enabled(false);
         assert!(plane
             .route("/v2/models/demo/infer", &headers(&key))
@@ -2324,59 +2534,150 @@ mod tests {
     }
 
     #[test]
-    fn unknown_models_are_refused_in_the_apps_words_once_names_are_installed() {
+    fn models_and_versions_not_served_are_refused_in_the_apps_words() {
         let plane = plane();
         let key = [("authorization", "Bearer ppml_all")];
-        assert!(plane
-            .route("/v2/models/nope/infer", &headers(&key))
-            .unwrap()
-            .is_none());
-        plane.set_known_models(Some(KnownModels {
-            names: HashSet::from(["demo".to_owned(), "loading".to_owned()]),
-            announced_key: "ppml:models".into(),
-            requested_key: "ppml:repository".into(),
-        }));
-        for (path, words) in [
-            ("/v2/models/nope/infer", "model 'nope' is not served here"),
+        // (path, status, words, version label, queue, checked again in Redis first)
+        for (path, status, words, version, queue, recheck) in [
+            (
+                "/v2/models/nope/infer",
+                404,
+                "model 'nope' is not served here",
+                "-",
+                "",
+                true,
+            ),
             (
                 "/v2/models/it's/versions/12/infer",
+                404,
                 "model \"it's\" is not served here",
+                "_other",
+                "",
+                true,
+            ),
+            (
+                "/v2/models/demo/versions/0/infer",
+                404,
+                "model 'demo' has no version '0' (versions are positive integers)",
+                "_other",
+                "",
+                false,
+            ),
+            (
+                "/v2/models/nope/versions/12345678901234/infer",
+                404,
+                "model 'nope' has no version '123456789012' (versions are positive integers)",
+                "_other",
+                "",
+                false,
+            ),
+            (
+                "/v2/models/demo/versions/3/infer",
+                404,
+                "model 'demo' has no version '3' (versions: 1, 2)",
+                "_other",
+                "",
+                false,
+            ),
+            (
+                "/v2/models/demo/versions/2/infer",
+                503,
+                "model 'demo' version 2 has no worker that holds its keys",
+                "2",
+                "demo@2",
+                true,
             ),
         ] {
             let Err(refused) = plane.route(path, &headers(&key)) else {
                 panic!("{path} was not refused");
             };
             assert_eq!(
-                (refused.refusal.status, refused.refusal.message.as_str()),
-                (StatusCode::NOT_FOUND, words)
-            );
-            assert!(
-                refused.unknown.is_some(),
-                "checked again before it is answered"
-            );
-        }
-        // known names, and versions the app refuses as malformed first, are the app's
-        for path in [
-            "/v2/models/loading/infer",
-            "/v2/models/nope/versions/0/infer",
-            "/v2/models/nope/versions/1234567890/infer",
-        ] {
-            assert!(
-                plane.route(path, &headers(&key)).unwrap().is_none(),
+                (
+                    refused.refusal.status.as_u16(),
+                    refused.refusal.message.as_str(),
+                    refused.version.as_str(),
+                    refused.queue.as_str(),
+                    refused.recheck.is_some()
+                ),
+                (status, words, version, queue, recheck),
                 "{path}"
             );
         }
-        // a Redis that does not answer the check leaves it to the app
+        // Redis not answering the route checks: every keyed call's 503, in the app's words
+        plane.set_routes(
+            routes(&[]),
+            Some("redis not reachable: ConnectionError".into()),
+        );
+        let Err(refused) = plane.route("/v2/models/demo/infer", &headers(&key)) else {
+            panic!("not refused");
+        };
+        assert_eq!(
+            (refused.refusal.status, refused.refusal.message.as_str()),
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                "redis not reachable: ConnectionError"
+            )
+        );
+        assert!(refused_response(&refused.refusal)
+            .headers()
+            .contains_key(header::RETRY_AFTER));
+        let Err(refused) = plane.route("/v2/models/demo/infer", &headers(&[])) else {
+            panic!("not refused");
+        };
+        assert_eq!(refused.refusal.status, StatusCode::UNAUTHORIZED);
+        assert!(is_version("1") && is_version("999999999"));
+        assert!(!is_version("0") && !is_version("01") && !is_version("") && !is_version("1a"));
+    }
+
+    #[test]
+    fn a_refusal_redis_may_contradict_is_judged_again_on_rebuilt_routes() {
         let runtime = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
-        let Err(refused) = plane.route("/v2/models/nope/infer", &headers(&key)) else {
+        let key = headers(&[("authorization", "Bearer ppml_all")]);
+        let plane = Arc::new(plane());
+        // the Redis here does not answer: the check cannot confirm the refusal
+        let Err(refused) = plane.route("/v2/models/new/infer", &key) else {
             panic!("not refused");
         };
         assert!(!runtime.block_on(plane.stands(&refused)));
-        assert!(is_version("1") && is_version("999999999"));
-        assert!(!is_version("0") && !is_version("01") && !is_version("") && !is_version("1a"));
+        // the routes rebuilt afresh (twice: one under way may predate the change) hold it
+        let rebuilder = plane.clone();
+        let found = runtime.block_on(async {
+            tokio::spawn(async move {
+                while !rebuilder.take_stale() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                rebuilder.set_routes(routes(&[]), None);
+                tokio::time::sleep(Duration::from_millis(20)).await;
+                rebuilder.set_routes(routes(&["new"]), None);
+            });
+            plane
+                .settled(|| plane.route("/v2/models/new/infer", &key))
+                .await
+        });
+        assert_eq!(found.unwrap().unwrap().model, "new");
+        // rebuilt without it: refused on the newest routes, not checked again
+        let rebuilder = plane.clone();
+        let found = runtime.block_on(async {
+            tokio::spawn(async move {
+                while !rebuilder.take_stale() {
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                for _ in 0..2 {
+                    rebuilder.set_routes(routes(&[]), None);
+                }
+            });
+            plane
+                .settled(|| plane.route("/v2/models/gone/infer", &key))
+                .await
+        });
+        let Err(refused) = found else {
+            panic!("not refused");
+        };
+        assert_eq!(refused.refusal.status, StatusCode::NOT_FOUND);
+        assert!(refused.recheck.is_none());
     }
 
     #[test]

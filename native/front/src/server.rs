@@ -556,9 +556,12 @@ async fn answer(
     };
     let target = match shared.plane.get() {
         Some(plane) if admitted.is_some() || job => {
-            match plane.route(request.uri().path(), request.headers()) {
+            let found = plane
+                .settled(|| plane.route(request.uri().path(), request.headers()))
+                .await;
+            match found {
                 Ok(target) => target.map(|target| (plane, target)),
-                Err(refused) if plane.stands(&refused).await => {
+                Err(refused) => {
                     // answered before its body is read, as the app answers it
                     shared.stats.native_answers.fetch_add(1, Ordering::Relaxed);
                     let received = (received_at, received_ms as f64 / 1000.0);
@@ -571,7 +574,6 @@ async fn answer(
                         declared_length(request.headers()).unwrap_or(0),
                     );
                 }
-                Err(_) => None, // a model named since: the app's to answer
             }
         }
         _ => None,

@@ -8,8 +8,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use ppml_front::{
-    Caller, Closed, Front as CoreFront, FrontConfig, FrontError, GrpcConfig, KnownModels,
-    ModelRoute, Plane, PlaneConfig, RedisTarget, TlsFiles, VersionRoute,
+    Caller, Closed, Front as CoreFront, FrontConfig, FrontError, GrpcConfig, ModelRoute, Pending,
+    Plane, PlaneConfig, RedisTarget, TlsFiles, VersionRoute,
 };
 use pyo3::prelude::*;
 use pyo3::types::{PyDict, PyList};
@@ -34,6 +34,13 @@ type VersionSpec<'py> = (
 
 /// A closed version: HTTP status, the app's words, and (for want of a live worker) the
 /// workers' heartbeat key and the age within which a beat is live.
+/// A model's routes: default version, known versions, open ones, pending ones.
+type ModelRouteSpec<'py> = (
+    Option<String>,
+    Vec<String>,
+    HashMap<String, VersionSpec<'py>>,
+    HashMap<String, (String, String)>,
+);
 type ClosedSpec = (u16, String, Option<(String, f64)>);
 
 /// An API key as Python describes it: SHA-256 of its token, name, models (None: all), id,
@@ -212,8 +219,8 @@ impl Front {
     /// Nothing is served on it before ``set_routes`` and ``set_enabled(True)``.
     #[pyo3(signature = (*, cluster, unix_path, host, port, tls, ca_file, username, password, db,
                         command_timeout_s, request_timeout_s, max_inflight_per_model,
-                        max_rows, spool, spool_min_bytes, job_timeout_s=300.0,
-                        job_ttl_s=3600, max_request_bytes=67108864))]
+                        max_rows, spool, spool_min_bytes, announced_key, requested_key,
+                        job_timeout_s=300.0, job_ttl_s=3600, max_request_bytes=67108864))]
     #[allow(clippy::too_many_arguments)]
     fn install_plane(
         &self,
@@ -233,6 +240,8 @@ impl Front {
         max_rows: Option<u64>,
         spool: Option<PathBuf>,
         spool_min_bytes: usize,
+        announced_key: String,
+        requested_key: String,
         job_timeout_s: f64,
         job_ttl_s: u64,
         max_request_bytes: u64,
@@ -268,6 +277,8 @@ impl Front {
             max_request_bytes,
             job_timeout: seconds(job_timeout_s, "job_timeout_s")?,
             job_ttl: Duration::from_secs(job_ttl_s),
+            announced_key,
+            requested_key,
         };
         let plane = Arc::new(
             Plane::new(config).map_err(|message| package_error(py, "ConfigError", message))?,
@@ -296,17 +307,17 @@ impl Front {
         }
     }
 
-    /// What the native path may serve now: model -> (default version, version -> spec).
-    fn set_routes(
-        &self,
-        routes: HashMap<String, (Option<String>, HashMap<String, VersionSpec<'_>>)>,
-    ) {
+    /// What the native path may serve now: model -> (default version, known versions
+    /// newest first, version -> spec, version -> (queue, words) for versions no worker has
+    /// announced); ``outage``: the words every request gets while Redis does not answer
+    /// the route checks. Wakes the requests waiting for routes rebuilt.
+    fn set_routes(&self, routes: HashMap<String, ModelRouteSpec<'_>>, outage: Option<String>) {
         let Some(plane) = self.plane() else {
             return;
         };
         let table = routes
             .into_iter()
-            .map(|(model, (default_version, versions))| {
+            .map(|(model, (default_version, known, versions, pending))| {
                 let versions = versions
                     .into_iter()
                     .map(|(version, spec)| {
@@ -339,28 +350,26 @@ impl Front {
                         (version, Arc::new(route))
                     })
                     .collect();
+                let pending = pending
+                    .into_iter()
+                    .map(|(version, (queue, message))| (version, Pending { queue, message }))
+                    .collect();
                 let route = ModelRoute {
                     default_version,
+                    known,
                     versions,
+                    pending,
                 };
                 (model, route)
             })
             .collect();
-        plane.set_routes(table);
+        plane.set_routes(table, outage);
     }
 
-    /// The model names the app knows, and the hashes where one announced or asked for
-    /// since would show (``None``: leave every name not routed to the app).
-    fn set_known_models(&self, known: Option<(Vec<String>, String, String)>) {
-        if let Some(plane) = self.plane() {
-            plane.set_known_models(known.map(|(names, announced_key, requested_key)| {
-                KnownModels {
-                    names: names.into_iter().collect(),
-                    announced_key,
-                    requested_key,
-                }
-            }));
-        }
+    /// Whether a request found Redis newer than the routes since the last call: the next
+    /// rebuild is to read the specs and the repository afresh.
+    fn take_stale(&self) -> bool {
+        self.plane().is_some_and(|plane| plane.take_stale())
     }
 
     /// Every API key: (sha256 digest, key name, models or None, key id, whether it may call

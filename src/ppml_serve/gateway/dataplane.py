@@ -91,14 +91,23 @@ Routed = tuple[ModelSpec, Closure | None]
 
 
 @dataclass(frozen=True)
-class RouteTable:
-    """What the native front may answer now (``DataPlane.route_table``)."""
+class ModelRoutes:
+    """One model as the native front routes it (``DataPlane.route_table``)."""
 
-    models: dict[str, tuple[str | None, dict[str, Routed]]]
-    """Per served model: the version an unversioned request goes to, and its versions."""
-    names: set[str]
-    """Every name ``resolve`` knows as a model: configured, on a host, or announced by a
-    worker (what is announced or asked for after this, the front finds in Redis)."""
+    default: str
+    """The version an unversioned request goes to (``resolve``'s choice)."""
+    known: list[str]
+    """Every version ``resolve`` knows, newest first (an unknown one's 404 lists them)."""
+    versions: dict[str, Routed]
+    """The known versions whose spec the gateway holds."""
+    pending: dict[str, NotReady]
+    """The others (no worker has announced their spec: loading, or not loaded), with the
+    error their requests get."""
+
+
+RouteTable = dict[str, ModelRoutes]
+"""Every model ``resolve`` knows (configured, on a host, or announced by a worker): what is
+announced or asked for after it was built, the front finds in Redis and asks for it anew."""
 
 
 class NativeRequests(Protocol):
@@ -384,10 +393,9 @@ class DataPlane:
         if queue not in models:
             models = await self.models(refresh=True)
         if queue not in models:
-            model, version = split_queue_name(queue)
+            model, _ = split_queue_name(queue)
             if model in self._configured or (await self.repository()).knows(model):
-                raise NotReady(f"model {model!r} version {version} has no worker that holds "
-                               "its keys (not loaded, or still loading)")
+                raise _unannounced(queue)
             raise ModelNotFound(f"model {model!r} is not served here")
         return models[queue]
 
@@ -534,47 +542,49 @@ class DataPlane:
         except NotReady:
             return False
 
-    async def route_table(self) -> RouteTable:
-        """For the native front's inference path: per served model, the version an
-        unversioned request goes to (``None``: one not in the table) and its versions whose
-        spec opens with this gateway's keys, each with the ``Closure`` its requests get
-        now, if any: the checks ``infer`` makes, in its order (the state volume short of
-        room, no live worker, backlog over its bound). Requests for anything not in the table
-        are left to this process, which answers them with its reasons."""
+    async def route_table(self, fresh: bool = False) -> RouteTable:
+        """For the native front's inference path: every model ``resolve`` knows, with the
+        version an unversioned request goes to, its known versions, and for each the spec
+        (with the ``Closure`` its requests get now, if any: the checks ``infer`` makes, in
+        its order — the state volume short of room, no live worker, backlog over its bound)
+        or, with no spec announced, the error its requests get. ``fresh``: read the specs and
+        the hosts' view anew (the front found one newer than its routes)."""
         shortage = self._disk.shortage() if self._disk is not None else None
-        view = await self.repository()
-        specs = await self.models()
+        view = await self.repository(refresh=fresh)
+        specs = await self.models(refresh=fresh)
         names = self._configured | view.names() | {split_queue_name(q)[0] for q in specs}
-        table: dict[str, tuple[str | None, dict[str, Routed]]] = {}
+        table: RouteTable = {}
         for name in sorted(names):
+            known = await self._versions_known(name, view)
+            if not known:
+                continue
             versions: dict[str, Routed] = {}
-            for version in view.present(name) if view.knows(name) else ["1"]:
+            pending: dict[str, NotReady] = {}
+            for version in known:
                 queue = queue_name(name, version)
+                ready = await self._queue_ready(queue)
+                if queue not in specs and ready:  # live workers: their spec is newer
+                    specs = await self.models(refresh=True)
+                spec = specs.get(queue)
+                if spec is None:  # what ``infer`` finds first
+                    pending[version] = _unannounced(queue)
+                    continue
                 closure: Closure | None = None
                 if shortage is not None:  # the disk's words (its free space, read each second)
                     closure = Closure(NotReady(shortage))
-                elif not await self._queue_ready(queue):
+                elif not ready:
                     # the app's words; while the hosts let it serve, a worker that comes
                     # before the next refresh opens it (the front counts live ones itself)
                     closure = Closure(_no_live_worker(queue),
                                       recheck=self._state_serves(view, queue))
                 else:
-                    if queue not in specs:  # live workers whose spec is newer than the cache
-                        specs = await self.models(refresh=True)
                     try:
                         await self._check_backlog(queue)
                     except Overloaded as exc:
                         closure = Closure(exc)
-                spec = specs.get(queue)  # none: the app answers (no worker holds its keys)
-                if spec is not None:
-                    versions[version] = (spec, closure)
-            if versions:
-                try:
-                    default: str | None = await self.resolve(name, None)
-                except (ModelNotFound, NotReady):
-                    default = None
-                table[name] = (default if default in versions else None, versions)
-        return RouteTable(table, names)
+                versions[version] = (spec, closure)
+            table[name] = ModelRoutes(await self.resolve(name, None), known, versions, pending)
+        return table
 
     async def _check_backlog(self, model: str) -> None:
         backlog: int = await self._cached(f"backlog:{model}", 0.1,
@@ -790,6 +800,12 @@ class DataPlane:
         _, outputs = record.unpack(plaintext)
         request = InferRequest(job_id, {}, job.outputs, job.binary)
         return encode_response(model, request, outputs, split_queue_name(job.model)[1])
+
+
+def _unannounced(queue: str) -> NotReady:
+    model, version = split_queue_name(queue)
+    return NotReady(f"model {model!r} version {version} has no worker that holds its keys "
+                    "(not loaded, or still loading)")
 
 
 def _no_live_worker(queue: str) -> NotReady:

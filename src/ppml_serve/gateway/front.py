@@ -20,6 +20,7 @@ import uvicorn
 
 from ppml_serve import _native
 from ppml_serve.errors import ConfigError
+from ppml_serve.queue.redis_common import Keys
 from ppml_serve.queue.redis_lane import Endpoint
 from ppml_serve.settings import Settings
 
@@ -89,6 +90,7 @@ class NativeFront:
             return False
         endpoint = Endpoint.parse(settings.redis_url(), settings.ca_file)
         spool = settings.redis.payload_spool
+        layout = Keys(settings.redis.prefix)
         self._front.install_plane(
             cluster=settings.redis.cluster, unix_path=endpoint.path, host=endpoint.host,
             port=endpoint.port, tls=endpoint.tls,
@@ -100,6 +102,7 @@ class NativeFront:
             max_rows=settings.worker.max_rows_per_request,
             spool=str(spool) if spool is not None else None,
             spool_min_bytes=settings.redis.payload_spool_min_bytes,
+            announced_key=layout.models, requested_key=layout.repository,
             job_timeout_s=gateway.job_timeout_s, job_ttl_s=gateway.job_ttl_s,
             max_request_bytes=gateway.max_request_bytes)
         return True

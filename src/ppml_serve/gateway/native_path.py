@@ -4,21 +4,22 @@ The front answers ``POST /v2/models/{m}[/versions/{v}]/infer`` itself (ppml-fron
 ``plane``: key check, admission, seal, spool or XADD, its own reply readers, the answer
 opened and encoded) for what this module installs, every ``REFRESH_S``:
 
-- the routes: per model, the version an unversioned request goes to and each version whose
-  spec the gateway holds (``DataPlane.route_table``), with its streams, declared tensors,
-  keyring and associated data, and, while it takes no requests (the state volume short of
-  room, no live worker, backlog over its bound: the checks the app's path makes), the
-  error its requests get, in the app's words, once their input is checked;
+- the routes (``DataPlane.route_table``): per model the app knows, the version an
+  unversioned request goes to, its known versions (any other is refused 404, in the app's
+  words), and each known version's spec with its streams, declared tensors, keyring and
+  associated data — and, while it takes no requests (the state volume short of room, no
+  live worker, backlog over its bound: the checks the app's path makes), the error its
+  requests get once their input is checked — or, where no worker has announced its spec,
+  the 503 its requests get. A model not among them is refused 404;
+- while Redis does not answer those checks: the 503 every request gets, in the app's words;
 - the callers: every key of the key file (whether it may call inference, and which
   models), reloaded as the app reloads them: the front refuses a missing or unknown key
   (401) and one that may not call the model (403) itself, in the app's words.
 
-The model names it knows are installed too: a name none of them is (nor announced or asked
-for since, which the front checks in Redis) is refused 404 in the app's words. Whatever else
-is not installed (an unknown version, a version no worker has announced, Redis down) goes
-to the app, whose answer and words are the reference. Every request the front answered
-comes back here as an event, for the app's metrics, statistics and access log: one
-implementation of those.
+Where the front finds in Redis a model or spec newer than its routes (announced, or asked
+to be loaded, since), it asks for them rebuilt from fresh reads and waits for that. Every
+request the front answered comes back here as an event, for the app's metrics, statistics
+and access log: one implementation of those.
 """
 
 from __future__ import annotations
@@ -52,8 +53,8 @@ REFRESH_S = 0.1
 """How often routes and callers are rebuilt, and answered requests collected: the same
 staleness as the app's own cached checks (backlog 0.1 s, live workers 0.5 s)."""
 CHECK_TIMEOUT_S = 1.0
-"""Longest a refresh waits for its checks (Redis stalled): then the app's path takes every
-request until they answer again, with its own handling of a stall."""
+"""Longest a refresh waits for its checks (Redis stalled): then every request gets 503
+until they answer again."""
 _ID_MARK = "ppml-request-id"
 
 
@@ -128,13 +129,12 @@ class NativePath:
             if closure.recheck else None
         return status_of(closure.error).http, str(closure.error), recheck
 
-    def _version_spec(self, queue: str, spec: Any,
-                      closure: Closure | None) -> tuple[Any, ...] | None:
+    def _version_spec(self, queue: str, spec: Any, closure: Closure | None) -> tuple[Any, ...]:
         model = queue.partition("@")[0]
         sealer = self._sealers.for_model(model)
         keyring = getattr(sealer, "native", None)
         if keyring is None and not isinstance(sealer, PlaintextSealer):
-            return None  # sealed by something the front does not hold
+            raise TypeError(f"the sealer of model {model!r} holds no native keyring")
         # None for the plaintext benchmark mode: the front marks plain records as it does
         stream = self.reply_stream(queue)
         self._streams.add(stream)
@@ -154,28 +154,31 @@ class NativePath:
             self._front.set_callers(callers)
             self._callers = callers
         found: RouteTable | None = None
-        try:
-            if self._enabled():
-                found = await asyncio.wait_for(self._dataplane.route_table(), CHECK_TIMEOUT_S)
-        except (NotReady, asyncio.TimeoutError):
-            pass  # Redis unreachable or stalled: the app answers, with its reasons
-        table = found.models if found is not None else {}
-        self._front.set_known_models(
-            None if found is None else (sorted(found.names), self._layout.models,
-                                        self._layout.repository))
-        routes: dict[str, tuple[str | None, dict[str, tuple[Any, ...]]]] = {}
-        for model, (default, versions) in table.items():
-            built = {version: self._version_spec(queue_name(model, version), spec, closure)
-                     for version, (spec, closure) in versions.items()}
-            usable = {version: spec for version, spec in built.items() if spec is not None}
-            if usable:
-                routes[model] = (default if default in usable else None, usable)
+        outage: str | None = None
+        if self._enabled():
+            try:
+                found = await asyncio.wait_for(
+                    self._dataplane.route_table(fresh=self._front.take_stale()),
+                    CHECK_TIMEOUT_S)
+            except NotReady as exc:  # Redis unreachable: the words the app's path has
+                outage = str(exc)
+            except asyncio.TimeoutError:
+                outage = f"redis not reachable: no answer within {CHECK_TIMEOUT_S:g} s"
+        routes: dict[str, tuple[str | None, list[str], dict[str, tuple[Any, ...]],
+                                dict[str, tuple[str, str]]]] = {}
+        for model, served in (found or {}).items():
+            routes[model] = (
+                served.default, served.known,
+                {version: self._version_spec(queue_name(model, version), spec, closure)
+                 for version, (spec, closure) in served.versions.items()},
+                {version: (queue_name(model, version), str(error))
+                 for version, error in served.pending.items()})
         ratio = self._tracing()
         if ratio != self._ratio:
             self._front.set_tracing(ratio)
             self._ratio = ratio
-        self._front.set_routes(routes)
-        self._front.set_plane_enabled(bool(routes))
+        self._front.set_routes(routes, outage)
+        self._front.set_plane_enabled(found is not None or outage is not None)
         self.drain()
 
     def drain(self) -> None:
@@ -190,9 +193,11 @@ class NativePath:
         while True:
             try:
                 await self.refresh()
-            except Exception:  # keep serving; the app's path answers meanwhile
+            except Exception:  # a bug: refuse rather than route on stale checks
                 log.exception("updating the native inference path failed")
-                self._front.set_plane_enabled(False)
+                self._front.set_routes({}, "the gateway cannot check its routes now; "
+                                           "retry later")
+                self._front.set_plane_enabled(self._enabled())
             await asyncio.sleep(REFRESH_S)
 
     def streams(self) -> set[str]:
