@@ -440,12 +440,25 @@ def test_grpc_refusals_read_as_the_services(native: Stack, reference: Stack) -> 
         assert (native_code, native_words) == grpc_call(reference, asked)[1:]
         assert native_code == "NOT_FOUND", native_words
     assert answered_natively(native) == before + 2
-    # a message the service's decoder refuses reaches it (its words)
+    # messages the service's decoder would not read: the front's, in its words and order
+    # (the tensors before the version: a bad tensor for a version that does not exist is
+    # refused for the tensor)
+    bad_version = shaped([1, 8, 8], "FP8")
+    bad_version.model_version = "9"
+    unread = {
+        "raw count": pb.ModelInferRequest(model_name="demo", raw_input_contents=[b"x"]),
+        "no inputs": pb.ModelInferRequest(model_name="demo"),
+        "datatype name": shaped([1, 8, 8], "FP8"),
+        "raw size": shaped([1, 8, 8], "FP32"),
+        "before the version": bad_version,
+    }
+    unread["raw size"].raw_input_contents[0] = b"\0" * 5  # type: ignore[attr-defined]
     before = answered_natively(native)
-    _, found, words = grpc_call(
-        native, pb.ModelInferRequest(model_name="demo", raw_input_contents=[b"x"]))
-    assert found == "INVALID_ARGUMENT", words
-    assert answered_natively(native) == before
+    for what, request in unread.items():
+        _, native_code, native_words = grpc_call(native, request)
+        assert (native_code, native_words) == grpc_call(reference, request)[1:], what
+        assert native_code == "INVALID_ARGUMENT", (what, native_words)
+    assert answered_natively(native) == before + len(unread)
 
 
 def test_a_job_is_submitted_on_the_native_path_and_fetched_as_ever(native: Stack,

@@ -186,7 +186,9 @@ pub fn check_bytes(
     Ok(())
 }
 
-fn check_bytes_count(count: Option<u128>, where_: &str) -> Result<(), V2Error> {
+/// A BYTES tensor of `count` elements (`None`: past `u128`) within the bound, or the
+/// service's words.
+pub fn check_bytes_count(count: Option<u128>, where_: &str) -> Result<(), V2Error> {
     if count.is_none_or(|n| n > MAX_BYTES_ELEMENTS) {
         return refuse(format!(
             "{where_}: at most {MAX_BYTES_ELEMENTS} BYTES elements per tensor (split the request)"
@@ -257,7 +259,8 @@ pub fn py_repr(text: &str) -> String {
     out
 }
 
-fn list(shape: &[u64]) -> String {
+/// A shape as Python writes a list of ints (`[1, 8, 8]`).
+pub fn list(shape: &[u64]) -> String {
     let items: Vec<String> = shape.iter().map(u64::to_string).collect();
     format!("[{}]", items.join(", "))
 }
@@ -345,18 +348,72 @@ fn shape_of(raw: Option<&RawValue>, where_: &str) -> Result<Vec<u64>, V2Error> {
 
 fn datatype_of(raw: Option<&RawValue>, where_: &str) -> Result<Datatype, V2Error> {
     let shown = match raw.map(value) {
-        Some(Value::String(name)) => match Datatype::named(&name) {
-            Some(datatype) => return Ok(datatype),
-            None => py_repr(&name),
-        },
+        Some(Value::String(name)) => return datatype_named(&name, where_),
         None | Some(Value::Null) => py_repr("None"),
         Some(other) => py_repr(&other.to_string()),
     };
+    Err(unsupported_datatype(&shown, where_))
+}
+
+fn unsupported_datatype(shown: &str, where_: &str) -> V2Error {
     let supported: Vec<&str> = DATATYPES.iter().chain([&BYTES]).map(|d| d.name).collect();
-    refuse(format!(
+    V2Error(format!(
         "{where_}: unsupported datatype {shown} (supported: {})",
         supported.join(", ")
     ))
+}
+
+/// The datatype `name`, or the service's words for one it does not take.
+pub fn datatype_named(name: &str, where_: &str) -> Result<Datatype, V2Error> {
+    Datatype::named(name).ok_or_else(|| unsupported_datatype(&py_repr(name), where_))
+}
+
+/// A shape given as signed dimensions (gRPC's), within `MAX_DIMS` dimensions of
+/// `0..=MAX_DIM_SIZE` each, or the service's words.
+pub fn check_dims(dims: &[i64], where_: &str) -> Result<Vec<u64>, V2Error> {
+    if dims.len() > MAX_DIMS {
+        return refuse(format!(
+            "{where_}: shape has {} dimensions (at most {MAX_DIMS})",
+            dims.len()
+        ));
+    }
+    dims.iter()
+        .map(|d| u64::try_from(*d).ok().filter(|d| *d <= MAX_DIM_SIZE))
+        .collect::<Option<Vec<u64>>>()
+        .map_or_else(
+            || {
+                refuse(format!(
+                    "{where_}: shape dimensions must be between 0 and {MAX_DIM_SIZE}"
+                ))
+            },
+            Ok,
+        )
+}
+
+/// The product of `factors` in decimal, however large (Python's integers in messages).
+pub fn exact_product(factors: &[u64]) -> String {
+    // little-endian limbs of 10^9
+    let mut limbs: Vec<u64> = vec![1];
+    for &factor in factors {
+        let mut carry: u128 = 0;
+        for limb in &mut limbs {
+            let value = u128::from(*limb) * u128::from(factor) + carry;
+            *limb = (value % 1_000_000_000) as u64;
+            carry = value / 1_000_000_000;
+        }
+        while carry > 0 {
+            limbs.push((carry % 1_000_000_000) as u64);
+            carry /= 1_000_000_000;
+        }
+    }
+    while limbs.len() > 1 && limbs.last() == Some(&0) {
+        limbs.pop();
+    }
+    let mut text = limbs.last().map_or_else(String::new, u64::to_string);
+    for limb in limbs.iter().rev().skip(1) {
+        text.push_str(&format!("{limb:09}"));
+    }
+    text
 }
 
 /// Decode a request body. `header_length` is the `Inference-Header-Content-Length` header's

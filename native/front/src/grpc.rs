@@ -4,12 +4,11 @@
 //! tonic frames the messages, negotiates compression and writes the status; prost decodes
 //! the messages (declared below by hand for the one RPC served here: the field numbers are
 //! the Open Inference Protocol's, checked against tritonclient's descriptors by the Python
-//! tests). A `ModelInfer` the native path does not hold — a model or version not open, a key
-//! that may not call it, a message compressed other than with gzip or deflate, or any input
-//! the decoder would refuse (the
-//! Python service's words are the reference) — and every other RPC, `ModelStreamInfer`'s
-//! streams included, go to the Python service over HTTP/2 on a private Unix socket, with
-//! their trailers.
+//! tests). A `ModelInfer` is judged here in the Python service's order and words: the key,
+//! then the message's tensors, then the model and version. Only calls before the routes are
+//! installed, messages compressed other than with gzip or deflate, and every other RPC
+//! (`ModelStreamInfer`'s streams included) go to the Python service over HTTP/2 on a
+//! private Unix socket, with their trailers.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
@@ -29,10 +28,10 @@ use http_body_util::{BodyExt, Empty, Full};
 use hyper::body::Incoming;
 use hyper::client::conn::http2::{self, SendRequest};
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
-use ppml_core::record::{self, MAX_DIMS, MAX_DIM_SIZE};
+use ppml_core::record;
 use ppml_core::request::Tensor;
 use ppml_core::response::{self, ResponseError};
-use ppml_core::v2::{self, Datatype, MAX_BYTES_ELEMENTS};
+use ppml_core::v2::{self, py_repr, Datatype};
 use prost::Message as _;
 use tonic::codec::CompressionEncoding;
 use tonic::server::{Grpc, UnaryService};
@@ -40,7 +39,7 @@ use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
 use crate::body::{Breach, BreachCell, GuardedBody};
-use crate::plane::{Event, Plane, Refusal, Target};
+use crate::plane::{Event, Plane, Refusal, Refused, Target};
 use crate::server::{hop_by_hop, Shared};
 
 /// The RPC answered natively.
@@ -185,18 +184,18 @@ impl Decoded<'_> {
     }
 }
 
-/// Typed contents as little-endian items of `datatype`; `None` where a value does not fit
-/// it or the datatype has no typed field (the Python service then answers, in its words).
-fn typed(contents: &InferTensorContents, datatype: Datatype) -> Option<(Vec<u8>, usize)> {
+/// Typed contents as little-endian items of `datatype`, with how many values its field
+/// holds (no field, as for FP16: none); `Err(found)` where a value does not fit it.
+fn typed(contents: &InferTensorContents, datatype: Datatype) -> Result<(Vec<u8>, usize), usize> {
     fn narrow<T: Copy, const N: usize>(
         values: &[T],
         convert: impl Fn(T) -> Option<[u8; N]>,
-    ) -> Option<(Vec<u8>, usize)> {
+    ) -> Result<(Vec<u8>, usize), usize> {
         let mut out = Vec::with_capacity(values.len() * N);
         for value in values {
-            out.extend_from_slice(&convert(*value)?);
+            out.extend_from_slice(&convert(*value).ok_or(values.len())?);
         }
-        Some((out, values.len()))
+        Ok((out, values.len()))
     }
     match datatype.name {
         "BOOL" => narrow(&contents.bool_contents, |v| Some([u8::from(v)])),
@@ -222,25 +221,32 @@ fn typed(contents: &InferTensorContents, datatype: Datatype) -> Option<(Vec<u8>,
             let items = &contents.bytes_contents;
             let mut out = Vec::with_capacity(items.iter().map(|i| i.len() + 4).sum());
             for item in items {
-                out.extend_from_slice(&u32::try_from(item.len()).ok()?.to_le_bytes());
+                let size = u32::try_from(item.len()).map_err(|_| items.len())?;
+                out.extend_from_slice(&size.to_le_bytes());
                 out.extend_from_slice(item);
             }
-            Some((out, items.len()))
+            Ok((out, items.len()))
         }
-        _ => None,
+        _ => Ok((Vec::new(), 0)),
     }
 }
 
-/// The request as the native path takes it, or `None` for anything the Python service's
-/// decoder would refuse or read differently: it answers those (one set of words).
-pub(crate) fn decode(request: &ModelInferRequest) -> Option<Decoded<'_>> {
+/// The request as the native path takes it, or what the Python service said of one it
+/// would not read (its words, in its order: the classification counts, then each input).
+pub(crate) fn decode(request: &ModelInferRequest) -> Result<Decoded<'_>, String> {
     let mut classification: Vec<(String, u64)> = Vec::new();
     let mut outputs: Vec<(String, bool)> = Vec::new();
     for output in &request.outputs {
         if let Some(parameter) = output.parameters.get("classification") {
             let count = match parameter.choice {
                 Some(Choice::Int64(count)) if count >= 1 => count.unsigned_abs(),
-                _ => return None,
+                _ => {
+                    return Err(format!(
+                        "output {}: parameters.classification must be a positive integer \
+                         (the number of classes)",
+                        py_repr(&output.name)
+                    ))
+                }
             };
             classification.retain(|(name, _)| *name != output.name);
             classification.push((output.name.clone(), count));
@@ -250,51 +256,72 @@ pub(crate) fn decode(request: &ModelInferRequest) -> Option<Decoded<'_>> {
         }
     }
     let raw = &request.raw_input_contents;
-    if request.inputs.is_empty() || (!raw.is_empty() && raw.len() != request.inputs.len()) {
-        return None;
+    if !raw.is_empty() && raw.len() != request.inputs.len() {
+        return Err("raw_input_contents must hold one entry per input".into());
     }
     let mut inputs: Vec<Input<'_>> = Vec::with_capacity(request.inputs.len());
     for (position, tensor) in request.inputs.iter().enumerate() {
         let name = tensor.name.as_str();
+        let where_ = format!("input {}", py_repr(name));
         if name.is_empty() || inputs.iter().any(|(seen, ..)| *seen == name) {
-            return None;
+            return Err(format!(
+                "inputs[{position}]: a unique, non-empty name is required"
+            ));
         }
-        let datatype = Datatype::named(&tensor.datatype)?;
-        if tensor.shape.len() > MAX_DIMS {
-            return None;
-        }
-        let shape: Vec<u64> = tensor
-            .shape
-            .iter()
-            .map(|d| u64::try_from(*d).ok().filter(|d| *d <= MAX_DIM_SIZE))
-            .collect::<Option<_>>()?;
+        let datatype = v2::datatype_named(&tensor.datatype, &where_).map_err(|e| e.0)?;
+        let shape = v2::check_dims(&tensor.shape, &where_).map_err(|e| e.0)?;
         let count = shape
             .iter()
-            .try_fold(1u128, |n, d| n.checked_mul(u128::from(*d)))?;
-        if datatype.is_bytes() && count > MAX_BYTES_ELEMENTS {
-            return None;
+            .try_fold(1u128, |n, d| n.checked_mul(u128::from(*d)));
+        if datatype.is_bytes() {
+            v2::check_bytes_count(count, &where_).map_err(|e| e.0)?;
         }
         let data: Cow<'_, [u8]> = if let Some(bytes) = raw.get(position) {
-            let fits = if datatype.is_bytes() {
-                v2::check_bytes(bytes, Some(count), &shape, name).is_ok()
+            if datatype.is_bytes() {
+                v2::check_bytes(bytes, count, &shape, &where_).map_err(|e| e.0)?;
             } else {
-                u128::try_from(bytes.len()).ok() == count.checked_mul(datatype.size as u128)
-            };
-            if !fits {
-                return None;
+                let size = u128::try_from(datatype.size).unwrap_or(u128::MAX);
+                let needed = count.and_then(|n| n.checked_mul(size));
+                if needed != u128::try_from(bytes.len()).ok() {
+                    let mut factors = shape.clone();
+                    factors.push(datatype.size as u64);
+                    return Err(format!(
+                        "{where_}: raw contents hold {} bytes, shape {} needs {}",
+                        bytes.len(),
+                        v2::list(&shape),
+                        v2::exact_product(&factors)
+                    ));
+                }
             }
             Cow::Borrowed(bytes.as_ref())
         } else {
             let empty = InferTensorContents::default();
-            let (items, found) = typed(tensor.contents.as_ref().unwrap_or(&empty), datatype)?;
-            if found as u128 != count {
-                return None;
+            let contents = tensor.contents.as_ref().unwrap_or(&empty);
+            let (found, converted) = match typed(contents, datatype) {
+                Ok((items, found)) => (found, Some(items)),
+                Err(found) => (found, None),
+            };
+            if count != Some(found as u128) {
+                return Err(format!(
+                    "{where_}: contents hold {found} values, shape {} needs {}",
+                    v2::list(&shape),
+                    v2::exact_product(&shape)
+                ));
             }
+            let Some(items) = converted else {
+                return Err(format!(
+                    "{where_}: contents cannot be read as {}",
+                    datatype.name
+                ));
+            };
             Cow::Owned(items)
         };
         inputs.push((name, datatype, shape, data));
     }
-    Some(Decoded {
+    if inputs.is_empty() {
+        return Err("inputs must be a non-empty list".into());
+    }
+    Ok(Decoded {
         inputs,
         outputs: (!outputs.is_empty()).then_some(outputs),
         classification,
@@ -392,23 +419,49 @@ async fn answer(
     let found = plane
         .settled(|| plane.target(&request.model_name, version, headers))
         .await;
-    let target = match found {
-        Ok(target) => target?,
-        Err(refused) => {
-            // the service authenticates before it reads the message's tensors
-            let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
-            plane.record_refused(
-                &refused,
-                &mut call,
-                "gRPC ModelInfer",
-                String::new(),
-                client,
-                0,
-            );
-            return Some(Err(status_of(&refused.refusal)));
+    // the service's order: the key, then the message's tensors, then the model and version
+    let decoded = decode(request);
+    let refused = match (found, decoded) {
+        (Ok(None), _) => return None, // the routes are not installed yet
+        (Err(refused), _) if refused.is_for_key() => refused,
+        (Ok(Some(target)), Err(words)) => Box::new(Refused::unread(
+            &request.model_name,
+            target.key_name(),
+            words,
+        )),
+        (Err(refused), Err(words)) => Box::new(Refused::unread(
+            &request.model_name,
+            &refused.key_name,
+            words,
+        )),
+        (Err(refused), Ok(_)) => refused,
+        (Ok(Some(target)), Ok(decoded)) => {
+            return Some(infer(plane, request, headers, received, client, target, decoded).await)
         }
     };
-    let decoded = decode(request)?;
+    let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
+    plane.record_refused(
+        &refused,
+        &mut call,
+        "gRPC ModelInfer",
+        String::new(),
+        client,
+        0,
+    );
+    Some(Err(status_of(&refused.refusal)))
+}
+
+/// A decoded `request` for `target`, answered on the native path and recorded.
+async fn infer(
+    plane: &Arc<Plane>,
+    request: &ModelInferRequest,
+    headers: &HeaderMap,
+    received: (Instant, f64),
+    client: String,
+    target: Target,
+    decoded: Decoded<'_>,
+) -> Result<ModelInferResponse, Status> {
+    let bytes_in = request.encoded_len() as u64;
     let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
     let outcome = match plane.admit(received) {
         Err(refusal) => Err(refusal),
@@ -465,7 +518,7 @@ async fn answer(
         failure,
         trace: Plane::finish_trace(&mut call),
     });
-    Some(result)
+    result
 }
 
 /// What happened to a `ModelInfer` handed to tonic.
@@ -759,68 +812,113 @@ mod tests {
     }
 
     #[test]
-    fn what_python_would_refuse_is_passed_on() {
-        let too_big = {
-            let mut t = input("x", "INT8", &[1]);
-            t.contents = Some(InferTensorContents {
-                int_contents: vec![128],
-                ..Default::default()
-            });
+    fn what_the_python_service_would_not_read_is_refused_in_its_words() {
+        let typed = |datatype: &str, contents: InferTensorContents| {
+            let mut t = input("x", datatype, &[1]);
+            t.contents = Some(contents);
             request(vec![t], vec![])
         };
+        let supported = "(supported: BOOL, UINT8, UINT16, UINT32, UINT64, INT8, INT16, INT32, \
+                         INT64, FP16, FP32, FP64, BYTES)";
+        let big = "204586911469217587865369575465914518722527737634426672170098570280813333227\
+                   648829687316535444808887888847985957889174851567855545841803403726862417921";
+        let dims = vec!["2147483647"; 16].join(", ");
+        // (the Python service's words for each, read from its decoder)
         let cases = [
-            ("no inputs", request(vec![], vec![])),
             (
-                "unknown datatype",
+                request(vec![], vec![]),
+                "inputs must be a non-empty list".to_owned(),
+            ),
+            (
                 request(vec![input("x", "FP8", &[1])], vec![&[0]]),
+                format!("input 'x': unsupported datatype 'FP8' {supported}"),
             ),
             (
-                "negative dim",
+                request(vec![input("it's", "FP8", &[1])], vec![&[0]]),
+                format!("input \"it's\": unsupported datatype 'FP8' {supported}"),
+            ),
+            (
                 request(vec![input("x", "UINT8", &[-1])], vec![&[0]]),
+                "input 'x': shape dimensions must be between 0 and 2147483647".into(),
             ),
             (
-                "too many dims",
                 request(vec![input("x", "UINT8", &[1; 17])], vec![&[0]]),
+                "input 'x': shape has 17 dimensions (at most 16)".into(),
             ),
             (
-                "short raw",
                 request(vec![input("x", "FP32", &[2])], vec![&[0; 7]]),
+                "input 'x': raw contents hold 7 bytes, shape [2] needs 8".into(),
             ),
             (
-                "bad bytes form",
+                request(vec![input("x", "UINT8", &[2147483647; 16])], vec![&[0]]),
+                format!("input 'x': raw contents hold 1 bytes, shape [{dims}] needs {big}"),
+            ),
+            (
                 request(vec![input("x", "BYTES", &[1])], vec![&[9, 0]]),
+                "input 'x': BYTES data must be elements each prefixed by its length \
+                 (4 bytes, little-endian)"
+                    .into(),
             ),
             (
-                "duplicate name",
+                request(vec![input("x", "BYTES", &[2])], vec![&[1, 0, 0, 0, b'a']]),
+                "input 'x': BYTES data has 1 elements but shape [2] needs 2".into(),
+            ),
+            (
+                request(vec![input("x", "BYTES", &[2147483647; 2])], vec![&[0]]),
+                "input 'x': at most 1048576 BYTES elements per tensor (split the request)".into(),
+            ),
+            (
                 request(
                     vec![input("x", "UINT8", &[1]), input("x", "UINT8", &[1])],
                     vec![&[0], &[0]],
                 ),
+                "inputs[1]: a unique, non-empty name is required".into(),
             ),
             (
-                "empty name",
                 request(vec![input("", "UINT8", &[1])], vec![&[0]]),
+                "inputs[0]: a unique, non-empty name is required".into(),
             ),
             (
-                "raw count",
                 request(
                     vec![input("x", "UINT8", &[1]), input("y", "UINT8", &[1])],
                     vec![&[0]],
                 ),
+                "raw_input_contents must hold one entry per input".into(),
             ),
             (
-                "typed count",
                 request(vec![input("x", "FP32", &[2])], vec![]),
+                "input 'x': contents hold 0 values, shape [2] needs 2".into(),
             ),
-            ("out of range", too_big),
             (
-                "no typed field",
-                request(vec![input("x", "FP16", &[0])], vec![]),
+                request(vec![input("x", "FP16", &[2])], vec![]),
+                "input 'x': contents hold 0 values, shape [2] needs 2".into(),
+            ),
+            (
+                typed(
+                    "INT8",
+                    InferTensorContents {
+                        int_contents: vec![128],
+                        ..Default::default()
+                    },
+                ),
+                "input 'x': contents cannot be read as INT8".into(),
+            ),
+            (
+                typed(
+                    "UINT8",
+                    InferTensorContents {
+                        uint_contents: vec![300],
+                        ..Default::default()
+                    },
+                ),
+                "input 'x': contents cannot be read as UINT8".into(),
             ),
         ];
-        for (what, message) in cases {
-            assert!(decode(&message).is_none(), "{what}");
+        for (message, words) in cases {
+            assert_eq!(decode(&message).unwrap_err(), words);
         }
+        // an FP16 tensor of no items has nothing to read: taken
+        assert!(decode(&request(vec![input("x", "FP16", &[0])], vec![])).is_ok());
         let mut asked = request(vec![input("x", "UINT8", &[1])], vec![&[0]]);
         asked.outputs.push(RequestedOutput {
             name: "y".into(),
@@ -831,7 +929,11 @@ mod tests {
                 },
             )]),
         });
-        assert!(decode(&asked).is_none(), "classification not an int64");
+        assert_eq!(
+            decode(&asked).unwrap_err(),
+            "output 'y': parameters.classification must be a positive integer \
+             (the number of classes)"
+        );
     }
 
     #[test]
@@ -921,7 +1023,7 @@ mod tests {
                 raw_input_contents: raw.into_iter().map(Bytes::from).collect(),
                 ..Default::default()
             };
-            if let Some(decoded) = decode(&message) {
+            if let Ok(decoded) = decode(&message) {
                 for tensor in decoded.tensors() {
                     let count: u64 = tensor.shape.iter().product();
                     if tensor.datatype.is_bytes() {

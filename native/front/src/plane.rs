@@ -181,6 +181,28 @@ pub(crate) struct Refused {
     recheck: Option<Recheck>,
 }
 
+impl Refused {
+    /// Whether it is refused for its key (401, 403): before anything else is read.
+    pub(crate) fn is_for_key(&self) -> bool {
+        matches!(
+            self.refusal.status,
+            StatusCode::UNAUTHORIZED | StatusCode::FORBIDDEN
+        )
+    }
+
+    /// A message refused before its version was chosen (400, in `words`).
+    pub(crate) fn unread(model: &str, key_name: &str, words: String) -> Self {
+        Self {
+            model: model.to_owned(),
+            version: "-".into(),
+            queue: String::new(),
+            key_name: key_name.to_owned(),
+            refusal: Refusal::new(StatusCode::BAD_REQUEST, words),
+            recheck: None,
+        }
+    }
+}
+
 #[derive(Debug)]
 enum Recheck {
     /// An unknown model: announced by a worker, or asked to be loaded, since.
