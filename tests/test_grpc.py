@@ -143,6 +143,7 @@ def test_model_config_and_statistics_over_grpc(stack: Stack,
 def test_a_stream_of_ordinary_requests_is_answered_in_order(
         stack: Stack, client: triton.InferenceServerClient) -> None:
     # found: ModelStreamInfer answered a generic UNIMPLEMENTED
+    before = stack.native_answers()
     answers: queue.Queue[tuple[object, object]] = queue.Queue()
     client.start_stream(callback=lambda result, error: answers.put((result, error)),
                         headers={"authorization": f"Bearer {stack.api_key}"})
@@ -163,6 +164,20 @@ def test_a_stream_of_ordinary_requests_is_answered_in_order(
         np.testing.assert_allclose(result.as_numpy("probabilities"),  # type: ignore[attr-defined]
                                    _expected(IMAGES[index:index + 1]), rtol=1e-5)
     assert got[3][0] is None and "shape" in str(got[3][1]), got[3]
+    assert stack.native_answers() == before + 4  # each request answered by the front
+    # a stream whose key is wrong: each request refused in the service's words, in order
+    client.start_stream(callback=lambda result, error: answers.put((result, error)),
+                        headers={"authorization": "Bearer not-a-key"})
+    try:
+        for index in range(2):
+            tensor = triton.InferInput("image", [1, 8, 8], "UINT8")
+            tensor.set_data_from_numpy(IMAGES[index:index + 1])
+            client.async_stream_infer("demo", [tensor], request_id=f"k{index}")
+        refused = [answers.get(timeout=30) for _ in range(2)]
+    finally:
+        client.stop_stream()
+    assert [(result, "missing or invalid API key" in str(error))
+            for result, error in refused] == [(None, True)] * 2, refused
 
 
 def test_the_classification_extension_over_grpc(stack: Stack,

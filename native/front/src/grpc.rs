@@ -34,7 +34,7 @@ use ppml_core::response::{self, ResponseError};
 use ppml_core::v2::{self, py_repr, Datatype};
 use prost::Message as _;
 use tonic::codec::CompressionEncoding;
-use tonic::server::{Grpc, UnaryService};
+use tonic::server::{Grpc, StreamingService, UnaryService};
 use tonic::{Code, Status};
 use tonic_prost::ProstCodec;
 
@@ -44,6 +44,13 @@ use crate::server::{hop_by_hop, Shared};
 
 /// The RPC answered natively.
 pub(crate) const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer";
+/// tritonclient's `start_stream`: a bidirectional stream of ordinary requests.
+const MODEL_STREAM_INFER: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
+/// Answers a stream holds before its caller reads them (then it waits to read more).
+const STREAM_BACKLOG: usize = 4;
+/// What a streamed request gets before the routes are installed (the gateway's first
+/// ~100 ms).
+const STARTING: &str = "the gateway is starting: retry";
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A response body on the gRPC port: tonic's, the Python service's (streamed, with its
@@ -139,6 +146,15 @@ pub struct ModelInferRequest {
     pub outputs: Vec<RequestedOutput>,
     #[prost(bytes = "bytes", repeated, tag = "7")]
     pub raw_input_contents: Vec<Bytes>,
+}
+
+/// `inference.ModelStreamInferResponse`: a streamed request's answer, or its error.
+#[derive(Clone, PartialEq, prost::Message)]
+pub struct ModelStreamInferResponse {
+    #[prost(string, tag = "1")]
+    pub error_message: String,
+    #[prost(message, optional, tag = "2")]
+    pub infer_response: Option<ModelInferResponse>,
 }
 
 /// `inference.ModelInferResponse`.
@@ -413,6 +429,7 @@ async fn answer(
     headers: &HeaderMap,
     received: (Instant, f64),
     client: String,
+    rpc: &'static str,
 ) -> Option<Result<ModelInferResponse, Status>> {
     let version = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
     let bytes_in = request.encoded_len() as u64;
@@ -436,18 +453,12 @@ async fn answer(
         )),
         (Err(refused), Ok(_)) => refused,
         (Ok(Some(target)), Ok(decoded)) => {
-            return Some(infer(plane, request, headers, received, client, target, decoded).await)
+            let call = (received, client, rpc);
+            return Some(infer(plane, request, headers, call, target, decoded).await);
         }
     };
-    let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
-    plane.record_refused(
-        &refused,
-        &mut call,
-        "gRPC ModelInfer",
-        String::new(),
-        client,
-        0,
-    );
+    let mut call = plane.call(headers, || rpc.into(), received, bytes_in);
+    plane.record_refused(&refused, &mut call, rpc, String::new(), client, 0);
     Some(Err(status_of(&refused.refusal)))
 }
 
@@ -456,13 +467,12 @@ async fn infer(
     plane: &Arc<Plane>,
     request: &ModelInferRequest,
     headers: &HeaderMap,
-    received: (Instant, f64),
-    client: String,
+    (received, client, rpc): ((Instant, f64), String, &'static str),
     target: Target,
     decoded: Decoded<'_>,
 ) -> Result<ModelInferResponse, Status> {
     let bytes_in = request.encoded_len() as u64;
-    let mut call = plane.call(headers, || "gRPC ModelInfer".into(), received, bytes_in);
+    let mut call = plane.call(headers, || rpc.into(), received, bytes_in);
     let outcome = match plane.admit(received) {
         Err(refusal) => Err(refusal),
         Ok(()) => {
@@ -505,7 +515,7 @@ async fn infer(
         model: target.model().to_owned(),
         version: target.version().to_owned(),
         queue: target.queue().to_owned(),
-        path: "gRPC ModelInfer".into(),
+        path: rpc.into(),
         status,
         seconds: received.0.elapsed().as_secs_f64(),
         key_name: target.key_name().to_owned(),
@@ -554,7 +564,15 @@ impl UnaryService<ModelInferRequest> for NativeInfer {
         let outcome = self.outcome.clone();
         Box::pin(async move {
             let message = request.into_inner();
-            let answered = answer(&plane, &message, &headers, received, client).await;
+            let answered = answer(
+                &plane,
+                &message,
+                &headers,
+                received,
+                client,
+                "gRPC ModelInfer",
+            )
+            .await;
             let mut seen = outcome.lock().unwrap_or_else(|p| p.into_inner());
             match answered {
                 Some(result) => {
@@ -568,6 +586,104 @@ impl UnaryService<ModelInferRequest> for NativeInfer {
             }
         })
     }
+}
+
+/// `ModelStreamInfer` on the native path: each streamed request answered in order as a
+/// `ModelInfer` is (its key checked each time: a revoked key stops at once), its refusal
+/// sent as the response's `error_message` while the stream goes on, as the Python service
+/// does.
+struct NativeStream {
+    plane: Arc<Plane>,
+    headers: HeaderMap,
+    client: String,
+    inflight: Arc<tokio::sync::Semaphore>,
+    max_inflight: usize,
+    stats: Arc<crate::server::FrontStats>,
+}
+
+type Streamed = tokio_stream::wrappers::ReceiverStream<Result<ModelStreamInferResponse, Status>>;
+type StreamStarting =
+    Pin<Box<dyn Future<Output = Result<tonic::Response<Streamed>, Status>> + Send + 'static>>;
+
+impl StreamingService<ModelInferRequest> for NativeStream {
+    type Response = ModelStreamInferResponse;
+    type ResponseStream = Streamed;
+    type Future = StreamStarting;
+
+    fn call(
+        &mut self,
+        request: tonic::Request<tonic::Streaming<ModelInferRequest>>,
+    ) -> Self::Future {
+        let plane = self.plane.clone();
+        let headers = std::mem::take(&mut self.headers);
+        let client = std::mem::take(&mut self.client);
+        let (inflight, max_inflight) = (self.inflight.clone(), self.max_inflight);
+        let stats = self.stats.clone();
+        let (sender, receiver) = tokio::sync::mpsc::channel(STREAM_BACKLOG);
+        tokio::spawn(async move {
+            let mut incoming = request.into_inner();
+            loop {
+                let message = match incoming.message().await {
+                    Ok(Some(message)) => message,
+                    Ok(None) => break,
+                    Err(_) => {
+                        // a message that is not one (or the stream cut): said once, then done
+                        let words = "the request is not a valid ModelInferRequest message \
+                                     (KServe v2 / Open Inference Protocol gRPC)";
+                        let _ = sender.send(Ok(stream_error(words))).await;
+                        break;
+                    }
+                };
+                let received = (Instant::now(), now_s());
+                let answered = match inflight.clone().try_acquire_owned() {
+                    Ok(_held) => {
+                        let rpc = "gRPC ModelStreamInfer";
+                        match answer(&plane, &message, &headers, received, client.clone(), rpc)
+                            .await
+                        {
+                            Some(answered) => {
+                                stats.native_answers.fetch_add(1, Ordering::Relaxed);
+                                match answered {
+                                    Ok(response) => ModelStreamInferResponse {
+                                        error_message: String::new(),
+                                        infer_response: Some(response),
+                                    },
+                                    Err(status) => stream_error(status.message()),
+                                }
+                            }
+                            None => stream_error(STARTING),
+                        }
+                    }
+                    Err(_) => stream_error(&format!(
+                        "this gateway holds {max_inflight} inference requests; retry later \
+                         (gateway.max_inflight)"
+                    )),
+                };
+                if sender.send(Ok(answered)).await.is_err() {
+                    break; // the caller is gone
+                }
+            }
+        });
+        Box::pin(async move {
+            Ok(tonic::Response::new(
+                tokio_stream::wrappers::ReceiverStream::new(receiver),
+            ))
+        })
+    }
+}
+
+fn stream_error(words: &str) -> ModelStreamInferResponse {
+    ModelStreamInferResponse {
+        error_message: words.to_owned(),
+        infer_response: None,
+    }
+}
+
+fn now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs_f64())
+        .unwrap_or(0.0)
 }
 
 /// The Python gRPC service: one HTTP/2 connection over its private Unix socket, shared by
@@ -684,7 +800,31 @@ pub(crate) async fn serve_call(
         .get("grpc-encoding")
         .is_none_or(|v| matches!(v.as_bytes(), b"identity" | b"gzip" | b"deflate"));
     let plane = shared.plane.get().filter(|_| readable);
-    let (Some(plane), true) = (plane, parts.uri.path() == MODEL_INFER) else {
+    let message_limit = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
+    match (plane, parts.uri.path()) {
+        (Some(plane), MODEL_STREAM_INFER) if plane.routes_installed() => {
+            // no body deadline: a stream may rightly stay open and idle between requests
+            let service = NativeStream {
+                plane: plane.clone(),
+                headers: parts.headers.clone(),
+                client: peer.to_string(),
+                inflight: shared.inflight.clone(),
+                max_inflight: config.max_inflight,
+                stats: shared.stats.clone(),
+            };
+            let mut grpc =
+                Grpc::new(ProstCodec::<ModelStreamInferResponse, ModelInferRequest>::default())
+                    .accept_compressed(CompressionEncoding::Gzip)
+                    .accept_compressed(CompressionEncoding::Deflate)
+                    .max_decoding_message_size(message_limit)
+                    .max_encoding_message_size(message_limit);
+            let request = Request::from_parts(parts, body);
+            return grpc.streaming(service, request).await.map(boxed);
+        }
+        (Some(_), MODEL_INFER) => {}
+        _ => return pass_on(shared, upstream, &parts, boxed(body)).await,
+    }
+    let Some(plane) = plane else {
         return pass_on(shared, upstream, &parts, boxed(body)).await;
     };
     // Held until answered: bounds the calls waiting in this gateway, as for HTTP.
@@ -696,10 +836,7 @@ pub(crate) async fn serve_call(
         )));
     };
     let received_at = Instant::now();
-    let received_s = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_secs_f64())
-        .unwrap_or(0.0);
+    let received_s = now_s();
     let breach = BreachCell::default();
     // The message and its 5-byte frame header, within the size limit.
     let limit = config.max_request_bytes.saturating_add(5);
@@ -734,12 +871,11 @@ pub(crate) async fn serve_call(
         client: peer.to_string(),
         outcome: outcome.clone(),
     };
-    let limit = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
     let mut grpc = Grpc::new(ProstCodec::<ModelInferResponse, ModelInferRequest>::default())
         .accept_compressed(CompressionEncoding::Gzip)
         .accept_compressed(CompressionEncoding::Deflate)
-        .max_decoding_message_size(limit)
-        .max_encoding_message_size(limit);
+        .max_decoding_message_size(message_limit)
+        .max_encoding_message_size(message_limit);
     let mut native = Request::new(Full::new(bytes.clone()));
     *native.headers_mut() = parts.headers.clone();
     let response = grpc.unary(service, native).await;

@@ -667,6 +667,11 @@ impl Plane {
         trace
     }
 
+    /// Whether Python has installed the routes (before, every request is passed to it).
+    pub(crate) fn routes_installed(&self) -> bool {
+        self.enabled.load(Ordering::Acquire)
+    }
+
     pub fn set_enabled(&self, enabled: bool) {
         self.enabled.store(enabled, Ordering::Release);
     }
