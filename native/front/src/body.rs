@@ -47,9 +47,7 @@ impl BreachCell {
 pub(crate) struct BodyCut;
 
 pub(crate) struct GuardedBody {
-    inner: Option<Incoming>,
-    /// A body the front read already (the native path passing a request on after all).
-    buffered: Option<Bytes>,
+    inner: Incoming,
     deadline: Pin<Box<Sleep>>,
     remaining: u64,
     breach: BreachCell,
@@ -63,21 +61,9 @@ impl GuardedBody {
         breach: BreachCell,
     ) -> Self {
         Self {
-            inner: Some(inner),
-            buffered: None,
+            inner,
             deadline: Box::pin(tokio::time::sleep(timeout)),
             remaining: max_bytes,
-            breach,
-        }
-    }
-
-    /// A body read in full already: passed on as it is.
-    pub(crate) fn buffered(body: Bytes, breach: BreachCell) -> Self {
-        Self {
-            inner: None,
-            buffered: Some(body),
-            deadline: Box::pin(tokio::time::sleep(Duration::MAX / 4)),
-            remaining: u64::MAX,
             breach,
         }
     }
@@ -97,10 +83,7 @@ impl Body for GuardedBody {
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, BodyCut>>> {
         let this = self.get_mut();
-        let Some(inner) = this.inner.as_mut() else {
-            return Poll::Ready(this.buffered.take().map(|data| Ok(Frame::data(data))));
-        };
-        match Pin::new(inner).poll_frame(cx) {
+        match Pin::new(&mut this.inner).poll_frame(cx) {
             Poll::Ready(Some(Ok(frame))) => {
                 if let Some(data) = frame.data_ref() {
                     let length = data.len() as u64;
@@ -123,17 +106,10 @@ impl Body for GuardedBody {
     }
 
     fn is_end_stream(&self) -> bool {
-        match &self.inner {
-            Some(inner) => inner.is_end_stream(),
-            None => self.buffered.is_none(),
-        }
+        self.inner.is_end_stream()
     }
 
     fn size_hint(&self) -> SizeHint {
-        match (&self.inner, &self.buffered) {
-            (Some(inner), _) => inner.size_hint(),
-            (None, Some(data)) => SizeHint::with_exact(data.len() as u64),
-            (None, None) => SizeHint::with_exact(0),
-        }
+        self.inner.size_hint()
     }
 }

@@ -48,9 +48,6 @@ pub(crate) const MODEL_INFER: &str = "/inference.GRPCInferenceService/ModelInfer
 const MODEL_STREAM_INFER: &str = "/inference.GRPCInferenceService/ModelStreamInfer";
 /// Answers a stream holds before its caller reads them (then it waits to read more).
 const STREAM_BACKLOG: usize = 4;
-/// What a streamed request gets before the routes are installed (the gateway's first
-/// ~100 ms).
-const STARTING: &str = "the gateway is starting: retry";
 
 pub(crate) type BoxError = Box<dyn std::error::Error + Send + Sync>;
 /// A response body on the gRPC port: tonic's, the Python service's (streamed, with its
@@ -430,7 +427,7 @@ async fn answer(
     received: (Instant, f64),
     client: String,
     rpc: &'static str,
-) -> Option<Result<ModelInferResponse, Status>> {
+) -> Result<ModelInferResponse, Status> {
     let version = Some(request.model_version.as_str()).filter(|v| !v.is_empty());
     let bytes_in = request.encoded_len() as u64;
     let found = plane
@@ -439,9 +436,8 @@ async fn answer(
     // the service's order: the key, then the message's tensors, then the model and version
     let decoded = decode(request);
     let refused = match (found, decoded) {
-        (Ok(None), _) => return None, // the routes are not installed yet
         (Err(refused), _) if refused.is_for_key() => refused,
-        (Ok(Some(target)), Err(words)) => Box::new(Refused::unread(
+        (Ok(target), Err(words)) => Box::new(Refused::unread(
             &request.model_name,
             target.key_name(),
             words,
@@ -452,14 +448,14 @@ async fn answer(
             words,
         )),
         (Err(refused), Ok(_)) => refused,
-        (Ok(Some(target)), Ok(decoded)) => {
+        (Ok(target), Ok(decoded)) => {
             let call = (received, client, rpc);
-            return Some(infer(plane, request, headers, call, target, decoded).await);
+            return infer(plane, request, headers, call, target, decoded).await;
         }
     };
     let mut call = plane.call(headers, || rpc.into(), received, bytes_in);
     plane.record_refused(&refused, &mut call, rpc, String::new(), client, 0);
-    Some(Err(status_of(&refused.refusal)))
+    Err(status_of(&refused.refusal))
 }
 
 /// A decoded `request` for `target`, answered on the native path and recorded.
@@ -534,10 +530,9 @@ async fn infer(
 /// What happened to a `ModelInfer` handed to tonic.
 #[derive(Clone, Copy, PartialEq, Eq)]
 enum Outcome {
-    /// tonic could not decode it (or never called): the Python service answers, in its words.
+    /// tonic could not decode the message (or never called): the Python service answers,
+    /// in its words.
     Undecoded,
-    /// The native path does not hold it.
-    Passed,
     Answered,
 }
 
@@ -573,17 +568,8 @@ impl UnaryService<ModelInferRequest> for NativeInfer {
                 "gRPC ModelInfer",
             )
             .await;
-            let mut seen = outcome.lock().unwrap_or_else(|p| p.into_inner());
-            match answered {
-                Some(result) => {
-                    *seen = Outcome::Answered;
-                    result.map(tonic::Response::new)
-                }
-                None => {
-                    *seen = Outcome::Passed;
-                    Err(Status::unavailable("passed on"))
-                }
-            }
+            *outcome.lock().unwrap_or_else(|p| p.into_inner()) = Outcome::Answered;
+            answered.map(tonic::Response::new)
         })
     }
 }
@@ -638,20 +624,15 @@ impl StreamingService<ModelInferRequest> for NativeStream {
                 let answered = match inflight.clone().try_acquire_owned() {
                     Ok(_held) => {
                         let rpc = "gRPC ModelStreamInfer";
-                        match answer(&plane, &message, &headers, received, client.clone(), rpc)
-                            .await
-                        {
-                            Some(answered) => {
-                                stats.native_answers.fetch_add(1, Ordering::Relaxed);
-                                match answered {
-                                    Ok(response) => ModelStreamInferResponse {
-                                        error_message: String::new(),
-                                        infer_response: Some(response),
-                                    },
-                                    Err(status) => stream_error(status.message()),
-                                }
-                            }
-                            None => stream_error(STARTING),
+                        let answered =
+                            answer(&plane, &message, &headers, received, client.clone(), rpc).await;
+                        stats.native_answers.fetch_add(1, Ordering::Relaxed);
+                        match answered {
+                            Ok(response) => ModelStreamInferResponse {
+                                error_message: String::new(),
+                                infer_response: Some(response),
+                            },
+                            Err(status) => stream_error(status.message()),
                         }
                     }
                     Err(_) => stream_error(&format!(
@@ -802,7 +783,7 @@ pub(crate) async fn serve_call(
     let plane = shared.plane.get().filter(|_| readable);
     let message_limit = usize::try_from(config.max_request_bytes).unwrap_or(usize::MAX);
     match (plane, parts.uri.path()) {
-        (Some(plane), MODEL_STREAM_INFER) if plane.routes_installed() => {
+        (Some(plane), MODEL_STREAM_INFER) => {
             // no body deadline: a stream may rightly stay open and idle between requests
             let service = NativeStream {
                 plane: plane.clone(),

@@ -59,6 +59,9 @@ const PLAIN_MARK: &[u8] = b"PX";
 const MAX_EVENTS: usize = 100_000;
 /// `X-Request-ID` values a caller may set that are kept (echoed, logged).
 const CALLER_ID_MAX: usize = 64;
+/// What a request gets while the gateway has not installed its keys and routes yet, or no
+/// longer serves (starting, stopping).
+pub(crate) const STARTING: &str = "the gateway is starting or stopping: retry";
 /// Longest a request waits for the routes to be rebuilt when Redis shows a model or spec
 /// newer than them (two rebuilds: Python's checks are bounded to 1 s each).
 const REBUILD_WAIT: Duration = Duration::from_millis(2500);
@@ -667,11 +670,6 @@ impl Plane {
         trace
     }
 
-    /// Whether Python has installed the routes (before, every request is passed to it).
-    pub(crate) fn routes_installed(&self) -> bool {
-        self.enabled.load(Ordering::Acquire)
-    }
-
     pub fn set_enabled(&self, enabled: bool) {
         self.enabled.store(enabled, Ordering::Release);
     }
@@ -768,8 +766,9 @@ impl Plane {
         found
     }
 
-    /// Whether this request is the path's to answer (`Ok(None)` passes it to Python), or
-    /// one to refuse (its key, its model or version, Redis not answering).
+    /// Whether this request is on an inference route (`Ok(None)`: another route, Python's to
+    /// answer), and for which target, or refused (its key, its model or version, Redis not
+    /// answering, the gateway starting).
     pub(crate) fn route(
         &self,
         path: &str,
@@ -779,32 +778,30 @@ impl Plane {
         let decoded = percent_decode_str(path).decode_utf8_lossy();
         let path = decoded.as_ref();
         if let Some((model, job_id)) = job_result_path(path) {
-            return Ok(self.target(model, None, headers)?.map(|mut target| {
-                target.kind = Kind::JobResult;
-                target.job_id = job_id.to_owned();
-                target
-            }));
+            let mut target = self.target(model, None, headers)?;
+            target.kind = Kind::JobResult;
+            target.job_id = job_id.to_owned();
+            return Ok(Some(target));
         }
         for (suffix, kind) in [("/infer-sealed", Kind::Sealed), ("/jobs", Kind::Job)] {
             if let Some(model) = model_path(path, suffix) {
-                return Ok(self.target(model, None, headers)?.map(|mut target| {
-                    target.kind = kind;
-                    target
-                }));
+                let mut target = self.target(model, None, headers)?;
+                target.kind = kind;
+                return Ok(Some(target));
             }
         }
         match infer_path(path) {
-            Some((model, version)) => self.target(model, version, headers),
+            Some((model, version)) => self.target(model, version, headers).map(Some),
             None => Ok(None),
         }
     }
 
     /// `find` (a `route` or `target`), judged again on routes rebuilt from fresh reads
     /// where Redis shows a model or spec newer than the routes it refused on.
-    pub(crate) async fn settled(
+    pub(crate) async fn settled<T>(
         &self,
-        find: impl Fn() -> Result<Option<Target>, Box<Refused>>,
-    ) -> Result<Option<Target>, Box<Refused>> {
+        find: impl Fn() -> Result<T, Box<Refused>>,
+    ) -> Result<T, Box<Refused>> {
         match find() {
             Err(refused) if !self.stands(&refused).await => {
                 self.rebuilt_afresh().await;
@@ -825,15 +822,7 @@ impl Plane {
         model: &str,
         version: Option<&str>,
         headers: &HeaderMap,
-    ) -> Result<Option<Target>, Box<Refused>> {
-        let Some(callers) = self
-            .callers
-            .read()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-        else {
-            return Ok(None);
-        };
+    ) -> Result<Target, Box<Refused>> {
         let refused = |key_name: &str, status: StatusCode, message: &str| {
             Box::new(Refused {
                 model: model.to_owned(),
@@ -843,6 +832,16 @@ impl Plane {
                 refusal: Refusal::new(status, message),
                 recheck: None,
             })
+        };
+        // nothing is judged before Python installed the keys and routes (its first refresh,
+        // ~100 ms after start) or after it stopped (shutting down)
+        let callers = self
+            .callers
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(callers) = callers.filter(|_| self.enabled.load(Ordering::Acquire)) else {
+            return Err(refused("-", StatusCode::SERVICE_UNAVAILABLE, STARTING));
         };
         let Some(caller) = Self::caller(headers, &callers) else {
             return Err(refused(
@@ -864,10 +863,6 @@ impl Plane {
                 StatusCode::FORBIDDEN,
                 "this API key may not use this model",
             ));
-        }
-        // what follows needs the routes installed (keys are refused even before)
-        if !self.enabled.load(Ordering::Acquire) {
-            return Ok(None);
         }
         let outage = self
             .outage
@@ -906,7 +901,7 @@ impl Plane {
             return Err(refused);
         };
         if let Some(route) = served.versions.get(version).cloned() {
-            return Ok(Some(Target {
+            return Ok(Target {
                 route,
                 model: model.to_owned(),
                 version: version.to_owned(),
@@ -915,7 +910,7 @@ impl Plane {
                 kind: Kind::Infer,
                 key_id: caller.key_id.clone(),
                 job_id: String::new(),
-            }));
+            });
         }
         if let Some(pending) = served.pending.get(version) {
             return Err(Box::new(Refused {
@@ -1041,8 +1036,7 @@ impl Plane {
     }
 
     /// Answer `target` with its `body` (read by the front within its limits), counting
-    /// the request's deadline from `received`. `None`: Python must answer it after all (a
-    /// job's answer from a version no longer among the routes, whose keys Python holds).
+    /// the request's deadline from `received`.
     pub async fn answer(
         self: &Arc<Self>,
         target: &Target,
@@ -1051,7 +1045,7 @@ impl Plane {
         body: &Bytes,
         received: (Instant, f64),
         client: String,
-    ) -> Option<Response<Full<Bytes>>> {
+    ) -> Response<Full<Bytes>> {
         // timed from the head, as the app times its own: body included
         let started = received.0;
         // a compressed body is read here (a job's answer has none to read)
@@ -1081,8 +1075,7 @@ impl Plane {
         };
         let request_id = call.request_id.clone();
         let (response, answer, failure) = match outcome {
-            Ok(None) => return None,
-            Ok(Some((response, answer))) => (response, Some(answer), None),
+            Ok((response, answer)) => (response, Some(answer), None),
             Err(refusal) => {
                 let failure = refusal.failure.clone();
                 (refused_response(&refusal), None, failure)
@@ -1121,7 +1114,7 @@ impl Plane {
             failure,
             trace,
         });
-        Some(response)
+        response
     }
 
     pub(crate) fn record(&self, event: Event) {
@@ -1138,7 +1131,7 @@ impl Plane {
         headers: &HeaderMap,
         body: &Bytes,
         call: &mut Call,
-    ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+    ) -> Result<(Response<Full<Bytes>>, (u64, f64, f64)), Refusal> {
         self.admit(call.received)?;
         let request = parse_rest(headers, body)?;
         let inputs = tensors(&request, body);
@@ -1162,7 +1155,7 @@ impl Plane {
             classification: &request.classification,
             labels: route.labels.as_deref(),
         };
-        Ok(Some((v2_response(&plaintext, &wanted)?, answer)))
+        Ok((v2_response(&plaintext, &wanted)?, answer))
     }
 
     /// A job: checked and sealed as a request is, its record (owner, outputs asked for)
@@ -1174,7 +1167,7 @@ impl Plane {
         headers: &HeaderMap,
         body: &Bytes,
         call: &mut Call,
-    ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+    ) -> Result<(Response<Full<Bytes>>, (u64, f64, f64)), Refusal> {
         let request = parse_rest(headers, body)?;
         let inputs = tensors(&request, body);
         let admit = trace::open(&mut call.trace, "admit", 0, Some(call.size), &self.random);
@@ -1255,7 +1248,7 @@ impl Plane {
         {
             response.headers_mut().insert(header::LOCATION, location);
         }
-        Ok(Some((response, (0, 0.0, 0.0))))
+        Ok((response, (0, 0.0, 0.0)))
     }
 
     /// A job's answer, read from its record: 202 while pending, 504 if it failed, 404 for a
@@ -1265,7 +1258,7 @@ impl Plane {
         self: &Arc<Self>,
         target: &Target,
         call: &mut Call,
-    ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+    ) -> Result<(Response<Full<Bytes>>, (u64, f64, f64)), Refusal> {
         let job_id = &target.job_id;
         let mut command = redis::cmd("HGETALL");
         command.arg(format!("{}{job_id}", target.route.job_prefix));
@@ -1318,7 +1311,7 @@ impl Plane {
                     HeaderValue::from_static("application/json"),
                 );
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-                return Ok(Some((response, (0, 0.0, 0.0))));
+                return Ok((response, (0, 0.0, 0.0)));
             }
             "failed" => {
                 let error = text("error")
@@ -1339,7 +1332,15 @@ impl Plane {
             .and_then(|served| served.versions.get(version))
             .filter(|route| route.queue == queue)
         else {
-            return Ok(None);
+            return Err(Refusal::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "job {} was answered by model {} version {version}, which is not served \
+                     now: its answer can be fetched once that version is loaded again",
+                    py_repr(job_id),
+                    py_repr(model)
+                ),
+            ));
         };
         let reply = Reply {
             ok: text("ok") == Some("1"),
@@ -1366,7 +1367,7 @@ impl Plane {
             classification: &[],
             labels: None,
         };
-        Ok(Some((v2_response(&plaintext, &wanted)?, (0, 0.0, 0.0))))
+        Ok((v2_response(&plaintext, &wanted)?, (0, 0.0, 0.0)))
     }
 
     /// An end-to-end sealed request: the client's sealed body wrapped as the queue record
@@ -1377,7 +1378,7 @@ impl Plane {
         target: &Target,
         body: &Bytes,
         call: &mut Call,
-    ) -> Result<Option<(Response<Full<Bytes>>, (u64, f64, f64))>, Refusal> {
+    ) -> Result<(Response<Full<Bytes>>, (u64, f64, f64)), Refusal> {
         self.admit(call.received)?;
         let route = &target.route;
         self.closed(route).await?;
@@ -1408,10 +1409,7 @@ impl Plane {
             header::CONTENT_TYPE,
             HeaderValue::from_static("application/octet-stream"),
         );
-        Ok(Some((
-            response,
-            (reply.batch_size, reply.queue_s, reply.engine_s),
-        )))
+        Ok((response, (reply.batch_size, reply.queue_s, reply.engine_s)))
     }
 
     /// A request that waited this long before the front could start on it is refused
@@ -2551,13 +2549,11 @@ mod tests {
                 status == 401
             );
         }
-        // before the routes are installed keyed calls go to the app; keys are still judged
-        plane.set_enabled(false);
+        // other routes are Python's
         assert!(plane
-            .route("/v2/models/demo/infer", &headers(&key))
+            .route("/v2/models/demo/ready", &headers(&key))
             .unwrap()
             .is_none());
-        assert!(plane.route("/v2/models/demo/infer", &headers(&[])).is_err());
     }
 
     #[test]
@@ -2708,13 +2704,23 @@ mod tests {
     }
 
     #[test]
-    fn nothing_is_refused_for_its_key_before_the_key_file_is_installed() {
-        let plane = Plane::new(plane_config()).unwrap();
-        plane.set_enabled(true);
-        assert!(plane
-            .route("/v2/models/demo/infer", &headers(&[]))
-            .unwrap()
-            .is_none());
+    fn before_the_keys_and_routes_are_installed_or_once_stopped_every_call_is_told_to_retry() {
+        let fresh = Plane::new(plane_config()).unwrap();
+        fresh.set_enabled(true);
+        let stopped = plane();
+        stopped.set_enabled(false);
+        let key = headers(&[("authorization", "Bearer ppml_all")]);
+        for plane in [&fresh, &stopped] {
+            for pairs in [&key, &headers(&[])] {
+                let Err(refused) = plane.route("/v2/models/demo/infer", pairs) else {
+                    panic!("not refused");
+                };
+                assert_eq!(
+                    (refused.refusal.status, refused.refusal.message.as_str()),
+                    (StatusCode::SERVICE_UNAVAILABLE, STARTING)
+                );
+            }
+        }
     }
 
     #[test]

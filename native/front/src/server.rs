@@ -580,7 +580,7 @@ async fn answer(
     };
     let (parts, body) = request.into_parts();
     let breach = BreachCell::default();
-    let mut body = GuardedBody::new(
+    let body = GuardedBody::new(
         body,
         config.body_timeout,
         config.max_request_bytes,
@@ -593,7 +593,7 @@ async fn answer(
         let bytes = collected.to_bytes();
         let received = (received_at, received_ms as f64 / 1000.0);
         let path = parts.uri.path();
-        match plane
+        let response = plane
             .answer(
                 &target,
                 path,
@@ -602,14 +602,9 @@ async fn answer(
                 received,
                 peer.to_string(),
             )
-            .await
-        {
-            Some(response) => {
-                shared.stats.native_answers.fetch_add(1, Ordering::Relaxed);
-                return response;
-            }
-            None => body = GuardedBody::buffered(bytes, breach.clone()),
-        }
+            .await;
+        shared.stats.native_answers.fetch_add(1, Ordering::Relaxed);
+        return response;
     }
     let mut upstream = Request::new(body);
     *upstream.method_mut() = parts.method;
