@@ -1,17 +1,17 @@
-"""What a refusal costs, answered by the app's path and by the native front, alternating:
-the demo model with its last worker stopped (``--case no-worker``: every request gets 503
-"no live worker"), or calls without an API key (``--case no-key``: 401).
+"""What a refusal costs the gateway (the native front answers them): the demo model with its
+last worker stopped (``--case no-worker``: every request gets 503 "no live worker"), or
+calls without an API key (``--case no-key``: 401).
 
     python bench/refusals.py --case no-worker --runs 3 --duration 5 \
         --json bench/results/refusals-no-worker.json
 
-One revision, two configurations (``gateway.native_infer`` false and true) of a local stack
-(TLS Redis, the gateway, one worker, stopped with SIGTERM once its spec is published for
-``no-worker``), each loaded by keep-alive HTTPS clients at concurrency 32 that send again as
-soon as an answer returns. Reported per run and as medians: refusals a second, p50, and the
-gateway's CPU per refusal. Clients that retry at once against a model with no worker, or a
-flood of calls without a key, are the loads this measures: what the gateway spends saying
-no decides what it has left for everyone else.
+A local stack (TLS Redis, the gateway, one worker, stopped with SIGTERM once its spec is
+published for ``no-worker``), loaded by keep-alive HTTPS clients at concurrency 32 that
+send again as soon as an answer returns. (Until the Python request path was removed, each
+run alternated with it: ``bench/results/refusals-*.json`` hold both.) Reported per run and
+as medians: refusals a second, p50, and the gateway's CPU per refusal. Clients that retry at
+once against a model with no worker, or a flood of calls without a key, are the loads this
+measures: what the gateway spends saying no decides what it has left for everyone else.
 """
 
 from __future__ import annotations
@@ -70,10 +70,9 @@ async def _load(url: str, request: bytes, duration_s: float,
     return statuses, latencies
 
 
-def measure(native: bool, case: str, duration_s: float, state: Path) -> dict[str, Any]:
+def measure(case: str, duration_s: float, state: Path) -> dict[str, Any]:
     settings = load_settings(state_dir=state, models={"demo": demo_model_path()},
-                             gateway={"port": 0, "native_infer": native},
-                             worker={"heartbeat_s": 0.3})
+                             gateway={"port": 0}, worker={"heartbeat_s": 0.3})
     stack = LocalStack(settings, workers=1, log_level="WARNING")
     stack.start()
     try:
@@ -111,7 +110,7 @@ def measure(native: bool, case: str, duration_s: float, state: Path) -> dict[str
         if set(statuses) != {expected}:
             raise SystemExit(f"expected only {expected}s, got {sorted(set(statuses))}")
         cpu = per_request_ms(before, after, len(statuses))
-        return {"case": case, "native_infer": native,
+        return {"case": case,
                 "refusals_per_s": round(len(statuses) / duration_s, 1),
                 "p50_ms": round(statistics.median(latencies), 3),
                 "gateway_cpu_ms": cpu["gateway"], "front_cpu_ms": cpu["front"],
@@ -125,24 +124,19 @@ def main() -> int:
     parser.add_argument("--case", choices=("no-worker", "no-key"), default="no-worker",
                         help="what is refused: a model without a live worker (503), or "
                              "calls without an API key (401)")
-    parser.add_argument("--runs", type=int, default=3, help="runs of each configuration")
+    parser.add_argument("--runs", type=int, default=3, help="runs (each on a fresh stack)")
     parser.add_argument("--duration", type=float, default=5.0, help="seconds per run")
     parser.add_argument("--json", type=Path, help="write the runs and medians here")
     args = parser.parse_args()
     if args.runs < 1 or args.duration <= 0:
         parser.error("--runs must be at least 1 and --duration positive")
     runs: list[dict[str, Any]] = []
-    order = [native for _ in range(args.runs) for native in (False, True)]
-    for index, native in enumerate(tqdm(order, desc="runs", unit="run")):
+    for index in tqdm(range(args.runs), desc="runs", unit="run"):
         with tempfile.TemporaryDirectory(prefix="ppml-refusals-") as state:
-            runs.append({"run": index // 2,
-                         **measure(native, args.case, args.duration, Path(state))})
-    summary = {}
-    for native, name in ((False, "app"), (True, "native")):
-        mine = [run for run in runs if run["native_infer"] is native]
-        summary[name] = {figure: statistics.median(run[figure] for run in mine)
-                         for figure in ("refusals_per_s", "p50_ms", "gateway_cpu_ms",
-                                        "front_cpu_ms", "redis_cpu_ms")}
+            runs.append({"run": index, **measure(args.case, args.duration, Path(state))})
+    summary = {figure: statistics.median(run[figure] for run in runs)
+               for figure in ("refusals_per_s", "p50_ms", "gateway_cpu_ms", "front_cpu_ms",
+                              "redis_cpu_ms")}
     report = {"case": args.case, "concurrency": CONCURRENCY, "duration_s": args.duration,
               "runs": runs, "median": summary}
     print(json.dumps(summary, indent=2))

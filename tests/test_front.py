@@ -32,7 +32,6 @@ def fronted(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalStack]:
                               gateway={"port": 0, "max_header_bytes": MAX_HEADER_BYTES,
                                        "keep_alive_s": 30},
                               worker={"engine_threads": 1})
-    assert settings.gateway.front == "native"
     with running_stack(settings) as local:
         yield local
 

@@ -143,17 +143,6 @@ class GatewaySettings(_Section):
     new connections over them). Each is one Python thread, so where cores are free for them,
     more processes serve more requests; limits such as ``max_connections`` are per process.
     ``up`` starts this many; started by hand, each needs the same setting."""
-    front: Literal["native", "python"] = "native"
-    """What terminates client connections on the HTTPS port: ``native``, the Rust front
-    (rustls TLS 1.3/1.2 AEAD-only, HTTP/1.1 and HTTP/2, every connection limit below) before
-    the app on a private socket, and on ``grpc_port`` before the Python gRPC service;
-    ``python``, uvicorn alone (HTTP/1.1 only) and grpcio on ``grpc_port``."""
-    native_infer: bool = True
-    """With the native front: answer inference (REST ``…/infer``, ``…/infer-sealed``, jobs and
-    their answers, gRPC ``ModelInfer``) in the front itself, from the key check to the
-    response, with no Python on the way (the app keeps the routes, keys and metrics up to
-    date; traced and gzip/deflate-compressed requests too); ``false`` sends every request to
-    the app and the Python gRPC service (for comparison)."""
     front_threads: int = Field(1, ge=1, le=64)
     """Threads of the native front (TLS, HTTP, limits) in each gateway process. One keeps a
     request's hand-offs between its tasks on one thread: with two, the 602 KB null-model
@@ -169,6 +158,24 @@ class GatewaySettings(_Section):
     """An idle keep-alive connection is closed after this long."""
     shutdown_grace_s: int = Field(10, ge=0, le=600)
     """On SIGTERM: how long requests in flight may take to be answered before they are cut."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _removed(cls, data: Any) -> Any:
+        """``front: python`` and ``native_infer: false`` chose the Python request path,
+        which is gone: the values every gateway now has are still taken (so that older
+        configurations load), any other names the fix."""
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        for name, kept, shown in (("front", {"native"}, "native"),
+                                  ("native_infer", {"true", "1", "yes", "on"}, "true")):
+            if name in data and str(data.pop(name)).strip().lower() not in kept:
+                raise ValueError(
+                    f"{name} can only be {shown} now: inference is answered by the "
+                    "native front alone (the Python request path was removed); delete the "
+                    "setting")
+        return data
 
 
 class WorkerSettings(_Section):

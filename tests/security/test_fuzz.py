@@ -36,7 +36,7 @@ def _routes() -> list[Route]:
 
     from ppml_serve.gateway.app import Metrics, create_app
 
-    app = create_app(MagicMock(), MagicMock(), 1024, Metrics())
+    app = create_app(MagicMock(), MagicMock(), Metrics(), None)
     return [route for route in app.routes if isinstance(route, Route)]
 
 

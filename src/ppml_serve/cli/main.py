@@ -497,14 +497,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
 
     if args.command == "gateway":
-        from ppml_serve.gateway.server import build_gateway, listening_sockets
+        from ppml_serve.gateway.server import build_gateway
 
         exit_when_orphaned()
         tune_allocator()
         settings = _settings(args)
         configure_tracing(settings.tracing, "ppml-serve-gateway")
         server = build_gateway(settings)
-        server.run(sockets=listening_sockets(settings))
+        server.run()
         return 0
 
     if args.command == "worker":

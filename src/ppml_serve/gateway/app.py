@@ -26,7 +26,6 @@ from starlette.routing import Route
 
 from ppml_serve import __version__
 from ppml_serve.build_info import register_process_metrics
-from ppml_serve.codecs.v2 import HEADER_LENGTH
 from ppml_serve.errors import (
     InvalidInput,
     NotReady,
@@ -39,7 +38,7 @@ from ppml_serve.errors import (
 from ppml_serve.gateway.access import access, access_line, native_grpc_line
 from ppml_serve.gateway.api_docs import docs_routes
 from ppml_serve.gateway.auth import ApiKeyStore
-from ppml_serve.gateway.dataplane import DataPlane, request_received
+from ppml_serve.gateway.dataplane import DataPlane
 from ppml_serve.gateway.errors import (
     LOG_SETTINGS_UNSUPPORTED,
     SHARED_MEMORY_UNSUPPORTED,
@@ -50,22 +49,12 @@ from ppml_serve.gateway.native_path import Answered, NativePath
 from ppml_serve.gateway.openapi import openapi_document
 from ppml_serve.gateway.stats import InferenceStatistics
 from ppml_serve.logs import request_id
-from ppml_serve.queue.contract import QueueStats, ReplyMessage, queue_name, split_queue_name
+from ppml_serve.queue.contract import QueueStats, queue_name, split_queue_name
 from ppml_serve.tracing import annotate, record_native_spans, span, tracing_on
 
 log = logging.getLogger("ppml_serve.gateway")
 admin = logging.getLogger("ppml_serve.audit")
 
-def inference_response(payload: bytes, header_length: int | None) -> Response:
-    """JSON, or the binary extension's octet stream with its header length."""
-    if header_length is None:
-        return Response(payload, media_type="application/json")
-    return Response(payload, media_type="application/octet-stream",
-                    headers={"Inference-Header-Content-Length": str(header_length)})
-
-
-FRONT_RECEIVED = "x-ppml-received-ms"
-"""Set by the native front on every request (a client's own is replaced): when it arrived."""
 FRONT_CLIENT = "x-ppml-client"
 """Set by the native front the same way: the client's address."""
 
@@ -98,17 +87,9 @@ def _annotate_span(request: Request, response: Response) -> None:
              ppml__model_version=getattr(request.state, "version", None) if served else None)
 
 
-def _client(request: Request, behind_front: bool) -> str:
-    """The caller's address: the front's word for it behind the front (the app's own peer
-    is then the front's socket), else the connection's."""
-    if behind_front:
-        return request.headers.get(FRONT_CLIENT, "")[:64]
-    return f"{request.client.host}:{request.client.port}" if request.client else ""
-
-
-def _received(request: Request) -> float | None:
-    value = request.headers.get(FRONT_RECEIVED, "")
-    return int(value) / 1000 if value.isdigit() else None
+def _client(request: Request) -> str:
+    """The caller's address, in the front's words (the app's own peer is the front)."""
+    return request.headers.get(FRONT_CLIENT, "")[:64]
 
 
 def error_response(exc: PPMLError) -> JSONResponse:
@@ -202,13 +183,15 @@ class Metrics:
         self.statistics = InferenceStatistics()
         """The same events in Triton's statistics shape (``/v2/models/{m}/stats``)."""
 
-    def observe_reply(self, model: str, message: ReplyMessage) -> None:
-        """``model``: the version's queue name."""
-        self.statistics.answer(model, message.queue_s, message.engine_s, message.batch_size)
-        labels = split_queue_name(model)
-        self.batch_size.labels(*labels).observe(message.batch_size)
-        self.queue_wait.labels(*labels).observe(message.queue_s)
-        self.engine.labels(*labels).observe(message.engine_s)
+    def observe_answer(self, queue: str, batch_size: int, queue_s: float,
+                       engine_s: float) -> None:
+        """A worker's answer for ``queue`` (the version's queue name): its batch's size, its
+        wait in the queue and its engine time."""
+        self.statistics.answer(queue, queue_s, engine_s, batch_size)
+        labels = split_queue_name(queue)
+        self.batch_size.labels(*labels).observe(batch_size)
+        self.queue_wait.labels(*labels).observe(queue_s)
+        self.engine.labels(*labels).observe(engine_s)
 
     def watch_front(self, stats: Callable[[], dict[str, int]]) -> None:
         """Export the native front's counters (read from it at each scrape)."""
@@ -292,7 +275,7 @@ def _unsupported(path: str) -> str | None:
 
 
 _ASKED_VERSION = re.compile(r"/v2/models/[^/]+/versions/([^/]+)/infer")
-"""The version an inference path names (the front refuses no escaped one)."""
+"""The version an inference path names (as sent, escapes kept)."""
 _CALLER_ID = re.compile(r"[A-Za-z0-9._:@-]{1,64}")
 """A caller's X-Request-ID that is kept (echoed, logged): a short, plain token."""
 
@@ -316,33 +299,20 @@ DEV_ATTESTATION = {
 }
 
 
-def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
-               metrics: Metrics, secure: bool = True, attestation: str = "simulated",
+def create_app(dataplane: DataPlane, keys: ApiKeyStore, metrics: Metrics,
+               native: NativePath | None, secure: bool = True, attestation: str = "simulated",
                access_log: bool = True, repository_timeout_s: float = 120.0,
-               services: Sequence[Callable[[], AbstractAsyncContextManager[None]]] = (),
-               behind_front: bool = False, native: NativePath | None = None) -> Starlette:
-    """Build the app; ``dataplane`` and ``services`` (e.g. the gRPC server) are started and
-    stopped with the app's lifespan. ``behind_front``: the app is reached only through the
-    native front (a private socket), so the headers it sets can be trusted."""
+               services: Sequence[Callable[[], AbstractAsyncContextManager[None]]] = ()
+               ) -> Starlette:
+    """Build the app: the control routes behind the native front, which answers inference
+    itself (``native``: what keeps it in step and hands back what it answered, for the
+    metrics, statistics and logs); ``dataplane`` and ``services`` (e.g. the gRPC server) are
+    started and stopped with the app's lifespan. The app is reached only through the front
+    (a private socket), so the headers the front sets can be trusted."""
 
     def model_label(model: str) -> str:
         # Names come from URLs: only served models get a label of their own (bounded).
         return model if dataplane.is_served(model) else "_other"
-
-    def count(request: Request, status: int, seconds: float) -> None:
-        model = model_label(request.path_params.get("model", ""))
-        # The version served; for a call refused before its version was known, "-" (none
-        # asked) or "_other" (asked for one that does not exist).
-        version = getattr(request.state, "version", None) or (
-            "_other" if "version" in request.path_params else "-")
-        labels = (model, version if model != "_other" else "_other")
-        metrics.requests.labels(*labels, str(status)).inc()
-        metrics.latency.labels(*labels).observe(seconds)
-        # Triton's statistics are a version's: a call refused before one was chosen (its
-        # key, an unknown version) has none to count against
-        if model != "_other" and getattr(request.state, "version", None) \
-                and request.scope["path"].endswith("/infer"):
-            metrics.statistics.outcome(queue_name(model, version), status == 200, seconds)
 
     def native_answered(answered: Answered) -> None:
         """A request the native front answered: counted, timed and logged as the app's own
@@ -358,8 +328,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
             metrics.statistics.outcome(answered.queue, answered.status == 200, answered.seconds)
         if answered.answer is not None:
             batch_size, queue_s, engine_s = answered.answer
-            metrics.observe_reply(answered.queue, ReplyMessage(
-                answered.request_id, True, b"", batch_size, queue_s, engine_s))
+            metrics.observe_answer(answered.queue, batch_size, queue_s, engine_s)
         if answered.trace is not None:
             trace_id, caller, spans = answered.trace
             served = model_label(answered.model) != "_other"
@@ -401,8 +370,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         native.on_answered = native_answered
         services = [*services, native.serve]
 
-    def authenticated(model_route: bool = True, scope: str | None = None,
-                      counted: bool = False) -> Callable[
+    def authenticated(model_route: bool = True, scope: str | None = None) -> Callable[
         [Callable[[Request], Awaitable[Response]]], Callable[[Request], Awaitable[Response]]
     ]:
         def wrap(handler: Callable[[Request], Awaitable[Response]]
@@ -414,13 +382,12 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     return await handle(request)
 
             async def handle(request: Request) -> Response:
-                # Queue records and replies need an id no caller can choose (a repeated one
-                # would collide with another request's): the caller's is kept beside it.
+                # An id no caller can choose (a repeated one would mix two calls' log lines):
+                # the caller's is kept beside it.
                 rid = uuid.uuid4().hex
                 caller_id = request.headers.get("x-request-id", "")
                 caller_id = caller_id if _CALLER_ID.fullmatch(caller_id) else ""
                 token = request_id.set(rid)
-                received = request_received.set(_received(request) if behind_front else None)
                 started = time.perf_counter()
                 key_name = "-"
                 response: Response | None = None
@@ -447,14 +414,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
                     seconds = time.perf_counter() - started
                     if response is not None:
                         _annotate_span(request, response)
-                    if counted and response is not None:
-                        count(request, response.status_code, seconds)
                     if access_log and response is not None and access.isEnabledFor(
                             logging.INFO):  # nothing to format when nobody listens
                         _log_access(request, response, key_name, seconds, caller_id,
-                                    _client(request, behind_front))
+                                    _client(request))
                     request_id.reset(token)
-                    request_received.reset(received)
                 response.headers["X-Request-ID"] = caller_id or rid
                 return response
             return endpoint
@@ -550,46 +514,19 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         return JSONResponse({"name": model, "ready": is_ready},
                             status_code=200 if is_ready else 503)
 
-    @authenticated(counted=True)
-    async def infer(request: Request) -> Response:
-        model = request.path_params["model"]
-        body = await _read_body(request, max_request_bytes)
-        payload, header_length = await dataplane.infer(
-            model, request.state.version, body, request.headers.get(HEADER_LENGTH))
-        return inference_response(payload, header_length)
-
-    @authenticated(counted=True)
-    async def submit_job(request: Request) -> Response:
-        model = request.path_params["model"]
-        body = await _read_body(request, max_request_bytes)
-        job_id = await dataplane.submit(model, request.state.version, body,
-                                        request.headers.get(HEADER_LENGTH),
-                                        request.state.principal)
-        return JSONResponse({"job_id": job_id, "model": model}, status_code=202,
-                            headers={"Location": f"/v2/models/{model}/jobs/{job_id}"})
-
-    @authenticated(counted=True)
-    async def job_result(request: Request) -> Response:
-        model = request.path_params["model"]
-        found = await dataplane.job_result(model, request.path_params["job"],
-                                           request.state.principal)
-        if found is None:
-            return JSONResponse({"job_id": request.path_params["job"], "state": "pending"},
-                                status_code=202, headers={"Retry-After": "1"})
-        return inference_response(*found)
+    async def answered_by_the_front(request: Request) -> Response:
+        """Inference is the native front's (``native_path.py``): it passes none of these on;
+        one that reaches the app anyway is told to retry, and the bug is logged."""
+        log.error("the front passed %s %s on: inference is its own to answer",
+                  request.method, request.url.path)
+        return JSONResponse({"error": "the gateway is starting or stopping: retry"},
+                            status_code=503, headers={"Retry-After": "1"})
 
     @authenticated()
     async def model_attestation(request: Request) -> Response:
         model = request.path_params["model"]
         return JSONResponse({"model": model, "workers": await dataplane.attestations(
             model, request.state.version)})
-
-    @authenticated(counted=True)
-    async def infer_sealed(request: Request) -> Response:
-        model = request.path_params["model"]
-        body = await _read_body(request, max_request_bytes)
-        payload = await dataplane.infer_sealed(model, request.state.version, body)
-        return Response(payload, media_type="application/octet-stream")
 
     @authenticated(model_route=False, scope="metrics")
     async def metrics_endpoint(request: Request) -> Response:
@@ -623,7 +560,7 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         return JSONResponse({"error": "method not allowed"}, status_code=405)
 
     routes = [  # the hot path first: routes are matched in order
-        Route("/v2/models/{model}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/infer", answered_by_the_front, methods=["POST"]),
         Route("/v2/models/stats", all_stats),
         Route("/v2", server_metadata),
         Route("/v2/health/live", live),
@@ -643,11 +580,12 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, max_request_bytes: int,
         Route("/v2/repository/models/{model}/unload", repository_change("unload"),
               methods=["POST"]),
         Route("/v2/models/{model}/versions/{version}/ready", model_ready),
-        Route("/v2/models/{model}/versions/{version}/infer", infer, methods=["POST"]),
+        Route("/v2/models/{model}/versions/{version}/infer", answered_by_the_front,
+              methods=["POST"]),
         Route("/v2/models/{model}/attestation", model_attestation),
-        Route("/v2/models/{model}/jobs", submit_job, methods=["POST"]),
-        Route("/v2/models/{model}/jobs/{job}", job_result),
-        Route("/v2/models/{model}/infer-sealed", infer_sealed, methods=["POST"]),
+        Route("/v2/models/{model}/jobs", answered_by_the_front, methods=["POST"]),
+        Route("/v2/models/{model}/jobs/{job}", answered_by_the_front),
+        Route("/v2/models/{model}/infer-sealed", answered_by_the_front, methods=["POST"]),
         Route("/metrics", metrics_endpoint),
     ]
     app = Starlette(routes=routes, lifespan=lifespan,

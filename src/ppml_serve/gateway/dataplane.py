@@ -1,4 +1,6 @@
-"""What the gateway does with a request, free of HTTP: validate, seal, enqueue, await, open."""
+"""What the gateway knows of its models, free of HTTP: the versions it routes to and their
+specs, readiness, the repository's records, and the route table the native front answers
+inference from (``native_path.py``)."""
 
 from __future__ import annotations
 
@@ -7,26 +9,13 @@ import contextlib
 import json
 import logging
 import time
-import uuid
-from collections import Counter
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-import numpy as np
-
 from ppml_serve import _native
-from ppml_serve.backoff import Backoff
-from ppml_serve.codecs import record
-from ppml_serve.codecs.tensors import ModelSpec, datatype_name, tensor_bytes
-from ppml_serve.codecs.v2 import (
-    InferRequest,
-    check_outputs,
-    described_request,
-    encode_response,
-)
-from ppml_serve.crypto.envelope import REPLY, REQUEST, SPEC, ModelSealers, Sealer, associated_data
+from ppml_serve.codecs.tensors import ModelSpec
+from ppml_serve.crypto.envelope import SPEC, ModelSealers, Sealer, associated_data
 from ppml_serve.disk import DiskWatch
 from ppml_serve.errors import (
     DeadlineExceeded,
@@ -36,29 +25,20 @@ from ppml_serve.errors import (
     NotReady,
     Overloaded,
     ProtocolError,
-    QueueStalled,
 )
 from ppml_serve.gateway.repository import RepositoryView
-from ppml_serve.logs import request_id as current_request
 from ppml_serve.queue.contract import (
     VERSION_PATTERN,
     GatewayBroker,
-    Job,
-    JobState,
-    JobStore,
-    Mode,
     Presence,
     QueueStats,
     Registry,
-    ReplyMessage,
     RequestQueue,
     VersionState,
-    parse_error,
     queue_name,
     split_queue_name,
 )
 from ppml_serve.settings import GatewaySettings
-from ppml_serve.tracing import current_traceparent, span
 
 log = logging.getLogger("ppml_serve.gateway")
 
@@ -66,15 +46,6 @@ WATCH_INTERVAL_S = 0.5
 """How often waiting requests are checked against the live workers of their model."""
 REPOSITORY_TTL_S = 0.5
 """How long the merged view of the worker hosts is reused (hot path: version routing)."""
-ADMISSION_SHARE = 0.5
-"""A request that waited this share of ``request_timeout_s`` before the gateway could start
-on it (received by the front, not yet admitted: the gateway is saturated) gets 429 at once:
-it would likely miss its deadline, and its answer would come too late to matter."""
-
-request_received: ContextVar[float | None] = ContextVar("request_received", default=None)
-"""When the native front received the request's head (epoch seconds): deadlines count from
-there, not from when this process got to it. Unset without the front."""
-
 
 @dataclass(frozen=True)
 class Closure:
@@ -112,8 +83,7 @@ announced or asked for after it was built, the front finds in Redis and asks for
 
 class NativeRequests(Protocol):
     """The requests the native front's inference path holds (``gateway/native_path.py``):
-    counted with this process's own against the per-model bound, failed with them when a
-    model's last worker dies."""
+    counted for the metrics, failed when a model's last worker dies."""
 
     def waiting_queues(self) -> list[str]: ...
 
@@ -128,39 +98,27 @@ class _Cached:
     expires: float
 
 
-@dataclass
-class _Waiter:
-    model: str
-    future: asyncio.Future[ReplyMessage]
-
-
 class DataPlane:
-    """One per gateway process; owns the reply reader and the table of waiting requests.
+    """One per gateway process.
 
     Public methods take a model's name and version (``None``: the newest ready version);
     below them everything is keyed by the version's queue name (``queue_name``)."""
 
     def __init__(self, broker: GatewayBroker, sealer: ModelSealers, settings: GatewaySettings,
-                 worker_max_age_s: float,
-                 on_reply: Callable[[str, ReplyMessage], None] | None = None,
-                 configured_models: set[str] | None = None,
+                 worker_max_age_s: float, configured_models: set[str] | None = None,
                  max_rows: int | None = None, disk: DiskWatch | None = None) -> None:
+        """``max_rows``: the rows one request may carry (its configuration shows it)."""
         self._broker = broker  # connection only (ping, close); the roles below use it too
         self._queue: RequestQueue = broker
         self._presence: Presence = broker
         self._registry: Registry = broker
-        self._jobs: JobStore = broker
         self._disk = disk
         self._sealers = sealer
         self._settings = settings
         self._worker_max_age_s = worker_max_age_s
-        self._waiting: dict[str, _Waiter] = {}
-        self._inflight: Counter[str] = Counter()
         self._cache: dict[str, _Cached] = {}
         self._loading: dict[str, asyncio.Future[Any]] = {}
         self._tasks: list[asyncio.Task[None]] = []
-        self._readers: dict[str, asyncio.Task[None]] = {}
-        self._on_reply = on_reply
         self._configured = configured_models or set()
         self._max_rows = max_rows
         self._announced: dict[str, dict[str, Any]] = {}
@@ -184,21 +142,12 @@ class DataPlane:
         """Records of every version of a model are sealed under that model's keys."""
         return self._sealers.for_model(split_queue_name(queue)[0])
 
-    def _ensure_reader(self, model: str) -> None:
-        """One reply reader per model (its reply stream shares the model's Redis Cluster
-        slot), started with the first request for that model."""
-        if model not in self._readers:
-            self._readers[model] = asyncio.create_task(self._read_replies(model),
-                                                       name=f"replies {model}")
-
     async def stop(self) -> None:
-        tasks = [*self._tasks, *self._readers.values()]
-        for task in tasks:
+        for task in self._tasks:
             task.cancel()
-        for task in tasks:
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        self._fail_waiting(NotReady("the gateway is shutting down"))
         await self._broker.close()
 
     async def forget_streams(self, streams: set[str]) -> None:
@@ -206,7 +155,7 @@ class DataPlane:
         await self._broker.delete_streams(streams)
 
     def attach_native(self, native: NativeRequests) -> None:
-        """Count and watch the native front's requests with this process's own."""
+        """Count and watch the native front's requests."""
         self._native = native
 
     def disk_free(self) -> dict[str, int]:
@@ -214,11 +163,8 @@ class DataPlane:
         return self._disk.free_bytes() if self._disk is not None else {}
 
     def inflight(self) -> dict[str, int]:
-        """Requests waiting for their answer here (the native front's included), by model."""
-        counts = Counter(self._inflight)
-        if self._native is not None:
-            counts.update(self._native.plane_inflight())
-        return dict(counts)
+        """Requests waiting for their answer in the native front, by version's queue."""
+        return self._native.plane_inflight() if self._native is not None else {}
 
     async def queue_stats(self) -> dict[str, QueueStats]:
         """Queue depth, lag, pending and live workers of every served model."""
@@ -229,61 +175,25 @@ class DataPlane:
         return {model: await self._presence.queue_stats(model, self._worker_max_age_s)
                 for model in sorted(models)}
 
-    def _fail_waiting(self, error: Exception, model: str | None = None) -> None:
-        for waiter in list(self._waiting.values()):
-            if (model is None or waiter.model == model) and not waiter.future.done():
-                waiter.future.set_exception(error)
-
-    async def _read_replies(self, model: str) -> None:
-        backoff = Backoff(0.05, 2.0)
-        while True:
-            try:
-                messages = await self._queue.read_replies(model, block_ms=1000)
-            except QueueStalled as exc:
-                # Frozen, not gone: what it holds is answered once it recovers, so waiting
-                # callers keep waiting (up to their deadline); new ones get a fast 503.
-                log.warning("%s; waiting requests keep waiting", exc)
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            except NotReady as exc:
-                # Answers in transit on a lost connection may never arrive: fail fast (503)
-                # rather than let callers wait for their deadline.
-                if any(waiter.model == model for waiter in self._waiting.values()):
-                    log.warning("lost the queue (%s): failing model %r's waiting requests",
-                                exc, model)
-                self._fail_waiting(NotReady("the connection to the queue was lost while "
-                                            "waiting for the answer; retry"), model)
-                await asyncio.sleep(backoff.next_delay())
-                continue
-            backoff.reset()
-            for message in messages:
-                waiter = self._waiting.get(message.request_id)
-                if waiter is None or waiter.future.done():
-                    continue  # its caller gave up, or it was failed already
-                waiter.future.set_result(message)
-                if self._on_reply is not None and message.ok:
-                    self._on_reply(waiter.model, message)
-
     async def _watch_workers(self) -> None:
         """Requests for a model whose last worker died get 503 now, not 504 later (if a new
         worker comes up in time, it answers them instead)."""
         while True:
             await asyncio.sleep(WATCH_INTERVAL_S)
-            native = set(self._native.waiting_queues()) if self._native is not None else set()
-            for model in {waiter.model for waiter in self._waiting.values()} | native:
+            if self._native is None:
+                continue
+            for model in set(self._native.waiting_queues()):
                 try:
                     live = await self._presence.live_workers(model, self._worker_max_age_s)
                 except NotReady:
-                    continue  # the reply reader handles a lost queue
+                    continue  # the front's reply readers handle a lost queue
                 self._cache[f"ready:{model}"] = _Cached(live > 0,
                                                         time.monotonic() + WATCH_INTERVAL_S)
                 if live == 0:
                     log.warning("model %r has no live worker: failing its waiting requests",
                                 model)
-                    error = _no_live_worker(model)  # the words of a refused request
-                    self._fail_waiting(error, model)
-                    if self._native is not None:
-                        self._native.fail_waiting(model, str(error))
+                    # the words of a refused request
+                    self._native.fail_waiting(model, str(_no_live_worker(model)))
 
     async def _cached(self, key: str, ttl_s: float, load: Callable[[], Awaitable[Any]]) -> Any:
         """``load()``'s value, reused for ``ttl_s``. Concurrent callers of an expired key
@@ -592,73 +502,6 @@ class DataPlane:
         if backlog >= self._settings.max_queue_length:
             raise Overloaded(f"model {model!r} has {backlog} queued requests; retry later")
 
-    async def _admit(self, queue: str, body: bytes, header_length: str | None,
-                     request_id: str) -> tuple[InferRequest, bytes]:
-        """A REST body decoded, checked against the model and sealed as the queue record
-        ``request_id`` (one native call: the record is written straight into its envelope),
-        then checked that it can be served; what answering it needs, and the record."""
-        with span("admit", bytes=len(body)):
-            spec = await self._spec_of(queue)
-            with span("seal", bytes=len(body)):
-                sealed, rid, parameters, selected, binary, classes = \
-                    self._sealer_of(queue).seal_v2_request(
-                        body, header_length, self.native_inputs(queue, spec), self._max_rows,
-                        associated_data(queue, request_id, REQUEST))
-            request = described_request(rid, parameters, selected, binary, classes)
-            check_outputs(request, spec)
-            await self._check_serving(queue)
-        return request, sealed
-
-    async def _check_serving(self, queue: str) -> None:
-        if self._disk is not None:
-            self._disk.check()  # room for the answers in flight, not for more work
-        if not await self._queue_ready(queue):
-            raise _no_live_worker(queue)
-        await self._check_backlog(queue)
-
-    @contextlib.asynccontextmanager
-    async def _admission(self, model: str) -> AsyncIterator[None]:
-        """Bound the requests held at once, per gateway and per model, and the time they may
-        have waited before this process started on them: beyond, 429 at once."""
-        waited = self._waited_s()
-        if waited > self._settings.request_timeout_s * ADMISSION_SHARE:
-            raise Overloaded(f"this gateway is saturated: the request waited {waited:.1f} s "
-                             "before it could be started; retry later")
-        if len(self._waiting) >= self._settings.max_inflight:
-            raise Overloaded(f"this gateway holds {len(self._waiting)} requests; retry later")
-        held = self._inflight[model] + (self._native.plane_inflight().get(model, 0)
-                                        if self._native is not None else 0)
-        if held >= self._settings.max_inflight_per_model:
-            raise Overloaded(f"model {model!r} has {held} requests in flight here; retry later")
-        self._inflight[model] += 1
-        try:
-            yield
-        finally:
-            self._inflight[model] -= 1
-            if not self._inflight[model]:
-                del self._inflight[model]
-
-    @staticmethod
-    def _waited_s() -> float:
-        received = request_received.get()
-        return 0.0 if received is None else max(0.0, time.time() - received)
-
-    async def infer(self, model: str, version: str, body: bytes,
-                    header_length: str | None) -> tuple[bytes, int | None]:
-        queue = queue_name(model, version)
-        async with self._admission(queue):
-            request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
-            request, sealed = await self._admit(queue, body, header_length, request_id)
-            answer = await self._exchange_sealed(queue, request_id, sealed)
-        if request.classification:  # the best classes need numpy and the model's labels
-            _, outputs = record.unpack(answer)
-            return encode_response(model, request, outputs, version, labels=self.labels(queue))
-        # the answer record straight to the response body (ppml-core): no arrays, no tolist
-        return _native.encode_v2_response(
-            answer, model, version, request.id,
-            list(request.outputs.items()) if request.outputs is not None else None,
-            request.binary_default)
-
     def native_inputs(self, queue: str, spec: ModelSpec) -> _native.ModelInputs:
         """The native form of a version's declared inputs, made once per announced spec."""
         known = self._native_inputs.get(queue)
@@ -673,134 +516,10 @@ class DataPlane:
         labels = self._announced.get(queue, {}).get("labels")
         return [str(label) for label in labels] if isinstance(labels, list) else None
 
-    async def infer_decoded(self, model: str, version: str, request: InferRequest
-                            ) -> dict[str, np.ndarray[Any, Any]]:
-        """The same path for a request another front end (gRPC) has decoded already; returns
-        the requested outputs (all when ``request.outputs`` is ``None``)."""
-        queue = queue_name(model, version)
-        async with self._admission(queue):
-            request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
-            with span("admit"):
-                spec = await self._spec_of(queue)
-                with span("seal"):  # the same native admission as a REST body's
-                    sealed = self._sealer_of(queue).seal_tensors(
-                        [(name, datatype_name(array.dtype), list(array.shape), _raw(array))
-                         for name, array in request.inputs.items()],
-                        self.native_inputs(queue, spec), self._max_rows,
-                        associated_data(queue, request_id, REQUEST))
-                check_outputs(request, spec)
-                await self._check_serving(queue)
-            answer = await self._exchange_sealed(queue, request_id, sealed)
-        _, outputs = record.unpack(answer)
-        if request.outputs is None:
-            return outputs
-        return {name: outputs[name] for name in request.outputs}
-
     async def attestations(self, model: str, version: str) -> list[dict[str, Any]]:
         queue = queue_name(model, version)
         await self._spec_of(queue)
         return [json.loads(item) for item in await self._presence.attestations(queue)]
-
-    async def infer_sealed(self, model: str, version: str, blob: bytes) -> bytes:
-        """End-to-end mode: ``blob`` is sealed by the client to the workers' key; the gateway
-        only wraps it for the queue and hands back the equally opaque answer."""
-        queue = queue_name(model, version)
-        async with self._admission(queue):
-            await self._spec_of(queue)
-            await self._check_serving(queue)
-            try:
-                return await self._exchange(queue, blob, mode=Mode.SEALED)
-            except IntegrityError:
-                # The worker could not open what the client sealed: the client's input.
-                raise InvalidInput("the sealed request could not be opened by the model's "
-                                   "workers (not sealed to their attested key, or damaged)"
-                                   ) from None
-            except ProtocolError:
-                # It opened (so it was sealed to the workers), but holds no valid request.
-                raise InvalidInput("the sealed request was opened by the model's workers, but "
-                                   "what it holds is not a valid inference request record "
-                                   "(check the client's encoding)") from None
-
-    async def _exchange(self, model: str, payload: bytes, mode: Mode = Mode.STANDARD) -> bytes:
-        request_id = current_request.get() or uuid.uuid4().hex  # one id in logs and queue
-        with span("seal", bytes=len(payload)):
-            sealed = self._sealer_of(model).seal(payload,
-                                                 associated_data(model, request_id, REQUEST))
-        return await self._exchange_sealed(model, request_id, sealed, mode)
-
-    async def _exchange_sealed(self, model: str, request_id: str, sealed: bytes,
-                               mode: Mode = Mode.STANDARD) -> bytes:
-        # the deadline counts from when the front received the request
-        timeout = max(0.001, self._settings.request_timeout_s - self._waited_s())
-        message = await self._send(model, request_id, sealed, mode, timeout)
-        return self._open_reply(model, request_id, message.ok, message.body)
-
-    def _open_reply(self, model: str, request_id: str, ok: bool, body: bytes) -> bytes:
-        try:
-            plaintext = self._sealer_of(model).open(body,
-                                                  associated_data(model, request_id, REPLY))
-        except IntegrityError:
-            log.error("reply for request %s refused: record failed authentication", request_id)
-            raise
-        if not ok:
-            raise parse_error(plaintext)
-        return plaintext
-
-    async def _send(self, model: str, request_id: str, sealed: bytes, mode: Mode,
-                    timeout: float) -> ReplyMessage:
-        """Enqueue a sealed record and wait for the (still sealed) answer."""
-        future: asyncio.Future[ReplyMessage] = asyncio.get_running_loop().create_future()
-        self._ensure_reader(model)
-        self._waiting[request_id] = _Waiter(model, future)
-        try:
-            with span("enqueue"):
-                # The worker's spans continue from here: the context rides in the record's
-                # clear header, never in the sealed payload.
-                await self._queue.enqueue(model, request_id, sealed,
-                                           int((time.time() + timeout) * 1000), mode,
-                                           traceparent=current_traceparent())
-            with span("wait"):
-                message = await asyncio.wait_for(future, timeout)
-        except asyncio.TimeoutError:
-            raise DeadlineExceeded(f"no answer from model {model!r} within "
-                                   f"{self._settings.request_timeout_s:g} s") from None
-        finally:
-            self._waiting.pop(request_id, None)
-        return message
-
-    # Jobs: enqueue now, fetch the answer later (from any gateway) by id. The worker stores the
-    # answer in the job record exactly as it sealed it, so no gateway needs to stay up for it.
-
-    async def submit(self, model: str, version: str, body: bytes, header_length: str | None,
-                     owner: str) -> str:
-        queue = queue_name(model, version)
-        job_id = uuid.uuid4().hex
-        request, sealed = await self._admit(queue, body, header_length, job_id)
-        if request.classification:  # a job's answer is fetched later, in its raw form
-            raise InvalidInput("the classification extension is not supported for jobs; ask "
-                               "for it on the model's /infer route")
-        ttl = self._settings.job_ttl_s
-        await self._jobs.save_job(job_id, Job(queue, owner, request.outputs,
-                                                request.binary_default), ttl)
-        deadline_ms = int((time.time() + self._settings.job_timeout_s) * 1000)
-        await self._queue.enqueue(queue, job_id, sealed, deadline_ms, job_ttl_s=ttl)
-        return job_id
-
-    async def job_result(self, model: str, job_id: str,
-                         owner: str) -> tuple[bytes, int | None] | None:
-        """The answer, ``None`` while pending; unknown, expired or foreign jobs are 404."""
-        job = await self._jobs.load_job(model, job_id)
-        if job is None or split_queue_name(job.model)[0] != model or job.owner != owner:
-            raise ModelNotFound(f"no job {job_id!r} for model {model!r} (unknown or expired)")
-        if job.state is JobState.PENDING:
-            return None
-        if job.state is JobState.FAILED:
-            raise DeadlineExceeded(job.error or "the job failed")
-        plaintext = self._open_reply(job.model, job_id, job.ok, job.body)
-        _, outputs = record.unpack(plaintext)
-        request = InferRequest(job_id, {}, job.outputs, job.binary)
-        return encode_response(model, request, outputs, split_queue_name(job.model)[1])
-
 
 def _unannounced(queue: str) -> NotReady:
     model, version = split_queue_name(queue)
@@ -812,14 +531,3 @@ def _no_live_worker(queue: str) -> NotReady:
     model, version = split_queue_name(queue)
     return NotReady(f"model {model!r} version {version} has no live worker")
 
-
-def _raw(array: np.ndarray[Any, Any]) -> bytes:
-    """An input's bytes for the native admission: the ``bytes`` a decoder's array is a whole
-    view of (gRPC's raw contents: no copy), else its bytes on the wire."""
-    base = array.base
-    while isinstance(base, np.ndarray):  # a reshape of frombuffer's array
-        base = base.base
-    if isinstance(base, bytes) and len(base) == array.nbytes and array.flags.c_contiguous \
-            and array.dtype.kind != "O":
-        return base
-    return bytes(tensor_bytes(array))

@@ -3,9 +3,10 @@
 The front owns the client connections, on the HTTPS port and on the gRPC one: TLS (rustls
 on aws-lc-rs: TLS 1.3, or 1.2 with ECDHE and AEAD suites only), HTTP/1.1 and HTTP/2, the
 exact head limit, head and body deadlines, the connection cap and the body size limit. It
-runs on threads of its own in the gateway process and passes each request it does not
-answer itself to the app (or the gRPC service) over Unix sockets in a private directory
-(mode 0700, so no other user can reach them around the front's TLS and limits).
+runs on threads of its own in the gateway process, answers inference itself (the native
+path: ``native_path.py``) and passes every other request to the app (or the gRPC service)
+over Unix sockets in a private directory (mode 0700, so no other user can reach them around
+the front's TLS and limits).
 """
 
 from __future__ import annotations
@@ -82,12 +83,9 @@ class NativeFront:
     def native(self) -> _native.Front:
         return self._front
 
-    def install_plane(self, settings: Settings) -> bool:
-        """Let the front answer inference itself (``gateway/native_path.py`` keeps it in
-        step); ``False`` where it is turned off."""
+    def install_plane(self, settings: Settings) -> None:
+        """Let the front answer inference (``gateway/native_path.py`` keeps it in step)."""
         gateway = settings.gateway
-        if not gateway.native_infer:
-            return False
         endpoint = Endpoint.parse(settings.redis_url(), settings.ca_file)
         spool = settings.redis.payload_spool
         layout = Keys(settings.redis.prefix)
@@ -105,7 +103,6 @@ class NativeFront:
             announced_key=layout.models, requested_key=layout.repository,
             job_timeout_s=gateway.job_timeout_s, job_ttl_s=gateway.job_ttl_s,
             max_request_bytes=gateway.max_request_bytes)
-        return True
 
     def _remove_directory(self) -> None:
         shutil.rmtree(self._directory, ignore_errors=True)

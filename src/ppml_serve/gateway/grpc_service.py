@@ -1,4 +1,5 @@
-"""The KServe v2 gRPC service (``inference.GRPCInferenceService``) over the same data plane.
+"""The KServe v2 gRPC service (``inference.GRPCInferenceService``) behind the native front:
+every RPC but inference (``ModelInfer`` and ``ModelStreamInfer`` are the front's own).
 
 The message classes and the service descriptor come from ``tritonclient[grpc]``, whose
 ``inference`` package is the KServe v2 protocol (plus Triton's extensions, answered
@@ -12,29 +13,16 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
-import numpy as np
 from google.protobuf import json_format
 from google.protobuf.message import DecodeError
 from tritonclient.grpc import model_config_pb2, service_pb2_grpc
 from tritonclient.grpc import service_pb2 as pb
 
 from ppml_serve import __version__
-from ppml_serve.codecs.tensors import (
-    BYTES,
-    check_bytes_count,
-    check_shape,
-    datatype_name,
-    deserialize_bytes,
-    numpy_dtype,
-    serialize_bytes,
-    tensor_bytes,
-)
-from ppml_serve.codecs.v2 import InferRequest, classify
 from ppml_serve.errors import InvalidInput, PPMLError
 from ppml_serve.gateway.access import access, grpc_access_line
 from ppml_serve.gateway.auth import ApiKeyStore
@@ -52,64 +40,12 @@ from ppml_serve.tracing import span
 
 log = logging.getLogger("ppml_serve.gateway")
 
-# Typed contents field of InferTensorContents for each v2 datatype.
-_CONTENTS = {"BOOL": "bool_contents", "INT8": "int_contents", "INT16": "int_contents",
-             "INT32": "int_contents", "INT64": "int64_contents", "UINT8": "uint_contents",
-             "UINT16": "uint_contents", "UINT32": "uint_contents",
-             "UINT64": "uint64_contents", "FP32": "fp32_contents", "FP64": "fp64_contents",
-             BYTES: "bytes_contents"}
-
 Response = TypeVar("Response")
-_answered_version: ContextVar[str] = ContextVar("answered_version", default="-")
-"""The version that answered the call being handled (for its access line)."""
 Context = grpc.aio.ServicerContext[Any, Any]
 
 
 def _status(error: PPMLError) -> grpc.StatusCode:
     return grpc.StatusCode[status_of(error).grpc]
-
-
-def _decode_inputs(request: Any) -> dict[str, np.ndarray[Any, Any]]:
-    """Input tensors from raw contents (the binary form) or typed contents."""
-    raw = list(request.raw_input_contents)
-    if raw and len(raw) != len(request.inputs):
-        raise InvalidInput("raw_input_contents must hold one entry per input")
-    inputs: dict[str, np.ndarray[Any, Any]] = {}
-    for position, tensor in enumerate(request.inputs):
-        where = f"input {tensor.name!r}"
-        if not tensor.name or tensor.name in inputs:
-            raise InvalidInput(f"inputs[{position}]: a unique, non-empty name is required")
-        dtype = numpy_dtype(tensor.datatype, where)
-        shape = check_shape(tuple(int(d) for d in tensor.shape), where)
-        count = int(np.prod(shape, dtype=object)) if shape else 1
-        if tensor.datatype == BYTES:
-            check_bytes_count(count, where)
-        if raw and tensor.datatype == BYTES:
-            array = deserialize_bytes(raw[position], shape, where)
-        elif raw:
-            if len(raw[position]) != count * dtype.itemsize:
-                raise InvalidInput(f"{where}: raw contents hold {len(raw[position])} bytes, "
-                                   f"shape {list(shape)} needs {count * dtype.itemsize}")
-            array = np.frombuffer(raw[position], dtype=dtype)
-        else:
-            field = _CONTENTS.get(tensor.datatype)
-            values = getattr(tensor.contents, field) if field else ()
-            if len(values) != count:
-                raise InvalidInput(f"{where}: contents hold {len(values)} values, shape "
-                                   f"{list(shape)} needs {count}")
-            try:
-                if tensor.datatype == BYTES:
-                    array = np.empty(count, dtype=object)
-                    array[:] = list(values)
-                else:
-                    array = np.asarray(values, dtype=dtype)
-            except (ValueError, OverflowError):
-                raise InvalidInput(f"{where}: contents cannot be read as "
-                                   f"{tensor.datatype}") from None
-        inputs[tensor.name] = array.reshape(shape)
-    if not inputs:
-        raise InvalidInput("inputs must be a non-empty list")
-    return inputs
 
 
 class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type: ignore[misc]
@@ -142,7 +78,6 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
                       metadata: dict[str, Any], scope: str | None = None,
                       request: Any = None) -> Response:
         token = request_id.set(uuid.uuid4().hex)
-        answered = _answered_version.set("-")
         started = time.perf_counter()
         key_name, code = "-", grpc.StatusCode.OK
         response: Any = None
@@ -170,12 +105,11 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
         finally:
             if self._access_log and model is not None and access.isEnabledFor(logging.INFO):
                 shown = model if self._dataplane.is_served(model) else "_other"
-                version = _answered_version.get() if shown != "_other" else "_other"
+                version = "-" if shown != "_other" else "_other"
                 grpc_access_line(rpc, key_name, shown, version, code.name,
                                  time.perf_counter() - started,
                                  request.ByteSize() if request is not None else 0,
                                  response.ByteSize() if response is not None else 0)
-            _answered_version.reset(answered)
             request_id.reset(token)
 
     async def ServerLive(self, request: Any, context: Context) -> Any:
@@ -261,73 +195,22 @@ class InferenceServicer(service_pb2_grpc.GRPCInferenceServiceServicer):  # type:
             return answer()
         return await self._call(context, f"Repository {action}", None, change, scope="admin")
 
-    async def _infer(self, request: Any) -> Any:
-        """One ModelInferRequest answered (shared by ModelInfer and ModelStreamInfer)."""
-        wanted = {output.name: True for output in request.outputs} or None
-        classification = {}
-        for output in request.outputs:
-            if "classification" in output.parameters:
-                count = output.parameters["classification"].int64_param
-                if count < 1:
-                    raise InvalidInput(f"output {output.name!r}: parameters.classification must "
-                                       "be a positive integer (the number of classes)")
-                classification[output.name] = count
-        decoded = InferRequest(request.id or None, _decode_inputs(request), wanted, True,
-                               classification=classification)
-        version = await self._dataplane.resolve(request.model_name,
-                                                request.model_version or None)
-        _answered_version.set(version)
-        started = time.perf_counter()
-        queue = queue_name(request.model_name, version)
-        try:
-            outputs = await self._dataplane.infer_decoded(request.model_name, version, decoded)
-        except PPMLError:
-            self._statistics.outcome(queue, False, time.perf_counter() - started)
-            raise
-        self._statistics.outcome(queue, True, time.perf_counter() - started)
-        response = pb.ModelInferResponse(model_name=request.model_name,
-                                         model_version=version, id=request.id)
-        for name, array in outputs.items():
-            if name in classification:
-                classes = classify(np.asarray(array), classification[name],
-                                   self._dataplane.labels(queue), name)
-                response.outputs.add(name=name, datatype="BYTES", shape=list(classes.shape))
-                response.raw_output_contents.append(serialize_bytes(classes))
-                continue
-            response.outputs.add(name=name, datatype=datatype_name(array.dtype),
-                                 shape=list(array.shape))
-            response.raw_output_contents.append(bytes(tensor_bytes(array)))
-        return response
-
     async def ModelInfer(self, request: Any, context: Context) -> Any:
-        return await self._call(context, "ModelInfer", request.model_name,
-                                lambda: self._infer(request), request=request)
+        return await _front_only(context, "ModelInfer")
 
     async def ModelStreamInfer(self, requests: AsyncIterator[Any], context: Context
                                ) -> AsyncIterator[Any]:
-        """tritonclient's ``start_stream``: a bidirectional stream of ordinary requests,
-        answered in order; a request's error is its response's ``error_message`` and the
-        stream goes on. The key is checked for every request (a revoked key stops at once)."""
-        header = dict(context.invocation_metadata() or ()).get("authorization")
-        header = header if isinstance(header, str) else None
-        async for request in requests:
-            token = request_id.set(uuid.uuid4().hex)
-            try:
-                if request is _MALFORMED:
-                    raise InvalidInput("the request is not a valid ModelInferRequest message "
-                                       "(KServe v2 / Open Inference Protocol gRPC)")
-                principal = self._keys.authenticate(header)
-                principal.authorize(request.model_name)
-                with span("gRPC ModelStreamInfer", server=True):
-                    answer = pb.ModelStreamInferResponse(infer_response=await self._infer(request))
-            except PPMLError as exc:
-                answer = pb.ModelStreamInferResponse(error_message=str(exc))
-            except Exception as exc:  # a bug, not the client's doing: no detail leaks
-                log.error("unexpected %s in gRPC ModelStreamInfer", type(exc).__name__)
-                answer = pb.ModelStreamInferResponse(error_message="internal error")
-            finally:
-                request_id.reset(token)
-            yield answer
+        await _front_only(context, "ModelStreamInfer")
+        yield pb.ModelStreamInferResponse()  # never reached: abort raises
+
+
+async def _front_only(context: Context, rpc: str) -> None:
+    """Inference is the native front's: it passes none on but a message it could not
+    decode (refused by ``_refusing_malformed`` before this); one that reaches here anyway
+    is told to retry, and the bug is logged."""
+    log.error("the front passed gRPC %s on: inference is its own to answer", rpc)
+    await context.abort(grpc.StatusCode.UNAVAILABLE, "the gateway is starting or stopping: "
+                        "retry")
 
 
 SERVICE = "inference.GRPCInferenceService"
@@ -399,31 +282,15 @@ class _UnknownMethods(grpc.GenericRpcHandler):
         return grpc.unary_unary_rpc_method_handler(refuse)
 
 
-def build_grpc_server(servicer: InferenceServicer, host: str, port: int,
-                      cert_file: Path | None, key_file: Path | None,
-                      client_ca_file: Path | None, max_message_bytes: int,
-                      shared_port: bool = False, unix_socket: Path | None = None
-                      ) -> grpc.aio.Server:
-    """A grpc.aio server on the running loop: TLS when a certificate is given (mutual TLS
-    when a client CA is), messages up to ``max_message_bytes``; ``shared_port``: other
-    gateway processes listen on the same port (else a port in use is an error);
-    ``unix_socket``: on that private socket instead, behind the native front."""
+def build_grpc_server(servicer: InferenceServicer, unix_socket: Path,
+                      max_message_bytes: int) -> grpc.aio.Server:
+    """A grpc.aio server on the running loop, on the private socket the native front
+    passes calls to (it holds the gRPC port's TLS and limits), messages up to
+    ``max_message_bytes``."""
     server = grpc.aio.server(options=[
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
-        ("grpc.so_reuseport", 1 if shared_port else 0),
     ])
     server.add_generic_rpc_handlers((_service_handlers(servicer), _UnknownMethods()))
-    if unix_socket is not None:
-        server.add_insecure_port(f"unix:{unix_socket}")
-        return server
-    address = f"{host}:{port}"
-    if cert_file is None or key_file is None:
-        server.add_insecure_port(address)
-        return server
-    credentials = grpc.ssl_server_credentials(
-        [(key_file.read_bytes(), cert_file.read_bytes())],
-        root_certificates=client_ca_file.read_bytes() if client_ca_file else None,
-        require_client_auth=client_ca_file is not None)
-    server.add_secure_port(address, credentials)
+    server.add_insecure_port(f"unix:{unix_socket}")
     return server

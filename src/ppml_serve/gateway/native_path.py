@@ -100,17 +100,15 @@ class NativePath:
 
     def __init__(self, front: _native.Front, dataplane: DataPlane, keys: ApiKeyStore,
                  sealers: ModelSealers, layout: Keys, gateway_id: str,
-                 enabled: Callable[[], bool],
                  tracing: Callable[[], float | None] = lambda: None) -> None:
-        """``enabled``: whether the front may answer now; ``tracing``: the sample ratio of
-        new traces while tracing is on (the front then times the gateway's spans)."""
+        """``tracing``: the sample ratio of new traces while tracing is on (the front then
+        times the gateway's spans)."""
         self._front = front
         self._dataplane = dataplane
         self._keys = keys
         self._sealers = sealers
         self._layout = layout
         self._gateway_id = gateway_id
-        self._enabled = enabled
         self._tracing = tracing
         self._ratio: float | None = None
         self._callers: list[tuple[bytes, str, list[str] | None, str, bool]] | None = None
@@ -155,15 +153,13 @@ class NativePath:
             self._callers = callers
         found: RouteTable | None = None
         outage: str | None = None
-        if self._enabled():
-            try:
-                found = await asyncio.wait_for(
-                    self._dataplane.route_table(fresh=self._front.take_stale()),
-                    CHECK_TIMEOUT_S)
-            except NotReady as exc:  # Redis unreachable: the words the app's path has
-                outage = str(exc)
-            except asyncio.TimeoutError:
-                outage = f"redis not reachable: no answer within {CHECK_TIMEOUT_S:g} s"
+        try:
+            found = await asyncio.wait_for(
+                self._dataplane.route_table(fresh=self._front.take_stale()), CHECK_TIMEOUT_S)
+        except NotReady as exc:  # Redis unreachable
+            outage = str(exc)
+        except asyncio.TimeoutError:
+            outage = f"redis not reachable: no answer within {CHECK_TIMEOUT_S:g} s"
         routes: dict[str, tuple[str | None, list[str], dict[str, tuple[Any, ...]],
                                 dict[str, tuple[str, str]]]] = {}
         for model, served in (found or {}).items():
@@ -178,7 +174,7 @@ class NativePath:
             self._front.set_tracing(ratio)
             self._ratio = ratio
         self._front.set_routes(routes, outage)
-        self._front.set_plane_enabled(found is not None or outage is not None)
+        self._front.set_plane_enabled(True)
         self.drain()
 
     def drain(self) -> None:
@@ -197,7 +193,7 @@ class NativePath:
                 log.exception("updating the native inference path failed")
                 self._front.set_routes({}, "the gateway cannot check its routes now; "
                                            "retry later")
-                self._front.set_plane_enabled(self._enabled())
+                self._front.set_plane_enabled(True)
             await asyncio.sleep(REFRESH_S)
 
     def streams(self) -> set[str]:

@@ -78,9 +78,6 @@ class ErrorKind(str, Enum):
                 return kind
         return cls.ENGINE
 
-    def exception(self, message: str) -> PPMLError:
-        return dict(_KIND_ERRORS).get(self, EngineError)(message)
-
 
 _KIND_ERRORS: tuple[tuple[ErrorKind, type[PPMLError]], ...] = (
     (ErrorKind.INTEGRITY, IntegrityError),
@@ -185,17 +182,6 @@ def error_body(kind: ErrorKind, message: str) -> bytes:
     return json.dumps({"kind": kind.value, "error": message}).encode()
 
 
-def parse_error(plaintext: bytes) -> PPMLError:
-    """The exception an error answer stands for."""
-    try:
-        problem = json.loads(plaintext)
-        kind = ErrorKind(problem.get("kind"))
-        message = str(problem.get("error"))
-    except (ValueError, AttributeError):
-        return ProtocolError("the worker's error answer is malformed")
-    return kind.exception(message)
-
-
 @dataclass(frozen=True)
 class Delivery:
     """One request as handed to a worker."""
@@ -237,37 +223,10 @@ class Reply:
     """Time of its batch in the engine."""
 
 
-@dataclass(frozen=True)
-class ReplyMessage:
-    """One answer as a gateway reads it."""
-
-    request_id: str
-    ok: bool
-    body: bytes = field(repr=False)
-    batch_size: int
-    queue_s: float = 0.0
-    engine_s: float = 0.0
-
-
 class JobState(str, Enum):
     PENDING = "pending"
     DONE = "done"
     FAILED = "failed"
-
-
-@dataclass(frozen=True)
-class Job:
-    """A job record: who asked, what to return, and the answer as the worker sealed it."""
-
-    model: str
-    owner: str
-    outputs: dict[str, bool] | None
-    """Requested output name -> binary?; ``None`` means all outputs (as ``binary``)."""
-    binary: bool
-    state: JobState = JobState.PENDING
-    ok: bool = False
-    body: bytes = field(default=b"", repr=False)
-    error: str = ""
 
 
 class WorkerBroker(Protocol):
@@ -301,18 +260,9 @@ class WorkerBroker(Protocol):
 
 
 class RequestQueue(Protocol):
-    """Requests in, answers back: a model's request stream and this gateway's reply stream.
-    Every method of these gateway protocols raises ``NotReady`` when Redis is unreachable,
-    never a client-library error."""
-
-    def reply_stream(self, model: str) -> str: ...
-
-    async def enqueue(self, model: str, request_id: str, body: bytes, deadline_ms: int,
-                      mode: Mode = Mode.STANDARD, job_ttl_s: int = 0,
-                      traceparent: str = "") -> None: ...
-
-    async def read_replies(self, model: str, block_ms: int,
-                           count: int = 512) -> list[ReplyMessage]: ...
+    """A model's request stream as the gateway's checks see it (the requests themselves are
+    queued and answered by the native front). Every method of these gateway protocols
+    raises ``NotReady`` when Redis is unreachable, never a client-library error."""
 
     async def backlog(self, model: str) -> int: ...
 
@@ -339,16 +289,8 @@ class Registry(Protocol):
     async def host_statuses(self, max_age_s: float) -> list[HostStatus]: ...
 
 
-class JobStore(Protocol):
-    """Jobs: a request's answer kept to be fetched later, by id, from any gateway."""
-
-    async def save_job(self, job_id: str, job: Job, ttl_s: int) -> None: ...
-
-    async def load_job(self, model: str, job_id: str) -> Job | None: ...
-
-
-class GatewayBroker(RequestQueue, Presence, Registry, JobStore, Protocol):
-    """A gateway's whole side of the queue (one connection for all four roles)."""
+class GatewayBroker(RequestQueue, Presence, Registry, Protocol):
+    """A gateway's whole side of the queue (one connection for the three roles)."""
 
     async def ping(self) -> None: ...
 

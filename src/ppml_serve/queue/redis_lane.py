@@ -1,11 +1,11 @@
-"""Lean connections to one Redis for the per-request commands of gateways and workers.
+"""A lean connection to one Redis for a worker's per-batch commands.
 
 redis-py spends ~100 µs of Python on each command (pool, retry, response callbacks,
-observability hooks), and every request costs four of them: the gateway's XADD and XREAD, a
-worker's XREADGROUP and the script that posts answers (the last two per batch). A lane is one
-connection whose commands are packed and parsed by hiredis (the C parser redis-py itself
-uses): ~20 µs a command. ``RedisLane`` (asyncio) pipelines the commands of any number of
-tasks, answered in order; ``BlockingRedisLane`` serves threads, one command at a time.
+observability hooks), and every batch costs two of them: a worker's XREADGROUP and the
+script that posts answers. A lane is one connection whose commands are packed and parsed by
+hiredis (the C parser redis-py itself uses): ~20 µs a command. ``BlockingRedisLane`` serves
+threads, one command at a time. (The gateway's requests are the native front's, over the
+redis crate.) ``Endpoint`` reads a Redis URL for both.
 
 It speaks to a single Redis (a Cluster keeps redis-py's routing) and does not retry: a lost
 or silent connection fails every command in flight with redis-py's own ``ConnectionError``
@@ -16,8 +16,6 @@ of its own.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import socket
 import ssl
 import threading
@@ -81,140 +79,9 @@ def _pack(args: tuple[Arg, ...]) -> bytes:
     return packed
 
 
-class _Replies(asyncio.Protocol):
-    """Matches each reply to the oldest command still waiting for one."""
-
-    def __init__(self) -> None:
-        self.reader = hiredis.Reader(replyError=redis.ResponseError)
-        # (future, loop time by which its reply is due)
-        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = (
-            collections.deque())
-        self.transport: asyncio.Transport | None = None
-        self.lost: redis.RedisError | None = None
-        self.overdue = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = transport  # type: ignore[assignment]
-
-    def data_received(self, data: bytes) -> None:
-        self.reader.feed(data)
-        try:
-            while (reply := self.reader.gets()) is not False:
-                if not self.waiting:
-                    raise redis.ConnectionError("Redis sent a reply nobody asked for")
-                future, _ = self.waiting.popleft()
-                if future.done():
-                    continue  # its caller gave up (cancelled); the order still holds
-                if isinstance(reply, redis.ResponseError):
-                    future.set_exception(reply)
-                else:
-                    future.set_result(reply)
-        except (hiredis.ProtocolError, redis.ConnectionError) as exc:
-            self.lost = redis.ConnectionError(f"bad reply from Redis ({exc})")
-            if self.transport is not None:
-                self.transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if self.lost is None:
-            self.lost = (redis.TimeoutError("Redis did not answer in time") if self.overdue
-                         else redis.ConnectionError("connection to Redis lost"))
-        while self.waiting:
-            future, _ = self.waiting.popleft()
-            if not future.done():
-                future.set_exception(self.lost)
-
-    def send(self, args: tuple[Arg, ...], due: float) -> asyncio.Future[Any]:
-        if self.lost is not None or self.transport is None:
-            raise self.lost or redis.ConnectionError("not connected to Redis")
-        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
-        self.waiting.append((future, due))
-        self.transport.write(_pack(args))
-        return future
-
-
-class RedisLane:
-    """One pipelined connection, opened on first use and reopened after a loss."""
-
-    def __init__(self, url: SecretStr, ca_file: Path | None, timeout_s: float = 5.0) -> None:
-        self._endpoint = Endpoint.parse(url, ca_file)
-        self._timeout_s = timeout_s
-        self._replies: _Replies | None = None
-        self._connecting: asyncio.Lock | None = None
-        self._watch: asyncio.TimerHandle | None = None
-
-    def __repr__(self) -> str:
-        return f"RedisLane({self._endpoint})"
-
-    async def call(self, *args: Arg, block_s: float = 0.0) -> Any:
-        """Send one command; its reply (hiredis types: bytes, int, list, None). A command that
-        blocks (XREAD BLOCK) passes how long, so that the wait is not taken for a dead Redis."""
-        replies = self._replies
-        if replies is None or replies.lost is not None:
-            replies = await self._connect()
-        loop = asyncio.get_running_loop()
-        return await replies.send(args, loop.time() + self._timeout_s + block_s)
-
-    async def close(self) -> None:
-        if self._watch is not None:
-            self._watch.cancel()
-        if self._replies is not None and self._replies.transport is not None:
-            self._replies.transport.close()
-        self._replies = None
-
-    async def _connect(self) -> _Replies:
-        if self._connecting is None:
-            self._connecting = asyncio.Lock()
-        async with self._connecting:  # one connection, however many callers found none
-            if self._replies is not None and self._replies.lost is None:
-                return self._replies
-            await self.close()
-            try:
-                replies = await asyncio.wait_for(self._open(), self._timeout_s)
-            except asyncio.TimeoutError:
-                raise redis.TimeoutError("Redis did not accept the connection in time") from None
-            except OSError as exc:
-                raise redis.ConnectionError(
-                    f"cannot reach Redis at {self._endpoint} ({exc.strerror or exc})") from None
-            self._replies = replies
-            loop = asyncio.get_running_loop()
-            self._watch = loop.call_later(self._timeout_s / 4, self._check, replies)
-            return replies
-
-    async def _open(self) -> _Replies:
-        loop = asyncio.get_running_loop()
-        endpoint = self._endpoint
-        if endpoint.path is not None:
-            _, replies = await loop.create_unix_connection(_Replies, endpoint.path)
-        else:
-            context = endpoint.tls_context()
-            _, replies = await loop.create_connection(
-                _Replies, endpoint.host, endpoint.port, ssl=context,
-                server_hostname=endpoint.host if context else None)
-        due = loop.time() + self._timeout_s
-        try:
-            for command in endpoint.handshake():
-                await replies.send(command, due)
-        except BaseException:
-            if replies.transport is not None:
-                replies.transport.abort()
-            raise
-        return replies
-
-    def _check(self, replies: _Replies) -> None:
-        """Drop a connection whose oldest command is overdue (Redis frozen or unreachable)."""
-        if replies.lost is not None or replies.transport is None:
-            return
-        loop = asyncio.get_running_loop()
-        if replies.waiting and replies.waiting[0][1] < loop.time():
-            replies.overdue = True
-            replies.transport.abort()
-            return
-        self._watch = loop.call_later(self._timeout_s / 4, self._check, replies)
-
-
 class BlockingRedisLane:
     """One connection for threads: a command at a time (a lock orders callers), opened on
-    first use and reopened after a loss. Errors are redis-py's, as with ``RedisLane``."""
+    first use and reopened after a loss. Errors are redis-py's."""
 
     def __init__(self, url: SecretStr, ca_file: Path | None, timeout_s: float = 5.0) -> None:
         self._endpoint = Endpoint.parse(url, ca_file)
