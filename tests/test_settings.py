@@ -80,3 +80,17 @@ def test_cli_refuses_a_redis_password_on_the_command_line() -> None:
     assert done.returncode == 2
     assert "refusing a password on the command line" in done.stderr
     assert "hunter2" not in done.stderr
+
+
+def test_the_removed_python_request_path_settings_name_the_fix(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # older configurations that chose what every gateway does now still load
+    kept = load_settings(state_dir=tmp_path, gateway={"front": "native", "native_infer": True})
+    assert not hasattr(kept.gateway, "front") and not hasattr(kept.gateway, "native_infer")
+    for gateway in ({"front": "python"}, {"native_infer": False}):
+        with pytest.raises(ConfigError, match="the Python request path was removed.*delete "
+                                              "the setting"):
+            load_settings(state_dir=tmp_path, gateway=gateway)
+    monkeypatch.setenv("PPML_GATEWAY__NATIVE_INFER", "false")
+    with pytest.raises(ConfigError, match="native_infer can only be true"):
+        load_settings(state_dir=tmp_path)

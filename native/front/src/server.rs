@@ -631,10 +631,6 @@ async fn answer(
     if let Ok(address) = HeaderValue::from_str(&peer.to_string()) {
         headers.insert(HeaderName::from_static("x-ppml-client"), address);
     }
-    headers.insert(
-        HeaderName::from_static("x-ppml-received-ms"),
-        HeaderValue::from(received_ms as u64),
-    );
     let answered =
         tokio::time::timeout(config.upstream_timeout, shared.upstream.call(upstream)).await;
     match (answered, breach.get()) {
