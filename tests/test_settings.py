@@ -88,8 +88,8 @@ def test_the_removed_python_request_path_settings_name_the_fix(
     kept = load_settings(state_dir=tmp_path, gateway={"front": "native", "native_infer": True})
     assert not hasattr(kept.gateway, "front") and not hasattr(kept.gateway, "native_infer")
     for gateway in ({"front": "python"}, {"native_infer": False}):
-        with pytest.raises(ConfigError, match="the Python request path was removed.*delete "
-                                              "the setting"):
+        with pytest.raises(ConfigError, match=r"the Python request path was removed.*delete "
+                                              r"the setting"):
             load_settings(state_dir=tmp_path, gateway=gateway)
     monkeypatch.setenv("PPML_GATEWAY__NATIVE_INFER", "false")
     with pytest.raises(ConfigError, match="native_infer can only be true"):

@@ -11,31 +11,9 @@ class Keyring:
     def open_batch(
         self, records: list[bytes], aads: list[bytes], layout: BatchLayout, max_rows: int,
     ) -> OpenedBatch: ...
-    def seal_v2_request(
-        self, body: bytes, header_length: str | None, model: ModelInputs,
-        max_rows: int | None, aad: bytes,
-    ) -> Prepared: ...
-    def seal_tensors(
-        self, decoded: list[tuple[str, str, list[int], bytes]], model: ModelInputs,
-        max_rows: int | None, aad: bytes,
-    ) -> bytes: ...
 
 class ModelInputs:
     def __init__(self, model: str, inputs: list[tuple[str, str, list[int]]]) -> None: ...
-
-# (record, request id, parameters as JSON text, requested outputs (name, binary) or None,
-# binary default, classification counts)
-Prepared = tuple[bytes, str | None, str, list[tuple[str, bool]] | None, bool,
-                 list[tuple[str, int]]]
-
-def pack_tensors(
-    decoded: list[tuple[str, str, list[int], bytes]], model: ModelInputs,
-    max_rows: int | None,
-) -> bytes: ...
-
-def pack_v2_request(
-    body: bytes, header_length: str | None, model: ModelInputs, max_rows: int | None,
-) -> Prepared: ...
 
 class BatchLayout:
     @staticmethod
@@ -95,15 +73,3 @@ class Front:
     def waiting_queues(self) -> list[str]: ...
     def plane_inflight(self) -> dict[str, int]: ...
     def drain_events(self) -> list[Any]: ...
-
-
-def parse_v2_request(
-    body: bytes, header_length: str | None = None,
-) -> tuple[str | None, str,
-           list[tuple[str, str, list[int], int, bytes | None, int]],
-           list[tuple[str, bool]] | None, bool, list[tuple[str, int]]]: ...
-
-def encode_v2_response(
-    answer: bytes, model: str, version: str | None, request_id: str | None,
-    outputs: list[tuple[str, bool]] | None, binary_default: bool,
-) -> tuple[bytes, int | None]: ...

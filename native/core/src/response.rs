@@ -1,7 +1,7 @@
 //! A KServe v2 REST response body from a worker's answer record: the outputs asked for, JSON
 //! `data` or the binary extension (`binary_data_size`, the JSON part's size returned for the
-//! `Inference-Header-Content-Length` header), in the document layout of
-//! `ppml_serve.codecs.v2.encode_response`.
+//! `Inference-Header-Content-Length` header), in the document layout the Python encoder
+//! (`codecs/v2.py`, removed with the Python request path) wrote.
 
 use std::borrow::Cow;
 use std::cmp::Ordering;
@@ -145,7 +145,7 @@ fn fixed(value: f64) -> String {
     }
 }
 
-/// The classification extension as `ppml_serve.codecs.v2.classify` writes it: the `count`
+/// The classification extension as Triton writes it (and the removed Python encoder): the `count`
 /// best classes of each row of a float output (`[batch, classes]` or `[classes]`), best
 /// first (ties in index order, NaN last), as `"score:index"` or `"score:index:label"`; the
 /// BYTES tensor's shape and items.

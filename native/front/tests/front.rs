@@ -217,10 +217,10 @@ fn keep_alive_serves_several_requests_on_one_connection() {
 }
 
 #[test]
-fn inference_past_the_inflight_cap_is_429_at_once_and_stamped_with_its_arrival() {
+fn inference_past_the_inflight_cap_is_429_at_once() {
     let rig = rig("inflight", true, |c| c.max_inflight = 2);
-    let request = b"POST /slow/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\
-                    X-Ppml-Received-Ms: 1\r\nContent-Length: 0\r\n\r\n";
+    let request =
+        b"POST /slow/infer HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 0\r\n\r\n";
     let mut held: Vec<TcpStream> = (0..2)
         .map(|_| {
             let mut stream = connect(&rig);
@@ -240,22 +240,9 @@ fn inference_past_the_inflight_cap_is_429_at_once_and_stamped_with_its_arrival()
         b"GET /v2 HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert!(other.starts_with("HTTP/1.1 200"), "{other}");
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_millis();
     for stream in &mut held {
         let answer = read_all(stream);
         assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
-        let stamp: u128 = answer
-            .lines()
-            .find_map(|line| line.strip_prefix("x-ppml-received-ms: "))
-            .and_then(|v| v.parse().ok())
-            .expect("the front stamps the arrival");
-        assert!(
-            stamp + 5_000 > now_ms && stamp <= now_ms,
-            "{stamp} vs {now_ms}"
-        );
     }
 }
 

@@ -6,7 +6,7 @@ mod front;
 mod request;
 
 use ppml_core::envelope::{EnvelopeError, Keyring as CoreKeyring};
-use ppml_core::{record, v2};
+use ppml_core::record;
 use pyo3::exceptions::{PyRuntimeError, PyValueError};
 use pyo3::prelude::*;
 use pyo3::pybacked::PyBackedBytes;
@@ -90,41 +90,6 @@ impl Keyring {
         })
     }
 
-    /// A KServe v2 REST body decoded, checked against ``model``'s inputs and sealed as its
-    /// queue record in one pass (see ``request::prepare``), GIL released.
-    #[pyo3(signature = (body, header_length, model, max_rows, aad))]
-    fn seal_v2_request<'py>(
-        &self,
-        py: Python<'py>,
-        body: &[u8],
-        header_length: Option<&str>,
-        model: PyRef<'_, request::ModelInputs>,
-        max_rows: Option<u64>,
-        aad: &[u8],
-    ) -> PyResult<request::Prepared<'py>> {
-        request::prepare(
-            py,
-            body,
-            header_length,
-            &model,
-            max_rows,
-            Some((&*self.inner, aad)),
-        )
-    }
-
-    /// Tensors another front end decoded, checked against ``model`` and sealed as one
-    /// record (``request::admit_tensors``).
-    fn seal_tensors<'py>(
-        &self,
-        py: Python<'py>,
-        decoded: Vec<(String, String, Vec<u64>, PyBackedBytes)>,
-        model: PyRef<'_, request::ModelInputs>,
-        max_rows: Option<u64>,
-        aad: &[u8],
-    ) -> PyResult<Bound<'py, PyBytes>> {
-        request::admit_tensors(py, &decoded, &model, max_rows, Some((&*self.inner, aad)))
-    }
-
     /// Open a worker's micro-batch and stack the rows that fit ``layout`` (see
     /// ``batch::open_batch``), GIL released.
     fn open_batch<'py>(
@@ -162,84 +127,13 @@ fn parse_record(
     Ok((meta, tensors))
 }
 
-/// One decoded input: name, datatype, shape, and either its offset in the body (binary
-/// extension; ``data`` is None) or its items read from JSON as little-endian bytes (BYTES:
-/// their binary form), and its size in bytes.
-type V2Input<'py> = (
-    String,
-    &'static str,
-    Vec<u64>,
-    usize,
-    Option<Bound<'py, PyBytes>>,
-    usize,
-);
-
-/// A KServe v2 REST body decoded by ppml-core (GIL released while it parses): the request
-/// id, its parameters as JSON text ("" when none), the inputs, the requested outputs with
-/// whether each is binary (None: all), the binary default and the classification counts.
-/// ``InvalidInput`` with the reason otherwise.
-#[pyfunction]
-#[pyo3(signature = (body, header_length=None))]
-#[allow(clippy::type_complexity)]
-fn parse_v2_request<'py>(
-    py: Python<'py>,
-    body: &[u8],
-    header_length: Option<&str>,
-) -> PyResult<(
-    Option<String>,
-    String,
-    Vec<V2Input<'py>>,
-    Option<Vec<(String, bool)>>,
-    bool,
-    Vec<(String, u64)>,
-)> {
-    let request = py
-        .detach(|| v2::parse_request(body, header_length))
-        .map_err(|error| package_error(py, "InvalidInput", error.0))?;
-    let parameters = if request.parameters.is_empty() {
-        String::new()
-    } else {
-        serde_json::Value::Object(request.parameters).to_string()
-    };
-    let inputs = request
-        .inputs
-        .into_iter()
-        .map(|input| {
-            let (offset, data, size) = match input.data {
-                v2::InputData::Binary { offset, len } => (offset, None, len),
-                v2::InputData::Decoded(items) => (0, Some(PyBytes::new(py, &items)), items.len()),
-            };
-            (
-                input.name,
-                input.datatype.name,
-                input.shape,
-                offset,
-                data,
-                size,
-            )
-        })
-        .collect();
-    Ok((
-        request.id,
-        parameters,
-        inputs,
-        request.outputs,
-        request.binary_default,
-        request.classification,
-    ))
-}
-
 #[pymodule]
 fn _native(module: &Bound<'_, PyModule>) -> PyResult<()> {
     module.add_class::<Keyring>()?;
     module.add_class::<front::Front>()?;
     module.add_class::<batch::BatchLayout>()?;
     module.add_class::<request::ModelInputs>()?;
-    module.add_function(wrap_pyfunction!(request::pack_v2_request, module)?)?;
-    module.add_function(wrap_pyfunction!(request::encode_v2_response, module)?)?;
-    module.add_function(wrap_pyfunction!(request::pack_tensors, module)?)?;
     module.add_function(wrap_pyfunction!(parse_record, module)?)?;
     module.add_function(wrap_pyfunction!(batch::stack_batch, module)?)?;
-    module.add_function(wrap_pyfunction!(parse_v2_request, module)?)?;
     Ok(())
 }

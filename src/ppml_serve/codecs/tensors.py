@@ -35,20 +35,6 @@ _DATATYPES: dict[str, np.dtype[Any]] = {
 _NAMES = {dtype: name for name, dtype in _DATATYPES.items()}
 
 
-MAX_DIMS = 16
-MAX_DIM_SIZE = 2**31 - 1
-"""Bounds on a tensor's shape that every decoder checks before numpy sees it."""
-
-
-def check_shape(shape: tuple[int, ...], where: str) -> tuple[int, ...]:
-    """``shape`` if numpy can hold it (at most 16 dims, each 0..2**31-1), else ``InvalidInput``."""
-    if len(shape) > MAX_DIMS:
-        raise InvalidInput(f"{where}: shape has {len(shape)} dimensions (at most {MAX_DIMS})")
-    if any(d < 0 or d > MAX_DIM_SIZE for d in shape):
-        raise InvalidInput(f"{where}: shape dimensions must be between 0 and {MAX_DIM_SIZE}")
-    return shape
-
-
 def numpy_dtype(datatype: str, where: str = "tensor") -> np.dtype[Any]:
     """The numpy dtype of a v2 datatype name; ``InvalidInput`` for unknown or unsupported ones."""
     try:
@@ -70,18 +56,6 @@ def datatype_name(dtype: np.dtype[Any]) -> str:
     except KeyError:
         hint = " (text: pass bytes or str, sent as BYTES)" if dtype.kind in "SU" else ""
         raise InvalidInput(f"unsupported numpy dtype {dtype}{hint}") from None
-
-
-MAX_BYTES_ELEMENTS = 1 << 20
-"""At most this many elements in one BYTES tensor (each is a Python object); the same bound
-as ppml-core's."""
-
-
-def check_bytes_count(count: int, where: str) -> None:
-    """``InvalidInput`` when a BYTES tensor of ``count`` elements is past the bound."""
-    if count > MAX_BYTES_ELEMENTS:
-        raise InvalidInput(f"{where}: at most {MAX_BYTES_ELEMENTS} BYTES elements per tensor "
-                           "(split the request)")
 
 
 def as_tensor(given: Any, where: str = "tensor") -> np.ndarray[Any, Any]:

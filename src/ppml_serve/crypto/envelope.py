@@ -26,7 +26,7 @@ from ppml_serve import _native
 from ppml_serve.errors import IntegrityError
 
 if TYPE_CHECKING:
-    from ppml_serve._native import BatchLayout, OpenedBatch, Prepared
+    from ppml_serve._native import BatchLayout, OpenedBatch
 
 MAGIC = b"PE"
 VERSION = 1
@@ -66,18 +66,6 @@ class Sealer(Protocol):
                    max_rows: int) -> OpenedBatch:
         """Open many records at once and stack the rows of the tensor records that fit
         ``layout`` (``ppml_serve._native``'s ``open_batch``: one call, GIL released)."""
-
-    def seal_v2_request(self, body: bytes, header_length: str | None,
-                        model: _native.ModelInputs, max_rows: int | None,
-                        aad: bytes) -> Prepared:
-        """A KServe v2 REST body decoded, checked against the model's inputs (the words of
-        ``ModelSpec.check_inputs``; ``InvalidInput``, or ``PayloadTooLarge`` for too many
-        rows) and sealed as its queue record: one native call, GIL released."""
-
-    def seal_tensors(self, decoded: list[tuple[str, str, list[int], bytes]],
-                     model: _native.ModelInputs, max_rows: int | None, aad: bytes) -> bytes:
-        """Tensors another front end decoded (name, datatype, shape, raw bytes), checked and
-        sealed as ``seal_v2_request`` does: one admission for REST and gRPC."""
 
 
 class ModelSealers(Protocol):
@@ -133,17 +121,6 @@ class Keyring:
                    max_rows: int) -> OpenedBatch:
         return self._ring.open_batch(records, aads, layout, max_rows)
 
-    def seal_v2_request(self, body: bytes, header_length: str | None,
-                        model: _native.ModelInputs, max_rows: int | None,
-                        aad: bytes) -> Prepared:
-        return self._ring.seal_v2_request(_bytes(body), header_length, model, max_rows, aad)
-
-    def seal_tensors(self, decoded: list[tuple[str, str, list[int], bytes]],
-                     model: _native.ModelInputs, max_rows: int | None, aad: bytes) -> bytes:
-        sealed: bytes = self._ring.seal_tensors(decoded, model, max_rows, aad)
-        return sealed
-
-
 def _bytes(data: bytes | bytearray | memoryview) -> bytes:
     """The native side takes ``bytes``; other buffers are copied once."""
     return data if isinstance(data, bytes) else bytes(data)
@@ -167,17 +144,6 @@ class PlaintextSealer:
         if record[:2] != self._MARK:
             raise IntegrityError("record is not a plaintext record")
         return record[2:]
-
-    def seal_v2_request(self, body: bytes, header_length: str | None,
-                        model: _native.ModelInputs, max_rows: int | None,
-                        aad: bytes) -> Prepared:
-        record, rid, parameters, outputs, binary, classes = _native.pack_v2_request(
-            _bytes(body), header_length, model, max_rows)
-        return self._MARK + record, rid, parameters, outputs, binary, classes
-
-    def seal_tensors(self, decoded: list[tuple[str, str, list[int], bytes]],
-                     model: _native.ModelInputs, max_rows: int | None, aad: bytes) -> bytes:
-        return self._MARK + _native.pack_tensors(decoded, model, max_rows)
 
     def open_batch(self, records: list[bytes], aads: list[bytes], layout: BatchLayout,
                    max_rows: int) -> OpenedBatch:
