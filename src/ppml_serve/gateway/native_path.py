@@ -185,16 +185,18 @@ class NativePath:
             except Exception:  # a metrics or logging bug must not stop the refreshes
                 log.exception("recording a natively answered request failed")
 
+    async def _refresh_or_refuse(self) -> None:
+        try:
+            await self.refresh()
+        except Exception:  # a bug: refuse rather than route on stale checks
+            log.exception("updating the native inference path failed")
+            self._front.set_routes({}, "the gateway cannot check its routes now; retry later")
+            self._front.set_plane_enabled(True)
+
     async def run(self) -> None:
         while True:
-            try:
-                await self.refresh()
-            except Exception:  # a bug: refuse rather than route on stale checks
-                log.exception("updating the native inference path failed")
-                self._front.set_routes({}, "the gateway cannot check its routes now; "
-                                           "retry later")
-                self._front.set_plane_enabled(True)
             await asyncio.sleep(REFRESH_S)
+            await self._refresh_or_refuse()
 
     def streams(self) -> set[str]:
         """The reply streams the front may have read (deleted when the gateway stops)."""
@@ -202,6 +204,9 @@ class NativePath:
 
     @contextlib.asynccontextmanager
     async def serve(self) -> AsyncIterator[None]:
+        # the first routes before the app's startup ends (the front accepts only after it):
+        # no request of a gateway that has just started is told it is starting
+        await self._refresh_or_refuse()
         task = asyncio.create_task(self.run(), name="native-path")
         try:
             yield
