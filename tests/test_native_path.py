@@ -22,6 +22,7 @@ import numpy as np
 import pytest
 
 from ppml_serve.bench.faults import wait_until
+from ppml_serve.codecs.tensors import deserialize_bytes
 from ppml_serve.engines import load_engine
 from ppml_serve.gateway.auth import add_api_key, revoke_api_key
 from ppml_serve.models import demo_model_path, demo_samples
@@ -111,11 +112,7 @@ def test_the_classification_extension_names_the_best_classes(native: Stack,
     if binary:  # the header, then each class as a 4-byte length and "score:index"
         size = int(response.headers["inference-header-content-length"])
         classes = json.loads(response.content[:size])["outputs"][0]
-        data, rows = response.content[size:], []
-        while data:
-            length = int.from_bytes(data[:4], "little")
-            rows.append(data[4:4 + length].decode())
-            data = data[4 + length:]
+        rows = [item.decode() for item in deserialize_bytes(response.content[size:], [9])]
         assert classes["parameters"]["binary_data_size"] == len(response.content) - size
     else:
         classes = response.json()["outputs"][0]
@@ -387,11 +384,7 @@ def test_grpc_model_infer_is_answered_by_the_front_as_the_service_would(
     assert answers[0] == answers[1]
     [classes] = answers[2].outputs
     assert (classes.datatype, list(classes.shape)) == ("BYTES", [3, 3])
-    data, rows = answers[2].raw_output_contents[0], []
-    while data:
-        length = int.from_bytes(data[:4], "little")
-        rows.append(data[4:4 + length].decode())
-        data = data[4 + length:]
+    rows = [item.decode() for item in deserialize_bytes(answers[2].raw_output_contents[0], [9])]
     assert [[int(row.split(":")[1]) for row in rows[i * 3:i * 3 + 3]] for i in range(3)] == \
         [list(np.argsort(-row)[:3]) for row in expected["probabilities"]]
     assert answered_natively(native) == before + 10
