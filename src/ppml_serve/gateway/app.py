@@ -515,8 +515,11 @@ def create_app(dataplane: DataPlane, keys: ApiKeyStore, metrics: Metrics,
                             status_code=200 if is_ready else 503)
 
     async def answered_by_the_front(request: Request) -> Response:
-        """Inference is the native front's (``native_path.py``): it passes none of these on;
-        one that reaches the app anyway is told to retry, and the bug is logged."""
+        """Inference is the native front's (``native_path.py``): it passes none of these on
+        but a job's HEAD (not served); one that reaches the app anyway is told to retry, and
+        the bug is logged."""
+        if request.method == "HEAD":  # the GET route's twin: the front answers GET only
+            return JSONResponse({"error": "method not allowed"}, status_code=405)
         log.error("the front passed %s %s on: inference is its own to answer",
                   request.method, request.url.path)
         return JSONResponse({"error": "the gateway is starting or stopping: retry"},
