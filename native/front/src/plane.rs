@@ -1,20 +1,21 @@
-//! The native inference path: `POST /v2/models/{m}[/versions/{v}]/infer` (and gRPC
-//! `ModelInfer`, decoded in `grpc.rs`) answered by the front itself — API key, admission (decode, check, seal: ppml-core), spool or XADD,
-//! the per-version reply reader, opening the answer and writing the response — with no
-//! Python on the way.
+//! The native inference path — the only one: `POST /v2/models/{m}[/versions/{v}]/infer`,
+//! `…/infer-sealed`, jobs and their answers (and gRPC `ModelInfer`/`ModelStreamInfer`,
+//! decoded in `grpc.rs`) answered by the front itself — API key, admission (decode, check,
+//! seal: ppml-core), spool or XADD, the per-version reply reader, opening the answer and
+//! writing the response — with no Python on the way.
 //!
 //! Python keeps the control: it installs what the path may serve (`set_routes`: per model,
-//! the default version and each open version's streams, keys and declared tensors, rebuilt
-//! every ~100 ms from the same checks it applies itself: live workers, backlog, disk) and
-//! who may call (`set_callers`, from the key file it reloads). With the routes it refuses
-//! the rest itself, in the app's words: a key that may not call the model, Redis not
-//! answering the route checks, a malformed or unknown version, an unknown model, a version
-//! no worker has announced, a version closed now. Where Redis shows a model or spec newer
-//! than the routes, it asks for them rebuilt and waits for that before it judges. What it
-//! does not take (a body that does not decompress within the limit, the routes not yet
-//! installed) is passed on to the Python application. Every
-//! request answered here becomes an `Event` that Python drains for its metrics, statistics,
-//! access log and (tracing on) spans, so those stay one implementation.
+//! the default version, the known versions and each open version's streams, keys and
+//! declared tensors, rebuilt every ~100 ms from the checks it makes: live workers, backlog,
+//! disk) and who may call (`set_callers`, from the key file it reloads). With the routes
+//! the front refuses the rest itself, in the words the Python request path used: a key
+//! that may not call the model, Redis not answering the route checks, a malformed or
+//! unknown version, an unknown model, a version no worker has announced, a version closed
+//! now, a body that does not decode; before the routes are installed or once the gateway
+//! stops, 503. Where Redis shows a model or spec newer than the routes, it asks for them
+//! rebuilt and waits for that before it judges. Every request answered here becomes an
+//! `Event` that Python drains for its metrics, statistics, access log and (tracing on)
+//! spans, so those stay one implementation.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fmt::Write as _;

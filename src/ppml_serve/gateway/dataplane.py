@@ -50,7 +50,7 @@ REPOSITORY_TTL_S = 0.5
 @dataclass(frozen=True)
 class Closure:
     """Why a version takes no requests now: the error each gets once its input is checked
-    (as ``infer`` checks it first); ``recheck``: it is for want of a live worker, and one
+    (the front checks it first); ``recheck``: it is for want of a live worker, and one
     that comes opens the version at once."""
 
     error: NotReady | Overloaded
@@ -455,7 +455,7 @@ class DataPlane:
     async def route_table(self, fresh: bool = False) -> RouteTable:
         """For the native front's inference path: every model ``resolve`` knows, with the
         version an unversioned request goes to, its known versions, and for each the spec
-        (with the ``Closure`` its requests get now, if any: the checks ``infer`` makes, in
+        (with the ``Closure`` its requests get now, if any: the checks the front makes, in
         its order — the state volume short of room, no live worker, backlog over its bound)
         or, with no spec announced, the error its requests get. ``fresh``: read the specs and
         the hosts' view anew (the front found one newer than its routes)."""
@@ -476,7 +476,7 @@ class DataPlane:
                 if queue not in specs and ready:  # live workers: their spec is newer
                     specs = await self.models(refresh=True)
                 spec = specs.get(queue)
-                if spec is None:  # what ``infer`` finds first
+                if spec is None:  # judged before the closures, as the Python path judged it
                     pending[version] = _unannounced(queue)
                     continue
                 closure: Closure | None = None
